@@ -1,0 +1,432 @@
+/* Reading passphrases and key files the way cryptsetup does
+ * (lib/utils_keyfile / src/utils_password):
+ *   - a terminal: prompt, echo off, the passphrase ends at the newline;
+ *   - stdin that is not a terminal, without --key-file: up to the newline;
+ *   - --key-file - (stdin) or a file: binary, the whole content unless
+ *     --keyfile-size, after skipping --keyfile-offset bytes; at most 8 MiB.
+ * Every byte read lands in secure memory and is wiped. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "keys.h"
+#include "log.h"
+#include "passphrase.h"
+#include "util.h"
+
+#define READ_CHUNK 4096
+
+/* A growable buffer in secure memory. */
+struct secbuf {
+	char *p;
+	size_t len;
+	size_t cap;
+};
+
+static int secbuf_reserve(struct secbuf *b, size_t need)
+{
+	size_t cap;
+	char *n;
+
+	if (need <= b->cap)
+		return 0;
+	if (need > PASSPHRASE_MAX_SIZE + 1)
+		return -EINVAL;
+	cap = b->cap ? b->cap : 512;
+	while (cap < need)
+		cap = cap > (PASSPHRASE_MAX_SIZE + 1) / 2 ? PASSPHRASE_MAX_SIZE + 1 : cap * 2;
+	n = secure_alloc(cap);
+	if (!n)
+		return -ENOMEM;
+	if (b->len)
+		memcpy(n, b->p, b->len);
+	secure_free(b->p);	/* wipes the old copy */
+	b->p = n;
+	b->cap = cap;
+	return 0;
+}
+
+static int secbuf_finish(struct secbuf *b, struct passphrase **out)
+{
+	int r = passphrase_from_buffer(b->p, b->len, out);
+
+	secure_free(b->p);
+	b->p = NULL;
+	b->len = b->cap = 0;
+	return r;
+}
+
+static bool is_stdin(const char *key_file)
+{
+	return !key_file || !strcmp(key_file, "-");
+}
+
+bool tools_passphrase_interactive(const struct passphrase_opts *opts)
+{
+	return is_stdin(opts->key_file) && isatty(STDIN_FILENO);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait for input on fd until deadline_ms (0 = forever). */
+static int wait_input(int fd, int64_t deadline_ms)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	int64_t left;
+	int r;
+
+	if (!deadline_ms)
+		return 0;
+	for (;;) {
+		left = deadline_ms - now_ms();
+		if (left <= 0)
+			return -ETIMEDOUT;
+		r = poll(&pfd, 1, (int)MIN(left, (int64_t)INT32_MAX));
+		if (r > 0)
+			return 0;
+		if (r == 0)
+			return -ETIMEDOUT;
+		if (errno != EINTR)
+			return -errno;
+	}
+}
+
+/* ---- terminal ---- */
+
+static const int tty_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP, SIGPIPE };
+
+/* What the signal handler needs: set before echo is turned off. */
+static volatile sig_atomic_t tty_restore_fd = -1;
+static struct termios tty_saved;
+
+static void tty_signal_handler(int sig)
+{
+	int fd = tty_restore_fd;
+
+	if (fd >= 0) {
+		tcsetattr(fd, TCSAFLUSH, &tty_saved);
+		if (write(fd, "\n", 1) < 0) {
+			/* nothing more to do in a signal handler */
+		}
+	}
+	/* die (or stop) as the signal wants, with the terminal restored */
+	signal(sig, SIG_DFL);
+	raise(sig);
+}
+
+static int read_terminal(const struct passphrase_opts *opts, struct passphrase **out)
+{
+	struct sigaction sa, old[ARRAY_SIZE(tty_signals)];
+	struct secbuf b = { 0 };
+	struct termios noecho;
+	bool echo_off = false, handlers = false, own_fd = false;
+	int64_t deadline = 0;
+	int in = -1, outfd, r;
+	size_t i;
+	char c;
+	ssize_t n;
+
+	if (opts->keyfile_offset) {
+		log_err("Cannot use an offset with terminal input.");
+		return -EINVAL;
+	}
+
+	in = open("/dev/tty", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (in >= 0) {
+		own_fd = true;
+		outfd = in;
+	} else {
+		in = STDIN_FILENO;
+		outfd = STDERR_FILENO;
+	}
+
+	if (tcgetattr(in, &tty_saved) < 0) {
+		r = -errno;
+		log_err("Cannot read the terminal settings: %s", strerror(-r));
+		goto out;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = tty_signal_handler;
+	sigemptyset(&sa.sa_mask);
+	for (i = 0; i < ARRAY_SIZE(tty_signals); i++)
+		sigaction(tty_signals[i], &sa, &old[i]);
+	handlers = true;
+	tty_restore_fd = in;
+
+	noecho = tty_saved;
+	noecho.c_lflag &= ~(tcflag_t)ECHO;
+	noecho.c_lflag |= ECHONL | ICANON;
+	if (tcsetattr(in, TCSAFLUSH, &noecho) < 0) {
+		r = -errno;
+		log_err("Cannot turn off the terminal echo: %s", strerror(-r));
+		goto out;
+	}
+	echo_off = true;
+
+	dprintf(outfd, "Enter passphrase for %s: ", opts->image_name ? opts->image_name : "image");
+	if (opts->timeout)
+		deadline = now_ms() + (int64_t)opts->timeout * 1000;
+
+	/* one byte at a time, so nothing past the newline is consumed */
+	for (;;) {
+		r = wait_input(in, deadline);
+		if (r == -ETIMEDOUT) {
+			log_err("Timed out waiting for the passphrase.");
+			goto out;
+		}
+		if (r < 0)
+			goto out;
+		n = read(in, &c, 1);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			r = -errno;
+			log_err("Error reading the passphrase from the terminal: %s", strerror(-r));
+			goto out;
+		}
+		if (n == 0 || c == '\n')
+			break;
+		r = secbuf_reserve(&b, b.len + 2);
+		if (r < 0) {
+			if (r == -EINVAL)
+				log_err("The passphrase is longer than %u bytes.", PASSPHRASE_MAX_SIZE);
+			goto out;
+		}
+		b.p[b.len++] = c;
+	}
+	if (n == 0 && !b.len) {
+		log_err("Nothing to read on input.");
+		r = -EPIPE;
+		goto out;
+	}
+	r = secbuf_finish(&b, out);
+out:
+	explicit_bzero(&c, sizeof(c));
+	secure_free(b.p);
+	if (echo_off)
+		tcsetattr(in, TCSAFLUSH, &tty_saved);
+	if (handlers) {
+		tty_restore_fd = -1;
+		for (i = 0; i < ARRAY_SIZE(tty_signals); i++)
+			sigaction(tty_signals[i], &old[i], NULL);
+	}
+	if (own_fd)
+		close(in);
+	return r;
+}
+
+/* ---- files and stdin ---- */
+
+/* Read up to want bytes; *got < want only at end of file. */
+static int read_full(int fd, char *buf, size_t want, size_t *got)
+{
+	ssize_t n;
+
+	*got = 0;
+	while (*got < want) {
+		n = read(fd, buf + *got, want - *got);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			break;
+		*got += (size_t)n;
+	}
+	return 0;
+}
+
+static int skip_bytes(int fd, uint64_t skip)
+{
+	char junk[READ_CHUNK];
+	size_t got;
+	int r = 0;
+
+	if (!skip)
+		return 0;
+	if (skip <= INT64_MAX && lseek(fd, (off_t)skip, SEEK_CUR) >= 0)
+		return 0;
+	/* pipes: read and drop (the bytes are part of the key file: wipe) */
+	while (skip) {
+		r = read_full(fd, junk, (size_t)MIN(skip, (uint64_t)sizeof(junk)), &got);
+		if (r < 0)
+			break;
+		if (!got) {
+			r = -EIO;
+			break;
+		}
+		skip -= got;
+	}
+	explicit_bzero(junk, sizeof(junk));
+	return r;
+}
+
+/* stdin without --key-file: up to the first newline, one byte at a time so
+ * nothing past it is consumed. */
+static int read_line_fd(int fd, struct passphrase **out)
+{
+	struct secbuf b = { 0 };
+	bool eof = false;
+	char c = 0;
+	ssize_t n;
+	int r;
+
+	for (;;) {
+		n = read(fd, &c, 1);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			r = -errno;
+			log_err("Error reading the passphrase: %s", strerror(-r));
+			goto out;
+		}
+		if (n == 0) {
+			eof = true;
+			break;
+		}
+		if (c == '\n')
+			break;
+		r = secbuf_reserve(&b, b.len + 2);
+		if (r < 0) {
+			if (r == -EINVAL)
+				log_err("The passphrase is longer than %u bytes.", PASSPHRASE_MAX_SIZE);
+			goto out;
+		}
+		b.p[b.len++] = c;
+	}
+	if (eof && !b.len) {
+		log_err("Nothing to read on input.");
+		r = -EPIPE;
+		goto out;
+	}
+	r = secbuf_finish(&b, out);
+out:
+	explicit_bzero(&c, sizeof(c));
+	secure_free(b.p);
+	return r;
+}
+
+/* A binary key: exactly size bytes, or (size 0) everything to the end. */
+static int read_key_fd(int fd, const char *what, uint64_t size, struct passphrase **out)
+{
+	struct secbuf b = { 0 };
+	size_t want, got;
+	int r;
+
+	if (size > PASSPHRASE_MAX_SIZE) {
+		log_err("Key file size %llu exceeds the maximum of %u bytes.",
+			(unsigned long long)size, PASSPHRASE_MAX_SIZE);
+		return -EINVAL;
+	}
+	if (size) {
+		r = secbuf_reserve(&b, (size_t)size + 1);
+		if (r < 0)
+			goto out;
+		r = read_full(fd, b.p, (size_t)size, &got);
+		if (r < 0)
+			goto read_error;
+		b.len = got;
+		if (got < size) {
+			log_err("Cannot read %llu bytes from %s: only %zu available.",
+				(unsigned long long)size, what, got);
+			r = -EIO;
+			goto out;
+		}
+	} else {
+		/* to the end of the file; one byte more than the maximum tells
+		 * an oversized file */
+		for (;;) {
+			want = MIN((size_t)READ_CHUNK, PASSPHRASE_MAX_SIZE + 1 - b.len);
+			r = secbuf_reserve(&b, b.len + want);
+			if (r < 0)
+				goto out;
+			r = read_full(fd, b.p + b.len, want, &got);
+			if (r < 0)
+				goto read_error;
+			b.len += got;
+			if (b.len > PASSPHRASE_MAX_SIZE) {
+				log_err("Key file %s exceeds the maximum of %u bytes (use --keyfile-size).",
+					what, PASSPHRASE_MAX_SIZE);
+				r = -EINVAL;
+				goto out;
+			}
+			if (got < want)
+				break;
+		}
+		if (!b.len) {
+			log_err("Nothing to read on input.");
+			r = -EPIPE;
+			goto out;
+		}
+	}
+	r = secbuf_finish(&b, out);
+	goto out;
+read_error:
+	log_err("Error reading %s: %s", what, strerror(-r));
+out:
+	secure_free(b.p);
+	return r;
+}
+
+int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase **out)
+{
+	struct stat st;
+	int fd = -1, r;
+
+	*out = NULL;
+	if (tools_passphrase_interactive(opts))
+		return read_terminal(opts, out);
+
+	if (is_stdin(opts->key_file)) {
+		fd = STDIN_FILENO;
+		r = skip_bytes(fd, opts->keyfile_offset);
+		if (r < 0) {
+			log_err("Cannot skip %llu bytes of the key file on standard input.",
+				(unsigned long long)opts->keyfile_offset);
+			return r;
+		}
+		/* no --key-file: a line; --key-file -: binary */
+		if (!opts->key_file && !opts->keyfile_size)
+			return read_line_fd(fd, out);
+		return read_key_fd(fd, "standard input", opts->keyfile_size, out);
+	}
+
+	fd = open(opts->key_file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		log_err("Cannot open key file %s: %s", opts->key_file, strerror(-r));
+		return r;
+	}
+	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && !opts->keyfile_size &&
+	    (uint64_t)st.st_size > opts->keyfile_offset &&
+	    (uint64_t)st.st_size - opts->keyfile_offset > PASSPHRASE_MAX_SIZE) {
+		log_err("Key file %s exceeds the maximum of %u bytes (use --keyfile-size).",
+			opts->key_file, PASSPHRASE_MAX_SIZE);
+		r = -EINVAL;
+		goto out;
+	}
+	r = skip_bytes(fd, opts->keyfile_offset);
+	if (r < 0) {
+		log_err("Cannot skip %llu bytes of key file %s.",
+			(unsigned long long)opts->keyfile_offset, opts->key_file);
+		goto out;
+	}
+	r = read_key_fd(fd, opts->key_file, opts->keyfile_size, out);
+out:
+	close(fd);
+	return r;
+}

@@ -1,0 +1,209 @@
+/* qcowsetup: map QEMU qcow2/qcow images as device-mapper devices. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "qcowsetup.h"
+
+struct tools_opts opt = {
+	.tries = 3,
+	.max_targets = 65536,
+};
+
+static const struct command commands[] = {
+	{ "info", cmd_info, 1, 1, "IMAGE", "show the image's format, features, encryption, backing chain and snapshots" },
+	{ "map", cmd_map, 1, 1, "IMAGE", "show how guest space maps onto the image files (as qemu-img map)" },
+	{ "table", cmd_table, 2, 2, "IMAGE NAME", "print the device-mapper tables `open` would load (keys as keyring references)" },
+	{ "check", cmd_check, 1, 1, "IMAGE", "check refcount consistency (as qemu-img check)" },
+};
+
+enum {
+	OPT_JSON = 0x100,
+	OPT_KEYFILE_OFFSET,
+	OPT_KEYFILE_SIZE,
+	OPT_SKIP_KEY_CHECK,
+	OPT_ALLOW_DISCARDS,
+	OPT_SNAPSHOT,
+	OPT_FORMAT,
+	OPT_MAX_TARGETS,
+	OPT_DEBUG,
+};
+
+static const struct option long_options[] = {
+	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
+	{ "verbose", no_argument, NULL, 'v' },
+	{ "debug", no_argument, NULL, OPT_DEBUG },
+	{ "batch-mode", no_argument, NULL, 'q' },
+	{ "json", no_argument, NULL, OPT_JSON },
+	{ "readonly", no_argument, NULL, 'r' },
+	{ "allow-discards", no_argument, NULL, OPT_ALLOW_DISCARDS },
+	{ "key-file", required_argument, NULL, 'd' },
+	{ "keyfile-offset", required_argument, NULL, OPT_KEYFILE_OFFSET },
+	{ "keyfile-size", required_argument, NULL, OPT_KEYFILE_SIZE },
+	{ "tries", required_argument, NULL, 'T' },
+	{ "skip-key-check", no_argument, NULL, OPT_SKIP_KEY_CHECK },
+	{ "snapshot", required_argument, NULL, OPT_SNAPSHOT },
+	{ "format", required_argument, NULL, OPT_FORMAT },
+	{ "max-targets", required_argument, NULL, OPT_MAX_TARGETS },
+	{ NULL, 0, NULL, 0 },
+};
+
+int tools_exit_code(int r)
+{
+	if (r >= 0)
+		return EXIT_OK;
+	switch (-r) {
+	case EINVAL:
+		return EXIT_PARAMS;
+	case EPERM:
+	case EACCES:
+	case EKEYREJECTED:
+		return EXIT_PERM;
+	case ENOMEM:
+		return EXIT_NOMEM;
+	case EBUSY:
+	case EEXIST:
+	case EAGAIN:
+		return EXIT_BUSY;
+	default:
+		return EXIT_DEVICE;
+	}
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: qcowsetup [OPTION...] <command> <arguments>\n\nCommands:\n");
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		fprintf(f, "  %-6s %-12s %s\n", commands[i].name, commands[i].args_help, commands[i].help);
+	fprintf(f, "\nOptions:\n"
+		"  -v, --verbose             more messages\n"
+		"      --debug               debug messages (never shows keys)\n"
+		"  -q, --batch-mode          no questions\n"
+		"      --json                machine-readable output (info, map, check)\n"
+		"  -r, --readonly            map read-only\n"
+		"      --allow-discards      pass discards through\n"
+		"  -d, --key-file FILE       read the passphrase from FILE (- = stdin)\n"
+		"      --keyfile-offset N    skip N bytes of the key file\n"
+		"      --keyfile-size N      read at most N bytes of the key file\n"
+		"  -T, --tries N             passphrase attempts on a terminal (default 3)\n"
+		"      --skip-key-check      accept a legacy AES key that fails the plausibility check\n"
+		"      --snapshot ID|NAME    map an internal snapshot (read-only)\n"
+		"      --format FMT          the image's format (qcow2, qcow, raw) instead of probing\n"
+		"  -h, --help                this help\n"
+		"  -V, --version             version\n"
+		"\nExit codes: 0 success, 1 wrong parameters, 2 no permission or bad passphrase,\n"
+		"3 out of memory, 4 wrong, missing or malformed image or device, 5 device busy or exists.\n");
+}
+
+static int parse_u64(const char *s, const char *what, uint64_t *v)
+{
+	char *end;
+
+	errno = 0;
+	*v = strtoull(s, &end, 0);
+	if (errno || end == s || *end || *s == '-') {
+		log_err("Invalid number for %s: %s", what, s);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	const struct command *cmd = NULL;
+	uint64_t v;
+	int c, r, nargs;
+
+	/* GNU getopt permutes: options may come before or after the command. */
+	while ((c = getopt_long(argc, argv, "hVvqrd:T:", long_options, NULL)) != -1) {
+		switch (c) {
+		case 'h':
+			usage(stdout);
+			return EXIT_OK;
+		case 'V':
+			printf("qcowsetup %s\n", PACKAGE_VERSION);
+			return EXIT_OK;
+		case 'v':
+			opt.verbose = true;
+			if (qs_log_get_level() < QS_LOG_VERBOSE)
+				qs_log_set_level(QS_LOG_VERBOSE);
+			break;
+		case OPT_DEBUG:
+			opt.debug = opt.verbose = true;
+			qs_log_set_level(QS_LOG_DEBUG);
+			break;
+		case 'q':
+			opt.batch_mode = true;
+			break;
+		case OPT_JSON:
+			opt.json = true;
+			break;
+		case 'r':
+			opt.readonly = true;
+			break;
+		case OPT_ALLOW_DISCARDS:
+			opt.allow_discards = true;
+			break;
+		case 'd':
+			opt.key_file = optarg;
+			break;
+		case OPT_KEYFILE_OFFSET:
+			if (parse_u64(optarg, "--keyfile-offset", &opt.keyfile_offset))
+				return EXIT_PARAMS;
+			break;
+		case OPT_KEYFILE_SIZE:
+			if (parse_u64(optarg, "--keyfile-size", &opt.keyfile_size))
+				return EXIT_PARAMS;
+			break;
+		case 'T':
+			if (parse_u64(optarg, "--tries", &v) || v < 1 || v > 1000) {
+				log_err("--tries takes a number from 1 to 1000.");
+				return EXIT_PARAMS;
+			}
+			opt.tries = (int)v;
+			break;
+		case OPT_SKIP_KEY_CHECK:
+			opt.skip_key_check = true;
+			break;
+		case OPT_SNAPSHOT:
+			opt.snapshot = optarg;
+			break;
+		case OPT_FORMAT:
+			opt.format = optarg;
+			break;
+		case OPT_MAX_TARGETS:
+			if (parse_u64(optarg, "--max-targets", &opt.max_targets) ||
+			    opt.max_targets < 2 || opt.max_targets > 1048576) {
+				log_err("--max-targets takes a number from 2 to 1048576.");
+				return EXIT_PARAMS;
+			}
+			break;
+		default:
+			usage(stderr);
+			return EXIT_PARAMS;
+		}
+	}
+	if (optind >= argc) {
+		usage(stderr);
+		return EXIT_PARAMS;
+	}
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (!strcmp(argv[optind], commands[i].name))
+			cmd = &commands[i];
+	if (!cmd) {
+		log_err("Unknown command %s (see qcowsetup --help).", argv[optind]);
+		return EXIT_PARAMS;
+	}
+	nargs = argc - optind - 1;
+	if (nargs < cmd->min_args || nargs > cmd->max_args) {
+		log_err("Usage: qcowsetup %s %s", cmd->name, cmd->args_help);
+		return EXIT_PARAMS;
+	}
+	r = cmd->run(nargs, argv + optind + 1);
+	return tools_exit_code(r);
+}

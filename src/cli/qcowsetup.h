@@ -1,0 +1,61 @@
+/* The qcowsetup command: shared options, exit codes, helpers. */
+#ifndef QS_CLI_H
+#define QS_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "image.h"
+#include "io.h"
+
+/* Exit codes, as cryptsetup's */
+#define EXIT_OK		0
+#define EXIT_PARAMS	1	/* wrong parameters */
+#define EXIT_PERM	2	/* no permission or bad passphrase */
+#define EXIT_NOMEM	3	/* out of memory */
+#define EXIT_DEVICE	4	/* wrong device or image: missing, malformed, unsupported */
+#define EXIT_BUSY	5	/* device busy or already exists */
+
+struct tools_opts {
+	bool json;
+	bool verbose;
+	bool debug;
+	bool batch_mode;
+	bool readonly;
+	bool allow_discards;
+	bool skip_key_check;
+	const char *key_file;
+	uint64_t keyfile_offset;
+	uint64_t keyfile_size;
+	int tries;
+	const char *snapshot;
+	const char *format;	/* --format: force the top image's format */
+	uint64_t max_targets;
+};
+
+extern struct tools_opts opt;
+
+struct command {
+	const char *name;
+	int (*run)(int argc, char **argv);	/* positional args only; returns -errno or 0 */
+	int min_args;
+	int max_args;
+	const char *args_help;
+	const char *help;
+};
+
+/* -errno -> exit code */
+int tools_exit_code(int r);
+
+/* Opening files from the command line (fileio.c) */
+extern const struct img_opener file_opener;
+int tools_open_image(const char *path, bool no_backing, struct image **img);
+void tools_close_image(struct image *img);
+
+/* Commands */
+int cmd_info(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_table(int argc, char **argv);
+int cmd_check(int argc, char **argv);
+
+#endif

@@ -1,0 +1,63 @@
+/* Format internals shared by the engine's files (not a public API). */
+#ifndef QS_QCOW2_H
+#define QS_QCOW2_H
+
+#include "image.h"
+
+#define QCOW_MAGIC 0x514649fbU		/* "QFI\xfb": qcow v1 and qcow2 */
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_L1_BYTES (32U << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8U << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_MAX_SNAPSHOT_TABLE_BYTES (64U << 20)
+#define QCOW2_MAX_BITMAPS 65535
+#define QCOW2_MAX_BITMAP_DIRECTORY_BYTES (64U << 20)
+
+#define QCOW2_OFLAG_COPIED	(1ULL << 63)
+#define QCOW2_OFLAG_COMPRESSED	(1ULL << 62)
+#define QCOW2_OFLAG_ZERO	(1ULL << 0)
+#define QCOW2_L1E_OFFSET_MASK	0x00fffffffffffe00ULL
+#define QCOW2_L2E_OFFSET_MASK	0x00fffffffffffe00ULL
+#define QCOW2_REFT_OFFSET_MASK	0xfffffffffffffe00ULL
+#define QCOW2_L1E_RESERVED	0x7f000000000001ffULL
+#define QCOW2_L2E_RESERVED	0x3f000000000001feULL
+
+#define QCOW2_EXT_END			0x00000000U
+#define QCOW2_EXT_BACKING_FORMAT	0xe2792acaU
+#define QCOW2_EXT_FEATURE_TABLE		0x6803f857U
+#define QCOW2_EXT_BITMAPS		0x23852875U
+#define QCOW2_EXT_CRYPT_HEADER		0x0537be77U
+#define QCOW2_EXT_DATA_FILE		0x44415441U
+
+int qcow2_open(struct image *img);
+int qcow2_walk(struct image *img, struct run_list *out);
+int qcow1_open(struct image *img);
+int qcow1_walk(struct image *img, struct run_list *out);
+
+/* Read a table of n big-endian 64-bit entries at off (bounds-checked against
+ * the file and max_bytes); *table is malloc'ed, host byte order. */
+int qcow2_read_table(const struct image *img, uint64_t off, uint64_t n, uint64_t max_bytes,
+		     const char *what, uint64_t **table);
+
+/* Refcounts (qcow2 only). A loaded refcount table caches one block. */
+struct refcount_reader {
+	const struct image *img;
+	uint64_t *table;	/* refcount table, host order */
+	uint64_t table_entries;
+	uint8_t *block;		/* cached refcount block */
+	uint64_t block_offset;	/* of the cached block, 0 = none */
+	uint64_t entries_per_block;
+};
+int refcount_reader_init(struct refcount_reader *rr, const struct image *img);
+void refcount_reader_free(struct refcount_reader *rr);
+/* Refcount of host cluster index ci; 0 for clusters beyond the table. */
+int refcount_get(struct refcount_reader *rr, uint64_t ci, uint64_t *rc);
+
+/* Validation of one walked layer (validate.c). */
+int validate_layer(struct image *img, const struct run_list *runs);
+
+/* Bounds check on the image file: [off, off+len) inside it. */
+bool image_range_in_file(const struct img_io *io, uint64_t off, uint64_t len);
+
+#endif

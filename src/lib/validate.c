@@ -1,0 +1,356 @@
+/* What a malicious image must not be able to do: map metadata, other data or
+ * bytes outside its files into the guest. Checked on every walked layer. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "qcow2.h"
+#include "util.h"
+
+const char *meta_kind_name(enum meta_kind kind)
+{
+	static const char *const names[META_KIND_COUNT] = {
+		[META_HEADER] = "header",
+		[META_L1] = "L1 table",
+		[META_L2] = "L2 table",
+		[META_REFCOUNT_TABLE] = "refcount table",
+		[META_REFCOUNT_BLOCK] = "refcount block",
+		[META_SNAPSHOT_TABLE] = "snapshot table",
+		[META_SNAPSHOT_L1] = "snapshot L1 table",
+		[META_SNAPSHOT_L2] = "snapshot L2 table",
+		[META_CRYPT_HEADER] = "LUKS header",
+		[META_BITMAP_DIRECTORY] = "bitmap directory",
+		[META_BITMAP_TABLE] = "bitmap table",
+		[META_BITMAP_DATA] = "bitmap data cluster",
+	};
+
+	return kind < META_KIND_COUNT ? names[kind] : "metadata";
+}
+
+struct meta_list {
+	struct meta_range *v;
+	size_t n, alloc;
+};
+
+static int meta_add(struct meta_list *m, uint64_t off, uint64_t len, enum meta_kind kind)
+{
+	if (!len)
+		return 0;
+	if (m->n == m->alloc) {
+		size_t na = m->alloc ? m->alloc * 2 : 64;
+		struct meta_range *p = realloc(m->v, na * sizeof(*p));
+
+		if (!p)
+			return -ENOMEM;
+		m->v = p;
+		m->alloc = na;
+	}
+	m->v[m->n++] = (struct meta_range){ .offset = off, .length = len, .kind = (uint8_t)kind };
+	return 0;
+}
+
+static int add_l2_tables(const struct image *img, struct meta_list *m, const uint64_t *l1, uint64_t n,
+			 enum meta_kind kind)
+{
+	uint64_t l2_bytes = img->format == IMG_FMT_QCOW ? (8ULL << img->l2_bits) : img->cluster_size;
+	uint64_t mask = img->format == IMG_FMT_QCOW ? ~0ULL : QCOW2_L1E_OFFSET_MASK;
+	int r;
+
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t off = l1[i] & mask;
+
+		if (off && (r = meta_add(m, off, l2_bytes, kind)) < 0)
+			return r;
+	}
+	return 0;
+}
+
+static int cmp_meta(const void *a, const void *b)
+{
+	const struct meta_range *x = a, *y = b;
+
+	if (x->offset != y->offset)
+		return x->offset < y->offset ? -1 : 1;
+	if (x->length != y->length)
+		return x->length < y->length ? -1 : 1;
+	return (int)x->kind - (int)y->kind;
+}
+
+static bool shared_l2(const struct meta_range *a, const struct meta_range *b)
+{
+	bool al2 = a->kind == META_L2 || a->kind == META_SNAPSHOT_L2;
+	bool bl2 = b->kind == META_L2 || b->kind == META_SNAPSHOT_L2;
+
+	return al2 && bl2 && a->offset == b->offset && a->length == b->length;
+}
+
+int image_metadata(struct image *img, struct meta_range **out, size_t *count)
+{
+	struct meta_list m = { 0 };
+	uint64_t *t = NULL;
+	size_t w;
+	int r = 0;
+
+	*out = NULL;
+	*count = 0;
+	if (img->format == IMG_FMT_RAW)
+		return 0;
+	if (img->format == IMG_FMT_QCOW) {
+		r = meta_add(&m, 0, 48, META_HEADER);
+		if (!r)
+			r = meta_add(&m, img->l1_table_offset, (uint64_t)img->l1_size * 8, META_L1);
+		if (!r && img->snapshot_index < 0)
+			r = add_l2_tables(img, &m, img->l1, img->l1_size, META_L2);
+		if (r)
+			goto fail;
+		goto sort;
+	}
+	r = meta_add(&m, 0, img->cluster_size, META_HEADER);
+	if (!r)
+		r = meta_add(&m, img->l1_table_offset, (uint64_t)img->l1_size * 8, META_L1);
+	if (!r)
+		r = meta_add(&m, img->refcount_table_offset, (uint64_t)img->refcount_table_clusters << img->cluster_bits,
+			     META_REFCOUNT_TABLE);
+	if (!r && img->nb_snapshots)
+		r = meta_add(&m, img->snapshots_offset, img->snapshots_size, META_SNAPSHOT_TABLE);
+	if (!r && img->crypt_method == IMG_CRYPT_LUKS)
+		r = meta_add(&m, img->crypt_header_offset, img->crypt_header_length, META_CRYPT_HEADER);
+	if (!r && img->nb_bitmaps)
+		r = meta_add(&m, img->bitmap_directory_offset, img->bitmap_directory_size, META_BITMAP_DIRECTORY);
+	if (r)
+		goto fail;
+	/* active L2 tables (from the header's L1, whatever is mapped) */
+	r = qcow2_read_table(img, img->l1_table_offset, img->l1_size, QCOW2_MAX_L1_BYTES, "L1 table", &t);
+	if (!r)
+		r = add_l2_tables(img, &m, t, img->l1_size, META_L2);
+	free(t);
+	t = NULL;
+	if (r)
+		goto fail;
+	/* refcount blocks */
+	r = qcow2_read_table(img, img->refcount_table_offset,
+			     ((uint64_t)img->refcount_table_clusters << img->cluster_bits) / 8, QCOW2_MAX_REFTABLE_BYTES,
+			     "refcount table", &t);
+	if (r)
+		goto fail;
+	for (uint64_t i = 0; i < ((uint64_t)img->refcount_table_clusters << img->cluster_bits) / 8; i++) {
+		uint64_t off = t[i] & QCOW2_REFT_OFFSET_MASK;
+
+		if (off && (r = meta_add(&m, off, img->cluster_size, META_REFCOUNT_BLOCK)) < 0)
+			goto fail;
+	}
+	free(t);
+	t = NULL;
+	for (uint32_t i = 0; i < img->nb_snapshots; i++) {
+		const struct qcow2_snapshot *sn = &img->snapshots[i];
+
+		r = meta_add(&m, sn->l1_table_offset, (uint64_t)sn->l1_size * 8, META_SNAPSHOT_L1);
+		if (!r)
+			r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table",
+					     &t);
+		if (!r)
+			r = add_l2_tables(img, &m, t, sn->l1_size, META_SNAPSHOT_L2);
+		free(t);
+		t = NULL;
+		if (r)
+			goto fail;
+	}
+	for (uint32_t i = 0; i < img->nb_bitmaps; i++) {
+		const struct qcow2_bitmap *bm = &img->bitmaps[i];
+
+		r = meta_add(&m, bm->table_offset, (uint64_t)bm->table_size * 8, META_BITMAP_TABLE);
+		if (!r)
+			r = qcow2_read_table(img, bm->table_offset, bm->table_size, QCOW2_MAX_L1_BYTES, "bitmap table", &t);
+		for (uint32_t k = 0; !r && k < bm->table_size; k++) {
+			uint64_t off = t[k] & QCOW2_L1E_OFFSET_MASK;
+
+			if (off)
+				r = meta_add(&m, off, img->cluster_size, META_BITMAP_DATA);
+		}
+		free(t);
+		t = NULL;
+		if (r)
+			goto fail;
+	}
+sort:
+	qsort(m.v, m.n, sizeof(*m.v), cmp_meta);
+	/* drop exact duplicates of shared L2 tables (snapshots share them) */
+	w = 0;
+	for (size_t i = 0; i < m.n; i++) {
+		if (w && shared_l2(&m.v[w - 1], &m.v[i]))
+			continue;
+		m.v[w++] = m.v[i];
+	}
+	m.n = w;
+	*out = m.v;
+	*count = m.n;
+	return 0;
+fail:
+	free(m.v);
+	return r;
+}
+
+/* Metadata must not overlap other metadata or lie outside the file. */
+static int check_metadata(const struct image *img, const struct meta_range *m, size_t n)
+{
+	size_t last = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		if (!image_range_in_file(&img->io, m[i].offset, m[i].length)) {
+			log_err("%s: %s at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) lies beyond the end of the file (size %" PRIu64 ").",
+				img->path, meta_kind_name(m[i].kind), m[i].offset, m[i].length, img->io.size);
+			return -EUCLEAN;
+		}
+		if (i && m[i].offset < m[last].offset + m[last].length) {
+			log_err("%s: %s at host offset 0x%" PRIx64 " overlaps the %s at 0x%" PRIx64 ".", img->path,
+				meta_kind_name(m[i].kind), m[i].offset, meta_kind_name(m[last].kind), m[last].offset);
+			return -EUCLEAN;
+		}
+		if (!i || m[i].offset + m[i].length > m[last].offset + m[last].length)
+			last = i;
+	}
+	return 0;
+}
+
+/* first metadata range overlapping [off, off+len), or NULL */
+static const struct meta_range *find_overlap(const struct meta_range *m, size_t n, uint64_t off, uint64_t len)
+{
+	size_t lo = 0, hi = n;
+
+	/* m is sorted by offset and non-overlapping: find the last range starting before off+len */
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (m[mid].offset < off + len)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo && ranges_overlap(m[lo - 1].offset, m[lo - 1].length, off, len))
+		return &m[lo - 1];
+	return NULL;
+}
+
+struct host_ref {
+	uint64_t host, len, guest;
+};
+
+static int cmp_ref(const void *a, const void *b)
+{
+	const struct host_ref *x = a, *y = b;
+
+	return x->host < y->host ? -1 : x->host > y->host;
+}
+
+static int check_aliasing(struct image *img, struct host_ref *refs, size_t n)
+{
+	struct refcount_reader rr = { 0 };
+	bool have_rr = false;
+	size_t prev = 0;
+	int r = 0;
+
+	qsort(refs, n, sizeof(*refs), cmp_ref);
+	for (size_t i = 1; i < n; i++) {
+		uint64_t s, e, rc;
+
+		if (refs[i].host >= refs[prev].host + refs[prev].len) {
+			prev = i;
+			continue;
+		}
+		s = refs[i].host;
+		e = MIN(refs[i].host + refs[i].len, refs[prev].host + refs[prev].len);
+		if (img->format == IMG_FMT_QCOW2) {
+			if (!have_rr) {
+				r = refcount_reader_init(&rr, img);
+				if (r < 0)
+					goto out;
+				have_rr = true;
+			}
+			for (uint64_t c = s >> img->cluster_bits; c <= (e - 1) >> img->cluster_bits; c++) {
+				r = refcount_get(&rr, c, &rc);
+				if (r < 0)
+					goto out;
+				if (rc < 2)
+					goto alias;
+			}
+		} else {
+			goto alias;
+		}
+		if (refs[i].host + refs[i].len > refs[prev].host + refs[prev].len)
+			prev = i;
+		continue;
+alias:
+		log_err("%s: guest offsets 0x%" PRIx64 " and 0x%" PRIx64 " both map host offset 0x%" PRIx64 ", which is not shared (refcount).",
+			img->path, refs[prev].guest + (s - refs[prev].host), refs[i].guest, s);
+		r = -EUCLEAN;
+		goto out;
+	}
+out:
+	if (have_rr)
+		refcount_reader_free(&rr);
+	return r;
+}
+
+int validate_layer(struct image *img, const struct run_list *runs)
+{
+	struct meta_range *meta = NULL;
+	struct host_ref *refs = NULL;
+	const struct img_io *dio = &img->data_io;
+	bool same_file = !img->has_data_file;
+	size_t nmeta = 0, nrefs = 0;
+	int r;
+
+	r = image_metadata(img, &meta, &nmeta);
+	if (r < 0)
+		return r;
+	r = check_metadata(img, meta, nmeta);
+	if (r < 0)
+		goto out;
+	refs = malloc((runs->count ? runs->count : 1) * sizeof(*refs));
+	if (!refs) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < runs->count; i++) {
+		const struct run *ru = &runs->runs[i];
+		uint64_t len = ru->kind == RUN_COMPRESSED ? ru->clen : ru->len;
+		const struct meta_range *hit;
+		const char *what = ru->kind == RUN_COMPRESSED ? "compressed cluster" :
+				   ru->kind == RUN_ZERO ? "preallocated zero cluster" : "data cluster";
+		uint64_t end;
+
+		if (!(ru->kind == RUN_DATA || ru->kind == RUN_COMPRESSED || (ru->flags & RUN_F_ZERO_ALLOC)))
+			continue;
+		if (ru->kind == RUN_DATA && img->format == IMG_FMT_RAW)
+			continue;
+		if (ru->host == 0 && same_file) {
+			log_err("%s: guest offset 0x%" PRIx64 ": %s at host offset 0 overlaps the header.", img->path,
+				ru->guest, what);
+			r = -EUCLEAN;
+			goto out;
+		}
+		/* A compressed cluster's last sector may end past EOF (QEMU reads it as zeros). */
+		if (uadd64_overflow(ru->host, len, &end) ||
+		    (ru->kind == RUN_COMPRESSED ? ru->host >= dio->size : end > dio->size)) {
+			log_err("%s: guest offset 0x%" PRIx64 ": %s at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) lies beyond the end of %s (size %" PRIu64 ").",
+				img->path, ru->guest, what, ru->host, len, dio->name ? dio->name : "the file", dio->size);
+			r = -EUCLEAN;
+			goto out;
+		}
+		if (same_file && (hit = find_overlap(meta, nmeta, ru->host, len))) {
+			log_err("%s: guest offset 0x%" PRIx64 ": %s at host offset 0x%" PRIx64 " overlaps the %s at 0x%" PRIx64 ".",
+				img->path, ru->guest, what, ru->host, meta_kind_name(hit->kind), hit->offset);
+			r = -EUCLEAN;
+			goto out;
+		}
+		if (ru->kind != RUN_COMPRESSED)
+			refs[nrefs++] = (struct host_ref){ .host = ru->host, .len = ru->len, .guest = ru->guest };
+	}
+	r = check_aliasing(img, refs, nrefs);
+out:
+	free(meta);
+	free(refs);
+	return r;
+}
