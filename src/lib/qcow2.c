@@ -556,9 +556,6 @@ int qcow2_open(struct image *img)
 		r = -EUCLEAN;
 		goto out;
 	}
-	r = check_incompatible_features(img);
-	if (r < 0)
-		goto out;
 	if (img->compression_type > QCOW2_COMPRESSION_ZSTD) {
 		log_err("%s: unsupported compression type %u.", img->path, img->compression_type);
 		r = -ENOTSUP;
@@ -583,6 +580,10 @@ int qcow2_open(struct image *img)
 		if (r < 0)
 			goto out;
 	}
+	/* after the extensions: the feature name table names unknown bits */
+	r = check_incompatible_features(img);
+	if (r < 0)
+		goto out;
 	r = read_backing_name(img, backing_off, backing_len);
 	if (r < 0)
 		goto out;
