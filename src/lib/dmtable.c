@@ -1,0 +1,809 @@
+/* The device-mapper stack of an image, as tables in memory (see dmtable.h).
+ * Pure: no libdevmapper and no descriptors; the open path loads what this
+ * builds, the `table` command prints it. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dmtable.h"
+#include "log.h"
+#include "util.h"
+
+#define SECTOR_SIZE (1ULL << DM_SECTOR_SHIFT)
+
+struct dm_stack_layer {
+	const struct image *img;
+	char *host_ref;		/* NULL when not given */
+	char *cipher;
+	char *key_desc;
+	unsigned int key_size;
+	uint32_t crypt_method;
+	uint32_t crypt_dev;	/* index of its crypt device, or DM_DEV_NONE */
+	uint64_t file_size;	/* bytes of its data file or device */
+};
+
+/* A table being built; targets merge as they are appended. */
+struct table {
+	struct dm_target *t;
+	size_t count;
+	size_t alloc;
+	uint64_t sectors;
+};
+
+struct build {
+	const struct dm_stack_params *p;
+	struct dm_stack *s;
+	const struct run_list *runs;
+	size_t max_targets;
+};
+
+static char *str_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *str_printf(const char *fmt, ...)
+{
+	va_list ap;
+	char *buf;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return NULL;
+	buf = malloc((size_t)n + 1);
+	if (!buf)
+		return NULL;
+	va_start(ap, fmt);
+	vsnprintf(buf, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	return buf;
+}
+
+static void table_free(struct table *tb)
+{
+	free(tb->t);
+	memset(tb, 0, sizeof(*tb));
+}
+
+static int table_reserve(struct table *tb, size_t n)
+{
+	struct dm_target *t;
+
+	if (n <= tb->alloc)
+		return 0;
+	if (n > SIZE_MAX / sizeof(*t))
+		return -ENOMEM;
+	t = realloc(tb->t, n * sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	tb->t = t;
+	tb->alloc = n;
+	return 0;
+}
+
+/* Append a target, merging it into the last one when both are zero, or map
+ * contiguously onto the same device. */
+static int table_add(struct table *tb, enum dm_target_type type, uint32_t dev,
+		     uint64_t offset, uint64_t len)
+{
+	struct dm_target *last;
+	int r;
+
+	if (!len)
+		return 0;
+	if (tb->count) {
+		last = &tb->t[tb->count - 1];
+		if (last->type == type && type != DM_TARGET_CRYPT && last->dev == dev &&
+		    (type == DM_TARGET_ZERO || last->offset + last->len == offset)) {
+			last->len += len;
+			tb->sectors += len;
+			return 0;
+		}
+	}
+	if (tb->count == tb->alloc) {
+		r = table_reserve(tb, tb->alloc ? tb->alloc * 2 : 64);
+		if (r)
+			return r;
+	}
+	tb->t[tb->count++] = (struct dm_target){
+		.start = tb->sectors,
+		.len = len,
+		.offset = type == DM_TARGET_ZERO ? 0 : offset,
+		.dev = type == DM_TARGET_ZERO ? DM_DEV_NONE : dev,
+		.type = (uint8_t)type,
+	};
+	tb->sectors += len;
+	return 0;
+}
+
+/* A word of a table: not empty, no whitespace or control characters. */
+static bool is_table_word(const char *s)
+{
+	if (!s || !*s)
+		return false;
+	for (; *s; s++)
+		if ((unsigned char)*s <= ' ' || *s == 0x7f)
+			return false;
+	return true;
+}
+
+static uint64_t layer_guest_size(const struct image *img)
+{
+	return img->map_size ? img->map_size : img->size;
+}
+
+/* Suffix of layer d's devices: "" for the image itself, "L<d>_" for backing layers. */
+static void layer_prefix(unsigned int d, char *buf, size_t size)
+{
+	if (d)
+		snprintf(buf, size, "L%u_", d);
+	else
+		buf[0] = '\0';
+}
+
+/* Add a device with table *tb (taken over, also on failure). suffix NULL:
+ * the top device. */
+static int add_device(struct build *b, const char *suffix, enum dm_device_role role,
+		      int layer, unsigned int level, struct table *tb, uint32_t *index)
+{
+	const struct dm_stack_params *p = b->p;
+	struct dm_stack *s = b->s;
+	struct dm_device *d;
+	size_t len;
+	int r = -ENOMEM;
+
+	if (s->count == s->alloc) {
+		size_t n = s->alloc ? s->alloc * 2 : 8;
+
+		d = realloc(s->devices, n * sizeof(*d));
+		if (!d)
+			goto out;
+		s->devices = d;
+		s->alloc = n;
+	}
+	if (s->count >= DM_DEV_HOST)
+		goto out;
+	d = &s->devices[s->count];
+	memset(d, 0, sizeof(*d));
+
+	len = strlen(p->name) + (suffix ? strlen(suffix) + 1 : 0);
+	if (len > DM_NAME_MAX) {
+		log_err("Device name %s%s%s is too long for device-mapper (%zu characters, at most %d); choose a shorter name.",
+			p->name, suffix ? "_" : "", suffix ? suffix : "", len, DM_NAME_MAX);
+		r = -ENAMETOOLONG;
+		goto out;
+	}
+	if (suffix)
+		len = strlen(DM_UUID_PREFIX_INTERNAL) + strlen(p->id) + 1 + strlen(suffix);
+	else
+		len = strlen(DM_UUID_PREFIX) + strlen(p->id) + 1 + strlen(p->name);
+	if (len > DM_UUID_MAX) {
+		log_err("Device UUID for %s%s%s is too long for device-mapper (%zu characters, at most %d); choose a shorter name.",
+			p->name, suffix ? "_" : "", suffix ? suffix : "", len, DM_UUID_MAX);
+		r = -ENAMETOOLONG;
+		goto out;
+	}
+
+	if (suffix) {
+		d->name = str_printf("%s_%s", p->name, suffix);
+		d->uuid = str_printf("%s%s-%s", DM_UUID_PREFIX_INTERNAL, p->id, suffix);
+	} else {
+		d->name = strdup(p->name);
+		d->uuid = str_printf("%s%s-%s", DM_UUID_PREFIX, p->id, p->name);
+	}
+	d->ref = d->name ? str_printf("/dev/mapper/%s", d->name) : NULL;
+	if (!d->name || !d->uuid || !d->ref) {
+		free(d->name);
+		free(d->uuid);
+		free(d->ref);
+		goto out;
+	}
+	d->role = role;
+	d->layer = layer;
+	d->level = level;
+	d->read_only = p->read_only;
+	d->hidden = suffix != NULL;
+	d->sectors = tb->sectors;
+	d->targets = tb->t;
+	d->count = tb->count;
+	memset(tb, 0, sizeof(*tb));
+	*index = (uint32_t)s->count++;
+	log_dbg("dm: %s: %zu targets, %" PRIu64 " sectors", d->name, d->count, d->sectors);
+	return 0;
+out:
+	table_free(tb);
+	return r;
+}
+
+/* While *tb has more targets than a table may hold, move them into segment
+ * devices of balanced sizes and make *tb a linear table over those (a
+ * segment of a single target stays in *tb as it is). base:
+ * the suffix of the device *tb is for ("" for the top device). */
+static int split_table(struct build *b, const char *base, enum dm_device_role role,
+		       int layer, struct table *tb)
+{
+	char suffix[DM_NAME_MAX + 64], sss[64];
+	unsigned int level = 0;
+	int r = 0;
+
+	while (tb->count > b->max_targets) {
+		struct table parent = { 0 };
+		uint64_t n = tb->count;
+		uint64_t nseg = (n + b->max_targets - 1) / b->max_targets;
+
+		level++;
+		if (level >= sizeof(sss)) {
+			r = -EINVAL;
+			break;
+		}
+		memset(sss, 's', level);
+		sss[level] = '\0';
+		r = table_reserve(&parent, (size_t)nseg);
+		for (uint64_t k = 0; !r && k < nseg; k++) {
+			size_t first = (size_t)(k * n / nseg), end = (size_t)((k + 1) * n / nseg);
+			struct table seg = { 0 };
+			uint64_t base_sector = tb->t[first].start;
+			uint32_t index;
+
+			if (end - first == 1) {
+				/* a one-target table is that target: no device */
+				const struct dm_target *t = &tb->t[first];
+
+				r = table_add(&parent, (enum dm_target_type)t->type, t->dev, t->offset, t->len);
+				continue;
+			}
+			r = table_reserve(&seg, end - first);
+			if (r)
+				break;
+			for (size_t i = first; i < end; i++) {
+				seg.t[seg.count] = tb->t[i];
+				seg.t[seg.count++].start -= base_sector;
+				seg.sectors += tb->t[i].len;
+			}
+			snprintf(suffix, sizeof(suffix), "%s%s%s%" PRIu64, base, *base ? "_" : "", sss, k);
+			r = add_device(b, suffix, role, layer, level, &seg, &index);
+			if (!r)
+				r = table_add(&parent, DM_TARGET_LINEAR, index, 0, b->s->devices[index].sectors);
+		}
+		table_free(tb);
+		*tb = parent;
+		if (r)
+			break;
+		log_verbose("dm: table of %s%s%s split into %" PRIu64 " segments (level %u)",
+			    b->p->name, *base ? "_" : "", base, nseg, level);
+	}
+	return r;
+}
+
+/* Where data run r of layer l lies on the layer's device, in sectors:
+ * [*host, *host + *mapped) is inside the device, the rest of the run lies
+ * beyond the end of the file and reads as zeros (as QEMU pads short reads).
+ * LUKS data beyond the crypt device cannot be mapped; neither can data in
+ * the partial last sector of a file whose size is not a multiple of 512. */
+static int data_run_in_file(const struct dm_stack_layer *l, unsigned int depth,
+			    const struct run *r, bool note, uint64_t *host, uint64_t *mapped)
+{
+	uint64_t eof_floor = l->file_size & ~(SECTOR_SIZE - 1);
+	uint64_t end;
+
+	if (uadd64_overflow(r->host, r->len, &end)) {
+		log_err("Layer %u (%s): data run at host offset %" PRIu64 " overflows.",
+			depth, l->img->path ? l->img->path : "?", r->host);
+		return -EUCLEAN;
+	}
+	*host = r->host >> DM_SECTOR_SHIFT;
+	if (end <= eof_floor) {
+		*mapped = r->len >> DM_SECTOR_SHIFT;
+		return 0;
+	}
+	if (eof_floor != l->file_size && r->host < l->file_size) {
+		log_err("Layer %u (%s): data at host offset %" PRIu64 " (+%" PRIu64 " bytes) reaches into the last, partial sector of its file (%" PRIu64 " bytes, not a multiple of 512), which a block device cannot show.",
+			depth, l->img->path ? l->img->path : "?", r->host, r->len, l->file_size);
+		return -EUCLEAN;
+	}
+	if (l->crypt_method == IMG_CRYPT_LUKS) {
+		log_err("Layer %u (%s): data at host offset %" PRIu64 " (+%" PRIu64 " bytes) lies beyond the end of its file (%" PRIu64 " bytes); the image is truncated.",
+			depth, l->img->path ? l->img->path : "?", r->host, r->len, l->file_size);
+		return -EUCLEAN;
+	}
+	*mapped = r->host < eof_floor ? (eof_floor - r->host) >> DM_SECTOR_SHIFT : 0;
+	if (note)
+		log_verbose("Layer %u: data at host offset %" PRIu64 " extends beyond the end of its file; the rest reads as zeros.",
+			    depth, r->host);
+	return 0;
+}
+
+/* Check the runs once: they cover [0, size of top) in order, are aligned,
+ * come from layers of the chain, and fit in their files and layers. */
+static int check_runs(struct build *b, const struct image *top)
+{
+	const struct run_list *runs = b->runs;
+	uint64_t pos = 0, compressed = 0, top_size = layer_guest_size(top);
+	unsigned int nlayers = b->s->nlayers;
+
+	for (size_t i = 0; i < runs->count; i++) {
+		const struct run *r = &runs->runs[i];
+		const struct dm_stack_layer *l;
+		uint64_t end, host, mapped;
+		int ret;
+
+		if (r->guest != pos || !r->len || uadd64_overflow(r->guest, r->len, &end)) {
+			log_err("Internal error: mapping runs are not contiguous at guest offset %" PRIu64 ".", pos);
+			return -EINVAL;
+		}
+		pos = end;
+		if (r->depth >= nlayers) {
+			log_err("Internal error: run at guest offset %" PRIu64 " names layer %u of a chain of %u.",
+				r->guest, r->depth, nlayers);
+			return -EINVAL;
+		}
+		l = &b->s->layers[r->depth];
+		if (r->kind == RUN_COMPRESSED) {
+			compressed++;
+			continue;
+		}
+		if (!is_aligned(r->guest, SECTOR_SIZE) || !is_aligned(r->len, SECTOR_SIZE) ||
+		    (r->kind == RUN_DATA && !is_aligned(r->host, SECTOR_SIZE))) {
+			log_err("Layer %u (%s): %s run at guest offset %" PRIu64 " (%" PRIu64 " bytes%s%" PRIu64 ") is not aligned to %llu bytes; device-mapper cannot map it.",
+				r->depth, l->img->path ? l->img->path : "?", run_kind_name(r->kind),
+				r->guest, r->len, r->kind == RUN_DATA ? ", host offset " : "",
+				r->kind == RUN_DATA ? r->host : 0, SECTOR_SIZE);
+			return -EUCLEAN;
+		}
+		if (r->kind != RUN_DATA)
+			continue;
+		if (r->depth && end > layer_guest_size(l->img)) {
+			log_err("Layer %u (%s): data run at guest offset %" PRIu64 " ends beyond the layer's size (%" PRIu64 " bytes).",
+				r->depth, l->img->path ? l->img->path : "?", r->guest, layer_guest_size(l->img));
+			return -EUCLEAN;
+		}
+		if (!l->host_ref) {
+			log_err("No host device given for layer %u, which provides data.", r->depth);
+			return -EINVAL;
+		}
+		ret = data_run_in_file(l, r->depth, r, true, &host, &mapped);
+		if (ret)
+			return ret;
+	}
+	if (pos != top_size) {
+		log_err("Internal error: mapping runs cover %" PRIu64 " bytes of an image of %" PRIu64 ".",
+			pos, top_size);
+		return -EINVAL;
+	}
+	if (compressed) {
+		log_err("The image has %" PRIu64 " compressed cluster%s; mapping compressed clusters is not supported yet (decompress with `qemu-img convert -O qcow2`).",
+			compressed, compressed == 1 ? "" : "s");
+		return -ENOTSUP;
+	}
+	return 0;
+}
+
+static int setup_layers(struct build *b, const struct image *top)
+{
+	const struct dm_stack_params *p = b->p;
+	struct dm_stack *s = b->s;
+	const struct image *img;
+	unsigned int n = 0;
+	char desc[DM_KEY_DESC_MAX + 1];
+	int r;
+
+	for (img = top; img; img = img->backing)
+		if (++n > IMG_MAX_CHAIN_DEPTH + 1) {
+			log_err("Backing chain too deep.");
+			return -ELOOP;
+		}
+	if (n > p->nlayers || !p->layers) {
+		log_err("Internal error: device parameters for %u layers, the chain has %u.", p->nlayers, n);
+		return -EINVAL;
+	}
+	s->layers = calloc(n, sizeof(*s->layers));
+	if (!s->layers)
+		return -ENOMEM;
+	s->nlayers = n;
+
+	img = top;
+	for (unsigned int d = 0; d < n; d++, img = img->backing) {
+		const struct dm_layer_params *lp = &p->layers[d];
+		struct dm_stack_layer *l = &s->layers[d];
+		const char *cipher = lp->cipher, *key_desc = lp->key_desc;
+
+		l->img = img;
+		l->crypt_dev = DM_DEV_NONE;
+		l->crypt_method = img->crypt_method;
+		l->file_size = img->data_io.size;
+		if (lp->host_dev) {
+			if (!is_table_word(lp->host_dev) || strlen(lp->host_dev) > DM_REF_MAX) {
+				log_err("Invalid host device reference for layer %u: %s", d, lp->host_dev);
+				return -EINVAL;
+			}
+			l->host_ref = strdup(lp->host_dev);
+			if (!l->host_ref)
+				return -ENOMEM;
+		}
+		switch (img->crypt_method) {
+		case IMG_CRYPT_NONE:
+			continue;
+		case IMG_CRYPT_AES:
+			if (!cipher)
+				cipher = DM_LEGACY_AES_CIPHER;
+			l->key_size = lp->key_size ? lp->key_size : DM_LEGACY_AES_KEY_SIZE;
+			break;
+		case IMG_CRYPT_LUKS:
+			if (!cipher || !lp->key_size) {
+				log_err("Layer %u (%s) is LUKS-encrypted but no cipher or key size was given.",
+					d, img->path ? img->path : "?");
+				return -EINVAL;
+			}
+			l->key_size = lp->key_size;
+			break;
+		default:
+			log_err("Layer %u (%s): unknown encryption method %u.",
+				d, img->path ? img->path : "?", img->crypt_method);
+			return -ENOTSUP;
+		}
+		if (!is_table_word(cipher) || strlen(cipher) > DM_CIPHER_MAX || lp->key_size > 1024) {
+			log_err("Invalid cipher specification for layer %u: %s (%u-byte key)", d, cipher, lp->key_size);
+			return -EINVAL;
+		}
+		if (!key_desc) {
+			r = dm_key_description(p->name, d, desc, sizeof(desc));
+			if (r)
+				return r;
+			key_desc = desc;
+		}
+		if (!is_table_word(key_desc) || strlen(key_desc) > DM_KEY_DESC_MAX || !strchr(key_desc, ':')) {
+			log_err("Invalid key description for layer %u: %s (logon keys need \"prefix:\")", d, key_desc);
+			return -EINVAL;
+		}
+		if (!l->host_ref) {
+			log_err("No host device given for encrypted layer %u.", d);
+			return -EINVAL;
+		}
+		l->cipher = strdup(cipher);
+		l->key_desc = strdup(key_desc);
+		if (!l->cipher || !l->key_desc)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+/* LUKS: one crypt target over the whole host device, IV = host sector. */
+static int build_luks_layer(struct build *b, unsigned int d)
+{
+	struct dm_stack_layer *l = &b->s->layers[d];
+	struct table tb = { 0 };
+	char prefix[16], suffix[32];
+	int r;
+
+	if (!(l->file_size >> DM_SECTOR_SHIFT))
+		return 0;	/* nothing in it; no run can refer to it */
+	layer_prefix(d, prefix, sizeof(prefix));
+	snprintf(suffix, sizeof(suffix), "%scrypt", prefix);
+	r = table_add(&tb, DM_TARGET_CRYPT, DM_DEV_HOST | d, 0, l->file_size >> DM_SECTOR_SHIFT);
+	if (r) {
+		table_free(&tb);
+		return r;
+	}
+	return add_device(b, suffix, DM_ROLE_CRYPT, (int)d, 0, &tb, &l->crypt_dev);
+}
+
+/* Legacy AES: guest space of the layer onto its ciphertext, then one crypt
+ * target over that, IV = guest sector. Only the data of this layer that the
+ * image shows needs mapping; the rest of the cipher device reads as zeros. */
+static int build_legacy_layer(struct build *b, unsigned int d)
+{
+	struct dm_stack_layer *l = &b->s->layers[d];
+	const struct run_list *runs = b->runs;
+	uint64_t sectors = layer_guest_size(l->img) >> DM_SECTOR_SHIFT, pos = 0;
+	struct table tb = { 0 };
+	char prefix[16], base[32], suffix[32];
+	uint32_t cipher_dev;
+	int r = 0;
+
+	if (!sectors)
+		return 0;
+	layer_prefix(d, prefix, sizeof(prefix));
+	snprintf(base, sizeof(base), "%scipher", prefix);
+	for (size_t i = 0; !r && i < runs->count; i++) {
+		const struct run *run = &runs->runs[i];
+		uint64_t guest = run->guest >> DM_SECTOR_SHIFT, len = run->len >> DM_SECTOR_SHIFT;
+		uint64_t host, mapped;
+
+		if (run->depth != d || run->kind != RUN_DATA)
+			continue;
+		r = data_run_in_file(l, d, run, false, &host, &mapped);
+		if (!r)
+			r = table_add(&tb, DM_TARGET_ZERO, DM_DEV_NONE, 0, guest - pos);
+		if (!r)
+			r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_HOST | d, host, mapped);
+		if (!r)
+			r = table_add(&tb, DM_TARGET_ZERO, DM_DEV_NONE, 0, len - mapped);
+		pos = guest + len;
+	}
+	if (!r)
+		r = table_add(&tb, DM_TARGET_ZERO, DM_DEV_NONE, 0, sectors - pos);
+	if (!r)
+		r = split_table(b, base, DM_ROLE_CIPHER_SEGMENT, (int)d, &tb);
+	if (r) {
+		table_free(&tb);
+		return r;
+	}
+	r = add_device(b, base, DM_ROLE_CIPHER, (int)d, 0, &tb, &cipher_dev);
+	if (r)
+		return r;
+
+	snprintf(suffix, sizeof(suffix), "%scrypt", prefix);
+	r = table_add(&tb, DM_TARGET_CRYPT, cipher_dev, 0, sectors);
+	if (r) {
+		table_free(&tb);
+		return r;
+	}
+	return add_device(b, suffix, DM_ROLE_CRYPT, (int)d, 0, &tb, &l->crypt_dev);
+}
+
+/* The top table: guest space, every layer flattened into it. */
+static int build_top(struct build *b)
+{
+	const struct run_list *runs = b->runs;
+	struct table tb = { 0 };
+	uint32_t index;
+	int r = 0;
+
+	for (size_t i = 0; !r && i < runs->count; i++) {
+		const struct run *run = &runs->runs[i];
+		const struct dm_stack_layer *l = &b->s->layers[run->depth];
+		uint64_t guest = run->guest >> DM_SECTOR_SHIFT, len = run->len >> DM_SECTOR_SHIFT;
+		uint64_t host, mapped;
+
+		switch (run->kind) {
+		case RUN_DATA:
+			/* Read-write will send writes to clusters it cannot
+			 * write in place (shared, backing) to the slow path. */
+			if (l->crypt_method == IMG_CRYPT_AES) {
+				r = table_add(&tb, DM_TARGET_LINEAR, l->crypt_dev, guest, len);
+				break;
+			}
+			r = data_run_in_file(l, run->depth, run, false, &host, &mapped);
+			if (r)
+				break;
+			if (l->crypt_method == IMG_CRYPT_LUKS)
+				r = table_add(&tb, DM_TARGET_LINEAR, l->crypt_dev, host, mapped);
+			else
+				r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_HOST | run->depth, host, mapped);
+			if (!r)
+				r = table_add(&tb, DM_TARGET_ZERO, DM_DEV_NONE, 0, len - mapped);
+			break;
+		case RUN_ZERO:
+		case RUN_UNALLOC:
+			/* zero clusters, unallocated everywhere, or beyond the
+			 * end of a backing image: zeros (the slow path when
+			 * read-write) */
+			r = table_add(&tb, DM_TARGET_ZERO, DM_DEV_NONE, 0, len);
+			break;
+		default:
+			r = -ENOTSUP;	/* compressed: refused by check_runs() */
+			break;
+		}
+	}
+	if (!r)
+		r = split_table(b, "", DM_ROLE_SEGMENT, -1, &tb);
+	if (r) {
+		table_free(&tb);
+		return r;
+	}
+	return add_device(b, NULL, DM_ROLE_TOP, -1, 0, &tb, &index);
+}
+
+static int check_name(const char *what, const char *s, size_t max)
+{
+	if (!is_table_word(s) || strchr(s, '/') || !strcmp(s, ".") || !strcmp(s, "..")) {
+		log_err("Invalid %s \"%s\": it must not be empty or contain '/', spaces or control characters.",
+			what, s ? s : "");
+		return -EINVAL;
+	}
+	if (strlen(s) > max) {
+		log_err("The %s %s is too long (at most %zu characters).", what, s, max);
+		return -ENAMETOOLONG;
+	}
+	return 0;
+}
+
+int dm_stack_build(const struct dm_stack_params *p, const struct image *top,
+		   const struct run_list *runs, struct dm_stack **out)
+{
+	struct build b = { .p = p, .runs = runs };
+	int r;
+
+	*out = NULL;
+	r = check_name("device name", p->name, DM_NAME_MAX);
+	if (!r)
+		r = check_name("image identifier", p->id, DM_UUID_MAX);
+	if (r)
+		return r;
+	b.max_targets = p->max_targets ? p->max_targets : DM_MAX_TARGETS_DEFAULT;
+	if (b.max_targets < 2 || b.max_targets > DM_MAX_TARGETS_KERNEL) {
+		log_err("The maximum number of targets per table must be from 2 to %d.", DM_MAX_TARGETS_KERNEL);
+		return -EINVAL;
+	}
+	if (!layer_guest_size(top)) {
+		log_err("The image has a size of 0 bytes; there is nothing to map.");
+		return -EINVAL;
+	}
+
+	b.s = calloc(1, sizeof(*b.s));
+	if (!b.s)
+		return -ENOMEM;
+	b.s->allow_discards = p->allow_discards;
+	r = setup_layers(&b, top);
+	if (!r)
+		r = check_runs(&b, top);
+	/* bottom-up: the deepest layer's devices first */
+	for (unsigned int d = b.s->nlayers; !r && d-- > 0;) {
+		if (b.s->layers[d].crypt_method == IMG_CRYPT_LUKS)
+			r = build_luks_layer(&b, d);
+		else if (b.s->layers[d].crypt_method == IMG_CRYPT_AES)
+			r = build_legacy_layer(&b, d);
+	}
+	if (!r)
+		r = build_top(&b);
+	if (r) {
+		dm_stack_free(b.s);
+		return r;
+	}
+	*out = b.s;
+	return 0;
+}
+
+void dm_stack_free(struct dm_stack *s)
+{
+	if (!s)
+		return;
+	for (size_t i = 0; i < s->count; i++) {
+		free(s->devices[i].name);
+		free(s->devices[i].uuid);
+		free(s->devices[i].ref);
+		free(s->devices[i].targets);
+	}
+	free(s->devices);
+	for (unsigned int d = 0; s->layers && d < s->nlayers; d++) {
+		free(s->layers[d].host_ref);
+		free(s->layers[d].cipher);
+		free(s->layers[d].key_desc);
+	}
+	free(s->layers);
+	free(s);
+}
+
+const struct dm_device *dm_stack_top(const struct dm_stack *s)
+{
+	return s->count ? &s->devices[s->count - 1] : NULL;
+}
+
+int dm_stack_set_ref(struct dm_stack *s, size_t i, const char *ref)
+{
+	char *copy;
+
+	if (i >= s->count || !is_table_word(ref) || strlen(ref) > DM_REF_MAX)
+		return -EINVAL;
+	copy = strdup(ref);
+	if (!copy)
+		return -ENOMEM;
+	free(s->devices[i].ref);
+	s->devices[i].ref = copy;
+	return 0;
+}
+
+const char *dm_target_type_name(enum dm_target_type type)
+{
+	switch (type) {
+	case DM_TARGET_ZERO:
+		return "zero";
+	case DM_TARGET_LINEAR:
+		return "linear";
+	case DM_TARGET_CRYPT:
+		return "crypt";
+	}
+	return "?";
+}
+
+static const char *target_dev_ref(const struct dm_stack *s, uint32_t dev)
+{
+	if (dev == DM_DEV_NONE)
+		return NULL;
+	if (dev & DM_DEV_HOST)
+		return DM_DEV_HOST_LAYER(dev) < s->nlayers ? s->layers[DM_DEV_HOST_LAYER(dev)].host_ref : NULL;
+	return dev < s->count ? s->devices[dev].ref : NULL;
+}
+
+int dm_target_params(const struct dm_stack *s, const struct dm_device *dev,
+		     const struct dm_target *t, char *buf, size_t size)
+{
+	const struct dm_stack_layer *l;
+	const char *ref = target_dev_ref(s, t->dev);
+	int n;
+
+	switch (t->type) {
+	case DM_TARGET_ZERO:
+		n = snprintf(buf, size, "%s", "");
+		break;
+	case DM_TARGET_LINEAR:
+		if (!ref)
+			return -EINVAL;
+		n = snprintf(buf, size, "%s %" PRIu64, ref, t->offset);
+		break;
+	case DM_TARGET_CRYPT:
+		if (!ref || dev->layer < 0 || (unsigned int)dev->layer >= s->nlayers)
+			return -EINVAL;
+		l = &s->layers[dev->layer];
+		n = snprintf(buf, size, "%s :%u:logon:%s 0 %s %" PRIu64 "%s",
+			     l->cipher, l->key_size, l->key_desc, ref, t->offset,
+			     s->allow_discards ? " 1 allow_discards" : "");
+		break;
+	default:
+		return -EINVAL;
+	}
+	if (n < 0 || (size_t)n >= size)
+		return -ENOSPC;
+	return n;
+}
+
+int dm_stack_format(const struct dm_stack *s, FILE *f)
+{
+	char params[DM_PARAMS_MAX];
+	int r;
+
+	for (size_t i = 0; i < s->count; i++) {
+		const struct dm_device *d = &s->devices[i];
+
+		fprintf(f, "# %s uuid=%s%s%s\n", d->name, d->uuid,
+			d->hidden ? " hidden" : "", d->read_only ? " ro" : "");
+		for (size_t j = 0; j < d->count; j++) {
+			const struct dm_target *t = &d->targets[j];
+
+			r = dm_target_params(s, d, t, params, sizeof(params));
+			if (r < 0)
+				return r;
+			/* dmsetup prints a space after the type even when
+			 * there are no params ("0 8 zero ") */
+			fprintf(f, "%" PRIu64 " %" PRIu64 " %s %s\n", t->start, t->len,
+				dm_target_type_name(t->type), params);
+		}
+	}
+	if (fflush(f) || ferror(f))
+		return -EIO;
+	return 0;
+}
+
+int dm_image_id(const char *luks_uuid, const char *canonical_path, char *buf, size_t size)
+{
+	uint64_t h = 0xcbf29ce484222325ULL;	/* FNV-1a 64 */
+	int n;
+
+	if (luks_uuid && *luks_uuid) {
+		if (!is_table_word(luks_uuid) || strchr(luks_uuid, '/'))
+			return -EINVAL;
+		n = snprintf(buf, size, "%s", luks_uuid);
+	} else {
+		if (!canonical_path)
+			return -EINVAL;
+		for (const unsigned char *c = (const unsigned char *)canonical_path; *c; c++) {
+			h ^= *c;
+			h *= 0x100000001b3ULL;
+		}
+		n = snprintf(buf, size, "%016" PRIx64, h);
+	}
+	if (n < 0 || (size_t)n >= size)
+		return -ENOSPC;
+	return 0;
+}
+
+int dm_key_description(const char *name, unsigned int depth, char *buf, size_t size)
+{
+	int n = snprintf(buf, size, "qcowsetup:%s:L%u", name, depth);
+
+	if (n < 0 || (size_t)n >= size)
+		return -ENAMETOOLONG;
+	return 0;
+}

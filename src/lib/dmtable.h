@@ -1,0 +1,188 @@
+/* The device-mapper stack for one image, built in memory (pure: no
+ * libdevmapper, no descriptors). The caller creates the devices in order,
+ * loads each table (dm_target_params() renders one target) and, once a
+ * device exists, tells the stack how later tables refer to it
+ * (dm_stack_set_ref(), e.g. "253:4").
+ *
+ * Devices of an image NAME, bottom-up (creation order):
+ *
+ *   NAME<L>_cipher_s<k>   legacy AES only, when NAME<L>_cipher would exceed
+ *                         max_targets: segments of it (hidden)
+ *   NAME<L>_cipher        legacy AES (crypt_method 1): guest space of the layer
+ *                         mapped linearly onto its host ciphertext, zero
+ *                         elsewhere (hidden)
+ *   NAME<L>_crypt         LUKS (crypt_method 2): one crypt target over the whole
+ *                         host device (IV = host sector); legacy AES: one crypt
+ *                         target over NAME<L>_cipher (IV = guest sector) (hidden)
+ *   NAME_s<k>             segments of the top table when it would exceed
+ *                         max_targets (hidden), k = position in the split table
+ *                         (balanced sizes; a one-target segment is not made a
+ *                         device, its target stays in the table above);
+ *                         NAME_ss<k> segments of segments (NAME_sss<k>, ...
+ *                         further up) only when there are more than
+ *                         max_targets segments
+ *   NAME                  the top device: guest space, linear onto the crypt
+ *                         devices or host devices of every layer (the backing
+ *                         chain is flattened into this one table), zero for
+ *                         zero and unallocated clusters
+ *
+ * where <L> is empty for the image itself (layer 0) and "_L<d>" for backing
+ * layer d: vm_crypt, vm_L1_crypt, vm_L2_cipher, vm_s0, vm_L1_cipher_s3.
+ * Unencrypted layers have no device of their own.
+ *
+ * DM UUIDs: "QCOW2-<id>-NAME" for the top device, "QCOW2-INT-<id>-<suffix>"
+ * for internal ones, the suffix being the name without "NAME_" (crypt,
+ * L1_cipher, s3). Every internal device is hidden: the caller sets the udev
+ * DISABLE flags on it. Keys are referenced as ":<size>:logon:<description>",
+ * never in hex; dm_key_description() gives the default description. */
+#ifndef QS_DMTABLE_H
+#define QS_DMTABLE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "image.h"
+#include "runs.h"
+
+#define DM_SECTOR_SHIFT		9
+#define DM_NAME_MAX		127	/* DM_NAME_LEN 128 with the NUL */
+#define DM_UUID_MAX		128	/* DM_UUID_LEN 129 with the NUL */
+#define DM_MAX_TARGETS_DEFAULT	65536
+#define DM_MAX_TARGETS_KERNEL	1048576	/* the kernel's cap per table */
+#define DM_UUID_PREFIX		"QCOW2-"
+#define DM_UUID_PREFIX_INTERNAL	"QCOW2-INT-"
+#define DM_REF_MAX		4200	/* a device reference, with a path in it */
+#define DM_CIPHER_MAX		128
+#define DM_KEY_DESC_MAX		256
+#define DM_LEGACY_AES_CIPHER	"aes-cbc-plain64"
+#define DM_LEGACY_AES_KEY_SIZE	16
+/* Enough for the params of any target of a stack */
+#define DM_PARAMS_MAX		(DM_CIPHER_MAX + DM_KEY_DESC_MAX + DM_REF_MAX + 128)
+
+/* Per layer of the chain, indexed by depth (0 = the image itself). */
+struct dm_layer_params {
+	/* How tables refer to the device holding the layer's data (its data
+	 * file when external): "7:3" at open time, a placeholder such as
+	 * "{loop:/abs/path/image.qcow2}" for a dry run. No whitespace. Needed
+	 * for encrypted layers and layers that provide data. */
+	const char *host_dev;
+	/* Encrypted layers: the dm-crypt cipher spec ("aes-xts-plain64") and
+	 * key size in bytes. NULL / 0 for a legacy AES layer means
+	 * DM_LEGACY_AES_CIPHER / DM_LEGACY_AES_KEY_SIZE; a LUKS layer needs both. */
+	const char *cipher;
+	unsigned int key_size;
+	/* Keyring (logon) key description; NULL: dm_key_description(). */
+	const char *key_desc;
+};
+
+struct dm_stack_params {
+	const char *name;	/* NAME of the top device */
+	const char *id;		/* stable identifier of the image for UUIDs */
+	const struct dm_layer_params *layers;
+	unsigned int nlayers;	/* entries of layers: at least the chain length */
+	bool read_only;
+	bool allow_discards;	/* crypt targets get "1 allow_discards" */
+	size_t max_targets;	/* per table, 2..DM_MAX_TARGETS_KERNEL; 0 = default */
+};
+
+enum dm_target_type {
+	DM_TARGET_ZERO = 0,
+	DM_TARGET_LINEAR,
+	DM_TARGET_CRYPT,
+};
+
+/* Target device references: a device of the stack (its index, always lower
+ * than the index of the device whose table refers to it), a layer's host
+ * device, or none (zero targets). */
+#define DM_DEV_HOST		0x80000000u
+#define DM_DEV_NONE		0xffffffffu
+#define DM_DEV_IS_HOST(dev)	((dev) != DM_DEV_NONE && ((dev) & DM_DEV_HOST))
+#define DM_DEV_HOST_LAYER(dev)	((dev) & ~DM_DEV_HOST)
+
+/* One target, stored compactly; sectors of 512 bytes. */
+struct dm_target {
+	uint64_t start;		/* in the device */
+	uint64_t len;
+	uint64_t offset;	/* linear / crypt: sector on dev */
+	uint32_t dev;		/* see DM_DEV_* */
+	uint8_t type;		/* enum dm_target_type */
+};
+
+enum dm_device_role {
+	DM_ROLE_TOP = 0,
+	DM_ROLE_SEGMENT,	/* part of the top table */
+	DM_ROLE_CIPHER,		/* legacy AES: guest space onto host ciphertext */
+	DM_ROLE_CIPHER_SEGMENT,	/* part of a cipher table */
+	DM_ROLE_CRYPT,
+};
+
+struct dm_device {
+	char *name;
+	char *uuid;
+	char *ref;		/* how other tables refer to it; "/dev/mapper/<name>" until set */
+	enum dm_device_role role;
+	int layer;		/* cipher/crypt: the chain depth it serves; -1 otherwise */
+	unsigned int level;	/* segments: 1 = holds targets of the table it splits, 2 = segments of those, ... */
+	bool read_only;
+	bool hidden;		/* internal: the caller sets the udev DISABLE flags */
+	uint64_t sectors;	/* device size */
+	struct dm_target *targets;
+	size_t count;
+};
+
+struct dm_stack_layer;
+
+/* Read-only for callers except through dm_stack_set_ref(). */
+struct dm_stack {
+	struct dm_device *devices;	/* creation order; the top device is last */
+	size_t count;
+	size_t alloc;
+	struct dm_stack_layer *layers;	/* private */
+	unsigned int nlayers;
+	bool allow_discards;
+};
+
+/* Build the stack for the chain top and its merged runs (image_map_chain()).
+ * Returns 0, or with a message logged:
+ *   -ENOTSUP      compressed clusters (their number is in the message), or an
+ *                 unknown encryption method,
+ *   -EUCLEAN      a run or offset not aligned to 512 bytes, data beyond the end
+ *                 of its file or its layer,
+ *   -ENAMETOOLONG a device name or UUID over the device-mapper limits,
+ *   -EINVAL       wrong parameters (missing host device or cipher, bad name),
+ *                 runs that do not cover the image,
+ *   -ENOMEM. */
+int dm_stack_build(const struct dm_stack_params *p, const struct image *top,
+		   const struct run_list *runs, struct dm_stack **out);
+void dm_stack_free(struct dm_stack *s);
+
+/* The top device (the last one). */
+const struct dm_device *dm_stack_top(const struct dm_stack *s);
+/* Set how later tables refer to device index i ("253:4"). 0, -EINVAL or -ENOMEM. */
+int dm_stack_set_ref(struct dm_stack *s, size_t i, const char *ref);
+
+const char *dm_target_type_name(enum dm_target_type type);
+/* The params of one target of dev, as `dmsetup table` prints them and
+ * dm_task_add_target() takes them. Returns the length, or -ENOSPC when
+ * size is too small (DM_PARAMS_MAX always suffices). */
+int dm_target_params(const struct dm_stack *s, const struct dm_device *dev,
+		     const struct dm_target *t, char *buf, size_t size);
+
+/* Every device as a block: "# NAME uuid=UUID[ hidden][ ro]", then one line
+ * per target "start length type params" exactly as `dmsetup table` prints
+ * them. 0 or -EIO. */
+int dm_stack_format(const struct dm_stack *s, FILE *f);
+
+/* A stable identifier of an image for its DM UUIDs: the LUKS UUID of the
+ * top layer when it has one, else 16 hex digits of a 64-bit FNV-1a hash of
+ * the image's canonical path (stable while the image stays where it is).
+ * Returns 0, -EINVAL or -ENOSPC. */
+int dm_image_id(const char *luks_uuid, const char *canonical_path, char *buf, size_t size);
+
+/* The default keyring description of layer depth's key:
+ * "qcowsetup:NAME:L<depth>". Returns 0 or -ENAMETOOLONG. */
+int dm_key_description(const char *name, unsigned int depth, char *buf, size_t size);
+
+#endif
