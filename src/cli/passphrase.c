@@ -106,7 +106,9 @@ static int wait_input(int fd, int64_t deadline_ms)
 
 /* ---- terminal ---- */
 
-static const int tty_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP, SIGPIPE };
+/* SIGTSTP is left alone: the shell saves and restores the terminal modes of
+ * a stopped job. */
+static const int tty_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT };
 
 /* What the signal handler needs: set before echo is turned off. */
 static volatile sig_atomic_t tty_restore_fd = -1;
@@ -127,17 +129,26 @@ static void tty_signal_handler(int sig)
 	raise(sig);
 }
 
+/* Finish the prompt line (echo is off, so a newline the user did not type
+ * is not shown), before a message or on leaving. */
+static void end_prompt_line(int fd, bool *ended)
+{
+	if (!*ended && write(fd, "\n", 1) < 0)
+		log_dbg("Cannot write to the terminal.");
+	*ended = true;
+}
+
 static int read_terminal(const struct passphrase_opts *opts, struct passphrase **out)
 {
 	struct sigaction sa, old[ARRAY_SIZE(tty_signals)];
 	struct secbuf b = { 0 };
 	struct termios noecho;
-	bool echo_off = false, handlers = false, own_fd = false;
+	bool echo_off = false, handlers = false, own_fd = false, line_ended = true;
 	int64_t deadline = 0;
 	int in = -1, outfd, r;
 	size_t i;
-	char c;
-	ssize_t n;
+	char c = 0;
+	ssize_t n = -1;
 
 	if (opts->keyfile_offset) {
 		log_err("Cannot use an offset with terminal input.");
@@ -177,6 +188,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 	echo_off = true;
 
 	dprintf(outfd, "Enter passphrase for %s: ", opts->image_name ? opts->image_name : "image");
+	line_ended = false;
 	if (opts->timeout)
 		deadline = now_ms() + (int64_t)opts->timeout * 1000;
 
@@ -184,6 +196,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 	for (;;) {
 		r = wait_input(in, deadline);
 		if (r == -ETIMEDOUT) {
+			end_prompt_line(outfd, &line_ended);
 			log_err("Timed out waiting for the passphrase.");
 			goto out;
 		}
@@ -194,13 +207,17 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 			if (errno == EINTR)
 				continue;
 			r = -errno;
+			end_prompt_line(outfd, &line_ended);
 			log_err("Error reading the passphrase from the terminal: %s", strerror(-r));
 			goto out;
 		}
+		if (c == '\n')
+			line_ended = true;	/* echoed by the terminal (ECHONL) */
 		if (n == 0 || c == '\n')
 			break;
 		r = secbuf_reserve(&b, b.len + 2);
 		if (r < 0) {
+			end_prompt_line(outfd, &line_ended);
 			if (r == -EINVAL)
 				log_err("The passphrase is longer than %u bytes.", PASSPHRASE_MAX_SIZE);
 			goto out;
@@ -208,6 +225,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 		b.p[b.len++] = c;
 	}
 	if (n == 0 && !b.len) {
+		end_prompt_line(outfd, &line_ended);
 		log_err("Nothing to read on input.");
 		r = -EPIPE;
 		goto out;
@@ -216,8 +234,10 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 out:
 	explicit_bzero(&c, sizeof(c));
 	secure_free(b.p);
-	if (echo_off)
+	if (echo_off) {
 		tcsetattr(in, TCSAFLUSH, &tty_saved);
+		end_prompt_line(outfd, &line_ended);
+	}
 	if (handlers) {
 		tty_restore_fd = -1;
 		for (i = 0; i < ARRAY_SIZE(tty_signals); i++)
@@ -275,9 +295,9 @@ static int skip_bytes(int fd, uint64_t skip)
 	return r;
 }
 
-/* stdin without --key-file: up to the first newline, one byte at a time so
- * nothing past it is consumed. */
-static int read_line_fd(int fd, struct passphrase **out)
+/* stdin without --key-file: up to the first newline (and at most max bytes),
+ * one byte at a time so nothing past it is consumed. */
+static int read_line_fd(int fd, uint64_t max, struct passphrase **out)
 {
 	struct secbuf b = { 0 };
 	bool eof = false;
@@ -307,6 +327,8 @@ static int read_line_fd(int fd, struct passphrase **out)
 			goto out;
 		}
 		b.p[b.len++] = c;
+		if (b.len == max)
+			break;
 	}
 	if (eof && !b.len) {
 		log_err("Nothing to read on input.");
@@ -399,9 +421,9 @@ int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase 
 				(unsigned long long)opts->keyfile_offset);
 			return r;
 		}
-		/* no --key-file: a line; --key-file -: binary */
-		if (!opts->key_file && !opts->keyfile_size)
-			return read_line_fd(fd, out);
+		/* no --key-file: a line (--keyfile-size caps it); --key-file -: binary */
+		if (!opts->key_file)
+			return read_line_fd(fd, opts->keyfile_size ? opts->keyfile_size : PASSPHRASE_MAX_SIZE, out);
 		return read_key_fd(fd, "standard input", opts->keyfile_size, out);
 	}
 

@@ -3,7 +3,7 @@
  * sweep, and, when qemu-img and qemu-io are installed, clusters written by
  * QEMU itself (qcow2 zlib, qcow2 zstd, qcow v1), found by walking the
  * header, L1 and L2 here. Fixtures are made at run time; no binary blobs. */
-#define _GNU_SOURCE
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>

@@ -1,0 +1,158 @@
+/* Keys: passphrases and volume keys in secure memory, the LUKS header embedded
+ * in qcow2 images (crypt_method 2, libcryptsetup), QEMU's legacy AES
+ * (crypt_method 1, OpenSSL) and the plausibility check that stands in for the
+ * key check the legacy format lacks (libblkid plus an entropy test).
+ *
+ * Each outside library is included by one file only:
+ *   crypto_luks.c    libcryptsetup   luks_*
+ *   crypto_openssl.c OpenSSL         legacy_aes_*
+ *   probe_blkid.c    libblkid        blkid_probe_signature
+ *   keycheck.c       none            memory helpers, key_*, legacy_key_check
+ * Nothing here ever logs key or passphrase bytes. */
+#ifndef QS_KEYS_H
+#define QS_KEYS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "image.h"
+#include "io.h"
+
+/* ---- Secrets in memory (keycheck.c) ---- */
+
+#define KEY_SECTOR_SIZE 512
+#define PASSPHRASE_MAX_SIZE (8U << 20)	/* as cryptsetup's key file limit */
+
+/* A volume key: one secure_alloc block, wiped by volume_key_free(). */
+struct volume_key {
+	size_t size;		/* bytes of key */
+	uint8_t key[];
+};
+
+/* Returns NULL on out of memory; key bytes are zeroed. */
+struct volume_key *volume_key_alloc(size_t size);
+void volume_key_free(struct volume_key *vk);
+
+/* A passphrase or key file content: both the struct and data live in
+ * secure memory. data is NUL-terminated for convenience but may contain
+ * NUL bytes (binary key files): len is authoritative. */
+struct passphrase {
+	char *data;
+	size_t len;
+};
+
+/* Zeroed passphrase of len bytes (len <= PASSPHRASE_MAX_SIZE).
+ * Returns 0, -EINVAL (too long) or -ENOMEM. */
+int passphrase_alloc(size_t len, struct passphrase **out);
+int passphrase_from_buffer(const void *data, size_t len, struct passphrase **out);
+void passphrase_free(struct passphrase *pp);
+
+/* ---- LUKS1 header embedded in a qcow2 image (crypto_luks.c) ---- */
+
+#define LUKS_NUM_SLOTS 8
+#define LUKS_PHDR_SIZE 592		/* bytes of the LUKS1 binary header */
+#define LUKS_MAX_HEADER_LENGTH (64ULL << 20)	/* sanity bound on the region */
+
+struct luks_slot {
+	bool active;
+	uint32_t iterations;	/* PBKDF2 iterations of the slot */
+	uint64_t key_offset;	/* bytes from the start of the LUKS header */
+	uint32_t stripes;	/* anti-forensic stripes */
+};
+
+/* What the header says, without any passphrase. Strings are NUL-terminated
+ * and contain printable ASCII only (validated). */
+struct luks_info {
+	char cipher_name[33];	/* "aes", "serpent", "twofish", "cast5", ... */
+	char cipher_mode[33];	/* "xts-plain64", "cbc-essiv:sha256", "cbc-plain", ... */
+	char hash[33];		/* PBKDF2 hash, e.g. "sha256" */
+	char uuid[41];
+	uint32_t key_bytes;	/* volume key size in bytes (64 for aes-256-xts) */
+	uint64_t payload_offset;	/* bytes (unused by qcow2: data is in clusters) */
+	uint32_t mk_iterations;	/* master key digest iterations */
+	struct luks_slot slots[LUKS_NUM_SLOTS];
+	unsigned int active_slots;
+};
+
+/* Parse the LUKS1 header at [off, off+len) of io (the image's
+ * crypt_header_offset/crypt_header_length). Returns 0, -EUCLEAN (not a
+ * valid LUKS1 header, or key material outside the region), -ENOTSUP (not
+ * LUKS version 1) or the read error. */
+int luks_read_info(const struct img_io *io, uint64_t off, uint64_t len, struct luks_info *info);
+
+/* Parse a LUKS1 header already in memory (the first LUKS_PHDR_SIZE bytes
+ * of a region of region_len bytes). Pure; used by luks_read_info. */
+int luks_parse_header(const void *phdr, uint64_t region_len, struct luks_info *info);
+
+/* Unlock the header at [off, off+len) of io with pp and return the volume
+ * key (*vk, free with volume_key_free) and the slot that opened it (*slot,
+ * may be NULL). The header is handed to libcryptsetup through a memfd,
+ * never written to disk. Returns 0, -EPERM (no key slot accepts the
+ * passphrase), -ENOENT (no active key slot), -ENOTSUP (the host cannot run
+ * the slot's cipher: no userspace implementation and no AF_ALG), -EUCLEAN
+ * or another -errno. */
+int luks_unlock(const struct img_io *io, uint64_t off, uint64_t len,
+		const struct passphrase *pp, struct volume_key **vk, int *slot);
+
+/* The dm-crypt cipher specification for the header ("aes-xts-plain64",
+ * "aes-cbc-essiv:sha256", "serpent-xts-plain64", "twofish-cbc-plain", ...):
+ * QEMU stores the dm-crypt/kernel names, so it is cipher_name "-"
+ * cipher_mode. Returns 0, -EUCLEAN (a character dm-crypt would not take)
+ * or -ENOSPC (buf too small). */
+int luks_dm_cipher_spec(const struct luks_info *info, char *buf, size_t buflen);
+
+/* ---- Legacy AES (crypt_method 1; crypto_openssl.c) ----
+ * As QEMU's crypto/block-qcow.c: the key is the passphrase bytes up to the
+ * first NUL, at most 16, zero padded; AES-128-CBC per 512-byte sector with
+ * IV = plain64 of the GUEST sector number. dm-crypt: "aes-cbc-plain64". */
+
+#define LEGACY_AES_KEY_SIZE 16
+#define LEGACY_AES_DM_CIPHER "aes-cbc-plain64"
+
+/* Returns 0 or -ENOMEM. An empty passphrase gives the all-zero key (as
+ * QEMU does). */
+int legacy_aes_key(const struct passphrase *pp, struct volume_key **vk);
+
+/* In place; len must be a multiple of 512, buf holds guest sectors
+ * first_guest_sector, first_guest_sector + 1, ... Returns 0, -EINVAL or
+ * -EIO (OpenSSL failure). */
+int legacy_aes_decrypt(const struct volume_key *vk, uint64_t first_guest_sector,
+		       void *buf, size_t len);
+int legacy_aes_encrypt(const struct volume_key *vk, uint64_t first_guest_sector,
+		       void *buf, size_t len);
+
+/* ---- Signature probing (probe_blkid.c) ----
+ * Probe len bytes of plaintext for a filesystem, partition table, LVM2 PV,
+ * swap or LUKS signature. On a find, type gets the blkid TYPE or PTTYPE
+ * (or "ambivalent" when several signatures match). Returns 1 found,
+ * 0 none, -errno. */
+int blkid_probe_signature(const void *buf, size_t len, char *type, size_t typelen);
+
+/* ---- Plausibility of decrypted data (keycheck.c) ---- */
+
+#define KEY_CHECK_WINDOW (1U << 20)	/* guest bytes probed with libblkid */
+#define KEY_CHECK_MAX_SECTORS 256	/* allocated sectors sampled */
+#define KEY_RANDOM_ENTROPY_BITS 7.0
+#define KEY_RANDOM_MAX_RUN 8		/* a run this long means "not random" */
+
+/* Shannon entropy estimate of the byte histogram of buf, in bits per byte
+ * (0..8). Pure, no libm. */
+double key_byte_entropy(const void *buf, size_t len);
+
+/* A 512-byte sector is random-looking when its byte entropy is above
+ * KEY_RANDOM_ENTROPY_BITS and it has no run of KEY_RANDOM_MAX_RUN equal
+ * bytes: what a wrong key makes of any plaintext. */
+bool key_sector_looks_random(const void *sector);
+
+/* Legacy AES has no key check: decrypt the layer's first allocated data
+ * with vk (the window [0, 1 MiB) of guest space for libblkid, holes as
+ * zeros, and up to 256 allocated sectors spread over the layer) and accept
+ * when a signature is found or one sampled sector is not random-looking.
+ * A layer without allocated data is accepted (nothing to protect).
+ * Returns 0, -EPERM ("decrypted data looks random: wrong passphrase?"),
+ * or the error of the walk or the reads. The caller skips this on
+ * --skip-key-check. */
+int legacy_key_check(struct image *img, const struct volume_key *vk);
+
+#endif
