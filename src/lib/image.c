@@ -394,7 +394,7 @@ int image_map_chain(struct image *top, struct run_list *out)
 
 			if (s >= e)
 				continue;
-			if (b.kind == RUN_DATA || (b.flags & RUN_F_ZERO_ALLOC))
+			if (b.kind == RUN_DATA || (b.flags & RUN_F_HOST))
 				b.host += s - b.guest;
 			b.guest = s;
 			b.len = e - s;

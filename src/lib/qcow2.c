@@ -686,6 +686,7 @@ static int walk_l2_entry(struct image *img, struct run_list *out, uint64_t guest
 			 uint64_t entry, uint64_t bitmap)
 {
 	uint64_t cs = img->cluster_size, host;
+	bool allocated;
 
 	if (entry & QCOW2_OFLAG_COMPRESSED) {
 		unsigned int x = 62 - (img->cluster_bits - 8);
@@ -707,6 +708,9 @@ static int walk_l2_entry(struct image *img, struct run_list *out, uint64_t guest
 		return emit(out, guest, cs, end, RUN_COMPRESSED, host, (uint32_t)clen, 0);
 	}
 	host = entry & QCOW2_L2E_OFFSET_MASK;
+	/* Offset 0 is a valid offset in an external data file; there every
+	 * cluster has refcount 1, so COPIED tells allocated from not (as QEMU). */
+	allocated = host || (img->data_file && (entry & QCOW2_OFLAG_COPIED));
 	if (host && !is_aligned(host, cs)) {
 		log_err("%s: guest offset 0x%" PRIx64 ": cluster at host offset 0x%" PRIx64 " is not cluster aligned.",
 			img->path, guest, host);
@@ -714,14 +718,15 @@ static int walk_l2_entry(struct image *img, struct run_list *out, uint64_t guest
 	}
 	if (!img->extended_l2) {
 		if (entry & QCOW2_OFLAG_ZERO)
-			return emit(out, guest, cs, end, RUN_ZERO, host, 0, host ? RUN_F_ZERO_ALLOC : 0);
-		if (host)
+			return emit(out, guest, cs, end, RUN_ZERO, host, 0, allocated ? RUN_F_HOST : 0);
+		if (allocated)
 			return emit(out, guest, cs, end, RUN_DATA, host, 0, 0);
 		return emit(out, guest, cs, end, RUN_UNALLOC, 0, 0, 0);
 	}
 	{
 		uint64_t sc = cs / 32;
 		uint32_t alloc = (uint32_t)bitmap, zero = (uint32_t)(bitmap >> 32);
+		uint8_t hflag = allocated ? RUN_F_HOST : 0;
 		int r;
 
 		if (alloc & zero) {
@@ -729,20 +734,20 @@ static int walk_l2_entry(struct image *img, struct run_list *out, uint64_t guest
 				img->path, guest, bitmap);
 			return -EUCLEAN;
 		}
-		if (!host && alloc) {
+		if (!allocated && alloc) {
 			log_err("%s: guest offset 0x%" PRIx64 ": allocated subclusters without a host cluster.", img->path,
 				guest);
 			return -EUCLEAN;
 		}
 		for (unsigned int i = 0; i < 32; i++) {
-			uint64_t g = guest + i * sc;
+			uint64_t g = guest + i * sc, h = allocated ? host + i * sc : 0;
 
 			if (zero & (1U << i))
-				r = emit(out, g, sc, end, RUN_ZERO, host ? host + i * sc : 0, 0, host ? RUN_F_ZERO_ALLOC : 0);
+				r = emit(out, g, sc, end, RUN_ZERO, h, 0, hflag);
 			else if (alloc & (1U << i))
-				r = emit(out, g, sc, end, RUN_DATA, host + i * sc, 0, 0);
+				r = emit(out, g, sc, end, RUN_DATA, h, 0, 0);
 			else
-				r = emit(out, g, sc, end, RUN_UNALLOC, 0, 0, 0);
+				r = emit(out, g, sc, end, RUN_UNALLOC, h, 0, hflag);
 			if (r < 0)
 				return r;
 		}

@@ -187,12 +187,12 @@ int qemu_map(struct image *top, qmap_emit_fn fn, void *opaque)
 				e.has_offset = true;
 				e.offset = ru->guest;
 				e.filename = l->data_io.name;
-			} else if ((ru->flags & RUN_F_ZERO_ALLOC) && !encrypted) {
+			} else if ((ru->flags & RUN_F_HOST) && !encrypted) {
 				e.has_offset = true;
 				e.offset = ru->host;
 				e.filename = l->data_io.name;
 			}
-			if (ru->flags & RUN_F_ZERO_ALLOC) {
+			if (ru->flags & RUN_F_HOST) {
 				e.has_host = true;
 				e.host = ru->host;
 			}
@@ -208,8 +208,14 @@ int qemu_map(struct image *top, qmap_emit_fn fn, void *opaque)
 			m.cur.has_host = m.cur.length == e.length;
 			break;
 		default:
-			/* unallocated down to the bottom, or past a short backing file */
+			/* unallocated down to the bottom, or past a short backing file;
+			 * an allocated cluster's unallocated subcluster keeps its offset */
 			e.zero = true;
+			if ((ru->flags & RUN_F_HOST) && !encrypted) {
+				e.has_offset = true;
+				e.offset = ru->host;
+				e.filename = l->data_io.name;
+			}
 			r = push(&m, &e);
 			break;
 		}

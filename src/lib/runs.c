@@ -23,7 +23,7 @@ static int mergeable(const struct run *a, const struct run *b)
 		return 0;
 	if (a->kind == RUN_COMPRESSED)
 		return 0;
-	if (a->kind == RUN_DATA || (a->flags & RUN_F_ZERO_ALLOC))
+	if (a->kind == RUN_DATA || (a->flags & RUN_F_HOST))
 		return a->host + a->len == b->host;
 	return 1;
 }

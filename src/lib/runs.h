@@ -12,7 +12,7 @@ enum run_kind {
 	RUN_COMPRESSED,		/* one compressed cluster: host = byte offset, clen = bytes */
 };
 
-#define RUN_F_ZERO_ALLOC	0x1	/* RUN_ZERO with a preallocated host cluster */
+#define RUN_F_HOST	0x1	/* RUN_ZERO or RUN_UNALLOC with an allocated host cluster (host valid) */
 #define RUN_F_PAST_BACKING	0x2	/* beyond the end of the backing image */
 
 struct run {

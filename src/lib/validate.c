@@ -321,7 +321,7 @@ int validate_layer(struct image *img, const struct run_list *runs)
 				   ru->kind == RUN_ZERO ? "preallocated zero cluster" : "data cluster";
 		uint64_t end;
 
-		if (!(ru->kind == RUN_DATA || ru->kind == RUN_COMPRESSED || (ru->flags & RUN_F_ZERO_ALLOC)))
+		if (!(ru->kind == RUN_DATA || ru->kind == RUN_COMPRESSED || (ru->flags & RUN_F_HOST)))
 			continue;
 		if (ru->kind == RUN_DATA && img->format == IMG_FMT_RAW)
 			continue;
@@ -331,9 +331,12 @@ int validate_layer(struct image *img, const struct run_list *runs)
 			r = -EUCLEAN;
 			goto out;
 		}
-		/* A compressed cluster's last sector may end past EOF (QEMU reads it as zeros). */
+		/* QEMU reads past the end of a file as zeros, and leaves the last
+		 * cluster of a file short when its tail was never written (subclusters,
+		 * the last sector of compressed data). A cluster must start inside the
+		 * file; its tail may not. */
 		if (uadd64_overflow(ru->host, len, &end) ||
-		    (ru->kind == RUN_COMPRESSED ? ru->host >= dio->size : end > dio->size)) {
+		    (ru->kind == RUN_COMPRESSED ? ru->host : ru->host & ~(img->cluster_size - 1)) >= dio->size) {
 			log_err("%s: guest offset 0x%" PRIx64 ": %s at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) lies beyond the end of %s (size %" PRIu64 ").",
 				img->path, ru->guest, what, ru->host, len, dio->name ? dio->name : "the file", dio->size);
 			r = -EUCLEAN;

@@ -1,0 +1,147 @@
+/* Device-mapper devices: the one wrapper of libdevmapper (dm.c is the only
+ * file including libdevmapper.h). Every function returns 0 or a negative
+ * errno, with a message logged for the errors a user can act on;
+ * libdevmapper's own messages go to log_err/log_dbg.
+ *
+ * udev: when udev runs (/run/udev/control) every change waits for it through
+ * a udev cookie and udev makes the /dev/mapper nodes; without udev (the
+ * initramfs before udevd, the test VM) libdevmapper creates and removes the
+ * nodes itself. Hidden devices (internal layers) carry the udev flags
+ * DISABLE_SUBSYSTEM_RULES, DISABLE_DISK_RULES and DISABLE_OTHER_RULES in every
+ * uevent they cause (create, resume), so nothing probes them; their
+ * /dev/mapper node still exists.
+ *
+ * Not thread-safe (libdevmapper's state is global): one thread does dm work.
+ * The names and types here are prefixed dm_ like libdevmapper's and
+ * dmtable.h's; none collides with either. */
+#ifndef QS_DM_H
+#define QS_DM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define DM_INFO_UUID_SIZE	129	/* DM_UUID_LEN, with the NUL */
+#define DM_TABLE_PARAMS_SIZE	8192	/* buffer handed to dm_table.target_fn */
+
+/* One target of a table to load, in 512-byte sectors, as
+ * dm_task_add_target() takes it. */
+struct dm_table_target {
+	uint64_t start;
+	uint64_t length;
+	const char *type;	/* "linear", "zero", "crypt" */
+	const char *params;
+};
+
+/* Produce target index (0 <= index < count) of a table: fill t; t->params may
+ * point into buf (size bytes, DM_TABLE_PARAMS_SIZE). 0 or -errno. */
+typedef int (*dm_table_target_fn)(void *opaque, size_t index, struct dm_table_target *t,
+				  char *buf, size_t size);
+
+/* A table: an array of targets, or (targets NULL) a callback asked for each
+ * target in turn, so that a big table never exists as strings in the caller.
+ * libdevmapper copies every target anyway (measured: about 170 bytes of heap
+ * per target with short params, 87 MB for 500,000 targets, plus the ioctl
+ * buffer of about 56 bytes per target while the table is sent). Tables
+ * holding a crypt target are sent with dm_task_secure_data (the ioctl
+ * buffers are wiped). */
+struct dm_table {
+	size_t count;
+	const struct dm_table_target *targets;
+	dm_table_target_fn target_fn;
+	void *opaque;
+};
+
+/* Called for each target of a live table (dm_get_table, dm_get_status). A
+ * crypt target's key is masked with '0's, as dmsetup shows it (a keyring
+ * reference ":32:logon:desc" is no secret and is kept). Returning non-zero
+ * stops the walk and is returned. */
+typedef int (*dm_target_line_fn)(void *opaque, uint64_t start, uint64_t length,
+				 const char *type, const char *params);
+
+/* Called for each device (dm_list_devices); uuid is "" when it has none.
+ * Returning non-zero stops the walk and is returned. */
+typedef int (*dm_device_fn)(void *opaque, const char *name, const char *uuid,
+			    uint32_t major, uint32_t minor);
+
+struct dm_dev_info {
+	bool exists;
+	bool suspended;
+	bool read_only;		/* of the live table */
+	bool live_table;
+	bool inactive_table;
+	bool deferred_remove;	/* removal is pending until the last close */
+	int32_t open_count;
+	uint32_t major, minor;
+	uint32_t target_count;	/* of the live table */
+	uint32_t event_nr;
+	char uuid[DM_INFO_UUID_SIZE];
+};
+
+enum dm_suspend_flags {
+	DM_SUSPEND_NOFLUSH	= 1 << 0,	/* keep queued I/O queued, do not flush it */
+	DM_SUSPEND_SKIP_LOCKFS	= 1 << 1,	/* do not freeze a filesystem on the device */
+};
+
+/* Is device-mapper usable? 0; -ENODEV "device-mapper is not available in
+ * the kernel" (no dm_mod: tried modprobe dm-mod); -EACCES (not root). */
+int dm_check_control(void);
+
+/* Is the target type ("crypt", "zero", "linear") registered? When it is not,
+ * runs /sbin/modprobe -q dm-TYPE and asks again. 0, or -ENODEV with
+ * "kernel module dm_TYPE not available", or the errors of dm_check_control. */
+int dm_check_target(const char *type);
+
+/* Whether changes are synchronised with udev (udev runs, sync supported). */
+bool dm_udev_in_use(void);
+
+/* Create device name with uuid (may be NULL) and its table, live at once
+ * (libdevmapper: create, load, resume; the device is removed again when the
+ * load or resume fails). Major and minor may be NULL. Returns 0, or with a
+ * message logged:
+ *   -EEXIST  a device of that name exists,
+ *   -EBUSY   a device with that UUID exists,
+ *   -ENOKEY  a crypt target's keyring key is not reachable,
+ *   -EINVAL  the kernel refused the table (details in the kernel log) or
+ *            the arguments,
+ *   -ENAMETOOLONG, -ENOMEM, -EACCES, -ENODEV (no device-mapper). */
+int dm_create_device(const char *name, const char *uuid, bool read_only, bool hidden,
+		     const struct dm_table *table, uint32_t *major, uint32_t *minor);
+
+/* Load table into the inactive slot of an existing device (the live table
+ * goes on serving I/O); dm_suspend + dm_resume swap it in, dm_clear_table
+ * drops it. Errors as dm_create_device, and -ENODEV when there is no such
+ * device. */
+int dm_load_table(const char *name, bool read_only, const struct dm_table *table);
+int dm_clear_table(const char *name);
+
+/* Suspend (I/O is queued until resume) and resume (the inactive table, if
+ * loaded, becomes live). hidden: the device is internal (the udev flags of
+ * the change event, see above). 0, -ENODEV or -errno. */
+int dm_suspend(const char *name, unsigned int flags);
+int dm_resume(const char *name, bool hidden);
+
+/* Remove a device. Open (mounted, used by another table, held by a process)
+ * it is refused with -EBUSY and a message, unless deferred: then the kernel
+ * removes it at the last close (0). retry: let libdevmapper retry for a few
+ * seconds when the device is only briefly open (udev's probes). 0, -ENODEV
+ * (no such device), -EBUSY, or -errno. */
+int dm_remove_device(const char *name, bool deferred, bool retry);
+
+/* State of a device: info->exists is false (and 0 returned) when there is
+ * no such device. 0 or -errno. */
+int dm_device_info(const char *name, struct dm_dev_info *info);
+
+/* The live table / the status of each target. 0, -ENODEV, the callback's
+ * non-zero return, or -errno. */
+int dm_get_table(const char *name, dm_target_line_fn fn, void *opaque);
+int dm_get_status(const char *name, dm_target_line_fn fn, void *opaque);
+
+/* Every device-mapper device. 0, the callback's non-zero return, or -errno. */
+int dm_list_devices(dm_device_fn fn, void *opaque);
+
+/* Release libdevmapper's resources (the control descriptor, pending node
+ * operations); call once at exit. */
+void dm_release(void);
+
+#endif

@@ -1,0 +1,78 @@
+/* Loop devices over image files.
+ *
+ * loop_attach() binds a free loop device to an open file descriptor (the one
+ * carrying the image's QEMU locks: the loop device keeps that very open file
+ * description, so the locks live as long as the binding) with LOOP_CONFIGURE
+ * (Linux >= 5.8) in one step, else LOOP_SET_FD + LOOP_SET_STATUS64 +
+ * LOOP_SET_DIRECT_IO. Block size 512. The /dev/loopN node is created with
+ * mknod when missing (no devtmpfs, no udev).
+ *
+ * Direct I/O: asked for, the kernel uses it when the filesystem of the file
+ * supports O_DIRECT at 512-byte granularity (ext4, xfs on 512-byte-sector
+ * disks); otherwise (tmpfs, a 4k-sector disk, some network filesystems) the
+ * device silently works buffered. loop_dev.direct_io reports what the kernel
+ * actually uses.
+ */
+#ifndef QS_LOOP_H
+#define QS_LOOP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define LOOP_PATH_MAX	32	/* "/dev/loop1048575" */
+
+struct loop_dev {
+	char path[LOOP_PATH_MAX];	/* "/dev/loop3" */
+	uint32_t major, minor;
+	/* Open on the loop device (read-only when the binding is); the
+	 * caller closes it. With autoclear the binding goes away on the last
+	 * close: keep it open until a device-mapper table holds the loop
+	 * device, then close it; the loop is then detached (and the image's
+	 * locks dropped) when the dm device is removed. */
+	int fd;
+	bool read_only;		/* as the kernel set it */
+	bool direct_io;		/* what the kernel uses (see above) */
+	bool autoclear;
+};
+
+struct loop_dev_info {
+	char path[LOOP_PATH_MAX];
+	uint32_t major, minor;
+	uint64_t backing_dev;		/* dev_t of the backing file (makedev) */
+	uint64_t backing_ino;
+	uint64_t offset;
+	uint64_t sizelimit;
+	bool read_only, autoclear, direct_io, partscan;
+	char backing_file[4096];	/* from sysfs; may be stale after a rename */
+};
+
+/* Bind a free loop device to fd (its own open file description, not a
+ * reopened one). The kernel also makes the device read-only when fd is not
+ * open for writing. On success dev->fd is open: close it when done (see
+ * struct loop_dev). Returns 0, or with a message logged:
+ *   -ENODEV  no loop support (no /dev/loop-control, module loop missing),
+ *   -EACCES / -EPERM  not root,
+ *   -EBUSY   no free device after several tries (racing attachers),
+ *   -EBADF   fd is not open,
+ *   -errno   anything else from the kernel. */
+int loop_attach(int fd, bool read_only, bool direct_io, bool autoclear, struct loop_dev *dev);
+
+/* Unbind the loop device (path "/dev/loopN"). While something (a dm table)
+ * still has it open, the kernel only turns autoclear on and the binding goes
+ * with the last close. 0, -ENXIO (not bound) or -errno. */
+int loop_detach(const char *path);
+
+/* The state of one loop device. 0, -ENXIO (not bound) or -errno. */
+int loop_get_info(const char *path, struct loop_dev_info *info);
+
+/* The loop devices bound to the file st_dev/st_ino (from fstat): returns how
+ * many there are (0: none), the first (lowest number) in *first when not
+ * NULL; or -errno. */
+int loop_find_by_file(dev_t st_dev, ino_t st_ino, struct loop_dev_info *first);
+
+/* Tests only: never use LOOP_CONFIGURE (exercise the old-kernel path). */
+void loop_test_legacy_ioctls(bool legacy);
+
+#endif
