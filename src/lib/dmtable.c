@@ -176,7 +176,7 @@ static int add_device(struct build *b, const char *suffix, enum dm_device_role r
 		goto out;
 	}
 	if (suffix)
-		len = strlen(DM_UUID_PREFIX_INTERNAL) + strlen(p->id) + 1 + strlen(suffix);
+		len = strlen(DM_UUID_PREFIX_INTERNAL) + strlen(p->id) + 1 + strlen(p->name) + 1 + strlen(suffix);
 	else
 		len = strlen(DM_UUID_PREFIX) + strlen(p->id) + 1 + strlen(p->name);
 	if (len > DM_UUID_MAX) {
@@ -188,7 +188,8 @@ static int add_device(struct build *b, const char *suffix, enum dm_device_role r
 
 	if (suffix) {
 		d->name = str_printf("%s_%s", p->name, suffix);
-		d->uuid = str_printf("%s%s-%s", DM_UUID_PREFIX_INTERNAL, p->id, suffix);
+		/* NAME is part of it: one image may be mapped read-only twice */
+		d->uuid = str_printf("%s%s-%s_%s", DM_UUID_PREFIX_INTERNAL, p->id, p->name, suffix);
 	} else {
 		d->name = strdup(p->name);
 		d->uuid = str_printf("%s%s-%s", DM_UUID_PREFIX, p->id, p->name);

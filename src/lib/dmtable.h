@@ -30,9 +30,9 @@
  * layer d: vm_crypt, vm_L1_crypt, vm_L2_cipher, vm_s0, vm_L1_cipher_s3.
  * Unencrypted layers have no device of their own.
  *
- * DM UUIDs: "QCOW2-<id>-NAME" for the top device, "QCOW2-INT-<id>-<suffix>"
- * for internal ones, the suffix being the name without "NAME_" (crypt,
- * L1_cipher, s3). Every internal device is hidden: the caller sets the udev
+ * DM UUIDs: "QCOW2-<id>-NAME" for the top device, "QCOW2-INT-<id>-<device name>"
+ * for internal ones (QCOW2-INT-<id>-NAME_crypt, ..._L1_cipher, ..._s3), so
+ * that one image can be mapped twice (read-only) under two names. Every internal device is hidden: the caller sets the udev
  * DISABLE flags on it. Keys are referenced as ":<size>:logon:<description>",
  * never in hex; dm_key_description() gives the default description. */
 #ifndef QS_DMTABLE_H

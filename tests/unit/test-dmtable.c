@@ -338,7 +338,7 @@ static const struct golden_case golden_cases[] = {
 			R(128 * KiB, 896 * KiB, 0, RUN_UNALLOC, 0, 0),
 			R(1 * MiB, 64 * KiB, 0x60000, RUN_DATA, 0, 0),
 			R(1 * MiB + 64 * KiB, 64 * KiB, 0x70000, RUN_DATA, 0, 0),
-			R(1 * MiB + 128 * KiB, 64 * KiB, 0x80000, RUN_ZERO, 0, RUN_F_ZERO_ALLOC),
+			R(1 * MiB + 128 * KiB, 64 * KiB, 0x80000, RUN_ZERO, 0, RUN_F_HOST),
 			R(1 * MiB + 192 * KiB, 832 * KiB, 0, RUN_UNALLOC, 0, 0),
 		},
 		.nruns = 7,
@@ -364,7 +364,7 @@ static const struct golden_case golden_cases[] = {
 		.nruns = 5,
 		.allow_discards = true,
 		.golden =
-			"# vm_crypt uuid=QCOW2-INT-ID-crypt hidden\n"
+			"# vm_crypt uuid=QCOW2-INT-ID-vm_crypt hidden\n"
 			"0 2048 crypt aes-xts-plain64 :64:logon:qcowsetup:vm:L0 0 {loop:/img/l.qcow2} 0 1 allow_discards\n"
 			"# vm uuid=QCOW2-ID-vm\n"
 			"0 256 linear /dev/mapper/vm_crypt 640\n"
@@ -386,12 +386,12 @@ static const struct golden_case golden_cases[] = {
 		.nruns = 5,
 		.read_only = true,
 		.golden =
-			"# vm_cipher uuid=QCOW2-INT-ID-cipher hidden ro\n"
+			"# vm_cipher uuid=QCOW2-INT-ID-vm_cipher hidden ro\n"
 			"0 8 zero \n"
 			"8 8 linear {loop:/img/old.qcow} 384\n"
 			"16 16 linear {loop:/img/old.qcow} 128\n"
 			"32 2016 zero \n"
-			"# vm_crypt uuid=QCOW2-INT-ID-crypt hidden ro\n"
+			"# vm_crypt uuid=QCOW2-INT-ID-vm_crypt hidden ro\n"
 			"0 2048 crypt aes-cbc-plain64 :16:logon:qcowsetup:vm:L0 0 /dev/mapper/vm_cipher 0\n"
 			"# vm uuid=QCOW2-ID-vm ro\n"
 			"0 8 zero \n"
@@ -418,14 +418,14 @@ static const struct golden_case golden_cases[] = {
 		.nruns = 7,
 		.read_only = true,
 		.golden =
-			"# vm_L1_cipher uuid=QCOW2-INT-ID-L1_cipher hidden ro\n"
+			"# vm_L1_cipher uuid=QCOW2-INT-ID-vm_L1_cipher hidden ro\n"
 			"0 128 zero \n"
 			"128 128 linear {loop:/img/mid.qcow} 256\n"
 			"256 128 linear {loop:/img/mid.qcow} 512\n"
 			"384 3712 zero \n"
-			"# vm_L1_crypt uuid=QCOW2-INT-ID-L1_crypt hidden ro\n"
+			"# vm_L1_crypt uuid=QCOW2-INT-ID-vm_L1_crypt hidden ro\n"
 			"0 4096 crypt aes-cbc-plain64 :16:logon:qcowsetup:vm:L1 0 /dev/mapper/vm_L1_cipher 0\n"
-			"# vm_crypt uuid=QCOW2-INT-ID-crypt hidden ro\n"
+			"# vm_crypt uuid=QCOW2-INT-ID-vm_crypt hidden ro\n"
 			"0 2048 crypt aes-xts-plain64 :64:logon:qcowsetup:vm:L0 0 {loop:/img/top.qcow2} 0\n"
 			"# vm uuid=QCOW2-ID-vm ro\n"
 			"0 128 linear /dev/mapper/vm_crypt 1024\n"
@@ -556,13 +556,13 @@ static const struct golden_case golden_cases[] = {
 		.nruns = 5,
 		.max_targets = 2,
 		.golden =
-			"# vm_s1 uuid=QCOW2-INT-ID-s1 hidden\n"
+			"# vm_s1 uuid=QCOW2-INT-ID-vm_s1 hidden\n"
 			"0 8 zero \n"
 			"8 8 linear {loop:/img/a.qcow2} 384\n"
-			"# vm_s2 uuid=QCOW2-INT-ID-s2 hidden\n"
+			"# vm_s2 uuid=QCOW2-INT-ID-vm_s2 hidden\n"
 			"0 8 linear {loop:/img/a.qcow2} 256\n"
 			"8 16 zero \n"
-			"# vm_ss1 uuid=QCOW2-INT-ID-ss1 hidden\n"
+			"# vm_ss1 uuid=QCOW2-INT-ID-vm_ss1 hidden\n"
 			"0 16 linear /dev/mapper/vm_s1 0\n"
 			"16 24 linear /dev/mapper/vm_s2 0\n"
 			"# vm uuid=QCOW2-ID-vm\n"
@@ -680,7 +680,7 @@ static void test_params(void)
 		CHECK(dm_stack_set_ref(s, 5, "253:7") == -EINVAL, "ref of a missing device refused");
 		text = format_stack(s);
 		CHECK(text && !strcmp(text,
-			"# vm_crypt uuid=QCOW2-INT-ID-crypt hidden\n"
+			"# vm_crypt uuid=QCOW2-INT-ID-vm_crypt hidden\n"
 			"0 2048 crypt aes-xts-plain64 :64:logon:cryptsetup:custom-d0 0 7:3 0\n"
 			"# vm uuid=QCOW2-ID-vm\n"
 			"0 2048 zero \n"), "custom key description, major:minor host");

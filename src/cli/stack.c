@@ -1,0 +1,103 @@
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "qcowsetup.h"
+#include "stack.h"
+
+const char *tools_layer_data_path(const struct image *img)
+{
+	return img->has_data_file && img->data_io.name ? img->data_io.name : img->path;
+}
+
+static int layer_cipher(const struct image *img, struct tools_layer *tl)
+{
+	int r;
+
+	switch (img->crypt_method) {
+	case IMG_CRYPT_AES:
+		snprintf(tl->cipher, sizeof(tl->cipher), "%s", LEGACY_AES_DM_CIPHER);
+		return 0;
+	case IMG_CRYPT_LUKS:
+		r = luks_read_info(&img->io, img->crypt_header_offset, img->crypt_header_length, &tl->luks);
+		if (r) {
+			log_err("%s: cannot read the LUKS header: %s.", img->path, strerror(-r));
+			return r;
+		}
+		r = luks_dm_cipher_spec(&tl->luks, tl->cipher, sizeof(tl->cipher));
+		if (r)
+			log_err("%s: the LUKS cipher %s-%s cannot be given to dm-crypt.", img->path,
+				tl->luks.cipher_name, tl->luks.cipher_mode);
+		return r;
+	default:
+		return 0;	/* dm_stack_build refuses unknown methods */
+	}
+}
+
+int tools_stack_layers(const struct image *img, struct tools_layer *tl, unsigned int *n)
+{
+	int r;
+
+	*n = 0;
+	for (const struct image *l = img; l; l = l->backing) {
+		if (*n >= IMG_MAX_CHAIN_DEPTH)
+			return -ELOOP;
+		memset(&tl[*n], 0, sizeof(tl[*n]));
+		tl[*n].img = l;
+		r = layer_cipher(l, &tl[*n]);
+		if (r)
+			return r;
+		(*n)++;
+	}
+	return 0;
+}
+
+int tools_stack_build(const struct image *img, const char *image_path, const char *name,
+		      const struct tools_layer *tl, unsigned int n, const struct run_list *runs,
+		      bool read_only, struct dm_stack **out)
+{
+	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
+	struct dm_stack_params p = { .name = name };
+	char id[64], *abs;
+	int r;
+
+	for (unsigned int i = 0; i < n; i++) {
+		lp[i].host_dev = tl[i].host;
+		if (tl[i].img->crypt_method == IMG_CRYPT_LUKS) {
+			lp[i].cipher = tl[i].cipher;
+			lp[i].key_size = tl[i].luks.key_bytes;
+		} else if (tl[i].img->crypt_method == IMG_CRYPT_AES) {
+			lp[i].cipher = LEGACY_AES_DM_CIPHER;
+			lp[i].key_size = LEGACY_AES_KEY_SIZE;
+		}
+	}
+	abs = realpath(image_path, NULL);
+	r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, abs ? abs : image_path,
+			id, sizeof(id));
+	free(abs);
+	if (r) {
+		log_err("%s: no usable identifier for the device UUIDs.", img->path);
+		return r;
+	}
+	p.id = id;
+	p.layers = lp;
+	p.nlayers = n;
+	p.read_only = read_only;
+	p.allow_discards = opt.allow_discards;
+	p.max_targets = (size_t)opt.max_targets;
+	r = dm_stack_build(&p, img, runs, out);
+	if (r == -ENAMETOOLONG)
+		r = -EINVAL;	/* NAME too long: a wrong parameter (exit 1) */
+	return r;
+}
+
+size_t tools_count_compressed(const struct run_list *runs)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < runs->count; i++)
+		n += runs->runs[i].kind == RUN_COMPRESSED;
+	return n;
+}
