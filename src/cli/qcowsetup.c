@@ -15,6 +15,10 @@ struct tools_opts opt = {
 };
 
 static const struct command commands[] = {
+	{ "open", cmd_open, 2, 2, "IMAGE NAME", "map IMAGE as /dev/mapper/NAME (--readonly for now)" },
+	{ "close", cmd_close, 1, 1, "NAME", "remove the mapping NAME and everything under it" },
+	{ "status", cmd_status, 1, 1, "NAME", "show the mapping NAME: image files, cipher, devices" },
+	{ "list", cmd_list, 0, 0, "", "list qcowsetup mappings" },
 	{ "info", cmd_info, 1, 1, "IMAGE", "show the image's format, features, encryption, backing chain and snapshots" },
 	{ "map", cmd_map, 1, 1, "IMAGE", "show how guest space maps onto the image files (as qemu-img map)" },
 	{ "table", cmd_table, 2, 2, "IMAGE NAME", "print the device-mapper tables `open` would load (keys as keyring references)" },
@@ -31,6 +35,8 @@ enum {
 	OPT_FORMAT,
 	OPT_MAX_TARGETS,
 	OPT_DEBUG,
+	OPT_DEFERRED,
+	OPT_DEBUG_FAIL_STEP,
 };
 
 static const struct option long_options[] = {
@@ -50,6 +56,8 @@ static const struct option long_options[] = {
 	{ "snapshot", required_argument, NULL, OPT_SNAPSHOT },
 	{ "format", required_argument, NULL, OPT_FORMAT },
 	{ "max-targets", required_argument, NULL, OPT_MAX_TARGETS },
+	{ "deferred", no_argument, NULL, OPT_DEFERRED },
+	{ "debug-fail-step", required_argument, NULL, OPT_DEBUG_FAIL_STEP },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -79,13 +87,14 @@ static void usage(FILE *f)
 {
 	fprintf(f, "Usage: qcowsetup [OPTION...] <command> <arguments>\n\nCommands:\n");
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(f, "  %-6s %-12s %s\n", commands[i].name, commands[i].args_help, commands[i].help);
+		fprintf(f, "  %-7s %-11s %s\n", commands[i].name, commands[i].args_help, commands[i].help);
 	fprintf(f, "\nOptions:\n"
 		"  -v, --verbose             more messages\n"
 		"      --debug               debug messages (never shows keys)\n"
 		"  -q, --batch-mode          no questions\n"
 		"      --json                machine-readable output (info, map, check)\n"
 		"  -r, --readonly            map read-only\n"
+		"      --deferred            close: remove on the last close of the device\n"
 		"      --allow-discards      pass discards through\n"
 		"  -d, --key-file FILE       read the passphrase from FILE (- = stdin)\n"
 		"      --keyfile-offset N    skip N bytes of the key file\n"
@@ -182,6 +191,14 @@ int main(int argc, char **argv)
 				log_err("--max-targets takes a number from 2 to 1048576.");
 				return EXIT_PARAMS;
 			}
+			break;
+		case OPT_DEFERRED:
+			opt.deferred = true;
+			break;
+		case OPT_DEBUG_FAIL_STEP:
+			if (parse_u64(optarg, "--debug-fail-step", &v) || v > 10000)
+				return EXIT_PARAMS;
+			opt.debug_fail_step = (int)v;
 			break;
 		default:
 			usage(stderr);

@@ -31,6 +31,8 @@ struct tools_opts {
 	const char *snapshot;
 	const char *format;	/* --format: force the top image's format */
 	uint64_t max_targets;
+	bool deferred;
+	int debug_fail_step;	/* hidden: fail step K of open (tests) */
 };
 
 extern struct tools_opts opt;
@@ -57,5 +59,9 @@ int cmd_info(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_table(int argc, char **argv);
 int cmd_check(int argc, char **argv);
+int cmd_open(int argc, char **argv);
+int cmd_close(int argc, char **argv);
+int cmd_status(int argc, char **argv);
+int cmd_list(int argc, char **argv);
 
 #endif
