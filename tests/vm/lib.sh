@@ -1,0 +1,107 @@
+# Helpers for test scripts that run inside the test VM (tests/vm/run-vm.sh).
+# Source it from a POSIX sh (busybox ash) or bash script:
+#
+#   . "$(dirname "$0")/lib.sh"
+#   vm_test "dm-zero reads zeros" check_zero
+#   vm_test "no device left" vm_assert_clean
+#   vm_summary
+#
+# vm_test NAME CMD [ARGS...]
+#   Runs CMD in a subshell with `set -e`, output captured. Prints, automake-like,
+#   "PASS: NAME", "FAIL: NAME" (followed by the captured output, indented) or
+#   "SKIP: NAME" (CMD exited 77; its last line is shown as the reason).
+#   QS_VERBOSE=1 shows the output of passing tests too, QS_TRACE=1 runs CMD
+#   with `set -x`. Never exits the caller.
+# vm_summary
+#   Prints "N passed, N failed, N skipped"; returns 1 if a test failed, 77 if
+#   every test was skipped, else 0.
+# vm_assert_clean     fails (1) if any dm device or loop device is left.
+# vm_cleanup          removes every dm device and detaches every loop device.
+# vm_require CMD...   exits 77 (skip) when one of the commands is missing.
+# vm_uptime           seconds since the guest kernel started.
+
+vm_passed=0
+vm_failed=0
+vm_skipped=0
+
+vm_uptime() {
+	cut -d' ' -f1 /proc/uptime
+}
+
+vm_require() {
+	for vm_r in "$@"; do
+		command -v "$vm_r" >/dev/null 2>&1 || { echo "$vm_r is not available in the VM"; exit 77; }
+	done
+}
+
+vm_test() {
+	vm_name=$1
+	shift
+	vm_out=$(mktemp /tmp/vm_test.XXXXXX)
+	vm_t0=$(vm_uptime)
+	case $- in *e*) vm_had_e=1; set +e ;; *) vm_had_e=0 ;; esac
+	if [ "${QS_TRACE:-0}" = 0 ]; then
+		( set -e; "$@" ) >"$vm_out" 2>&1 </dev/null
+	else
+		( set -ex; "$@" ) >"$vm_out" 2>&1 </dev/null
+	fi
+	vm_rc=$?
+	[ $vm_had_e = 0 ] || set -e
+	vm_dt=$(awk -v a="$vm_t0" -v b="$(vm_uptime)" 'BEGIN { printf "%.1f", b - a }')
+	case $vm_rc in
+	0)
+		vm_passed=$((vm_passed + 1))
+		echo "PASS: $vm_name"
+		if [ "${QS_VERBOSE:-0}" != 0 ]; then
+			sed 's/^/    | /' "$vm_out"
+			echo "    | (${vm_dt}s)"
+		fi
+		;;
+	77)
+		vm_skipped=$((vm_skipped + 1))
+		echo "SKIP: $vm_name ($(tail -n 1 "$vm_out"))"
+		;;
+	*)
+		vm_failed=$((vm_failed + 1))
+		echo "FAIL: $vm_name (exit $vm_rc after ${vm_dt}s)"
+		sed 's/^/    | /' "$vm_out"
+		;;
+	esac
+	rm -f "$vm_out"
+	return 0
+}
+
+vm_summary() {
+	echo "$vm_passed passed, $vm_failed failed, $vm_skipped skipped (guest uptime $(vm_uptime)s)"
+	[ "$vm_failed" = 0 ] || return 1
+	if [ "$vm_passed" = 0 ] && [ "$vm_skipped" != 0 ]; then return 77; fi
+	return 0
+}
+
+# Names of the dm devices, one a line (empty when none).
+vm_dm_devices() {
+	dmsetup info -c --noheadings -o name 2>/dev/null | grep -v '^No devices found' || true
+}
+
+# Attached loop devices, one a line (empty when none).
+vm_loop_devices() {
+	losetup -a 2>/dev/null || true
+}
+
+vm_assert_clean() {
+	vm_left=0
+	if [ -n "$(vm_dm_devices)" ]; then
+		echo "dm devices left:"; dmsetup ls
+		vm_left=1
+	fi
+	if [ -n "$(vm_loop_devices)" ]; then
+		echo "loop devices left:"; losetup -a
+		vm_left=1
+	fi
+	return $vm_left
+}
+
+vm_cleanup() {
+	dmsetup remove_all --force >/dev/null 2>&1 || true
+	losetup -D >/dev/null 2>&1 || true
+}
