@@ -3,17 +3,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libdevmapper.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "dm.h"
 #include "log.h"
-#include "util.h"
 
 /* libdevmapper's log levels (lvm2 lib/log/log.h); the flags above 0x7f
  * (_LOG_STDERR, _LOG_ONCE, ...) are masked off. */
@@ -38,6 +37,7 @@ __attribute__((format(printf, 5, 6)))
 static void libdm_log(int level, const char *file, int line, int dm_errno_or_class,
 		      const char *f, ...)
 {
+	const char *prefix;
 	char msg[1024];
 	va_list ap;
 
@@ -51,16 +51,17 @@ static void libdm_log(int level, const char *file, int line, int dm_errno_or_cla
 	vsnprintf(msg, sizeof(msg), f, ap);
 	va_end(ap);
 	/* libdevmapper prints table params only in debug messages of the
-	 * deptree code we do not use; drop anything resembling them while a
-	 * table with a crypt target is in flight, whatever the level. */
-	if (secure && (strstr(msg, "crypt") || strstr(msg, "params") || strstr(msg, "logon:")))
+	 * deptree code we do not use; drop anything resembling a crypt table
+	 * line while one is in flight, whatever the level. */
+	if (secure && (strstr(msg, " crypt ") || strstr(msg, "params") || strstr(msg, ":logon:")))
 		return;
+	prefix = strncmp(msg, "device-mapper:", 14) ? "device-mapper: " : "";
 	if (level <= LIBDM_LOG_ERR && !quiet)
-		log_err("device-mapper: %s", msg);
+		log_err("%s%s", prefix, msg);
 	else if (level == LIBDM_LOG_WARN && !quiet)
-		log_verbose("device-mapper: %s", msg);
+		log_verbose("%s%s", prefix, msg);
 	else
-		log_dbg("device-mapper: %s", msg);
+		log_dbg("%s%s", prefix, msg);
 }
 
 static void dm_init(void)
@@ -73,6 +74,8 @@ static void dm_init(void)
 	dm_set_name_mangling_mode(DM_STRING_MANGLING_NONE);
 }
 
+static bool control_present(void);
+
 /* Decided once, when device-mapper is known to work (libdevmapper asks the
  * kernel whether it supports cookies). */
 static void udev_init(void)
@@ -82,8 +85,14 @@ static void udev_init(void)
 	dm_init();
 	if (done)
 		return;
-	done = true;
+	/* libdevmapper remembers a failed look at the kernel: let
+	 * dm_check_control() load dm_mod first. */
 	quiet++;
+	if (!control_present() && dm_check_control()) {
+		quiet--;
+		return;
+	}
+	done = true;
 	/* Without udev, libdevmapper must make the /dev/mapper nodes itself:
 	 * no sync, no DM_UDEV_DISABLE_LIBRARY_FALLBACK. */
 	if (access(UDEV_CONTROL, F_OK) != 0)
@@ -144,25 +153,35 @@ static int task_errno(struct dm_task *dmt, int fallback)
 	return e > 0 ? -e : fallback;
 }
 
+/* Run a task; its failure is reported by the caller, so libdevmapper's own
+ * messages about it only go to the debug log. 1 ok, 0 failed. */
+static int task_run(struct dm_task *dmt)
+{
+	int ok;
+
+	quiet++;
+	ok = dm_task_run(dmt);
+	quiet--;
+	return ok;
+}
+
 /* /sbin/modprobe -q module, no shell. 0 when it succeeded. */
 static int modprobe(const char *module)
 {
+	char *argv[] = { (char *)"modprobe", (char *)"-q", (char *)module, NULL };
+	posix_spawn_file_actions_t fa;
+	int status, r;
 	pid_t pid;
-	int status;
 
-	pid = fork();
-	if (pid < 0)
-		return -errno;
-	if (pid == 0) {
-		int null = open("/dev/null", O_RDWR);
-
-		if (null >= 0) {
-			dup2(null, STDOUT_FILENO);
-			dup2(null, STDERR_FILENO);
-		}
-		execl("/sbin/modprobe", "modprobe", "-q", module, (char *)NULL);
-		_exit(127);
-	}
+	/* posix_spawn: no copy of a big (or memory-locked) address space */
+	if (posix_spawn_file_actions_init(&fa))
+		return -ENOMEM;
+	posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+	r = posix_spawn(&pid, "/sbin/modprobe", &fa, NULL, argv, environ);
+	posix_spawn_file_actions_destroy(&fa);
+	if (r)
+		return -r;
 	if (waitpid(pid, &status, 0) < 0)
 		return -errno;
 	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -ENOENT;
@@ -272,7 +291,7 @@ static int run_with_cookie(struct dm_task *dmt, bool hidden, int fallback)
 	udev_init();
 	if (!dm_task_set_cookie(dmt, &cookie, udev_flags(hidden)))
 		return -ENOMEM;
-	if (!dm_task_run(dmt))
+	if (!task_run(dmt))
 		r = task_errno(dmt, fallback);
 	/* Always: releases the cookie, creates/removes nodes without udev. */
 	(void)dm_udev_wait(cookie);
@@ -350,9 +369,12 @@ static void report_table_error(const char *what, const char *name, const char *u
 		log_err("cannot %s device %s: dm-crypt did not find its key in the "
 			"keyring", what, name);
 		break;
-	case -ENXIO:
 	case -ENODEV:
 		log_err("cannot %s device %s: no such device", what, name);
+		break;
+	case -ENXIO:
+		log_err("cannot %s device %s: a device its table refers to does not "
+			"exist (see the kernel log)", what, name);
 		break;
 	case -EACCES:
 	case -EPERM:
@@ -396,7 +418,7 @@ static int load_table(const char *name, bool read_only, const struct dm_table *t
 		goto out;
 	}
 	secure += has_crypt;
-	if (!dm_task_run(dmt))
+	if (!task_run(dmt))
 		r = task_errno(dmt, -EINVAL);
 	secure -= has_crypt;
 	if (r == -ENXIO && !device_exists(name))
@@ -450,9 +472,7 @@ int dm_create_device(const char *name, const char *uuid, bool read_only, bool hi
 		dm_task_destroy(dmt);
 		return -ENOMEM;
 	}
-	quiet++;	/* the reason is reported below */
-	if (!dm_task_run(dmt)) {
-		quiet--;
+	if (!task_run(dmt)) {
 		r = task_errno(dmt, -EIO);
 		dm_task_destroy(dmt);
 		/* The kernel says EBUSY for a taken name and a taken UUID. */
@@ -461,7 +481,6 @@ int dm_create_device(const char *name, const char *uuid, bool read_only, bool hi
 		report_table_error("create", name, uuid, r);
 		return r;
 	}
-	quiet--;
 	if (!dm_task_get_info(dmt, &info) || !info.exists) {
 		dm_task_destroy(dmt);
 		revert_create(name);
@@ -521,7 +540,7 @@ static int simple_task(int type, const char *name, const char *what, unsigned in
 		r = -ENOMEM;
 		goto out;
 	}
-	if (!dm_task_run(dmt)) {
+	if (!task_run(dmt)) {
 		r = task_errno(dmt, -EIO);
 		if (r == -ENXIO)
 			r = -ENODEV;
@@ -576,7 +595,7 @@ int dm_device_info(const char *name, struct dm_dev_info *out)
 	dmt = task_create(DM_DEVICE_INFO, name, &r);
 	if (!dmt)
 		return r;
-	if (!dm_task_run(dmt)) {
+	if (!task_run(dmt)) {
 		r = task_errno(dmt, -EIO);
 		if (r == -ENXIO) {	/* old kernels: no such device */
 			r = 0;
@@ -614,7 +633,7 @@ int dm_remove_device(const char *name, bool deferred, bool retry)
 {
 	struct dm_dev_info info;
 	struct dm_task *dmt;
-	int r;
+	int i, r;
 
 	r = dm_device_info(name, &info);
 	if (r)
@@ -623,9 +642,17 @@ int dm_remove_device(const char *name, bool deferred, bool retry)
 		log_err("cannot remove device %s: no such device", name);
 		return -ENODEV;
 	}
-	/* udev's short-lived probes are what retry is for; a real user of
-	 * the device is refused at once with a clear message. */
-	if (info.open_count > 0 && !deferred && !retry) {
+	/* A real user of the device is refused with a clear message; with
+	 * retry, short-lived openers (udev's probes) get 2 seconds first. */
+	for (i = 0; retry && !deferred && info.open_count > 0 && i < 20; i++) {
+		usleep(100 * 1000);
+		r = dm_device_info(name, &info);
+		if (r)
+			return r;
+		if (!info.exists)
+			return 0;	/* removed meanwhile (deferred by someone) */
+	}
+	if (info.open_count > 0 && !deferred) {
 		log_err("cannot remove device %s: it is in use (open count %d: "
 			"mounted, held by a process or another device)", name, info.open_count);
 		return -EBUSY;
@@ -691,7 +718,7 @@ static int get_targets(int type, const char *name, dm_target_line_fn fn, void *o
 		goto out;
 	}
 	secure++;
-	if (!dm_task_run(dmt)) {
+	if (!task_run(dmt)) {
 		secure--;
 		r = task_errno(dmt, -EIO);
 		if (r == -ENXIO)
@@ -735,7 +762,7 @@ int dm_list_devices(dm_device_fn fn, void *opaque)
 	dmt = task_create(DM_DEVICE_LIST, NULL, &r);
 	if (!dmt)
 		return r;
-	if (!dm_task_run(dmt)) {
+	if (!task_run(dmt)) {
 		r = task_errno(dmt, -EIO);
 		log_err("cannot list device-mapper devices: %s", strerror(-r));
 		goto out;
@@ -767,7 +794,7 @@ static int target_registered(const char *type)
 	dmt = task_create(DM_DEVICE_LIST_VERSIONS, NULL, &r);
 	if (!dmt)
 		return r;
-	if (!dm_task_run(dmt)) {
+	if (!task_run(dmt)) {
 		r = task_errno(dmt, -EIO);
 		goto out;
 	}

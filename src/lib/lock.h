@@ -44,11 +44,13 @@ enum lock_perm {
  * (100, 201, 203); write also uses write and resize (100, 101, 103, 201,
  * 203). The locks are applied, then conflicts are tested (QEMU's order, so
  * two racing openers cannot both win). path is only for messages.
- * Returns 0, or with a message logged:
+ * Meant for a freshly opened descriptor: on failure every lock byte of its
+ * description is released. Returns 0, or with a message logged (naming the
+ * processes holding the conflicting byte, found in /proc/PID/fdinfo):
  *   -EBUSY   another open file description (QEMU, qemu-nbd, another
  *            mapping) holds a conflicting lock; nothing is left locked,
  *   -ENOLCK / -EINVAL / -EOPNOTSUPP  the filesystem or kernel has no OFD
- *            locks (as QEMU, no fallback to POSIX locks here),
+ *            locks (QEMU falls back to POSIX locks there; not done here),
  *   -EBADF. */
 int lock_image(int fd, bool write, const char *path);
 

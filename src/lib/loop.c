@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <linux/loop.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,22 +46,20 @@ void loop_test_legacy_ioctls(bool legacy)
 /* /sbin/modprobe -q MODULE, no shell. 0 when it succeeded. */
 static int modprobe(const char *module)
 {
+	char *argv[] = { (char *)"modprobe", (char *)"-q", (char *)module, NULL };
+	posix_spawn_file_actions_t fa;
+	int status, r;
 	pid_t pid;
-	int status;
 
-	pid = fork();
-	if (pid < 0)
-		return -errno;
-	if (pid == 0) {
-		int null = open("/dev/null", O_RDWR);
-
-		if (null >= 0) {
-			dup2(null, STDOUT_FILENO);
-			dup2(null, STDERR_FILENO);
-		}
-		execl("/sbin/modprobe", "modprobe", "-q", module, (char *)NULL);
-		_exit(127);
-	}
+	/* posix_spawn: no copy of a big (or memory-locked) address space */
+	if (posix_spawn_file_actions_init(&fa))
+		return -ENOMEM;
+	posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+	r = posix_spawn(&pid, "/sbin/modprobe", &fa, NULL, argv, environ);
+	posix_spawn_file_actions_destroy(&fa);
+	if (r)
+		return -r;
 	if (waitpid(pid, &status, 0) < 0)
 		return -errno;
 	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -ENOENT;

@@ -14,13 +14,14 @@ keyargs() {	# secret column of the manifest -> qcowsetup key options
 map_md5() {	# name path secret [extra args]: open, md5, close, clean
 	name=$1 path=$2 secret=$3
 	shift 3
+	dev=qs-$(echo "$name" | tr -c 'A-Za-z0-9_.+\n-' '_')
 	# shellcheck disable=SC2046
-	qcowsetup open --readonly $(keyargs "$secret") "$@" "$path" "qs-$name"
-	got=$(md5sum </dev/mapper/"qs-$name" | cut -d' ' -f1)
-	qcowsetup status "qs-$name" >/dev/null
-	qcowsetup close "qs-$name"
+	qcowsetup open --readonly $(keyargs "$secret") "$@" "$path" "$dev"
+	got=$(md5sum </dev/mapper/"$dev" | cut -d' ' -f1)
+	qcowsetup status "$dev" >/dev/null
+	qcowsetup close "$dev"
 	want=$(cat oracle/"$name".md5)
-	[ "$got" = "$want" ] || { echo "md5 of /dev/mapper/qs-$name: $got, qemu-img convert: $want"; return 1; }
+	[ "$got" = "$want" ] || { echo "md5 of /dev/mapper/$dev: $got, qemu-img convert: $want"; return 1; }
 	vm_assert_clean
 }
 
