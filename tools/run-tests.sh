@@ -7,6 +7,11 @@ cd "$top"
 make -j"$(nproc)" check
 rc=$?
 log=test-suite.log
+if [ ! -f "$log" ]; then
+	echo "make check did not run the tests (build failure?)"
+	echo "0 passed, 1 failed"
+	exit 1
+fi
 pass=$(sed -n 's/^# PASS: *//p' "$log" | head -1)
 fail=$(sed -n 's/^# FAIL: *//p' "$log" | head -1)
 error=$(sed -n 's/^# ERROR: *//p' "$log" | head -1)

@@ -59,7 +59,7 @@ static void test_plain(void)
 		CHECK(runs.runs[0].kind == RUN_DATA && runs.runs[0].len == 2 * 65536 && runs.runs[0].host == d1,
 		      "two host-contiguous clusters merge into one data run");
 		CHECK(runs.runs[1].kind == RUN_UNALLOC && runs.runs[1].len == 65536, "hole");
-		CHECK(runs.runs[2].kind == RUN_ZERO && (runs.runs[2].flags & RUN_F_ZERO_ALLOC), "preallocated zero");
+		CHECK(runs.runs[2].kind == RUN_ZERO && (runs.runs[2].flags & RUN_F_HOST), "preallocated zero");
 		CHECK(runs.runs[3].kind == RUN_ZERO && !runs.runs[3].flags, "plain zero");
 		CHECK(runs.runs[4].kind == RUN_UNALLOC && runs.runs[4].guest + runs.runs[4].len == 64 << 20,
 		      "tail unallocated up to the virtual size");
