@@ -45,6 +45,13 @@ done <manifest.tsv
 name=snap-c64k@snap1
 vm_test "snapshot snap1 read-only: md5 equals qemu-img convert -l" map_md5 "$name" snap-c64k.qcow2 - --snapshot snap1
 
+segments() {
+	map_md5 c512-v3 c512-v3.qcow2 - --max-targets 3
+	map_md5 chain-q1-top chain-q1/top.qcow2 - --max-targets 2
+	map_md5 aes-qcow2 aes-qcow2.qcow2 pass.key --max-targets 2
+}
+vm_test "tables split into segment devices (--max-targets 2..3): md5 unchanged" segments
+
 # ---- wrong keys: exit 2, one clear line, nothing left
 wrong_key() {	# path
 	printf 'not the passphrase' >wrong.key
