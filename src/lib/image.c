@@ -362,6 +362,13 @@ int image_map_chain(struct image *top, struct run_list *out)
 
 	run_list_init(&layer);
 	run_list_init(&below);
+	if (!top->backing && out->count == 0) {
+		/* nothing to resolve below: walk straight into out (half the memory) */
+		r = image_walk_layer(top, out);
+		for (size_t i = 0; r == 0 && i < out->count; i++)
+			out->runs[i].depth = (uint8_t)top->depth;
+		return r;
+	}
 	r = image_walk_layer(top, &layer);
 	if (r < 0)
 		goto out;
