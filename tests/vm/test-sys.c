@@ -859,7 +859,7 @@ static void test_loop(const char *dir, bool primary)
 		/* Racing attachers: GET_FREE hands the same device to several,
 		 * the losers must take another one. */
 		{
-			int pfd[2], k, ok = 0, st;
+			int pfd[2], k, ok = 0, wst;
 			char got[4096] = "";
 			ssize_t n, total = 0;
 
@@ -890,7 +890,7 @@ static void test_loop(const char *dir, bool primary)
 					total += n;
 				close(pfd[0]);
 				for (k = 0; k < 4; k++)
-					if (wait(&st) > 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0)
+					if (wait(&wst) > 0 && WIFEXITED(wst) && WEXITSTATUS(wst) == 0)
 						ok++;
 				got[total] = '\0';
 				{
