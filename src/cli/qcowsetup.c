@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cmd_keys.h"
 #include "log.h"
 #include "qcowsetup.h"
 
@@ -19,6 +20,12 @@ static const struct command commands[] = {
 	{ "close", cmd_close, 1, 1, "NAME", "remove the mapping NAME and everything under it" },
 	{ "status", cmd_status, 1, 1, "NAME", "show the mapping NAME: image files, cipher, devices" },
 	{ "list", cmd_list, 0, 0, "", "list qcowsetup mappings" },
+	{ "format", cmd_format, 1, 2, "IMAGE [SIZE]", "create a LUKS-encrypted qcow2 image" },
+	{ "add-key", cmd_add_key, 1, 2, "IMAGE [NEW_KEY_FILE]", "add a passphrase to a free LUKS key slot" },
+	{ "remove-key", cmd_remove_key, 1, 2, "IMAGE [KEY_FILE]", "remove the key slot a passphrase opens (--key-slot N: slot N)" },
+	{ "change-key", cmd_change_key, 1, 2, "IMAGE [NEW_KEY_FILE]", "replace a passphrase" },
+	{ "dump-keys", cmd_dump_keys, 1, 1, "IMAGE", "show the LUKS header and its key slots" },
+	{ "convert", cmd_convert, 1, 2, "SRC [DST]", "convert legacy AES, unencrypted qcow2/qcow or raw to LUKS qcow2 (--in-place: replace SRC)" },
 	{ "info", cmd_info, 1, 1, "IMAGE", "show the image's format, features, encryption, backing chain and snapshots" },
 	{ "map", cmd_map, 1, 1, "IMAGE", "show how guest space maps onto the image files (as qemu-img map)" },
 	{ "table", cmd_table, 2, 2, "IMAGE NAME", "print the device-mapper tables `open` would load (keys as keyring references)" },
@@ -58,6 +65,7 @@ static const struct option long_options[] = {
 	{ "max-targets", required_argument, NULL, OPT_MAX_TARGETS },
 	{ "deferred", no_argument, NULL, OPT_DEFERRED },
 	{ "debug-fail-step", required_argument, NULL, OPT_DEBUG_FAIL_STEP },
+	KEYS_LONG_OPTIONS,
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -86,8 +94,15 @@ int tools_exit_code(int r)
 static void usage(FILE *f)
 {
 	fprintf(f, "Usage: qcowsetup [OPTION...] <command> <arguments>\n\nCommands:\n");
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(f, "  %-7s %-11s %s\n", commands[i].name, commands[i].args_help, commands[i].help);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		char synopsis[64];
+
+		snprintf(synopsis, sizeof(synopsis), "%s %s", commands[i].name, commands[i].args_help);
+		if (strlen(synopsis) > 28)
+			fprintf(f, "  %s\n  %-28s %s\n", synopsis, "", commands[i].help);
+		else
+			fprintf(f, "  %-28s %s\n", synopsis, commands[i].help);
+	}
 	fprintf(f, "\nOptions:\n"
 		"  -v, --verbose             more messages\n"
 		"      --debug               debug messages (never shows keys)\n"
@@ -107,6 +122,7 @@ static void usage(FILE *f)
 		"  -V, --version             version\n"
 		"\nExit codes: 0 success, 1 wrong parameters, 2 no permission or bad passphrase,\n"
 		"3 out of memory, 4 wrong, missing or malformed image or device, 5 device busy or exists.\n");
+	keys_usage(f);
 }
 
 static int parse_u64(const char *s, const char *what, uint64_t *v)
@@ -201,7 +217,11 @@ int main(int argc, char **argv)
 			opt.debug_fail_step = (int)v;
 			break;
 		default:
-			usage(stderr);
+			r = keys_parse_option(c, optarg);
+			if (r > 0)
+				break;
+			if (r == 0)
+				usage(stderr);
 			return EXIT_PARAMS;
 		}
 	}

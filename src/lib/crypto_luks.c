@@ -366,3 +366,383 @@ out:
 	volume_key_free(k);
 	return r;
 }
+
+/* ---- Writing headers and key slots ----
+ * The region goes through a memfd as in luks_unlock; libcryptsetup edits it
+ * there and the result is copied back into the caller's buffer, never
+ * written to the image from here. */
+
+#define LUKS_STRIPES 4000U		/* what QEMU requires of every key slot */
+#define LUKS_ALIGN_KEYSLOTS 4096U
+
+static void setup_log(struct crypt_device *cd)
+{
+	crypt_set_log_callback(cd, cryptsetup_log, NULL);
+	crypt_set_debug_level(qs_log_get_level() >= QS_LOG_DEBUG ? CRYPT_DEBUG_ALL : CRYPT_DEBUG_NONE);
+}
+
+/* A memfd of size bytes holding region (len bytes, may be less than size)
+ * and a crypt_device on it; load: crypt_load it as LUKS1. */
+static int region_open(const uint8_t *region, uint64_t len, uint64_t size, bool load,
+		       int *fdp, struct crypt_device **cdp)
+{
+	struct crypt_device *cd = NULL;
+	char path[64];
+	int fd, r;
+
+	*fdp = -1;
+	*cdp = NULL;
+	fd = memfd_create("qcowsetup-luks", MFD_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		log_err("Cannot create a memory file for the LUKS header: %s", strerror(-r));
+		return r;
+	}
+	if (ftruncate(fd, (off_t)size) < 0) {
+		r = -errno;
+		log_err("Cannot size the LUKS header memory file: %s", strerror(-r));
+		goto fail;
+	}
+	if (region && len) {
+		r = write_all(fd, region, (size_t)len);
+		if (r < 0) {
+			log_err("Cannot copy the LUKS header to memory: %s", strerror(-r));
+			goto fail;
+		}
+	}
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	crypt_set_log_callback(NULL, cryptsetup_log, NULL);
+	r = crypt_init(&cd, path);
+	if (r < 0) {
+		log_err("Cannot access the LUKS header through %s: %s", path, strerror(-r));
+		goto fail;
+	}
+	setup_log(cd);
+	if (load) {
+		r = crypt_load(cd, CRYPT_LUKS1, NULL);
+		if (r < 0) {
+			log_err("libcryptsetup rejects the embedded LUKS header: %s", strerror(-r));
+			if (r != -ENOMEM)
+				r = -EUCLEAN;
+			goto fail;
+		}
+	}
+	*fdp = fd;
+	*cdp = cd;
+	return 0;
+fail:
+	if (cd)
+		crypt_free(cd);
+	close(fd);
+	return r;
+}
+
+static void region_close(int fd, struct crypt_device *cd)
+{
+	if (cd)
+		crypt_free(cd);
+	if (fd >= 0) {
+		if (ftruncate(fd, 0) < 0)
+			log_dbg("Cannot truncate the LUKS header memory file.");
+		close(fd);
+	}
+}
+
+/* Copy len bytes of the memfd back into region. The header must not have
+ * grown: the image has exactly len bytes for it. */
+static int region_read_back(int fd, uint8_t *region, uint64_t len)
+{
+	off_t size = lseek(fd, 0, SEEK_END);
+	uint64_t done = 0;
+	ssize_t n;
+
+	if (size < 0)
+		return -errno;
+	if ((uint64_t)size > len) {
+		log_err("libcryptsetup grew the LUKS header beyond its region (%llu > %llu bytes).",
+			(unsigned long long)size, (unsigned long long)len);
+		return -ENOSPC;
+	}
+	while (done < len) {
+		n = pread(fd, region + done, (size_t)(len - done), (off_t)done);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0) {	/* the rest of a shorter file reads as zeros */
+			memset(region + done, 0, (size_t)(len - done));
+			break;
+		}
+		done += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int set_pbkdf(struct crypt_device *cd, const char *hash, const struct luks_pbkdf *p)
+{
+	struct crypt_pbkdf_type pbkdf = {
+		.type = CRYPT_KDF_PBKDF2,
+		.hash = hash,
+	};
+	int r;
+
+	if (!p || (!p->iterations && !p->iter_time_ms))
+		pbkdf.time_ms = 2000;	/* cryptsetup's LUKS1 default */
+	else if (p->iterations) {
+		pbkdf.iterations = p->iterations;
+		pbkdf.flags = CRYPT_PBKDF_NO_BENCHMARK;
+	} else {
+		pbkdf.time_ms = p->iter_time_ms;
+	}
+	r = crypt_set_pbkdf_type(cd, &pbkdf);
+	if (r < 0)
+		log_err("libcryptsetup rejects the PBKDF2 parameters (hash %s, %u iterations, %u ms): %s",
+			hash, pbkdf.iterations, pbkdf.time_ms, strerror(-r));
+	return r;
+}
+
+/* What a failed key slot decryption means (as in luks_unlock). */
+static int keyslot_error(int r, const char *cipher_name, const char *what)
+{
+	if (r == -EPERM) {
+		log_dbg("No LUKS key slot accepts this passphrase.");
+		return r;
+	}
+	if (r != -ENOMEM && r != -EINVAL && !have_af_alg()) {
+		log_err("Cannot %s: the %s key slot cipher needs the kernel crypto API (AF_ALG).",
+			what, cipher_name);
+		return -ENOTSUP;
+	}
+	log_err("Cannot %s: %s", what, strerror(-r));
+	return r;
+}
+
+int luks_format_region(const struct luks_format_params *p, const struct volume_key *vk,
+		       const struct passphrase *pp, uint8_t **region, uint64_t *len)
+{
+	struct crypt_params_luks1 params = { .hash = p->hash, .data_alignment = LUKS_ALIGN_KEYSLOTS / LUKS_SECTOR };
+	struct crypt_device *cd = NULL;
+	struct luks_info info;
+	uint64_t size, area, payload;
+	uint8_t *buf = NULL;
+	int fd = -1, r;
+
+	*region = NULL;
+	*len = 0;
+	if (!p->cipher || !p->cipher_mode || !p->hash || !vk || !vk->size ||
+	    vk->size > LUKS_MAX_KEY_BYTES || !pp || !pp->data)
+		return -EINVAL;
+
+	/* binary header in the first 4 KiB, then 8 slots of 4000 stripes */
+	area = round_up_pow2((uint64_t)vk->size * LUKS_STRIPES, LUKS_ALIGN_KEYSLOTS);
+	size = LUKS_ALIGN_KEYSLOTS + LUKS_NUM_SLOTS * area;
+
+	r = region_open(NULL, 0, size, false, &fd, &cd);
+	if (r < 0)
+		return r;
+	r = set_pbkdf(cd, p->hash, &p->pbkdf);
+	if (r < 0)
+		goto out;
+	r = crypt_format(cd, CRYPT_LUKS1, p->cipher, p->cipher_mode, NULL,
+			 (const char *)vk->key, vk->size, &params);
+	if (r < 0) {
+		if (r != -ENOMEM && r != -EINVAL && !have_af_alg()) {
+			/* libcryptsetup tests the cipher on a key slot sized buffer:
+			 * without AF_ALG only what its userspace backend has works */
+			log_err("Cannot create a LUKS1 header for %s-%s: its key slots need the kernel crypto "
+				"API (AF_ALG), which this host does not offer.", p->cipher, p->cipher_mode);
+			r = -ENOTSUP;
+			goto out;
+		}
+		log_err("libcryptsetup cannot create a LUKS1 header for %s-%s, %zu-bit key, hash %s: %s",
+			p->cipher, p->cipher_mode, vk->size * 8, p->hash, strerror(-r));
+		if (r != -ENOMEM)
+			r = -EINVAL;
+		goto out;
+	}
+	r = crypt_keyslot_add_by_volume_key(cd, 0, (const char *)vk->key, vk->size, pp->data, pp->len);
+	if (r < 0) {
+		r = keyslot_error(r, p->cipher, "create the first key slot");
+		goto out;
+	}
+
+	payload = crypt_get_data_offset(cd) * LUKS_SECTOR;
+	if (payload != size) {
+		/* QEMU's layout: the payload starts where the slots end */
+		log_err("Unexpected LUKS payload offset %llu (expected %llu).",
+			(unsigned long long)payload, (unsigned long long)size);
+		r = -EIO;
+		goto out;
+	}
+	buf = malloc(size);
+	if (!buf) {
+		r = -ENOMEM;
+		goto out;
+	}
+	r = region_read_back(fd, buf, size);
+	if (r < 0)
+		goto out;
+	/* what QEMU will check: stripes, slot areas inside the payload offset */
+	r = luks_parse_header(buf, size, &info);
+	if (r < 0)
+		goto out;
+	if (info.payload_offset != size || info.slots[0].stripes != LUKS_STRIPES || !info.slots[0].active) {
+		log_err("libcryptsetup wrote a LUKS header QEMU would not accept.");
+		r = -EIO;
+		goto out;
+	}
+	*region = buf;
+	*len = size;
+	buf = NULL;
+	r = 0;
+out:
+	region_close(fd, cd);
+	free(buf);
+	return r;
+}
+
+static int first_free_slot(const struct luks_info *info)
+{
+	for (int i = 0; i < LUKS_NUM_SLOTS; i++)
+		if (!info->slots[i].active)
+			return i;
+	return -1;
+}
+
+/* Add vk under newpp in slot of the header loaded in cd. */
+static int add_by_volume_key(struct crypt_device *cd, const struct luks_info *info, int slot,
+			     const struct volume_key *vk, const struct passphrase *newpp,
+			     const struct luks_pbkdf *pbkdf)
+{
+	int r;
+
+	if (vk->size != info->key_bytes) {
+		log_err("LUKS volume key size mismatch.");
+		return -EINVAL;
+	}
+	r = set_pbkdf(cd, info->hash, pbkdf);
+	if (r < 0)
+		return r;
+	r = crypt_keyslot_add_by_volume_key(cd, slot, (const char *)vk->key, vk->size,
+					    newpp->data, newpp->len);
+	if (r < 0)
+		return keyslot_error(r, info->cipher_name, "add the key slot");
+	return 0;
+}
+
+int luks_keyslot_add(uint8_t *region, uint64_t len, const struct volume_key *vk,
+		     const struct passphrase *newpp, int slot, const struct luks_pbkdf *pbkdf,
+		     int *new_slot)
+{
+	struct crypt_device *cd = NULL;
+	struct luks_info info;
+	int fd = -1, r;
+
+	*new_slot = -1;
+	if (!vk || !newpp || !newpp->data || slot >= LUKS_NUM_SLOTS || slot < -1)
+		return -EINVAL;
+	r = luks_parse_header(region, len, &info);
+	if (r < 0)
+		return r;
+	if (slot < 0)
+		slot = first_free_slot(&info);
+	if (slot < 0) {
+		log_err("All %d LUKS key slots are in use.", LUKS_NUM_SLOTS);
+		return -ENOSPC;
+	}
+	if (info.slots[slot].active) {
+		log_err("LUKS key slot %d is in use.", slot);
+		return -EEXIST;
+	}
+	r = region_open(region, len, len, true, &fd, &cd);
+	if (r < 0)
+		return r;
+	r = add_by_volume_key(cd, &info, slot, vk, newpp, pbkdf);
+	if (r == 0)
+		r = region_read_back(fd, region, len);
+	if (r == 0)
+		*new_slot = slot;
+	region_close(fd, cd);
+	return r;
+}
+
+int luks_keyslot_remove(uint8_t *region, uint64_t len, int slot)
+{
+	struct crypt_device *cd = NULL;
+	struct luks_info info;
+	int fd = -1, r;
+
+	if (slot < 0 || slot >= LUKS_NUM_SLOTS)
+		return -EINVAL;
+	r = luks_parse_header(region, len, &info);
+	if (r < 0)
+		return r;
+	if (!info.slots[slot].active) {
+		log_err("LUKS key slot %d is not active.", slot);
+		return -EINVAL;
+	}
+	r = region_open(region, len, len, true, &fd, &cd);
+	if (r < 0)
+		return r;
+	r = crypt_keyslot_destroy(cd, slot);
+	if (r < 0)
+		log_err("Cannot remove LUKS key slot %d: %s", slot, strerror(-r));
+	else
+		r = region_read_back(fd, region, len);
+	region_close(fd, cd);
+	return r;
+}
+
+int luks_keyslot_change(uint8_t *region, uint64_t len, const struct volume_key *vk, int old_slot,
+			const struct passphrase *newpp, const struct luks_pbkdf *pbkdf,
+			int *new_slot, bool *in_place)
+{
+	struct crypt_device *cd = NULL;
+	struct luks_info info;
+	int fd = -1, slot, r;
+
+	*new_slot = -1;
+	*in_place = false;
+	if (!vk || !newpp || !newpp->data || old_slot < 0 || old_slot >= LUKS_NUM_SLOTS)
+		return -EINVAL;
+	r = luks_parse_header(region, len, &info);
+	if (r < 0)
+		return r;
+	if (!info.slots[old_slot].active) {
+		log_err("LUKS key slot %d is not active.", old_slot);
+		return -EINVAL;
+	}
+	r = region_open(region, len, len, true, &fd, &cd);
+	if (r < 0)
+		return r;
+	slot = first_free_slot(&info);
+	if (slot < 0) {
+		/* as libcryptsetup: no free slot, overwrite the old one */
+		slot = old_slot;
+		*in_place = true;
+		r = crypt_keyslot_destroy(cd, old_slot);
+		if (r < 0) {
+			log_err("Cannot remove LUKS key slot %d: %s", old_slot, strerror(-r));
+			goto out;
+		}
+	}
+	/* the key material of the new slot is written before the old slot goes
+	 * (the caller writes the result in that order too) */
+	r = add_by_volume_key(cd, &info, slot, vk, newpp, pbkdf);
+	if (r < 0)
+		goto out;
+	if (!*in_place) {
+		r = crypt_keyslot_destroy(cd, old_slot);
+		if (r < 0) {
+			log_err("Cannot remove LUKS key slot %d: %s", old_slot, strerror(-r));
+			goto out;
+		}
+	}
+	r = region_read_back(fd, region, len);
+	if (r == 0)
+		*new_slot = slot;
+out:
+	region_close(fd, cd);
+	return r;
+}

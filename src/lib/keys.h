@@ -155,4 +155,79 @@ bool key_sector_looks_random(const void *sector);
  * --skip-key-check. */
 int legacy_key_check(struct image *img, const struct volume_key *vk);
 
+/* ---- Writing LUKS1 headers and key slots (crypto_luks.c) ----
+ * The header region of an image (crypt_header_offset/length) is edited in
+ * memory: the caller reads it, these functions hand it to libcryptsetup
+ * through a memfd (as luks_unlock does) and copy the result back into the
+ * same buffer; the caller then writes it to the image in a crash-safe order
+ * (qcow2_writer_update_crypt_header). The data key never changes. */
+
+/* PBKDF2 cost of new key slots: iterations forces a count (no benchmark),
+ * else iter_time_ms (0 = libcryptsetup's default, 2 s) is benchmarked. */
+struct luks_pbkdf {
+	uint32_t iter_time_ms;
+	uint32_t iterations;
+};
+
+struct luks_format_params {
+	const char *cipher;		/* "aes" */
+	const char *cipher_mode;	/* "xts-plain64" */
+	const char *hash;		/* PBKDF2 and digest hash, "sha256" */
+	struct luks_pbkdf pbkdf;
+};
+
+/* A LUKS1 header for vk (vk->size bytes of key) with pp in key slot 0,
+ * laid out as QEMU lays it out in qcow2 images: key slots from 4 KiB, each
+ * 4000 stripes rounded to 4 KiB, payload offset at the end of the last key
+ * slot area. *region (malloc'ed, free with free()) gets *len bytes, the
+ * payload offset: what the 0x0537be77 extension records. Returns 0,
+ * -EINVAL (a parameter libcryptsetup rejects, logged), -ENOTSUP (the host
+ * cannot run the key slot cipher) or another -errno. */
+int luks_format_region(const struct luks_format_params *p, const struct volume_key *vk,
+		       const struct passphrase *pp, uint8_t **region, uint64_t *len);
+
+/* Add newpp in key slot slot (-1: the first free one) for the volume key
+ * vk (from luks_unlock; libcryptsetup checks it against the header's
+ * digest). *new_slot gets the slot used. Returns 0, -EPERM (vk is not this
+ * header's key), -ENOSPC (no free slot), -EEXIST (slot is in use),
+ * -EINVAL, -ENOTSUP (the host cannot run the key slot cipher) or -errno.
+ * region is modified only on success. */
+int luks_keyslot_add(uint8_t *region, uint64_t len, const struct volume_key *vk,
+		     const struct passphrase *newpp, int slot, const struct luks_pbkdf *pbkdf,
+		     int *new_slot);
+
+/* Disable key slot slot and wipe its key material. The caller checks that it
+ * is not the last one. Returns 0, -EINVAL (not an active slot) or -errno. */
+int luks_keyslot_remove(uint8_t *region, uint64_t len, int slot);
+
+/* Replace key slot old_slot by one holding newpp for vk, as cryptsetup
+ * luksChangeKey: the new key goes to a free slot when there is one, then
+ * old_slot is removed; else it overwrites old_slot in place (*in_place).
+ * *new_slot gets the slot. Returns as luks_keyslot_add. */
+int luks_keyslot_change(uint8_t *region, uint64_t len, const struct volume_key *vk, int old_slot,
+			const struct passphrase *newpp, const struct luks_pbkdf *pbkdf,
+			int *new_slot, bool *in_place);
+
+/* ---- LUKS data encryption in userspace (crypto_openssl.c) ----
+ * What dm-crypt and QEMU do to the data clusters of a LUKS qcow2: each
+ * 512-byte sector encrypted with IV = the HOST (file) sector number. aes
+ * only (OpenSSL has no serpent or twofish), modes xts and cbc, IV
+ * generators plain, plain64 and essiv:HASH. */
+
+struct luks_data_cipher;
+
+/* Returns 0, -ENOTSUP (a cipher, mode, IV generator or key size OpenSSL
+ * cannot run here; logged with the name), -EINVAL or -ENOMEM. */
+int luks_data_cipher_new(const char *cipher_name, const char *cipher_mode,
+			 const struct volume_key *vk, struct luks_data_cipher **out);
+void luks_data_cipher_free(struct luks_data_cipher *c);
+/* In place; len a multiple of 512; buf holds host sectors first_host_sector,
+ * first_host_sector + 1, ... Returns 0, -EINVAL or -EIO. */
+int luks_data_encrypt(struct luks_data_cipher *c, uint64_t first_host_sector, void *buf, size_t len);
+int luks_data_decrypt(struct luks_data_cipher *c, uint64_t first_host_sector, void *buf, size_t len);
+
+/* A new random volume key of size bytes (OpenSSL's private DRBG). Returns
+ * 0, -ENOMEM or -EIO. */
+int volume_key_generate(size_t size, struct volume_key **vk);
+
 #endif

@@ -1,0 +1,74 @@
+/* Writing qcow2 metadata: new images (format, convert) and in-place updates
+ * of the LUKS header region (key slots), in an order that leaves a usable
+ * image at every step.
+ *
+ * New images are qcow2 v3 (compat 1.1), refcount_order 4, no lazy
+ * refcounts, laid out as:
+ *   cluster 0               header, extensions (LUKS header, backing
+ *                           format), backing file name
+ *   clusters 1..            the LUKS header region (encrypted images)
+ *   data                    data clusters, in guest order, contiguous
+ *   L2 tables, L1 table, refcount table, refcount blocks
+ * Every cluster of the file has refcount 1; QEMU appends after it. The
+ * header is written last, after an fsync of everything else, and fsynced:
+ * a file with a valid header is complete. The caller writes new images
+ * beside their final name and renames them into place. */
+#ifndef QS_QCOW2_WRITER_H
+#define QS_QCOW2_WRITER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* What a guest cluster of the new image is. */
+enum qw_state {
+	QW_UNALLOC = 0,	/* not allocated: the backing file, or zeros */
+	QW_ZERO,	/* zero cluster (v3 zero flag, no host cluster) */
+	QW_DATA,	/* data cluster, written by the caller's data */
+};
+
+struct qcow2_writer_params {
+	uint64_t size;			/* guest bytes */
+	uint32_t cluster_bits;		/* 9..21 */
+	const char *backing_file;	/* NULL: none */
+	const char *backing_format;	/* NULL: not recorded */
+	const uint8_t *crypt_header;	/* LUKS region (crypt_method 2); NULL: unencrypted */
+	uint64_t crypt_header_len;
+};
+
+struct qcow2_writer;
+
+/* Start a new image on fd (an empty file opened for writing). Writes the
+ * LUKS header region at once. Returns 0, -EINVAL (parameters: size,
+ * cluster size, a backing name that does not fit in the header cluster),
+ * -EFBIG (an image too large for the format), -ENOMEM or the write error. */
+int qcow2_writer_new(int fd, const struct qcow2_writer_params *p, struct qcow2_writer **out);
+void qcow2_writer_free(struct qcow2_writer *w);
+
+uint64_t qcow2_writer_cluster_size(const struct qcow2_writer *w);
+/* Host offset the next data cluster will get: what its IV derives from. */
+uint64_t qcow2_writer_next_data_offset(const struct qcow2_writer *w);
+/* Guest clusters declared so far. */
+uint64_t qcow2_writer_position(const struct qcow2_writer *w);
+
+/* Declare the next count guest clusters (from cluster 0, in order) as
+ * state. For QW_DATA, data holds count clusters, already encrypted for the
+ * host offsets qcow2_writer_next_data_offset() gave, and is written (the
+ * writer buffers sequential writes). Returns 0, -EINVAL (past the end of
+ * the image), -ENOMEM or the write error (-ENOSPC, -EFBIG, -EIO). */
+int qcow2_writer_add(struct qcow2_writer *w, uint64_t count, enum qw_state state, const void *data);
+
+/* Every guest cluster declared: write the L2 tables, the L1 table and the
+ * refcounts, fsync, write the header, fsync. Returns 0 or -errno. */
+int qcow2_writer_finish(struct qcow2_writer *w);
+
+/* Update the LUKS header region [off, off+len) of the image on fd from
+ * old (what is on disk) to new, so that a crash at any point leaves a
+ * header that opens with every passphrase that works in both: first the
+ * key material of the slots active in new, fsync; then the binary header,
+ * fsync; then the rest (wiped material of disabled slots), fsync. Only
+ * changed sectors are written. Returns 0, -EUCLEAN (not LUKS1 headers) or
+ * the write error. */
+int qcow2_writer_update_crypt_header(int fd, uint64_t off, const uint8_t *old, const uint8_t *new,
+				     uint64_t len);
+
+#endif

@@ -1,0 +1,301 @@
+#!/bin/bash
+# test-keys.sh: `qcowsetup format`, `add-key`, `remove-key`, `change-key` and
+# `dump-keys` against QEMU.
+#
+# Every image qcowsetup creates or edits must open in qemu-io with exactly
+# the passphrases that should work (and with no other), read and write, and
+# pass `qemu-img check`. Also: options of format (cipher, key size, hash,
+# cluster size, backing file), key slots of an image QEMU made, refusals
+# (wrong passphrase, last key slot, image held by QEMU, existing image), and
+# the order in which a key slot change reaches the disk (key material, sync,
+# header, sync: with strace when it is installed).
+#
+# Env: QCOWSETUP (the built binary). Prints PASS:/FAIL: lines and
+# "N passed, N failed". Exit 77 when qemu-img or qemu-io is missing.
+# KEEP=1 keeps the work folder.
+set -u
+export LC_ALL=C
+
+for tool in qemu-img qemu-io; do
+	if ! command -v "$tool" >/dev/null 2>&1; then
+		echo "test-keys: $tool not found, skipping" >&2
+		exit 77
+	fi
+done
+QCOWSETUP=${QCOWSETUP:-${top_builddir:-.}/qcowsetup}
+if [ ! -x "$QCOWSETUP" ]; then
+	echo "test-keys: $QCOWSETUP is not an executable" >&2
+	exit 1
+fi
+QCOWSETUP=$(realpath "$QCOWSETUP")
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/test-keys.XXXXXX")
+if [ -z "${KEEP:-}" ]; then
+	trap 'rm -rf "$WORK"' EXIT
+else
+	echo "test-keys: work folder $WORK"
+fi
+cd "$WORK" || exit 1
+ulimit -c 0
+
+PASSED=0
+FAILED=0
+pass() { echo "PASS: $*"; PASSED=$((PASSED + 1)); }
+fail() { echo "FAIL: $*"; FAILED=$((FAILED + 1)); }
+# check NAME CMD...: PASS when CMD succeeds
+check() {
+	local name=$1
+	shift
+	if "$@" >>log 2>&1; then pass "$name"; else fail "$name"; fi
+}
+# refuse NAME CODE CMD...: PASS when CMD exits with CODE
+refuse() {
+	local name=$1 code=$2 rc=0
+	shift 2
+	"$@" >>log 2>&1 || rc=$?
+	if [ "$rc" = "$code" ]; then pass "$name"; else fail "$name (exit $rc, expected $code)"; fi
+}
+
+# Fast key slots: the tests care about formats, not PBKDF cost.
+FAST=(--pbkdf-force-iterations 1000)
+Q() { "$QCOWSETUP" "$@"; }
+
+printf '%s' 'first passphrase' >k1
+printf '%s' 'second passphrase' >k2
+printf '%s' 'third passphrase' >k3
+printf '%s' 'not the passphrase' >kw
+
+# qemu-img 7.2 sometimes fails "Unable to get accurate CPU usage" while
+# timing LUKS key derivation: retry the commands that create LUKS headers.
+retry() {
+	local i
+	for i in $(seq 20); do
+		"$@" >>log 2>&1 && return 0
+	done
+	return 1
+}
+
+# opens IMG KEY [FMT]: qemu-io opens IMG with KEY and reads its first sector
+opens() {
+	qemu-io --object "secret,id=s0,file=$WORK/$2" --image-opts \
+		"driver=${3:-qcow2},file.filename=$1,encrypt.key-secret=s0" -c 'read 0 512' >>log 2>&1
+}
+# refuses IMG KEY: QEMU does not open IMG with KEY
+refuses() { ! opens "$@"; }
+# qio IMG KEY CMD...: qemu-io commands
+qio() {
+	local img=$1 key=$2
+	shift 2
+	qemu-io --object "secret,id=s0,file=$WORK/$key" --image-opts \
+		"driver=qcow2,file.filename=$img,encrypt.key-secret=s0" "$@"
+}
+# qcheck IMG KEY: qemu-img check, clean
+qcheck() {
+	qemu-img check --object "secret,id=s0,file=$WORK/$2" --image-opts \
+		"driver=qcow2,file.filename=$1,encrypt.key-secret=s0" >>log 2>&1
+}
+# qinfo IMG KEY FIELD: a field of qemu-img info --output=json's encrypt data
+qinfo() {
+	qemu-img info --output=json "$1" 2>>log | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+e = d["format-specific"]["data"]["encrypt"]
+print(e.get(sys.argv[1]))' "$3"
+}
+# slots IMG: active key slots as dump-keys --json lists them, "0 3"
+slots() {
+	Q dump-keys --json "$1" 2>>log | python3 -c '
+import json, sys
+print(" ".join(str(s["slot"]) for s in json.load(sys.stdin)["slots"] if s["active"]))'
+}
+# writes IMG KEY: QEMU writes a pattern and reads it back, then check is clean
+writes() {
+	qio "$1" "$2" -c 'write -P 0x5c 1M 192k' -c 'write -P 0x3a 100k 4k' \
+		-c 'read -P 0x5c 1M 192k' -c 'read -P 0x3a 100k 4k' >>log 2>&1 &&
+		qcheck "$1" "$2"
+}
+
+# ---------------------------------------------------------------------------
+# format
+
+check "format: default image" Q format --key-file k1 "${FAST[@]}" a.qcow2 64M
+check "format: QEMU opens it with the passphrase" opens a.qcow2 k1
+check "format: QEMU refuses another passphrase" refuses a.qcow2 kw
+check "format: QEMU writes and reads, check clean" writes a.qcow2 k1
+check "format: qcowsetup check clean" Q check a.qcow2
+check "format: aes-xts-plain64, 512-bit key, sha256" \
+	test "$(qinfo a.qcow2 k1 cipher-alg)/$(qinfo a.qcow2 k1 cipher-mode)/$(qinfo a.qcow2 k1 ivgen-alg)/$(qinfo a.qcow2 k1 hash-alg)" = aes-256/xts/plain64/sha256
+check "format: virtual size" test "$(qemu-img info --output=json a.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')" = 67108864
+check "format: one key slot" test "$(slots a.qcow2)" = 0
+
+check "format: aes-cbc-essiv:sha256, 256-bit key, sha512, 4K clusters" \
+	Q format --key-file k1 "${FAST[@]}" --cipher aes-cbc-essiv:sha256 --key-size 256 --hash sha512 \
+	--cluster-size 4K b.qcow2 10M
+check "format (cbc-essiv): QEMU writes and reads, check clean" writes b.qcow2 k1
+check "format (cbc-essiv): cipher as asked" \
+	test "$(qinfo b.qcow2 k1 cipher-alg)/$(qinfo b.qcow2 k1 cipher-mode)/$(qinfo b.qcow2 k1 ivgen-alg)/$(qinfo b.qcow2 k1 hash-alg)" = aes-256/cbc/essiv/sha512
+check "format: --iter-time" Q format --key-file k1 --iter-time 100 c.qcow2 1M
+check "format (--iter-time): QEMU opens it" opens c.qcow2 k1
+
+# serpent needs the kernel crypto API for libcryptsetup's key slot; QEMU
+# then opens it if it has serpent itself
+rc=0
+Q format --key-file k1 "${FAST[@]}" --cipher serpent-xts-plain64 s.qcow2 1M >>log 2>&1 || rc=$?
+if [ $rc = 0 ]; then
+	check "format: serpent-xts-plain64 opens in QEMU" opens s.qcow2 k1
+else
+	echo "SKIP: format serpent-xts-plain64 (exit $rc: no serpent for key slots here)"
+fi
+refuse "format: a cipher QEMU cannot open is refused" 1 \
+	Q format --key-file k1 "${FAST[@]}" --cipher aes-cbc-benbi x.qcow2 1M
+
+qemu-img create -q -f qcow2 base.qcow2 8M >>log 2>&1
+qemu-io -f qcow2 base.qcow2 -c 'write -P 0x77 0 1M' >>log 2>&1
+check "format: --backing-file (size from it)" Q format --key-file k1 "${FAST[@]}" --backing-file base.qcow2 ov.qcow2
+check "format (backing): QEMU reads the backing data through it" \
+	qio ov.qcow2 k1 -c 'read -P 0x77 0 1M'
+check "format (backing): backing file and format recorded" \
+	test "$(qemu-img info --output=json ov.qcow2 | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["backing-filename"], d["backing-filename-format"], d["virtual-size"])')" = "base.qcow2 qcow2 8388608"
+check "format (backing): QEMU writes, check clean" writes ov.qcow2 k1
+
+cp a.qcow2 a.keep
+refuse "format: an existing image is refused" 5 Q format --key-file k2 "${FAST[@]}" a.qcow2 1M
+check "format: ...and left as it was" cmp a.qcow2 a.keep
+check "format --force replaces it" Q format --force --key-file k2 "${FAST[@]}" a.qcow2 2M
+check "format --force: the new passphrase opens it" opens a.qcow2 k2
+check "format: no temporary file left" test ! -e a.qcow2.qcowsetup-tmp
+refuse "format: size not a multiple of 512" 1 Q format --key-file k1 "${FAST[@]}" odd.qcow2 1000
+check "format: passphrase from stdin" sh -c "printf 'line pass\n' | '$QCOWSETUP' format ${FAST[*]} stdin.qcow2 1M"
+printf '%s' 'line pass' >kline
+check "format (stdin): QEMU opens it with the line" opens stdin.qcow2 kline
+
+# ---------------------------------------------------------------------------
+# key slots on a qcowsetup image
+
+Q format --key-file k1 "${FAST[@]}" img.qcow2 16M >>log 2>&1
+qio img.qcow2 k1 -c 'write -P 0x42 0 1M' >>log 2>&1
+check "add-key" Q add-key --key-file k1 "${FAST[@]}" img.qcow2 k2
+check "add-key: QEMU opens it with the new passphrase" opens img.qcow2 k2
+check "add-key: and still with the old one" opens img.qcow2 k1
+check "add-key: the data is unchanged" qio img.qcow2 k2 -c 'read -P 0x42 0 1M'
+check "add-key: slots 0 1" test "$(slots img.qcow2)" = "0 1"
+check "add-key --key-slot 5 (new key from --new-key-file)" \
+	Q add-key --key-file k1 --new-key-file k3 --key-slot 5 "${FAST[@]}" img.qcow2
+check "add-key --key-slot 5: slots 0 1 5" test "$(slots img.qcow2)" = "0 1 5"
+check "add-key --key-slot 5: QEMU opens it" opens img.qcow2 k3
+cp img.qcow2 img.keep
+refuse "add-key: wrong passphrase" 2 Q add-key --key-file kw "${FAST[@]}" img.qcow2 k2
+check "add-key (wrong passphrase): image unchanged" cmp img.qcow2 img.keep
+refuse "add-key: slot in use" 5 Q add-key --key-file k1 --key-slot 5 "${FAST[@]}" img.qcow2 k2
+check "qemu-img check clean after add-key" qcheck img.qcow2 k1
+
+check "remove-key" Q remove-key --key-file k2 img.qcow2
+check "remove-key: QEMU refuses the removed passphrase" refuses img.qcow2 k2
+check "remove-key: the others still open it" sh -c "$(declare -f opens); WORK='$WORK'; opens img.qcow2 k1 && opens img.qcow2 k3"
+check "remove-key: slots 0 5" test "$(slots img.qcow2)" = "0 5"
+check "remove-key --key-slot 5 (as luksKillSlot)" Q remove-key --key-file k1 --key-slot 5 img.qcow2
+check "remove-key --key-slot 5: QEMU refuses its passphrase" refuses img.qcow2 k3
+cp img.qcow2 img.keep
+refuse "remove-key: the last key slot is refused" 2 Q remove-key --key-file k1 img.qcow2
+check "remove-key (last): image unchanged, QEMU opens it" sh -c "cmp img.qcow2 img.keep && $(declare -f opens); WORK='$WORK'; opens img.qcow2 k1"
+refuse "remove-key: wrong passphrase" 2 Q remove-key --key-file kw img.qcow2
+
+check "change-key" Q change-key --key-file k1 "${FAST[@]}" img.qcow2 k2
+check "change-key: QEMU opens it with the new passphrase" opens img.qcow2 k2
+check "change-key: QEMU refuses the old one" refuses img.qcow2 k1
+check "change-key: the data is unchanged" qio img.qcow2 k2 -c 'read -P 0x42 0 1M'
+check "change-key: one key slot" test "$(slots img.qcow2 | wc -w)" = 1
+check "qemu-img check clean after change-key" qcheck img.qcow2 k2
+check "passphrases from stdin lines (old, then new)" \
+	sh -c "printf 'second passphrase\nfourth passphrase\n' | '$QCOWSETUP' add-key ${FAST[*]} img.qcow2"
+printf '%s' 'fourth passphrase' >k4
+check "add-key (stdin): QEMU opens it with the new one" opens img.qcow2 k4
+check "remove-key --force removes the last key" sh -c \
+	"'$QCOWSETUP' remove-key --key-file k4 img.qcow2 && '$QCOWSETUP' remove-key --force --key-file k2 img.qcow2"
+check "remove-key --force: QEMU opens it with no passphrase" sh -c "$(declare -f opens refuses); WORK='$WORK'; refuses img.qcow2 k2 && refuses img.qcow2 k4"
+check "remove-key --force: no slot left" test -z "$(slots img.qcow2)"
+
+# ---------------------------------------------------------------------------
+# key slots on an image QEMU made
+
+if retry qemu-img create -q -f qcow2 --object "secret,id=s0,file=$WORK/k1" \
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 q.qcow2 8M; then
+	qio q.qcow2 k1 -c 'write -P 0x24 64k 64k' >>log 2>&1
+	check "QEMU image: add-key" Q add-key --key-file k1 "${FAST[@]}" q.qcow2 k2
+	check "QEMU image: QEMU opens it with both" sh -c "$(declare -f opens); WORK='$WORK'; opens q.qcow2 k1 && opens q.qcow2 k2"
+	check "QEMU image: change-key" Q change-key --key-file k1 "${FAST[@]}" q.qcow2 k3
+	check "QEMU image: QEMU refuses the changed passphrase" refuses q.qcow2 k1
+	check "QEMU image: remove-key" Q remove-key --key-file k2 q.qcow2
+	check "QEMU image: QEMU refuses the removed passphrase" refuses q.qcow2 k2
+	check "QEMU image: data intact, check clean" sh -c "$(declare -f qio qcheck); WORK='$WORK'; qio q.qcow2 k3 -c 'read -P 0x24 64k 64k' && qcheck q.qcow2 k3"
+else
+	fail "qemu-img create of a LUKS image"
+fi
+
+# ---------------------------------------------------------------------------
+# refusals while QEMU holds the image
+
+Q format --key-file k1 "${FAST[@]}" held.qcow2 4M >>log 2>&1
+cp held.qcow2 held.keep
+for mode in rw ro; do
+	ro=
+	[ $mode = ro ] && ro=-r
+	qemu-io $ro --object "secret,id=s0,file=$WORK/k1" --image-opts \
+		"driver=qcow2,file.filename=held.qcow2,encrypt.key-secret=s0" -c 'sleep 2500' >>log 2>&1 &
+	qpid=$!
+	sleep 0.7
+	refuse "add-key while QEMU ($mode) holds the image" 5 Q add-key --key-file k1 "${FAST[@]}" held.qcow2 k2
+	refuse "change-key while QEMU ($mode) holds the image" 5 Q change-key --key-file k1 "${FAST[@]}" held.qcow2 k2
+	refuse "format --force while QEMU ($mode) holds the image" 5 Q format --force --key-file k2 "${FAST[@]}" held.qcow2 1M
+	check "dump-keys while QEMU ($mode) holds the image" Q dump-keys held.qcow2
+	wait $qpid
+	check "held image ($mode) unchanged" cmp held.qcow2 held.keep
+done
+refuse "add-key on an unencrypted image" 4 Q add-key --key-file k1 "${FAST[@]}" base.qcow2 k2
+
+# ---------------------------------------------------------------------------
+# write order: key material, sync, header, sync (strace)
+
+if command -v strace >/dev/null 2>&1; then
+	Q format --key-file k1 "${FAST[@]}" order.qcow2 1M >>log 2>&1
+	off=$(qemu-img info --output=json order.qcow2 >/dev/null 2>&1; python3 -c '
+import struct
+f = open("order.qcow2", "rb").read(65536)
+p = struct.unpack(">I", f[100:104])[0]
+while True:
+    t, l = struct.unpack(">II", f[p:p + 8])
+    if t == 0x0537be77:
+        print(struct.unpack(">Q", f[p + 8:p + 16])[0]); break
+    if t == 0: break
+    p += 8 + (l + 7) // 8 * 8')
+	strace -f -e trace=pwrite64,fsync,fdatasync -o trace "$QCOWSETUP" change-key --key-file k1 "${FAST[@]}" order.qcow2 k2 >>log 2>&1
+	# the writes to the image file (fd >= 3, not the memfd at offsets < region)
+	seq=$(python3 - "$off" <<'EOF'
+import re, sys
+hdr = int(sys.argv[1])
+out = []
+fds = set()
+for line in open('trace'):
+    m = re.search(r'pwrite64\((\d+), .*, (\d+), (\d+)\) = ', line)
+    if m:
+        fd, off = int(m.group(1)), int(m.group(3))
+        if off >= hdr and off < hdr + (4 << 20):
+            fds.add(fd)
+            out.append((fd, 'H' if off < hdr + 4096 else 'M'))
+        continue
+    m = re.search(r'f(data)?sync\((\d+)\)', line)
+    if m:
+        out.append((int(m.group(2)), 'S'))
+print(''.join(k for fd, k in out if fd in fds))
+EOF
+)
+	# material of the new slot, sync, header, sync, wiping of the old slot, sync
+	if [[ "$seq" =~ ^MSHSMS$ ]]; then pass "change-key writes material, sync, header, sync, wipe, sync ($seq)";
+	else fail "change-key write order: $seq"; fi
+	check "change-key (traced): QEMU opens it with the new passphrase" opens order.qcow2 k2
+else
+	echo "SKIP: write order (no strace)"
+fi
+
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
