@@ -311,6 +311,15 @@ int image_select_snapshot(struct image *img, const char *id_or_name)
 		log_err("%s: no snapshot with id or name \"%s\".", img->path, id_or_name);
 		return -ENOENT;
 	}
+	{
+		uint64_t per_l1 = (img->cluster_size / (img->extended_l2 ? 16 : 8)) << img->cluster_bits;
+
+		if (sn->disk_size > (uint64_t)sn->l1_size * per_l1 || sn->disk_size % 512) {
+			log_err("%s: snapshot %s has a virtual size of %" PRIu64 " bytes, which its L1 table of %u entries cannot cover or which is not a multiple of 512.",
+				img->path, sn->id, sn->disk_size, sn->l1_size);
+			return -EUCLEAN;
+		}
+	}
 	r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table", &l1);
 	if (r < 0)
 		return r;
@@ -325,10 +334,11 @@ int image_select_snapshot(struct image *img, const char *id_or_name)
 int image_walk_layer(struct image *img, struct run_list *out)
 {
 	struct run all = { .guest = 0, .len = img->map_size, .kind = RUN_DATA };
+	struct meta_range *meta = NULL;
+	size_t nmeta = 0;
 	int r;
 
-	switch (img->format) {
-	case IMG_FMT_RAW:
+	if (img->format == IMG_FMT_RAW) {
 		/* the sector-rounded tail past the end of the file reads as zeros */
 		all.len = img->io.size & ~511ULL;
 		r = run_list_add(out, &all);
@@ -338,17 +348,16 @@ int image_walk_layer(struct image *img, struct run_list *out)
 			r = run_list_add(out, &tail);
 		}
 		return r;
-	case IMG_FMT_QCOW:
-		r = qcow1_walk(img, out);
-		break;
-	case IMG_FMT_QCOW2:
-		r = qcow2_walk(img, out);
-		break;
-	default:
-		return -EINVAL;
 	}
+	/* metadata first: an L2 table lying on other metadata is refused before
+	 * its contents are taken for cluster addresses */
+	r = validate_metadata(img, &meta, &nmeta);
+	if (r < 0)
+		return r;
+	r = img->format == IMG_FMT_QCOW ? qcow1_walk(img, out) : qcow2_walk(img, out);
 	if (r == 0)
-		r = validate_layer(img, out);
+		r = validate_runs(img, out, meta, nmeta);
+	free(meta);
 	return r;
 }
 

@@ -88,6 +88,7 @@ const char *meta_kind_name(enum meta_kind kind);
 struct meta_range {
 	uint64_t offset;
 	uint64_t length;
+	uint64_t guest;		/* L2 tables: first guest offset they map */
 	uint8_t kind;		/* enum meta_kind */
 };
 

@@ -26,6 +26,10 @@ int qcow1_open(struct image *img)
 	r = img_pread(&img->io, h, sizeof(h), 0);
 	if (r < 0)
 		return r;
+	if (get_be32(h) != QCOW_MAGIC) {
+		log_err("%s: not a qcow image (magic 0x%08x).", img->path, get_be32(h));
+		return -EUCLEAN;
+	}
 	img->version = get_be32(h + 4);
 	backing_off = get_be64(h + 8);
 	backing_len = get_be32(h + 16);
@@ -115,8 +119,14 @@ int qcow1_walk(struct image *img, struct run_list *out)
 				goto out;
 			continue;
 		}
-		if (!is_aligned(l2_off, 512) || !image_range_in_file(&img->io, l2_off, l2_bytes)) {
-			log_err("%s: guest offset 0x%" PRIx64 ": L2 table at host offset 0x%" PRIx64 " is misaligned or beyond the end of the file (size %" PRIu64 ").",
+		if (!is_aligned(l2_off, 512)) {
+			log_err("%s: guest offset 0x%" PRIx64 ": L2 table at host offset 0x%" PRIx64 " is not sector aligned.",
+				img->path, base, l2_off);
+			r = -EUCLEAN;
+			goto out;
+		}
+		if (!image_range_in_file(&img->io, l2_off, l2_bytes)) {
+			log_err("%s: guest offset 0x%" PRIx64 ": L2 table at host offset 0x%" PRIx64 " lies beyond the end of the file (size %" PRIu64 ").",
 				img->path, base, l2_off, img->io.size);
 			r = -EUCLEAN;
 			goto out;

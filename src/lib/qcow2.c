@@ -429,10 +429,18 @@ static int check_crypt_header(struct image *img)
 		log_err("%s: LUKS-encrypted image without an encryption header extension.", img->path);
 		return -EUCLEAN;
 	}
-	if (!is_aligned(img->crypt_header_offset, img->cluster_size) || img->crypt_header_offset == 0 ||
-	    !image_range_in_file(&img->io, img->crypt_header_offset, img->crypt_header_length) ||
-	    img->crypt_header_length < 592) {
-		log_err("%s: LUKS header at offset 0x%" PRIx64 " (%" PRIu64 " bytes) is misaligned, too small or beyond the end of the file (size %" PRIu64 ").",
+	if (img->crypt_header_length < 592) {
+		log_err("%s: LUKS header at offset 0x%" PRIx64 " (%" PRIu64 " bytes) is too small for a LUKS1 header.",
+			img->path, img->crypt_header_offset, img->crypt_header_length);
+		return -EUCLEAN;
+	}
+	if (!is_aligned(img->crypt_header_offset, img->cluster_size) || img->crypt_header_offset == 0) {
+		log_err("%s: LUKS header at offset 0x%" PRIx64 " is not cluster aligned or lies on the header.", img->path,
+			img->crypt_header_offset);
+		return -EUCLEAN;
+	}
+	if (!image_range_in_file(&img->io, img->crypt_header_offset, img->crypt_header_length)) {
+		log_err("%s: LUKS header at offset 0x%" PRIx64 " (%" PRIu64 " bytes) lies beyond the end of the file (size %" PRIu64 ").",
 			img->path, img->crypt_header_offset, img->crypt_header_length, img->io.size);
 		return -EUCLEAN;
 	}
@@ -482,6 +490,11 @@ int qcow2_open(struct image *img)
 	r = img_pread(&img->io, hdr, V2_HEADER_SIZE, 0);
 	if (r < 0)
 		goto out;
+	if (get_be32(hdr) != QCOW_MAGIC) {
+		log_err("%s: not a qcow2 image (magic 0x%08x).", img->path, get_be32(hdr));
+		r = -EUCLEAN;
+		goto out;
+	}
 	img->version = get_be32(hdr + 4);
 	if (img->version != 2 && img->version != 3) {
 		log_err("%s: unsupported qcow2 version %u.", img->path, img->version);
@@ -525,8 +538,10 @@ int qcow2_open(struct image *img)
 		img->autoclear_features = get_be64(hdr + 88);
 		img->refcount_order = get_be32(hdr + 96);
 		img->header_length = get_be32(hdr + 100);
-		if (img->header_length < V3_HEADER_SIZE || img->header_length > img->cluster_size) {
-			log_err("%s: header_length %u is invalid (104..cluster size).", img->path, img->header_length);
+		if (img->header_length < V3_HEADER_SIZE || img->header_length > img->cluster_size ||
+		    img->header_length % 8) {
+			log_err("%s: header_length %u is invalid (a multiple of 8 from 104 to the cluster size).", img->path,
+				img->header_length);
 			r = -EUCLEAN;
 			goto out;
 		}
@@ -708,6 +723,11 @@ static int walk_l2_entry(struct image *img, struct run_list *out, uint64_t guest
 		return emit(out, guest, cs, end, RUN_COMPRESSED, host, (uint32_t)clen, 0);
 	}
 	host = entry & QCOW2_L2E_OFFSET_MASK;
+	if (entry & (QCOW2_L2E_RESERVED | (img->extended_l2 ? QCOW2_OFLAG_ZERO : 0))) {
+		log_err("%s: guest offset 0x%" PRIx64 ": L2 entry 0x%016" PRIx64 " has reserved bits set.", img->path,
+			guest, entry);
+		return -EUCLEAN;
+	}
 	/* Offset 0 is a valid offset in an external data file; there every
 	 * cluster has refcount 1, so COPIED tells allocated from not (as QEMU). */
 	allocated = host || (img->data_file && (entry & QCOW2_OFLAG_COPIED));
@@ -769,6 +789,12 @@ int qcow2_walk(struct image *img, struct run_list *out)
 	for (uint64_t i = 0; i < img->map_l1_size && i * per_l1 < end; i++) {
 		uint64_t l2_off = img->l1[i] & QCOW2_L1E_OFFSET_MASK, base = i * per_l1;
 
+		if (img->l1[i] & QCOW2_L1E_RESERVED) {
+			log_err("%s: guest offset 0x%" PRIx64 ": L1 entry %" PRIu64 " (0x%016" PRIx64 ") has reserved bits set.",
+				img->path, base, i, img->l1[i]);
+			r = -EUCLEAN;
+			goto out;
+		}
 		if (!l2_off) {
 			r = emit(out, base, per_l1, end, RUN_UNALLOC, 0, 0, 0);
 			if (r < 0)
@@ -841,8 +867,13 @@ int refcount_get(struct refcount_reader *rr, uint64_t ci, uint64_t *rc)
 	boff = rr->table[ti] & QCOW2_REFT_OFFSET_MASK;
 	if (!boff)
 		return 0;
-	if (!is_aligned(boff, img->cluster_size) || !image_range_in_file(&img->io, boff, img->cluster_size)) {
-		log_err("%s: refcount block at 0x%" PRIx64 " is misaligned or beyond the end of the file.", img->path, boff);
+	if (!is_aligned(boff, img->cluster_size)) {
+		log_err("%s: refcount block at host offset 0x%" PRIx64 " is not cluster aligned.", img->path, boff);
+		return -EUCLEAN;
+	}
+	if (!image_range_in_file(&img->io, boff, img->cluster_size)) {
+		log_err("%s: refcount block at host offset 0x%" PRIx64 " lies beyond the end of the file (size %" PRIu64 ").",
+			img->path, boff, img->io.size);
 		return -EUCLEAN;
 	}
 	if (rr->block_offset != boff) {

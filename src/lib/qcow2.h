@@ -54,8 +54,12 @@ void refcount_reader_free(struct refcount_reader *rr);
 /* Refcount of host cluster index ci; 0 for clusters beyond the table. */
 int refcount_get(struct refcount_reader *rr, uint64_t ci, uint64_t *rc);
 
-/* Validation of one walked layer (validate.c). */
-int validate_layer(struct image *img, const struct run_list *runs);
+/* Validation (validate.c): the metadata of a layer before its walk (in the
+ * file, no overlaps; *meta sorted, free()d by the caller), then the walked
+ * runs against it (data inside its file, not on metadata, no aliasing the
+ * refcounts do not allow). */
+int validate_metadata(struct image *img, struct meta_range **meta, size_t *nmeta);
+int validate_runs(struct image *img, const struct run_list *runs, const struct meta_range *meta, size_t nmeta);
 
 /* Bounds check on the image file: [off, off+len) inside it. */
 bool image_range_in_file(const struct img_io *io, uint64_t off, uint64_t len);

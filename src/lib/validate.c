@@ -2,6 +2,7 @@
  * bytes outside its files into the guest. Checked on every walked layer. */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,7 +35,7 @@ struct meta_list {
 	size_t n, alloc;
 };
 
-static int meta_add(struct meta_list *m, uint64_t off, uint64_t len, enum meta_kind kind)
+static int meta_add_guest(struct meta_list *m, uint64_t off, uint64_t len, enum meta_kind kind, uint64_t guest)
 {
 	if (!len)
 		return 0;
@@ -47,8 +48,13 @@ static int meta_add(struct meta_list *m, uint64_t off, uint64_t len, enum meta_k
 		m->v = p;
 		m->alloc = na;
 	}
-	m->v[m->n++] = (struct meta_range){ .offset = off, .length = len, .kind = (uint8_t)kind };
+	m->v[m->n++] = (struct meta_range){ .offset = off, .length = len, .guest = guest, .kind = (uint8_t)kind };
 	return 0;
+}
+
+static int meta_add(struct meta_list *m, uint64_t off, uint64_t len, enum meta_kind kind)
+{
+	return meta_add_guest(m, off, len, kind, 0);
 }
 
 static int add_l2_tables(const struct image *img, struct meta_list *m, const uint64_t *l1, uint64_t n,
@@ -56,12 +62,13 @@ static int add_l2_tables(const struct image *img, struct meta_list *m, const uin
 {
 	uint64_t l2_bytes = img->format == IMG_FMT_QCOW ? (8ULL << img->l2_bits) : img->cluster_size;
 	uint64_t mask = img->format == IMG_FMT_QCOW ? ~0ULL : QCOW2_L1E_OFFSET_MASK;
+	uint64_t per_l1 = (l2_bytes / (img->extended_l2 ? 16 : 8)) << img->cluster_bits;
 	int r;
 
 	for (uint64_t i = 0; i < n; i++) {
 		uint64_t off = l1[i] & mask;
 
-		if (off && (r = meta_add(m, off, l2_bytes, kind)) < 0)
+		if (off && (r = meta_add_guest(m, off, l2_bytes, kind, i * per_l1)) < 0)
 			return r;
 	}
 	return 0;
@@ -78,12 +85,15 @@ static int cmp_meta(const void *a, const void *b)
 	return (int)x->kind - (int)y->kind;
 }
 
+/* Snapshots share L2 tables with the active L1 and with each other; the
+ * active L1 itself must not name one L2 table twice. */
 static bool shared_l2(const struct meta_range *a, const struct meta_range *b)
 {
 	bool al2 = a->kind == META_L2 || a->kind == META_SNAPSHOT_L2;
 	bool bl2 = b->kind == META_L2 || b->kind == META_SNAPSHOT_L2;
 
-	return al2 && bl2 && a->offset == b->offset && a->length == b->length;
+	return al2 && bl2 && !(a->kind == META_L2 && b->kind == META_L2) && a->offset == b->offset &&
+	       a->length == b->length;
 }
 
 int image_metadata(struct image *img, struct meta_range **out, size_t *count)
@@ -192,23 +202,62 @@ fail:
 	return r;
 }
 
-/* Metadata must not overlap other metadata or lie outside the file. */
+static bool meta_must_be_aligned(enum meta_kind kind)
+{
+	switch (kind) {
+	case META_L1:
+	case META_L2:
+	case META_REFCOUNT_TABLE:
+	case META_REFCOUNT_BLOCK:
+	case META_SNAPSHOT_TABLE:
+	case META_SNAPSHOT_L1:
+	case META_SNAPSHOT_L2:
+	case META_CRYPT_HEADER:
+	case META_BITMAP_DIRECTORY:
+	case META_BITMAP_TABLE:
+	case META_BITMAP_DATA:
+		return true;
+	default:
+		return false;
+	}
+}
+
+/* Metadata must be aligned, lie inside the file and not overlap other
+ * metadata. */
 static int check_metadata(const struct image *img, const struct meta_range *m, size_t n)
 {
+	uint64_t align = img->format == IMG_FMT_QCOW ? 512 : img->cluster_size;
 	size_t last = 0;
 
 	for (size_t i = 0; i < n; i++) {
+		char where[48] = "";
+
+		if (m[i].kind == META_L2 || m[i].kind == META_SNAPSHOT_L2)
+			snprintf(where, sizeof(where), "guest offset 0x%" PRIx64 ": ", m[i].guest);
+		/* qcow v1 places its L1 table right after the header */
+		if (meta_must_be_aligned(m[i].kind) && !(img->format == IMG_FMT_QCOW && m[i].kind == META_L1) &&
+		    !is_aligned(m[i].offset, align)) {
+			log_err("%s: %s%s at host offset 0x%" PRIx64 " is not %s aligned.", img->path, where,
+				meta_kind_name(m[i].kind), m[i].offset, align == 512 ? "sector" : "cluster");
+			return -EUCLEAN;
+		}
 		if (!image_range_in_file(&img->io, m[i].offset, m[i].length)) {
-			log_err("%s: %s at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) lies beyond the end of the file (size %" PRIu64 ").",
-				img->path, meta_kind_name(m[i].kind), m[i].offset, m[i].length, img->io.size);
+			log_err("%s: %s%s at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) lies beyond the end of the file (size %" PRIu64 ").",
+				img->path, where, meta_kind_name(m[i].kind), m[i].offset, m[i].length, img->io.size);
 			return -EUCLEAN;
 		}
-		if (i && m[i].offset < m[last].offset + m[last].length) {
-			log_err("%s: %s at host offset 0x%" PRIx64 " overlaps the %s at 0x%" PRIx64 ".", img->path,
-				meta_kind_name(m[i].kind), m[i].offset, meta_kind_name(m[last].kind), m[last].offset);
+	}
+	for (size_t i = 1; i < n; i++) {
+		if (m[i].offset < m[last].offset + m[last].length) {
+			if (m[i].kind == META_L2 && m[last].kind == META_L2 && m[i].offset == m[last].offset)
+				log_err("%s: L2 table at host offset 0x%" PRIx64 " is named twice by the L1 table.", img->path,
+					m[i].offset);
+			else
+				log_err("%s: %s at host offset 0x%" PRIx64 " overlaps the %s at 0x%" PRIx64 ".", img->path,
+					meta_kind_name(m[i].kind), m[i].offset, meta_kind_name(m[last].kind), m[last].offset);
 			return -EUCLEAN;
 		}
-		if (!i || m[i].offset + m[i].length > m[last].offset + m[last].length)
+		if (m[i].offset + m[i].length > m[last].offset + m[last].length)
 			last = i;
 	}
 	return 0;
@@ -293,26 +342,32 @@ out:
 	return r;
 }
 
-int validate_layer(struct image *img, const struct run_list *runs)
+int validate_metadata(struct image *img, struct meta_range **meta, size_t *nmeta)
 {
-	struct meta_range *meta = NULL;
+	int r = image_metadata(img, meta, nmeta);
+
+	if (r < 0)
+		return r;
+	r = check_metadata(img, *meta, *nmeta);
+	if (r < 0) {
+		free(*meta);
+		*meta = NULL;
+		*nmeta = 0;
+	}
+	return r;
+}
+
+int validate_runs(struct image *img, const struct run_list *runs, const struct meta_range *meta, size_t nmeta)
+{
 	struct host_ref *refs = NULL;
 	const struct img_io *dio = &img->data_io;
 	bool same_file = !img->has_data_file;
-	size_t nmeta = 0, nrefs = 0;
-	int r;
+	size_t nrefs = 0;
+	int r = 0;
 
-	r = image_metadata(img, &meta, &nmeta);
-	if (r < 0)
-		return r;
-	r = check_metadata(img, meta, nmeta);
-	if (r < 0)
-		goto out;
 	refs = malloc((runs->count ? runs->count : 1) * sizeof(*refs));
-	if (!refs) {
-		r = -ENOMEM;
-		goto out;
-	}
+	if (!refs)
+		return -ENOMEM;
 	for (size_t i = 0; i < runs->count; i++) {
 		const struct run *ru = &runs->runs[i];
 		uint64_t len = ru->kind == RUN_COMPRESSED ? ru->clen : ru->len;
@@ -353,7 +408,6 @@ int validate_layer(struct image *img, const struct run_list *runs)
 	}
 	r = check_aliasing(img, refs, nrefs);
 out:
-	free(meta);
 	free(refs);
 	return r;
 }
