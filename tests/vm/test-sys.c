@@ -859,11 +859,14 @@ static void test_loop(const char *dir, bool primary)
 		/* Racing attachers: GET_FREE hands the same device to several,
 		 * the losers must take another one. */
 		{
-			int pfd[2], k, ok = 0, wst;
+			int pfd[2], bar[2], k, ok = 0, wst, lines_seen = 0;
 			char got[4096] = "";
 			ssize_t n, total = 0;
 
-			if (pipe(pfd) == 0) {
+			/* bar: the children keep their loops until the parent has
+			 * read all 16 names, so a detached number cannot be reused
+			 * by a slower child and look like a duplicate */
+			if (pipe(pfd) == 0 && pipe(bar) == 0) {
 				for (k = 0; k < 4; k++) {
 					if (fork() == 0) {
 						struct loop_dev d[4];
@@ -878,6 +881,14 @@ static void test_loop(const char *dir, bool primary)
 						}
 						if (write(pfd[1], line, strlen(line)) < 0)
 							_exit(1);
+						close(pfd[1]);	/* EOF for the parent once all have written */
+						close(bar[1]);
+						{
+							char c;
+
+							while (read(bar[0], &c, 1) > 0)
+								;
+						}
 						for (j = 0; j < 4; j++) {
 							close(d[j].fd);
 							loop_detach(d[j].path);
@@ -886,8 +897,14 @@ static void test_loop(const char *dir, bool primary)
 					}
 				}
 				close(pfd[1]);
-				while ((n = read(pfd[0], got + total, sizeof(got) - 1 - (size_t)total)) > 0)
+				close(bar[0]);
+				while (lines_seen < 16 &&
+				       (n = read(pfd[0], got + total, sizeof(got) - 1 - (size_t)total)) > 0) {
+					for (ssize_t q = total; q < total + n; q++)
+						lines_seen += got[q] == '\n';
 					total += n;
+				}
+				close(bar[1]);
 				close(pfd[0]);
 				for (k = 0; k < 4; k++)
 					if (wait(&wst) > 0 && WIFEXITED(wst) && WEXITSTATUS(wst) == 0)
