@@ -793,7 +793,7 @@ int cmd_convert(int argc, char **argv)
 	r = keys_lock_for_read(fd, src_path, kopt.in_place);
 	if (r < 0)
 		goto out;
-	r = keys_fd_io(fd, src_path, &io);
+	r = tools_fd_io(fd, src_path, &io);
 	if (r < 0)
 		goto out;
 	r = image_open_io(&file_opener, &io, &oo, &c.src);
@@ -945,7 +945,7 @@ out:
 	run_list_free(&c.alloc);
 	if (c.src)
 		image_free(c.src, &file_opener);
-	keys_fd_io_free(&io);
+	tools_fd_io_free(&io);
 	if (fd >= 0)
 		close(fd);
 	free(region);

@@ -278,102 +278,6 @@ int keys_format_params(struct luks_format_params *p, char *name, char *mode, siz
 	return 0;
 }
 
-/* ---- img_io on a descriptor the command holds ---- */
-
-struct fd_ctx {
-	int fd;
-	char *path;
-};
-
-static int fd_pread(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	struct fd_ctx *f = opaque;
-	uint8_t *p = buf;
-	ssize_t n;
-
-	while (len) {
-		n = pread(f->fd, p, len, (off_t)off);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int fd_extent(void *opaque, uint64_t off, uint64_t *len, bool *is_data)
-{
-	struct fd_ctx *f = opaque;
-	off_t data, hole;
-
-	data = lseek(f->fd, (off_t)off, SEEK_DATA);
-	if (data < 0)
-		return -errno;
-	if ((uint64_t)data > off) {
-		*is_data = false;
-		*len = (uint64_t)data - off;
-		return 0;
-	}
-	hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
-	if (hole < 0)
-		return -errno;
-	*is_data = true;
-	*len = (uint64_t)hole - off;
-	return *len ? 0 : -ENXIO;
-}
-
-int keys_fd_io(int fd, const char *path, struct img_io *io)
-{
-	struct fd_ctx *f;
-	struct stat st;
-	uint64_t sz;
-
-	memset(io, 0, sizeof(*io));
-	if (fstat(fd, &st) < 0)
-		return -errno;
-	if (S_ISBLK(st.st_mode)) {
-		if (ioctl(fd, BLKGETSIZE64, &sz) < 0)
-			return -errno;
-		io->size = sz;
-	} else if (S_ISREG(st.st_mode)) {
-		io->size = (uint64_t)st.st_size;
-		io->allocated = (uint64_t)st.st_blocks * 512;
-		io->extent = fd_extent;
-	} else {
-		return -ENODEV;
-	}
-	f = calloc(1, sizeof(*f));
-	if (!f)
-		return -ENOMEM;
-	f->fd = fd;
-	f->path = strdup(path);
-	if (!f->path) {
-		free(f);
-		return -ENOMEM;
-	}
-	io->pread = fd_pread;
-	io->opaque = f;
-	io->name = f->path;
-	return 0;
-}
-
-void keys_fd_io_free(struct img_io *io)
-{
-	struct fd_ctx *f = io->opaque;
-
-	if (f) {
-		free(f->path);
-		free(f);
-	}
-	io->opaque = NULL;
-}
-
 /* ---- QEMU's locks (lock.c) ---- */
 
 /* Whether another open file description holds lock bytes that conflict with
@@ -686,7 +590,7 @@ static void keyimg_close(struct keyimg *k)
 {
 	if (k->img)
 		image_free(k->img, &file_opener);
-	keys_fd_io_free(&k->io);
+	tools_fd_io_free(&k->io);
 	if (k->fd >= 0)
 		close(k->fd);
 	free(k->region);
@@ -713,7 +617,7 @@ static int keyimg_open(const char *path, bool write, struct keyimg *k)
 		if (r < 0)
 			goto fail;
 	}
-	r = keys_fd_io(k->fd, path, &k->io);
+	r = tools_fd_io(k->fd, path, &k->io);
 	if (r < 0)
 		goto fail;
 	r = image_open_io(&file_opener, &k->io, &oo, &k->img);

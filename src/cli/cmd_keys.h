@@ -105,8 +105,6 @@ int keys_format_params(struct luks_format_params *p, char *name, char *mode, siz
 void keys_pbkdf(struct luks_pbkdf *p);
 
 /* An img_io reading fd (which the caller keeps open: its locks live with it). */
-int keys_fd_io(int fd, const char *path, struct img_io *io);
-void keys_fd_io_free(struct img_io *io);
 
 /* Lock fd as a writer of the image path (QEMU's lock bytes): refuses with
  * -EBUSY and a message when QEMU or another program has it open, unless

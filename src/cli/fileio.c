@@ -10,116 +10,91 @@
 
 #include "log.h"
 #include "qcowsetup.h"
+#include "sysutil.h"
 
 struct file_ctx {
 	int fd;
+	bool owns_fd;
 	char *path;
 };
 
 static int file_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
-	struct file_ctx *f = opaque;
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pread(f->fd, p, len, (off_t)off);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
+	return fd_pread_all(((struct file_ctx *)opaque)->fd, buf, len, off);
 }
 
 static int file_extent(void *opaque, uint64_t off, uint64_t *len, bool *is_data)
 {
-	struct file_ctx *f = opaque;
-	off_t data, hole;
-
-	data = lseek(f->fd, (off_t)off, SEEK_DATA);
-	if (data < 0)
-		return errno == ENXIO ? -ENXIO : -errno;
-	if ((uint64_t)data > off) {
-		*is_data = false;
-		*len = (uint64_t)data - off;
-		return 0;
-	}
-	hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
-	if (hole < 0)
-		return -errno;
-	*is_data = true;
-	*len = (uint64_t)hole - off;
-	return *len ? 0 : -ENXIO;
+	return fd_extent(((struct file_ctx *)opaque)->fd, off, len, is_data);
 }
 
-static int file_open(void *opaque, const char *path, struct img_io *io)
+int tools_fd_io(int fd, const char *path, struct img_io *io)
 {
 	struct file_ctx *f;
 	struct stat st;
-	int r;
+	uint64_t sz;
 
-	f = calloc(1, sizeof(*f));
-	if (!f)
-		return -ENOMEM;
-	f->fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (f->fd < 0) {
-		r = -errno;
-		free(f);
-		return r;
-	}
-	if (fstat(f->fd, &st) < 0) {
-		r = -errno;
-		goto fail;
-	}
 	memset(io, 0, sizeof(*io));
+	if (fstat(fd, &st) < 0)
+		return -errno;
 	if (S_ISBLK(st.st_mode)) {
-		uint64_t sz;
-
-		if (ioctl(f->fd, BLKGETSIZE64, &sz) < 0) {
-			r = -errno;
-			goto fail;
-		}
+		if (ioctl(fd, BLKGETSIZE64, &sz) < 0)
+			return -errno;
 		io->size = sz;
 	} else if (S_ISREG(st.st_mode)) {
 		io->size = (uint64_t)st.st_size;
 		io->allocated = (uint64_t)st.st_blocks * 512;
 		io->extent = file_extent;
 	} else {
-		r = -ENODEV;
-		goto fail;
+		return -ENODEV;
 	}
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	f->fd = fd;
 	f->path = strdup(path);
 	if (!f->path) {
-		r = -ENOMEM;
-		goto fail;
+		free(f);
+		return -ENOMEM;
 	}
 	io->pread = file_pread;
 	io->opaque = f;
 	io->name = f->path;
 	return 0;
-fail:
-	close(f->fd);
-	free(f);
-	return r;
 }
 
-static void file_close(void *opaque, struct img_io *io)
+void tools_fd_io_free(struct img_io *io)
 {
 	struct file_ctx *f = io->opaque;
 
 	if (!f)
 		return;
-	close(f->fd);
+	if (f->owns_fd)
+		close(f->fd);
 	free(f->path);
 	free(f);
 	io->opaque = NULL;
+}
+
+static int file_open(void *opaque, const char *path, struct img_io *io)
+{
+	int fd, r;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	r = tools_fd_io(fd, path, io);
+	if (r < 0) {
+		close(fd);
+		return r;
+	}
+	((struct file_ctx *)io->opaque)->owns_fd = true;
+	return 0;
+}
+
+static void file_close(void *opaque, struct img_io *io)
+{
+	tools_fd_io_free(io);
 }
 
 const struct img_opener file_opener = {

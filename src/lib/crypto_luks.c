@@ -20,6 +20,7 @@
 
 #include "keys.h"
 #include "log.h"
+#include "sysutil.h"
 #include "util.h"
 
 #ifndef AF_ALG
@@ -211,25 +212,6 @@ static void cryptsetup_log(int level, const char *msg, void *usrptr)
 	log_dbg("libcryptsetup%s: %.*s", level == CRYPT_LOG_ERROR ? " error" : "", (int)n, msg);
 }
 
-static int write_all(int fd, const uint8_t *p, size_t len)
-{
-	ssize_t n;
-
-	while (len) {
-		n = write(fd, p, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -EIO;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /* Whether the kernel crypto API socket family exists on this host. */
 static bool have_af_alg(void)
 {
@@ -283,7 +265,7 @@ int luks_unlock(const struct img_io *io, uint64_t off, uint64_t len,
 		log_err("Cannot create a memory file for the LUKS header: %s", strerror(-r));
 		goto out;
 	}
-	r = write_all(fd, region, len);
+	r = fd_write_all(fd, region, len);
 	if (r < 0) {
 		log_err("Cannot copy the LUKS header to memory: %s", strerror(-r));
 		goto out;
@@ -404,7 +386,7 @@ static int region_open(const uint8_t *region, uint64_t len, uint64_t size, bool 
 		goto fail;
 	}
 	if (region && len) {
-		r = write_all(fd, region, (size_t)len);
+		r = fd_write_all(fd, region, (size_t)len);
 		if (r < 0) {
 			log_err("Cannot copy the LUKS header to memory: %s", strerror(-r));
 			goto fail;

@@ -13,6 +13,7 @@
 
 #include "dm.h"
 #include "log.h"
+#include "sysutil.h"
 
 /* libdevmapper's log levels (lvm2 lib/log/log.h); the flags above 0x7f
  * (_LOG_STDERR, _LOG_ONCE, ...) are masked off. */
@@ -165,28 +166,6 @@ static int task_run(struct dm_task *dmt)
 	return ok;
 }
 
-/* /sbin/modprobe -q module, no shell. 0 when it succeeded. */
-static int modprobe(const char *module)
-{
-	char *argv[] = { (char *)"modprobe", (char *)"-q", (char *)module, NULL };
-	posix_spawn_file_actions_t fa;
-	int status, r;
-	pid_t pid;
-
-	/* posix_spawn: no copy of a big (or memory-locked) address space */
-	if (posix_spawn_file_actions_init(&fa))
-		return -ENOMEM;
-	posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-	r = posix_spawn(&pid, "/sbin/modprobe", &fa, NULL, argv, environ);
-	posix_spawn_file_actions_destroy(&fa);
-	if (r)
-		return -r;
-	if (waitpid(pid, &status, 0) < 0)
-		return -errno;
-	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -ENOENT;
-}
-
 static bool misc_has_device_mapper(void)
 {
 	char line[128];
@@ -216,7 +195,7 @@ int dm_check_control(void)
 	dm_init();
 	/* Before libdevmapper's first look: it remembers a failure. */
 	if (!control_present())
-		(void)modprobe("dm-mod");
+		(void)sys_modprobe("dm-mod");
 	fd = open("/dev/mapper/control", O_RDWR | O_CLOEXEC);
 	if (fd < 0 && (errno == EACCES || errno == EPERM)) {
 		log_err("cannot use device-mapper: permission denied on "
@@ -833,7 +812,7 @@ int dm_check_target(const char *type)
 		return r < 0 ? r : 0;
 	snprintf(module, sizeof(module), "dm-%s", type);
 	log_dbg("device-mapper target %s not registered: modprobe %s", type, module);
-	(void)modprobe(module);
+	(void)sys_modprobe(module);
 	r = target_registered(type);
 	if (r)
 		return r < 0 ? r : 0;

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "sysutil.h"
 #include "loop.h"
 
 #ifndef LOOP_CONFIGURE		/* headers older than Linux 5.8 */
@@ -41,28 +42,6 @@ static bool legacy_ioctls;
 void loop_test_legacy_ioctls(bool legacy)
 {
 	legacy_ioctls = legacy;
-}
-
-/* /sbin/modprobe -q MODULE, no shell. 0 when it succeeded. */
-static int modprobe(const char *module)
-{
-	char *argv[] = { (char *)"modprobe", (char *)"-q", (char *)module, NULL };
-	posix_spawn_file_actions_t fa;
-	int status, r;
-	pid_t pid;
-
-	/* posix_spawn: no copy of a big (or memory-locked) address space */
-	if (posix_spawn_file_actions_init(&fa))
-		return -ENOMEM;
-	posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-	r = posix_spawn(&pid, "/sbin/modprobe", &fa, NULL, argv, environ);
-	posix_spawn_file_actions_destroy(&fa);
-	if (r)
-		return -r;
-	if (waitpid(pid, &status, 0) < 0)
-		return -errno;
-	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -ENOENT;
 }
 
 /* "MAJ:MIN\n" from a sysfs dev attribute. */
@@ -114,7 +93,7 @@ static int open_control(void)
 	int fd;
 
 	fd = open_node(LOOP_CONTROL, "/sys/class/misc/loop-control/dev", S_IFCHR, O_RDWR);
-	if (fd == -ENOENT && modprobe("loop") == 0)
+	if (fd == -ENOENT && sys_modprobe("loop") == 0)
 		fd = open_node(LOOP_CONTROL, "/sys/class/misc/loop-control/dev", S_IFCHR, O_RDWR);
 	if (fd == -ENOENT || fd == -ENODEV || fd == -ENXIO) {
 		log_err("loop devices are not available: no %s (kernel module loop "

@@ -1,0 +1,90 @@
+#include <errno.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "sysutil.h"
+
+extern char **environ;
+
+int fd_pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+int fd_write_all(int fd, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = write(fd, p, len);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int fd_extent(int fd, uint64_t off, uint64_t *len, bool *is_data)
+{
+	off_t data, hole;
+
+	data = lseek(fd, (off_t)off, SEEK_DATA);
+	if (data < 0)
+		return errno == ENXIO ? -ENXIO : -errno;
+	if ((uint64_t)data > off) {
+		*is_data = false;
+		*len = (uint64_t)data - off;
+		return 0;
+	}
+	hole = lseek(fd, (off_t)off, SEEK_HOLE);
+	if (hole < 0)
+		return -errno;
+	*is_data = true;
+	*len = (uint64_t)hole - off;
+	return *len ? 0 : -ENXIO;
+}
+
+int sys_modprobe(const char *module)
+{
+	char *argv[] = { (char *)"modprobe", (char *)"-q", (char *)module, NULL };
+	posix_spawn_file_actions_t fa;
+	int status, r;
+	pid_t pid;
+
+	if (posix_spawn_file_actions_init(&fa))
+		return -ENOMEM;
+	posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+	r = posix_spawn(&pid, "/sbin/modprobe", &fa, NULL, argv, environ);
+	posix_spawn_file_actions_destroy(&fa);
+	if (r)
+		return -r;
+	if (waitpid(pid, &status, 0) < 0)
+		return -errno;
+	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -ENOENT;
+}

@@ -1,0 +1,19 @@
+/* Small system helpers the wrappers share: whole reads and writes that
+ * retry on EINTR and short counts, SEEK_DATA/SEEK_HOLE, modprobe. */
+#ifndef QS_SYSUTIL_H
+#define QS_SYSUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* 0, -EIO on end of file, or -errno */
+int fd_pread_all(int fd, void *buf, size_t len, uint64_t off);
+int fd_write_all(int fd, const void *buf, size_t len);
+/* img_io's extent(): what SEEK_DATA/SEEK_HOLE say at off */
+int fd_extent(int fd, uint64_t off, uint64_t *len, bool *is_data);
+/* /sbin/modprobe -q MODULE without a shell (posix_spawn: no copy of a big or
+ * memory-locked address space). 0 when it succeeded, -ENOENT when not. */
+int sys_modprobe(const char *module);
+
+#endif
