@@ -10,7 +10,8 @@ cd "$top"
 PKGS="build-essential autoconf automake libtool pkg-config
 libdevmapper-dev libcryptsetup-dev libblkid-dev libssl-dev zlib1g-dev libzstd-dev
 qemu-utils qemu-system-x86 linux-image-amd64 busybox-static dmsetup cryptsetup-bin
-keyutils e2fsprogs fio python3 jq valgrind clang time"
+keyutils e2fsprogs fio python3 jq valgrind clang time
+dracut-core systemd udev asciidoctor man-db bash-completion"
 
 missing=""
 for p in $PKGS; do

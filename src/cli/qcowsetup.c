@@ -16,8 +16,10 @@ struct tools_opts opt = {
 };
 
 static const struct command commands[] = {
-	{ "open", cmd_open, 2, 2, "IMAGE NAME", "map IMAGE as /dev/mapper/NAME (--readonly for now)" },
-	{ "close", cmd_close, 1, 1, "NAME", "remove the mapping NAME and everything under it" },
+	{ "open", cmd_open, 2, 2, "IMAGE NAME", "map IMAGE as /dev/mapper/NAME (--readonly for now);\n"
+	  "                               open --tab [NAME...]: the entries of /etc/qcowtab", cmd_open_tab },
+	{ "close", cmd_close, 1, 1, "NAME", "remove the mapping NAME and everything under it;\n"
+	  "                               close --tab [NAME...]: the entries of /etc/qcowtab", cmd_close_tab },
 	{ "status", cmd_status, 1, 1, "NAME", "show the mapping NAME: image files, cipher, devices" },
 	{ "list", cmd_list, 0, 0, "", "list qcowsetup mappings" },
 	{ "format", cmd_format, 1, 2, "IMAGE [SIZE]", "create a LUKS-encrypted qcow2 image" },
@@ -30,6 +32,7 @@ static const struct command commands[] = {
 	{ "map", cmd_map, 1, 1, "IMAGE", "show how guest space maps onto the image files (as qemu-img map)" },
 	{ "table", cmd_table, 2, 2, "IMAGE NAME", "print the device-mapper tables `open` would load (keys as keyring references)" },
 	{ "check", cmd_check, 1, 1, "IMAGE", "check refcount consistency (as qemu-img check)" },
+	{ "probe", cmd_probe, 1, 1, "DEVICE", "is there a qcow2 image on DEVICE (--udev: ID_QCOW2_* lines for udev)" },
 };
 
 enum {
@@ -44,6 +47,9 @@ enum {
 	OPT_DEBUG,
 	OPT_DEFERRED,
 	OPT_DEBUG_FAIL_STEP,
+	OPT_TAB,
+	OPT_QCOWTAB,
+	OPT_UDEV,
 };
 
 static const struct option long_options[] = {
@@ -65,6 +71,9 @@ static const struct option long_options[] = {
 	{ "max-targets", required_argument, NULL, OPT_MAX_TARGETS },
 	{ "deferred", no_argument, NULL, OPT_DEFERRED },
 	{ "debug-fail-step", required_argument, NULL, OPT_DEBUG_FAIL_STEP },
+	{ "tab", no_argument, NULL, OPT_TAB },
+	{ "qcowtab", required_argument, NULL, OPT_QCOWTAB },
+	{ "udev", no_argument, NULL, OPT_UDEV },
 	KEYS_LONG_OPTIONS,
 	{ NULL, 0, NULL, 0 },
 };
@@ -118,6 +127,9 @@ static void usage(FILE *f)
 		"      --skip-key-check      accept a legacy AES key that fails the plausibility check\n"
 		"      --snapshot ID|NAME    map an internal snapshot (read-only)\n"
 		"      --format FMT          the image's format (qcow2, qcow, raw) instead of probing\n"
+		"      --tab                 open, close: the entries of qcowtab(5)\n"
+		"      --qcowtab FILE        read FILE instead of /etc/qcowtab\n"
+		"      --udev                probe: KEY=VALUE lines for udev's IMPORT{program}\n"
 		"  -h, --help                this help\n"
 		"  -V, --version             version\n"
 		"\nExit codes: 0 success, 1 wrong parameters, 2 no permission or bad passphrase,\n"
@@ -211,6 +223,15 @@ int main(int argc, char **argv)
 		case OPT_DEFERRED:
 			opt.deferred = true;
 			break;
+		case OPT_TAB:
+			opt.tab = true;
+			break;
+		case OPT_QCOWTAB:
+			opt.qcowtab = optarg;
+			break;
+		case OPT_UDEV:
+			opt.udev = true;
+			break;
 		case OPT_DEBUG_FAIL_STEP:
 			if (parse_u64(optarg, "--debug-fail-step", &v) || v > 10000)
 				return EXIT_PARAMS;
@@ -237,6 +258,13 @@ int main(int argc, char **argv)
 		return EXIT_PARAMS;
 	}
 	nargs = argc - optind - 1;
+	if (opt.tab) {
+		if (!cmd->run_tab) {
+			log_err("--tab goes with open and close only.");
+			return EXIT_PARAMS;
+		}
+		return tools_exit_code(cmd->run_tab(nargs, argv + optind + 1));
+	}
 	if (nargs < cmd->min_args || nargs > cmd->max_args) {
 		log_err("Usage: qcowsetup %s %s", cmd->name, cmd->args_help);
 		return EXIT_PARAMS;

@@ -33,6 +33,9 @@ struct tools_opts {
 	uint64_t max_targets;
 	bool deferred;
 	int debug_fail_step;	/* hidden: fail step K of open (tests) */
+	bool tab;		/* --tab: open/close the entries of qcowtab */
+	const char *qcowtab;	/* --qcowtab FILE instead of /etc/qcowtab */
+	bool udev;		/* probe --udev: KEY=VALUE lines for udev */
 };
 
 extern struct tools_opts opt;
@@ -44,6 +47,7 @@ struct command {
 	int max_args;
 	const char *args_help;
 	const char *help;
+	int (*run_tab)(int argc, char **argv);	/* with --tab: [NAME...] */
 };
 
 /* -errno -> exit code */
@@ -66,5 +70,8 @@ int cmd_open(int argc, char **argv);
 int cmd_close(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_list(int argc, char **argv);
+int cmd_open_tab(int argc, char **argv);	/* cmd_tab.c */
+int cmd_close_tab(int argc, char **argv);
+int cmd_probe(int argc, char **argv);		/* cmd_probe.c */
 
 #endif

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -12,27 +13,9 @@
 
 #include "keys.h"
 #include "log.h"
+#include "sysutil.h"
+#include "qcowtab.h"
 #include "util.h"
-
-static int write_all(int fd, const void *buf, size_t len)
-{
-	const uint8_t *p = buf;
-	ssize_t n;
-
-	while (len) {
-		n = write(fd, p, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -EIO;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
 
 static void copy_value(blkid_probe pr, const char *name, char *type, size_t typelen)
 {
@@ -60,7 +43,7 @@ int blkid_probe_signature(const void *buf, size_t len, char *type, size_t typele
 		log_dbg("memfd_create for signature probing failed: %s", strerror(-r));
 		goto out;
 	}
-	r = write_all(fd, buf, len);
+	r = fd_write_all(fd, buf, len);
 	if (r < 0)
 		goto out;
 
@@ -105,5 +88,71 @@ out:
 		blkid_free_probe(pr);
 	if (fd >= 0)
 		close(fd);
+	return r;
+}
+
+/* ---- Finding devices for qcowtab (qcowtab.h) ---- */
+
+int blkid_find_device(const char *tag, const char *value, char *dev, size_t size)
+{
+	char *name;
+	int n;
+
+	if (!tag || !value || !*value)
+		return -EINVAL;
+	/* udev's /dev/disk/by-* links first, then a scan (blkid.conf EVALUATE) */
+	name = blkid_evaluate_tag(tag, value, NULL);
+	if (!name) {
+		log_dbg("No device with %s=%s.", tag, value);
+		return -ENODEV;
+	}
+	n = snprintf(dev, size, "%s", name);
+	free(name);
+	if (n < 0 || (size_t)n >= size)
+		return -ENOSPC;
+	log_dbg("%s=%s is %s.", tag, value, dev);
+	return 0;
+}
+
+int blkid_device_fstype(const char *dev, char *type, size_t size)
+{
+	blkid_probe pr;
+	const char *val = NULL;
+	int r;
+
+	if (size)
+		type[0] = '\0';
+	pr = blkid_new_probe_from_filename(dev);
+	if (!pr)
+		return errno ? -errno : -EIO;
+	if (blkid_probe_enable_superblocks(pr, 1) != 0 ||
+	    blkid_probe_set_superblocks_flags(pr, BLKID_SUBLKS_TYPE | BLKID_SUBLKS_USAGE) != 0) {
+		r = -EINVAL;
+		goto out;
+	}
+	switch (blkid_do_safeprobe(pr)) {
+	case 0:
+		if (blkid_probe_lookup_value(pr, "USAGE", &val, NULL) == 0 && val && strcmp(val, "filesystem")) {
+			r = -ENODEV;
+			break;
+		}
+		val = NULL;
+		if (blkid_probe_lookup_value(pr, "TYPE", &val, NULL) == 0 && val) {
+			snprintf(type, size, "%s", val);
+			r = 0;
+		} else {
+			r = -ENODEV;
+		}
+		break;
+	case 1:
+	case -2:
+		r = -ENODEV;
+		break;
+	default:
+		r = -EIO;
+		break;
+	}
+out:
+	blkid_free_probe(pr);
 	return r;
 }

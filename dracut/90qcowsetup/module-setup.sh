@@ -1,0 +1,120 @@
+#!/bin/bash
+# dracut module 90qcowsetup: map qcow2 images with qcowsetup in the initramfs,
+# those named on the kernel command line (rd.qcowsetup.*, see
+# qcowsetup-dracut(7)) and the /etc/qcowtab entries marked x-initrd.attach,
+# the root filesystem's among them. Modelled on 90crypt.
+#
+# Without systemd in the initramfs: parse-qcowsetup.sh (cmdline hook) writes
+# udev rules that queue qcowsetup-ask for an entry when its devices appear;
+# qcowsetup-ask asks the passphrase the dracut way (plymouth when it runs,
+# else the console) and is idempotent. With systemd: qcowsetup-generator
+# makes units of the same entries, which ask through systemd-ask-password.
+#
+# Environment (tests): QCOWSETUP_QCOWTAB, the qcowtab to take entries from
+# (default $dracutsysrootdir/etc/qcowtab); QCOWSETUP_BINARY, a qcowsetup
+# program to install as /usr/sbin/qcowsetup instead of the one in PATH.
+
+_qcowtab() {
+    echo "${QCOWSETUP_QCOWTAB:-$dracutsysrootdir/etc/qcowtab}"
+}
+
+# The lines of qcowtab marked x-initrd.attach; in hostonly mode also those
+# whose mapping holds a filesystem the host needs (as 90crypt does for
+# crypttab).
+_qcowsetup_initrd_entries() {
+    local _tab _name _image _key _options _dev
+    _tab=$(_qcowtab)
+    [[ -f $_tab ]] || return 0
+    while read -r _name _image _key _options || [[ -n $_name ]]; do
+        [[ -z $_name || $_name == \#* ]] && continue
+        if [[ ,$_options, == *,x-initrd.attach,* ]]; then
+            echo "$_name $_image ${_key:-none} $_options"
+            continue
+        fi
+        if [[ $hostonly ]] || [[ $mount_needs ]]; then
+            # shellcheck disable=SC2154 # dracut's
+            for _dev in "${!host_fs_types[@]}"; do
+                if [[ /dev/mapper/$_name -ef $_dev ]]; then
+                    echo "$_name $_image ${_key:-none} ${_options:+$_options,}x-initrd.attach"
+                    break
+                fi
+            done
+        fi
+    done < "$_tab"
+}
+
+# called by dracut
+check() {
+    local _dev
+    [[ $QCOWSETUP_BINARY ]] || require_binaries qcowsetup || return 1
+    if [[ $hostonly ]] || [[ $mount_needs ]]; then
+        [[ $(_qcowsetup_initrd_entries) ]] && return 0
+        # shellcheck disable=SC2154
+        for _dev in "${!host_fs_types[@]}"; do
+            [[ $(dmsetup info -c --noheadings -o uuid "$_dev" 2> /dev/null) == QCOW2-* ]] && return 0
+        done
+        return 255
+    fi
+    return 0
+}
+
+# called by dracut
+depends() {
+    echo dm rootfs-block
+    return 0
+}
+
+# called by dracut
+installkernel() {
+    local _name _rest _cipher
+    hostonly='' instmods dm_mod dm_crypt dm_zero loop
+    if [[ $hostonly ]]; then
+        # the ciphers of the images mapped now, as 90crypt
+        dmsetup table --target crypt 2> /dev/null | while read -r _name _ _ _ _cipher _rest; do
+            [[ $(dmsetup info -c --noheadings -o uuid "${_name%:}" 2> /dev/null) == QCOW2-* ]] || continue
+            IFS='-:' read -ra _mods <<< "$_cipher"
+            hostonly='' instmods "${_mods[@]/#/crypto-}" "crypto-$_cipher"
+        done
+        # what qemu-img uses for LUKS images by default, and legacy AES
+        hostonly='' instmods crypto-aes crypto-xts crypto-cbc crypto-plain64 crypto-sha256
+    else
+        instmods "=crypto"
+    fi
+    return 0
+}
+
+# called by dracut
+install() {
+    local _entries
+    if [[ $QCOWSETUP_BINARY ]]; then
+        inst_binary "$QCOWSETUP_BINARY" /usr/sbin/qcowsetup
+    else
+        inst_multiple qcowsetup
+    fi
+    inst_multiple -o flock
+    inst_hook cmdline 30 "$moddir/parse-qcowsetup.sh"
+    inst_simple "$moddir/qcowsetup-lib.sh" /lib/qcowsetup-lib.sh
+    # recognition of qcow2 on block devices, hiding of the internal layers
+    inst_rules 60-qcowsetup.rules 11-dm-qcowsetup.rules 56-dm-qcowsetup.rules
+
+    if dracut_module_included "systemd"; then
+        inst_multiple -o \
+            "$systemdutildir"/system-generators/qcowsetup-generator \
+            "$systemdsystemunitdir"/systemd-ask-password-console.path \
+            "$systemdsystemunitdir"/systemd-ask-password-console.service \
+            "$systemdsystemunitdir"/cryptsetup.target \
+            "$systemdsystemunitdir"/cryptsetup-pre.target \
+            "$systemdsystemunitdir"/sysinit.target.wants/cryptsetup.target \
+            systemd-ask-password systemd-tty-ask-password-agent
+    else
+        inst_script "$moddir/qcowsetup-ask.sh" /sbin/qcowsetup-ask
+    fi
+
+    _entries=$(_qcowsetup_initrd_entries)
+    if [[ $_entries ]]; then
+        printf '%s\n' "$_entries" > "$initdir/etc/qcowtab"
+        chmod 0644 "$initdir/etc/qcowtab"
+        [[ $hostonly ]] && mark_hostonly /etc/qcowtab
+    fi
+    dracut_need_initqueue
+}

@@ -1,0 +1,741 @@
+/* The /etc/qcowtab parser (see qcowtab.h). Pure: a buffer in, entries out. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcowtab.h"
+#include "util.h"
+
+static const char *const known_tags[] = { "UUID", "LABEL", "PARTUUID", "PARTLABEL" };
+
+bool qcowtab_valid_name(const char *name)
+{
+	size_t len = strlen(name);
+
+	if (!len || len > QCOWTAB_NAME_MAX || !strcmp(name, ".") || !strcmp(name, ".."))
+		return false;
+	for (const char *p = name; *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+		      *p == '-' || *p == '_' || *p == '.' || *p == '+'))
+			return false;
+	return true;
+}
+
+static bool is_blank(char c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f';
+}
+
+static bool is_odigit(char c)
+{
+	return c >= '0' && c <= '7';
+}
+
+char *qcowtab_unescape(const char *src, size_t len)
+{
+	char *out = malloc(len + 1), *o = out;
+
+	if (!out)
+		return NULL;
+	for (size_t i = 0; i < len; i++) {
+		if (src[i] == '\\' && len - i > 3 && is_odigit(src[i + 1]) && is_odigit(src[i + 2]) && is_odigit(src[i + 3])) {
+			unsigned int v = (unsigned int)(src[i + 1] - '0') * 64 +
+					 (unsigned int)(src[i + 2] - '0') * 8 + (unsigned int)(src[i + 3] - '0');
+
+			if (v && v < 256) {
+				*o++ = (char)v;
+				i += 3;
+				continue;
+			}
+		}
+		*o++ = src[i];
+	}
+	*o = '\0';
+	return out;
+}
+
+/* "TAG=" at the start of s: the tag's length (without '='), or 0. */
+static size_t tag_prefix(const char *s, size_t len, char *tag, size_t tagsize)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(known_tags); i++) {
+		size_t n = strlen(known_tags[i]);
+
+		if (len > n && !strncmp(s, known_tags[i], n) && s[n] == '=') {
+			if (tag)
+				snprintf(tag, tagsize, "%s", known_tags[i]);
+			return n;
+		}
+	}
+	return 0;
+}
+
+void qcowtab_location_free(struct qcowtab_location *loc)
+{
+	free(loc->value);
+	free(loc->path);
+	memset(loc, 0, sizeof(*loc));
+}
+
+static bool path_ok(const char *p)
+{
+	return p[0] == '/';
+}
+
+int qcowtab_parse_location(const char *field, bool is_key, struct qcowtab_location *loc,
+			   const char **why)
+{
+	size_t len = strlen(field), n;
+	const char *sep;
+
+	memset(loc, 0, sizeof(*loc));
+	*why = NULL;
+	if (is_key && (!strcmp(field, "none") || !strcmp(field, "-"))) {
+		loc->source = QCOWTAB_NONE;
+		return 0;
+	}
+	n = tag_prefix(field, len, loc->tag, sizeof(loc->tag));
+	if (n) {
+		/* TAG=VALUE[:/path] -- the first ":/" ends the value */
+		const char *v = field + n + 1;
+
+		sep = strstr(v, ":/");
+		loc->value = qcowtab_unescape(v, sep ? (size_t)(sep - v) : strlen(v));
+		if (!loc->value)
+			goto nomem;
+		if (!*loc->value) {
+			*why = "empty tag value";
+			goto inval;
+		}
+		if (sep) {
+			loc->source = QCOWTAB_TAG_PATH;
+			loc->path = qcowtab_unescape(sep + 1, strlen(sep + 1));
+			if (!loc->path)
+				goto nomem;
+		} else {
+			if (is_key) {
+				*why = "a key file on a tagged device needs a path (/path:TAG=VALUE)";
+				goto inval;
+			}
+			if (!strcmp(loc->tag, "UUID") || !strcmp(loc->tag, "LABEL")) {
+				*why = "UUID= and LABEL= name a filesystem: add the image's path in it (UUID=...:/path)";
+				goto inval;
+			}
+			loc->source = QCOWTAB_TAG_ONLY;
+		}
+		return 0;
+	}
+	if (field[0] != '/') {
+		*why = is_key ? "a key file is none, -, an absolute path, or /path:TAG=VALUE"
+			      : "an image is an absolute path, TAG=VALUE:/path or PARTUUID=/PARTLABEL=";
+		goto inval;
+	}
+	/* /path[:TAG=VALUE] -- the last ':' followed by a known tag */
+	sep = NULL;
+	for (const char *c = field; (c = strchr(c, ':')); c++)
+		if (tag_prefix(c + 1, strlen(c + 1), NULL, 0))
+			sep = c;
+	if (sep) {
+		const char *v = sep + 1 + tag_prefix(sep + 1, strlen(sep + 1), loc->tag, sizeof(loc->tag)) + 1;
+
+		loc->source = QCOWTAB_TAG_PATH;
+		loc->path = qcowtab_unescape(field, (size_t)(sep - field));
+		loc->value = qcowtab_unescape(v, strlen(v));
+		if (!loc->path || !loc->value)
+			goto nomem;
+		if (!*loc->value) {
+			*why = "empty tag value";
+			goto inval;
+		}
+	} else {
+		loc->source = QCOWTAB_PATH_ONLY;
+		loc->path = qcowtab_unescape(field, len);
+		if (!loc->path)
+			goto nomem;
+	}
+	return 0;
+inval:
+	if (!*why)
+		*why = "malformed location";
+	qcowtab_location_free(loc);
+	return -EINVAL;
+nomem:
+	qcowtab_location_free(loc);
+	return -ENOMEM;
+}
+
+static void check_path(struct qcowtab_location *loc, const char **why)
+{
+	if (loc->path && (!path_ok(loc->path) || strstr(loc->path, "/../") ||
+			  (strlen(loc->path) >= 3 && !strcmp(loc->path + strlen(loc->path) - 3, "/.."))))
+		*why = "the path must be absolute, without ..";
+}
+
+/* Append to buf with escapes for blanks, '\\', '#' at the start, and ':' when
+ * esc_colon. */
+static int put_escaped(char *buf, size_t size, size_t *pos, const char *s, bool esc_colon)
+{
+	for (const char *c = s; *c; c++) {
+		unsigned char u = (unsigned char)*c;
+		int n;
+
+		if (u <= ' ' || u == '\\' || u == 0x7f || (esc_colon && u == ':') || (u == '#' && *pos == 0))
+			n = snprintf(buf + *pos, *pos < size ? size - *pos : 0, "\\%03o", u);
+		else
+			n = snprintf(buf + *pos, *pos < size ? size - *pos : 0, "%c", u);
+		if (n < 0)
+			return -ENOSPC;
+		*pos += (size_t)n;
+	}
+	return 0;
+}
+
+int qcowtab_format_location(const struct qcowtab_location *loc, char *buf, size_t size)
+{
+	size_t pos = 0;
+	int n;
+
+	if (size)
+		buf[0] = '\0';
+	switch (loc->source) {
+	case QCOWTAB_NONE:
+		n = snprintf(buf, size, "none");
+		pos = n > 0 ? (size_t)n : 0;
+		break;
+	case QCOWTAB_PATH_ONLY:
+		put_escaped(buf, size, &pos, loc->path, false);
+		break;
+	case QCOWTAB_TAG_ONLY:
+	case QCOWTAB_TAG_PATH:
+		n = snprintf(buf, size, "%s=", loc->tag);
+		pos = n > 0 ? (size_t)n : 0;
+		put_escaped(buf, size, &pos, loc->value, true);
+		if (loc->source == QCOWTAB_TAG_PATH) {
+			n = snprintf(buf + pos, pos < size ? size - pos : 0, ":");
+			pos += n > 0 ? (size_t)n : 0;
+			put_escaped(buf, size, &pos, loc->path, false);
+		}
+		break;
+	}
+	if (pos >= size)
+		return -ENOSPC;
+	return (int)pos;
+}
+
+/* ---- options ---- */
+
+static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev,
+		   unsigned int line, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev,
+		   unsigned int line, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	if (!fn)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	fn(opaque, sev, line, msg);
+}
+
+static int parse_u64(const char *s, uint64_t max, uint64_t *v)
+{
+	uint64_t r = 0;
+
+	if (!*s)
+		return -EINVAL;
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9')
+			return -EINVAL;
+		if (umul64_overflow(r, 10, &r) || uadd64_overflow(r, (uint64_t)(*s - '0'), &r))
+			return -EINVAL;
+	}
+	if (r > max)
+		return -EINVAL;
+	*v = r;
+	return 0;
+}
+
+/* Seconds, with an optional unit as systemd time spans: s, sec, m, min, h. */
+static int parse_seconds(const char *s, unsigned int *out)
+{
+	static const struct { const char *unit; uint64_t mult; } units[] = {
+		{ "", 1 }, { "s", 1 }, { "sec", 1 }, { "m", 60 }, { "min", 60 }, { "h", 3600 },
+	};
+	char num[32];
+	size_t n = strspn(s, "0123456789");
+	uint64_t v;
+
+	if (!n || n >= sizeof(num))
+		return -EINVAL;
+	memcpy(num, s, n);
+	num[n] = '\0';
+	if (parse_u64(num, UINT32_MAX, &v))
+		return -EINVAL;
+	for (size_t i = 0; i < ARRAY_SIZE(units); i++)
+		if (!strcmp(s + n, units[i].unit)) {
+			if (umul64_overflow(v, units[i].mult, &v) || v > 86400 * 365)
+				return -EINVAL;
+			*out = (unsigned int)v;
+			return 0;
+		}
+	return -EINVAL;
+}
+
+/* Returns 0, or -EINVAL with the problem reported (as an error). */
+static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_fn fn, void *opaque)
+{
+	const char *eq = strchr(o, '=');
+	size_t klen = eq ? (size_t)(eq - o) : strlen(o);
+	const char *val = eq ? eq + 1 : NULL;
+	uint64_t v;
+
+#define IS(k) (klen == strlen(k) && !strncmp(o, k, klen))
+	if (!val) {
+		if (IS("readonly") || IS("read-only") || IS("ro"))
+			e->readonly = true;
+		else if (IS("discard"))
+			e->discard = true;
+		else if (IS("nofail"))
+			e->nofail = true;
+		else if (IS("noauto"))
+			e->noauto = true;
+		else if (IS("x-initrd.attach"))
+			e->initrd_attach = true;
+		else if (IS("same-passphrase"))
+			e->same_passphrase = true;
+		else if (IS("tries") || IS("timeout") || IS("keyfile-offset") || IS("keyfile-size") ||
+			 IS("snapshot")) {
+			report(fn, opaque, QCOWTAB_ERROR, e->line, "option %s needs a value (%s=...)", o, o);
+			return -EINVAL;
+		} else if (!strncmp(o, "x-", 2) || IS("auto") || IS("rw") || IS("luks"))
+			;	/* other programs' options, and defaults */
+		else
+			report(fn, opaque, QCOWTAB_WARNING, e->line, "unknown option %s ignored", o);
+		return 0;
+	}
+	if (IS("tries")) {
+		if (parse_u64(val, 1000, &v))
+			goto bad;
+		e->tries = (unsigned int)v;
+	} else if (IS("timeout")) {
+		if (parse_seconds(val, &e->timeout))
+			goto bad;
+	} else if (IS("x-systemd.device-timeout")) {
+		if (parse_seconds(val, &e->device_timeout))
+			goto bad;
+	} else if (IS("keyfile-offset")) {
+		if (parse_u64(val, INT64_MAX, &e->keyfile_offset))
+			goto bad;
+	} else if (IS("keyfile-size")) {
+		if (parse_u64(val, 8U << 20, &e->keyfile_size) || !e->keyfile_size)
+			goto bad;
+	} else if (IS("snapshot")) {
+		if (!*val)
+			goto bad;
+		free(e->snapshot);
+		e->snapshot = strdup(val);
+		if (!e->snapshot)
+			return -ENOMEM;
+	} else if (!strncmp(o, "x-", 2)) {
+		;
+	} else {
+		report(fn, opaque, QCOWTAB_WARNING, e->line, "unknown option %.*s ignored", (int)klen, o);
+	}
+	return 0;
+bad:
+	report(fn, opaque, QCOWTAB_ERROR, e->line, "bad value in option %s", o);
+	return -EINVAL;
+#undef IS
+}
+
+static int parse_options(struct qcowtab_entry *e, char *opts, qcowtab_report_fn fn, void *opaque)
+{
+	char *save = NULL, *o;
+	int r;
+
+	for (o = strtok_r(opts, ",", &save); o; o = strtok_r(NULL, ",", &save)) {
+		r = parse_option(e, o, fn, opaque);
+		if (r)
+			return r;
+	}
+	return 0;
+}
+
+static void entry_free(struct qcowtab_entry *e)
+{
+	free(e->name);
+	qcowtab_location_free(&e->image);
+	qcowtab_location_free(&e->key);
+	free(e->snapshot);
+	free(e->options);
+	memset(e, 0, sizeof(*e));
+}
+
+void qcowtab_free(struct qcowtab *t)
+{
+	for (size_t i = 0; i < t->count; i++)
+		entry_free(&t->entries[i]);
+	free(t->entries);
+	t->entries = NULL;
+	t->count = 0;
+}
+
+const struct qcowtab_entry *qcowtab_find(const struct qcowtab *t, const char *name)
+{
+	for (size_t i = 0; i < t->count; i++)
+		if (!strcmp(t->entries[i].name, name))
+			return &t->entries[i];
+	return NULL;
+}
+
+#define MAX_FIELDS 4
+
+/* Split one line into at most MAX_FIELDS raw fields; returns the count, or
+ * MAX_FIELDS + 1 when there are more. */
+static int split_fields(const char *p, const char *end, const char **f, size_t *flen)
+{
+	int n = 0;
+
+	while (p < end) {
+		while (p < end && is_blank(*p))
+			p++;
+		if (p == end)
+			break;
+		if (n == MAX_FIELDS)
+			return MAX_FIELDS + 1;
+		f[n] = p;
+		while (p < end && !is_blank(*p))
+			p++;
+		flen[n] = (size_t)(p - f[n]);
+		n++;
+	}
+	return n;
+}
+
+static int parse_line(const char *p, const char *end, unsigned int line, qcowtab_report_fn fn,
+		      void *opaque, struct qcowtab *t, struct qcowtab_entry *e)
+{
+	const char *f[MAX_FIELDS];
+	size_t flen[MAX_FIELDS];
+	char *raw = NULL, *opts = NULL;
+	const char *why;
+	int n, r;
+
+	n = split_fields(p, end, f, flen);
+	if (n < 2 || n > MAX_FIELDS) {
+		report(fn, opaque, QCOWTAB_ERROR, line, "expected 2 to 4 fields (name image [key-file [options]]), found %s",
+		       n > MAX_FIELDS ? "more" : n == 1 ? "1" : "0");
+		return -EINVAL;
+	}
+	e->line = line;
+	e->tries = QCOWTAB_TRIES_DEFAULT;
+	e->name = qcowtab_unescape(f[0], flen[0]);
+	if (!e->name)
+		return -ENOMEM;
+	if (!qcowtab_valid_name(e->name)) {
+		report(fn, opaque, QCOWTAB_ERROR, line,
+		       "invalid name \"%s\": use letters, digits and - _ . + (at most %d)", e->name, QCOWTAB_NAME_MAX);
+		return -EINVAL;
+	}
+	if (qcowtab_find(t, e->name)) {
+		report(fn, opaque, QCOWTAB_ERROR, line, "%s is already defined above", e->name);
+		return -EINVAL;
+	}
+
+	raw = strndup(f[1], flen[1]);
+	if (!raw)
+		return -ENOMEM;
+	r = qcowtab_parse_location(raw, false, &e->image, &why);
+	free(raw);
+	if (r == -EINVAL) {
+		report(fn, opaque, QCOWTAB_ERROR, line, "%s: image: %s", e->name, why);
+		return r;
+	}
+	if (r)
+		return r;
+	why = NULL;
+	check_path(&e->image, &why);
+	if (why) {
+		report(fn, opaque, QCOWTAB_ERROR, line, "%s: image: %s", e->name, why);
+		return -EINVAL;
+	}
+
+	if (n >= 3) {
+		raw = strndup(f[2], flen[2]);
+		if (!raw)
+			return -ENOMEM;
+		r = qcowtab_parse_location(raw, true, &e->key, &why);
+		free(raw);
+		if (r == -EINVAL) {
+			report(fn, opaque, QCOWTAB_ERROR, line, "%s: key file: %s", e->name, why);
+			return r;
+		}
+		if (r)
+			return r;
+		why = NULL;
+		check_path(&e->key, &why);
+		if (why) {
+			report(fn, opaque, QCOWTAB_ERROR, line, "%s: key file: %s", e->name, why);
+			return -EINVAL;
+		}
+	}
+
+	e->options = n >= 4 ? qcowtab_unescape(f[3], flen[3]) : strdup("");
+	if (!e->options)
+		return -ENOMEM;
+	if (n >= 4) {
+		opts = strdup(e->options);
+		if (!opts)
+			return -ENOMEM;
+		r = parse_options(e, opts, fn, opaque);
+		free(opts);
+		if (r)
+			return r;
+	}
+	if (e->snapshot && !e->readonly) {
+		report(fn, opaque, QCOWTAB_WARNING, line, "%s: a snapshot is always mapped read-only", e->name);
+		e->readonly = true;
+	}
+	if (e->key.source == QCOWTAB_NONE && (e->keyfile_offset || e->keyfile_size))
+		report(fn, opaque, QCOWTAB_WARNING, line, "%s: keyfile-offset and keyfile-size apply to key files only",
+		       e->name);
+	return 0;
+}
+
+int qcowtab_parse(const char *buf, size_t len, qcowtab_report_fn fn, void *opaque,
+		  struct qcowtab *out, unsigned int *errors)
+{
+	const char *p = buf, *end, *nul = memchr(buf, '\0', len);
+	unsigned int line = 0, nerr = 0;
+	size_t alloc = 0;
+	int r = 0;
+
+	memset(out, 0, sizeof(*out));
+	if (nul)
+		len = (size_t)(nul - buf);
+	while (p < buf + len) {
+		struct qcowtab_entry e = { 0 };
+		const char *s;
+
+		end = memchr(p, '\n', (size_t)(buf + len - p));
+		if (!end)
+			end = buf + len;
+		line++;
+		for (s = p; s < end && is_blank(*s); s++)
+			;
+		if (s == end || *s == '#') {
+			p = end + 1;
+			continue;
+		}
+		r = parse_line(s, end, line, fn, opaque, out, &e);
+		if (r == -ENOMEM) {
+			entry_free(&e);
+			goto fail;
+		}
+		if (r) {
+			entry_free(&e);
+			nerr++;
+			r = 0;
+			p = end + 1;
+			continue;
+		}
+		if (out->count == alloc) {
+			size_t na = alloc ? alloc * 2 : 8;
+			struct qcowtab_entry *v = realloc(out->entries, na * sizeof(*v));
+
+			if (!v) {
+				entry_free(&e);
+				r = -ENOMEM;
+				goto fail;
+			}
+			out->entries = v;
+			alloc = na;
+		}
+		out->entries[out->count++] = e;
+		p = end + 1;
+	}
+	if (errors)
+		*errors = nerr;
+	return 0;
+fail:
+	qcowtab_free(out);
+	return r;
+}
+
+/* ---- kernel command line ---- */
+
+#define CMDLINE_MAX_IMAGES 64
+
+/* Next word of the command line (quotes removed) into a new string; NULL
+ * at the end. *err set on out of memory. */
+static char *next_word(const char **p, bool *err)
+{
+	const char *s = *p;
+	char *w, *o;
+	bool quoted = false;
+
+	while (*s == ' ' || *s == '\t' || *s == '\n')
+		s++;
+	if (!*s) {
+		*p = s;
+		return NULL;
+	}
+	w = malloc(strlen(s) + 1);
+	if (!w) {
+		*err = true;
+		return NULL;
+	}
+	for (o = w; *s && (quoted || (*s != ' ' && *s != '\t' && *s != '\n')); s++) {
+		if (*s == '"')
+			quoted = !quoted;
+		else
+			*o++ = *s;
+	}
+	*o = '\0';
+	*p = s;
+	return w;
+}
+
+/* A copy of s with blanks and backslashes as \NNN escapes (a quoted word of
+ * the command line may hold them). */
+static char *escape_blanks(const char *s)
+{
+	char *out = malloc(4 * strlen(s) + 1), *o = out;
+
+	if (!out)
+		return NULL;
+	for (; *s; s++) {
+		if (is_blank(*s) || *s == '\\')
+			o += sprintf(o, "\\%03o", (unsigned char)*s);
+		else
+			*o++ = *s;
+	}
+	*o = '\0';
+	return out;
+}
+
+bool qcowtab_cmdline_disabled(const char *cmdline)
+{
+	const char *p = cmdline;
+	bool err = false, off = false;
+	char *w;
+
+	while ((w = next_word(&p, &err))) {
+		if (!strcmp(w, "rd.qcowsetup=0") || !strcmp(w, "rd.qcowsetup=no") || !strcmp(w, "rd.qcowsetup=false"))
+			off = true;
+		else if (!strcmp(w, "rd.qcowsetup=1") || !strcmp(w, "rd.qcowsetup=yes"))
+			off = false;
+		free(w);
+	}
+	return off;
+}
+
+int qcowtab_cmdline_lines(const char *cmdline, char **text)
+{
+	static const char *const keys[] = { "rd.qcowsetup.image=", "rd.qcowsetup.name=",
+					    "rd.qcowsetup.key=", "rd.qcowsetup.options=" };
+	char *vals[4][CMDLINE_MAX_IMAGES] = { { NULL } };
+	unsigned int count[4] = { 0 };
+	const char *p = cmdline;
+	bool err = false;
+	size_t size = 1, pos = 0;
+	char *w, *out = NULL;
+	int r = -ENOMEM;
+
+	*text = NULL;
+	while ((w = next_word(&p, &err))) {
+		for (unsigned int k = 0; k < 4; k++) {
+			size_t n = strlen(keys[k]);
+
+			if (!strncmp(w, keys[k], n) && w[n] && count[k] < CMDLINE_MAX_IMAGES) {
+				vals[k][count[k]] = escape_blanks(w + n);
+				if (!vals[k][count[k]])
+					err = true;
+				count[k]++;
+			}
+		}
+		free(w);
+	}
+	if (err)
+		goto out;
+	for (unsigned int i = 0; i < count[0]; i++)
+		for (unsigned int k = 0; k < 4; k++)
+			size += (i < count[k] && vals[k][i] ? strlen(vals[k][i]) : 0) + 40;
+	out = malloc(size);
+	if (!out)
+		goto out;
+	out[0] = '\0';
+	for (unsigned int i = 0; i < count[0]; i++) {
+		char name[32];
+		const char *opts = i < count[3] ? vals[3][i] : "";
+		int n;
+
+		snprintf(name, sizeof(name), "qcow-%u", i + 1);
+		n = snprintf(out + pos, size - pos, "%s %s %s %s%sx-initrd.attach\n",
+			     i < count[1] ? vals[1][i] : name, vals[0][i],
+			     i < count[2] ? vals[2][i] : "none", opts, *opts ? "," : "");
+		if (n < 0 || (size_t)n >= size - pos)
+			goto out;
+		pos += (size_t)n;
+	}
+	*text = out;
+	out = NULL;
+	r = 0;
+out:
+	free(out);
+	for (unsigned int k = 0; k < 4; k++)
+		for (unsigned int i = 0; i < count[k] && i < CMDLINE_MAX_IMAGES; i++)
+			free(vals[k][i]);
+	return r;
+}
+
+/* ---- systemd unit names ---- */
+
+static bool unit_char_ok(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == ':' ||
+	       c == '_' || c == '.';
+}
+
+void qcowtab_systemd_escape(const char *s, bool path, char *out, size_t size)
+{
+	size_t pos = 0;
+
+	if (path) {
+		while (*s == '/')
+			s++;
+		if (!*s) {
+			snprintf(out, size, "-");
+			return;
+		}
+	}
+	for (const char *c = s; *c && pos + 5 < size; c++) {
+		if (path && *c == '/') {
+			while (c[1] == '/')
+				c++;
+			if (!c[1])
+				break;
+			out[pos++] = '-';
+		} else if (unit_char_ok(*c) && !(*c == '.' && c == s)) {
+			out[pos++] = *c;
+		} else {
+			pos += (size_t)snprintf(out + pos, size - pos, "\\x%02x", (unsigned char)*c);
+		}
+	}
+	out[pos] = '\0';
+}
+
+int qcowtab_unit_name(const char *name, char *buf, size_t size)
+{
+	char esc[4 * (QCOWTAB_NAME_MAX + 1) + 1];
+	int n;
+
+	qcowtab_systemd_escape(name, false, esc, sizeof(esc));
+	n = snprintf(buf, size, "qcowsetup@%s.service", esc);
+	return n < 0 || (size_t)n >= size ? -ENOSPC : 0;
+}

@@ -1,0 +1,89 @@
+#!/bin/bash
+# Automake test: qcowsetup-generator turns a qcowtab (and, "in the
+# initramfs", rd.qcowsetup.* options) into units with the expected
+# dependencies, and every unit passes `systemd-analyze verify`.
+# Exit 0 pass, 1 fail, 77 skip (no systemd-analyze), 99 error.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+builddir=${top_builddir:-$top}
+gen=${QCOWSETUP_GENERATOR:-$builddir/qcowsetup-generator}
+qs=${QCOWSETUP:-$builddir/qcowsetup}
+[ -x "$gen" ] || { echo "error: $gen not built" >&2; exit 99; }
+[ -x "$qs" ] || { echo "error: $qs not built" >&2; exit 99; }
+# the real program, not a libtool wrapper, goes into ExecStart=
+[ -x "$(dirname "$qs")/.libs/$(basename "$qs")" ] && qs=$(dirname "$qs")/.libs/$(basename "$qs")
+qs=$(cd "$(dirname "$qs")" && pwd)/$(basename "$qs")
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-gen.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+failed=0 passed=0
+ok() { echo "PASS: $*"; passed=$((passed + 1)); }
+ko() { echo "FAIL: $*"; failed=$((failed + 1)); }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else ko "$what"; fi; }
+
+cat > "$tmp/qcowtab" <<'TAB'
+# name  image  key  options
+root    UUID=0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6b:/images/root.qcow2  /keys/root.key:LABEL=keys  readonly,x-initrd.attach
+data    PARTUUID=AA-BB   none   readonly,nofail,same-passphrase,x-systemd.device-timeout=30s
+vm-1    /var/lib/images/vm1.qcow2   /etc/qcow.key   readonly,noauto
+lbl     LABEL=my\040disk:/x.qcow2   -   readonly
+direct  /dev/disk/by-id/virtio-qd   none   readonly
+broken  relative.qcow2
+TAB
+out=$tmp/out
+mkdir "$out"
+QCOWSETUP_QCOWTAB=$tmp/qcowtab QCOWSETUP_BIN=$qs SYSTEMD_IN_INITRD=0 "$gen" "$out" "$out" "$out" 2>"$tmp/err"
+rc=$?
+check "a bad line is reported, the generator says so (exit 1)" \
+	grep -q "qcowtab:7: broken: image" "$tmp/err"
+[ $rc = 1 ] || ko "generator exit status $rc, not 1"
+u=$out/qcowsetup@root.service
+check "one unit per good entry" test "$(ls "$out"/qcowsetup@*.service | wc -l)" = 5
+check "escaped names (vm-1 -> vm\\x2d1)" test -f "$out/qcowsetup@vm\\x2d1.service"
+check "root: runs qcowsetup open/close --tab" grep -q "^ExecStart=$qs open --tab --qcowtab $tmp/qcowtab root\$" "$u"
+check "root: bound to the device holding the image" grep -q '^BindsTo=dev-disk-by\\x2duuid-0b1f22c4\\x2d5a6e\\x2d4b7d\\x2d9e2f\\x2d1c2d3e4f5a6b.device$' "$u"
+check "root: wants the key's device" grep -q '^Wants=dev-disk-by\\x2dlabel-keys.device$' "$u"
+check "root: before local-fs-pre and cryptsetup targets" \
+	eval "grep -q '^Before=local-fs-pre.target' '$u' && grep -q '^Before=cryptsetup.target' '$u'"
+check "root: x-initrd.attach, no Conflicts=umount.target" eval "! grep -q umount '$u'"
+check "root: required by cryptsetup.target" test -L "$out/cryptsetup.target.requires/qcowsetup@root.service"
+check "root: required by /dev/mapper/root" test -L "$out/dev-mapper-root.device.requires/qcowsetup@root.service"
+check "data: nofail: wanted, not ordered before cryptsetup.target" \
+	eval "test -L '$out/cryptsetup.target.wants/qcowsetup@data.service' && ! grep -q '^Before=cryptsetup' '$out/qcowsetup@data.service'"
+check "data: device timeout drop-in" grep -q '^JobRunningTimeoutSec=30$' "$out/dev-disk-by\\x2dpartuuid-aa\\x2dbb.device.d/40-qcowsetup-device-timeout.conf"
+check "vm-1: noauto: not pulled by cryptsetup.target" eval "! ls '$out'/cryptsetup.target.*/ | grep -q vm"
+check "vm-1: RequiresMountsFor= image and key, not before local-fs-pre" \
+	eval "grep -q '^RequiresMountsFor=/var/lib/images/vm1.qcow2' '$out/qcowsetup@vm\\x2d1.service' && grep -q '^RequiresMountsFor=/etc/qcow.key' '$out/qcowsetup@vm\\x2d1.service' && ! grep -q local-fs-pre '$out/qcowsetup@vm\\x2d1.service'"
+check "lbl: a label with a space, as udev encodes it" grep -q '^BindsTo=dev-disk-by\\x2dlabel-my\\x5cx20disk.device$' "$out/qcowsetup@lbl.service"
+check "direct: bound to the disk" grep -q '^BindsTo=dev-disk-by\\x2did-virtio\\x2dqd.device$' "$out/qcowsetup@direct.service"
+
+# in the initramfs: the kernel command line adds entries, rd.qcowsetup=0 none
+out2=$tmp/initrd
+mkdir "$out2"
+QCOWSETUP_QCOWTAB=$tmp/none QCOWSETUP_BIN=$qs SYSTEMD_IN_INITRD=1 \
+	SYSTEMD_PROC_CMDLINE='quiet rd.qcowsetup.image=UUID=1234:/r.qcow2 rd.qcowsetup.name=croot rd.qcowsetup.options=readonly rd.qcowsetup.image=PARTUUID=99' \
+	"$gen" "$out2" "$out2" "$out2" 2>"$tmp/err2"
+check "initramfs: rd.qcowsetup.* entries (named and default qcow-2)" \
+	eval "test -f '$out2/qcowsetup@croot.service' && test -f '$out2/qcowsetup@qcow\\x2d2.service'"
+out3=$tmp/off
+mkdir "$out3"
+QCOWSETUP_QCOWTAB=$tmp/qcowtab SYSTEMD_IN_INITRD=1 SYSTEMD_PROC_CMDLINE='rd.qcowsetup=0 rd.qcowsetup.image=PARTUUID=99' \
+	"$gen" "$out3" "$out3" "$out3" 2>/dev/null
+check "initramfs: rd.qcowsetup=0: no units" test -z "$(ls "$out3")"
+
+if command -v systemd-analyze >/dev/null; then
+	for d in "$out" "$out2"; do
+		( cd "$d" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./qcowsetup@*.service ) >"$tmp/verify" 2>&1
+		if [ $? = 0 ] && [ ! -s "$tmp/verify" ]; then
+			ok "systemd-analyze verify: $(cd "$d" && ls qcowsetup@*.service | tr '\n' ' ')"
+		else
+			ko "systemd-analyze verify in $(basename "$d")"
+			sed 's/^/    | /' "$tmp/verify"
+		fi
+	done
+else
+	echo "SKIP: systemd-analyze verify: no systemd-analyze"
+fi
+echo "$passed passed, $failed failed"
+[ $failed = 0 ]

@@ -1,0 +1,251 @@
+/* The qcowtab parser (src/lib/qcowtab.c): fields, locations, options, errors. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcowtab.h"
+#include "tap.h"
+
+struct reported {
+	unsigned int errors, warnings, last_line;
+	char last[512];
+};
+
+static void collect(void *opaque, enum qcowtab_severity sev, unsigned int line, const char *msg)
+{
+	struct reported *r = opaque;
+
+	if (sev == QCOWTAB_ERROR)
+		r->errors++;
+	else
+		r->warnings++;
+	r->last_line = line;
+	snprintf(r->last, sizeof(r->last), "%s", msg);
+}
+
+static const char *str(const char *s)
+{
+	return s ? s : "(null)";
+}
+
+/* Locations: field, is_key -> source, tag, value, path (or an error). */
+static const struct {
+	const char *field;
+	bool is_key;
+	int ret;
+	enum qcowtab_source source;
+	const char *tag, *value, *path;
+} locations[] = {
+	{ "/var/lib/vm.qcow2", false, 0, QCOWTAB_PATH_ONLY, "", NULL, "/var/lib/vm.qcow2" },
+	{ "/dev/disk/by-id/virtio-x", false, 0, QCOWTAB_PATH_ONLY, "", NULL, "/dev/disk/by-id/virtio-x" },
+	{ "UUID=0b1f-22:/images/vm.qcow2", false, 0, QCOWTAB_TAG_PATH, "UUID", "0b1f-22", "/images/vm.qcow2" },
+	{ "LABEL=my\\072disk:/a/b", false, 0, QCOWTAB_TAG_PATH, "LABEL", "my:disk", "/a/b" },
+	{ "LABEL=my\\040disk:/a\\040b", false, 0, QCOWTAB_TAG_PATH, "LABEL", "my disk", "/a b" },
+	{ "/images/vm.qcow2:UUID=abcd", false, 0, QCOWTAB_TAG_PATH, "UUID", "abcd", "/images/vm.qcow2" },
+	{ "PARTUUID=1234-5678", false, 0, QCOWTAB_TAG_ONLY, "PARTUUID", "1234-5678", NULL },
+	{ "PARTLABEL=vmdisk", false, 0, QCOWTAB_TAG_ONLY, "PARTLABEL", "vmdisk", NULL },
+	{ "/a:b/c.qcow2", false, 0, QCOWTAB_PATH_ONLY, "", NULL, "/a:b/c.qcow2" },
+	{ "/a:UUID=1:LABEL=x", false, 0, QCOWTAB_TAG_PATH, "LABEL", "x", "/a:UUID=1" },
+	{ "UUID=abcd", false, -EINVAL, 0, NULL, NULL, NULL },
+	{ "LABEL=x", false, -EINVAL, 0, NULL, NULL, NULL },
+	{ "UUID=:/x", false, -EINVAL, 0, NULL, NULL, NULL },
+	{ "vm.qcow2", false, -EINVAL, 0, NULL, NULL, NULL },
+	{ "none", false, -EINVAL, 0, NULL, NULL, NULL },
+	{ "none", true, 0, QCOWTAB_NONE, "", NULL, NULL },
+	{ "-", true, 0, QCOWTAB_NONE, "", NULL, NULL },
+	{ "/etc/keys/vm.key", true, 0, QCOWTAB_PATH_ONLY, "", NULL, "/etc/keys/vm.key" },
+	{ "/keys/k:UUID=5678", true, 0, QCOWTAB_TAG_PATH, "UUID", "5678", "/keys/k" },
+	{ "LABEL=keys:/k", true, 0, QCOWTAB_TAG_PATH, "LABEL", "keys", "/k" },
+	{ "PARTUUID=1234", true, -EINVAL, 0, NULL, NULL, NULL },
+	{ "key", true, -EINVAL, 0, NULL, NULL, NULL },
+};
+
+static void test_locations(void)
+{
+	for (size_t i = 0; i < sizeof(locations) / sizeof(locations[0]); i++) {
+		struct qcowtab_location l;
+		const char *why = NULL;
+		int r = qcowtab_parse_location(locations[i].field, locations[i].is_key, &l, &why);
+
+		if (locations[i].ret) {
+			CHECK(r == locations[i].ret && why, "location %s%s is refused (%s)", locations[i].field,
+			      locations[i].is_key ? " (key)" : "", str(why));
+			continue;
+		}
+		CHECK(r == 0 && l.source == locations[i].source && !strcmp(l.tag, locations[i].tag) &&
+		      !strcmp(str(l.value), str(locations[i].value)) && !strcmp(str(l.path), str(locations[i].path)),
+		      "location %s%s: source %d tag %s value %s path %s", locations[i].field,
+		      locations[i].is_key ? " (key)" : "", l.source, l.tag, str(l.value), str(l.path));
+		if (r == 0) {
+			/* formatting and parsing again gives the same */
+			char buf[512];
+			struct qcowtab_location l2;
+
+			CHECK(qcowtab_format_location(&l, buf, sizeof(buf)) > 0 &&
+			      qcowtab_parse_location(buf, locations[i].is_key, &l2, &why) == 0 &&
+			      l2.source == l.source && !strcmp(str(l2.value), str(l.value)) &&
+			      !strcmp(str(l2.path), str(l.path)),
+			      "location %s formats as %s and back", locations[i].field, buf);
+			qcowtab_location_free(&l2);
+		}
+		qcowtab_location_free(&l);
+	}
+}
+
+static const char tab_text[] =
+	"# name  image  key  options\n"
+	"\n"
+	"   # indented comment\n"
+	"root  UUID=0b1f:/images/root.qcow2  /keys/root.key:LABEL=keys  readonly,tries=5,x-initrd.attach\n"
+	"data\tPARTUUID=aa-bb\tnone\tro,discard,nofail,noauto,timeout=30s,same-passphrase\n"
+	"home /var/lib/home.qcow2\n"
+	"snap /v/s.qcow2 - snapshot=before-upgrade,keyfile-size=64\n"
+	"kf   /v/k.qcow2 /etc/k keyfile-offset=512,keyfile-size=32,readonly,x-systemd.device-timeout=2min,tries=0\n"
+	"sp\\040x /v/x.qcow2\n"                           /* bad name: line 9 */
+	"one\n"                                          /* too few fields: 10 */
+	"five a b c d\n"                                 /* too many: 11 */
+	"root /other.qcow2\n"                            /* duplicate: 12 */
+	"bad1 /x.qcow2 none tries=abc\n"                 /* 13 */
+	"bad2 /x.qcow2 none keyfile-size=0\n"            /* 14 */
+	"bad3 /x.qcow2 none tries\n"                     /* 15 */
+	"warn /x.qcow2 none readonly,frobnicate,x-foo.bar=1\n" /* 16: unknown option: warning */
+	"bad4 relative.qcow2\n"                          /* 17 */
+	"bad5 UUID=1:/a/../b\n"                          /* 18 */
+	"last /no/newline.qcow2 none readonly";          /* 19 */
+
+static void test_table(void)
+{
+	struct reported rep = { 0 };
+	struct qcowtab t;
+	unsigned int errors = 0;
+	const struct qcowtab_entry *e;
+	int r;
+
+	r = qcowtab_parse(tab_text, sizeof(tab_text) - 1, collect, &rep, &t, &errors);
+	CHECK(r == 0, "the table parses (%d)", r);
+	CHECK(t.count == 7, "7 entries kept (%zu)", t.count);
+	CHECK(errors == 9 && rep.errors == 9, "9 lines refused (%u, reported %u)", errors, rep.errors);
+	CHECK(rep.warnings == 3, "3 warnings (unknown option, snapshot read-only, keyfile-size without a key file): %u", rep.warnings);
+
+	e = qcowtab_find(&t, "root");
+	CHECK(e && e->line == 4 && e->image.source == QCOWTAB_TAG_PATH && !strcmp(e->image.value, "0b1f") &&
+	      e->key.source == QCOWTAB_TAG_PATH && !strcmp(e->key.tag, "LABEL") && !strcmp(e->key.path, "/keys/root.key") &&
+	      e->readonly && e->tries == 5 && e->initrd_attach && !e->nofail && !e->same_passphrase,
+	      "root: line 4, tag image, key on LABEL=keys, readonly, tries=5, x-initrd.attach");
+	CHECK(e && !strcmp(e->image.path, "/images/root.qcow2"), "root: first of a duplicated name wins");
+
+	e = qcowtab_find(&t, "data");
+	CHECK(e && e->image.source == QCOWTAB_TAG_ONLY && e->key.source == QCOWTAB_NONE && e->readonly &&
+	      e->discard && e->nofail && e->noauto && e->timeout == 30 && e->same_passphrase && e->tries == 3,
+	      "data: tabs, PARTUUID device, none, ro discard nofail noauto timeout=30s same-passphrase, tries 3");
+
+	e = qcowtab_find(&t, "home");
+	CHECK(e && e->key.source == QCOWTAB_NONE && !e->readonly && e->options && !*e->options,
+	      "home: two fields, no key, no options (read-write)");
+
+	e = qcowtab_find(&t, "snap");
+	CHECK(e && e->snapshot && !strcmp(e->snapshot, "before-upgrade") && e->readonly && e->keyfile_size == 64,
+	      "snap: snapshot= makes it read-only");
+
+	e = qcowtab_find(&t, "kf");
+	CHECK(e && e->key.source == QCOWTAB_PATH_ONLY && e->keyfile_offset == 512 && e->keyfile_size == 32 &&
+	      e->device_timeout == 120 && e->tries == 0,
+	      "kf: keyfile-offset, keyfile-size, x-systemd.device-timeout=2min, tries=0");
+
+	e = qcowtab_find(&t, "warn");
+	CHECK(e && e->readonly, "warn: unknown options are ignored, the entry is kept");
+	e = qcowtab_find(&t, "last");
+	CHECK(e && e->readonly && e->line == 19, "last line without a newline");
+	CHECK(!qcowtab_find(&t, "bad1") && !qcowtab_find(&t, "bad5") && !qcowtab_find(&t, "one"),
+	      "refused lines are left out");
+	qcowtab_free(&t);
+
+	memset(&rep, 0, sizeof(rep));
+	r = qcowtab_parse("a /x none\nb /y none\0c /z none\n", 30, collect, &rep, &t, &errors);
+	CHECK(r == 0 && t.count == 2, "a NUL ends the table");
+	qcowtab_free(&t);
+
+	r = qcowtab_parse("", 0, NULL, NULL, &t, NULL);
+	CHECK(r == 0 && t.count == 0, "an empty table");
+	qcowtab_free(&t);
+}
+
+static void test_names_and_escapes(void)
+{
+	char *s;
+
+	CHECK(qcowtab_valid_name("vm-1_a.b+c"), "valid name");
+	CHECK(!qcowtab_valid_name("") && !qcowtab_valid_name("..") && !qcowtab_valid_name("a/b") &&
+	      !qcowtab_valid_name("a b"), "invalid names");
+	s = qcowtab_unescape("a\\040b\\\\c\\0", 12);
+	CHECK(s && !strcmp(s, "a b\\\\c\\0"), "escapes: \\040 decoded, others kept (%s)", s);
+	free(s);
+	s = qcowtab_unescape("x\\000y", 6);
+	CHECK(s && !strcmp(s, "x\\000y"), "\\000 is not decoded (%s)", s);
+	free(s);
+}
+
+static void test_cmdline(void)
+{
+	char *text = NULL;
+	struct qcowtab t;
+	const struct qcowtab_entry *e;
+	int r;
+
+	r = qcowtab_cmdline_lines("BOOT_IMAGE=/vmlinuz root=/dev/mapper/root ro "
+				  "rd.qcowsetup.image=UUID=12:/r.qcow2 rd.qcowsetup.name=root "
+				  "rd.qcowsetup.key=/k:LABEL=keys rd.qcowsetup.options=readonly,tries=2 "
+				  "rd.qcowsetup.image=\"LABEL=a b:/d.qcow2\" quiet", &text);
+	CHECK(r == 0 && text && !strcmp(text,
+		"root UUID=12:/r.qcow2 /k:LABEL=keys readonly,tries=2,x-initrd.attach\n"
+		"qcow-2 LABEL=a\\040b:/d.qcow2 none x-initrd.attach\n"),
+	      "command line: N-th name/key/options with the N-th image, defaults, quotes, blanks escaped");
+	r = qcowtab_parse(text, strlen(text), NULL, NULL, &t, NULL);
+	e = qcowtab_find(&t, "root");
+	CHECK(r == 0 && e && e->initrd_attach && e->readonly && e->tries == 2 && e->key.source == QCOWTAB_TAG_PATH,
+	      "command line entries parse");
+	e = qcowtab_find(&t, "qcow-2");
+	CHECK(t.count == 2 && e && !strcmp(e->image.value, "a b"), "a quoted label with a space");
+	qcowtab_free(&t);
+	free(text);
+
+	r = qcowtab_cmdline_lines("quiet splash", &text);
+	CHECK(r == 0 && text && !*text, "no rd.qcowsetup.image: no lines");
+	free(text);
+	CHECK(qcowtab_cmdline_disabled("a rd.qcowsetup=0 b") && !qcowtab_cmdline_disabled("rd.qcowsetup.image=x") &&
+	      !qcowtab_cmdline_disabled("rd.qcowsetup=0 rd.qcowsetup=1"), "rd.qcowsetup=0, the last one wins");
+}
+
+static void test_unit_names(void)
+{
+	static const struct { const char *in; bool path; const char *out; } v[] = {
+		{ "root", false, "root" },
+		{ "vm-1", false, "vm\\x2d1" },
+		{ "a+b.c_d", false, "a\\x2bb.c_d" },
+		{ ".hidden", false, "\\x2ehidden" },
+		{ "/dev/mapper/vm-1", true, "dev-mapper-vm\\x2d1" },
+		{ "/dev/disk/by-label/my\\x20disk", true, "dev-disk-by\\x2dlabel-my\\x5cx20disk" },
+		{ "//a//b/", true, "a-b" },
+		{ "/", true, "-" },
+	};
+	char buf[256];
+
+	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+		qcowtab_systemd_escape(v[i].in, v[i].path, buf, sizeof(buf));
+		CHECK(!strcmp(buf, v[i].out), "systemd-escape%s %s = %s (%s)", v[i].path ? " --path" : "", v[i].in,
+		      v[i].out, buf);
+	}
+	CHECK(qcowtab_unit_name("vm-1", buf, sizeof(buf)) == 0 && !strcmp(buf, "qcowsetup@vm\\x2d1.service"),
+	      "unit name %s", buf);
+}
+
+int main(void)
+{
+	test_locations();
+	test_table();
+	test_names_and_escapes();
+	test_cmdline();
+	test_unit_names();
+	return tap_done();
+}
