@@ -24,6 +24,21 @@ cd "$work/m"
 qemu-img convert -l snapshot.name=snap1 -O raw snap-c64k.qcow2 snap1.raw
 md5sum <snap1.raw | cut -d' ' -f1 >oracle/snap-c64k@snap1.md5
 rm -f snap1.raw
+# Issue 6's acceptance: legacy and unencrypted images converted to LUKS by
+# `qcowsetup convert` map to the same bytes as their sources.
+for src in aes-qcow2:aes-qcow2.qcow2:pass.key aes-qcow:aes-qcow.qcow:pass.key \
+	c64k-v3:c64k-v3.qcow2:- chain-q1-top:chain-q1/top.qcow2:-; do
+	IFS=: read -r name path secret <<<"$src"
+	keyopt=()
+	[ "$secret" = - ] || keyopt=(--key-file "$secret")
+	# the chain: its data copied in (the VM sees the files under another path)
+	[ "$name" != chain-q1-top ] || keyopt+=(--flatten)
+	"$qs" convert "${keyopt[@]}" --new-key-file pass.key --pbkdf-force-iterations 1000 --quiet \
+		"$path" "conv-$name.qcow2" || { echo "$me: convert of $path failed" >&2; exit 1; }
+	cp "oracle/$name.md5" "oracle/conv-$name.md5"
+	printf 'conv-%s\tconv-%s.qcow2\tqcow2\tpass.key\tqcow2,v3,encrypted,luks,converted\n' "$name" "$name" >>manifest.tsv
+done
+
 # The images live on ext4 on a virtio disk in the VM, as they would on a
 # host (9p has no O_DIRECT and no OFD locks worth testing).
 mkdir "$work/share"
