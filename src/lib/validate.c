@@ -133,8 +133,10 @@ int image_metadata(struct image *img, struct meta_range **out, size_t *count)
 		goto fail;
 	/* active L2 tables (from the header's L1, whatever is mapped) */
 	r = qcow2_read_table(img, img->l1_table_offset, img->l1_size, QCOW2_MAX_L1_BYTES, "L1 table", &t);
+	/* the L2 tables of the mapped L1 (active or snapshot) are META_L2: one
+	 * of them named twice is refused; the other L1s may share theirs */
 	if (!r)
-		r = add_l2_tables(img, &m, t, img->l1_size, META_L2);
+		r = add_l2_tables(img, &m, t, img->l1_size, img->snapshot_index < 0 ? META_L2 : META_SNAPSHOT_L2);
 	free(t);
 	t = NULL;
 	if (r)
@@ -161,7 +163,8 @@ int image_metadata(struct image *img, struct meta_range **out, size_t *count)
 			r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table",
 					     &t);
 		if (!r)
-			r = add_l2_tables(img, &m, t, sn->l1_size, META_SNAPSHOT_L2);
+			r = add_l2_tables(img, &m, t, sn->l1_size,
+					  (int)i == img->snapshot_index ? META_L2 : META_SNAPSHOT_L2);
 		free(t);
 		t = NULL;
 		if (r)
@@ -293,6 +296,57 @@ static int cmp_ref(const void *a, const void *b)
 	return x->host < y->host ? -1 : x->host > y->host;
 }
 
+struct ref_edge {
+	uint64_t at;
+	int delta;
+};
+
+static int cmp_edge(const void *a, const void *b)
+{
+	const struct ref_edge *x = a, *y = b;
+
+	if (x->at != y->at)
+		return x->at < y->at ? -1 : 1;
+	return x->delta - y->delta;	/* ends before starts at one offset */
+}
+
+/* Where host ranges overlap, every cluster must have a refcount of at least
+ * the number of references the mapped layer makes to it. */
+static int check_ref_counts(struct image *img, const struct host_ref *refs, size_t n, struct refcount_reader *rr)
+{
+	struct ref_edge *edges = malloc(2 * n * sizeof(*edges));
+	uint64_t pos = 0, count = 0, rc;
+	int r = 0;
+
+	if (!edges)
+		return -ENOMEM;
+	for (size_t i = 0; i < n; i++) {
+		edges[2 * i] = (struct ref_edge){ .at = refs[i].host, .delta = 1 };
+		edges[2 * i + 1] = (struct ref_edge){ .at = refs[i].host + refs[i].len, .delta = -1 };
+	}
+	qsort(edges, 2 * n, sizeof(*edges), cmp_edge);
+	for (size_t k = 0; k < 2 * n; k++) {
+		if (count >= 2 && edges[k].at > pos) {
+			for (uint64_t c = pos >> img->cluster_bits; c <= (edges[k].at - 1) >> img->cluster_bits; c++) {
+				r = refcount_get(rr, c, &rc);
+				if (r < 0)
+					goto out;
+				if (rc < count) {
+					log_err("%s: host cluster at 0x%" PRIx64 " is mapped %" PRIu64 " times but its refcount is %" PRIu64 ".",
+						img->path, c << img->cluster_bits, count, rc);
+					r = -EUCLEAN;
+					goto out;
+				}
+			}
+		}
+		pos = edges[k].at;
+		count += (uint64_t)(int64_t)edges[k].delta;
+	}
+out:
+	free(edges);
+	return r;
+}
+
 static int check_aliasing(struct image *img, struct host_ref *refs, size_t n)
 {
 	struct refcount_reader rr = { 0 };
@@ -336,6 +390,9 @@ alias:
 		r = -EUCLEAN;
 		goto out;
 	}
+	/* overlaps the refcounts allowed pairwise: now count them */
+	if (have_rr)
+		r = check_ref_counts(img, refs, n, &rr);
 out:
 	if (have_rr)
 		refcount_reader_free(&rr);

@@ -109,6 +109,7 @@ static void data_past_eof(struct qb *b) { qb_set_l2(b, 0, (b->size + 10 * b->cs)
 static void data_unaligned(struct qb *b) { uint64_t d = qb_alloc_cluster(b); qb_set_l2(b, 0, (d + 512) | COPIED, 0); }
 static void alias_rc1(struct qb *b) { uint64_t d = qb_alloc_cluster(b); qb_set_l2(b, 0, d | COPIED, 0); qb_set_l2(b, b->cs, d | COPIED, 0); }
 static void alias_rc2(struct qb *b) { uint64_t d = qb_alloc_cluster(b); qb_set_refcount(b, d, 2); qb_set_l2(b, 0, d, 0); qb_set_l2(b, b->cs, d, 0); }
+static void alias_rc2_thrice(struct qb *b) { uint64_t d = qb_alloc_cluster(b); qb_set_refcount(b, d, 2); qb_set_l2(b, 0, d, 0); qb_set_l2(b, b->cs, d, 0); qb_set_l2(b, 2 * b->cs, d, 0); }
 static void l2_past_eof(struct qb *b) { qb_put64(b, 3 * b->cs, (b->size + b->cs) | COPIED); }
 static void l2_on_header(struct qb *b) { qb_put64(b, 3 * b->cs, 0 | COPIED | (1ULL << 9) * 0); qb_put64(b, 3 * b->cs, b->cs * 0 + (1ULL << 62) * 0 + 0x200 * 0 + COPIED); b->buf[3 * b->cs + 7] = 0; }
 static void l2_on_reftable(struct qb *b) { qb_put64(b, 3 * b->cs, (1 * b->cs) | COPIED); }
@@ -153,6 +154,7 @@ static const struct bad_case bad_cases[] = {
 	{ "data cluster unaligned", data_unaligned, -EUCLEAN, "not cluster aligned" },
 	{ "two guest clusters on one host cluster, refcount 1", alias_rc1, -EUCLEAN, "both map host offset" },
 	{ "two guest clusters on one host cluster, refcount 2", alias_rc2, 0, NULL },
+	{ "three guest clusters on one host cluster, refcount 2", alias_rc2_thrice, -EUCLEAN, "mapped 3 times but its refcount is 2" },
 	{ "L2 table beyond EOF", l2_past_eof, -EUCLEAN, "L2 table at host offset" },
 	{ "L2 table on the header", l2_on_header, 0, NULL },
 	{ "L2 table on the refcount table", l2_on_reftable, -EUCLEAN, "overlaps" },
