@@ -1,0 +1,148 @@
+#!/bin/bash
+# test-malformed.sh: runs qcowsetup on the malformed-image corpus of
+# gen-malformed.py and checks, for every line of its manifest, the exit code
+# and that stderr is exactly one line matching the expected message (or empty
+# where the image is fine; `check` finding corruptions or leaks, exit 2 or 3,
+# prints several, one of which must match). A crash (exit >= 128, sanitizer
+# report, valgrind error) or a hang (60 s, 600 s under valgrind) fails it.
+#
+# Environment:
+#   QCOWSETUP      the binary under test (default: ./qcowsetup)
+#   QS_VALGRIND=1  run every case under valgrind --error-exitcode=99 --leak-check=full -q
+#   QS_CORPUS=DIR  use (or keep) the corpus in DIR instead of a temporary one
+#   QS_FILTER=ERE  run only the tests whose name matches
+# Exit: 0 all passed, 1 some failed, 77 skipped (no qemu-img, python3 or binary).
+set -u
+export LC_ALL=C
+
+srcdir=${top_srcdir:-$(cd "$(dirname "$0")/../.." && pwd)}
+GEN=$srcdir/tests/images/gen-malformed.py
+QCOWSETUP=${QCOWSETUP:-./qcowsetup}
+case $QCOWSETUP in
+/*) ;;
+*) QCOWSETUP=$(pwd)/$QCOWSETUP ;;
+esac
+
+for tool in qemu-img qemu-io python3; do
+	if ! command -v "$tool" >/dev/null 2>&1; then
+		echo "SKIP: $tool not found"
+		exit 77
+	fi
+done
+if [ ! -x "$QCOWSETUP" ]; then
+	echo "SKIP: $QCOWSETUP not built"
+	exit 77
+fi
+
+RUNNER=()
+TIMEOUT=60
+if [ "${QS_VALGRIND:-0}" = 1 ]; then
+	if ! command -v valgrind >/dev/null 2>&1; then
+		echo "SKIP: valgrind not found"
+		exit 77
+	fi
+	RUNNER=(valgrind --error-exitcode=99 --leak-check=full -q)
+	TIMEOUT=600
+fi
+
+if [ -n "${QS_CORPUS:-}" ]; then
+	CORPUS=$QS_CORPUS
+	KEEP=1
+else
+	CORPUS=$(mktemp -d "${TMPDIR:-/tmp}/qs-malformed.XXXXXX") || exit 99
+	KEEP=0
+fi
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/qs-malformed-out.XXXXXX") || exit 99
+cleanup() {
+	rm -rf "$TMP"
+	[ "$KEEP" = 1 ] || rm -rf "$CORPUS"
+}
+trap cleanup EXIT
+
+if [ ! -f "$CORPUS/manifest.tsv" ]; then
+	python3 "$GEN" "$CORPUS" >"$TMP/gen.log" 2>&1
+	rc=$?
+	if [ $rc -ne 0 ]; then
+		cat "$TMP/gen.log"
+		[ $rc -eq 77 ] && exit 77
+		echo "FAIL: gen-malformed.py exited with $rc"
+		exit 1
+	fi
+fi
+cd "$CORPUS" || exit 99
+
+# Commands the binary does not know (yet) are skipped, not failed.
+declare -A HAVE
+for c in info map table check; do
+	args=("$c" base-plain.qcow2)
+	[ "$c" = table ] && args+=(qs-malformed)
+	HAVE[$c]=1
+	if "$QCOWSETUP" "${args[@]}" 2>&1 >/dev/null | grep -q 'Unknown command'; then
+		HAVE[$c]=0
+		echo "NOTE: no '$c' command: its tests are skipped"
+	fi
+done
+
+pass=0
+fail=0
+skip=0
+while IFS=$'\t' read -r name cmd want regex desc image; do
+	case $name in '#'* | '') continue ;; esac
+	if [ -n "${QS_FILTER:-}" ] && ! [[ $name =~ $QS_FILTER ]]; then
+		continue
+	fi
+	read -r -a words <<<"$cmd"
+	if [ "${HAVE[${words[0]}]:-0}" != 1 ]; then
+		skip=$((skip + 1))
+		echo "SKIP: $name (no ${words[0]})"
+		continue
+	fi
+	args=("${words[@]}" "$image")
+	[ "${words[0]}" = table ] && args+=(qs-malformed)
+	# stdout matters only for check's findings (a map can be huge)
+	out=/dev/null
+	[ "${words[0]}" = check ] && out=$TMP/out
+	timeout -s KILL "$TIMEOUT" "${RUNNER[@]}" "$QCOWSETUP" "${args[@]}" \
+		>"$out" 2>"$TMP/err" </dev/null
+	rc=$?
+	nlines=$(wc -l <"$TMP/err")
+	line=$(head -n 1 "$TMP/err")
+	why=
+	if [ $rc -eq 137 ]; then
+		why="killed after ${TIMEOUT}s (hang?)"
+	elif [ $rc -ge 128 ]; then
+		why="crashed (exit $rc): $line"
+	elif [ $rc -eq 99 ] && [ "$want" != 99 ]; then
+		why="valgrind errors: $(head -c 2000 "$TMP/err")"
+	elif grep -qE 'Sanitizer|runtime error:|==[0-9]+==' "$TMP/err"; then
+		why="sanitizer report: $(head -c 2000 "$TMP/err")"
+	elif [ "$rc" != "$want" ]; then
+		why="exit $rc, expected $want; stderr: $(head -c 500 "$TMP/err")"
+	elif [ "$regex" = - ]; then
+		[ -s "$TMP/err" ] && why="expected no message, got: $(head -c 500 "$TMP/err")"
+	elif [ "${words[0]}" = check ] && { [ "$want" = 2 ] || [ "$want" = 3 ]; }; then
+		# check reports its findings as qemu-img check does: several lines
+		cat "$TMP/out" "$TMP/err" | grep -qE -- "$regex" ||
+			why="no finding matches /$regex/: $(head -c 500 "$TMP/err")"
+	elif [ "$nlines" -ne 1 ]; then
+		why="expected one line on stderr, got $nlines: $(head -c 500 "$TMP/err")"
+	elif ! grep -qE -- "$regex" "$TMP/err"; then
+		why="message does not match /$regex/: $line"
+	fi
+	if [ -z "$why" ]; then
+		pass=$((pass + 1))
+		echo "PASS: $name"
+	else
+		fail=$((fail + 1))
+		echo "FAIL: $name: $why"
+		echo "      ($desc; qcowsetup ${args[*]})"
+	fi
+done <manifest.tsv
+
+if [ $skip -gt 0 ]; then
+	echo "$pass passed, $fail failed, $skip skipped"
+else
+	echo "$pass passed, $fail failed"
+fi
+[ "$KEEP" = 1 ] && echo "corpus kept in $CORPUS"
+[ $fail -eq 0 ]
