@@ -347,10 +347,13 @@ static int check_runs(struct build *b, const struct image *top)
 		}
 		if (!is_aligned(r->guest, SECTOR_SIZE) || !is_aligned(r->len, SECTOR_SIZE) ||
 		    (r->kind == RUN_DATA && !is_aligned(r->host, SECTOR_SIZE))) {
-			log_err("Layer %u (%s): %s run at guest offset %" PRIu64 " (%" PRIu64 " bytes%s%" PRIu64 ") is not aligned to %llu bytes; device-mapper cannot map it.",
-				r->depth, l->img->path ? l->img->path : "?", run_kind_name(r->kind),
-				r->guest, r->len, r->kind == RUN_DATA ? ", host offset " : "",
-				r->kind == RUN_DATA ? r->host : 0, SECTOR_SIZE);
+			char at[48] = "";
+
+			if (r->kind == RUN_DATA)
+				snprintf(at, sizeof(at), ", host offset %" PRIu64, r->host);
+			log_err("Layer %u (%s): %s run at guest offset %" PRIu64 " (%" PRIu64 " bytes%s) is not aligned to %llu bytes; device-mapper cannot map it.",
+				r->depth, l->img->path ? l->img->path : "?", run_kind_name(r->kind), r->guest, r->len,
+				at, SECTOR_SIZE);
 			return -EUCLEAN;
 		}
 		if (r->kind != RUN_DATA)

@@ -64,6 +64,7 @@ int qcow1_open(struct image *img)
 		return -EUCLEAN;
 	}
 	l1 = (img->size + shift_size - 1) / shift_size;
+	img->size &= ~511ULL;	/* QEMU: total_sectors = size / 512 */
 	if (l1 > QCOW2_MAX_L1_BYTES / 8) {
 		log_err("%s: L1 table of %" PRIu64 " entries is too large.", img->path, l1);
 		return -EUCLEAN;

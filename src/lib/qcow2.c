@@ -504,7 +504,8 @@ int qcow2_open(struct image *img)
 	backing_off = get_be64(hdr + 8);
 	backing_len = get_be32(hdr + 16);
 	img->cluster_bits = get_be32(hdr + 20);
-	img->size = get_be64(hdr + 24);
+	/* QEMU: total_sectors = size / 512; a partial last sector does not exist */
+	img->size = get_be64(hdr + 24) & ~511ULL;
 	img->crypt_method = get_be32(hdr + 32);
 	img->l1_size = get_be32(hdr + 36);
 	img->l1_table_offset = get_be64(hdr + 40);

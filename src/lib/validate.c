@@ -85,6 +85,8 @@ static int cmp_meta(const void *a, const void *b)
 	return (int)x->kind - (int)y->kind;
 }
 
+static int check_metadata(const struct image *img, const struct meta_range *m, size_t n);
+
 /* Snapshots share L2 tables with the active L1 and with each other; the
  * active L1 itself must not name one L2 table twice. */
 static bool shared_l2(const struct meta_range *a, const struct meta_range *b)
@@ -129,6 +131,19 @@ int image_metadata(struct image *img, struct meta_range **out, size_t *count)
 		r = meta_add(&m, img->crypt_header_offset, img->crypt_header_length, META_CRYPT_HEADER);
 	if (!r && img->nb_bitmaps)
 		r = meta_add(&m, img->bitmap_directory_offset, img->bitmap_directory_size, META_BITMAP_DIRECTORY);
+	for (uint32_t i = 0; !r && i < img->nb_snapshots; i++)
+		r = meta_add(&m, img->snapshots[i].l1_table_offset, (uint64_t)img->snapshots[i].l1_size * 8,
+			     META_SNAPSHOT_L1);
+	for (uint32_t i = 0; !r && i < img->nb_bitmaps; i++)
+		r = meta_add(&m, img->bitmaps[i].table_offset, (uint64_t)img->bitmaps[i].table_size * 8,
+			     META_BITMAP_TABLE);
+	if (r)
+		goto fail;
+	/* The tables read below must lie apart in the file first: 65536
+	 * snapshots naming one L1 table of 4096 entries are a 3 MiB file, and
+	 * 2^28 L2 ranges (8 GiB) collected before the overlap check. */
+	qsort(m.v, m.n, sizeof(*m.v), cmp_meta);
+	r = check_metadata(img, m.v, m.n);
 	if (r)
 		goto fail;
 	/* active L2 tables (from the header's L1, whatever is mapped) */
@@ -158,10 +173,7 @@ int image_metadata(struct image *img, struct meta_range **out, size_t *count)
 	for (uint32_t i = 0; i < img->nb_snapshots; i++) {
 		const struct qcow2_snapshot *sn = &img->snapshots[i];
 
-		r = meta_add(&m, sn->l1_table_offset, (uint64_t)sn->l1_size * 8, META_SNAPSHOT_L1);
-		if (!r)
-			r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table",
-					     &t);
+		r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table", &t);
 		if (!r)
 			r = add_l2_tables(img, &m, t, sn->l1_size,
 					  (int)i == img->snapshot_index ? META_L2 : META_SNAPSHOT_L2);
@@ -173,9 +185,7 @@ int image_metadata(struct image *img, struct meta_range **out, size_t *count)
 	for (uint32_t i = 0; i < img->nb_bitmaps; i++) {
 		const struct qcow2_bitmap *bm = &img->bitmaps[i];
 
-		r = meta_add(&m, bm->table_offset, (uint64_t)bm->table_size * 8, META_BITMAP_TABLE);
-		if (!r)
-			r = qcow2_read_table(img, bm->table_offset, bm->table_size, QCOW2_MAX_L1_BYTES, "bitmap table", &t);
+		r = qcow2_read_table(img, bm->table_offset, bm->table_size, QCOW2_MAX_L1_BYTES, "bitmap table", &t);
 		for (uint32_t k = 0; !r && k < bm->table_size; k++) {
 			uint64_t off = t[k] & QCOW2_L1E_OFFSET_MASK;
 

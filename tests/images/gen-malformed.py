@@ -591,6 +591,10 @@ def gen_cases(c):
     c.add("size-0", q, ("info", "map --json", "check?"), 0, "-", "virtual size 0 (qemu-img creates such images)")
     c.add("size-0-table", q, ("table",), 1, "size of 0 bytes", "virtual size 0: nothing to map")
     q = B("base-plain")
+    q.set("size", 4 * M + 1)
+    c.add("size-odd", q, OK_CMDS, 0, "-",
+          "virtual size 4 MiB + 1: QEMU ignores a partial last sector (total_sectors = size / 512)")
+    q = B("base-plain")
     q.set("l1_off", 0x1000000)
     c.add("l1-beyond-eof", q, HDR_CMDS, 4, "L1 table at offset 0x1000000 .*beyond the end",
           "L1 table offset beyond the end of the file")
