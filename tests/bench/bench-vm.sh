@@ -48,6 +48,8 @@
 #   BENCH_MEM, BENCH_SMP  guest memory (MiB, default 2048) and CPUs (default 2)
 #   BENCH_REBUILD=1  rebuild the cached images and disk
 #   BENCH_KEEP=1     keep the work directory (share, results)
+#   BENCH_REPORT=F   only print the report of a results file F (as kept in
+#                    BENCH_DIR/bench-vm-results.txt), without running anything
 # and those of tests/vm/run-vm.sh (QS_VM_*).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
@@ -70,6 +72,133 @@ now() { echo "$EPOCHREALTIME"; }
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 case $size_mib$runtime$ramp$rounds$n$mem$smp in *[!0-9]*) die "BENCH_* settings take numbers" ;; esac
 [ "$rounds" -ge 1 ] || die "BENCH_ROUNDS must be at least 1"
+
+# ---------------------------------------------------------------- report
+# report RESULTS: the tables, ratios and open figures of a results file (its
+# "params" line gives the settings it was measured with).
+report() {
+	local res=$1 runtime=$runtime ramp=$ramp rounds=$rounds smp=$smp size_mib=$size_mib n=$n
+	eval "$(sed -n 's/^params //p' "$res" | tr ' ' '\n' | grep -E '^(runtime|ramp|rounds|smp|size_mib|n)=[0-9]+$')"
+	echo
+	echo "== qcowsetup device benchmark: one VM run, $(grep '^kernel ' "$res" | cut -d' ' -f2-)"
+	echo "   fio libaio direct=1, ${runtime}s per job (+${ramp}s ramp), $rounds round(s): medians of the"
+	echo "   values and of the per-round ratios; ${size_mib} MiB images on ext4 on virtio (host"
+	echo "   cache=writeback, warmed), every loop device with direct I/O; AES-XTS in the guest:"
+	echo "   $(sed -n 's/^xts //p' "$res"); host load (1/5/15 min) before / after: $(sed -n 's/^load //p' "$res")"
+	awk -v runtime="$runtime" -v ramp="$ramp" -v smp="$smp" '
+		function median(n, a,   i, j, t) {
+			for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+			return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+		}
+		# The figure of one job: MiB/s for the sequential one, IOPS for the others;
+		# m = "w" (wall clock, from fio) or "c" (per host CPU-second of QEMU).
+		$1 == "fio" {       # fio ROUND JOB DEV BW_KIB IOPS LAT_US KIB
+			x["w", $2, $3, $4] = ($3 == "seq1m") ? $5 / 1024 : $6
+			work[$2, $3, $4] = (($3 == "seq1m") ? $8 / 1024 : $8 / 4) * (runtime + ramp) / runtime
+			has[$3, $4] = 1
+			if ($2 > nr) nr = $2
+		}
+		$1 == "mark" {      # mark ROUND JOB DEV start|end HOST_TIME QEMU_TICKS
+			k = $2 SUBSEP $3 SUBSEP $4
+			if ($5 == "start") { t0[k] = $6; c0[k] = $7 } else { t1[k] = $6; c1[k] = $7 }
+		}
+		$1 == "clk" { clk = $2 }
+		$1 == "targets" { targets[$2] = $3 }
+		function val(m, job, dev,   r, n, a) {
+			n = 0
+			for (r = 1; r <= nr; r++) if ((m, r, job, dev) in x) a[++n] = x[m, r, job, dev]
+			return n ? median(n, a) : -1
+		}
+		function rat(m, job, d1, d2,   r, n, a) {     # median of the per-round ratios
+			n = 0
+			for (r = 1; r <= nr; r++)
+				if ((m, r, job, d1) in x && (m, r, job, d2) in x && x[m, r, job, d2] > 0)
+					a[++n] = x[m, r, job, d1] / x[m, r, job, d2]
+			return n ? median(n, a) : -1
+		}
+		function cell(m, job, dev,   v) {
+			v = val(m, job, dev)
+			if (v < 0) return sprintf("%14s", "-")
+			return sprintf("%14s", sprintf(job == "seq1m" ? (m == "w" ? "%.1f MiB/s" : "%.1f MiB") : (m == "w" ? "%.0f IOPS" : "%.0f I/Os"), v))
+		}
+		function row(m, label, dev, note) {
+			if (m == "w" && dev in targets) note = note (note ? " " : "") "(" targets[dev] " target" (targets[dev] == 1 ? "" : "s") ")"
+			printf "  %-22s %s %s %s   %s\n", label, cell(m, "seq1m", dev), cell(m, "rand4k1", dev), cell(m, "rand4k32", dev), note
+		}
+		function table(m) {
+			printf "  %-22s %14s %14s %14s\n", "device", "seq 1M QD8", "rand 4k QD1", "rand 4k QD32"
+			print "  encrypted (LUKS aes-xts-plain64, 512-bit key)"
+			row(m, "qcowsetup", "qs-enc", "")
+			row(m, "qemu-nbd", "nbd-enc", "")
+			row(m, "raw dm-crypt", "crypt-raw", "(the limit)")
+			row(m, "plain loop", "loop-raw", "")
+			row(m, "control: qcowsetup,", "qs-enc-seq", "contiguous image")
+			print "  unencrypted"
+			row(m, "qcowsetup", "qs-plain", "")
+			row(m, "qemu-nbd", "nbd-plain", "")
+			row(m, "plain loop", "loop-raw", "(the same device as above)")
+			row(m, "control: qcowsetup,", "qs-plain-seq", "contiguous image")
+		}
+		function ratio(m, label, a, b, tseq, trand,   j, r, t, line, all) {
+			line = sprintf("  %-38s", label); all = 1
+			for (j = 1; j <= 3; j++) {
+				t = (j == 1) ? tseq : trand
+				r = rat(m, J[j], a, b)
+				if (r < 0) { line = line sprintf(" %7s     ", "-"); all = 0; continue }
+				if (t) { line = line sprintf(" %6.2fx %-4s", r, r >= t ? "ok" : "MISS"); if (r < t) all = 0 }
+				else line = line sprintf(" %6.2fx     ", r)
+			}
+			if (tseq) line = line sprintf("  >= %s seq, >= %s rand: %s", tseq, trand, all ? "MET" : "not met")
+			print line
+		}
+		function ratios(m) {
+			printf "  %-38s %12s %12s %12s   %s\n", "ratio (targets of issue 3)", "seq 1M", "rand QD1", "rand QD32", "target"
+			ratio(m, "enc   qcowsetup / raw dm-crypt", "qs-enc", "crypt-raw", 0.95, 0.95)
+			ratio(m, "enc   qcowsetup / qemu-nbd", "qs-enc", "nbd-enc", 1.5, 3)
+			ratio(m, "plain qcowsetup / plain loop", "qs-plain", "loop-raw", 0.95, 0.95)
+			ratio(m, "plain qcowsetup / qemu-nbd", "qs-plain", "nbd-plain", 10, 8)
+			print "  controls (contiguous images: the layout taken out)"
+			ratio(m, "enc   qcowsetup-contig / raw dm-crypt", "qs-enc-seq", "crypt-raw", 0.95, 0.95)
+			ratio(m, "plain qcowsetup-contig / plain loop", "qs-plain-seq", "loop-raw", 0.95, 0.95)
+			ratio(m, "enc   fragmented / contiguous", "qs-enc", "qs-enc-seq", 0, 0)
+			ratio(m, "plain fragmented / contiguous", "qs-plain", "qs-plain-seq", 0, 0)
+			ratio(m, "raw dm-crypt / plain loop", "crypt-raw", "loop-raw", 0, 0)
+		}
+		END {
+			split("seq1m rand4k1 rand4k32", J, " ")
+			# CPU view: work per CPU-second of the QEMU process over each job
+			ncpu = 0
+			for (k in work) {
+				if (!(k in c1) || !(k in c0) || c0[k] < 0 || c1[k] <= c0[k] || !clk) continue
+				cpu = (c1[k] - c0[k]) / clk
+				split(k, f, SUBSEP)
+				x["c", f[1], f[2], f[3]] = work[k] / cpu
+				share[++ncpu] = cpu / (t1[k] - t0[k])
+			}
+			print "\nwall clock (what the targets are about):"
+			table("w"); print ""; ratios("w")
+			if (ncpu) {
+				printf "\nper host CPU-second of QEMU (the guest and all of its I/O; robust to the other\n"
+				printf "loads of the host, but blind to parallelism: a device that spreads over both\n"
+				med = median(ncpu, share)     # sorts share
+				printf "vCPUs scores lower here than in wall time). QEMU got %.2f / %.2f / %.2f CPUs\n", \
+					med, share[1], share[ncpu]
+				printf "(median / min / max over the jobs; an idle host gives up to %d):\n", smp
+				table("c"); print ""; ratios("c")
+			}
+		}' "$res"
+
+	if grep -q '^frag ' "$res"; then
+		echo
+		echo "== open of the 1 TiB image, $n shuffled 64 KiB clusters (unencrypted: no PBKDF)"
+		sed -n 's/^frag /  /p' "$res"
+	fi
+}
+if [ -n "${BENCH_REPORT:-}" ]; then
+	[ -f "$BENCH_REPORT" ] || die "$BENCH_REPORT: no such file"
+	report "$BENCH_REPORT"
+	exit 0
+fi
 
 # ---------------------------------------------------------------- requirements
 command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || skip "${QEMU:-qemu-system-x86_64} not found"
@@ -229,125 +358,16 @@ set +o pipefail
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 res=$work/share/results.txt
 [ -s "$res" ] || die "the VM run left no results (run-vm.sh exit $rc)"
-{ cat "$res"; cat "$marks"; echo "clk $clk"; echo "load $load0 / $load1"; } > "$dir/bench-vm-results.txt"
+{
+	echo "params runtime=$runtime ramp=$ramp rounds=$rounds smp=$smp size_mib=$size_mib n=$n"
+	cat "$res" "$marks"
+	echo "clk $clk"
+	echo "load $load0 / $load1"
+} > "$dir/bench-vm-results.txt"
 res=$dir/bench-vm-results.txt
 [ "$rc" = 0 ] || echo "$me: warning: the VM run exited $rc: the results may be partial" >&2
 
-# ---------------------------------------------------------------- report
-echo
-echo "== qcowsetup device benchmark: one VM run, $(grep '^kernel ' "$res" | cut -d' ' -f2-)"
-echo "   fio libaio direct=1, ${runtime}s per job (+${ramp}s ramp), $rounds round(s): medians of the"
-echo "   values and of the per-round ratios; ${size_mib} MiB images on ext4 on virtio (host"
-echo "   cache=writeback, warmed), every loop device with direct I/O; AES-XTS in the guest:"
-echo "   $(sed -n 's/^xts //p' "$res"); host load (1/5/15 min) before / after: $(sed -n 's/^load //p' "$res")"
-awk -v runtime="$runtime" -v ramp="$ramp" -v smp="$smp" '
-	function median(n, a,   i, j, t) {
-		for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-		return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-	}
-	# The figure of one job: MiB/s for the sequential one, IOPS for the others;
-	# m = "w" (wall clock, from fio) or "c" (per host CPU-second of QEMU).
-	$1 == "fio" {       # fio ROUND JOB DEV BW_KIB IOPS LAT_US KIB
-		x["w", $2, $3, $4] = ($3 == "seq1m") ? $5 / 1024 : $6
-		work[$2, $3, $4] = (($3 == "seq1m") ? $8 / 1024 : $8 / 4) * (runtime + ramp) / runtime
-		has[$3, $4] = 1
-		if ($2 > nr) nr = $2
-	}
-	$1 == "mark" {      # mark ROUND JOB DEV start|end HOST_TIME QEMU_TICKS
-		k = $2 SUBSEP $3 SUBSEP $4
-		if ($5 == "start") { t0[k] = $6; c0[k] = $7 } else { t1[k] = $6; c1[k] = $7 }
-	}
-	$1 == "clk" { clk = $2 }
-	$1 == "targets" { targets[$2] = $3 }
-	function val(m, job, dev,   r, n, a) {
-		n = 0
-		for (r = 1; r <= nr; r++) if ((m, r, job, dev) in x) a[++n] = x[m, r, job, dev]
-		return n ? median(n, a) : -1
-	}
-	function rat(m, job, d1, d2,   r, n, a) {     # median of the per-round ratios
-		n = 0
-		for (r = 1; r <= nr; r++)
-			if ((m, r, job, d1) in x && (m, r, job, d2) in x && x[m, r, job, d2] > 0)
-				a[++n] = x[m, r, job, d1] / x[m, r, job, d2]
-		return n ? median(n, a) : -1
-	}
-	function cell(m, job, dev,   v) {
-		v = val(m, job, dev)
-		if (v < 0) return sprintf("%14s", "-")
-		return sprintf("%14s", sprintf(job == "seq1m" ? (m == "w" ? "%.1f MiB/s" : "%.1f MiB") : (m == "w" ? "%.0f IOPS" : "%.0f I/Os"), v))
-	}
-	function row(m, label, dev, note) {
-		if (m == "w" && dev in targets) note = note (note ? " " : "") "(" targets[dev] " target" (targets[dev] == 1 ? "" : "s") ")"
-		printf "  %-22s %s %s %s   %s\n", label, cell(m, "seq1m", dev), cell(m, "rand4k1", dev), cell(m, "rand4k32", dev), note
-	}
-	function table(m) {
-		printf "  %-22s %14s %14s %14s\n", "device", "seq 1M QD8", "rand 4k QD1", "rand 4k QD32"
-		print "  encrypted (LUKS aes-xts-plain64, 512-bit key)"
-		row(m, "qcowsetup", "qs-enc", "")
-		row(m, "qemu-nbd", "nbd-enc", "")
-		row(m, "raw dm-crypt", "crypt-raw", "(the limit)")
-		row(m, "plain loop", "loop-raw", "")
-		row(m, "control: qcowsetup,", "qs-enc-seq", "contiguous image")
-		print "  unencrypted"
-		row(m, "qcowsetup", "qs-plain", "")
-		row(m, "qemu-nbd", "nbd-plain", "")
-		row(m, "plain loop", "loop-raw", "(the same device as above)")
-		row(m, "control: qcowsetup,", "qs-plain-seq", "contiguous image")
-	}
-	function ratio(m, label, a, b, tseq, trand,   j, r, t, line, all) {
-		line = sprintf("  %-38s", label); all = 1
-		for (j = 1; j <= 3; j++) {
-			t = (j == 1) ? tseq : trand
-			r = rat(m, J[j], a, b)
-			if (r < 0) { line = line sprintf(" %7s     ", "-"); all = 0; continue }
-			if (t) { line = line sprintf(" %6.2fx %-4s", r, r >= t ? "ok" : "MISS"); if (r < t) all = 0 }
-			else line = line sprintf(" %6.2fx     ", r)
-		}
-		if (tseq) line = line sprintf("  >= %s seq, >= %s rand: %s", tseq, trand, all ? "MET" : "not met")
-		print line
-	}
-	function ratios(m) {
-		printf "  %-38s %12s %12s %12s   %s\n", "ratio (targets of issue 3)", "seq 1M", "rand QD1", "rand QD32", "target"
-		ratio(m, "enc   qcowsetup / raw dm-crypt", "qs-enc", "crypt-raw", 0.95, 0.95)
-		ratio(m, "enc   qcowsetup / qemu-nbd", "qs-enc", "nbd-enc", 1.5, 3)
-		ratio(m, "plain qcowsetup / plain loop", "qs-plain", "loop-raw", 0.95, 0.95)
-		ratio(m, "plain qcowsetup / qemu-nbd", "qs-plain", "nbd-plain", 10, 8)
-		print "  controls (contiguous images: the layout taken out)"
-		ratio(m, "enc   qcowsetup-contig / raw dm-crypt", "qs-enc-seq", "crypt-raw", 0.95, 0.95)
-		ratio(m, "plain qcowsetup-contig / plain loop", "qs-plain-seq", "loop-raw", 0.95, 0.95)
-		ratio(m, "enc   fragmented / contiguous", "qs-enc", "qs-enc-seq", 0, 0)
-		ratio(m, "plain fragmented / contiguous", "qs-plain", "qs-plain-seq", 0, 0)
-		ratio(m, "raw dm-crypt / plain loop", "crypt-raw", "loop-raw", 0, 0)
-	}
-	END {
-		split("seq1m rand4k1 rand4k32", J, " ")
-		# CPU view: work per CPU-second of the QEMU process over each job
-		ncpu = 0
-		for (k in work) {
-			if (!(k in c1) || !(k in c0) || c0[k] < 0 || c1[k] <= c0[k] || !clk) continue
-			cpu = (c1[k] - c0[k]) / clk
-			split(k, f, SUBSEP)
-			x["c", f[1], f[2], f[3]] = work[k] / cpu
-			share[++ncpu] = cpu / (t1[k] - t0[k])
-		}
-		print "\nwall clock (what the targets are about):"
-		table("w"); print ""; ratios("w")
-		if (ncpu) {
-			printf "\nper host CPU-second of QEMU (the guest and all of its I/O; robust to the other\n"
-			printf "loads of the host, but blind to parallelism: a device that spreads over both\n"
-			med = median(ncpu, share)     # sorts share
-			printf "vCPUs scores lower here than in wall time). QEMU got %.2f / %.2f / %.2f CPUs\n", \
-				med, share[1], share[ncpu]
-			printf "(median / min / max over the jobs; an idle host gives up to %d):\n", smp
-			table("c"); print ""; ratios("c")
-		}
-	}' "$res"
-
-if grep -q '^frag ' "$res"; then
-	echo
-	echo "== open of the 1 TiB image, $n shuffled 64 KiB clusters (unencrypted: no PBKDF)"
-	sed -n 's/^frag /  /p' "$res"
-fi
+report "$res"
 echo
 echo "$me: done in $(since "$t_start")s; raw results in $dir/bench-vm-results.txt"
 exit 0
