@@ -13,9 +13,9 @@
 # Environment (from bench-vm.sh): BENCH_RUNTIME, BENCH_RAMP, BENCH_ROUNDS,
 # BENCH_SIZE_MIB, BENCH_FRAG (non-empty: measure the open of frag.qcow2).
 set -eu
-runtime=${BENCH_RUNTIME:-10}
-ramp=${BENCH_RAMP:-2}
-rounds=${BENCH_ROUNDS:-1}
+runtime=${BENCH_RUNTIME:-2}
+ramp=${BENCH_RAMP:-0}
+rounds=${BENCH_ROUNDS:-6}
 size_mib=${BENCH_SIZE_MIB:-512}
 out=/host/results.txt
 mnt=/mnt/bench
@@ -28,8 +28,9 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 # "MemFree Slab SUnreclaim VmallocUsed" in KiB
 meminfo() { awk '/^(MemFree|Slab|SUnreclaim|VmallocUsed):/ { printf "%s ", $2 } END { print "" }' /proc/meminfo; }
 
-loop=
+loop='' watchdog_pid=''
 cleanup() {
+	[ -z "$watchdog_pid" ] || kill "$watchdog_pid" 2>/dev/null || :
 	for d in /dev/nbd0 /dev/nbd1; do qemu-nbd -d "$d" >/dev/null 2>&1 || :; done
 	for m in bench_enc bench_enc-seq bench_plain bench_plain-seq bench_frag; do qcowsetup close "$m" >/dev/null 2>&1 || :; done
 	dmsetup remove bench_rawcrypt >/dev/null 2>&1 || :
@@ -136,8 +137,36 @@ jobs="seq1m=read:1M:8 rand4k1=randread:4k:1 rand4k32=randread:4k:32"
 fwd=$(for e in $devs; do echo "$e"; done)
 rev=$(echo "$fwd" | sed -n '1!G;h;$p')
 ndev=$(echo "$fwd" | wc -l)
+# A hang (I/O that never completes) must not pass for a slow device: when no
+# read completes anywhere for a minute, dump what the kernel is waiting on and
+# power off (the host reports the results so far and the VM's failure).
+watchdog() {
+	local prev='' cur idle=0 p
+	while sleep 5; do
+		cur=$(awk '{ s += $4 } END { print s }' /proc/diskstats)
+		if [ "$cur" = "$prev" ]; then idle=$((idle + 5)); else idle=0 prev=$cur; fi
+		[ $idle -ge 60 ] || continue
+		say "HANG: no read completed for ${idle}s; in flight:"
+		for p in /sys/block/*; do
+			read -r r w < "$p/inflight" 2>/dev/null || continue
+			[ "$r$w" = 00 ] || echo "  ${p##*/} $(cat "$p/dm/name" 2>/dev/null): $r reads, $w writes in flight"
+		done
+		for p in /proc/[0-9]*; do
+			case $(sed 's/.*) //' "$p/stat" 2>/dev/null | cut -d' ' -f1) in
+			D) echo "  D state: ${p#/proc/} $(tr '\0' ' ' < "$p/cmdline")"; sed 's/^/      /' "$p/stack" 2>/dev/null ;;
+			esac
+		done
+		dmsetup status 2>/dev/null | grep -v 'linear\|zero' | head -20
+		echo w > /proc/sysrq-trigger 2>/dev/null && dmesg | grep -A 30 'blocked state' | head -150
+		rec "hang after ${idle}s without I/O"
+		sync
+		echo o > /proc/sysrq-trigger
+	done
+}
 cd /tmp     # fio writes the output of exec_prerun/postrun here
 round=1
+watchdog &
+watchdog_pid=$!
 while [ "$round" -le "$rounds" ]; do
 	if [ $((round % 2)) = 1 ]; then order=$fwd; else order=$rev; fi
 	args=()
@@ -163,6 +192,7 @@ while [ "$round" -le "$rounds" ]; do
 	round=$((round + 1))
 done
 
+kill "$watchdog_pid" 2>/dev/null || :
 cleanup
 trap - EXIT
 if dmsetup ls 2>/dev/null | grep -qv "No devices"; then say "devices left:"; dmsetup ls; fi

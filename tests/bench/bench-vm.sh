@@ -45,7 +45,12 @@
 #                    per-round ratios (devices compared on one job run back to back)
 #   BENCH_CLUSTERS   clusters of the fragmented image (default 1000000);
 #                    0 skips the open measurement
-#   BENCH_MEM, BENCH_SMP  guest memory (MiB, default 2048) and CPUs (default 2)
+#   BENCH_MEM, BENCH_SMP  guest memory (MiB, default 2048) and CPUs (default 1:
+#                    under TCG, with 2 vCPUs every I/O that crosses from one
+#                    vCPU to the other waits for a host thread to wake up, and
+#                    4k random reads run 3-10x slower, erratically, on every
+#                    device: measured here, QD1 ~300-1200 IOPS at 2 vCPUs,
+#                    ~4000 at 1; one vCPU measures the I/O path, not that)
 #   BENCH_REBUILD=1  rebuild the cached images and disk
 #   BENCH_KEEP=1     keep the work directory (share, results)
 #   BENCH_REPORT=F   only print the report of a results file F (as kept in
@@ -64,7 +69,7 @@ ramp=${BENCH_RAMP:-0}
 rounds=${BENCH_ROUNDS:-6}
 n=${BENCH_CLUSTERS:-1000000}
 mem=${BENCH_MEM:-2048}
-smp=${BENCH_SMP:-2}
+smp=${BENCH_SMP:-1}
 pass=qcowsetup-bench
 skip() { echo "$me: SKIP: $*"; exit 0; }
 die() { echo "$me: error: $*" >&2; exit 1; }
@@ -188,6 +193,13 @@ report() {
 			}
 		}' "$res"
 
+	if grep -q '^hang ' "$res"; then
+		echo
+		echo "!! the VM HUNG: $(sed -n 's/^hang //p' "$res"), during the fio job(s) started and never ended:"
+		awk '$1 == "mark" { k = $2 " " $3 " " $4; if ($5 == "start") s[k] = 1; else delete s[k] }
+			END { for (k in s) print "   round/job/device: " k }' "$res"
+		echo "   (the guest's dump of the blocked tasks is in the console output above)"
+	fi
 	if grep -q '^frag ' "$res"; then
 		echo
 		echo "== open of the 1 TiB image, $n shuffled 64 KiB clusters (unencrypted: no PBKDF)"
