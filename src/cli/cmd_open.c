@@ -1,15 +1,32 @@
-/* qcowsetup open / close / status / list: the device stack of DESIGN.md
- * through real device-mapper. Open is atomic: every failure removes what
- * was created (dm devices, keyring keys, loop devices and with them the
- * image locks) before returning. */
+/* qcowsetup open / close / status / list / reattach: the device stack of
+ * DESIGN.md through real device-mapper. Open is atomic: every failure
+ * removes what was created (dm devices, keyring keys, loop devices and with
+ * them the image locks, the slow-path daemon) before returning.
+ *
+ * Read-write (the default) for qcow2: the top image's data file is opened
+ * for writing and locked as QEMU locks it for writing, extended (sparse) to
+ * the most the image can ever need so that the loop device and the LUKS
+ * crypt device never have to grow (`close` gives the file its size back),
+ * and the slow-path daemon (src/daemon) is started once the loop and crypt
+ * devices exist: it connects the NBD device, creates the top device (fast
+ * path to the file for clusters with refcount 1, NBD for the rest) and
+ * reports "READY nbdN" on a pipe. Read-only mappings of images with
+ * compressed clusters use the daemon for those clusters. Raw images map
+ * read-write without it. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dm.h"
@@ -18,9 +35,19 @@
 #include "lock.h"
 #include "log.h"
 #include "loop.h"
+#include "nbd.h"
 #include "passphrase.h"
+#include "qcow2_alloc.h"
 #include "qcowsetup.h"
 #include "stack.h"
+#include "util.h"
+
+#ifndef QCOWSETUP_DAEMON_PATH
+#define QCOWSETUP_DAEMON_PATH "/usr/libexec/qcowsetup/qcowsetup-daemon"
+#endif
+#define DAEMON_STATE_DIR "/run/qcowsetup"
+#define DAEMON_READY_TIMEOUT_MS (300 * 1000)
+#define DAEMON_EXIT_TIMEOUT_MS (300 * 1000)
 
 /* One file of the chain held by the mapping: a loop device over it, which
  * also keeps the file's QEMU-compatible locks for the life of the mapping. */
@@ -43,6 +70,12 @@ struct open_ctx {
 	struct dm_stack *stack;
 	size_t created;		/* devices of the stack created so far */
 	int step;
+	bool rw;		/* read-write mapping */
+	bool use_daemon;	/* the slow path: read-write qcow2, or compressed clusters */
+	uint64_t keep_size;	/* size of the top's data file before open extended it */
+	char id[64];		/* image identifier of the UUIDs */
+	pid_t daemon_pid;	/* 0: none started */
+	bool daemon_ready;	/* it created the top device */
 };
 
 /* Fault injection for the atomicity tests: --debug-fail-step K makes the
@@ -71,30 +104,47 @@ static bool valid_dm_name(const char *name)
 	return true;
 }
 
-/* Open, lock and attach one file read-only. */
-static int hold_file(struct open_ctx *c, const char *path, struct held_file *h)
+/* Open, lock and attach one file: read-only, or (write) for writing with
+ * QEMU's write locks. loop_rw: the loop device is writable too. extend_to:
+ * grow the file (sparse) to this size first (0: leave it). */
+static int hold_file(struct open_ctx *c, const char *path, struct held_file *h, bool write, bool loop_rw,
+		     uint64_t extend_to, uint64_t *old_size)
 {
+	struct stat st;
 	int fd, r;
 
 	r = fail_step_at(c, "lock and attach a loop device");
 	if (r)
 		return r;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = open(path, (loop_rw ? O_RDWR : O_RDONLY) | O_CLOEXEC);
 	if (fd < 0) {
 		r = -errno;
-		log_err("Cannot open %s: %s.", path, strerror(-r));
-		return r;
+		if (loop_rw && (r == -EACCES || r == -EROFS || r == -EPERM))
+			log_err("Cannot open %s for writing: %s (map it with --readonly).", path, strerror(-r));
+		else
+			log_err("Cannot open %s: %s.", path, strerror(-r));
+		return r == -EROFS ? -EACCES : r;
 	}
-	r = lock_image(fd, false, path);
+	r = lock_image(fd, write, path);
+	if (r == 0 && extend_to && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+		if (old_size)
+			*old_size = (uint64_t)st.st_size;
+		if ((uint64_t)st.st_size < extend_to && ftruncate(fd, (off_t)extend_to) < 0)
+			log_std("%s: cannot reserve room for new clusters (%s): writes will stop at %" PRIu64 " bytes of file.",
+				path, strerror(errno), (uint64_t)st.st_size);
+	}
 	if (r == 0) {
-		r = loop_attach(fd, true, true, true, &h->loop);
+		r = loop_attach(fd, !loop_rw, true, true, &h->loop);
 		if (r)
 			log_err("Cannot attach a loop device to %s: %s.", path, strerror(-r));
+		else if (loop_rw && !opt.allow_discards && loop_disable_discard(&h->loop))
+			log_std("%s: cannot turn discards off on %s.", path, h->loop.path);
 	}
 	close(fd);	/* the loop device holds the file, and with it the locks */
 	if (r == 0) {
 		h->attached = true;
-		log_verbose("%s: %s (%s I/O)", path, h->loop.path, h->loop.direct_io ? "direct" : "buffered");
+		log_verbose("%s: %s (%s%s I/O)", path, h->loop.path, h->loop.direct_io ? "direct" : "buffered",
+			    loop_rw ? ", read-write" : "");
 	}
 	return r;
 }
@@ -225,6 +275,13 @@ static int target_at(void *opaque, size_t i, struct dm_table_target *t, char *bu
 	return 0;
 }
 
+static bool top_role(const struct dm_device *dev)
+{
+	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT;
+}
+
+/* Create the devices of the stack in order; with the daemon, only those
+ * below the top table (the daemon creates the top device and segments). */
 static int create_devices(struct open_ctx *c)
 {
 	char ref[32];
@@ -236,6 +293,8 @@ static int create_devices(struct open_ctx *c)
 		struct dm_table t = { .count = dev->count, .target_fn = target_at, .opaque = &it };
 		uint32_t maj, min;
 
+		if (c->use_daemon && top_role(dev))
+			break;
 		r = fail_step_at(c, dev->name);
 		if (r)
 			return r;
@@ -278,6 +337,301 @@ static void open_ctx_free(struct open_ctx *c)
 	tools_close_image(c->img);
 }
 
+/* What a read-write mapping needs of the image; messages say what to do. */
+static int check_writable(const struct image *img)
+{
+	switch (img->format) {
+	case IMG_FMT_RAW:
+		return 0;
+	case IMG_FMT_QCOW:
+		log_err("%s: qcow (version 1) images can only be mapped read-only (--readonly); convert them with `qemu-img convert -O qcow2`.",
+			img->path);
+		return -ENOTSUP;
+	case IMG_FMT_QCOW2:
+		break;
+	}
+	if (img->crypt_method == IMG_CRYPT_AES) {
+		log_err("%s: legacy AES encryption can only be mapped read-only (--readonly); `qcowsetup convert` moves the image to LUKS.",
+			img->path);
+		return -ENOTSUP;
+	}
+	if (img->incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
+		log_err("%s: the image is marked corrupt; map it read-only (--readonly), or repair it with `qemu-img check -r all`.",
+			img->path);
+		return -EUCLEAN;
+	}
+	if (img->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+		log_err("%s: the image was not closed cleanly (dirty bit, lazy refcounts); repair its refcounts with `qemu-img check -r all` before mapping it read-write.",
+			img->path);
+		return -EUCLEAN;
+	}
+	return 0;
+}
+
+/* The stack parameters, as `table` builds them (stack.c), plus the slow
+ * path. Also fills c->id. */
+static int build_stack(struct open_ctx *c, const char *slow_dev)
+{
+	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
+	struct dm_stack_params p = { .name = c->name };
+	char *abs;
+	int r;
+
+	for (unsigned int i = 0; i < c->nlayers; i++) {
+		lp[i].host_dev = c->tl[i].host;
+		if (c->tl[i].img->crypt_method == IMG_CRYPT_LUKS) {
+			lp[i].cipher = c->tl[i].cipher;
+			lp[i].key_size = c->tl[i].luks.key_bytes;
+		} else if (c->tl[i].img->crypt_method == IMG_CRYPT_AES) {
+			lp[i].cipher = LEGACY_AES_DM_CIPHER;
+			lp[i].key_size = LEGACY_AES_KEY_SIZE;
+		}
+	}
+	abs = realpath(c->image_path, NULL);
+	r = dm_image_id(c->img->crypt_method == IMG_CRYPT_LUKS ? c->tl[0].luks.uuid : NULL,
+			abs ? abs : c->image_path, c->id, sizeof(c->id));
+	free(abs);
+	if (r) {
+		log_err("%s: no usable identifier for the device UUIDs.", c->img->path);
+		return r;
+	}
+	p.id = c->id;
+	p.layers = lp;
+	p.nlayers = c->nlayers;
+	p.read_only = !c->rw;
+	p.allow_discards = opt.allow_discards;
+	p.max_targets = (size_t)opt.max_targets;
+	p.slow_dev = slow_dev;
+	r = dm_stack_build(&p, c->img, &c->runs, &c->stack);
+	if (r == -ENAMETOOLONG)
+		r = -EINVAL;	/* NAME too long: a wrong parameter (exit 1) */
+	return r;
+}
+
+/* ---- the daemon ---- */
+
+static int daemon_path(char *buf, size_t size)
+{
+	const char *env = getenv("QCOWSETUP_DAEMON");
+	char self[PATH_MAX];
+	ssize_t n;
+
+	if (env && *env) {
+		snprintf(buf, size, "%s", env);
+		return access(buf, X_OK) ? -ENOENT : 0;
+	}
+	/* beside the qcowsetup binary (build tree, initramfs), else installed */
+	n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n > 0) {
+		char *slash;
+
+		self[n] = '\0';
+		slash = strrchr(self, '/');
+		if (slash && (size_t)(slash - self) + 18 < size) {
+			memcpy(buf, self, (size_t)(slash - self) + 1);
+			strcpy(buf + (slash - self) + 1, "qcowsetup-daemon");
+			if (!access(buf, X_OK))
+				return 0;
+		}
+	}
+	snprintf(buf, size, "%s", QCOWSETUP_DAEMON_PATH);
+	if (access(buf, X_OK)) {
+		log_err("The slow-path daemon %s is missing.", buf);
+		return -ENOENT;
+	}
+	return 0;
+}
+
+#define MAX_DAEMON_ARGS (40 + 4 * IMG_MAX_CHAIN_DEPTH)
+
+struct argv_buf {
+	char *v[MAX_DAEMON_ARGS + 1];
+	int n;
+	char store[MAX_DAEMON_ARGS][PATH_MAX + 64];
+};
+
+static void arg_add(struct argv_buf *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void arg_add(struct argv_buf *a, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (a->n >= MAX_DAEMON_ARGS)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(a->store[a->n], sizeof(a->store[0]), fmt, ap);
+	va_end(ap);
+	a->v[a->n] = a->store[a->n];
+	a->n++;
+	a->v[a->n] = NULL;
+}
+
+/* Wait for "READY nbdN" (0) or "ERROR errno" on fd from pid. */
+static int wait_ready(int fd, pid_t pid, int *nbd_index)
+{
+	char line[128];
+	size_t got = 0;
+	int status, r = -EIO;
+
+	for (;;) {
+		struct pollfd pfd = { .fd = fd, .events = POLLIN };
+		ssize_t n;
+
+		r = poll(&pfd, 1, DAEMON_READY_TIMEOUT_MS);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			log_err("The slow-path daemon did not get ready in %d seconds.", DAEMON_READY_TIMEOUT_MS / 1000);
+			kill(pid, SIGKILL);
+			r = -ETIMEDOUT;
+			break;
+		}
+		n = read(fd, line + got, sizeof(line) - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			r = -EIO;
+			break;
+		}
+		got += (size_t)n;
+		line[got] = '\0';
+		if (!strchr(line, '\n') && got < sizeof(line) - 1)
+			continue;
+		if (sscanf(line, "READY nbd%d", nbd_index) == 1)
+			return 0;
+		if (sscanf(line, "ERROR %d", &r) == 1 && r > 0)
+			r = -r;
+		else
+			r = -EIO;
+		break;
+	}
+	/* it failed: it undoes its own work and exits */
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	return r;
+}
+
+/* Start the daemon (reattach >= 0: take NBD device reattach over) with the
+ * arguments of args, and wait until it serves. */
+static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int *nbd_index)
+{
+	char path[PATH_MAX];
+	int pfd[2], r;
+	pid_t pid;
+
+	r = daemon_path(path, sizeof(path));
+	if (r)
+		return r;
+	if (pipe2(pfd, O_CLOEXEC) < 0)
+		return -errno;
+	arg_add(args, "--ready-fd");
+	arg_add(args, "%d", pfd[1]);
+	if (reattach >= 0) {
+		arg_add(args, "--reattach");
+		arg_add(args, "%d", reattach);
+	}
+	if (opt.debug)
+		arg_add(args, "--debug");
+	fflush(NULL);
+	pid = fork();
+	if (pid < 0) {
+		r = -errno;
+		close(pfd[0]);
+		close(pfd[1]);
+		return r;
+	}
+	if (pid == 0) {
+		/* its own session: no terminal signals; nothing of ours but the
+		 * ready pipe (no key pipe of `open --tab`, no loop device) */
+		setsid();
+		if (pfd[1] > 3)
+			close_range(3, (unsigned int)pfd[1] - 1, 0);
+		close_range((unsigned int)pfd[1] + 1, ~0U, 0);
+		fcntl(pfd[1], F_SETFD, 0);
+		execv(path, args->v);
+		fprintf(stderr, "Cannot run %s: %s\n", path, strerror(errno));
+		_exit(127);
+	}
+	close(pfd[1]);
+	log_dbg("daemon %s started (pid %d)", path, (int)pid);
+	r = wait_ready(pfd[0], pid, nbd_index);
+	close(pfd[0]);
+	if (r == 0)
+		*pid_out = pid;
+	return r;
+}
+
+static int spawn_daemon(struct open_ctx *c)
+{
+	struct argv_buf *a = calloc(1, sizeof(*a));
+	char *abs = realpath(c->image_path, NULL);
+	int nbd = -1, r;
+
+	if (!a || !abs) {
+		free(a);
+		free(abs);
+		return abs ? -ENOMEM : -errno;
+	}
+	r = fail_step_at(c, "start the slow-path daemon");
+	if (r)
+		goto out;
+	arg_add(a, "@qcowsetup-daemon");
+	arg_add(a, "--name");
+	arg_add(a, "%s", c->name);
+	arg_add(a, "--id");
+	arg_add(a, "%s", c->id);
+	arg_add(a, "--image");
+	arg_add(a, "%s", abs);
+	for (unsigned int d = 0; d < c->nlayers; d++) {
+		const struct image *l = c->tl[d].img;
+
+		arg_add(a, "--layer");
+		if (l->crypt_method == IMG_CRYPT_LUKS)
+			arg_add(a, "%s,%s,%u", c->tl[d].host, c->tl[d].cipher, c->tl[d].luks.key_bytes);
+		else if (l->crypt_method == IMG_CRYPT_AES)
+			arg_add(a, "%s,%s,%u", c->tl[d].host, LEGACY_AES_DM_CIPHER, LEGACY_AES_KEY_SIZE);
+		else
+			arg_add(a, "%s", c->tl[d].host);
+		if (c->data[d].attached) {
+			arg_add(a, "--hold");
+			arg_add(a, "%u:%u", c->data[d].loop.major, c->data[d].loop.minor);
+		}
+		if (c->meta[d].attached) {
+			arg_add(a, "--hold");
+			arg_add(a, "%u:%u", c->meta[d].loop.major, c->meta[d].loop.minor);
+		}
+	}
+	if (!c->rw)
+		arg_add(a, "--readonly");
+	if (opt.allow_discards)
+		arg_add(a, "--allow-discards");
+	arg_add(a, "--max-targets");
+	arg_add(a, "%" PRIu64, opt.max_targets);
+	if (c->keep_size) {
+		arg_add(a, "--keep-size");
+		arg_add(a, "%" PRIu64, c->keep_size);
+	}
+	/* tests: requests in flight when a daemon dies fail after this */
+	if (getenv("QCOWSETUP_NBD_TIMEOUT")) {
+		arg_add(a, "--nbd-timeout");
+		arg_add(a, "%u", (unsigned int)strtoul(getenv("QCOWSETUP_NBD_TIMEOUT"), NULL, 10));
+	}
+	if (a->n >= MAX_DAEMON_ARGS - 6) {
+		r = -E2BIG;
+		goto out;
+	}
+	r = start_daemon(a, -1, &c->daemon_pid, &nbd);
+	if (r)
+		log_err("The slow-path daemon failed: %s.", strerror(-r));
+	else
+		c->daemon_ready = true;
+out:
+	free(a);
+	free(abs);
+	return r;
+}
+
+static int teardown(const char *name);
+
 static int do_open(struct open_ctx *c)
 {
 	struct passphrase *shared = NULL;
@@ -289,10 +643,7 @@ static int do_open(struct open_ctx *c)
 		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most 100).", c->name);
 		return -EINVAL;
 	}
-	if (!opt.readonly && !opt.snapshot) {
-		log_err("Read-write mapping is not available yet: use --readonly (-r).");
-		return -EINVAL;
-	}
+	c->rw = !opt.readonly && !opt.snapshot;
 	r = dm_check_control();
 	if (r)
 		return r;
@@ -304,6 +655,11 @@ static int do_open(struct open_ctx *c)
 	r = tools_open_image(c->image_path, false, &c->img);
 	if (r)
 		return r;
+	if (c->rw) {
+		r = check_writable(c->img);
+		if (r)
+			return r;
+	}
 	c->tl = calloc(IMG_MAX_CHAIN_DEPTH, sizeof(*c->tl));
 	if (!c->tl)
 		return -ENOMEM;
@@ -314,11 +670,7 @@ static int do_open(struct open_ctx *c)
 	if (r)
 		return r;
 	ncomp = tools_count_compressed(&c->runs);
-	if (ncomp) {
-		log_err("%s: the image has %zu compressed clusters; mapping them is not supported yet (decompress with `qemu-img convert -O qcow2`).",
-			c->image_path, ncomp);
-		return -ENOTSUP;
-	}
+	c->use_daemon = ncomp || (c->rw && c->img->format == IMG_FMT_QCOW2);
 	/* keys first: a wrong passphrase must not cost a loop device */
 	for (unsigned int d = 0; d < c->nlayers; d++) {
 		if (c->tl[d].img->crypt_method == IMG_CRYPT_NONE)
@@ -335,22 +687,43 @@ static int do_open(struct open_ctx *c)
 	for (unsigned int d = 0; !r && d < c->nlayers; d++)
 		if (c->vk[d])
 			r = dm_check_target("crypt");
+	if (!r && c->use_daemon)
+		r = nbd_check();
 	if (r)
 		goto out;
 	for (unsigned int d = 0; d < c->nlayers; d++) {
-		const struct image *l = c->tl[d].img;
+		struct image *l = (struct image *)c->tl[d].img;
+		bool write = c->rw && d == 0;
+		uint64_t reserve = 0, old = 0;
 
-		r = hold_file(c, tools_layer_data_path(l), &c->data[d]);
+		if (write && l->format == IMG_FMT_QCOW2) {
+			uint64_t used;
+
+			r = qcow2_used_end(l, &used);
+			if (!r)
+				r = qcow2_file_reserve(l, used, &reserve);
+			if (r)
+				goto out;
+		}
+		r = hold_file(c, tools_layer_data_path(l), &c->data[d], write, write, reserve, &old);
 		if (r)
 			goto out;
+		if (reserve) {
+			/* the crypt device covers the file as it is now */
+			c->keep_size = l->has_data_file ? 0 : old;
+			if (l->data_io.size < reserve)
+				l->data_io.size = reserve;
+			if (!l->has_data_file)
+				l->io.size = l->data_io.size;
+		}
 		if (l->has_data_file) {
-			r = hold_file(c, l->path, &c->meta[d]);
+			r = hold_file(c, l->path, &c->meta[d], write, false, 0, NULL);
 			if (r)
 				goto out;
 		}
 		snprintf(c->tl[d].host, sizeof(c->tl[d].host), "%u:%u", c->data[d].loop.major, c->data[d].loop.minor);
 	}
-	r = tools_stack_build(c->img, c->image_path, c->name, c->tl, c->nlayers, &c->runs, true, &c->stack);
+	r = build_stack(c, c->use_daemon ? "{nbd}" : NULL);
 	if (r)
 		goto out;
 	r = add_keys(c);
@@ -361,9 +734,19 @@ static int do_open(struct open_ctx *c)
 		goto out;
 	/* dm-crypt copied the keys at table load */
 	remove_keys(c);
+	if (c->use_daemon) {
+		r = spawn_daemon(c);
+		if (r)
+			goto out;
+	}
 	r = fail_step_at(c, "finish");
 out:
 	passphrase_free(shared);
+	if (r && c->daemon_ready) {
+		/* the daemon made the top device: undo as close does */
+		c->created = 0;
+		teardown(c->name);
+	}
 	if (r)
 		remove_devices(c);
 	return r;
@@ -464,66 +847,6 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 	return dm_list_devices(collect_dev, all);
 }
 
-int cmd_close(int argc, char **argv)
-{
-	const char *name = argv[0];
-	struct dev_list all = { 0 };
-	struct dm_dev_info info;
-	bool progress = true;
-	int r;
-
-	(void)argc;
-	r = find_mapping(name, &all, &info);
-	if (r)
-		goto out;
-	if (info.open_count > 0 && !opt.deferred) {
-		log_err("Device %s is still in use (open count %d).", name, info.open_count);
-		r = -EBUSY;
-		goto out;
-	}
-	r = dm_remove_device(name, opt.deferred, true);
-	if (r) {
-		log_err("Cannot remove %s: %s.", name, strerror(-r));
-		goto out;
-	}
-	if (opt.deferred && info.open_count > 0) {
-		log_verbose("Device %s will be removed on its last close.", name);
-		goto out;	/* internal devices stay until then; a later close cleans up */
-	}
-	/* internal devices: remove those nothing holds, until none is left */
-	while (progress) {
-		progress = false;
-		for (size_t i = 0; i < all.n; i++) {
-			struct dm_dev_info di;
-
-			if (!all.v[i].name[0] || !belongs_to(all.v[i].uuid, info.uuid, name))
-				continue;
-			if (dm_device_info(all.v[i].name, &di) || !di.exists) {
-				all.v[i].name[0] = '\0';
-				continue;
-			}
-			if (di.open_count > 0)
-				continue;
-			r = dm_remove_device(all.v[i].name, false, true);
-			if (r) {
-				log_err("Cannot remove %s: %s.", all.v[i].name, strerror(-r));
-				goto out;
-			}
-			all.v[i].name[0] = '\0';
-			progress = true;
-		}
-	}
-	for (size_t i = 0; i < all.n; i++)
-		if (all.v[i].name[0] && belongs_to(all.v[i].uuid, info.uuid, name)) {
-			log_err("Internal device %s of %s is still in use.", all.v[i].name, name);
-			r = -EBUSY;
-		}
-out:
-	free(all.v);
-	dm_release();
-	return r;
-}
-
 /* The loop devices (and so the files) under a device, following tables. */
 struct walk_ctx {
 	struct json *j;
@@ -533,6 +856,8 @@ struct walk_ctx {
 	unsigned int nfiles;
 	char cipher[DM_CIPHER_MAX + 1];
 	struct dev_list *all;
+	int nbd[8];		/* slow-path devices under it */
+	unsigned int nnbd;
 };
 
 static void note_file(struct walk_ctx *w, const char *path)
@@ -587,6 +912,16 @@ static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
 			note_file(w, li.backing_file);
 		return 0;
 	}
+	if (major == NBD_DEV_MAJOR) {
+		int idx = nbd_index_of(major, minor);
+		unsigned int i;
+
+		for (i = 0; i < w->nnbd && w->nbd[i] != idx; i++)
+			;
+		if (idx >= 0 && i == w->nnbd && w->nnbd < ARRAY_SIZE(w->nbd))
+			w->nbd[w->nnbd++] = idx;
+		return 0;
+	}
 	for (size_t i = 0; i < w->all->n; i++)
 		if (w->all->v[i].major == major && w->all->v[i].minor == minor && w->depth < 64) {
 			w->depth++;
@@ -595,6 +930,233 @@ static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
 			return r;
 		}
 	return 0;
+}
+
+/* The daemon serving nbd index of mapping name: from its state file (a
+ * reattached daemon is not the one the kernel remembers), else sysfs. */
+static pid_t daemon_pid(const char *name, int index)
+{
+	char path[PATH_MAX], line[128];
+	pid_t pid = 0, sysfs = 0;
+	int nbd = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.daemon", name);
+	f = fopen(path, "re");
+	if (f) {
+		while (fgets(line, sizeof(line), f)) {
+			if (!strncmp(line, "pid=", 4))
+				pid = (pid_t)strtol(line + 4, NULL, 10);
+			else if (!strncmp(line, "nbd=", 4))
+				nbd = (int)strtol(line + 4, NULL, 10);
+		}
+		fclose(f);
+	}
+	if (pid > 0 && nbd == index)
+		return pid;
+	nbd_device_pid(index, &sysfs);
+	return sysfs;
+}
+
+/* Whether process pid is gone (or a zombie). */
+static bool process_gone(pid_t pid)
+{
+	char path[64], buf[256], *p;
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return true;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return true;
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+static int wait_gone(pid_t pid, int timeout_ms)
+{
+	struct timespec ts = { .tv_nsec = 20 * 1000 * 1000 };
+
+	for (int waited = 0; !process_gone(pid); waited += 20) {
+		if (waited >= timeout_ms)
+			return -ETIMEDOUT;
+		nanosleep(&ts, NULL);
+		/* reap it when it is our child (open's rollback) */
+		waitpid(pid, NULL, WNOHANG);
+	}
+	return 0;
+}
+
+/* Stop the slow path of a mapping whose top device is gone: disconnect its
+ * NBD devices; their daemons flush, clear the dirty bit and exit. */
+static int stop_daemons(const char *name, const int *nbd, unsigned int n, const pid_t *pids)
+{
+	int r = 0;
+
+	for (unsigned int i = 0; i < n; i++) {
+		/* a daemon that saw its device go disconnects itself first */
+		if (nbd_disconnect(nbd[i]) && (pids[i] <= 0 || !process_gone(pids[i])))
+			log_verbose("nbd%d: disconnect failed; waiting for its daemon anyway.", nbd[i]);
+	}
+	for (unsigned int i = 0; i < n; i++) {
+		if (pids[i] <= 0)
+			continue;
+		log_dbg("waiting for the daemon of %s (pid %d) to finish", name, (int)pids[i]);
+		if (wait_gone(pids[i], DAEMON_EXIT_TIMEOUT_MS)) {
+			log_err("The slow-path daemon of %s (pid %d) did not finish in %d seconds.", name, (int)pids[i],
+				DAEMON_EXIT_TIMEOUT_MS / 1000);
+			if (!r)
+				r = -ETIMEDOUT;
+		}
+	}
+	return r;
+}
+
+/* Remove the internal devices of the mapping (top already gone) that
+ * nothing holds, until none is left. */
+static int remove_internal(const char *name, struct dev_list *all, const char *top_uuid)
+{
+	bool progress = true;
+	int r = 0;
+
+	while (progress) {
+		progress = false;
+		for (size_t i = 0; i < all->n; i++) {
+			struct dm_dev_info di;
+
+			if (!all->v[i].name[0] || !belongs_to(all->v[i].uuid, top_uuid, name))
+				continue;
+			if (dm_device_info(all->v[i].name, &di) || !di.exists) {
+				all->v[i].name[0] = '\0';
+				continue;
+			}
+			if (di.open_count > 0)
+				continue;
+			r = dm_remove_device(all->v[i].name, false, true);
+			if (r == -ENODEV || r == -ENXIO)
+				r = 0;	/* gone meanwhile (its daemon cleaned up) */
+			if (r) {
+				log_err("Cannot remove %s: %s.", all->v[i].name, strerror(-r));
+				return r;
+			}
+			all->v[i].name[0] = '\0';
+			progress = true;
+		}
+	}
+	for (size_t i = 0; i < all->n; i++)
+		if (all->v[i].name[0] && belongs_to(all->v[i].uuid, top_uuid, name)) {
+			log_err("Internal device %s of %s is still in use.", all->v[i].name, name);
+			r = -EBUSY;
+		}
+	return r;
+}
+
+/* Close NAME: the top device, then its slow path, then the rest. */
+static int close_mapping(const char *name, bool deferred)
+{
+	struct dev_list all = { 0 };
+	struct dm_dev_info info;
+	struct walk_ctx *w = NULL;
+	pid_t pids[8] = { 0 };
+	int r;
+
+	r = find_mapping(name, &all, &info);
+	if (r)
+		goto out;
+	if (info.open_count > 0 && !deferred) {
+		log_err("Device %s is still in use (open count %d).", name, info.open_count);
+		r = -EBUSY;
+		goto out;
+	}
+	w = calloc(1, sizeof(*w));
+	if (!w) {
+		r = -ENOMEM;
+		goto out;
+	}
+	w->all = &all;
+	dm_get_table(name, walk_target, w);
+	for (unsigned int i = 0; i < w->nnbd; i++)
+		pids[i] = daemon_pid(name, w->nbd[i]);
+	r = dm_remove_device(name, deferred, true);
+	if (r) {
+		log_err("Cannot remove %s: %s.", name, strerror(-r));
+		goto out;
+	}
+	if (deferred && info.open_count > 0) {
+		log_verbose("Device %s will be removed on its last close%s.", name,
+			    w->nnbd ? "; its slow-path daemon stays until then" : "");
+		goto out;	/* internal devices stay until then; a later close cleans up */
+	}
+	if (w->nnbd) {
+		/* the segments go first: they hold the NBD device */
+		for (size_t i = 0; i < all.n; i++) {
+			struct dm_dev_info di;
+
+			if (belongs_to(all.v[i].uuid, info.uuid, name) && !dm_device_info(all.v[i].name, &di) &&
+			    di.exists && !di.open_count && strstr(all.v[i].name + strlen(name), "_s"))
+				dm_remove_device(all.v[i].name, false, true);
+		}
+		r = stop_daemons(name, w->nbd, w->nnbd, pids);
+	}
+	{
+		int r2 = remove_internal(name, &all, info.uuid);
+
+		if (!r)
+			r = r2;
+	}
+out:
+	free(w);
+	free(all.v);
+	return r;
+}
+
+static int teardown(const char *name)
+{
+	return close_mapping(name, false);
+}
+
+int cmd_close(int argc, char **argv)
+{
+	int r;
+
+	(void)argc;
+	r = close_mapping(argv[0], opt.deferred);
+	dm_release();
+	return r;
+}
+
+/* The daemon's reload statistics (/run/qcowsetup/NAME.stats), if any. */
+static void print_daemon_stats(const char *name)
+{
+	char path[PATH_MAX], line[128], key[64];
+	double v, held99 = 0, held_max = 0, round99 = 0;
+	unsigned long long reloads = 0, bytes = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.stats", name);
+	f = fopen(path, "re");
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "reloads=%llu", &reloads) == 1 || sscanf(line, "remapped_bytes=%llu", &bytes) == 1)
+			continue;
+		if (sscanf(line, "%63[^=]=%lf", key, &v) != 2)
+			continue;
+		if (!strcmp(key, "held_ms_p99"))
+			held99 = v;
+		else if (!strcmp(key, "held_ms_max"))
+			held_max = v;
+		else if (!strcmp(key, "round_ms_p99"))
+			round99 = v;
+	}
+	fclose(f);
+	printf("  remapped:  %llu MiB to the fast path, %llu table swaps (I/O held p99 %.1f ms, max %.1f ms; reload p99 %.1f ms)\n",
+	       bytes >> 20, reloads, held99, held_max, round99);
 }
 
 static void status_one(struct json *j, const char *name, struct dev_list *all, const struct dm_dev_info *info)
@@ -622,6 +1184,19 @@ static void status_one(struct json *j, const char *name, struct dev_list *all, c
 		for (unsigned int i = 0; i < w->nfiles; i++)
 			json_string(j, NULL, w->files[i]);
 		json_end_array(j);
+		json_begin_array(j, "slow-path");
+		for (unsigned int i = 0; i < w->nnbd; i++) {
+			pid_t pid = daemon_pid(name, w->nbd[i]);
+			char dev[32];
+
+			snprintf(dev, sizeof(dev), "/dev/nbd%d", w->nbd[i]);
+			json_begin_object(j, NULL);
+			json_string(j, "device", dev);
+			json_i64(j, "daemon-pid", pid);
+			json_bool(j, "running", pid > 0 && !process_gone(pid));
+			json_end_object(j);
+		}
+		json_end_array(j);
 		json_end_object(j);
 	} else {
 		printf("/dev/mapper/%s is active%s.\n", name, info->open_count > 0 ? " and is in use" : "");
@@ -632,6 +1207,16 @@ static void status_one(struct json *j, const char *name, struct dev_list *all, c
 		printf("  cipher:    %s\n", w->cipher[0] ? w->cipher : "none");
 		for (unsigned int i = 0; i < w->nfiles; i++)
 			printf("  file:      %s\n", w->files[i]);
+		for (unsigned int i = 0; i < w->nnbd; i++) {
+			pid_t pid = daemon_pid(name, w->nbd[i]);
+
+			if (pid > 0 && !process_gone(pid))
+				printf("  slow path: /dev/nbd%d, daemon pid %d (running)\n", w->nbd[i], (int)pid);
+			else
+				printf("  slow path: /dev/nbd%d, daemon not running (qcowsetup reattach %s)\n", w->nbd[i], name);
+		}
+		if (w->nnbd)
+			print_daemon_stats(name);
 	}
 	free(w);
 }
@@ -691,6 +1276,76 @@ int cmd_list(int argc, char **argv)
 		json_finish(&j);
 	}
 out:
+	free(all.v);
+	dm_release();
+	return r;
+}
+
+/* ---- reattach: a new daemon for a mapping whose daemon died ---- */
+
+int cmd_reattach(int argc, char **argv)
+{
+	const char *name = argv[0];
+	struct dev_list all = { 0 };
+	struct dm_dev_info info;
+	struct walk_ctx *w = NULL;
+	struct argv_buf *a = NULL;
+	char path[PATH_MAX], line[PATH_MAX + 16];
+	pid_t pid = 0;
+	FILE *f = NULL;
+	int nbd = -1, r;
+
+	(void)argc;
+	r = find_mapping(name, &all, &info);
+	if (r)
+		goto out;
+	w = calloc(1, sizeof(*w));
+	a = calloc(1, sizeof(*a));
+	if (!w || !a) {
+		r = -ENOMEM;
+		goto out;
+	}
+	w->all = &all;
+	dm_get_table(name, walk_target, w);
+	if (w->nnbd != 1) {
+		log_err("%s has no slow path to reattach.", name);
+		r = -EINVAL;
+		goto out;
+	}
+	pid = daemon_pid(name, w->nbd[0]);
+	if (pid > 0 && !process_gone(pid)) {
+		log_err("The daemon of %s (pid %d) is running.", name, (int)pid);
+		r = -EBUSY;
+		goto out;
+	}
+	snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.daemon", name);
+	f = fopen(path, "re");
+	if (!f) {
+		r = -errno;
+		log_err("Cannot read %s: %s.", path, strerror(-r));
+		goto out;
+	}
+	arg_add(a, "@qcowsetup-daemon");
+	while (fgets(line, sizeof(line), f)) {
+		line[strcspn(line, "\n")] = '\0';
+		if (!strncmp(line, "arg=", 4))
+			arg_add(a, "%s", line + 4);
+	}
+	if (a->n < 4 || a->n >= MAX_DAEMON_ARGS - 6) {
+		log_err("%s does not hold the daemon's arguments.", path);
+		r = -EINVAL;
+		goto out;
+	}
+	r = start_daemon(a, w->nbd[0], &pid, &nbd);
+	if (r)
+		log_err("The new daemon failed: %s.", strerror(-r));
+	else
+		log_verbose("%s: daemon pid %d serves nbd%d again.", name, (int)pid, nbd);
+out:
+	if (f)
+		fclose(f);
+	free(a);
+	free(w);
 	free(all.v);
 	dm_release();
 	return r;

@@ -22,6 +22,7 @@ static const struct command commands[] = {
 	  "                               close --tab [NAME...]: the entries of /etc/qcowtab", cmd_close_tab },
 	{ "status", cmd_status, 1, 1, "NAME", "show the mapping NAME: image files, cipher, devices" },
 	{ "list", cmd_list, 0, 0, "", "list qcowsetup mappings" },
+	{ "reattach", cmd_reattach, 1, 1, "NAME", "start a new slow-path daemon for NAME after its daemon died" },
 	{ "format", cmd_format, 1, 2, "IMAGE [SIZE]", "create a LUKS-encrypted qcow2 image" },
 	{ "add-key", cmd_add_key, 1, 2, "IMAGE [NEW_KEY_FILE]", "add a passphrase to a free LUKS key slot" },
 	{ "remove-key", cmd_remove_key, 1, 2, "IMAGE [KEY_FILE]", "remove the key slot a passphrase opens (--key-slot N: slot N)" },

@@ -347,13 +347,10 @@ static int check_runs(struct build *b, const struct image *top)
 		}
 		if (!is_aligned(r->guest, SECTOR_SIZE) || !is_aligned(r->len, SECTOR_SIZE) ||
 		    (r->kind == RUN_DATA && !is_aligned(r->host, SECTOR_SIZE))) {
-			char at[48] = "";
-
-			if (r->kind == RUN_DATA)
-				snprintf(at, sizeof(at), ", host offset %" PRIu64, r->host);
-			log_err("Layer %u (%s): %s run at guest offset %" PRIu64 " (%" PRIu64 " bytes%s) is not aligned to %llu bytes; device-mapper cannot map it.",
-				r->depth, l->img->path ? l->img->path : "?", run_kind_name(r->kind), r->guest, r->len,
-				at, SECTOR_SIZE);
+			log_err("Layer %u (%s): %s run at guest offset %" PRIu64 " (%" PRIu64 " bytes%s%" PRIu64 ") is not aligned to %llu bytes; device-mapper cannot map it.",
+				r->depth, l->img->path ? l->img->path : "?", run_kind_name(r->kind),
+				r->guest, r->len, r->kind == RUN_DATA ? ", host offset " : "",
+				r->kind == RUN_DATA ? r->host : 0, SECTOR_SIZE);
 			return -EUCLEAN;
 		}
 		if (r->kind != RUN_DATA)
@@ -376,8 +373,8 @@ static int check_runs(struct build *b, const struct image *top)
 			pos, top_size);
 		return -EINVAL;
 	}
-	if (compressed) {
-		log_err("The image has %" PRIu64 " compressed cluster%s; mapping compressed clusters is not supported yet (decompress with `qemu-img convert -O qcow2`).",
+	if (compressed && !b->p->slow_dev) {
+		log_err("The image has %" PRIu64 " compressed cluster%s; mapping them needs the slow-path daemon (or decompress with `qemu-img convert -O qcow2`).",
 			compressed, compressed == 1 ? "" : "s");
 		return -ENOTSUP;
 	}
@@ -555,12 +552,20 @@ static int build_top(struct build *b)
 	uint32_t index;
 	int r = 0;
 
+	/* read-write: only the writable data of layer 0 bypasses the daemon */
+	bool slow_rest = b->p->slow_dev && !b->p->read_only;
+
 	for (size_t i = 0; !r && i < runs->count; i++) {
 		const struct run *run = &runs->runs[i];
 		const struct dm_stack_layer *l = &b->s->layers[run->depth];
 		uint64_t guest = run->guest >> DM_SECTOR_SHIFT, len = run->len >> DM_SECTOR_SHIFT;
 		uint64_t host, mapped;
 
+		if ((slow_rest && !(run->kind == RUN_DATA && run->depth == 0 && (run->flags & RUN_F_WRITABLE))) ||
+		    (run->kind == RUN_COMPRESSED && b->p->slow_dev)) {
+			r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_SLOW, guest, len);
+			continue;
+		}
 		switch (run->kind) {
 		case RUN_DATA:
 			/* Read-write will send writes to clusters it cannot
@@ -640,7 +645,17 @@ int dm_stack_build(const struct dm_stack_params *p, const struct image *top,
 	if (!b.s)
 		return -ENOMEM;
 	b.s->allow_discards = p->allow_discards;
-	r = setup_layers(&b, top);
+	r = 0;
+	if (p->slow_dev) {
+		if (!is_table_word(p->slow_dev) || strlen(p->slow_dev) > DM_REF_MAX) {
+			log_err("Invalid slow-path device reference: %s", p->slow_dev);
+			r = -EINVAL;
+		} else if (!(b.s->slow_ref = strdup(p->slow_dev))) {
+			r = -ENOMEM;
+		}
+	}
+	if (!r)
+		r = setup_layers(&b, top);
 	if (!r)
 		r = check_runs(&b, top);
 	/* bottom-up: the deepest layer's devices first */
@@ -677,6 +692,7 @@ void dm_stack_free(struct dm_stack *s)
 		free(s->layers[d].key_desc);
 	}
 	free(s->layers);
+	free(s->slow_ref);
 	free(s);
 }
 
@@ -716,6 +732,8 @@ static const char *target_dev_ref(const struct dm_stack *s, uint32_t dev)
 {
 	if (dev == DM_DEV_NONE)
 		return NULL;
+	if (dev == DM_DEV_SLOW)
+		return s->slow_ref;
 	if (dev & DM_DEV_HOST)
 		return DM_DEV_HOST_LAYER(dev) < s->nlayers ? s->layers[DM_DEV_HOST_LAYER(dev)].host_ref : NULL;
 	return dev < s->count ? s->devices[dev].ref : NULL;

@@ -85,7 +85,19 @@ struct dm_stack_params {
 	bool read_only;
 	bool allow_discards;	/* crypt targets get "1 allow_discards" */
 	size_t max_targets;	/* per table, 2..DM_MAX_TARGETS_KERNEL; 0 = default */
+	/* The slow-path device served by the daemon (its NBD device, "43:0",
+	 * guest offsets 1:1), or NULL. Without it compressed clusters are
+	 * refused and zero or unallocated ranges map to zero targets. With it,
+	 * compressed runs map to it; and read-write (!read_only), so does
+	 * every run except the data of layer 0 flagged RUN_F_WRITABLE
+	 * (clusters with refcount 1, see qcow2_alloc.h): writes to those go
+	 * straight to the file, everything else to the daemon. */
+	const char *slow_dev;
 };
+
+/* A run of layer 0 that writes may go to in place (set by
+ * qcow2_writer_mark_writable; the same value as in qcow2_alloc.h). */
+#define RUN_F_WRITABLE	0x80
 
 enum dm_target_type {
 	DM_TARGET_ZERO = 0,
@@ -98,6 +110,7 @@ enum dm_target_type {
  * device, or none (zero targets). */
 #define DM_DEV_HOST		0x80000000u
 #define DM_DEV_NONE		0xffffffffu
+#define DM_DEV_SLOW		0x7fffffffu	/* the slow-path device (slow_dev) */
 #define DM_DEV_IS_HOST(dev)	((dev) != DM_DEV_NONE && ((dev) & DM_DEV_HOST))
 #define DM_DEV_HOST_LAYER(dev)	((dev) & ~DM_DEV_HOST)
 
@@ -142,12 +155,13 @@ struct dm_stack {
 	struct dm_stack_layer *layers;	/* private */
 	unsigned int nlayers;
 	bool allow_discards;
+	char *slow_ref;			/* DM_DEV_SLOW targets refer to it; NULL: none */
 };
 
 /* Build the stack for the chain top and its merged runs (image_map_chain()).
  * Returns 0, or with a message logged:
- *   -ENOTSUP      compressed clusters (their number is in the message), or an
- *                 unknown encryption method,
+ *   -ENOTSUP      compressed clusters without a slow-path device (their
+ *                 number is in the message), or an unknown encryption method,
  *   -EUCLEAN      a run or offset not aligned to 512 bytes, data beyond the end
  *                 of its file or its layer,
  *   -ENAMETOOLONG a device name or UUID over the device-mapper limits,

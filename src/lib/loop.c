@@ -250,6 +250,21 @@ out:
 	return r;
 }
 
+int loop_disable_discard(const struct loop_dev *dev)
+{
+	char path[96];
+	int fd, r = 0;
+
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_max_bytes", dev->major, dev->minor);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -errno;	/* no discard support at all */
+	if (write(fd, "0", 1) != 1)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
 int loop_detach(const char *path)
 {
 	int fd, r = 0;

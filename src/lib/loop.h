@@ -60,6 +60,11 @@ struct loop_dev_info {
  *   -errno   anything else from the kernel. */
 int loop_attach(int fd, bool read_only, bool direct_io, bool autoclear, struct loop_dev *dev);
 
+/* Stop the device from passing discards to the file (which would punch
+ * holes): device-mapper then offers no discard on tables over it. Read-write
+ * mappings without --allow-discards. 0 or -errno. */
+int loop_disable_discard(const struct loop_dev *dev);
+
 /* Unbind the loop device (path "/dev/loopN"). While something (a dm table)
  * still has it open, the kernel only turns autoclear on and the binding goes
  * with the last close. 0, -ENXIO (not bound) or -errno. */

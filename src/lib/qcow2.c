@@ -338,7 +338,8 @@ static int read_snapshots(struct image *img)
 			goto out;
 		pos += need;
 	}
-	img->snapshots_size = round_up_pow2(pos, 8);
+	/* as QEMU: no padding after the last entry (it may end the file) */
+	img->snapshots_size = pos;
 	r = 0;
 	goto out;
 trunc:

@@ -42,6 +42,9 @@ usage() { sed -n '3,4p' "$0" | sed 's/^#  *//' >&2; echo "see the head of $0" >&
 share=$top mem=1024 smp=2 tmo=600 verbose=0 shell=0 append=
 disks=() extras=() envs=()
 [ -n "${QCOWSETUP:-}" ] && [ -f "$QCOWSETUP" ] && extras+=("$QCOWSETUP")
+# the slow-path daemon lives beside it (qcowsetup looks there first)
+[ -n "${QCOWSETUP:-}" ] && [ -f "$(dirname "$QCOWSETUP")/qcowsetup-daemon" ] &&
+	extras+=("$(dirname "$QCOWSETUP")/qcowsetup-daemon")
 while [ $# -gt 0 ]; do
 	case $1 in
 	--share) [ $# -ge 2 ] || usage; share=$2; shift 2 ;;

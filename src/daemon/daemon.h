@@ -1,0 +1,114 @@
+/* qcowsetup-daemon: the slow path of one mapping (see main.c). */
+#ifndef QS_DAEMON_H
+#define QS_DAEMON_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "chain.h"
+#include "dmtable.h"
+#include "image.h"
+#include "qcow2_alloc.h"
+#include "runs.h"
+
+#define DAEMON_MAX_HOLDS	(2 * IMG_MAX_CHAIN_DEPTH)
+#define DAEMON_REMAP_QUEUE	65536
+#define DAEMON_BUF_SIZE		(4U << 20)	/* largest request (the daemon sets max_sectors_kb) */
+
+struct daemon_layer {
+	char host[64];		/* "7:3": how tables refer to the layer's data device */
+	char cipher[DM_CIPHER_MAX + 1];	/* encrypted layers */
+	unsigned int key_size;
+};
+
+struct daemon_opts {
+	const char *name;	/* NAME of the mapping */
+	const char *id;		/* image identifier of the UUIDs */
+	const char *image;	/* absolute path of the top image */
+	bool read_only;
+	bool allow_discards;
+	size_t max_targets;
+	struct daemon_layer layers[IMG_MAX_CHAIN_DEPTH];
+	unsigned int nlayers;
+	char holds[DAEMON_MAX_HOLDS][32];	/* loop devices to keep open, "7:3" */
+	unsigned int nholds;
+	int ready_fd;		/* "READY nbdN" or "ERROR errno" goes there; -1: none */
+	int reattach;		/* NBD index to take over; -1: connect a new one */
+	uint64_t keep_size;	/* never truncate the image file below this */
+	unsigned int nbd_timeout;	/* seconds */
+	unsigned int flush_interval_ms;	/* write back metadata (and remap) this often */
+	bool debug;
+	int guard_fd;		/* --guard: this process is the guardian, reading this pipe */
+	char **argv;		/* as started, for the state file */
+	int argc;
+};
+
+struct remap {
+	uint64_t guest, len, host;
+};
+
+struct daemon {
+	struct daemon_opts o;
+	struct image *img;
+	int meta_fd;		/* top image, read-write unless read-only */
+	int data_fd;		/* top layer data: the image, its data file, or the crypt device */
+	bool data_separate;	/* data_fd needs its own flush */
+	int layer_fd[IMG_MAX_CHAIN_DEPTH];	/* backing layers' plaintext readers */
+	int hold_fd[DAEMON_MAX_HOLDS];
+	struct qcow2_rw *rw;	/* read-write: the top layer's metadata */
+	struct chain_reader *chain;	/* backing chain (read-write) or whole chain (read-only) */
+	struct chain_layer_io lio[IMG_MAX_CHAIN_DEPTH];
+
+	/* everything below the engine lock: rw, chain, the remap queue */
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct remap *queue, *queue_spare;
+	size_t nqueue;
+	bool queue_overflow;
+	bool stopping;
+	volatile bool quit;	/* setup failed: the server must not reconnect */
+	bool top_gone;		/* the top device went away (deferred close) */
+	bool broken;		/* the metadata writer failed: no more remaps */
+
+	/* the stack (remap thread, after setup) */
+	struct dm_stack *stack;
+	struct run_list runs;
+	char slow_ref[32];
+	pthread_t server_thread;
+	bool server_started;
+	int serve_result;	/* daemon_serve's, once stopping is set */
+	uint64_t reloads, remapped_bytes;
+	/* how long I/O was held: suspend to resume of each device swapped, and
+	 * whole reload rounds, in microseconds (the last 1024 of each) */
+	uint32_t swap_us[1024], round_us[1024];
+	uint64_t nswap, nround;
+
+	int nbd_index;
+	int sock;		/* our end of the socketpair */
+	int guard_pipe;		/* to the guardian: "B" on a clean exit; -1: none */
+	uint8_t *buf;
+	char backend[96];
+};
+
+/* main.c */
+void daemon_log_ready(void);
+
+/* server.c: serve the socket until NBD_CMD_DISC (0), or the connection is
+ * lost and cannot be restored (-ECONNRESET). */
+int daemon_serve(struct daemon *d);
+
+/* remap.c: build the stack, create (or, reattached, reload) the top
+ * devices; then, until the server stops, move new clusters to the fast
+ * path. Main thread only (libdevmapper is not thread-safe). */
+int daemon_stack_setup(struct daemon *d);
+void daemon_remap_loop(struct daemon *d);
+/* After a deferred close: remove what is left of the mapping. */
+void daemon_remove_leftovers(struct daemon *d);
+/* The guardian's job once its daemon died: resume the mapping's suspended
+ * top and segment devices (a kill between suspend and resume). */
+void daemon_resume_suspended(const char *name, const char *id);
+void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
+
+#endif

@@ -1,0 +1,914 @@
+/* qcowsetup-daemon: the slow path of one qcowsetup mapping.
+ *
+ * `qcowsetup open` starts it (argv[0] "@qcowsetup-daemon": systemd's
+ * storage-daemon convention, so that it survives the killing of processes at
+ * switch_root and shutdown) once the loop and crypt devices exist. It
+ *   - opens the image (the top layer read-write) and its backing chain,
+ *   - connects a kernel NBD device to one end of a socketpair and serves it
+ *     (server.c): guest offsets 1:1; reads of zero, unallocated, backing,
+ *     compressed and shared clusters; writes with allocation and
+ *     copy-on-write through the metadata writer (src/lib/qcow2_alloc.c),
+ *     the data through the crypt device for LUKS images; flush and FUA make
+ *     data and metadata durable,
+ *   - creates the top device (and its segments): clusters of the top layer
+ *     with refcount 1 map straight to the file (the kernel moves those
+ *     bytes), everything else to the NBD device,
+ *   - remaps newly allocated clusters to the fast path with batched table
+ *     reloads (remap.c),
+ *   - on NBD_CMD_DISC (`qcowsetup close`) flushes, clears the dirty bit of
+ *     a lazy-refcounts image, gives the file back its size and exits.
+ * Read-only mappings of images with compressed clusters use it too, to
+ * serve those clusters.
+ *
+ * It is memory-locked, marks itself an I/O flusher (PR_SET_IO_FLUSHER: its
+ * allocations never wait for writeback, which could need the device it
+ * serves), allocates nothing on its I/O path, and logs to syslog. It keeps
+ * the loop devices open, so that the image locks (held by the loop devices'
+ * file descriptions) last until its last metadata write. If it dies, the fast
+ * path goes on, new slow-path I/O fails at once and requests in flight fail
+ * after the NBD timeout; `qcowsetup reattach NAME` starts a new one that
+ * takes the NBD device over (the state file /run/qcowsetup/NAME.daemon keeps
+ * the arguments).
+ *
+ * Usage (by qcowsetup, not by hand):
+ *   @qcowsetup-daemon --name NAME --id ID --image PATH
+ *       --layer HOST[,CIPHER,KEYSIZE]...  (one per layer, top first)
+ *       [--hold MAJ:MIN]... [--readonly] [--allow-discards] [--max-targets N]
+ *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX]
+ *       [--nbd-timeout S] [--flush-interval MS] [--debug]
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "dm.h"
+#include "log.h"
+#include "nbd.h"
+#include "util.h"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+#define STATE_DIR "/run/qcowsetup"
+
+static bool to_stderr = true;
+static const char *log_name = "?";
+
+static void log_to_syslog(enum qs_log_level level, const char *msg, void *ud)
+{
+	static const int prio[] = { LOG_ERR, LOG_NOTICE, LOG_INFO, LOG_DEBUG };
+
+	(void)ud;
+	syslog(prio[level <= QS_LOG_DEBUG ? level : QS_LOG_DEBUG], "%s: %s", log_name, msg);
+	if (to_stderr && level <= QS_LOG_NORMAL)
+		fprintf(stderr, "%s\n", msg);
+}
+
+void daemon_log_ready(void)
+{
+	to_stderr = false;
+}
+
+/* ---- files ---- */
+
+struct file {
+	int fd;
+	char *path;
+};
+
+static int exact_pread(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	struct file *f = opaque;
+	uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pread(f->fd, p, len, (off_t)off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_open(const char *path, int flags, struct img_io *io)
+{
+	struct file *f = calloc(1, sizeof(*f));
+	struct stat st;
+	int r;
+
+	if (!f)
+		return -ENOMEM;
+	f->fd = open(path, flags | O_CLOEXEC);
+	if (f->fd < 0 || fstat(f->fd, &st) < 0) {
+		r = -errno;
+		if (f->fd >= 0)
+			close(f->fd);
+		free(f);
+		return r;
+	}
+	f->path = strdup(path);
+	memset(io, 0, sizeof(*io));
+	io->pread = exact_pread;
+	io->opaque = f;
+	io->size = (uint64_t)st.st_size;
+	io->name = f->path;
+	return 0;
+}
+
+static int chain_open(void *opaque, const char *path, struct img_io *io)
+{
+	(void)opaque;
+	return file_open(path, O_RDONLY, io);
+}
+
+static void chain_close(void *opaque, struct img_io *io)
+{
+	struct file *f = io->opaque;
+
+	(void)opaque;
+	if (!f)
+		return;
+	close(f->fd);
+	free(f->path);
+	free(f);
+	io->opaque = NULL;
+}
+
+static const struct img_opener opener = { .open = chain_open, .close = chain_close };
+
+/* Reads that may meet the end of a file or device: zeros past it. */
+static int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0) {
+			memset(p, 0, len);
+			return 0;
+		}
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+	const uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -ENOSPC;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int op_meta_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
+{
+	return fd_pwrite_all(((struct daemon *)opaque)->meta_fd, buf, len, off);
+}
+
+static int op_meta_flush(void *opaque)
+{
+	return fdatasync(((struct daemon *)opaque)->meta_fd) ? -errno : 0;
+}
+
+static int op_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return fd_pread_padded(((struct daemon *)opaque)->data_fd, buf, len, off);
+}
+
+static int op_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
+{
+	return fd_pwrite_all(((struct daemon *)opaque)->data_fd, buf, len, off);
+}
+
+static int op_data_flush(void *opaque)
+{
+	return fsync(((struct daemon *)opaque)->data_fd) ? -errno : 0;
+}
+
+static int op_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
+{
+	return chain_read(((struct daemon *)opaque)->chain, buf, len, guest);
+}
+
+static int layer_pread(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return fd_pread_padded((int)(intptr_t)opaque, buf, len, off);
+}
+
+/* /dev/mapper name of the crypt device of layer d (dmtable.h's naming). */
+static void crypt_device(const struct daemon *d, unsigned int depth, char *buf, size_t size)
+{
+	if (depth)
+		snprintf(buf, size, "/dev/mapper/%s_L%u_crypt", d->o.name, depth);
+	else
+		snprintf(buf, size, "/dev/mapper/%s_crypt", d->o.name);
+}
+
+/* A block device by number, for holding it open. */
+static int open_devno(const char *majmin, int flags)
+{
+	char path[96], buf[256], *p, *nl;
+	unsigned int maj, min;
+	ssize_t n;
+	int fd;
+
+	if (sscanf(majmin, "%u:%u", &maj, &min) != 2)
+		return -EINVAL;
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/uevent", maj, min);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return -EIO;
+	buf[n] = '\0';
+	p = strstr(buf, "DEVNAME=");
+	if (!p)
+		return -ENODEV;
+	p += strlen("DEVNAME=");
+	nl = strchr(p, '\n');
+	if (nl)
+		*nl = '\0';
+	snprintf(path, sizeof(path), "/dev/%s", p);
+	fd = open(path, flags | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT) {
+		/* no node (no devtmpfs): make a private one */
+		snprintf(path, sizeof(path), STATE_DIR "/.dev-%u-%u", maj, min);
+		if (mknod(path, S_IFBLK | 0600, makedev(maj, min)) == 0 || errno == EEXIST) {
+			fd = open(path, flags | O_CLOEXEC);
+			unlink(path);
+		}
+	}
+	return fd < 0 ? -errno : fd;
+}
+
+static int open_files(struct daemon *d)
+{
+	bool rw = !d->o.read_only;
+	struct img_io io;
+	struct stat st;
+	char path[256];
+	int r;
+
+	for (unsigned int i = 0; i < d->o.nholds; i++) {
+		d->hold_fd[i] = open_devno(d->o.holds[i], O_RDONLY);
+		if (d->hold_fd[i] < 0)
+			log_std("Cannot hold device %s open: %s (the image locks may go before the daemon is done).",
+				d->o.holds[i], strerror(-d->hold_fd[i]));
+	}
+	r = file_open(d->o.image, rw ? O_RDWR : O_RDONLY, &io);
+	if (r) {
+		log_err("Cannot open %s: %s.", d->o.image, strerror(-r));
+		return r;
+	}
+	d->meta_fd = ((struct file *)io.opaque)->fd;
+	r = image_open_io(&opener, &io, NULL, &d->img);
+	if (r) {
+		chain_close(NULL, &io);
+		return r;
+	}
+	d->img->owns_io = true;
+	if (rw && d->img->format != IMG_FMT_QCOW2) {
+		log_err("%s: only qcow2 images need the daemon to be written.", d->o.image);
+		return -ENOTSUP;
+	}
+	/* where each layer's plaintext data comes from */
+	for (struct image *l = d->img; l; l = l->backing) {
+		unsigned int depth = (unsigned int)l->depth;
+		struct chain_layer_io *lio = &d->lio[depth];
+		int fd;
+
+		if (rw && depth == 0)
+			continue;
+		if (l->crypt_method != IMG_CRYPT_NONE) {
+			crypt_device(d, depth, path, sizeof(path));
+			fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+			if (fd < 0) {
+				if (l->data_io.size < 512)
+					continue;	/* an empty layer has no crypt device */
+				r = -errno;
+				log_err("Cannot open %s: %s.", path, strerror(-r));
+				return r;
+			}
+			lio->by_guest = l->crypt_method == IMG_CRYPT_AES;
+		} else {
+			fd = dup(((struct file *)l->data_io.opaque)->fd);
+			if (fd < 0)
+				return -errno;
+		}
+		d->layer_fd[depth] = fd;
+		lio->data_pread = layer_pread;
+		lio->opaque = (void *)(intptr_t)fd;
+	}
+	if (!rw)
+		return 0;
+	/* the top layer's data: the image, its data file, or the crypt device */
+	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
+		crypt_device(d, 0, path, sizeof(path));
+		d->data_fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+		d->data_separate = true;
+	} else if (d->img->has_data_file) {
+		d->data_fd = open(d->img->data_io.name, O_RDWR | O_CLOEXEC);
+		d->data_separate = true;
+	} else {
+		d->data_fd = dup(d->meta_fd);
+	}
+	if (d->data_fd < 0) {
+		r = -errno;
+		log_err("Cannot open the data of %s for writing: %s.", d->o.image, strerror(-r));
+		return r;
+	}
+	if (fstat(d->data_fd, &st) < 0)
+		return -errno;
+	return 0;
+}
+
+static int open_engine(struct daemon *d)
+{
+	struct qcow2_rw_ops ops = {
+		.meta_pwrite = op_meta_pwrite,
+		.meta_flush = op_meta_flush,
+		.data_pread = op_data_pread,
+		.data_pwrite = op_data_pwrite,
+		.data_flush = NULL,
+		.backing_pread = op_backing_pread,
+		.mapped = daemon_mapped,
+		.opaque = d,
+	};
+	struct qcow2_rw_opts o = { 0 };
+	struct stat st;
+	int r;
+
+	if (d->o.read_only) {
+		/* reads of compressed clusters (and nothing else) */
+		return chain_reader_open(d->img, d->lio, IMG_MAX_CHAIN_DEPTH, &d->chain);
+	}
+	if (d->img->backing) {
+		r = chain_reader_open(d->img->backing, d->lio, IMG_MAX_CHAIN_DEPTH, &d->chain);
+		if (r)
+			return r;
+	} else {
+		ops.backing_pread = NULL;
+	}
+	if (d->data_separate)
+		ops.data_flush = op_data_flush;
+	if (fstat(d->meta_fd, &st) == 0 && !d->img->has_data_file)
+		o.file_limit = (uint64_t)st.st_size;
+	if (d->img->has_data_file && fstat(d->data_fd, &st) == 0 && S_ISREG(st.st_mode))
+		o.data_file_limit = (uint64_t)st.st_size;
+	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
+		uint64_t dev_size = 0;
+
+		/* the crypt device covers the file as it was at open */
+		if (fstat(d->meta_fd, &st) == 0)
+			dev_size = (uint64_t)st.st_size & ~511ULL;
+		o.file_limit = dev_size;
+	}
+	return qcow2_rw_open(d->img, &ops, &o, &d->rw);
+}
+
+/* Requests of at most DAEMON_BUF_SIZE (the kernel allows 32 MiB): set
+ * before anything stacks on the device, which inherits the limit. */
+static void limit_requests(struct daemon *d)
+{
+	char path[96], val[32];
+	int fd, n;
+
+	snprintf(path, sizeof(path), "/sys/block/nbd%d/queue/max_sectors_kb", d->nbd_index);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		goto fail;
+	n = snprintf(val, sizeof(val), "%u", DAEMON_BUF_SIZE >> 10);
+	if (write(fd, val, (size_t)n) != n) {
+		close(fd);
+		goto fail;
+	}
+	close(fd);
+	return;
+fail:
+	log_err("%s: cannot limit the NBD request size to %u KiB (%s); larger requests will fail.", d->o.name,
+		DAEMON_BUF_SIZE >> 10, strerror(errno));
+}
+
+static int connect_nbd(struct daemon *d)
+{
+	struct nbd_params p = {
+		.size = d->img->size & ~511ULL,
+		.block_size = 512,
+		.read_only = d->o.read_only,
+		.trim = d->o.allow_discards && !d->o.read_only,
+		.timeout = d->o.nbd_timeout,
+		.dead_conn_timeout = 0,
+		.backend = d->backend,
+	};
+	uint32_t maj, min;
+	int sv[2], r;
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return -errno;
+	if (d->o.reattach >= 0) {
+		d->nbd_index = d->o.reattach;
+		r = nbd_reconnect(d->nbd_index, sv[1], d->backend);
+	} else {
+		r = nbd_connect(sv[1], &p, &d->nbd_index);
+	}
+	close(sv[1]);
+	if (r) {
+		close(sv[0]);
+		return r;
+	}
+	d->sock = sv[0];
+	r = nbd_device_number(d->nbd_index, &maj, &min);
+	if (r) {
+		log_err("Cannot find the device number of nbd%d: %s.", d->nbd_index, strerror(-r));
+		return r;
+	}
+	snprintf(d->slow_ref, sizeof(d->slow_ref), "%u:%u", maj, min);
+	limit_requests(d);
+	log_verbose("%s: slow path on nbd%d (%s)", d->o.name, d->nbd_index, d->slow_ref);
+	return 0;
+}
+
+/* The arguments, one a line, for `qcowsetup reattach`. */
+static void write_state(struct daemon *d)
+{
+	char path[256], tmp[280];
+	FILE *f;
+
+	if (mkdir(STATE_DIR, 0700) < 0 && errno != EEXIST)
+		return;
+	snprintf(path, sizeof(path), STATE_DIR "/%s.daemon", d->o.name);
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	f = fopen(tmp, "we");
+	if (!f)
+		return;
+	fprintf(f, "pid=%d\nnbd=%d\n", (int)getpid(), d->nbd_index);
+	for (int i = 1; i < d->o.argc; i++) {
+		const char *a = d->o.argv[i];
+
+		if (!strcmp(a, "--ready-fd") || !strcmp(a, "--reattach")) {
+			i++;
+			continue;
+		}
+		fprintf(f, "arg=%s\n", a);
+	}
+	if (fclose(f) == 0)
+		rename(tmp, path);
+	else
+		unlink(tmp);
+}
+
+static void remove_state(struct daemon *d)
+{
+	char path[256];
+
+	snprintf(path, sizeof(path), STATE_DIR "/%s.daemon", d->o.name);
+	unlink(path);
+	snprintf(path, sizeof(path), STATE_DIR "/%s.stats", d->o.name);
+	unlink(path);
+}
+
+static void report(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void report(struct daemon *d, const char *fmt, ...)
+{
+	char buf[128];
+	va_list ap;
+	int n;
+
+	if (d->o.ready_fd < 0)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n > 0 && write(d->o.ready_fd, buf, (size_t)MIN((size_t)n, sizeof(buf) - 1)) < 0)
+		log_dbg("cannot report to qcowsetup: %s", strerror(errno));
+	close(d->o.ready_fd);
+	d->o.ready_fd = -1;
+}
+
+static int parse_layer(struct daemon_opts *o, const char *arg)
+{
+	struct daemon_layer *l;
+	char buf[256], *c1, *c2;
+
+	if (o->nlayers >= IMG_MAX_CHAIN_DEPTH || strlen(arg) >= sizeof(buf))
+		return -EINVAL;
+	l = &o->layers[o->nlayers++];
+	snprintf(buf, sizeof(buf), "%s", arg);
+	c1 = strchr(buf, ',');
+	if (c1) {
+		*c1++ = '\0';
+		c2 = strchr(c1, ',');
+		if (!c2)
+			return -EINVAL;
+		*c2++ = '\0';
+		if (strlen(c1) >= sizeof(l->cipher))
+			return -EINVAL;
+		memcpy(l->cipher, c1, strlen(c1) + 1);
+		l->key_size = (unsigned int)strtoul(c2, NULL, 10);
+	}
+	if (strlen(buf) >= sizeof(l->host))
+		return -EINVAL;
+	memcpy(l->host, buf, strlen(buf) + 1);
+	return 0;
+}
+
+static int parse_args(struct daemon_opts *o, int argc, char **argv)
+{
+	enum { O_NAME = 0x100, O_ID, O_IMAGE, O_LAYER, O_HOLD, O_RO, O_DISCARDS, O_MAXT, O_READY, O_KEEP,
+	       O_REATTACH, O_TIMEOUT, O_INTERVAL, O_DEBUG, O_GUARD };
+	static const struct option lo[] = {
+		{ "name", required_argument, NULL, O_NAME },
+		{ "id", required_argument, NULL, O_ID },
+		{ "image", required_argument, NULL, O_IMAGE },
+		{ "layer", required_argument, NULL, O_LAYER },
+		{ "hold", required_argument, NULL, O_HOLD },
+		{ "readonly", no_argument, NULL, O_RO },
+		{ "allow-discards", no_argument, NULL, O_DISCARDS },
+		{ "max-targets", required_argument, NULL, O_MAXT },
+		{ "ready-fd", required_argument, NULL, O_READY },
+		{ "keep-size", required_argument, NULL, O_KEEP },
+		{ "reattach", required_argument, NULL, O_REATTACH },
+		{ "nbd-timeout", required_argument, NULL, O_TIMEOUT },
+		{ "flush-interval", required_argument, NULL, O_INTERVAL },
+		{ "debug", no_argument, NULL, O_DEBUG },
+		{ "guard", required_argument, NULL, O_GUARD },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
+
+	o->ready_fd = -1;
+	o->reattach = -1;
+	o->guard_fd = -1;
+	o->nbd_timeout = 30;
+	o->flush_interval_ms = 200;
+	o->argc = argc;
+	o->argv = argv;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		switch (c) {
+		case O_NAME: o->name = optarg; break;
+		case O_ID: o->id = optarg; break;
+		case O_IMAGE: o->image = optarg; break;
+		case O_LAYER:
+			if (parse_layer(o, optarg))
+				return -EINVAL;
+			break;
+		case O_HOLD:
+			if (o->nholds >= DAEMON_MAX_HOLDS)
+				return -EINVAL;
+			snprintf(o->holds[o->nholds++], sizeof(o->holds[0]), "%s", optarg);
+			break;
+		case O_RO: o->read_only = true; break;
+		case O_DISCARDS: o->allow_discards = true; break;
+		case O_MAXT: o->max_targets = strtoul(optarg, NULL, 0); break;
+		case O_READY: o->ready_fd = (int)strtol(optarg, NULL, 10); break;
+		case O_KEEP: o->keep_size = strtoull(optarg, NULL, 0); break;
+		case O_REATTACH: o->reattach = (int)strtol(optarg, NULL, 10); break;
+		case O_TIMEOUT: o->nbd_timeout = (unsigned int)strtoul(optarg, NULL, 0); break;
+		case O_INTERVAL: o->flush_interval_ms = (unsigned int)strtoul(optarg, NULL, 0); break;
+		case O_DEBUG: o->debug = true; break;
+		case O_GUARD: o->guard_fd = (int)strtol(optarg, NULL, 10); break;
+		default: return -EINVAL;
+		}
+	}
+	if (o->guard_fd >= 0 && o->name && o->id && optind == argc)
+		return 0;
+	if (!o->name || !o->id || !o->image || !o->nlayers || optind != argc)
+		return -EINVAL;
+	if (o->flush_interval_ms < 10)
+		o->flush_interval_ms = 10;
+	return 0;
+}
+
+static void *server_main(void *arg)
+{
+	struct daemon *d = arg;
+	int r = daemon_serve(d);
+
+	pthread_mutex_lock(&d->lock);
+	d->serve_result = r;
+	d->stopping = true;
+	pthread_cond_broadcast(&d->cond);
+	pthread_mutex_unlock(&d->lock);
+	return NULL;
+}
+
+static int start_server(struct daemon *d)
+{
+	int r = pthread_create(&d->server_thread, NULL, server_main, d);
+
+	if (r) {
+		log_err("Cannot start the server thread: %s.", strerror(r));
+		return -r;
+	}
+	d->server_started = true;
+	return 0;
+}
+
+/* The guardian: a process of its own (exec'd while the daemon has no other
+ * thread yet), holding nothing but a pipe from the daemon. When the pipe
+ * closes without the daemon's "B" (a clean exit), the daemon died: if it
+ * died between the suspend and the resume of a table swap, the device
+ * would hold the guest's I/O forever; resume it. */
+static int guard_main(struct daemon_opts *o)
+{
+	bool clean = false;
+	char buf[16];
+
+	for (;;) {
+		ssize_t n = read(o->guard_fd, buf, sizeof(buf));
+
+		if (n > 0) {
+			clean = clean || memchr(buf, 'B', (size_t)n);
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		break;
+	}
+	if (!clean) {
+		log_std("%s: the daemon died", o->name);
+		daemon_resume_suspended(o->name, o->id);
+	}
+	return 0;
+}
+
+static void start_guard(struct daemon *d)
+{
+	char fdarg[16];
+	int p[2];
+	pid_t pid;
+
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return;
+	pid = fork();
+	if (pid < 0) {
+		close(p[0]);
+		close(p[1]);
+		return;
+	}
+	if (pid == 0) {
+		char *argv[] = { (char *)"@qcowsetup-daemon", (char *)"--guard", fdarg, (char *)"--name",
+				 (char *)d->o.name, (char *)"--id", (char *)d->o.id, NULL };
+
+		/* nothing but the read end: no loop device, no crypt device */
+		dup2(p[0], 3);
+		close_range(4, ~0U, 0);
+		snprintf(fdarg, sizeof(fdarg), "3");
+		execv("/proc/self/exe", argv);
+		_exit(127);
+	}
+	close(p[0]);
+	d->guard_pipe = p[1];
+}
+
+static void dismiss_guard(struct daemon *d)
+{
+	if (d->guard_pipe < 0)
+		return;
+	if (write(d->guard_pipe, "B", 1) != 1)
+		log_dbg("guardian: %s", strerror(errno));
+	close(d->guard_pipe);
+	d->guard_pipe = -1;
+}
+
+/* The end of a clean session: flush, clear the dirty bit, give the file
+ * back the size it needs. */
+static int finish(struct daemon *d)
+{
+	uint64_t used_end = 0, size;
+	struct stat st;
+	int r = 0;
+
+	if (!d->rw)
+		return 0;
+	pthread_mutex_lock(&d->lock);
+	r = qcow2_rw_close(d->rw, &used_end);
+	d->rw = NULL;
+	pthread_mutex_unlock(&d->lock);
+	if (r) {
+		log_err("%s: the image could not be closed cleanly: %s; `qemu-img check` will tell.", d->o.image,
+			strerror(-r));
+		return r;
+	}
+	if (!d->img->has_data_file && fstat(d->meta_fd, &st) == 0) {
+		size = MAX(used_end, d->o.keep_size);
+		if (size && size < (uint64_t)st.st_size) {
+			if (ftruncate(d->meta_fd, (off_t)size) < 0 || fsync(d->meta_fd) < 0)
+				log_std("%s: cannot give the file back its size: %s.", d->o.image, strerror(errno));
+			else
+				log_dbg("%s: file truncated to %" PRIu64 " bytes", d->o.image, size);
+		}
+	}
+	log_verbose("%s: closed cleanly", d->o.image);
+	return 0;
+}
+
+static bool top_exists(struct daemon *d)
+{
+	struct dm_dev_info info;
+
+	return dm_device_info(d->o.name, &info) || info.exists;
+}
+
+/* Close what holds the crypt devices (not the loop devices). */
+static void close_io(struct daemon *d)
+{
+	chain_reader_free(d->chain);
+	d->chain = NULL;
+	if (d->data_fd >= 0)
+		close(d->data_fd);
+	d->data_fd = -1;
+	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++) {
+		if (d->layer_fd[i] >= 0)
+			close(d->layer_fd[i]);
+		d->layer_fd[i] = -1;
+	}
+}
+
+static void cleanup(struct daemon *d)
+{
+	chain_reader_free(d->chain);
+	qcow2_rw_free(d->rw);
+	if (d->stack)
+		dm_stack_free(d->stack);
+	run_list_free(&d->runs);
+	image_free(d->img, &opener);
+	if (d->data_fd >= 0)
+		close(d->data_fd);
+	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
+		if (d->layer_fd[i] >= 0)
+			close(d->layer_fd[i]);
+	if (d->sock >= 0)
+		close(d->sock);
+	free(d->queue);
+	free(d->queue_spare);
+	free(d->buf);
+	/* the loop devices last: the locks go with them */
+	for (unsigned int i = 0; i < d->o.nholds; i++)
+		if (d->hold_fd[i] >= 0)
+			close(d->hold_fd[i]);
+	dm_release();
+}
+
+int main(int argc, char **argv)
+{
+	static struct daemon dd;
+	struct daemon *d = &dd;
+	struct sigaction sa = { .sa_handler = SIG_IGN };
+	int r, devnull;
+
+	d->meta_fd = d->data_fd = d->sock = d->guard_pipe = -1;
+	d->nbd_index = -1;
+	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
+		d->layer_fd[i] = -1;
+	for (unsigned int i = 0; i < DAEMON_MAX_HOLDS; i++)
+		d->hold_fd[i] = -1;
+	run_list_init(&d->runs);
+	pthread_mutex_init(&d->lock, NULL);
+	pthread_cond_init(&d->cond, NULL);
+	if (parse_args(&d->o, argc, argv)) {
+		fprintf(stderr, "qcowsetup-daemon is started by `qcowsetup open`; see the head of src/daemon/main.c.\n");
+		return 1;
+	}
+	log_name = d->o.name;
+	openlog("qcowsetup-daemon", LOG_PID | LOG_NDELAY, LOG_DAEMON);
+	qs_log_set_callback(log_to_syslog, NULL);
+	qs_log_set_level(d->o.debug ? QS_LOG_DEBUG : QS_LOG_VERBOSE);
+	if (d->o.guard_fd >= 0) {
+		to_stderr = false;
+		return guard_main(&d->o);
+	}
+	snprintf(d->backend, sizeof(d->backend), "qcowsetup:%s", d->o.name);
+	/* SIGTERM from a shutdown must not cut the disk's slow path */
+	sigaction(SIGPIPE, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	if (argv[0][0] != '@')
+		log_dbg("started without '@' in argv[0]: not protected from switch_root");
+	if (mkdir(STATE_DIR, 0700) < 0 && errno != EEXIST)
+		log_dbg("cannot create " STATE_DIR ": %s", strerror(errno));
+
+	d->buf = aligned_alloc(4096, DAEMON_BUF_SIZE);
+	d->queue = calloc(DAEMON_REMAP_QUEUE, sizeof(*d->queue));
+	d->queue_spare = calloc(DAEMON_REMAP_QUEUE, sizeof(*d->queue_spare));
+	if (!d->buf || !d->queue || !d->queue_spare) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	memset(d->buf, 0, DAEMON_BUF_SIZE);
+	if (mlockall(MCL_CURRENT | MCL_FUTURE) < 0)
+		log_std("Cannot lock the daemon in memory: %s.", strerror(errno));
+	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0)
+		log_dbg("PR_SET_IO_FLUSHER: %s", strerror(errno));
+	/* before any thread: the guardian resumes what a killed daemon left
+	 * suspended */
+	if (!d->o.read_only)
+		start_guard(d);
+
+	r = open_files(d);
+	if (!r)
+		r = open_engine(d);
+	if (!r)
+		r = connect_nbd(d);
+	/* serve before anything opens the NBD device: the kernel reads its
+	 * partition table at the first open (the table load below), udev
+	 * probes it */
+	if (!r)
+		r = start_server(d);
+	if (!r)
+		r = daemon_stack_setup(d);
+	if (r)
+		goto fail;
+	report(d, "READY nbd%d\n", d->nbd_index);
+	write_state(d);
+	log_std("%s: %s mapped %s (slow path nbd%d)%s", d->o.name, d->o.image,
+		d->o.read_only ? "read-only" : "read-write", d->nbd_index, d->o.reattach >= 0 ? ", reattached" : "");
+	daemon_log_ready();
+	devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (devnull >= 0) {
+		dup2(devnull, 0);
+		dup2(devnull, 1);
+		dup2(devnull, 2);
+		close(devnull);
+	}
+	daemon_remap_loop(d);	/* until the server stops */
+	pthread_join(d->server_thread, NULL);
+	d->server_started = false;
+	r = d->serve_result;
+	if (r == 0)
+		r = finish(d);
+	else
+		finish(d);
+	remove_state(d);
+	log_std("%s: daemon exits%s", d->o.name, r ? " after an error" : "");
+	if (d->top_gone || !top_exists(d)) {
+		/* the top is gone (a deferred close: nobody else will remove the
+		 * rest; or a close racing with a segment made by the last round) */
+		close_io(d);
+		daemon_remove_leftovers(d);
+	}
+	dismiss_guard(d);
+	cleanup(d);
+	return r ? 1 : 0;
+fail:
+	report(d, "ERROR %d\n", -r);
+	if (d->nbd_index >= 0 && d->o.reattach < 0)
+		nbd_disconnect(d->nbd_index);
+	if (d->server_started) {
+		d->quit = true;
+		shutdown(d->sock, SHUT_RDWR);
+		pthread_join(d->server_thread, NULL);
+	}
+	if (d->rw) {
+		/* nothing was written: undo the header changes */
+		qcow2_rw_close(d->rw, NULL);
+		d->rw = NULL;
+	}
+	dismiss_guard(d);
+	cleanup(d);
+	return 1;
+}

@@ -1,0 +1,710 @@
+/* The device stack of the mapping, and its reloads as clusters move to the
+ * fast path.
+ *
+ * Every flush_interval the remap thread, holding the engine lock, writes the
+ * cached metadata back (qcow2_rw_writeback: what a new cluster needs becomes
+ * durable) and collects the guest ranges that became writable in place. Then,
+ * without the lock, it patches its copy of the runs, rebuilds the stack
+ * (dm_stack_build, the same function as `open`), and for every top or
+ * segment device whose table changed: loads the new table into the inactive
+ * slot (the live table keeps serving), then suspends (noflush, no
+ * filesystem freeze) and resumes it, children before parents; segments that
+ * are no longer needed are removed.
+ *
+ * Why a reload never deadlocks on the I/O the daemon serves:
+ *   - a suspend, noflush or not, waits for the bios in flight on the device
+ *     to complete (dm __dm_suspend -> dm_wait_for_completion); some of them
+ *     are NBD requests that only this daemon completes. The server thread
+ *     keeps serving them during the suspend: it never waits for the remap
+ *     thread except on the engine lock, which the remap thread never holds
+ *     across a device-mapper call. New I/O to the suspended device queues
+ *     inside device-mapper and goes on after the resume;
+ *   - noflush + skip lockfs: no filesystem freeze (whose writeback would go
+ *     through the suspended device) and no pushback of I/O;
+ *   - the daemon never does I/O to a device it suspends (it writes data
+ *     through the crypt device or the file, never through the top device
+ *     or its segments, which are the only devices reloaded);
+ *   - memory: the daemon is mlocked and PR_SET_IO_FLUSHER, so reclaim in
+ *     either thread never waits for writeback to the device being
+ *     suspended; libdevmapper's own buffers are allocated before the
+ *     suspend (the table is loaded first);
+ *   - with udev, the resume waits for udev's event processing, which may
+ *     read the device: those reads reach the server thread, which is free.
+ * Every intermediate state is correct: a cluster that has just become
+ * writable reads the same through the NBD device (the daemon reads the
+ * new cluster) as through the fast path, so devices may switch in any
+ * order, and a failed reload only leaves clusters on the slow path. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "dm.h"
+#include "log.h"
+#include "nbd.h"
+#include "util.h"
+
+/* ---- the stack ---- */
+
+static void stack_params(struct daemon *d, struct dm_stack_params *p, struct dm_layer_params *lp)
+{
+	memset(p, 0, sizeof(*p));
+	for (unsigned int i = 0; i < d->o.nlayers; i++) {
+		lp[i].host_dev = d->o.layers[i].host;
+		lp[i].cipher = d->o.layers[i].cipher[0] ? d->o.layers[i].cipher : NULL;
+		lp[i].key_size = d->o.layers[i].key_size;
+	}
+	p->name = d->o.name;
+	p->id = d->o.id;
+	p->layers = lp;
+	p->nlayers = d->o.nlayers;
+	p->read_only = d->o.read_only;
+	p->allow_discards = d->o.allow_discards;
+	p->max_targets = d->o.max_targets;
+	p->slow_dev = d->slow_ref;
+}
+
+static bool top_role(const struct dm_device *dev)
+{
+	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT;
+}
+
+/* Build the stack for runs; devices that exist get their real references. */
+static int build(struct daemon *d, const struct image *img, const struct run_list *runs, struct dm_stack **out)
+{
+	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
+	struct dm_stack_params p;
+	struct dm_stack *s;
+	char ref[32];
+	int r;
+
+	stack_params(d, &p, lp);
+	r = dm_stack_build(&p, img, runs, &s);
+	if (r)
+		return r;
+	for (size_t i = 0; i < s->count; i++) {
+		struct dm_dev_info info;
+
+		r = dm_device_info(s->devices[i].name, &info);
+		if (r)
+			goto fail;
+		if (!info.exists)
+			continue;
+		snprintf(ref, sizeof(ref), "%u:%u", info.major, info.minor);
+		r = dm_stack_set_ref(s, i, ref);
+		if (r)
+			goto fail;
+	}
+	*out = s;
+	return 0;
+fail:
+	dm_stack_free(s);
+	return r;
+}
+
+struct table_iter {
+	const struct dm_stack *s;
+	const struct dm_device *dev;
+};
+
+static int target_at(void *opaque, size_t i, struct dm_table_target *t, char *buf, size_t size)
+{
+	struct table_iter *it = opaque;
+	const struct dm_target *dt = &it->dev->targets[i];
+	int n = dm_target_params(it->s, it->dev, dt, buf, size);
+
+	if (n < 0)
+		return n;
+	t->start = dt->start;
+	t->length = dt->len;
+	t->type = dm_target_type_name(dt->type);
+	t->params = buf;
+	return 0;
+}
+
+static bool same_table(const struct dm_stack *sa, const struct dm_device *a, const struct dm_stack *sb,
+		       const struct dm_device *b)
+{
+	char pa[DM_PARAMS_MAX], pb[DM_PARAMS_MAX];
+
+	if (a->count != b->count || a->sectors != b->sectors)
+		return false;
+	for (size_t i = 0; i < a->count; i++) {
+		const struct dm_target *x = &a->targets[i], *y = &b->targets[i];
+
+		if (x->start != y->start || x->len != y->len || x->type != y->type || x->offset != y->offset)
+			return false;
+		if (dm_target_params(sa, a, x, pa, sizeof(pa)) < 0 || dm_target_params(sb, b, y, pb, sizeof(pb)) < 0 ||
+		    strcmp(pa, pb))
+			return false;
+	}
+	return true;
+}
+
+static const struct dm_device *find_device(const struct dm_stack *s, const char *name)
+{
+	for (size_t i = 0; s && i < s->count; i++)
+		if (!strcmp(s->devices[i].name, name))
+			return &s->devices[i];
+	return NULL;
+}
+
+static int create(struct dm_stack *s, size_t i)
+{
+	const struct dm_device *dev = &s->devices[i];
+	struct table_iter it = { .s = s, .dev = dev };
+	struct dm_table t = { .count = dev->count, .target_fn = target_at, .opaque = &it };
+	uint32_t maj, min;
+	char ref[32];
+	int r;
+
+	r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
+	if (r) {
+		log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
+		return r;
+	}
+	snprintf(ref, sizeof(ref), "%u:%u", maj, min);
+	return dm_stack_set_ref(s, i, ref);
+}
+
+static int load(struct dm_stack *s, size_t i)
+{
+	const struct dm_device *dev = &s->devices[i];
+	struct table_iter it = { .s = s, .dev = dev };
+	struct dm_table t = { .count = dev->count, .target_fn = target_at, .opaque = &it };
+	int r = dm_load_table(dev->name, dev->read_only, &t);
+
+	if (r)
+		log_err("Cannot load a new table into %s: %s.", dev->name, strerror(-r));
+	return r;
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* p50, p99 and max of the last samples, in ms */
+static void percentiles(const uint32_t *v, uint64_t n, double *p50, double *p99, double *max)
+{
+	uint32_t s[1024];
+	size_t k = (size_t)MIN(n, (uint64_t)1024);
+
+	*p50 = *p99 = *max = 0;
+	if (!k)
+		return;
+	memcpy(s, v, k * sizeof(*s));
+	qsort(s, k, sizeof(*s), cmp_u32);
+	*p50 = s[k / 2] / 1000.0;
+	*p99 = s[(k * 99) / 100 < k ? (k * 99) / 100 : k - 1] / 1000.0;
+	*max = s[k - 1] / 1000.0;
+}
+
+/* /run/qcowsetup/NAME.stats: what `qcowsetup status` shows of the daemon */
+static void write_stats(struct daemon *d)
+{
+	char path[256], tmp[280];
+	double s50, s99, smax, r50, r99, rmax;
+	FILE *f;
+
+	percentiles(d->swap_us, d->nswap, &s50, &s99, &smax);
+	percentiles(d->round_us, d->nround, &r50, &r99, &rmax);
+	snprintf(path, sizeof(path), "/run/qcowsetup/%s.stats", d->o.name);
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	f = fopen(tmp, "we");
+	if (!f)
+		return;
+	fprintf(f, "reloads=%" PRIu64 "\nremapped_bytes=%" PRIu64 "\n", d->reloads, d->remapped_bytes);
+	fprintf(f, "held_ms_p50=%.2f\nheld_ms_p99=%.2f\nheld_ms_max=%.2f\n", s50, s99, smax);
+	fprintf(f, "round_ms_p50=%.2f\nround_ms_p99=%.2f\nround_ms_max=%.2f\n", r50, r99, rmax);
+	if (fclose(f) == 0)
+		rename(tmp, path);
+	else
+		unlink(tmp);
+}
+
+static int swap(struct daemon *d, const struct dm_device *dev)
+{
+	uint64_t t0 = now_us();
+	int r = dm_suspend(dev->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS), r2;
+
+	if (r)
+		log_err("Cannot suspend %s: %s.", dev->name, strerror(-r));
+	/* resume in any case: a suspended top device would hold the guest */
+	r2 = dm_resume(dev->name, dev->hidden);
+	if (r2)
+		log_err("Cannot resume %s: %s.", dev->name, strerror(-r2));
+	d->swap_us[d->nswap++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	return r ? r : r2;
+}
+
+/* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... */
+static bool is_top_segment_name(const char *dev, const char *name)
+{
+	size_t n = strlen(name);
+	const char *p;
+
+	if (strncmp(dev, name, n) || dev[n] != '_' || dev[n + 1] != 's')
+		return false;
+	for (p = dev + n + 1; *p == 's'; p++)
+		;
+	if (!*p)
+		return false;
+	for (; *p; p++)
+		if (*p < '0' || *p > '9')
+			return false;
+	return true;
+}
+
+struct stale_ctx {
+	const char *name;
+	const char *uuid_prefix;
+	const struct dm_stack *keep;
+	char (*names)[128];
+	size_t n, max;
+};
+
+static int collect_stale(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
+{
+	struct stale_ctx *c = opaque;
+
+	(void)major;
+	(void)minor;
+	if (!uuid || strncmp(uuid, c->uuid_prefix, strlen(c->uuid_prefix)) || !is_top_segment_name(name, c->name) ||
+	    find_device(c->keep, name) || c->n == c->max)
+		return 0;
+	snprintf(c->names[c->n++], 128, "%s", name);
+	return 0;
+}
+
+/* Make the live devices what `next` says: create the new ones, reload the
+ * changed ones (all of them when `cur` is NULL), remove the ones it no
+ * longer has. On success `next` is the current stack. */
+static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
+{
+	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
+	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
+	char prefix[DM_UUID_MAX + 1];
+	int r = 0;
+
+	if (!changed || !created) {
+		r = -ENOMEM;
+		goto out;
+	}
+	if (cur) {
+		/* a round: the top must still be there before a segment is made */
+		struct dm_dev_info info;
+
+		r = dm_device_info(d->o.name, &info);
+		if (!r && !info.exists)
+			r = -ENODEV;
+		if (r)
+			goto out;
+	}
+	for (size_t i = 0; i < next->count && !r; i++) {
+		const struct dm_device *dev = &next->devices[i], *old;
+		struct dm_dev_info info;
+
+		if (!top_role(dev)) {
+			r = dm_device_info(dev->name, &info);
+			if (!r && !info.exists) {
+				log_err("Device %s is missing (`qcowsetup open` creates it).", dev->name);
+				r = -ENODEV;
+			}
+			continue;
+		}
+		r = dm_device_info(dev->name, &info);
+		if (r)
+			break;
+		if (!info.exists && cur && dev->role == DM_ROLE_TOP) {
+			/* removed by `qcowsetup close` meanwhile: never bring it back */
+			r = -ENODEV;
+			break;
+		}
+		if (!info.exists) {
+			r = create(next, i);
+			created[i] = r == 0;
+			continue;
+		}
+		old = find_device(cur, dev->name);
+		if (cur && old && same_table(cur, old, next, dev))
+			continue;
+		r = load(next, i);
+		changed[i] = r == 0;
+	}
+	if (r) {
+		for (size_t i = next->count; i-- > 0;) {
+			if (changed[i])
+				dm_clear_table(next->devices[i].name);
+			if (created[i])
+				dm_remove_device(next->devices[i].name, false, true);
+		}
+		goto out;
+	}
+	for (size_t i = 0; i < next->count; i++)
+		if (changed[i]) {
+			int r2 = swap(d, &next->devices[i]);
+
+			if (r2 && !r)
+				r = r2;
+			d->reloads++;
+		}
+	/* segments the new table no longer uses */
+	snprintf(prefix, sizeof(prefix), "%s%s-", DM_UUID_PREFIX_INTERNAL, d->o.id);
+	{
+		char names[64][128];
+		struct stale_ctx c = { .name = d->o.name, .uuid_prefix = prefix, .keep = next, .names = names, .max = 64 };
+
+		if (dm_list_devices(collect_stale, &c) == 0)
+			for (size_t i = 0; i < c.n; i++)
+				if (dm_remove_device(c.names[i], false, true))
+					log_std("Cannot remove the unused segment %s.", c.names[i]);
+	}
+out:
+	free(changed);
+	free(created);
+	return r;
+}
+
+int daemon_stack_setup(struct daemon *d)
+{
+	struct run_list all;
+	struct dm_stack *s = NULL;
+	int r;
+
+	run_list_init(&all);
+	r = image_map_chain(d->img, &all);
+	if (!r && d->rw)
+		r = qcow2_rw_mark_writable(d->rw, &all, &d->runs);
+	if (r)
+		goto out;
+	if (!d->rw) {
+		d->runs = all;
+		run_list_init(&all);
+	}
+	r = build(d, d->img, &d->runs, &s);
+	if (r)
+		goto out;
+	/* a new mapping: create the top devices; reattached: reload them all */
+	r = apply(d, s, NULL);
+	if (r) {
+		dm_stack_free(s);
+		goto out;
+	}
+	d->stack = s;
+out:
+	run_list_free(&all);
+	return r;
+}
+
+/* ---- patching the runs ---- */
+
+static int cmp_remap(const void *a, const void *b)
+{
+	const struct remap *x = a, *y = b;
+
+	return x->guest < y->guest ? -1 : x->guest > y->guest;
+}
+
+static int emit_piece(struct run_list *out, const struct run *b, uint64_t from, uint64_t to)
+{
+	struct run piece = *b;
+
+	piece.guest = from;
+	piece.len = to - from;
+	if (b->kind == RUN_DATA || (b->flags & RUN_F_HOST))
+		piece.host = b->host + (from - b->guest);
+	return run_list_add(out, &piece);
+}
+
+/* base with the ranges of p (sorted, disjoint) now writable data of layer 0. */
+static int overlay(const struct run_list *base, const struct remap *p, size_t n, struct run_list *out)
+{
+	size_t k = 0;
+	int r;
+
+	for (size_t i = 0; i < base->count; i++) {
+		const struct run *b = &base->runs[i];
+		uint64_t pos = b->guest, end = b->guest + b->len;
+
+		while (pos < end) {
+			while (k < n && p[k].guest + p[k].len <= pos)
+				k++;
+			if (k < n && p[k].guest < end) {
+				if (p[k].guest > pos) {
+					r = emit_piece(out, b, pos, p[k].guest);
+					pos = p[k].guest;
+				} else {
+					uint64_t e = MIN(end, p[k].guest + p[k].len);
+					struct run w = { .guest = pos, .len = e - pos, .host = p[k].host + (pos - p[k].guest),
+							 .kind = RUN_DATA, .depth = 0, .flags = RUN_F_WRITABLE };
+
+					r = run_list_add(out, &w);
+					pos = e;
+				}
+			} else {
+				r = emit_piece(out, b, pos, end);
+				pos = end;
+			}
+			if (r)
+				return r;
+		}
+	}
+	return 0;
+}
+
+void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
+{
+	struct daemon *d = opaque;	/* called with the engine lock held */
+	struct remap *last = d->nqueue ? &d->queue[d->nqueue - 1] : NULL;
+
+	d->remapped_bytes += len;
+	if (last && last->guest + last->len == guest && last->host + last->len == host) {
+		last->len += len;
+		return;
+	}
+	if (d->nqueue == DAEMON_REMAP_QUEUE) {
+		d->queue_overflow = true;	/* a full walk next time */
+		return;
+	}
+	d->queue[d->nqueue++] = (struct remap){ .guest = guest, .len = len, .host = host };
+}
+
+/* One round: new runs, the stack rebuilt and applied. */
+static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
+{
+	uint64_t t0 = now_us();
+	struct run_list next;
+	struct dm_stack *s = NULL;
+	struct image top;
+	int r;
+
+	run_list_init(&next);
+	if (rescan) {
+		/* the queue overflowed: walk the image again (metadata is written
+		 * back: the walk reads what the cache knows) */
+		struct run_list all;
+
+		run_list_init(&all);
+		pthread_mutex_lock(&d->lock);
+		r = qcow2_rw_writeback(d->rw);
+		if (!r)
+			r = image_map_chain(d->img, &all);
+		if (!r)
+			r = qcow2_rw_mark_writable(d->rw, &all, &next);
+		top = *d->img;
+		pthread_mutex_unlock(&d->lock);
+		run_list_free(&all);
+	} else {
+		qsort(q, n, sizeof(*q), cmp_remap);
+		r = overlay(&d->runs, q, n, &next);
+		pthread_mutex_lock(&d->lock);
+		top = *d->img;	/* sizes may change under the writer */
+		pthread_mutex_unlock(&d->lock);
+	}
+	if (!r)
+		r = build(d, &top, &next, &s);
+	if (!r)
+		r = apply(d, s, d->stack);
+	if (r) {
+		dm_stack_free(s);
+		run_list_free(&next);
+		return r;
+	}
+	dm_stack_free(d->stack);
+	d->stack = s;
+	run_list_free(&d->runs);
+	d->runs = next;
+	d->round_us[d->nround++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	write_stats(d);
+	return 0;
+}
+
+/* The top device gone without us (`close --deferred`: removed at its last
+ * close): end the session ourselves. */
+static void watch_top(struct daemon *d)
+{
+	struct dm_dev_info info;
+
+	if (d->top_gone || dm_device_info(d->o.name, &info) || info.exists)
+		return;
+	log_std("%s: the device was removed: finishing", d->o.name);
+	d->top_gone = true;
+	nbd_disconnect(d->nbd_index);	/* the server gets NBD_CMD_DISC */
+}
+
+struct leftover_ctx {
+	char prefix[DM_UUID_MAX + 1];
+	char names[64][128];
+	size_t n;
+};
+
+static int collect_leftover(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
+{
+	struct leftover_ctx *c = opaque;
+
+	(void)major;
+	(void)minor;
+	if (uuid && !strncmp(uuid, c->prefix, strlen(c->prefix)) && c->n < 64)
+		snprintf(c->names[c->n++], 128, "%s", name);
+	return 0;
+}
+
+void daemon_remove_leftovers(struct daemon *d)
+{
+	struct leftover_ctx *c = calloc(1, sizeof(*c));
+	bool progress = true;
+
+	if (!c)
+		return;
+	snprintf(c->prefix, sizeof(c->prefix), "%s%s-%s_", DM_UUID_PREFIX_INTERNAL, d->o.id, d->o.name);
+	if (dm_list_devices(collect_leftover, c) == 0)
+		while (progress) {
+			progress = false;
+			for (size_t i = 0; i < c->n; i++) {
+				struct dm_dev_info info;
+
+				if (!c->names[i][0] || dm_device_info(c->names[i], &info))
+					continue;
+				if (!info.exists) {
+					c->names[i][0] = '\0';
+					continue;
+				}
+				if (info.open_count || dm_remove_device(c->names[i], false, true))
+					continue;
+				c->names[i][0] = '\0';
+				progress = true;
+			}
+		}
+	free(c);
+}
+
+struct suspended_ctx {
+	const char *name;
+	char top_uuid[DM_UUID_MAX + 1], seg_prefix[DM_UUID_MAX + 1];
+	char names[64][128];
+	bool hidden[64];
+	size_t n;
+};
+
+static int collect_suspended(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
+{
+	struct suspended_ctx *c = opaque;
+	bool top, seg;
+
+	(void)major;
+	(void)minor;
+	if (!uuid || c->n == 64)
+		return 0;
+	top = !strcmp(uuid, c->top_uuid);
+	seg = !strncmp(uuid, c->seg_prefix, strlen(c->seg_prefix)) && is_top_segment_name(name, c->name);
+	if (top || seg) {
+		c->hidden[c->n] = seg;
+		snprintf(c->names[c->n++], 128, "%s", name);
+	}
+	return 0;
+}
+
+void daemon_resume_suspended(const char *name, const char *id)
+{
+	struct suspended_ctx *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		return;
+	c->name = name;
+	snprintf(c->top_uuid, sizeof(c->top_uuid), "%s%s-%s", DM_UUID_PREFIX, id, name);
+	snprintf(c->seg_prefix, sizeof(c->seg_prefix), "%s%s-%s_s", DM_UUID_PREFIX_INTERNAL, id, name);
+	if (dm_list_devices(collect_suspended, c) == 0)
+		/* segments first, the top last */
+		for (size_t k = 0; k < 2; k++)
+			for (size_t i = 0; i < c->n; i++) {
+				struct dm_dev_info info;
+
+				if (c->hidden[i] != (k == 0) || dm_device_info(c->names[i], &info) || !info.exists ||
+				    !info.suspended)
+					continue;
+				if (dm_resume(c->names[i], c->hidden[i]) == 0)
+					log_std("%s: resumed %s, left suspended by the dead daemon", name, c->names[i]);
+			}
+	free(c);
+	dm_release();
+}
+
+void daemon_remap_loop(struct daemon *d)
+{
+	bool gave_up = false;
+	unsigned int ticks = 0;
+
+	for (;;) {
+		struct timespec ts;
+		struct remap *q;
+		size_t n;
+		bool rescan;
+		int r;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += (long)d->o.flush_interval_ms * 1000000L;
+		ts.tv_sec += ts.tv_nsec / 1000000000L;
+		ts.tv_nsec %= 1000000000L;
+		pthread_mutex_lock(&d->lock);
+		if (!d->stopping)
+			pthread_cond_timedwait(&d->cond, &d->lock, &ts);
+		if (d->stopping) {
+			pthread_mutex_unlock(&d->lock);
+			break;
+		}
+		if (d->rw && qcow2_rw_has_pending(d->rw)) {
+			r = qcow2_rw_writeback(d->rw);
+			if (r)
+				log_err("%s: metadata writeback failed: %s.", d->o.name, strerror(-r));
+		}
+		q = d->queue;
+		n = d->nqueue;
+		rescan = d->queue_overflow;
+		d->queue = d->queue_spare;
+		d->queue_spare = q;
+		d->nqueue = 0;
+		d->queue_overflow = false;
+		pthread_mutex_unlock(&d->lock);
+		if (++ticks * d->o.flush_interval_ms >= 1000) {
+			ticks = 0;
+			watch_top(d);
+		}
+		if ((!n && !rescan) || gave_up || !d->rw || d->top_gone)
+			continue;
+		r = remap_round(d, q, n, rescan);
+		if (r == -ENODEV || r == -ENXIO) {
+			log_verbose("%s: the mapping is going away: no more remapping", d->o.name);
+			gave_up = true;
+			continue;
+		}
+		if (r) {
+			/* keep the ranges for the next round */
+			log_err("%s: table reload failed (%s); the new clusters stay on the slow path for now.",
+				d->o.name, strerror(-r));
+			pthread_mutex_lock(&d->lock);
+			for (size_t i = 0; i < n; i++)
+				if (d->nqueue < DAEMON_REMAP_QUEUE)
+					d->queue[d->nqueue++] = q[i];
+				else
+					d->queue_overflow = true;
+			pthread_mutex_unlock(&d->lock);
+		} else {
+			log_dbg("%s: %zu ranges remapped (%" PRIu64 " reloads)", d->o.name, n, d->reloads);
+		}
+	}
+}

@@ -1,0 +1,1645 @@
+/* The qcow2 metadata writer (see qcow2_alloc.h for the rules it follows).
+ *
+ * A guest write is handled in chunks of at most PLAN_MAX clusters, each in
+ * four steps, so that a failure before the last one leaves nothing but
+ * leaks:
+ *   1. plan: the L2 entry of every cluster (allocating or copying the L2
+ *      tables on the way: an empty or copied table is harmless);
+ *   2. allocate the clusters that need one (refcount increments, cached);
+ *   3. write the data, with the copy-on-write parts read from the current
+ *      content first;
+ *   4. update the L2 entries (cached), queue the decrements of the clusters
+ *      no longer referenced and the mappings to announce.
+ * writeback() then writes the caches in the safe order. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "compress.h"
+#include "log.h"
+#include "qcow2.h"
+#include "qcow2_alloc.h"
+#include "util.h"
+
+#define L2_BITMAP_ALL_ALLOC	0xffffffffULL
+#define PLAN_MAX		512	/* clusters per chunk */
+#define DEFERRED_MAX		1024	/* queued decrements before a writeback */
+#define MAPS_MAX		4096	/* queued mappings before a writeback */
+#define DIRTY_L1_MAX		256
+#define BUF_ALIGN		4096
+
+#define HDR_INCOMPAT		72
+#define HDR_AUTOCLEAR		88
+#define HDR_REFTABLE		48	/* offset (8) then clusters (4) */
+
+struct slot {
+	uint64_t off;		/* host offset of the table or block; 0: empty */
+	uint8_t *buf;
+	uint64_t used;		/* LRU clock */
+	uint32_t dlo, dhi;	/* dirty byte range; dlo == dhi: clean */
+};
+
+struct cache {
+	struct slot *s;
+	unsigned int n;
+	uint64_t tick;
+	uint8_t *mem;
+};
+
+struct extent {
+	uint64_t off, len;
+};
+
+struct map_extent {
+	uint64_t guest, len, host;
+};
+
+/* One cluster of a chunk. */
+struct plan {
+	uint64_t guest;		/* start of the guest cluster */
+	uint64_t old_entry, old_bitmap;
+	uint64_t host;		/* where the data goes (cluster start) */
+	uint64_t new_entry, new_bitmap;
+	uint32_t touched;	/* subclusters the write overlaps */
+	uint32_t to_write;	/* subclusters written to host */
+	uint32_t announce;	/* subclusters newly mapped writable */
+	uint32_t ws, we;	/* written bytes inside the cluster */
+	uint32_t wlo, whi;	/* range mode: bytes written (512-aligned) */
+	bool range;		/* write [wlo, whi) instead of to_write subclusters */
+	bool alloc;		/* host is a new cluster (refcounted) */
+	bool update;		/* the L2 entry changes */
+	const uint8_t *src;	/* cluster-relative content (the written parts valid) */
+};
+
+struct qcow2_rw {
+	struct image *img;
+	struct qcow2_rw_ops ops;
+	struct qcow2_rw_opts opts;
+	uint64_t cs;
+	unsigned int cb;
+	unsigned int l2_bits;
+	uint64_t l2_entries;
+	unsigned int l2_esz;
+	bool extended;
+	bool data_file;
+	unsigned int nsc;	/* subclusters per cluster (32 or 1) */
+	uint64_t scs;		/* subcluster size */
+	unsigned int rb_bits;	/* log2 of refcounts per block */
+	unsigned int order;	/* refcount_order */
+	uint64_t rc_max;
+	uint64_t *reftable;	/* host order */
+	uint64_t reftable_entries;
+	uint64_t meta_size;	/* size of the image file as written */
+	uint64_t free_hint;	/* cluster index: nothing below is free */
+	struct cache l2c, rbc;
+	uint32_t dirty_l1[DIRTY_L1_MAX];
+	size_t n_dirty_l1;
+	struct extent deferred[DEFERRED_MAX];
+	size_t n_deferred;
+	struct map_extent maps[MAPS_MAX];
+	size_t n_maps;
+	bool data_unflushed, meta_unflushed;
+	bool dirty_bit_set;	/* we set the dirty bit (lazy refcounts) */
+	bool broken;		/* a metadata write failed: no more writes */
+	struct plan plan[PLAN_MAX];
+	uint8_t *head_buf, *tail_buf;	/* cluster-sized copy-on-write buffers */
+	uint8_t *cbuf;		/* decompressed cluster */
+	uint64_t cbuf_entry;	/* L2 entry it was decompressed from; 0: none */
+	uint8_t *zbuf;		/* compressed bytes */
+	struct qcow2_rw_stats st;
+};
+
+/* ---- small helpers ---- */
+
+static void *alloc_aligned(size_t size)
+{
+	void *p = NULL;
+
+	if (posix_memalign(&p, BUF_ALIGN, size ? size : 1))
+		return NULL;
+	memset(p, 0, size);
+	return p;
+}
+
+static int meta_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t off)
+{
+	int r = w->ops.meta_pwrite(w->ops.opaque, buf, len, off);
+
+	if (r < 0) {
+		log_err("%s: cannot write metadata at offset 0x%" PRIx64 ": %s.", w->img->path, off, strerror(-r));
+		w->broken = true;
+		return r;
+	}
+	w->meta_unflushed = true;
+	if (off + len > w->meta_size) {
+		w->meta_size = off + len;
+		w->img->io.size = w->meta_size;
+		if (!w->img->has_data_file)
+			w->img->data_io.size = w->meta_size;
+	}
+	return 0;
+}
+
+static int meta_flush(struct qcow2_rw *w)
+{
+	int r = w->ops.meta_flush(w->ops.opaque);
+
+	w->st.flushes++;
+	if (r < 0) {
+		log_err("%s: cannot flush the image: %s.", w->img->path, strerror(-r));
+		w->broken = true;
+		return r;
+	}
+	w->meta_unflushed = false;
+	if (!w->ops.data_flush)
+		w->data_unflushed = false;
+	return 0;
+}
+
+static int data_flush(struct qcow2_rw *w)
+{
+	int r;
+
+	if (!w->ops.data_flush)
+		return meta_flush(w);
+	r = w->ops.data_flush(w->ops.opaque);
+	w->st.flushes++;
+	if (r < 0) {
+		log_err("%s: cannot flush the data file: %s.", w->img->path, strerror(-r));
+		w->broken = true;
+		return r;
+	}
+	w->data_unflushed = false;
+	return 0;
+}
+
+/* Read metadata; bytes past the end of the file read as zeros. */
+static int meta_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t off)
+{
+	size_t n = 0;
+	int r;
+
+	if (off < w->meta_size)
+		n = (size_t)MIN((uint64_t)len, w->meta_size - off);
+	if (n) {
+		r = img_pread(&w->img->io, buf, n, off);
+		if (r < 0) {
+			log_err("%s: cannot read metadata at offset 0x%" PRIx64 ": %s.", w->img->path, off, strerror(-r));
+			return r;
+		}
+	}
+	memset((uint8_t *)buf + n, 0, len - n);
+	return 0;
+}
+
+static int write_header_u64(struct qcow2_rw *w, uint64_t off, uint64_t v)
+{
+	uint8_t b[8];
+
+	put_be64(b, v);
+	return meta_write(w, b, sizeof(b), off);
+}
+
+/* ---- caches of L2 tables and refcount blocks ---- */
+
+static int cache_init(struct cache *c, unsigned int n, uint64_t cs)
+{
+	c->s = calloc(n, sizeof(*c->s));
+	c->mem = alloc_aligned((size_t)(n * cs));
+	if (!c->s || !c->mem)
+		return -ENOMEM;
+	c->n = n;
+	for (unsigned int i = 0; i < n; i++)
+		c->s[i].buf = c->mem + i * cs;
+	return 0;
+}
+
+static void cache_free(struct cache *c)
+{
+	free(c->s);
+	free(c->mem);
+	memset(c, 0, sizeof(*c));
+}
+
+static bool slot_dirty(const struct slot *s)
+{
+	return s->dlo != s->dhi;
+}
+
+static void slot_mark(struct slot *s, uint32_t lo, uint32_t hi)
+{
+	if (!slot_dirty(s)) {
+		s->dlo = lo;
+		s->dhi = hi;
+	} else {
+		s->dlo = MIN(s->dlo, lo);
+		s->dhi = MAX(s->dhi, hi);
+	}
+}
+
+static int slot_write(struct qcow2_rw *w, struct slot *s)
+{
+	int r;
+
+	if (!slot_dirty(s))
+		return 0;
+	r = meta_write(w, s->buf + s->dlo, s->dhi - s->dlo, s->off + s->dlo);
+	if (r == 0)
+		s->dlo = s->dhi = 0;
+	return r;
+}
+
+static int cache_find(struct cache *c, uint64_t off)
+{
+	for (unsigned int i = 0; i < c->n; i++)
+		if (c->s[i].off == off)
+			return (int)i;
+	return -1;
+}
+
+static int writeback(struct qcow2_rw *w);
+
+/* The slot of the table or block at off, loaded (fill) or zeroed. L2
+ * tables: evicting a dirty one takes a writeback; refcount blocks are
+ * always safe to write (increments before their users, decrements only
+ * after theirs are durable). Slot indexes stay valid until the next call. */
+static int cache_get(struct qcow2_rw *w, struct cache *c, uint64_t off, bool fill, struct slot **out)
+{
+	int i = cache_find(c, off), victim = -1;
+	struct slot *s;
+	int r;
+
+	if (i >= 0) {
+		s = &c->s[i];
+		s->used = ++c->tick;
+		if (!fill)
+			memset(s->buf, 0, w->cs);
+		*out = s;
+		return 0;
+	}
+	for (unsigned int k = 0; k < c->n; k++) {
+		s = &c->s[k];
+		if (!s->off) {
+			victim = (int)k;
+			break;
+		}
+		if (slot_dirty(s) && c == &w->l2c)
+			continue;
+		if (victim < 0 || s->used < c->s[victim].used)
+			victim = (int)k;
+	}
+	if (victim < 0) {
+		/* every L2 table is dirty */
+		r = writeback(w);
+		if (r < 0)
+			return r;
+		return cache_get(w, c, off, fill, out);
+	}
+	s = &c->s[victim];
+	r = slot_write(w, s);
+	if (r < 0)
+		return r;
+	s->off = 0;
+	if (fill) {
+		r = meta_read(w, s->buf, w->cs, off);
+		if (r < 0)
+			return r;
+	} else {
+		memset(s->buf, 0, w->cs);
+	}
+	s->off = off;
+	s->used = ++c->tick;
+	s->dlo = s->dhi = 0;
+	*out = s;
+	return 0;
+}
+
+static int cache_write_all(struct qcow2_rw *w, struct cache *c)
+{
+	int r;
+
+	for (unsigned int i = 0; i < c->n; i++) {
+		r = slot_write(w, &c->s[i]);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static bool cache_has_dirty(const struct cache *c)
+{
+	for (unsigned int i = 0; i < c->n; i++)
+		if (slot_dirty(&c->s[i]))
+			return true;
+	return false;
+}
+
+/* Drop a slot (its cluster was freed or moved). */
+static void cache_forget(struct cache *c, uint64_t off)
+{
+	int i = cache_find(c, off);
+
+	if (i >= 0) {
+		c->s[i].off = 0;
+		c->s[i].dlo = c->s[i].dhi = 0;
+	}
+}
+
+/* ---- refcounts ---- */
+
+static uint64_t rb_get(const uint8_t *b, unsigned int order, uint64_t i)
+{
+	switch (order) {
+	case 0:
+	case 1:
+	case 2: {
+		uint64_t bit = i << order;
+
+		return (b[bit / 8] >> (bit % 8)) & ((1U << (1U << order)) - 1);
+	}
+	case 3:
+		return b[i];
+	case 4:
+		return get_be16(b + i * 2);
+	case 5:
+		return get_be32(b + i * 4);
+	default:
+		return get_be64(b + i * 8);
+	}
+}
+
+static void rb_set(uint8_t *b, unsigned int order, uint64_t i, uint64_t v)
+{
+	switch (order) {
+	case 0:
+	case 1:
+	case 2: {
+		uint64_t bit = i << order;
+		uint8_t mask = (uint8_t)(((1U << (1U << order)) - 1) << (bit % 8));
+
+		b[bit / 8] = (uint8_t)((b[bit / 8] & ~mask) | ((v << (bit % 8)) & mask));
+		break;
+	}
+	case 3:
+		b[i] = (uint8_t)v;
+		break;
+	case 4:
+		put_be16(b + i * 2, (uint16_t)v);
+		break;
+	case 5:
+		put_be32(b + i * 4, (uint32_t)v);
+		break;
+	default:
+		put_be64(b + i * 8, v);
+		break;
+	}
+}
+
+/* Byte range of refcount entry i in its block. */
+static void rb_range(unsigned int order, uint64_t i, uint32_t *lo, uint32_t *hi)
+{
+	uint64_t bit = i << order, bits = 1ULL << order;
+
+	*lo = (uint32_t)(bit / 8);
+	*hi = (uint32_t)((bit + bits + 7) / 8);
+}
+
+static int refblock_offset(struct qcow2_rw *w, uint64_t ti, uint64_t *off)
+{
+	*off = 0;
+	if (ti >= w->reftable_entries)
+		return 0;
+	*off = w->reftable[ti] & QCOW2_REFT_OFFSET_MASK;
+	if (*off && !is_aligned(*off, w->cs)) {
+		log_err("%s: refcount block %" PRIu64 " at 0x%" PRIx64 " is not cluster aligned.", w->img->path, ti, *off);
+		return -EUCLEAN;
+	}
+	return 0;
+}
+
+/* Change the refcount of cluster ci, whose block exists. */
+static int refcount_change(struct qcow2_rw *w, uint64_t ci, int delta)
+{
+	uint64_t boff, i = ci & ((1ULL << w->rb_bits) - 1), v;
+	uint32_t lo, hi;
+	struct slot *s;
+	int r;
+
+	r = refblock_offset(w, ci >> w->rb_bits, &boff);
+	if (r < 0)
+		return r;
+	if (!boff) {
+		log_err("%s: cluster %" PRIu64 " has no refcount block.", w->img->path, ci);
+		return -EUCLEAN;
+	}
+	r = cache_get(w, &w->rbc, boff, true, &s);
+	if (r < 0)
+		return r;
+	v = rb_get(s->buf, w->order, i);
+	if ((delta < 0 && v == 0) || (delta > 0 && v == w->rc_max)) {
+		log_err("%s: refcount of cluster %" PRIu64 " would %s.", w->img->path, ci,
+			delta < 0 ? "drop below 0" : "overflow");
+		return -EUCLEAN;
+	}
+	v = delta < 0 ? v - 1 : v + 1;
+	rb_set(s->buf, w->order, i, v);
+	rb_range(w->order, i, &lo, &hi);
+	slot_mark(s, lo, hi);
+	if (v == 0 && ci < w->free_hint)
+		w->free_hint = ci;
+	return 0;
+}
+
+/* First cluster at or after the hint with refcount 0 (clusters of ranges
+ * without a refcount block are free). */
+static int find_free(struct qcow2_rw *w, uint64_t *out)
+{
+	uint64_t ci = w->free_hint, per = 1ULL << w->rb_bits, limit = w->opts.file_limit;
+	int r;
+
+	for (;;) {
+		uint64_t ti = ci >> w->rb_bits, boff;
+		struct slot *s;
+
+		if (limit && (ci + 1) << w->cb > limit) {
+			log_err("%s: no room for a new cluster below %" PRIu64 " bytes.", w->img->path, limit);
+			return -ENOSPC;
+		}
+		if ((ci << w->cb) >> w->cb != ci || ci << w->cb > (1ULL << 56)) {
+			log_err("%s: the image file would exceed the qcow2 limits.", w->img->path);
+			return -ENOSPC;
+		}
+		r = refblock_offset(w, ti, &boff);
+		if (r < 0)
+			return r;
+		if (!boff) {
+			*out = ci;
+			return 0;
+		}
+		r = cache_get(w, &w->rbc, boff, true, &s);
+		if (r < 0)
+			return r;
+		for (uint64_t i = ci & (per - 1); i < per; i++, ci++)
+			if (!rb_get(s->buf, w->order, i)) {
+				if (limit && (ci + 1) << w->cb > limit)
+					break;
+				*out = ci;
+				return 0;
+			}
+		ci = (ti + 1) << w->rb_bits;
+	}
+}
+
+/* A refcount block for range ti, placed at the first cluster of its own
+ * range (free: the range has no block) and describing itself. Written and
+ * flushed before the refcount table entry names it. */
+static int create_refblock(struct qcow2_rw *w, uint64_t ti)
+{
+	uint64_t x = ti << w->rb_bits, off = x << w->cb;
+	uint8_t entry[8];
+	struct slot *s;
+	int r;
+
+	if (ti == 0) {
+		log_err("%s: the header cluster has no refcount block.", w->img->path);
+		return -EUCLEAN;
+	}
+	if (w->opts.file_limit && off + w->cs > w->opts.file_limit) {
+		log_err("%s: no room for a refcount block below %" PRIu64 " bytes.", w->img->path, w->opts.file_limit);
+		return -ENOSPC;
+	}
+	r = cache_get(w, &w->rbc, off, false, &s);
+	if (r < 0)
+		return r;
+	rb_set(s->buf, w->order, 0, 1);
+	s->dlo = 0;
+	s->dhi = (uint32_t)w->cs;
+	r = slot_write(w, s);
+	if (r == 0)
+		r = meta_flush(w);
+	if (r < 0) {
+		cache_forget(&w->rbc, off);
+		return r;
+	}
+	put_be64(entry, off);
+	r = meta_write(w, entry, 8, w->img->refcount_table_offset + ti * 8);
+	if (r < 0)
+		return r;
+	w->reftable[ti] = off;
+	w->st.refblocks_allocated++;
+	log_dbg("%s: refcount block %" PRIu64 " at 0x%" PRIx64, w->img->path, ti, off);
+	return 0;
+}
+
+/* A larger refcount table at the first cluster its current one cannot
+ * describe (everything from there on is free), followed by the refcount
+ * blocks for the area it occupies. Blocks and table are written and
+ * flushed, then the header switches to them (12 bytes in one sector),
+ * flushed, and only then the old table is freed. */
+static int grow_reftable(struct qcow2_rw *w, uint64_t need_entries)
+{
+	uint64_t per = 1ULL << w->rb_bits, old_entries = w->reftable_entries;
+	uint64_t a = old_entries << w->rb_bits, t, b = 1, new_entries, first_range, last;
+	uint64_t old_off = w->img->refcount_table_offset, old_clusters = w->img->refcount_table_clusters;
+	uint8_t *tbl = NULL, *blocks = NULL, hdr[12];
+	uint64_t *newt = NULL;
+	int r;
+
+	if ((a >> w->rb_bits) != old_entries || a > (1ULL << (56 - w->cb))) {
+		log_err("%s: the refcount table cannot grow any further.", w->img->path);
+		return -EFBIG;
+	}
+	new_entries = MAX(need_entries, old_entries + old_entries / 2);
+	first_range = a >> w->rb_bits;
+	for (int iter = 0;; iter++) {
+		uint64_t nb;
+
+		new_entries = round_up_pow2(new_entries, w->cs / 8);
+		t = new_entries * 8 / w->cs;
+		nb = ((a + t + b - 1) >> w->rb_bits) - first_range + 1;
+		last = a + t + nb - 1;
+		if (nb == b && (last >> w->rb_bits) < new_entries)
+			break;
+		b = nb;
+		if ((last >> w->rb_bits) >= new_entries)
+			new_entries = (last >> w->rb_bits) + 1;
+		if (iter > 64)
+			return -EFBIG;
+	}
+	if (t > QCOW2_MAX_REFTABLE_BYTES / w->cs) {
+		log_err("%s: the refcount table would exceed %u bytes.", w->img->path, QCOW2_MAX_REFTABLE_BYTES);
+		return -EFBIG;
+	}
+	if (w->opts.file_limit && (a + t + b) << w->cb > w->opts.file_limit) {
+		log_err("%s: no room for a larger refcount table below %" PRIu64 " bytes.", w->img->path,
+			w->opts.file_limit);
+		return -ENOSPC;
+	}
+	tbl = alloc_aligned((size_t)(t * w->cs));
+	blocks = alloc_aligned((size_t)(b * w->cs));
+	newt = calloc(new_entries, sizeof(*newt));
+	if (!tbl || !blocks || !newt) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (uint64_t i = 0; i < old_entries; i++)
+		newt[i] = w->reftable[i];
+	for (uint64_t k = 0; k < b; k++)
+		newt[first_range + k] = (a + t + k) << w->cb;
+	for (uint64_t c = a; c < a + t + b; c++)
+		rb_set(blocks + ((c >> w->rb_bits) - first_range) * w->cs, w->order, c & (per - 1), 1);
+	for (uint64_t i = 0; i < new_entries; i++)
+		put_be64(tbl + i * 8, newt[i]);
+	r = meta_write(w, blocks, (size_t)(b * w->cs), (a + t) << w->cb);
+	if (!r)
+		r = meta_write(w, tbl, (size_t)(t * w->cs), a << w->cb);
+	if (!r)
+		r = meta_flush(w);
+	if (r)
+		goto out;
+	put_be64(hdr, a << w->cb);
+	put_be32(hdr + 8, (uint32_t)t);
+	r = meta_write(w, hdr, sizeof(hdr), HDR_REFTABLE);
+	if (!r)
+		r = meta_flush(w);
+	if (r)
+		goto out;
+	free(w->reftable);
+	w->reftable = newt;
+	newt = NULL;
+	w->reftable_entries = new_entries;
+	w->img->refcount_table_offset = a << w->cb;
+	w->img->refcount_table_clusters = (uint32_t)t;
+	w->st.reftable_growths++;
+	w->st.refblocks_allocated += b;
+	log_dbg("%s: refcount table grown to %" PRIu64 " entries at 0x%" PRIx64, w->img->path, new_entries, a << w->cb);
+	/* the old table is referenced by nothing durable any more */
+	for (uint64_t c = 0; c < old_clusters; c++) {
+		r = refcount_change(w, (old_off >> w->cb) + c, -1);
+		if (r)
+			goto out;
+	}
+out:
+	free(tbl);
+	free(blocks);
+	free(newt);
+	return r;
+}
+
+/* One new cluster, refcount 1 (cached). */
+static int alloc_cluster(struct qcow2_rw *w, uint64_t *off)
+{
+	uint64_t ci, ti;
+	int r;
+
+	for (;;) {
+		r = find_free(w, &ci);
+		if (r < 0)
+			return r;
+		ti = ci >> w->rb_bits;
+		if (ti >= w->reftable_entries) {
+			r = grow_reftable(w, ti + 1);
+			if (r < 0)
+				return r;
+			continue;
+		}
+		if (!(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK)) {
+			r = create_refblock(w, ti);
+			if (r < 0)
+				return r;
+			continue;
+		}
+		r = refcount_change(w, ci, +1);
+		if (r < 0)
+			return r;
+		w->free_hint = ci + 1;
+		*off = ci << w->cb;
+		return 0;
+	}
+}
+
+static int apply_deferred(struct qcow2_rw *w)
+{
+	int r;
+
+	while (w->n_deferred) {
+		struct extent e = w->deferred[--w->n_deferred];
+
+		for (uint64_t c = e.off >> w->cb; c <= (e.off + e.len - 1) >> w->cb; c++) {
+			r = refcount_change(w, c, -1);
+			if (r < 0)
+				return r;
+		}
+		cache_forget(&w->l2c, e.off);
+	}
+	return 0;
+}
+
+/* ---- L2 entries ---- */
+
+static bool entry_compressed(uint64_t e)
+{
+	return e & QCOW2_OFLAG_COMPRESSED;
+}
+
+static void compressed_range(const struct qcow2_rw *w, uint64_t e, uint64_t *off, uint64_t *len)
+{
+	unsigned int x = 62 - (w->cb - 8);
+	uint64_t nb = ((e >> x) & ((1ULL << (w->cb - 8)) - 1)) + 1;
+
+	*off = e & ((1ULL << x) - 1);
+	*len = nb * 512 - (*off & 511);
+}
+
+/* Host cluster of a standard entry, and whether it is allocated. */
+static bool entry_host(const struct qcow2_rw *w, uint64_t e, uint64_t *host)
+{
+	*host = e & QCOW2_L2E_OFFSET_MASK;
+	if (entry_compressed(e))
+		return false;
+	return *host || (w->data_file && (e & QCOW2_OFLAG_COPIED));
+}
+
+/* Subcluster bitmaps of an entry: allocated and zero (one subcluster per
+ * cluster without extended L2). */
+static void entry_bits(const struct qcow2_rw *w, uint64_t e, uint64_t bm, uint32_t *alloc, uint32_t *zero)
+{
+	uint64_t host;
+	bool has = entry_host(w, e, &host);
+
+	if (w->extended) {
+		*alloc = has ? (uint32_t)bm : 0;
+		*zero = (uint32_t)(bm >> 32);
+		return;
+	}
+	*zero = (e & QCOW2_OFLAG_ZERO) && !entry_compressed(e) ? 1 : 0;
+	*alloc = has && !*zero ? 1 : 0;
+}
+
+static uint32_t all_subclusters(const struct qcow2_rw *w)
+{
+	return w->nsc == 32 ? 0xffffffffU : 1U;
+}
+
+static int l2_slot_read(struct qcow2_rw *w, uint64_t l1i, struct slot **s)
+{
+	uint64_t off;
+
+	*s = NULL;
+	if (l1i >= w->img->l1_size)
+		return 0;
+	off = w->img->l1[l1i] & QCOW2_L1E_OFFSET_MASK;
+	if (!off)
+		return 0;
+	if (!is_aligned(off, w->cs)) {
+		log_err("%s: L2 table at 0x%" PRIx64 " is not cluster aligned.", w->img->path, off);
+		return -EUCLEAN;
+	}
+	return cache_get(w, &w->l2c, off, true, s);
+}
+
+static int get_entry(struct qcow2_rw *w, uint64_t gci, uint64_t *e, uint64_t *bm)
+{
+	struct slot *s;
+	uint64_t j = gci & (w->l2_entries - 1);
+	int r;
+
+	*e = *bm = 0;
+	r = l2_slot_read(w, gci >> w->l2_bits, &s);
+	if (r < 0 || !s)
+		return r;
+	*e = get_be64(s->buf + j * w->l2_esz);
+	if (w->extended)
+		*bm = get_be64(s->buf + j * w->l2_esz + 8);
+	return 0;
+}
+
+/* The L2 table of l1i, writable in place: allocated (empty) or copied from
+ * a table shared with a snapshot when needed. Nothing in between may write
+ * back: the new table is dirty before anything can evict it, and the
+ * queues have room. */
+static int l2_slot_write(struct qcow2_rw *w, uint64_t l1i, struct slot **out)
+{
+	uint64_t e = w->img->l1[l1i], old = e & QCOW2_L1E_OFFSET_MASK, off;
+	struct slot *s;
+	int r;
+
+	if (old && (e & QCOW2_OFLAG_COPIED))
+		return l2_slot_read(w, l1i, out);
+	if (old && !is_aligned(old, w->cs)) {
+		log_err("%s: L2 table at 0x%" PRIx64 " is not cluster aligned.", w->img->path, old);
+		return -EUCLEAN;
+	}
+	if (w->n_deferred == DEFERRED_MAX || w->n_dirty_l1 == DIRTY_L1_MAX) {
+		r = writeback(w);
+		if (r < 0)
+			return r;
+	}
+	r = alloc_cluster(w, &off);
+	if (r < 0)
+		return r;
+	r = cache_get(w, &w->l2c, off, false, &s);
+	if (r == 0 && old)
+		r = meta_read(w, s->buf, w->cs, old);
+	if (r < 0) {
+		cache_forget(&w->l2c, off);
+		if (refcount_change(w, off >> w->cb, -1) < 0)
+			w->broken = true;
+		return r;
+	}
+	s->dlo = 0;
+	s->dhi = (uint32_t)w->cs;
+	if (old)
+		w->deferred[w->n_deferred++] = (struct extent){ .off = old, .len = w->cs };
+	w->img->l1[l1i] = off | QCOW2_OFLAG_COPIED;
+	for (size_t i = 0; i < w->n_dirty_l1; i++)
+		if (w->dirty_l1[i] == l1i)
+			goto listed;
+	w->dirty_l1[w->n_dirty_l1++] = (uint32_t)l1i;
+listed:
+	w->st.l2_tables_allocated++;
+	log_dbg("%s: L2 table %" PRIu64 " at 0x%" PRIx64 "%s", w->img->path, l1i, off, old ? " (copy)" : "");
+	*out = s;
+	return 0;
+}
+
+/* ---- reads ---- */
+
+static int zero_fill_past_size(struct qcow2_rw *w, uint8_t *buf, uint64_t guest, uint64_t len)
+{
+	if (guest + len > w->img->size) {
+		uint64_t keep = guest < w->img->size ? w->img->size - guest : 0;
+
+		memset(buf + keep, 0, len - keep);
+	}
+	return 0;
+}
+
+static int read_backing(struct qcow2_rw *w, uint8_t *buf, uint64_t guest, uint64_t len)
+{
+	uint64_t n = guest < w->img->size ? MIN(len, w->img->size - guest) : 0;
+	int r = 0;
+
+	if (n && w->ops.backing_pread)
+		r = w->ops.backing_pread(w->ops.opaque, buf, n, guest);
+	else
+		n = 0;
+	memset(buf + n, 0, len - n);
+	return r;
+}
+
+static int decompress_entry(struct qcow2_rw *w, uint64_t e)
+{
+	uint64_t off, len;
+	int r;
+
+	if (w->cbuf_entry == e)
+		return 0;
+	w->cbuf_entry = 0;
+	compressed_range(w, e, &off, &len);
+	if (len > 2 * w->cs) {
+		log_err("%s: compressed cluster of %" PRIu64 " bytes is too large.", w->img->path, len);
+		return -EUCLEAN;
+	}
+	r = meta_read(w, w->zbuf, len, off);
+	if (r < 0)
+		return r;
+	r = qcow_decompress(w->img->compression_type, w->cbuf, w->cs, w->zbuf, len);
+	if (r < 0) {
+		log_err("%s: cannot decompress the cluster at 0x%" PRIx64 ": %s.", w->img->path, off, strerror(-r));
+		return r == -EBADMSG ? -EIO : r;
+	}
+	w->cbuf_entry = e;
+	return 0;
+}
+
+/* Bytes [from, to) of guest cluster gci (entry e, bm) into buf (cluster
+ * relative), as the guest reads them now. */
+static int read_cluster_part(struct qcow2_rw *w, uint64_t gci, uint64_t e, uint64_t bm,
+			     uint8_t *buf, uint64_t from, uint64_t to)
+{
+	uint64_t guest = gci << w->cb, host;
+	uint32_t alloc, zero;
+	int r;
+
+	if (from >= to)
+		return 0;
+	/* whole sectors (O_DIRECT underneath); buf is a cluster buffer */
+	from &= ~511ULL;
+	to = MIN(round_up_pow2(to, 512), w->cs);
+	if (entry_compressed(e)) {
+		r = decompress_entry(w, e);
+		if (r == 0)
+			memcpy(buf + from, w->cbuf + from, to - from);
+		return r;
+	}
+	entry_host(w, e, &host);
+	entry_bits(w, e, bm, &alloc, &zero);
+	while (from < to) {
+		unsigned int sc = (unsigned int)(from / w->scs);
+		uint64_t end = from, kind;
+
+		kind = alloc & (1U << sc) ? 1 : zero & (1U << sc) ? 2 : 0;
+		/* extend over the subclusters of the same kind */
+		while (end < to) {
+			unsigned int k = (unsigned int)(end / w->scs);
+			uint64_t kk = alloc & (1U << k) ? 1 : zero & (1U << k) ? 2 : 0;
+
+			if (kk != kind)
+				break;
+			end = MIN(to, (uint64_t)(k + 1) * w->scs);
+		}
+		if (kind == 1)
+			r = w->ops.data_pread(w->ops.opaque, buf + from, end - from, host + from);
+		else if (kind == 2)
+			memset(buf + from, 0, end - from), r = 0;
+		else
+			r = read_backing(w, buf + from, guest + from, end - from);
+		if (r < 0) {
+			log_err("%s: cannot read guest offset 0x%" PRIx64 ": %s.", w->img->path, guest + from, strerror(-r));
+			return r;
+		}
+		from = end;
+	}
+	return zero_fill_past_size(w, buf, guest, w->cs);
+}
+
+int qcow2_rw_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t guest)
+{
+	uint8_t *p = buf;
+	int r;
+
+	if (guest > w->img->size || len > w->img->size - guest)
+		return -EINVAL;
+	while (len) {
+		uint64_t gci = guest >> w->cb, off = guest & (w->cs - 1), n = MIN((uint64_t)len, w->cs - off);
+		uint64_t e, bm, host;
+		uint32_t alloc, zero;
+
+		r = get_entry(w, gci, &e, &bm);
+		if (r < 0)
+			return r;
+		entry_bits(w, e, bm, &alloc, &zero);
+		if (!entry_compressed(e) && entry_host(w, e, &host) && !zero &&
+		    alloc == all_subclusters(w) && is_aligned(off, 512) && is_aligned(n, 512) &&
+		    is_aligned((uintptr_t)p, 512)) {
+			/* straight from the data cluster; merge contiguous clusters */
+			uint64_t total = n, next_host = host + off + n, next = gci + 1;
+
+			while (total < len) {
+				uint64_t e2, bm2, h2, n2 = MIN((uint64_t)len - total, w->cs);
+				uint32_t a2, z2;
+
+				r = get_entry(w, next, &e2, &bm2);
+				if (r < 0)
+					return r;
+				entry_bits(w, e2, bm2, &a2, &z2);
+				if (entry_compressed(e2) || !entry_host(w, e2, &h2) || z2 || a2 != all_subclusters(w) ||
+				    h2 != next_host || !is_aligned(n2, 512))
+					break;
+				total += n2;
+				next_host += n2;
+				next++;
+			}
+			r = w->ops.data_pread(w->ops.opaque, p, total, host + off);
+			if (r < 0) {
+				log_err("%s: cannot read guest offset 0x%" PRIx64 ": %s.", w->img->path, guest,
+					strerror(-r));
+				return r;
+			}
+			n = total;
+		} else if (off == 0 && n == w->cs && is_aligned((uintptr_t)p, BUF_ALIGN)) {
+			r = read_cluster_part(w, gci, e, bm, p, 0, w->cs);
+		} else {
+			r = read_cluster_part(w, gci, e, bm, w->head_buf, off, off + n);
+			if (r == 0)
+				memcpy(p, w->head_buf + off, n);
+		}
+		if (r < 0)
+			return r;
+		p += n;
+		guest += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* ---- writes ---- */
+
+static uint32_t sc_mask(const struct qcow2_rw *w, uint64_t from, uint64_t to)
+{
+	unsigned int a = (unsigned int)(from / w->scs), b = (unsigned int)((to - 1) / w->scs);
+	uint64_t m = ((2ULL << b) - 1) & ~((1ULL << a) - 1);
+
+	return (uint32_t)m;
+}
+
+/* Queue the announcement of a new writable mapping; a full queue is
+ * written back first (safe: every cached L2 entry maps written data). */
+static int add_map(struct qcow2_rw *w, uint64_t guest, uint64_t len, uint64_t host)
+{
+	struct map_extent *m = w->n_maps ? &w->maps[w->n_maps - 1] : NULL;
+	int r;
+
+	if (m && m->guest + m->len == guest && m->host + m->len == host) {
+		m->len += len;
+		return 0;
+	}
+	if (w->n_maps == MAPS_MAX) {
+		r = writeback(w);
+		if (r < 0)
+			return r;
+	}
+	w->maps[w->n_maps++] = (struct map_extent){ .guest = guest, .len = len, .host = host };
+	return 0;
+}
+
+/* Plan cluster p of a write of [ws, we) inside it: in place, or a new
+ * cluster (allocated here). */
+static int plan_cluster(struct qcow2_rw *w, struct plan *p)
+{
+	uint64_t host;
+	uint32_t alloc, zero, all = all_subclusters(w);
+	bool has = entry_host(w, p->old_entry, &host), in_place;
+	int r;
+
+	entry_bits(w, p->old_entry, p->old_bitmap, &alloc, &zero);
+	p->touched = sc_mask(w, p->ws, p->we);
+	in_place = has && (p->old_entry & QCOW2_OFLAG_COPIED);
+	p->alloc = false;
+	if (in_place) {
+		if (!is_aligned(host, w->cs)) {
+			log_err("%s: data cluster at 0x%" PRIx64 " is not cluster aligned.", w->img->path, host);
+			return -EUCLEAN;
+		}
+		p->host = host;
+		if ((alloc & p->touched) == p->touched) {
+			/* plain overwrite: the written sectors only */
+			p->range = true;
+			p->wlo = p->ws & ~511U;
+			p->whi = (uint32_t)MIN(round_up_pow2(p->we, 512), w->cs);
+			p->update = false;
+			return 0;
+		}
+		p->to_write = p->touched;
+		p->new_bitmap = w->extended ? ((uint64_t)(zero & ~p->touched) << 32) | (alloc | p->touched) : 0;
+		p->new_entry = w->extended ? p->old_entry : (p->old_entry & ~QCOW2_OFLAG_ZERO);
+		p->announce = p->touched & ~alloc;
+		p->update = true;
+		return 0;
+	}
+	if (w->data_file) {
+		p->host = p->guest;
+		if (w->opts.data_file_limit && p->host + w->cs > w->opts.data_file_limit) {
+			log_err("%s: guest offset 0x%" PRIx64 " lies beyond the data file limit.", w->img->path, p->guest);
+			return -ENOSPC;
+		}
+	} else {
+		r = alloc_cluster(w, &p->host);
+		if (r < 0)
+			return r;
+		p->alloc = true;
+	}
+	if (!w->extended || entry_compressed(p->old_entry)) {
+		p->to_write = all;
+		p->new_bitmap = w->extended ? L2_BITMAP_ALL_ALLOC : 0;
+	} else {
+		p->to_write = (has ? alloc : 0) | p->touched;
+		p->new_bitmap = ((uint64_t)(zero & ~p->touched) << 32) | p->to_write;
+	}
+	p->announce = p->to_write;
+	p->new_entry = p->host | QCOW2_OFLAG_COPIED;
+	p->update = true;
+	return 0;
+}
+
+/* Whether the write [ws, we) covers every byte p writes. */
+static bool covered(const struct qcow2_rw *w, const struct plan *p)
+{
+	if (p->range)
+		return p->wlo == p->ws && p->whi == p->we;
+	for (unsigned int i = 0; i < w->nsc; i++)
+		if ((p->to_write & (1U << i)) && (i * w->scs < p->ws || (i + 1) * w->scs > p->we))
+			return false;
+	return true;
+}
+
+/* The content p writes: the user data where the write covers it, else the
+ * cluster's current content around it (copy-on-write, or the partial
+ * sectors of an overwrite). */
+static int prepare_source(struct qcow2_rw *w, struct plan *p, const uint8_t *data, uint8_t *scratch)
+{
+	uint64_t gci = p->guest >> w->cb;
+	int r;
+
+	if (covered(w, p)) {
+		p->src = data - p->ws;
+		return 0;
+	}
+	if (p->range) {
+		if (p->wlo < p->ws) {
+			r = w->ops.data_pread(w->ops.opaque, scratch + p->wlo, 512, p->host + p->wlo);
+			if (r < 0)
+				return r;
+		}
+		/* the last sector, unless it is the first one, already read */
+		if (p->whi > p->we && !(p->wlo < p->ws && p->whi - 512 == p->wlo)) {
+			r = w->ops.data_pread(w->ops.opaque, scratch + p->whi - 512, 512, p->host + p->whi - 512);
+			if (r < 0)
+				return r;
+		}
+	} else {
+		w->st.cow_clusters++;
+		for (unsigned int i = 0; i < w->nsc; i++) {
+			uint64_t a = i * w->scs, b = a + w->scs;
+
+			if (!(p->to_write & (1U << i)))
+				continue;
+			if (a < p->ws) {
+				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, a, MIN(b, p->ws));
+				if (r < 0)
+					return r;
+			}
+			if (b > p->we) {
+				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, MAX(a, p->we), b);
+				if (r < 0)
+					return r;
+			}
+		}
+	}
+	memcpy(scratch + p->ws, data, p->we - p->ws);
+	p->src = scratch;
+	return 0;
+}
+
+/* Write what the chunk's plans write, merging host- and source-contiguous
+ * pieces into one call. */
+static int write_chunk_data(struct qcow2_rw *w, struct plan *plan, size_t n)
+{
+	const uint8_t *src = NULL;
+	uint64_t host = 0, len = 0;
+	int r;
+
+	for (size_t k = 0; k < n; k++) {
+		struct plan *p = &plan[k];
+
+		for (unsigned int i = 0; i < (p->range ? 1 : w->nsc); i++) {
+			uint64_t a = p->range ? p->wlo : i * w->scs, b = p->range ? p->whi : a + w->scs;
+			const uint8_t *s = p->src + a;
+			uint64_t h = p->host + a;
+
+			if (!p->range && !(p->to_write & (1U << i)))
+				continue;
+			if (len && host + len == h && src + len == s) {
+				len += b - a;
+				continue;
+			}
+			if (len) {
+				r = w->ops.data_pwrite(w->ops.opaque, src, len, host);
+				if (r < 0)
+					goto fail;
+				w->data_unflushed = true;
+			}
+			src = s;
+			host = h;
+			len = b - a;
+		}
+	}
+	if (len) {
+		r = w->ops.data_pwrite(w->ops.opaque, src, len, host);
+		if (r < 0)
+			goto fail;
+		w->data_unflushed = true;
+	}
+	return 0;
+fail:
+	log_err("%s: cannot write data at host offset 0x%" PRIx64 ": %s.", w->img->path, host, strerror(-r));
+	return r;
+}
+
+/* Undo the allocations of a chunk that failed before its L2 update. */
+static void undo_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
+{
+	for (size_t k = 0; k < n; k++)
+		if (plan[k].alloc && refcount_change(w, plan[k].host >> w->cb, -1) < 0)
+			w->broken = true;
+}
+
+static int link_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
+{
+	int r;
+
+	for (size_t k = 0; k < n; k++) {
+		struct plan *p = &plan[k];
+		uint64_t gci = p->guest >> w->cb, j = gci & (w->l2_entries - 1), old_host;
+		struct slot *s;
+
+		if (!p->update)
+			continue;
+		/* room for the decrement first: nothing may write back between
+		 * the entry update and the queued decrement */
+		if (w->n_deferred == DEFERRED_MAX) {
+			r = writeback(w);
+			if (r < 0)
+				return r;
+		}
+		r = l2_slot_write(w, gci >> w->l2_bits, &s);
+		if (r < 0)
+			return r;
+		put_be64(s->buf + j * w->l2_esz, p->new_entry);
+		if (w->extended)
+			put_be64(s->buf + j * w->l2_esz + 8, p->new_bitmap);
+		slot_mark(s, (uint32_t)(j * w->l2_esz), (uint32_t)((j + 1) * w->l2_esz));
+		if (p->old_entry == w->cbuf_entry)
+			w->cbuf_entry = 0;
+		if (p->alloc || (w->data_file && !(p->old_entry & QCOW2_OFLAG_COPIED)))
+			w->st.clusters_allocated++;
+		/* what the old entry referred to is no longer ours */
+		if (p->alloc) {
+			if (entry_compressed(p->old_entry)) {
+				uint64_t coff, clen;
+
+				compressed_range(w, p->old_entry, &coff, &clen);
+				w->deferred[w->n_deferred++] = (struct extent){ .off = coff, .len = clen };
+			} else if (entry_host(w, p->old_entry, &old_host) && old_host) {
+				w->deferred[w->n_deferred++] = (struct extent){ .off = old_host, .len = w->cs };
+			}
+		}
+		for (unsigned int i = 0; i < w->nsc; i++)
+			if (p->announce & (1U << i)) {
+				r = add_map(w, p->guest + i * w->scs, w->scs, p->host + i * w->scs);
+				if (r < 0)
+					return r;
+			}
+	}
+	return 0;
+}
+
+static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, uint64_t len)
+{
+	uint64_t g = guest, end = guest + len;
+	size_t n = 0;
+	int r;
+
+	/* 1. the entries (and writable L2 tables) */
+	for (; g < end; n++) {
+		struct plan *p = &w->plan[n];
+		uint64_t gci = g >> w->cb, off = g & (w->cs - 1), cn = MIN(end - g, w->cs - off);
+		struct slot *s;
+
+		memset(p, 0, sizeof(*p));
+		p->guest = gci << w->cb;
+		p->ws = (uint32_t)off;
+		p->we = (uint32_t)(off + cn);
+		r = l2_slot_write(w, gci >> w->l2_bits, &s);
+		if (r < 0)
+			return r;
+		p->old_entry = get_be64(s->buf + (gci & (w->l2_entries - 1)) * w->l2_esz);
+		if (w->extended)
+			p->old_bitmap = get_be64(s->buf + (gci & (w->l2_entries - 1)) * w->l2_esz + 8);
+		g += cn;
+	}
+	/* 2. allocations */
+	for (size_t k = 0; k < n; k++) {
+		r = plan_cluster(w, &w->plan[k]);
+		if (r < 0) {
+			undo_chunk(w, w->plan, k);
+			return r;
+		}
+	}
+	/* 3. data. Only the first and the last cluster of a request can be
+	 * partly written: the first has ws > 0, the last ws == 0. */
+	for (size_t k = 0; k < n; k++) {
+		struct plan *p = &w->plan[k];
+
+		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
+		if (r < 0) {
+			undo_chunk(w, w->plan, n);
+			return r;
+		}
+	}
+	r = write_chunk_data(w, w->plan, n);
+	if (r < 0) {
+		undo_chunk(w, w->plan, n);
+		return r;
+	}
+	/* 4. link */
+	r = link_chunk(w, w->plan, n);
+	if (r < 0)
+		w->broken = true;
+	return r;
+}
+
+int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest)
+{
+	const uint8_t *p = buf;
+	uint64_t end;
+	int r = 0;
+
+	if (w->opts.read_only)
+		return -EROFS;
+	if (w->broken)
+		return -EIO;
+	if (guest > w->img->size || len > w->img->size - guest)
+		return -EINVAL;
+	end = guest + len;
+	while (guest < end) {
+		/* chunks end on cluster boundaries */
+		uint64_t chunk_end = MIN(end, ((guest >> w->cb) + PLAN_MAX) << w->cb);
+
+		r = write_chunk(w, p, guest, chunk_end - guest);
+		if (r < 0)
+			return r;
+		p += chunk_end - guest;
+		guest = chunk_end;
+	}
+	if (w->opts.write_through)
+		r = writeback(w);
+	return r;
+}
+
+/* ---- writeback ---- */
+
+static int write_dirty_l1(struct qcow2_rw *w)
+{
+	uint8_t e[8];
+	int r;
+
+	for (size_t i = 0; i < w->n_dirty_l1; i++) {
+		uint32_t k = w->dirty_l1[i];
+
+		put_be64(e, w->img->l1[k]);
+		r = meta_write(w, e, 8, w->img->l1_table_offset + (uint64_t)k * 8);
+		if (r < 0)
+			return r;
+	}
+	w->n_dirty_l1 = 0;
+	return 0;
+}
+
+static int writeback(struct qcow2_rw *w)
+{
+	bool l2_dirty = cache_has_dirty(&w->l2c) || w->n_dirty_l1;
+	int r;
+
+	if (w->broken)
+		return -EIO;
+	if (!l2_dirty && !w->n_maps && !w->n_deferred && !cache_has_dirty(&w->rbc))
+		return 0;
+	w->st.writebacks++;
+	/* 1. refcounts (increments) */
+	r = cache_write_all(w, &w->rbc);
+	if (r < 0)
+		return r;
+	/* 2. data and refcounts durable before the entries that use them */
+	if (l2_dirty && w->data_unflushed)
+		r = data_flush(w);
+	if (!r && l2_dirty && w->meta_unflushed)
+		r = meta_flush(w);
+	/* 3. L2 tables; 4. L1 entries once new tables are durable */
+	if (!r)
+		r = cache_write_all(w, &w->l2c);
+	if (!r && w->n_dirty_l1) {
+		r = meta_flush(w);
+		if (!r)
+			r = write_dirty_l1(w);
+	}
+	/* 5. durable: the mappings may be announced, the decrements written */
+	if (!r && w->meta_unflushed)
+		r = meta_flush(w);
+	if (r < 0)
+		return r;
+	for (size_t i = 0; i < w->n_maps; i++)
+		if (w->ops.mapped)
+			w->ops.mapped(w->ops.opaque, w->maps[i].guest, w->maps[i].len, w->maps[i].host);
+	w->n_maps = 0;
+	r = apply_deferred(w);
+	if (r == 0)
+		r = cache_write_all(w, &w->rbc);
+	if (r < 0)
+		w->broken = true;
+	return r;
+}
+
+int qcow2_rw_writeback(struct qcow2_rw *w)
+{
+	if (w->opts.read_only)
+		return 0;
+	return writeback(w);
+}
+
+bool qcow2_rw_has_pending(const struct qcow2_rw *w)
+{
+	return !w->opts.read_only && (w->n_maps || w->n_deferred || w->n_dirty_l1 || cache_has_dirty(&w->l2c) ||
+				      cache_has_dirty(&w->rbc));
+}
+
+int qcow2_rw_flush(struct qcow2_rw *w)
+{
+	int r;
+
+	if (w->opts.read_only)
+		return 0;
+	r = writeback(w);
+	if (r == 0 && w->data_unflushed)
+		r = data_flush(w);
+	if (r == 0 && w->meta_unflushed)
+		r = meta_flush(w);
+	return r;
+}
+
+/* ---- open, close ---- */
+
+static int header_duties(struct qcow2_rw *w)
+{
+	struct image *img = w->img;
+	uint64_t keep = img->data_file ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0, autoclear;
+	int r;
+
+	if (img->version < 3)
+		return 0;
+	if (img->incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
+		log_err("%s: the image is marked corrupt; it can only be mapped read-only (repair it with `qemu-img check -r all`).",
+			img->path);
+		return -EUCLEAN;
+	}
+	if (img->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+		log_err("%s: the image was not closed cleanly (dirty bit, lazy refcounts); repair its refcounts with `qemu-img check -r all` before mapping it read-write.",
+			img->path);
+		return -EUCLEAN;
+	}
+	autoclear = img->autoclear_features & keep;
+	if (autoclear != img->autoclear_features) {
+		if (img->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
+			log_std("%s: persistent dirty bitmaps are not updated by qcowsetup: they are marked stale.",
+				img->path);
+		r = write_header_u64(w, HDR_AUTOCLEAR, autoclear);
+		if (!r)
+			r = meta_flush(w);
+		if (r < 0)
+			return r;
+		img->autoclear_features = autoclear;
+	}
+	if (img->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) {
+		r = write_header_u64(w, HDR_INCOMPAT, img->incompatible_features | QCOW2_INCOMPAT_DIRTY);
+		if (!r)
+			r = meta_flush(w);
+		if (r < 0)
+			return r;
+		img->incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+		w->dirty_bit_set = true;
+	}
+	return 0;
+}
+
+void qcow2_rw_free(struct qcow2_rw *w)
+{
+	if (!w)
+		return;
+	cache_free(&w->l2c);
+	cache_free(&w->rbc);
+	free(w->reftable);
+	free(w->head_buf);
+	free(w->tail_buf);
+	free(w->cbuf);
+	free(w->zbuf);
+	free(w);
+}
+
+int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
+		      const struct qcow2_rw_opts *opts, struct qcow2_rw **out)
+{
+	struct qcow2_rw *w;
+	size_t cache_bytes;
+	unsigned int nslots;
+	int r;
+
+	*out = NULL;
+	if (img->format != IMG_FMT_QCOW2 || img->snapshot_index >= 0) {
+		log_err("%s: only the active layer of a qcow2 image can be written.", img->path);
+		return -ENOTSUP;
+	}
+	if (!opts->read_only && img->crypt_method == IMG_CRYPT_AES) {
+		log_err("%s: legacy AES encryption is read-only (convert the image to LUKS encryption).", img->path);
+		return -ENOTSUP;
+	}
+	w = calloc(1, sizeof(*w));
+	if (!w)
+		return -ENOMEM;
+	w->img = img;
+	w->ops = *ops;
+	w->opts = *opts;
+	w->cs = img->cluster_size;
+	w->cb = img->cluster_bits;
+	w->extended = img->extended_l2;
+	w->data_file = img->incompatible_features & QCOW2_INCOMPAT_DATA_FILE;
+	w->l2_esz = w->extended ? 16 : 8;
+	w->l2_bits = img->l2_bits;
+	w->l2_entries = 1ULL << w->l2_bits;
+	w->nsc = w->extended ? 32 : 1;
+	w->scs = w->cs / w->nsc;
+	w->order = img->refcount_order;
+	w->rb_bits = w->cb + 3 - w->order;
+	w->rc_max = w->order == 6 ? UINT64_MAX : (1ULL << (1U << w->order)) - 1;
+	w->meta_size = img->io.size;
+	w->free_hint = 1;
+	cache_bytes = opts->cache_bytes ? opts->cache_bytes : 8U << 20;
+	nslots = (unsigned int)MAX((uint64_t)4, cache_bytes / 2 / w->cs);
+	r = cache_init(&w->l2c, nslots, w->cs);
+	if (!r)
+		r = cache_init(&w->rbc, nslots, w->cs);
+	if (r)
+		goto fail;
+	w->head_buf = alloc_aligned(w->cs);
+	w->tail_buf = alloc_aligned(w->cs);
+	w->cbuf = alloc_aligned(w->cs);
+	w->zbuf = alloc_aligned(2 * w->cs);
+	if (!w->head_buf || !w->tail_buf || !w->cbuf || !w->zbuf) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	w->reftable_entries = ((uint64_t)img->refcount_table_clusters << w->cb) / 8;
+	r = qcow2_read_table(img, img->refcount_table_offset, w->reftable_entries, QCOW2_MAX_REFTABLE_BYTES,
+			     "refcount table", &w->reftable);
+	if (r)
+		goto fail;
+	if (!opts->read_only) {
+		r = header_duties(w);
+		if (r)
+			goto fail;
+	}
+	*out = w;
+	return 0;
+fail:
+	qcow2_rw_free(w);
+	return r;
+}
+
+int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end)
+{
+	int r = 0;
+
+	if (used_end)
+		*used_end = 0;
+	if (!w->opts.read_only) {
+		r = qcow2_rw_flush(w);
+		if (r == 0 && w->dirty_bit_set) {
+			uint64_t f = w->img->incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
+
+			r = write_header_u64(w, HDR_INCOMPAT, f);
+			if (r == 0)
+				r = meta_flush(w);
+			if (r == 0) {
+				w->img->incompatible_features = f;
+				w->dirty_bit_set = false;
+			}
+		}
+		if (r == 0 && used_end)
+			r = qcow2_used_end(w->img, used_end);
+	}
+	qcow2_rw_free(w);
+	return r;
+}
+
+void qcow2_rw_get_stats(const struct qcow2_rw *w, struct qcow2_rw_stats *st)
+{
+	*st = w->st;
+}
+
+int qcow2_rw_mark_writable(struct qcow2_rw *w, const struct run_list *in, struct run_list *out)
+{
+	int r;
+
+	for (size_t i = 0; i < in->count; i++) {
+		struct run ru = in->runs[i];
+		uint64_t end = ru.guest + ru.len;
+
+		if (ru.depth != 0 || ru.kind != RUN_DATA) {
+			r = run_list_add(out, &ru);
+			if (r < 0)
+				return r;
+			continue;
+		}
+		for (uint64_t g = ru.guest; g < end;) {
+			uint64_t gci = g >> w->cb, n = MIN(end - g, ((gci + 1) << w->cb) - g), e, bm;
+			struct run piece = ru;
+
+			r = get_entry(w, gci, &e, &bm);
+			if (r < 0)
+				return r;
+			piece.guest = g;
+			piece.len = n;
+			piece.host = ru.host + (g - ru.guest);
+			if ((e & QCOW2_OFLAG_COPIED) && !entry_compressed(e))
+				piece.flags |= RUN_F_WRITABLE;
+			r = run_list_add(out, &piece);
+			if (r < 0)
+				return r;
+			g += n;
+		}
+	}
+	return 0;
+}
+
+int qcow2_used_end(const struct image *img, uint64_t *end)
+{
+	uint64_t entries = ((uint64_t)img->refcount_table_clusters << img->cluster_bits) / 8;
+	uint64_t per = (img->cluster_size * 8) >> img->refcount_order, *t = NULL;
+	uint8_t *blk = NULL;
+	int r;
+
+	*end = img->cluster_size;
+	r = qcow2_read_table(img, img->refcount_table_offset, entries, QCOW2_MAX_REFTABLE_BYTES, "refcount table", &t);
+	if (r < 0)
+		return r;
+	blk = malloc(img->cluster_size);
+	if (!blk) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (uint64_t ti = entries; ti-- > 0;) {
+		uint64_t off = t[ti] & QCOW2_REFT_OFFSET_MASK;
+
+		if (!off)
+			continue;
+		if (!is_aligned(off, img->cluster_size) || !image_range_in_file(&img->io, off, img->cluster_size)) {
+			r = -EUCLEAN;
+			goto out;
+		}
+		r = img_pread(&img->io, blk, img->cluster_size, off);
+		if (r < 0)
+			goto out;
+		for (uint64_t i = per; i-- > 0;)
+			if (rb_get(blk, img->refcount_order, i)) {
+				*end = (ti * per + i + 1) << img->cluster_bits;
+				goto out;
+			}
+	}
+out:
+	free(blk);
+	free(t);
+	return r;
+}
+
+int qcow2_file_reserve(const struct image *img, uint64_t used_end, uint64_t *size)
+{
+	uint64_t cs = img->cluster_size, vsize = round_up_pow2(img->size, cs), l2_per_table;
+	uint64_t clusters, per_block, blocks, table, total;
+
+	if (img->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+		*size = vsize;
+		return 0;
+	}
+	l2_per_table = (cs / (img->extended_l2 ? 16 : 8)) * cs;
+	/* data, L2 tables (each allocated or copied once), what is there */
+	clusters = vsize / cs + (vsize + l2_per_table - 1) / l2_per_table + used_end / cs + 16;
+	per_block = (cs * 8) >> img->refcount_order;
+	blocks = clusters / per_block + 2;
+	table = (blocks * 8 + cs - 1) / cs + 1;
+	/* refcount blocks, and tables grown by half each time (3x the last) */
+	total = clusters + blocks * 2 + table * 4;
+	if (umul64_overflow(total, cs, size) || *size > (1ULL << 56))
+		return -EFBIG;
+	return 0;
+}

@@ -1,0 +1,166 @@
+/* Read-write access to the top layer of a qcow2 image: guest reads and
+ * writes with cluster allocation, copy-on-write, refcount updates and the
+ * growth of L2 tables, refcount blocks and the refcount table, in QEMU's
+ * safe order. Pure: everything goes through callbacks (the daemon wraps
+ * files and devices, the tests wrap memory).
+ *
+ * What a crash can leave behind (the order of the writes guarantees it,
+ * tests/unit/test-alloc.c checks it by cutting the unflushed writes at
+ * random): leaked clusters at worst, never a corruption; and every guest
+ * write that was followed by a completed qcow2_rw_flush() reads back.
+ * The rules:
+ *   - a refcount increment is durable before any L2 or L1 entry, refcount
+ *     table entry or header field refers to the cluster;
+ *   - the data of a newly allocated (sub)cluster, copy-on-write included,
+ *     is durable before the L2 entry that maps it;
+ *   - a new L2 table is durable before the L1 entry that points to it, a
+ *     new refcount block before the refcount table entry, a new refcount
+ *     table before the header that names it;
+ *   - a refcount decrement (the old cluster of a copy-on-write, the old
+ *     copy of a shared L2 table, compressed clusters that are rewritten) is
+ *     written only once the entries that stopped referring to the cluster
+ *     are durable.
+ * Metadata is cached (L2 tables and refcount blocks, write-back): writes
+ * update the cache and qcow2_rw_writeback() (called by flush, when the
+ * cache is full, and in write-through mode after every write) writes it in
+ * the order above with the flushes in between.
+ *
+ * Clusters owned by the layer with refcount 1 (OFLAG_COPIED) are written in
+ * place. Everything else is allocated: unallocated and zero clusters,
+ * clusters shared with a snapshot, compressed clusters, and (extended L2)
+ * unallocated or zero subclusters of an allocated cluster (those take no
+ * new cluster, only their bitmap bits). Copy-on-write reads the current
+ * guest content of the cluster: the old cluster, the backing chain
+ * (backing_pread), zeros, or the decompressed cluster. With extended L2
+ * entries only the touched subclusters (and, for a shared cluster, its
+ * allocated ones) are written, as QEMU does.
+ *
+ * External data files: data clusters live at their guest offset (as QEMU
+ * allocates them) and have no refcounts.
+ *
+ * Not thread-safe: one caller at a time (the daemon holds a mutex). No
+ * memory is allocated on the I/O path after qcow2_rw_open(), except when
+ * the refcount table grows.
+ *
+ * Read-write open duties (unless opts.read_only): an image marked corrupt is
+ * refused (-EUCLEAN), a dirty one too (-EUCLEAN: repair it with `qemu-img
+ * check -r all`); autoclear bits other than "raw external data" are cleared
+ * (persistent bitmaps become stale, as the specification intends for a
+ * writer that does not update them); with lazy refcounts the dirty bit is
+ * set until qcow2_rw_close(). */
+#ifndef QS_QCOW2_ALLOC_H
+#define QS_QCOW2_ALLOC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "image.h"
+#include "runs.h"
+
+/* A run of the top layer that writes may go to in place (see
+ * qcow2_rw_mark_writable); the same value as in dmtable.h. */
+#define RUN_F_WRITABLE	0x80
+
+struct qcow2_rw_ops {
+	/* The image file (metadata, compressed clusters; data clusters too
+	 * unless external). Reads go through img->io; writes may extend the
+	 * file. */
+	int (*meta_pwrite)(void *opaque, const void *buf, size_t len, uint64_t off);
+	int (*meta_flush)(void *opaque);
+	/* Data clusters as plaintext: the image file, the external data file,
+	 * or (LUKS) the crypt device over the image file. Buffers and offsets
+	 * are multiples of 512 bytes; buffers are aligned to 4096. Reads past
+	 * the end of the file must return zeros. */
+	int (*data_pread)(void *opaque, void *buf, size_t len, uint64_t host);
+	int (*data_pwrite)(void *opaque, const void *buf, size_t len, uint64_t host);
+	/* Flush of the data; NULL when meta_flush makes the data durable too
+	 * (same file underneath). */
+	int (*data_flush)(void *opaque);
+	/* Guest content of the backing chain, only called inside the layer's
+	 * guest size; NULL: no backing file (zeros). */
+	int (*backing_pread)(void *opaque, void *buf, size_t len, uint64_t guest);
+	/* [guest, guest + len) now maps to host in a cluster with refcount 1
+	 * whose metadata is durable: writes may go there directly from now on.
+	 * Called from qcow2_rw_writeback() (and so flush). May be NULL. */
+	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);
+	void *opaque;
+};
+
+struct qcow2_rw_opts {
+	/* New clusters stay below these sizes (bytes) of the image file and of
+	 * the external data file; 0: no limit. Beyond: -ENOSPC. */
+	uint64_t file_limit;
+	uint64_t data_file_limit;
+	/* Bytes of L2 tables and refcount blocks cached (each at least 4
+	 * clusters); 0: 8 MiB. */
+	size_t cache_bytes;
+	/* Write back the metadata after every write (tests; the daemon
+	 * writes back on flush, FUA and a timer). */
+	bool write_through;
+	/* Reads only: no header changes, writes fail with -EROFS. */
+	bool read_only;
+};
+
+struct qcow2_rw;
+
+/* Take over the qcow2 image img (its active layer: no snapshot selected)
+ * for reading and writing; img stays owned by the caller and must outlive
+ * the writer (its L1 table, refcount table fields and io.size follow the
+ * changes). Returns 0, or with a message:
+ *   -ENOTSUP  not qcow2, a snapshot selected, legacy encryption (writes),
+ *   -EUCLEAN  corrupt or dirty image (writes), inconsistent refcount table,
+ *   -ENOMEM, -errno of a header write. */
+int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
+		      const struct qcow2_rw_opts *opts, struct qcow2_rw **out);
+
+/* Guest reads and writes inside the virtual size; any alignment. 0 or
+ * -errno (-ENOSPC: no room for a new cluster; the write did not happen and
+ * the image is unchanged but for leaks). After a failed metadata write the
+ * writer refuses further writes (-EIO) but still reads. */
+int qcow2_rw_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t guest);
+int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest);
+
+/* Write the cached metadata in the safe order; what it maps becomes
+ * durable and is announced through ops->mapped. */
+int qcow2_rw_writeback(struct qcow2_rw *w);
+/* writeback, then make every completed write durable. */
+int qcow2_rw_flush(struct qcow2_rw *w);
+/* Whether writeback has something to do (metadata or mappings pending). */
+bool qcow2_rw_has_pending(const struct qcow2_rw *w);
+
+/* Flush and end the read-write session: the dirty bit set for lazy
+ * refcounts is cleared. *used_end (may be NULL): end of the last cluster
+ * in use (for truncating the file). The writer is freed in any case. */
+int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end);
+/* Free without touching the image (after a failure, or a crash test). */
+void qcow2_rw_free(struct qcow2_rw *w);
+
+/* Split the DATA runs of layer 0 in runs (image_map_chain) by whether their
+ * clusters may be written in place (OFLAG_COPIED, not compressed): those get
+ * RUN_F_WRITABLE. 0 or -errno. */
+int qcow2_rw_mark_writable(struct qcow2_rw *w, const struct run_list *in, struct run_list *out);
+
+/* End (bytes, a multiple of the cluster size) of the last cluster with a
+ * non-zero refcount, from the refcount blocks on disk. */
+int qcow2_used_end(const struct image *img, uint64_t *end);
+
+/* An upper bound of the size of the image file once every guest cluster is
+ * allocated (data, L2 tables, refcount blocks and tables, their copies),
+ * starting from used_end; for an external data file the guest size rounded
+ * up to clusters. -EFBIG when it overflows. */
+int qcow2_file_reserve(const struct image *img, uint64_t used_end, uint64_t *size);
+
+/* Counters since open (tests, status). */
+struct qcow2_rw_stats {
+	uint64_t clusters_allocated;
+	uint64_t l2_tables_allocated;
+	uint64_t refblocks_allocated;
+	uint64_t reftable_growths;
+	uint64_t cow_clusters;		/* copied from a shared, compressed or backing cluster */
+	uint64_t writebacks;
+	uint64_t flushes;
+};
+void qcow2_rw_get_stats(const struct qcow2_rw *w, struct qcow2_rw_stats *st);
+
+#endif
