@@ -228,6 +228,31 @@ daemon_kill() {	# SIGKILL the daemon under load; flushed data survives; reattach
 	vm_assert_clean
 }
 
+discards() {	# only with --allow-discards; the image stays consistent
+	cp plain.qcow2 d.qcow2
+	to_raw d.qcow2 /tmp/d.raw
+	qcowsetup open d.qcow2 dsc
+	mx=$(cat "/sys/block/dm-$(dmsetup info -c --noheadings -o minor dsc | tr -d ' ')/queue/discard_max_bytes")
+	[ "$mx" = 0 ] || { echo "discards offered without --allow-discards (discard_max_bytes $mx)"; return 1; }
+	if blkdiscard -o 0 -l 1048576 /dev/mapper/dsc 2>/dev/null; then echo "blkdiscard worked without --allow-discards"; return 1; fi
+	qcowsetup close dsc
+	cmp d.qcow2 plain.qcow2 || { echo "the image changed without writes"; return 1; }
+	qcowsetup open --allow-discards d.qcow2 dsc
+	mx=$(cat "/sys/block/dm-$(dmsetup info -c --noheadings -o minor dsc | tr -d ' ')/queue/discard_max_bytes")
+	[ "$mx" != 0 ] || { echo "no discards with --allow-discards"; return 1; }
+	blkdiscard -o 0 -l 1048576 /dev/mapper/dsc || { echo "blkdiscard failed with --allow-discards"; return 1; }
+	blkdiscard -o 16777216 -l 4194304 /dev/mapper/dsc || { echo "blkdiscard of an unallocated area failed"; return 1; }
+	qcowsetup close dsc
+	qcheck d.qcow2
+	to_raw d.qcow2 /tmp/d2.raw
+	# outside the discarded ranges nothing changed
+	part() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum; }
+	[ "$(part /tmp/d.raw 1 15)" = "$(part /tmp/d2.raw 1 15)" ] && [ "$(part /tmp/d.raw 20 44)" = "$(part /tmp/d2.raw 20 44)" ] ||
+		{ echo "data outside the discarded ranges changed"; return 1; }
+	rm -f d.qcow2 /tmp/d.raw /tmp/d2.raw
+	vm_assert_clean
+}
+
 # ---- crash runs across boots
 crash_verify() {
 	[ -f crash.state ] || return 0
@@ -274,6 +299,7 @@ matrix)
 	vm_test "interop with QEMU both ways, locks both ways" interop
 	vm_test "corrupt bit: read-write refused (exit 4), read-only works" corrupt_bit
 	vm_test "read-only file: read-write refused (exit 2), read-only works" read_only_file
+	vm_test "discards: refused without --allow-discards, image consistent with it" discards
 	vm_test "full filesystem: writes fail, the image stays consistent, flushed data intact" enospc
 	vm_test "daemon killed (SIGKILL) under load: image consistent, flushed data intact; reattach" daemon_kill 3
 	vm_summary
