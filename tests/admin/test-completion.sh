@@ -1,7 +1,9 @@
 #!/bin/bash
 # Automake test: the bash completion (completion/qcowsetup) completes
-# commands and options from `qcowsetup --help`, qcowtab names after --tab,
-# option values. Skips (77) without bash-completion.
+# commands and options from `qcowsetup --help` (its own lists when the
+# command cannot be run), qcowtab names after --tab, mapping names (from a
+# stand-in dmsetup) after close, status and reattach, option values. Skips
+# (77) without bash-completion.
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 builddir=${top_builddir:-$top}
@@ -11,9 +13,14 @@ bc=/usr/share/bash-completion/bash_completion
 . "$bc"
 # shellcheck disable=SC1091
 . "$top/completion/qcowsetup"
-PATH=$builddir:$PATH
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-compl.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
+# dmsetup info -c --noheadings -o name,uuid --separator ' ': a top device,
+# its internal device, and a device of someone else
+mkdir "$tmp/bin"
+printf '#!/bin/sh\nprintf "%%s\\n" "vm1 QCOW2-0123abcd-vm1" "vm1_crypt QCOW2-INT-0123abcd-vm1_crypt" "lv0 LVM-xyz"\n' > "$tmp/bin/dmsetup"
+chmod +x "$tmp/bin/dmsetup"
+PATH=$tmp/bin:$builddir:$PATH
 printf '# x\nalpha /x none\nbeta  UUID=1:/y none readonly\n' > "$tmp/tab"
 rc=0
 t() {  # EXPECTED WORDS...
@@ -39,4 +46,16 @@ t "beta" qcowsetup close --qcowtab "$tmp/tab" --tab b
 t "--tab" qcowsetup --ta
 t "--qcowtab" qcowsetup --qcowt
 t "qcow2 qcow raw" qcowsetup --format ''
+t "reattach" qcowsetup reat
+t "vm1" qcowsetup reattach ''
+t "" qcowsetup reattach vm1 ''
+t "vm1" qcowsetup status v
+t "vm1" qcowsetup close ''
+t "--max-targets" qcowsetup --max-t
+t "--keyfile-offset --keyfile-size" qcowsetup --keyfile-
+t "--allow-discards" qcowsetup open --allow
+# the command cannot be run: the completion's own lists
+t "reattach" /nonexistent/qcowsetup reat
+t "--max-targets" /nonexistent/qcowsetup --max-t
+t "--deferred" /nonexistent/qcowsetup close --def
 exit $rc
