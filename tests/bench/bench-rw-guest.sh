@@ -1,15 +1,18 @@
 #!/bin/bash
-# Guest side of tests/bench/bench-rw.sh (runs in the VM test bed, /dev/vda:
-# an ext4 disk with key, empty.qcow2 (LUKS, empty), full.qcow2 (LUKS, every
-# cluster allocated) and full.raw). Prints "BENCH ..." lines:
-#   BENCH first-write DEV seq1M KiB/s  rand4k IOPS   (empty image: allocation)
-#   BENCH allocated DEV seq1M KiB/s  rand4k IOPS     (every cluster allocated)
-#   BENCH reload ...                                  (the daemon's table swaps)
+# Guest side of tests/bench/bench-rw.sh (runs in the VM test bed; /dev/vda is
+# an ext4 disk with key, empty.qcow2 (LUKS, nothing allocated), full.qcow2
+# (LUKS, every cluster allocated) and full.raw). Prints one line per fio job:
+#   R ROUND first-write|allocated DEVICE seq|rand KIB_S IOPS
+#   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
+#   TARGETS N SLOW                         (the allocated image's top table)
+# Environment: BENCH_RUNTIME (seconds per job, default 15), BENCH_ROUNDS
+# (default 3; even rounds run the devices in reverse order).
 set -u
 rt=${BENCH_RUNTIME:-15}
+rounds=${BENCH_ROUNDS:-3}
 mnt=/mnt/b
 mkdir -p $mnt && mount -t ext4 /dev/vda $mnt || exit 1
-cd $mnt
+cd $mnt || exit 1
 export PATH=/usr/local/bin:$PATH
 modprobe -q nbd; modprobe -q dm-crypt
 sec="--object secret,id=s0,file=$mnt/key"
@@ -19,41 +22,64 @@ fio_job() {	# dev rw bs iodepth -> "KiB/s IOPS"
 		--time_based --runtime="$rt" --size=400M --randrepeat=0 --norandommap \
 		--output-format=terse --terse-version=3 2>/dev/null | awk -F';' '{ print $48, $49 }'
 }
+job_args() {	# seq|rand -> "rw bs qd"
+	case $1 in seq) echo "write 1M 4" ;; rand) echo "randwrite 4k 16" ;; esac
+}
+fresh() { cp empty.qcow2 t.qcow2; sync; echo 3 >/proc/sys/vm/drop_caches; }
 
-fresh() { cp --sparse=always empty.qcow2 "$1"; sync; }
-
-# ---- first writes into an empty image: qcowsetup vs qemu-nbd
-for test in seq rand; do
-	case $test in seq) rw=write bs=1M qd=4 ;; rand) rw=randwrite bs=4k qd=16 ;; esac
-	fresh t.qcow2
-	qcowsetup open --key-file key t.qcow2 bq
-	read -r bw iops <<< "$(fio_job /dev/mapper/bq $rw $bs $qd)"
-	echo "BENCH first-write qcowsetup $test $bs: $bw KiB/s $iops IOPS"
-	qcowsetup status bq | grep remapped | sed 's/^ */BENCH reload after first-write '"$test"': /'
+first_write_qcowsetup() {	# round test
+	local rw bs qd bw iops
+	read -r rw bs qd <<< "$(job_args "$2")"
+	fresh
+	qcowsetup open --key-file key t.qcow2 bq || { echo "ERROR open"; return 1; }
+	read -r bw iops <<< "$(fio_job /dev/mapper/bq "$rw" "$bs" "$qd")"
+	echo "R $1 first-write qcowsetup $2 $bw $iops"
+	echo "RELOAD $1 $2 $(qcowsetup status bq | sed -n 's/^ *remapped: *//p')"
 	qcowsetup close bq
 	qemu-img check $sec --image-opts "driver=qcow2,file.filename=t.qcow2,encrypt.key-secret=s0" >/dev/null ||
-		echo "BENCH error: check after the qcowsetup run"
-	fresh t.qcow2
-	qemu-nbd $sec --image-opts "driver=qcow2,file.filename=$mnt/t.qcow2,encrypt.key-secret=s0" -c /dev/nbd15
+		echo "ERROR qemu-img check after the qcowsetup run"
+}
+first_write_nbd() {	# round test
+	local rw bs qd bw iops
+	read -r rw bs qd <<< "$(job_args "$2")"
+	fresh
+	qemu-nbd $sec --image-opts "driver=qcow2,file.filename=$mnt/t.qcow2,encrypt.key-secret=s0" \
+		--cache=none --aio=native -c /dev/nbd15 || { echo "ERROR qemu-nbd"; return 1; }
 	sleep 1
-	read -r bw iops <<< "$(fio_job /dev/nbd15 $rw $bs $qd)"
-	echo "BENCH first-write qemu-nbd $test $bs: $bw KiB/s $iops IOPS"
+	read -r bw iops <<< "$(fio_job /dev/nbd15 "$rw" "$bs" "$qd")"
+	echo "R $1 first-write qemu-nbd $2 $bw $iops"
 	qemu-nbd -d /dev/nbd15 >/dev/null
+}
+
+echo "KERNEL $(uname -r)"
+# ---- first writes into an empty image: qcowsetup vs qemu-nbd
+for round in $(seq 1 "$rounds"); do
+	for test in seq rand; do
+		if [ $((round % 2)) = 1 ]; then
+			first_write_qcowsetup "$round" $test; first_write_nbd "$round" $test
+		else
+			first_write_nbd "$round" $test; first_write_qcowsetup "$round" $test
+		fi
+	done
 done
 
 # ---- writes to allocated clusters: qcowsetup's fast path vs raw dm-crypt
-qcowsetup open --key-file key full.qcow2 bf
+qcowsetup open --key-file key full.qcow2 bf || exit 1
 hexkey=$(od -An -tx1 -N 64 /dev/urandom | tr -d ' \n')
 loop=$(losetup --direct-io=on -f --show full.raw)
 dmsetup create braw --table "0 $(blockdev --getsz "$loop") crypt aes-xts-plain64 $hexkey 0 $loop 0"
-for test in seq rand; do
-	case $test in seq) rw=write bs=1M qd=4 ;; rand) rw=randwrite bs=4k qd=16 ;; esac
-	for dev in /dev/mapper/bf /dev/mapper/braw; do
-		read -r bw iops <<< "$(fio_job $dev $rw $bs $qd)"
-		echo "BENCH allocated $(basename $dev) $test $bs: $bw KiB/s $iops IOPS"
+echo "TARGETS $(dmsetup table bf | wc -l) $(dmsetup table bf | grep -c ' 43:')"
+for round in $(seq 1 "$rounds"); do
+	devs="bf braw"
+	[ $((round % 2)) = 1 ] || devs="braw bf"
+	for test in seq rand; do
+		read -r rw bs qd <<< "$(job_args $test)"
+		for dev in $devs; do
+			read -r bw iops <<< "$(fio_job /dev/mapper/$dev "$rw" "$bs" "$qd")"
+			echo "R $round allocated $dev $test $bw $iops"
+		done
 	done
 done
-echo "BENCH targets of bf: $(dmsetup table bf | wc -l) (slow-path targets: $(dmsetup table bf | grep -c ' 43:'))"
 qcowsetup close bf
 dmsetup remove braw
 losetup -d "$loop"

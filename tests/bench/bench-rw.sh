@@ -1,35 +1,111 @@
 #!/bin/bash
-# Write benchmark of read-write mappings (issue 4), in one VM run (TCG:
-# ratios matter, not absolute numbers):
-#   - first writes into an empty LUKS image, 1 MiB sequential and 4 KiB
-#     random (fio, direct I/O): qcowsetup (allocation through the daemon,
-#     then the fast path) vs qemu-nbd (QEMU's qcow2 driver, kernel NBD);
-#   - writes to allocated clusters: qcowsetup's fast path vs a raw dm-crypt
-#     over a loop device;
-#   - the daemon's table swaps: how long I/O was held (p99, max).
-#   tests/bench/bench-rw.sh [SECONDS-PER-JOB]
+# Write benchmark of read-write mappings, in one VM run (TCG: the ratios
+# matter, not the absolute numbers), on 512 MiB LUKS images on ext4 on virtio:
+#   - first writes into an empty image, 1 MiB sequential (QD4) and 4 KiB
+#     random (QD16), fio direct I/O: qcowsetup (allocation by the daemon,
+#     then the fast path once the clusters are remapped) against qemu-nbd
+#     (QEMU's qcow2 driver behind the kernel NBD client, cache=none,
+#     aio=native); target >= 1x;
+#   - writes to allocated clusters: qcowsetup's fast path against raw
+#     dm-crypt over a loop device (the limit); target >= 0.95x;
+#   - the daemon's table swaps during the first writes: how long I/O was
+#     held (p99, max) and how long a reload took.
+# Ratios are medians of the per-round ratios (rounds alternate the order).
+#   tests/bench/bench-rw.sh
+# Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
+# (default 3), BENCH_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
+# Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 bld=${top_builddir:-$top}
+me=bench-rw
+qs=${QCOWSETUP:-$bld/qcowsetup}
+daemon=$(dirname "$qs")/qcowsetup-daemon
+skip() { echo "$me: SKIP: $*"; exit 0; }
+command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || skip "qemu-system-x86_64 not found"
+ls /boot/vmlinuz-* >/dev/null 2>&1 || skip "no kernel in /boot (apt-get install linux-image-amd64)"
+command -v qemu-img >/dev/null || skip "qemu-img not found"
+command -v fio >/dev/null || skip "fio not found (apt-get install fio)"
+[ -x "$qs" ] && [ -x "$daemon" ] || { echo "$me: error: build first ($qs, $daemon)" >&2; exit 1; }
+
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-bench-rw.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+if [ -n "${BENCH_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
 mkdir "$work/m" "$work/share"
 cp "$here/bench-rw-guest.sh" "$work/share/"
 chmod +x "$work/share/bench-rw-guest.sh"
 cd "$work/m"
 printf 'bench passphrase' >key
 sec=(--object secret,id=s0,file=key)
-for i in 1 2 3 4 5 6; do
-	qemu-img create -q -f qcow2 "${sec[@]}" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 empty.qcow2 512M 2>/dev/null && break
-done
-for i in 1 2 3 4 5 6; do
-	qemu-img create -q -f qcow2 "${sec[@]}" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100,preallocation=falloc full.qcow2 512M 2>/dev/null && break
-done
-truncate -s 512M full.raw
+luks() {	# name [options]: qemu-img's PBKDF timing fails now and then on a loaded host
+	for _ in 1 2 3 4 5 6; do
+		qemu-img create -q -f qcow2 "${sec[@]}" \
+			-o "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100${2:+,$2}" "$1" 512M 2>/dev/null && return 0
+	done
+	echo "$me: error: cannot create $1" >&2
+	exit 1
+}
+luks empty.qcow2
+luks full.qcow2 preallocation=falloc
 fallocate -l 512M full.raw
 cd "$work"
 mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 3G
-"$here/../vm/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 \
-	--extra "$bld/qcowsetup" --extra "$bld/qcowsetup-daemon" --timeout 3000 \
-	--env "BENCH_RUNTIME=${1:-15}" -- bench-rw-guest.sh | grep '^BENCH'
+rm -rf "$work/m"
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
+rc=0
+"$here/../vm/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
+	--extra "$qs" --extra "$daemon" --timeout 3000 \
+	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
+	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
+tr -d '\r' <"$work/out" | grep -E '^(R|RELOAD|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
+[ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
+
+echo
+echo "== qcowsetup write benchmark: one VM run (TCG, 1 vCPU), $(sed -n 's/^KERNEL //p' "$work/res")"
+echo "   512 MiB LUKS (aes-xts-plain64) images on ext4 on virtio; fio libaio direct=1,"
+echo "   ${BENCH_RUNTIME:-15}s per job, ${BENCH_ROUNDS:-3} rounds; host load before: $load0"
+awk '
+	function median(n, a,   i, j, t) {
+		for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+		return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+	}
+	# R ROUND KIND DEV TEST KIB_S IOPS: MiB/s for seq, IOPS for rand
+	$1 == "R" { v[$2, $3, $4, $5] = ($5 == "seq") ? $6 / 1024 : $7; if ($2 > nr) nr = $2 }
+	$1 == "RELOAD" { rl[++nrl] = $0 }
+	$1 == "TARGETS" { targets = $2; slow = $3 }
+	function val(kind, dev, test,   r, n, a) {
+		n = 0
+		for (r = 1; r <= nr; r++) if ((r, kind, dev, test) in v) a[++n] = v[r, kind, dev, test]
+		return n ? median(n, a) : -1
+	}
+	function rat(kind, d1, d2, test,   r, n, a) {
+		n = 0
+		for (r = 1; r <= nr; r++)
+			if ((r, kind, d1, test) in v && (r, kind, d2, test) in v && v[r, kind, d2, test] > 0)
+				a[++n] = v[r, kind, d1, test] / v[r, kind, d2, test]
+		return n ? median(n, a) : -1
+	}
+	function row(label, kind, dev) {
+		printf "  %-34s %12.1f MiB/s %10.0f IOPS\n", label, val(kind, dev, "seq"), val(kind, dev, "rand")
+	}
+	function ratio(label, kind, d1, d2, target,   s, r, ok) {
+		s = rat(kind, d1, d2, "seq"); r = rat(kind, d1, d2, "rand")
+		ok = (s >= target && r >= target) ? "MET" : "not met"
+		ms = (s >= target) ? "ok" : "MISS"; mr = (r >= target) ? "ok" : "MISS"
+		printf("  %-34s %9.2fx %-4s %9.2fx %-4s   target >= %s: %s\n", label, s, ms, r, mr, target, ok)
+	}
+	END {
+		printf "\n  %-34s %18s %15s\n", "device", "seq 1M QD4", "rand 4k QD16"
+		print "  first writes into an empty image (allocation)"
+		row("qcowsetup", "first-write", "qcowsetup")
+		row("qemu-nbd", "first-write", "qemu-nbd")
+		print "  writes to allocated clusters"
+		row("qcowsetup (fast path)", "allocated", "bf")
+		row("raw dm-crypt over loop (the limit)", "allocated", "braw")
+		printf "\n  %-34s %15s %15s\n", "ratio", "seq", "rand"
+		ratio("first writes: qcowsetup / qemu-nbd", "first-write", "qcowsetup", "qemu-nbd", 1)
+		ratio("allocated: qcowsetup / dm-crypt", "allocated", "bf", "braw", 0.95)
+		printf "\n  allocated image: %d target(s) in the top table, %d on the slow path\n", targets, slow
+		print "  table swaps while the empty image filled (from `qcowsetup status`):"
+		for (i = 1; i <= nrl; i++) { $0 = rl[i]; printf "    round %s %-4s ", $2, $3; $1 = $2 = $3 = ""; sub(/^ +/, ""); print }
+	}' "$work/res"
