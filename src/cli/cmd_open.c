@@ -560,6 +560,8 @@ static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int
 	return r;
 }
 
+static void remove_daemon_state(const char *name);
+
 static int spawn_daemon(struct open_ctx *c)
 {
 	struct argv_buf *a = calloc(1, sizeof(*a));
@@ -574,6 +576,7 @@ static int spawn_daemon(struct open_ctx *c)
 	r = fail_step_at(c, "start the slow-path daemon");
 	if (r)
 		goto out;
+	remove_daemon_state(c->name);	/* of an earlier mapping of that name */
 	arg_add(a, "@qcowsetup-daemon");
 	arg_add(a, "--name");
 	arg_add(a, "%s", c->name);
@@ -958,13 +961,23 @@ static pid_t daemon_pid(const char *name, int index)
 	return sysfs;
 }
 
-/* Whether process pid is gone (or a zombie). */
+/* Whether the daemon process pid is gone (or a zombie, or the pid now
+ * belongs to another program: state files outlive their daemons). */
 static bool process_gone(pid_t pid)
 {
+	static const char argv0[] = "@qcowsetup-daemon";
 	char path[64], buf[256], *p;
 	ssize_t n;
 	int fd;
 
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return true;
+	n = read(fd, buf, sizeof(argv0));
+	close(fd);
+	if (n != (ssize_t)sizeof(argv0) || memcmp(buf, argv0, sizeof(argv0)))
+		return true;	/* argv0 and its NUL */
 	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
@@ -990,6 +1003,20 @@ static int wait_gone(pid_t pid, int timeout_ms)
 		waitpid(pid, NULL, WNOHANG);
 	}
 	return 0;
+}
+
+/* The daemon's state files (it removes them on a clean exit; a killed
+ * one leaves them behind). */
+static void remove_daemon_state(const char *name)
+{
+	static const char *const ext[] = { "daemon", "stats" };
+	char path[PATH_MAX];
+
+	for (size_t i = 0; i < ARRAY_SIZE(ext); i++) {
+		snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.%s", name, ext[i]);
+		if (unlink(path) == 0)
+			log_dbg("removed the stale %s", path);
+	}
 }
 
 /* Stop the slow path of a mapping whose top device is gone: disconnect its
@@ -1102,6 +1129,8 @@ static int close_mapping(const char *name, bool deferred)
 				dm_remove_device(all.v[i].name, false, true);
 		}
 		r = stop_daemons(name, w->nbd, w->nnbd, pids);
+		if (!r)
+			remove_daemon_state(name);
 	}
 	{
 		int r2 = remove_internal(name, &all, info.uuid);

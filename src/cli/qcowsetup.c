@@ -16,7 +16,7 @@ struct tools_opts opt = {
 };
 
 static const struct command commands[] = {
-	{ "open", cmd_open, 2, 2, "IMAGE NAME", "map IMAGE as /dev/mapper/NAME (--readonly for now);\n"
+	{ "open", cmd_open, 2, 2, "IMAGE NAME", "map IMAGE as /dev/mapper/NAME, read-write unless --readonly;\n"
 	  "                               open --tab [NAME...]: the entries of /etc/qcowtab", cmd_open_tab },
 	{ "close", cmd_close, 1, 1, "NAME", "remove the mapping NAME and everything under it;\n"
 	  "                               close --tab [NAME...]: the entries of /etc/qcowtab", cmd_close_tab },
@@ -117,10 +117,11 @@ static void usage(FILE *f)
 		"  -v, --verbose             more messages\n"
 		"      --debug               debug messages (never shows keys)\n"
 		"  -q, --batch-mode          no questions\n"
-		"      --json                machine-readable output (info, map, check)\n"
+		"      --json                machine-readable output (info, map, check, status, list, dump-keys)\n"
 		"  -r, --readonly            map read-only\n"
 		"      --deferred            close: remove on the last close of the device\n"
-		"      --allow-discards      pass discards through\n"
+		"      --allow-discards      pass discards through (read-write: punches holes)\n"
+		"      --max-targets N       open: targets per dm table before segments (default 65536)\n"
 		"  -d, --key-file FILE       read the passphrase from FILE (- = stdin)\n"
 		"      --keyfile-offset N    skip N bytes of the key file\n"
 		"      --keyfile-size N      read at most N bytes of the key file\n"

@@ -377,7 +377,7 @@ static int open_engine(struct daemon *d)
 		.mapped = daemon_mapped,
 		.opaque = d,
 	};
-	struct qcow2_rw_opts o = { 0 };
+	struct qcow2_rw_opts o = { .resume = d->o.reattach >= 0 };
 	struct stat st;
 	int r;
 

@@ -1404,7 +1404,7 @@ static int header_duties(struct qcow2_rw *w)
 			img->path);
 		return -EUCLEAN;
 	}
-	if (img->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+	if ((img->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !w->opts.resume) {
 		log_err("%s: the image was not closed cleanly (dirty bit, lazy refcounts); repair its refcounts with `qemu-img check -r all` before mapping it read-write.",
 			img->path);
 		return -EUCLEAN;
@@ -1422,6 +1422,12 @@ static int header_duties(struct qcow2_rw *w)
 		img->autoclear_features = autoclear;
 	}
 	if (img->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) {
+		if (img->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+			/* resumed: the bit is ours (refcounts are always kept
+			 * up to date here), cleared on close */
+			w->dirty_bit_set = true;
+			return 0;
+		}
 		r = write_header_u64(w, HDR_INCOMPAT, img->incompatible_features | QCOW2_INCOMPAT_DIRTY);
 		if (!r)
 			r = meta_flush(w);

@@ -47,7 +47,8 @@
  * check -r all`); autoclear bits other than "raw external data" are cleared
  * (persistent bitmaps become stale, as the specification intends for a
  * writer that does not update them); with lazy refcounts the dirty bit is
- * set until qcow2_rw_close(). */
+ * set until qcow2_rw_close() (refcounts are nevertheless written in the
+ * safe order: the bit only tells QEMU the session is open). */
 #ifndef QS_QCOW2_ALLOC_H
 #define QS_QCOW2_ALLOC_H
 
@@ -100,6 +101,10 @@ struct qcow2_rw_opts {
 	bool write_through;
 	/* Reads only: no header changes, writes fail with -EROFS. */
 	bool read_only;
+	/* Take over from a writer of the same mapping that died (the image
+	 * stayed locked meanwhile): its dirty bit is accepted, since this
+	 * writer never defers refcount updates (only leaks can be left). */
+	bool resume;
 };
 
 struct qcow2_rw;

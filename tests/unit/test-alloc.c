@@ -1330,6 +1330,22 @@ static void test_header_duties(void)
 	qcow2_rw_free(w);
 	w = NULL;
 	env_free(&e);
+	{
+		/* a daemon taking over from a dead one: the dirty bit is its own */
+		struct qcow2_rw_opts o = { .resume = true };
+
+		env_init(&e, &b);
+		r = env_writer(&e, &o, &w);
+		CHECK(r == 0, "a resumed writer accepts the dirty bit of lazy refcounts (%d)", r);
+		if (w)
+			r = qcow2_rw_write(w, "x", 1, 0);
+		if (w)
+			r = qcow2_rw_close(w, NULL);
+		w = NULL;
+		CHECK(r == 0 && !(get_be64(e.meta.dur + 72) & QCOW2_INCOMPAT_DIRTY),
+		      "and clears it durably on close (%d)", r);
+		env_free(&e);
+	}
 	tb_free(&b);
 
 	tb_init(&b, 16, 4, false, 4 << 20, 3, false, 0, 0);

@@ -209,8 +209,13 @@ daemon_kill() {	# SIGKILL the daemon under load; flushed data survives; reattach
 		vm_assert_clean
 	done
 	echo "daemon killed $runs times: $flushed flushed writes intact, $total_leaks leaked clusters in all, no corruption" >/tmp/kill.summary
-	# reattach: a new daemon takes over the NBD device, writes go on
-	cp plain.qcow2 k.qcow2
+	# reattach: a new daemon takes over the NBD device, writes go on (also
+	# on a lazy-refcounts image, whose dirty bit the dead daemon left set)
+	reattach_one plain && reattach_one lazy
+}
+
+reattach_one() {	# image
+	cp "$1.qcow2" k.qcow2
 	to_raw k.qcow2 /tmp/k.raw
 	qcowsetup open k.qcow2 kd
 	pid=$(qcowsetup status kd | sed -n 's/.*daemon pid \([0-9]*\).*/\1/p')
@@ -222,6 +227,9 @@ daemon_kill() {	# SIGKILL the daemon under load; flushed data survives; reattach
 	rw-workload write --seed 202 --ops 20 --flush-every 4 /dev/mapper/kd /tmp/k.raw >/dev/null
 	cmp /dev/mapper/kd /tmp/k.raw || { echo "content differs after reattach"; return 1; }
 	qcowsetup close kd
+	dirty=$(od -An -tu1 -j 79 -N 1 k.qcow2 | tr -d ' ')
+	[ $((dirty % 2)) = 0 ] || { echo "dirty bit left set"; return 1; }
+	[ ! -e /run/qcowsetup/kd.daemon ] || { echo "state file left"; return 1; }
 	qemu-img check k.qcow2 >/tmp/check.out 2>&1 || { r=$?; cat /tmp/check.out; [ $r = 3 ] || return 1; }
 	qemu-img compare -f qcow2 -F raw k.qcow2 /tmp/k.raw
 	rm -f k.qcow2 /tmp/k*.raw /tmp/k.log
