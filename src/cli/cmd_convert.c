@@ -47,6 +47,7 @@
 #include "log.h"
 #include "passphrase.h"
 #include "qcow2_writer.h"
+#include "fileio.h"
 #include "qcowsetup.h"
 #include "util.h"
 
@@ -550,7 +551,7 @@ static int verify(struct convert *c, const char *tmp, const char *final, const s
 
 	memset(&drd, 0, sizeof(drd));
 	run_list_init(&dalloc);
-	r = image_open(&file_opener, tmp, &oo, &dst);
+	r = image_open(&file_io_opener, tmp, &oo, &dst);
 	if (r < 0)
 		goto out;
 	if (dst->crypt_method != IMG_CRYPT_LUKS || dst->size != c->size ||
@@ -628,7 +629,7 @@ out:
 	reader_free(&drd);
 	volume_key_free(vk2);
 	if (dst)
-		image_free(dst, &file_opener);
+		image_free(dst, &file_io_opener);
 	return r;
 }
 
@@ -793,10 +794,10 @@ int cmd_convert(int argc, char **argv)
 	r = keys_lock_for_read(fd, src_path, kopt.in_place);
 	if (r < 0)
 		goto out;
-	r = tools_fd_io(fd, src_path, &io);
+	r = file_io_from_fd(fd, src_path, &io);
 	if (r < 0)
 		goto out;
-	r = image_open_io(&file_opener, &io, &oo, &c.src);
+	r = image_open_io(&file_io_opener, &io, &oo, &c.src);
 	if (r < 0)
 		goto out;
 
@@ -944,8 +945,8 @@ out:
 	reader_free(&c.rd);
 	run_list_free(&c.alloc);
 	if (c.src)
-		image_free(c.src, &file_opener);
-	tools_fd_io_free(&io);
+		image_free(c.src, &file_io_opener);
+	file_io_free(&io);
 	if (fd >= 0)
 		close(fd);
 	free(region);

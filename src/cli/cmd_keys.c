@@ -34,6 +34,7 @@
 #include "loop.h"
 #include "passphrase.h"
 #include "qcow2_writer.h"
+#include "fileio.h"
 #include "qcowsetup.h"
 #include "util.h"
 
@@ -589,8 +590,8 @@ struct keyimg {
 static void keyimg_close(struct keyimg *k)
 {
 	if (k->img)
-		image_free(k->img, &file_opener);
-	tools_fd_io_free(&k->io);
+		image_free(k->img, &file_io_opener);
+	file_io_free(&k->io);
 	if (k->fd >= 0)
 		close(k->fd);
 	free(k->region);
@@ -617,10 +618,10 @@ static int keyimg_open(const char *path, bool write, struct keyimg *k)
 		if (r < 0)
 			goto fail;
 	}
-	r = tools_fd_io(k->fd, path, &k->io);
+	r = file_io_from_fd(k->fd, path, &k->io);
 	if (r < 0)
 		goto fail;
-	r = image_open_io(&file_opener, &k->io, &oo, &k->img);
+	r = image_open_io(&file_io_opener, &k->io, &oo, &k->img);
 	if (r < 0)
 		goto fail;
 	if (k->img->format != IMG_FMT_QCOW2 || k->img->crypt_method != IMG_CRYPT_LUKS) {

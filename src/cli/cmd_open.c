@@ -254,27 +254,6 @@ static void remove_keys(struct open_ctx *c)
 		}
 }
 
-struct table_iter {
-	const struct dm_stack *s;
-	const struct dm_device *dev;
-};
-
-static int target_at(void *opaque, size_t i, struct dm_table_target *t, char *buf, size_t size)
-{
-	struct table_iter *it = opaque;
-	const struct dm_target *dt = &it->dev->targets[i];
-	int n;
-
-	n = dm_target_params(it->s, it->dev, dt, buf, size);
-	if (n < 0)
-		return n;
-	t->start = dt->start;
-	t->length = dt->len;
-	t->type = dm_target_type_name(dt->type);
-	t->params = buf;
-	return 0;
-}
-
 static bool top_role(const struct dm_device *dev)
 {
 	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT;
@@ -289,8 +268,8 @@ static int create_devices(struct open_ctx *c)
 
 	for (size_t i = 0; i < c->stack->count; i++) {
 		const struct dm_device *dev = &c->stack->devices[i];
-		struct table_iter it = { .s = c->stack, .dev = dev };
-		struct dm_table t = { .count = dev->count, .target_fn = target_at, .opaque = &it };
+		struct dm_stack_table_iter it;
+		struct dm_table t;
 		uint32_t maj, min;
 
 		if (c->use_daemon && top_role(dev))
@@ -298,6 +277,7 @@ static int create_devices(struct open_ctx *c)
 		r = fail_step_at(c, dev->name);
 		if (r)
 			return r;
+		dm_stack_table(c->stack, dev, &it, &t);
 		r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
 		if (r) {
 			log_err("Cannot create device %s: %s.", dev->name, strerror(-r));

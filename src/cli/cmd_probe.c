@@ -26,6 +26,7 @@
 
 #include "keys.h"
 #include "log.h"
+#include "fileio.h"
 #include "qcowsetup.h"
 #include "tab.h"
 
@@ -129,7 +130,7 @@ int cmd_probe(int argc, char **argv)
 	int r;
 
 	(void)argc;
-	r = image_open(&file_opener, dev, &o, &img);
+	r = image_open(&file_io_opener, dev, &o, &img);
 	if (r) {
 		if (!opt.udev)
 			log_err("%s: cannot read an image: %s.", dev, strerror(-r));
@@ -165,6 +166,6 @@ int cmd_probe(int argc, char **argv)
 	}
 	r = 0;
 out:
-	image_free(img, &file_opener);
+	image_free(img, &file_io_opener);
 	return r;
 }

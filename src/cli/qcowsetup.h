@@ -53,12 +53,9 @@ struct command {
 /* -errno -> exit code */
 int tools_exit_code(int r);
 
-/* Opening files from the command line (fileio.c) */
-extern const struct img_opener file_opener;
+/* Opening the images named on the command line (fileio.c; lib/fileio.h
+ * has img_io over descriptors) */
 int tools_open_image(const char *path, bool no_backing, struct image **img);
-/* img_io over a descriptor the caller keeps (regular file or block device) */
-int tools_fd_io(int fd, const char *path, struct img_io *io);
-void tools_fd_io_free(struct img_io *io);
 void tools_close_image(struct image *img);
 
 /* Commands */

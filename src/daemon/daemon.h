@@ -9,6 +9,7 @@
 
 #include "chain.h"
 #include "dmtable.h"
+#include "fileio.h"
 #include "image.h"
 #include "qcow2_alloc.h"
 #include "runs.h"
@@ -52,13 +53,12 @@ struct remap {
 struct daemon {
 	struct daemon_opts o;
 	struct image *img;
-	int meta_fd;		/* top image, read-write unless read-only */
-	int data_fd;		/* top layer data: the image, its data file, or the crypt device */
-	bool data_separate;	/* data_fd needs its own flush */
+	struct file_rw f;	/* the top image (read-write unless read-only), its data (the
+				 * image, its data file, or the crypt device), and (f.chain)
+				 * the backing chain or, read-only, the whole chain */
 	int layer_fd[IMG_MAX_CHAIN_DEPTH];	/* backing layers' plaintext readers */
 	int hold_fd[DAEMON_MAX_HOLDS];
 	struct qcow2_rw *rw;	/* read-write: the top layer's metadata */
-	struct chain_reader *chain;	/* backing chain (read-write) or whole chain (read-only) */
 	struct chain_layer_io lio[IMG_MAX_CHAIN_DEPTH];
 
 	/* everything below the engine lock: rw, chain, the remap queue */

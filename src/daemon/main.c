@@ -56,8 +56,10 @@
 
 #include "daemon.h"
 #include "dm.h"
+#include "fileio.h"
 #include "log.h"
 #include "nbd.h"
+#include "sysutil.h"
 #include "util.h"
 
 #ifndef PR_SET_IO_FLUSHER
@@ -85,151 +87,6 @@ void daemon_log_ready(void)
 }
 
 /* ---- files ---- */
-
-struct file {
-	int fd;
-	char *path;
-};
-
-static int exact_pread(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	struct file *f = opaque;
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pread(f->fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int file_open(const char *path, int flags, struct img_io *io)
-{
-	struct file *f = calloc(1, sizeof(*f));
-	struct stat st;
-	int r;
-
-	if (!f)
-		return -ENOMEM;
-	f->fd = open(path, flags | O_CLOEXEC);
-	if (f->fd < 0 || fstat(f->fd, &st) < 0) {
-		r = -errno;
-		if (f->fd >= 0)
-			close(f->fd);
-		free(f);
-		return r;
-	}
-	f->path = strdup(path);
-	memset(io, 0, sizeof(*io));
-	io->pread = exact_pread;
-	io->opaque = f;
-	io->size = (uint64_t)st.st_size;
-	io->name = f->path;
-	return 0;
-}
-
-static int chain_open(void *opaque, const char *path, struct img_io *io)
-{
-	(void)opaque;
-	return file_open(path, O_RDONLY, io);
-}
-
-static void chain_close(void *opaque, struct img_io *io)
-{
-	struct file *f = io->opaque;
-
-	(void)opaque;
-	if (!f)
-		return;
-	close(f->fd);
-	free(f->path);
-	free(f);
-	io->opaque = NULL;
-}
-
-static const struct img_opener opener = { .open = chain_open, .close = chain_close };
-
-/* Reads that may meet the end of a file or device: zeros past it. */
-static int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off)
-{
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pread(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0) {
-			memset(p, 0, len);
-			return 0;
-		}
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
-{
-	const uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pwrite(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -ENOSPC;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int op_meta_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
-{
-	return fd_pwrite_all(((struct daemon *)opaque)->meta_fd, buf, len, off);
-}
-
-static int op_meta_flush(void *opaque)
-{
-	return fdatasync(((struct daemon *)opaque)->meta_fd) ? -errno : 0;
-}
-
-static int op_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	return fd_pread_padded(((struct daemon *)opaque)->data_fd, buf, len, off);
-}
-
-static int op_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
-{
-	return fd_pwrite_all(((struct daemon *)opaque)->data_fd, buf, len, off);
-}
-
-static int op_data_flush(void *opaque)
-{
-	return fsync(((struct daemon *)opaque)->data_fd) ? -errno : 0;
-}
-
-static int op_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
-{
-	return chain_read(((struct daemon *)opaque)->chain, buf, len, guest);
-}
 
 static int layer_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
@@ -298,15 +155,15 @@ static int open_files(struct daemon *d)
 			log_std("Cannot hold device %s open: %s (the image locks may go before the daemon is done).",
 				d->o.holds[i], strerror(-d->hold_fd[i]));
 	}
-	r = file_open(d->o.image, rw ? O_RDWR : O_RDONLY, &io);
+	r = file_io_open(d->o.image, rw ? O_RDWR : O_RDONLY, &io);
 	if (r) {
 		log_err("Cannot open %s: %s.", d->o.image, strerror(-r));
 		return r;
 	}
-	d->meta_fd = ((struct file *)io.opaque)->fd;
-	r = image_open_io(&opener, &io, NULL, &d->img);
+	d->f.meta_fd = file_io_fd(&io);
+	r = image_open_io(&file_io_opener, &io, NULL, &d->img);
 	if (r) {
-		chain_close(NULL, &io);
+		file_io_free(&io);
 		return r;
 	}
 	d->img->owns_io = true;
@@ -334,7 +191,7 @@ static int open_files(struct daemon *d)
 			}
 			lio->by_guest = l->crypt_method == IMG_CRYPT_AES;
 		} else {
-			fd = dup(((struct file *)l->data_io.opaque)->fd);
+			fd = dup(file_io_fd(&l->data_io));
 			if (fd < 0)
 				return -errno;
 		}
@@ -347,62 +204,52 @@ static int open_files(struct daemon *d)
 	/* the top layer's data: the image, its data file, or the crypt device */
 	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
 		crypt_device(d, 0, path, sizeof(path));
-		d->data_fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
-		d->data_separate = true;
+		d->f.data_fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+		d->f.data_separate = true;
 	} else if (d->img->has_data_file) {
-		d->data_fd = open(d->img->data_io.name, O_RDWR | O_CLOEXEC);
-		d->data_separate = true;
+		d->f.data_fd = open(d->img->data_io.name, O_RDWR | O_CLOEXEC);
+		d->f.data_separate = true;
 	} else {
-		d->data_fd = dup(d->meta_fd);
+		d->f.data_fd = dup(d->f.meta_fd);
 	}
-	if (d->data_fd < 0) {
+	if (d->f.data_fd < 0) {
 		r = -errno;
 		log_err("Cannot open the data of %s for writing: %s.", d->o.image, strerror(-r));
 		return r;
 	}
-	if (fstat(d->data_fd, &st) < 0)
+	if (fstat(d->f.data_fd, &st) < 0)
 		return -errno;
 	return 0;
 }
 
 static int open_engine(struct daemon *d)
 {
-	struct qcow2_rw_ops ops = {
-		.meta_pwrite = op_meta_pwrite,
-		.meta_flush = op_meta_flush,
-		.data_pread = op_data_pread,
-		.data_pwrite = op_data_pwrite,
-		.data_flush = NULL,
-		.backing_pread = op_backing_pread,
-		.mapped = daemon_mapped,
-		.opaque = d,
-	};
+	struct qcow2_rw_ops ops;
 	struct qcow2_rw_opts o = { .resume = d->o.reattach >= 0 };
 	struct stat st;
 	int r;
 
 	if (d->o.read_only) {
 		/* reads of compressed clusters (and nothing else) */
-		return chain_reader_open(d->img, d->lio, IMG_MAX_CHAIN_DEPTH, &d->chain);
+		return chain_reader_open(d->img, d->lio, IMG_MAX_CHAIN_DEPTH, &d->f.chain);
 	}
 	if (d->img->backing) {
-		r = chain_reader_open(d->img->backing, d->lio, IMG_MAX_CHAIN_DEPTH, &d->chain);
+		r = chain_reader_open(d->img->backing, d->lio, IMG_MAX_CHAIN_DEPTH, &d->f.chain);
 		if (r)
 			return r;
-	} else {
-		ops.backing_pread = NULL;
 	}
-	if (d->data_separate)
-		ops.data_flush = op_data_flush;
-	if (fstat(d->meta_fd, &st) == 0 && !d->img->has_data_file)
+	d->f.mapped = daemon_mapped;
+	d->f.mapped_opaque = d;
+	file_rw_ops(&d->f, &ops);
+	if (fstat(d->f.meta_fd, &st) == 0 && !d->img->has_data_file)
 		o.file_limit = (uint64_t)st.st_size;
-	if (d->img->has_data_file && fstat(d->data_fd, &st) == 0 && S_ISREG(st.st_mode))
+	if (d->img->has_data_file && fstat(d->f.data_fd, &st) == 0 && S_ISREG(st.st_mode))
 		o.data_file_limit = (uint64_t)st.st_size;
 	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
 		uint64_t dev_size = 0;
 
 		/* the crypt device covers the file as it was at open */
-		if (fstat(d->meta_fd, &st) == 0)
+		if (fstat(d->f.meta_fd, &st) == 0)
 			dev_size = (uint64_t)st.st_size & ~511ULL;
 		o.file_limit = dev_size;
 	}
@@ -733,10 +580,10 @@ static int finish(struct daemon *d)
 			strerror(-r));
 		return r;
 	}
-	if (!d->img->has_data_file && fstat(d->meta_fd, &st) == 0) {
+	if (!d->img->has_data_file && fstat(d->f.meta_fd, &st) == 0) {
 		size = MAX(used_end, d->o.keep_size);
 		if (size && size < (uint64_t)st.st_size) {
-			if (ftruncate(d->meta_fd, (off_t)size) < 0 || fsync(d->meta_fd) < 0)
+			if (ftruncate(d->f.meta_fd, (off_t)size) < 0 || fsync(d->f.meta_fd) < 0)
 				log_std("%s: cannot give the file back its size: %s.", d->o.image, strerror(errno));
 			else
 				log_dbg("%s: file truncated to %" PRIu64 " bytes", d->o.image, size);
@@ -756,11 +603,11 @@ static bool top_exists(struct daemon *d)
 /* Close what holds the crypt devices (not the loop devices). */
 static void close_io(struct daemon *d)
 {
-	chain_reader_free(d->chain);
-	d->chain = NULL;
-	if (d->data_fd >= 0)
-		close(d->data_fd);
-	d->data_fd = -1;
+	chain_reader_free(d->f.chain);
+	d->f.chain = NULL;
+	if (d->f.data_fd >= 0)
+		close(d->f.data_fd);
+	d->f.data_fd = -1;
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++) {
 		if (d->layer_fd[i] >= 0)
 			close(d->layer_fd[i]);
@@ -770,14 +617,14 @@ static void close_io(struct daemon *d)
 
 static void cleanup(struct daemon *d)
 {
-	chain_reader_free(d->chain);
+	chain_reader_free(d->f.chain);
 	qcow2_rw_free(d->rw);
 	if (d->stack)
 		dm_stack_free(d->stack);
 	run_list_free(&d->runs);
-	image_free(d->img, &opener);
-	if (d->data_fd >= 0)
-		close(d->data_fd);
+	image_free(d->img, &file_io_opener);
+	if (d->f.data_fd >= 0)
+		close(d->f.data_fd);
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
 		if (d->layer_fd[i] >= 0)
 			close(d->layer_fd[i]);
@@ -800,7 +647,7 @@ int main(int argc, char **argv)
 	struct sigaction sa = { .sa_handler = SIG_IGN };
 	int r, devnull;
 
-	d->meta_fd = d->data_fd = d->sock = d->guard_pipe = -1;
+	d->f.meta_fd = d->f.data_fd = d->sock = d->guard_pipe = -1;
 	d->nbd_index = -1;
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
 		d->layer_fd[i] = -1;

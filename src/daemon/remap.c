@@ -106,26 +106,6 @@ fail:
 	return r;
 }
 
-struct table_iter {
-	const struct dm_stack *s;
-	const struct dm_device *dev;
-};
-
-static int target_at(void *opaque, size_t i, struct dm_table_target *t, char *buf, size_t size)
-{
-	struct table_iter *it = opaque;
-	const struct dm_target *dt = &it->dev->targets[i];
-	int n = dm_target_params(it->s, it->dev, dt, buf, size);
-
-	if (n < 0)
-		return n;
-	t->start = dt->start;
-	t->length = dt->len;
-	t->type = dm_target_type_name(dt->type);
-	t->params = buf;
-	return 0;
-}
-
 static bool same_table(const struct dm_stack *sa, const struct dm_device *a, const struct dm_stack *sb,
 		       const struct dm_device *b)
 {
@@ -156,12 +136,13 @@ static const struct dm_device *find_device(const struct dm_stack *s, const char 
 static int create(struct dm_stack *s, size_t i)
 {
 	const struct dm_device *dev = &s->devices[i];
-	struct table_iter it = { .s = s, .dev = dev };
-	struct dm_table t = { .count = dev->count, .target_fn = target_at, .opaque = &it };
+	struct dm_stack_table_iter it;
+	struct dm_table t;
 	uint32_t maj, min;
 	char ref[32];
 	int r;
 
+	dm_stack_table(s, dev, &it, &t);
 	r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
 	if (r) {
 		log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
@@ -174,9 +155,12 @@ static int create(struct dm_stack *s, size_t i)
 static int load(struct dm_stack *s, size_t i)
 {
 	const struct dm_device *dev = &s->devices[i];
-	struct table_iter it = { .s = s, .dev = dev };
-	struct dm_table t = { .count = dev->count, .target_fn = target_at, .opaque = &it };
-	int r = dm_load_table(dev->name, dev->read_only, &t);
+	struct dm_stack_table_iter it;
+	struct dm_table t;
+	int r;
+
+	dm_stack_table(s, dev, &it, &t);
+	r = dm_load_table(dev->name, dev->read_only, &t);
 
 	if (r)
 		log_err("Cannot load a new table into %s: %s.", dev->name, strerror(-r));

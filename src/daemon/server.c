@@ -134,7 +134,7 @@ static int handle(struct daemon *d, const struct nbd_req *req)
 		if (d->rw)
 			r = qcow2_rw_read(d->rw, d->buf, req->len, req->from);
 		else
-			r = chain_read(d->chain, d->buf, req->len, req->from);
+			r = chain_read(d->f.chain, d->buf, req->len, req->from);
 		pthread_mutex_unlock(&d->lock);
 		if (r) {
 			log_failure(d, "read", req, r);

@@ -829,3 +829,25 @@ int dm_key_description(const char *name, unsigned int depth, char *buf, size_t s
 		return -ENAMETOOLONG;
 	return 0;
 }
+
+static int stack_target_at(void *opaque, size_t i, struct dm_table_target *t, char *buf, size_t size)
+{
+	const struct dm_stack_table_iter *it = opaque;
+	const struct dm_target *dt = &it->dev->targets[i];
+	int n = dm_target_params(it->s, it->dev, dt, buf, size);
+
+	if (n < 0)
+		return n;
+	t->start = dt->start;
+	t->length = dt->len;
+	t->type = dm_target_type_name(dt->type);
+	t->params = buf;
+	return 0;
+}
+
+void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struct dm_stack_table_iter *it,
+		    struct dm_table *t)
+{
+	*it = (struct dm_stack_table_iter){ .s = s, .dev = dev };
+	*t = (struct dm_table){ .count = dev->count, .target_fn = stack_target_at, .opaque = it };
+}

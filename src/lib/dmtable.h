@@ -43,6 +43,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "dm.h"
 #include "image.h"
 #include "runs.h"
 
@@ -198,5 +199,15 @@ int dm_image_id(const char *luks_uuid, const char *canonical_path, char *buf, si
 /* The default keyring description of layer depth's key:
  * "qcowsetup:NAME:L<depth>". Returns 0 or -ENAMETOOLONG. */
 int dm_key_description(const char *name, unsigned int depth, char *buf, size_t size);
+
+/* Device dev of stack s as a table for dm.c (dm_create_device,
+ * dm_load_table): its targets are made one at a time as the table is
+ * loaded, never all as strings in memory. it must outlive t. */
+struct dm_stack_table_iter {
+	const struct dm_stack *s;
+	const struct dm_device *dev;
+};
+void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struct dm_stack_table_iter *it,
+		    struct dm_table *t);
 
 #endif

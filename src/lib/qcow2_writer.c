@@ -10,6 +10,7 @@
 #include "log.h"
 #include "qcow2.h"
 #include "qcow2_writer.h"
+#include "sysutil.h"
 #include "util.h"
 
 #define QW_HEADER_LENGTH	112	/* v3 header with compression_type, as QEMU 5.1+ */
@@ -44,29 +45,6 @@ struct qcow2_writer {
 	size_t wlen;
 	uint64_t woff;		/* host offset of wbuf[0] */
 };
-
-static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
-{
-	const uint8_t *p = buf;
-	ssize_t n;
-
-	if (off > INT64_MAX || len > INT64_MAX - off)
-		return -EFBIG;
-	while (len) {
-		n = pwrite(fd, p, len, (off_t)off);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -ENOSPC;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
 
 static int sync_fd(int fd, bool data_only)
 {
@@ -177,12 +155,12 @@ int qcow2_writer_new(int fd, const struct qcow2_writer_params *p, struct qcow2_w
 		w->crypt_offset = w->cs;
 		w->crypt_len = p->crypt_header_len;
 		bytes = round_up_pow2(p->crypt_header_len, w->cs);
-		r = pwrite_all(fd, p->crypt_header, (size_t)p->crypt_header_len, w->crypt_offset);
+		r = fd_pwrite_all(fd, p->crypt_header, (size_t)p->crypt_header_len, w->crypt_offset);
 		if (r == 0 && bytes > p->crypt_header_len) {
 			pad = calloc(1, (size_t)(bytes - p->crypt_header_len));
 			if (!pad)
 				goto nomem;
-			r = pwrite_all(fd, pad, (size_t)(bytes - p->crypt_header_len),
+			r = fd_pwrite_all(fd, pad, (size_t)(bytes - p->crypt_header_len),
 				       w->crypt_offset + p->crypt_header_len);
 		}
 		if (r < 0)
@@ -208,7 +186,7 @@ static int flush_data(struct qcow2_writer *w)
 
 	if (!w->wlen)
 		return 0;
-	r = pwrite_all(w->fd, w->wbuf, w->wlen, w->woff);
+	r = fd_pwrite_all(w->fd, w->wbuf, w->wlen, w->woff);
 	if (r < 0)
 		return r;
 	w->woff += w->wlen;
@@ -254,7 +232,7 @@ int qcow2_writer_add(struct qcow2_writer *w, uint64_t count, enum qw_state state
 				return r;
 		}
 		if (bytes > QW_WRITE_BUFFER) {
-			r = pwrite_all(w->fd, data, (size_t)bytes, w->woff);
+			r = fd_pwrite_all(w->fd, data, (size_t)bytes, w->woff);
 			if (r < 0)
 				return r;
 			w->woff += bytes;
@@ -290,7 +268,7 @@ static int write_l2_tables(struct qcow2_writer *w, uint64_t *l1, uint64_t *next)
 
 			if (idx != cur) {
 				if (used) {
-					r = pwrite_all(w->fd, l2, w->cs, *next);
+					r = fd_pwrite_all(w->fd, l2, w->cs, *next);
 					if (r < 0)
 						goto out;
 					l1[cur] = *next | QCOW2_OFLAG_COPIED;
@@ -319,7 +297,7 @@ static int write_l2_tables(struct qcow2_writer *w, uint64_t *l1, uint64_t *next)
 		}
 	}
 	if (used) {
-		r = pwrite_all(w->fd, l2, w->cs, *next);
+		r = fd_pwrite_all(w->fd, l2, w->cs, *next);
 		if (r < 0)
 			goto out;
 		l1[cur] = *next | QCOW2_OFLAG_COPIED;
@@ -377,7 +355,7 @@ static int write_header(struct qcow2_writer *w, uint32_t l1_size, uint64_t l1_of
 		put_be32(h + 16, (uint32_t)n);
 		memcpy(h + p, w->backing_file, n);
 	}
-	r = pwrite_all(w->fd, h, w->cs, 0);
+	r = fd_pwrite_all(w->fd, h, w->cs, 0);
 	free(h);
 	return r;
 }
@@ -438,7 +416,7 @@ int qcow2_writer_finish(struct qcow2_writer *w)
 	/* L1, big-endian in place */
 	for (uint64_t i = 0; i < l1_clusters * (w->cs / 8); i++)
 		put_be64(&l1[i], l1[i]);
-	r = pwrite_all(w->fd, l1, l1_clusters * w->cs, l1_offset);
+	r = fd_pwrite_all(w->fd, l1, l1_clusters * w->cs, l1_offset);
 	if (r < 0)
 		goto out;
 
@@ -447,7 +425,7 @@ int qcow2_writer_finish(struct qcow2_writer *w)
 		memset(buf, 0, w->cs);
 		for (uint64_t i = 0; i < rpb && b * rpb + i < total; i++)
 			put_be16(buf + i * 2, 1);
-		r = pwrite_all(w->fd, buf, w->cs, rb_offset + b * w->cs);
+		r = fd_pwrite_all(w->fd, buf, w->cs, rb_offset + b * w->cs);
 		if (r < 0)
 			goto out;
 	}
@@ -456,7 +434,7 @@ int qcow2_writer_finish(struct qcow2_writer *w)
 		memset(buf, 0, w->cs);
 		for (uint64_t i = 0; i < n && c * n + i < rb; i++)
 			put_be64(buf + i * 8, rb_offset + (c * n + i) * w->cs);
-		r = pwrite_all(w->fd, buf, w->cs, reft_offset + c * w->cs);
+		r = fd_pwrite_all(w->fd, buf, w->cs, reft_offset + c * w->cs);
 		if (r < 0)
 			goto out;
 	}
@@ -499,7 +477,7 @@ static int write_changed(int fd, uint64_t off, const uint8_t *old, const uint8_t
 			s = MIN(end, s + QW_SECTOR);
 			continue;
 		}
-		r = pwrite_all(fd, new + s, (size_t)(e - s), off + s);
+		r = fd_pwrite_all(fd, new + s, (size_t)(e - s), off + s);
 		if (r < 0)
 			return r;
 		if (skip)

@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <spawn.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,7 +9,8 @@
 
 extern char **environ;
 
-int fd_pread_all(int fd, void *buf, size_t len, uint64_t off)
+/* pad: past the end of the file, zeros rather than -EIO */
+static int pread_loop(int fd, void *buf, size_t len, uint64_t off, bool pad)
 {
 	uint8_t *p = buf;
 
@@ -20,13 +22,27 @@ int fd_pread_all(int fd, void *buf, size_t len, uint64_t off)
 				continue;
 			return -errno;
 		}
-		if (n == 0)
-			return -EIO;
+		if (n == 0) {
+			if (!pad)
+				return -EIO;
+			memset(p, 0, len);
+			return 0;
+		}
 		p += n;
 		len -= (size_t)n;
 		off += (uint64_t)n;
 	}
 	return 0;
+}
+
+int fd_pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+	return pread_loop(fd, buf, len, off, false);
+}
+
+int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off)
+{
+	return pread_loop(fd, buf, len, off, true);
 }
 
 int fd_write_all(int fd, const void *buf, size_t len)
@@ -45,6 +61,29 @@ int fd_write_all(int fd, const void *buf, size_t len)
 			return -EIO;
 		p += n;
 		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+	const uint8_t *p = buf;
+
+	if (off > INT64_MAX || len > INT64_MAX - off)
+		return -EFBIG;
+	while (len) {
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -ENOSPC;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
 	}
 	return 0;
 }

@@ -10,6 +10,10 @@
 /* 0, -EIO on end of file, or -errno */
 int fd_pread_all(int fd, void *buf, size_t len, uint64_t off);
 int fd_write_all(int fd, const void *buf, size_t len);
+/* Reads that may meet the end of a file or device: zeros past it. 0 or -errno */
+int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off);
+/* 0, -ENOSPC when nothing more can be written, -EFBIG, or -errno */
+int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /* img_io's extent(): what SEEK_DATA/SEEK_HOLE say at off */
 int fd_extent(int fd, uint64_t off, uint64_t *len, bool *is_data);
 /* /sbin/modprobe -q MODULE without a shell (posix_spawn: no copy of a big or

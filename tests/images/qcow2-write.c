@@ -23,164 +23,18 @@
 #include <unistd.h>
 
 #include "chain.h"
+#include "fileio.h"
 #include "image.h"
 #include "log.h"
 #include "qcow2_alloc.h"
+#include "sysutil.h"
 #include "util.h"
-
-struct file {
-	int fd;
-	char *path;
-};
-
-static int fd_pread(int fd, void *buf, size_t len, uint64_t off)
-{
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pread(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0) {
-			memset(p, 0, len);	/* past the end: zeros */
-			return 0;
-		}
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int fd_pwrite(int fd, const void *buf, size_t len, uint64_t off)
-{
-	const uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pwrite(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-/* img_io: exact reads (short reads are errors for the parser) */
-static int io_pread(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	struct file *f = opaque;
-	uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pread(f->fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int open_file(const char *path, int flags, struct img_io *io)
-{
-	struct file *f = calloc(1, sizeof(*f));
-	struct stat st;
-
-	if (!f)
-		return -ENOMEM;
-	f->fd = open(path, flags | O_CLOEXEC);
-	if (f->fd < 0 || fstat(f->fd, &st) < 0) {
-		int r = -errno;
-
-		if (f->fd >= 0)
-			close(f->fd);
-		free(f);
-		return r;
-	}
-	f->path = strdup(path);
-	memset(io, 0, sizeof(*io));
-	io->pread = io_pread;
-	io->opaque = f;
-	io->size = (uint64_t)st.st_size;
-	io->name = f->path;
-	return 0;
-}
-
-static int ro_open(void *opaque, const char *path, struct img_io *io)
-{
-	(void)opaque;
-	return open_file(path, O_RDONLY, io);
-}
-
-static void ro_close(void *opaque, struct img_io *io)
-{
-	struct file *f = io->opaque;
-
-	(void)opaque;
-	if (f) {
-		close(f->fd);
-		free(f->path);
-		free(f);
-	}
-}
-
-static const struct img_opener opener = { .open = ro_open, .close = ro_close };
-
-struct ctx {
-	int meta_fd, data_fd;
-	struct chain_reader *chain;
-};
-
-static int c_meta_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
-{
-	return fd_pwrite(((struct ctx *)opaque)->meta_fd, buf, len, off);
-}
-
-static int c_meta_flush(void *opaque)
-{
-	return fdatasync(((struct ctx *)opaque)->meta_fd) ? -errno : 0;
-}
-
-static int c_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	return fd_pread(((struct ctx *)opaque)->data_fd, buf, len, off);
-}
-
-static int c_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
-{
-	return fd_pwrite(((struct ctx *)opaque)->data_fd, buf, len, off);
-}
-
-static int c_data_flush(void *opaque)
-{
-	return fdatasync(((struct ctx *)opaque)->data_fd) ? -errno : 0;
-}
-
-static int c_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
-{
-	return chain_read(((struct ctx *)opaque)->chain, buf, len, guest);
-}
 
 static int layer_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
 	const struct image *l = opaque;
-	struct file *f = l->data_io.opaque;
 
-	return fd_pread(f->fd, buf, len, off);
+	return fd_pread_padded(file_io_fd(&l->data_io), buf, len, off);
 }
 
 static uint64_t rng = 1;
@@ -203,12 +57,12 @@ static void usage(void)
 int main(int argc, char **argv)
 {
 	struct qcow2_rw_opts wo = { 0 };
-	struct qcow2_rw_ops ops = { 0 };
+	struct qcow2_rw_ops ops;
 	struct chain_layer_io lio[IMG_MAX_CHAIN_DEPTH] = { 0 };
 	struct qcow2_rw *w = NULL;
 	struct image *img = NULL;
 	struct img_io io;
-	struct ctx c = { .meta_fd = -1, .data_fd = -1 };
+	struct file_rw c = { .meta_fd = -1, .data_fd = -1 };
 	uint64_t ops_n = 200, max_write = 4 << 20, crash_after = 0, vsize, used_end;
 	uint8_t *buf = NULL;
 	int ref_fd, r, i;
@@ -235,13 +89,13 @@ int main(int argc, char **argv)
 		usage();
 	if (getenv("QS_DEBUG"))
 		qs_log_set_level(QS_LOG_DEBUG);
-	r = open_file(argv[i], O_RDWR, &io);
+	r = file_io_open(argv[i], O_RDWR, &io);
 	if (r) {
 		fprintf(stderr, "%s: %s\n", argv[i], strerror(-r));
 		return 1;
 	}
-	c.meta_fd = ((struct file *)io.opaque)->fd;
-	r = image_open_io(&opener, &io, NULL, &img);
+	c.meta_fd = file_io_fd(&io);
+	r = image_open_io(&file_io_opener, &io, NULL, &img);
 	if (r) {
 		fprintf(stderr, "%s: cannot open: %s\n", argv[i], strerror(-r));
 		return 1;
@@ -249,6 +103,7 @@ int main(int argc, char **argv)
 	c.data_fd = c.meta_fd;
 	if (img->has_data_file) {
 		c.data_fd = open(img->data_io.name, O_RDWR | O_CLOEXEC);
+		c.data_separate = true;
 		if (c.data_fd < 0) {
 			fprintf(stderr, "%s: %s\n", img->data_io.name, strerror(errno));
 			return 1;
@@ -265,13 +120,7 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
-	ops.meta_pwrite = c_meta_pwrite;
-	ops.meta_flush = c_meta_flush;
-	ops.data_pread = c_data_pread;
-	ops.data_pwrite = c_data_pwrite;
-	ops.data_flush = img->has_data_file ? c_data_flush : NULL;
-	ops.backing_pread = c.chain ? c_backing_pread : NULL;
-	ops.opaque = &c;
+	file_rw_ops(&c, &ops);
 	r = qcow2_rw_open(img, &ops, &wo, &w);
 	if (r) {
 		fprintf(stderr, "%s: writer: %s\n", argv[i], strerror(-r));
@@ -318,7 +167,7 @@ int main(int argc, char **argv)
 			fprintf(stderr, "write %" PRIu64 "+%" PRIu64 ": %s\n", off, len, strerror(-r));
 			return 1;
 		}
-		r = fd_pwrite(ref_fd, buf, len, off);
+		r = fd_pwrite_all(ref_fd, buf, len, off);
 		if (r) {
 			fprintf(stderr, "reference: %s\n", strerror(-r));
 			return 1;
@@ -350,8 +199,8 @@ int main(int argc, char **argv)
 	chain_reader_free(c.chain);
 	if (c.data_fd != c.meta_fd)
 		close(c.data_fd);
-	image_free(img, &opener);
-	ro_close(NULL, &io);
+	image_free(img, &file_io_opener);
+	file_io_free(&io);
 	free(buf);
 	free(unflushed);
 	return 0;

@@ -1,0 +1,167 @@
+/* Files for the engine (see fileio.h). */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <linux/fs.h>
+
+#include "fileio.h"
+#include "sysutil.h"
+
+struct file_ctx {
+	int fd;
+	bool owns_fd;
+	char *path;
+};
+
+static int file_pread(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return fd_pread_all(((struct file_ctx *)opaque)->fd, buf, len, off);
+}
+
+static int file_extent(void *opaque, uint64_t off, uint64_t *len, bool *is_data)
+{
+	return fd_extent(((struct file_ctx *)opaque)->fd, off, len, is_data);
+}
+
+int file_io_from_fd(int fd, const char *path, struct img_io *io)
+{
+	struct file_ctx *f;
+	struct stat st;
+	uint64_t sz;
+
+	memset(io, 0, sizeof(*io));
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (S_ISBLK(st.st_mode)) {
+		if (ioctl(fd, BLKGETSIZE64, &sz) < 0)
+			return -errno;
+		io->size = sz;
+	} else if (S_ISREG(st.st_mode)) {
+		io->size = (uint64_t)st.st_size;
+		io->allocated = (uint64_t)st.st_blocks * 512;
+		io->extent = file_extent;
+	} else {
+		return -ENODEV;
+	}
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	f->fd = fd;
+	f->path = strdup(path);
+	if (!f->path) {
+		free(f);
+		return -ENOMEM;
+	}
+	io->pread = file_pread;
+	io->opaque = f;
+	io->name = f->path;
+	return 0;
+}
+
+int file_io_open(const char *path, int flags, struct img_io *io)
+{
+	int fd, r;
+
+	fd = open(path, flags | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	r = file_io_from_fd(fd, path, io);
+	if (r < 0) {
+		close(fd);
+		return r;
+	}
+	((struct file_ctx *)io->opaque)->owns_fd = true;
+	return 0;
+}
+
+int file_io_fd(const struct img_io *io)
+{
+	return io->opaque ? ((const struct file_ctx *)io->opaque)->fd : -1;
+}
+
+void file_io_free(struct img_io *io)
+{
+	struct file_ctx *f = io->opaque;
+
+	if (!f)
+		return;
+	if (f->owns_fd)
+		close(f->fd);
+	free(f->path);
+	free(f);
+	io->opaque = NULL;
+}
+
+static int opener_open(void *opaque, const char *path, struct img_io *io)
+{
+	(void)opaque;
+	return file_io_open(path, O_RDONLY, io);
+}
+
+static void opener_close(void *opaque, struct img_io *io)
+{
+	(void)opaque;
+	file_io_free(io);
+}
+
+const struct img_opener file_io_opener = {
+	.open = opener_open,
+	.close = opener_close,
+};
+
+/* ---- the writer's callbacks ---- */
+
+static int rw_meta_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
+{
+	return fd_pwrite_all(((struct file_rw *)opaque)->meta_fd, buf, len, off);
+}
+
+static int rw_meta_flush(void *opaque)
+{
+	return fdatasync(((struct file_rw *)opaque)->meta_fd) ? -errno : 0;
+}
+
+static int rw_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return fd_pread_padded(((struct file_rw *)opaque)->data_fd, buf, len, off);
+}
+
+static int rw_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
+{
+	return fd_pwrite_all(((struct file_rw *)opaque)->data_fd, buf, len, off);
+}
+
+static int rw_data_flush(void *opaque)
+{
+	return fdatasync(((struct file_rw *)opaque)->data_fd) ? -errno : 0;
+}
+
+static int rw_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
+{
+	return chain_read(((struct file_rw *)opaque)->chain, buf, len, guest);
+}
+
+static void rw_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
+{
+	struct file_rw *f = opaque;
+
+	f->mapped(f->mapped_opaque, guest, len, host);
+}
+
+void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops)
+{
+	*ops = (struct qcow2_rw_ops){
+		.meta_pwrite = rw_meta_pwrite,
+		.meta_flush = rw_meta_flush,
+		.data_pread = rw_data_pread,
+		.data_pwrite = rw_data_pwrite,
+		.data_flush = f->data_separate ? rw_data_flush : NULL,
+		.backing_pread = f->chain ? rw_backing_pread : NULL,
+		.mapped = f->mapped ? rw_mapped : NULL,
+		.opaque = f,
+	};
+}

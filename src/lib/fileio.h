@@ -1,0 +1,44 @@
+/* Files for the engine: img_io over descriptors (the only place the
+ * parser's reads meet the operating system), and the metadata writer's
+ * callbacks over the image file, its data and its backing chain. Used by
+ * the command line, the daemon and the image tests. */
+#ifndef QS_FILEIO_H
+#define QS_FILEIO_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "chain.h"
+#include "image.h"
+#include "qcow2_alloc.h"
+
+/* img_io over fd (a regular file, or a block device), named path for
+ * messages: exact reads (a short read is -EIO), extents from
+ * SEEK_DATA/SEEK_HOLE for files. fd stays the caller's. 0, -ENODEV (neither
+ * a file nor a block device), -ENOMEM or -errno. */
+int file_io_from_fd(int fd, const char *path, struct img_io *io);
+/* The same over path opened with flags (O_CLOEXEC added); io owns the
+ * descriptor. */
+int file_io_open(const char *path, int flags, struct img_io *io);
+/* The descriptor under io. */
+int file_io_fd(const struct img_io *io);
+void file_io_free(struct img_io *io);
+
+/* Opens backing and data files read-only (image_open's opener). */
+extern const struct img_opener file_io_opener;
+
+/* qcow2_rw_ops over descriptors: metadata to meta_fd (fdatasync), data
+ * clusters to data_fd (the image itself, the external data file, or the
+ * crypt device over the image; reads past its end are zeros), backing reads
+ * from chain. */
+struct file_rw {
+	int meta_fd;
+	int data_fd;
+	bool data_separate;		/* data_fd needs a flush of its own */
+	struct chain_reader *chain;	/* NULL: no backing file */
+	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);
+	void *mapped_opaque;
+};
+void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops);
+
+#endif
