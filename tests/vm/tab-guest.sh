@@ -1,6 +1,6 @@
 #!/bin/sh
 # The guest part of tests/vm/test-tab.sh (see there). Disks: vda ext4
-# "qshold" (UUID 6a0e3c5e-...) with images/{a,b,plain}.qcow2, vdb ext4
+# "qshold" (UUID 6a0e3c5e-...) with images/{a,b,plain,rw}.qcow2, vdb ext4
 # "qskeys" with k/{a,d,wrong}.key, vdc a LUKS qcow2 written onto the disk.
 # The share holds the md5 of each image's guest data, the passphrase, d's
 # LUKS UUID and the udev rules of this tree.
@@ -79,16 +79,35 @@ EOT
 	qs close --tab plain
 	vm_assert_clean
 }
-t_read_write_refused() {
+t_read_write() {
+	vm_require qemu-img
 	cat > $T <<EOT
-rw  UUID=$U:/images/plain.qcow2  none
+rw  UUID=$U:/images/rw.qcow2  none
 EOT
-	rc=0
-	qs open --tab rw </dev/null 2>/tmp/err || rc=$?
-	cat /tmp/err
-	[ $rc = 1 ] && grep -q 'Read-write mapping is not available yet' /tmp/err
+	qs open --tab rw </dev/null
+	# the holding filesystem read-write, the mapping too
+	grep " $M ext4 rw," /proc/mounts
+	dmsetup info rw | grep -q 'State: *ACTIVE$'
+	# 256 KiB at 1 MiB into an empty image: new clusters
+	dd if=/dev/urandom of=/tmp/w bs=64k count=4 2>/dev/null
+	dd if=/tmp/w of=/dev/mapper/rw bs=64k seek=16 conv=fsync 2>/dev/null
+	want=$(md5_of rw)
+	qs close --tab rw
+	[ ! -e /dev/mapper/rw ]
 	! mounted "$M"
 	vm_assert_clean
+	# what QEMU makes of the image
+	mkdir -p /tmp/h
+	mount -o ro /dev/vda /tmp/h
+	rc=0
+	qemu-img check /tmp/h/images/rw.qcow2 >/tmp/check 2>&1 || rc=$?
+	qemu-img convert -O raw /tmp/h/images/rw.qcow2 /tmp/rw.raw || rc=1
+	umount /tmp/h
+	cat /tmp/check
+	[ $rc = 0 ] && grep -q 'No errors were found' /tmp/check && ! grep -qi leak /tmp/check
+	[ "$(md5sum < /tmp/rw.raw | cut -d' ' -f1)" = "$want" ]
+	[ "$(dd if=/tmp/rw.raw bs=64k skip=16 count=4 2>/dev/null | md5sum)" = "$(md5sum < /tmp/w)" ]
+	rm -f /tmp/rw.raw /tmp/w
 }
 t_unknown_name() {
 	: > $T
@@ -146,7 +165,7 @@ vm_test "same-passphrase: one line on stdin opens both entries" t_same_passphras
 vm_test "nofail: a failing entry does not fail the others nor the exit status" t_nofail
 vm_test "a failing entry: exit 2, --batch-mode asks nothing, nothing left mounted" t_failure_status
 vm_test "noauto: only when named" t_noauto
-vm_test "an entry without readonly: refused with open's message, nothing mounted" t_read_write_refused
+vm_test "an entry without readonly: mapped read-write (holding filesystem mounted read-write), written, closed: qemu-img check clean, the data there" t_read_write
 vm_test "an unknown name: exit 1" t_unknown_name
 vm_test "probe --udev: ID_QCOW2_* for a qcow2 on a disk, exit 4 and silence for ext4" t_probe
 vm_test "udev: a disk holding a qcow2 appears: 60-qcowsetup.rules maps its qcowtab entry; links by image id" t_udev_disk_appears

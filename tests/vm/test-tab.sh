@@ -1,7 +1,8 @@
 #!/bin/bash
 # Automake test: qcowtab at run time, in the VM test bed (tests/vm/run-vm.sh):
 # `qcowsetup open --tab` / `close --tab` (images on filesystems found by UUID
-# and mounted read-only under /run/qcowsetup, key files on another device,
+# and mounted under /run/qcowsetup, read-only unless an entry maps
+# read-write, key files on another device,
 # same-passphrase, nofail, noauto, idempotence, --batch-mode), `qcowsetup
 # probe --udev`, and the udev rules with systemd-udevd: a disk holding a qcow2
 # image appears (PCI rescan) and 60-qcowsetup.rules maps its qcowtab entry;
@@ -46,6 +47,7 @@ mkdir -p share hold/images keys/k
 	luks a.raw hold/images/a.qcow2 "data=$PASS"
 	luks b.raw hold/images/b.qcow2 "data=$PASS"
 	qemu-img convert -q -f raw -O qcow2 plain.raw hold/images/plain.qcow2
+	qemu-img create -q -f qcow2 hold/images/rw.qcow2 4M
 	luks d.raw direct.qcow2 "file=$work/keys/k/d.key"
 	for i in a b plain d; do md5sum < $i.raw | cut -d' ' -f1 > share/$i.md5; done
 	qemu-img info direct.qcow2 | sed -n 's/.*uuid: //p' | head -n 1 > share/d.uuid
