@@ -10,9 +10,21 @@
 # else the console) and is idempotent. With systemd: qcowsetup-generator
 # makes units of the same entries, which ask through systemd-ask-password.
 #
+# Read-write images (and compressed clusters) need the slow-path daemon
+# qcowsetup-daemon and the nbd module: the daemon is installed beside
+# qcowsetup, where qcowsetup looks for it first. It outlives the initramfs:
+# nothing kills it before switch_root (dracut's shell init kills nothing;
+# systemd spares processes whose argv[0] starts with '@', as the daemon's
+# does), and qcowsetup-pivot.sh (pre-pivot hook) lists its processes in
+# /run/sendsigs.omit.d/ for sysvinit's shutdown. qcowsetup-shutdown.sh
+# (shutdown hook, before 90dm's) closes the mappings once the root is
+# unmounted, when the system goes back to the initramfs to shut down.
+#
 # Environment (tests): QCOWSETUP_QCOWTAB, the qcowtab to take entries from
 # (default $dracutsysrootdir/etc/qcowtab); QCOWSETUP_BINARY, a qcowsetup
-# program to install as /usr/sbin/qcowsetup instead of the one in PATH.
+# program to install as /usr/sbin/qcowsetup instead of the one in PATH;
+# QCOWSETUP_DAEMON_BINARY, the daemon to install beside it (default: the
+# qcowsetup-daemon beside QCOWSETUP_BINARY).
 
 _qcowtab() {
     echo "${QCOWSETUP_QCOWTAB:-$dracutsysrootdir/etc/qcowtab}"
@@ -43,6 +55,30 @@ _qcowsetup_initrd_entries() {
     done < "$_tab"
 }
 
+# The qcowsetup-daemon to install: QCOWSETUP_DAEMON_BINARY; else beside
+# QCOWSETUP_BINARY; else where the installed qcowsetup $1 looks for it:
+# beside itself, then its built-in $(pkglibexecdir) (PREFIX/libexec/qcowsetup
+# for $1 in PREFIX/sbin; distributions' libexec directories).
+_qcowsetup_daemon() {
+    local _d
+    if [[ $QCOWSETUP_DAEMON_BINARY ]]; then
+        echo "$QCOWSETUP_DAEMON_BINARY"
+        return 0
+    fi
+    if [[ $QCOWSETUP_BINARY ]]; then
+        _d=${QCOWSETUP_BINARY%/*}/qcowsetup-daemon
+        [[ -x $_d ]] && echo "$_d"
+        return 0
+    fi
+    for _d in "${1%/*}" "${1%/*/*}/libexec/qcowsetup" /usr/libexec/qcowsetup /usr/lib/qcowsetup; do
+        _d=$_d/qcowsetup-daemon
+        if [[ -x $_d ]]; then
+            echo "$_d"
+            return 0
+        fi
+    done
+}
+
 # called by dracut
 check() {
     local _dev
@@ -67,7 +103,8 @@ depends() {
 # called by dracut
 installkernel() {
     local _name _rest _cipher
-    hostonly='' instmods dm_mod dm_crypt dm_zero loop
+    # nbd: the slow path of read-write mappings (qcowsetup-daemon)
+    hostonly='' instmods dm_mod dm_crypt dm_zero loop nbd
     if [[ $hostonly ]]; then
         # the ciphers of the images mapped now, as 90crypt
         dmsetup table --target crypt 2> /dev/null | while read -r _name _ _ _ _cipher _rest; do
@@ -85,14 +122,25 @@ installkernel() {
 
 # called by dracut
 install() {
-    local _entries
+    local _entries _bin _daemon
     if [[ $QCOWSETUP_BINARY ]]; then
-        inst_binary "$QCOWSETUP_BINARY" /usr/sbin/qcowsetup
+        _bin=/usr/sbin/qcowsetup
+        inst_binary "$QCOWSETUP_BINARY" "$_bin"
     else
+        _bin=$(find_binary qcowsetup)
         inst_multiple qcowsetup
+    fi
+    # beside qcowsetup: where it looks for the daemon first
+    _daemon=$(_qcowsetup_daemon "$_bin")
+    if [[ $_daemon ]]; then
+        inst_binary "$_daemon" "${_bin%/*}/qcowsetup-daemon"
+    else
+        dwarn "qcowsetup: no qcowsetup-daemon found: read-write images cannot be mapped in the initramfs"
     fi
     inst_multiple -o flock
     inst_hook cmdline 30 "$moddir/parse-qcowsetup.sh"
+    inst_hook pre-pivot 90 "$moddir/qcowsetup-pivot.sh"
+    inst_hook shutdown 20 "$moddir/qcowsetup-shutdown.sh"
     inst_simple "$moddir/qcowsetup-lib.sh" /lib/qcowsetup-lib.sh
     # recognition of qcow2 on block devices, hiding of the internal layers
     inst_rules 60-qcowsetup.rules 11-dm-qcowsetup.rules 56-dm-qcowsetup.rules

@@ -6,8 +6,11 @@
 #
 #   tests/vm/build-dracut.sh OUTDIR QCOWSETUP KVER QCOWTAB
 #
+# The slow-path daemon qcowsetup-daemon beside QCOWSETUP goes in too (the
+# module's QCOWSETUP_DAEMON_BINARY), when it is there.
+#
 # Writes OUTDIR/dracut.img. Cached: OUTDIR/dracut.stamp holds the sha256 of
-# every input (the program and its libraries' names, the module, the rules,
+# every input (the programs and their libraries' names, the module, the rules,
 # the qcowtab, the kernel version, dracut's version, this script); nothing is
 # rebuilt while it matches. QS_VM_FORCE=1 rebuilds anyway. A build takes 1-2
 # minutes. Safe to run concurrently (flock).
@@ -24,6 +27,12 @@ command -v dracut >/dev/null || { echo "$me: dracut not found (apt-get install d
 if ! head -c 4 "$qs" | grep -q ELF && [ -f "$(dirname "$qs")/.libs/$(basename "$qs")" ]; then
 	qs=$(dirname "$qs")/.libs/$(basename "$qs")
 fi
+daemon=$(dirname "$qs")/qcowsetup-daemon
+[ -f "$daemon" ] || daemon=$(dirname "$2")/qcowsetup-daemon
+if [ -f "$daemon" ] && ! head -c 4 "$daemon" | grep -q ELF && [ -f "$(dirname "$daemon")/.libs/qcowsetup-daemon" ]; then
+	daemon=$(dirname "$daemon")/.libs/qcowsetup-daemon
+fi
+[ -f "$daemon" ] || daemon=''
 mkdir -p "$outdir"
 outdir=$(cd "$outdir" && pwd)
 exec 9>"$outdir/.dracut.lock"
@@ -31,8 +40,8 @@ flock 9
 
 inputs() {
 	echo "kver=$kver $(dracut --version 2>&1 | head -1)"
-	ldd "$qs" 2>/dev/null | awk '{ print $1, $3 }'
-	for f in "$qs" "$0" "$qcowtab" "$top"/dracut/90qcowsetup/* "$top"/udev/60-qcowsetup.rules.in \
+	ldd "$qs" ${daemon:+"$daemon"} 2>/dev/null | awk '{ print $1, $3 }'
+	for f in "$qs" ${daemon:+"$daemon"} "$0" "$qcowtab" "$top"/dracut/90qcowsetup/* "$top"/udev/60-qcowsetup.rules.in \
 		"$top"/udev/11-dm-qcowsetup.rules; do
 		echo "$(basename "$f") $(sha256sum < "$f")"
 	done
@@ -58,11 +67,11 @@ echo "$me: building $outdir/dracut.img for kernel $kver (dracut, 1-2 minutes)" >
 t0=$(date +%s)
 rm -rf "$outdir/tmp"
 mkdir -p "$outdir/tmp"
-dracutbasedir=$base QCOWSETUP_BINARY=$qs QCOWSETUP_QCOWTAB=$qcowtab \
+dracutbasedir=$base QCOWSETUP_BINARY=$qs QCOWSETUP_DAEMON_BINARY=$daemon QCOWSETUP_QCOWTAB=$qcowtab \
 dracut --force --quiet --no-hostonly --no-hostonly-cmdline --no-early-microcode \
 	--kver "$kver" --tmpdir "$outdir/tmp" \
 	--modules "bash base udev-rules dm rootfs-block fs-lib qcowsetup" \
-	--drivers "virtio_pci virtio_blk virtio_rng ext4 dm_mod dm_crypt dm_zero loop" \
+	--drivers "virtio_pci virtio_blk virtio_rng ext4 dm_mod dm_crypt dm_zero loop nbd" \
 	--no-compress \
 	"$outdir/dracut.img.new" >"$outdir/dracut.log" 2>&1 || {
 	echo "$me: dracut failed:" >&2; tail -30 "$outdir/dracut.log" >&2; exit 1; }
