@@ -16,63 +16,24 @@
 #               later: recognised by 60-qcowsetup.rules, mapped, booted
 # After each, the holding disk (and the hot-plugged one) is byte-identical
 # to before: nothing written. The read-write root item is
-# tests/vm/test-boot-rw.sh (it skips until `qcowsetup open` maps read-write).
+# tests/vm/test-boot-rw.sh.
 #
-# The initramfs is cached by input hash (tests/vm/build-dracut.sh) in
-# $QS_VM_CACHE/dracut (default $top_builddir/tests/vm/out/dracut).
+# The machinery (initramfs cached by input hash, boots, checks) is
+# tests/vm/boot-lib.sh.
 # Environment: QCOWSETUP (the program), QS_KEEP=1 (keep the work directory),
 # QS_BOOT_ONLY="keyfile same" (run only those boots), QEMU, QS_VM_ACCEL.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU, kernel, dracut...), 99 error.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-builddir=${top_builddir:-$top}
 me=test-boot
-qs=${QCOWSETUP:-$builddir/qcowsetup}
-qemu=${QEMU:-qemu-system-x86_64}
-
-skip() { echo "$me: SKIP: $*"; exit 77; }
-command -v "$qemu" >/dev/null || skip "$qemu not found"
-command -v qemu-img >/dev/null || skip "qemu-img not found"
-command -v dracut >/dev/null || skip "dracut not found (apt-get install dracut-core)"
-command -v python3 >/dev/null || skip "python3 not found"
-command -v mkfs.ext4 >/dev/null || PATH=$PATH:/usr/sbin:/sbin
-command -v mkfs.ext4 >/dev/null || skip "mkfs.ext4 not found"
-busybox=$(command -v busybox || true)
-[ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
-	skip "no static busybox (apt-get install busybox-static)"
-[ -x "$qs" ] || { echo "$me: error: $qs not built" >&2; exit 99; }
-kernel='' kver=''
-# shellcheck disable=SC2012
-for k in $(ls /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
-	v=${k#/boot/vmlinuz-}
-	if [ -f "/usr/lib/modules/$v/modules.dep" ] || [ -f "/lib/modules/$v/modules.dep" ]; then
-		kernel=$k kver=$v
-		break
-	fi
-done
-[ -n "$kernel" ] && [ -r "$kernel" ] || skip "no readable kernel with modules in /boot"
-
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-boot.XXXXXX")
-if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
-cd "$work"
+# shellcheck source=tests/vm/boot-lib.sh
+. "$(cd "$(dirname "$0")" && pwd)/boot-lib.sh"
 
 PASS='qcow2 boot secret'
 WRONG='not the secret'
-HOLD_UUID=5d1c0a52-7c6e-4b1e-9f4a-2b8e6c0fd001  # fixed: the initramfs cache depends on it
-passed=0 failed=0 skipped=0
-pass() { echo "PASS: $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
-skipped() { echo "SKIP: $*"; skipped=$((skipped + 1)); }
 
 # ------------------------------------------------------------ images
-t0=$(date +%s)
 make_root() {  # DIR MARKER
-	mkdir -p "$1"/bin "$1"/sbin "$1"/proc "$1"/sys "$1"/dev "$1"/run "$1"/tmp "$1"/etc
-	cp "$busybox" "$1/bin/busybox"
-	for a in sh mount cat grep ls head poweroff echo sync; do ln -s busybox "$1/bin/$a"; done
-	echo "$2" > "$1/etc/marker"
-	cat > "$1/sbin/init" <<'EOF'
+	boot_make_root "$1" "$2" <<'EOF'
 #!/bin/sh
 export PATH=/bin
 echo "QS-ROOT-INIT: $(cat /etc/marker) pid $$"
@@ -84,18 +45,6 @@ sync
 echo "QS-ROOT-POWEROFF"
 poweroff -f
 EOF
-	chmod 755 "$1/sbin/init"
-}
-luks_qcow2() {  # RAW QCOW2 SECRET-OBJECT-OPTS
-	# qemu-img times PBKDF2 with getrusage, which a loaded machine can fail
-	# ("Unable to get accurate CPU usage"): a few attempts
-	for _ in 1 2 3 4 5; do
-		qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
-			-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536 "$1" "$2" &&
-			return 0
-		sleep 1
-	done
-	return 1
 }
 make_images() {
 	make_root root root
@@ -107,9 +56,9 @@ make_images() {
 	mkfs.ext4 -q -F -d data data.raw 8M
 	printf '%s' "$PASS" > hold/keys/root.key
 	head -c 48 /dev/urandom | base64 -w0 > hold/keys/direct.key  # QEMU secrets are UTF-8
-	luks_qcow2 root.raw hold/images/root.qcow2 "data=$PASS"
-	luks_qcow2 data.raw hold/images/data.qcow2 "data=$PASS"
-	luks_qcow2 direct.raw direct.qcow2 "file=$work/hold/keys/direct.key"
+	boot_luks_qcow2 root.raw hold/images/root.qcow2 "data=$PASS"
+	boot_luks_qcow2 data.raw hold/images/data.qcow2 "data=$PASS"
+	boot_luks_qcow2 direct.raw direct.qcow2 "file=$work/hold/keys/direct.key"
 	mkfs.ext4 -q -F -U "$HOLD_UUID" -L qshold -E root_owner=0:0 -d hold hold.img 64M
 	# the qcow2 bytes straight onto a disk
 	cp direct.qcow2 directdisk.img
@@ -127,21 +76,7 @@ fi
 md5_hold=$(md5sum < hold.img)
 md5_direct=$(md5sum < directdisk.img)
 
-# The qcowtab given to dracut: the hot-plugged disk (x-initrd.attach, nofail:
-# the other boots do without it), and an entry that must stay out.
-cat > qcowtab <<EOF
-# name   image                              key-file                          options
-direct   /dev/disk/by-id/virtio-qcowdirect  /keys/direct.key:UUID=$HOLD_UUID  readonly,nofail,x-initrd.attach
-notinrd  UUID=$HOLD_UUID:/images/data.qcow2 none                              readonly
-EOF
-cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut
-"$here/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" || {
-	rc=$?
-	[ $rc = 77 ] && skip "dracut cannot build here"
-	echo "$me: error: dracut failed" >&2
-	exit 99
-}
-initrd=$cache/dracut.img
+boot_initramfs
 echo "$me: images and initramfs ready in $(( $(date +%s) - t0 ))s"
 
 tab=$(lsinitrd -f etc/qcowtab "$initrd" 2>/dev/null || true)
@@ -153,8 +88,6 @@ else
 fi
 
 # ------------------------------------------------------------ boots
-# quiet and rd.info: dracut's info messages on the console, the kernel's not
-base_append="console=ttyS0 panic=-1 quiet rd.info rd.retry=40 rd.udev.log_level=err"
 img_root="rd.qcowsetup.image=UUID=$HOLD_UUID:/images/root.qcow2 rd.qcowsetup.name=root"
 img_data="rd.qcowsetup.image=UUID=$HOLD_UUID:/images/data.qcow2 rd.qcowsetup.name=data"
 
@@ -162,42 +95,6 @@ want() {
 	[ -z "${QS_BOOT_ONLY:-}" ] && return 0
 	case " $QS_BOOT_ONLY " in *" $1 "*) return 0 ;; esac
 	return 1
-}
-
-# boot NAME APPEND [--hotplug] -- STEP...
-boot() {
-	local name=$1 append=$2 hot=no rc t
-	shift 2
-	if [ "$1" = --hotplug ]; then hot=yes; shift; fi
-	shift
-	local args=(-machine "q35,accel=${QS_VM_ACCEL:-tcg}" -cpu max -smp 2 -m 768
-		-nographic -nodefaults -no-reboot -serial stdio
-		-kernel "$kernel" -initrd "$initrd" -append "$base_append $append"
-		-device virtio-rng-pci
-		-drive "file=$work/hold.img,if=virtio,format=raw,cache=writeback")
-	if [ $hot = yes ]; then
-		args+=(-device pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1
-			-drive "file=$work/directdisk.img,if=none,id=qd,format=raw,cache=writeback"
-			-qmp "unix:$work/qmp.sock,server=on,wait=off")
-	fi
-	t=$(date +%s)
-	rc=0
-	python3 "$here/console.py" --log "$work/$name.log" --timeout "${QS_BOOT_TIMEOUT:-240}" \
-		--qmp "$work/qmp.sock" "$@" -- "$qemu" "${args[@]}" >"$work/$name.out" 2>&1 || rc=$?
-	echo "$me: boot $name: $(( $(date +%s) - t ))s (console.py exit $rc)"
-	return $rc
-}
-
-# check NAME DESCRIPTION: after a boot, PASS/FAIL with the console on failure
-check() {
-	local name=$1 rc=$2
-	shift 2
-	if [ "$rc" = 0 ]; then
-		pass "$*"
-	else
-		fail "$* (console.py exit $rc; the end of its output follows)"
-		tail -n 40 "$work/$name.out" | sed 's/^/    | /'
-	fi
 }
 
 unchanged() {
@@ -263,7 +160,4 @@ if want hotplug; then
 	unchanged hotplug
 fi
 
-echo "$passed passed, $failed failed, $skipped skipped ($(( $(date +%s) - t0 ))s)"
-[ $failed = 0 ] || exit 1
-[ $passed = 0 ] && exit 77
-exit 0
+boot_summary

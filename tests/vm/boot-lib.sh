@@ -1,0 +1,152 @@
+# Shared part of the dracut boot tests (tests/vm/test-boot.sh,
+# tests/vm/test-boot-rw.sh): bash, sourced after `me` is set. Boots from an
+# initramfs built by Debian's dracut with the 90qcowsetup module of this
+# tree (tests/vm/build-dracut.sh, cached by input hash in $QS_VM_CACHE/dracut,
+# default $top_builddir/tests/vm/out/dracut), under QEMU TCG, driving the
+# serial console with tests/vm/console.py. Both tests give dracut the same
+# qcowtab (boot_qcowtab), so that they share one cached initramfs.
+#
+# Sourcing it checks what the boots need (skips with 77, 99 when qcowsetup
+# is not built), finds the kernel and makes the work directory ($work, the
+# current directory; QS_KEEP=1 keeps it). Then:
+#   boot_make_root DIR MARKER < INIT    a root tree: static busybox, the
+#                                       /etc/marker MARKER, INIT as /sbin/init
+#   boot_luks_qcow2 RAW QCOW2 SECRET    qemu-img convert to a LUKS qcow2
+#   boot_initramfs                      builds (or finds) the initramfs: $initrd
+#   boot NAME APPEND [--hotplug] -- STEP...
+#                                       one boot, console.py STEPs; the disk is
+#                                       $work/hold.img (--hotplug: and
+#                                       $work/directdisk.img, plugged by QMP)
+#   check NAME RC DESCRIPTION           PASS/FAIL of a boot (the console's end
+#                                       on failure)
+#   pass/fail/skipped DESCRIPTION, boot_summary (the closing line and exit)
+# Environment: QCOWSETUP (the program), QEMU, QS_VM_ACCEL, QS_BOOT_TIMEOUT.
+
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+builddir=${top_builddir:-$top}
+qs=${QCOWSETUP:-$builddir/qcowsetup}
+qemu=${QEMU:-qemu-system-x86_64}
+
+skip() { echo "$me: SKIP: $*"; exit 77; }
+command -v "$qemu" >/dev/null || skip "$qemu not found"
+command -v qemu-img >/dev/null || skip "qemu-img not found"
+command -v dracut >/dev/null || skip "dracut not found (apt-get install dracut-core)"
+command -v python3 >/dev/null || skip "python3 not found"
+command -v mkfs.ext4 >/dev/null || PATH=$PATH:/usr/sbin:/sbin
+command -v mkfs.ext4 >/dev/null || skip "mkfs.ext4 not found"
+busybox=$(command -v busybox || true)
+[ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
+	skip "no static busybox (apt-get install busybox-static)"
+[ -x "$qs" ] || { echo "$me: error: $qs not built" >&2; exit 99; }
+kernel='' kver=''
+# shellcheck disable=SC2012
+for k in $(ls /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
+	v=${k#/boot/vmlinuz-}
+	if [ -f "/usr/lib/modules/$v/modules.dep" ] || [ -f "/lib/modules/$v/modules.dep" ]; then
+		kernel=$k kver=$v
+		break
+	fi
+done
+[ -n "$kernel" ] && [ -r "$kernel" ] || skip "no readable kernel with modules in /boot"
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-$me.XXXXXX")
+if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+cd "$work"
+
+HOLD_UUID=5d1c0a52-7c6e-4b1e-9f4a-2b8e6c0fd001  # fixed: the initramfs cache depends on it
+passed=0 failed=0 skipped=0
+t0=$(date +%s)
+pass() { echo "PASS: $*"; passed=$((passed + 1)); }
+fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
+skipped() { echo "SKIP: $*"; skipped=$((skipped + 1)); }
+
+boot_make_root() {  # DIR MARKER < INIT
+	mkdir -p "$1"/bin "$1"/sbin "$1"/proc "$1"/sys "$1"/dev "$1"/run "$1"/tmp "$1"/etc
+	cp "$busybox" "$1/bin/busybox"
+	for a in sh mount umount cat grep ls head poweroff echo sync md5sum dd sleep; do ln -s busybox "$1/bin/$a"; done
+	echo "$2" > "$1/etc/marker"
+	cat > "$1/sbin/init"
+	chmod 755 "$1/sbin/init"
+}
+
+boot_luks_qcow2() {  # RAW QCOW2 SECRET-OBJECT-OPTS
+	# qemu-img times PBKDF2 with getrusage, which a loaded machine can fail
+	# ("Unable to get accurate CPU usage"): a few attempts
+	for _ in 1 2 3 4 5; do
+		qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
+			-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536 "$1" "$2" &&
+			return 0
+		sleep 1
+	done
+	return 1
+}
+
+# The qcowtab given to dracut: the hot-plugged disk of test-boot.sh
+# (x-initrd.attach, nofail: the other boots do without it), and an entry
+# that must stay out.
+boot_qcowtab() {
+	cat <<EOF
+# name   image                              key-file                          options
+direct   /dev/disk/by-id/virtio-qcowdirect  /keys/direct.key:UUID=$HOLD_UUID  readonly,nofail,x-initrd.attach
+notinrd  UUID=$HOLD_UUID:/images/data.qcow2 none                              readonly
+EOF
+}
+
+boot_initramfs() {
+	local cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut rc=0
+	boot_qcowtab > "$work/qcowtab"
+	"$here/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" || rc=$?
+	if [ $rc != 0 ]; then
+		[ $rc = 77 ] && skip "dracut cannot build here"
+		echo "$me: error: dracut failed" >&2
+		exit 99
+	fi
+	initrd=$cache/dracut.img
+}
+
+# quiet and rd.info: dracut's info messages on the console, the kernel's not
+base_append="console=ttyS0 panic=-1 quiet rd.info rd.retry=40 rd.udev.log_level=err"
+
+# boot NAME APPEND [--hotplug] -- STEP...
+boot() {
+	local name=$1 append=$2 hot=no rc t
+	shift 2
+	local args=(-machine "q35,accel=${QS_VM_ACCEL:-tcg}" -cpu max -smp 2 -m 768
+		-nographic -nodefaults -no-reboot -serial stdio
+		-kernel "$kernel" -initrd "$initrd" -append "$base_append $append"
+		-device virtio-rng-pci
+		-drive "file=$work/hold.img,if=virtio,format=raw,cache=writeback")
+	if [ "$1" = --hotplug ]; then hot=yes; shift; fi
+	shift
+	if [ $hot = yes ]; then
+		args+=(-device pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1
+			-drive "file=$work/directdisk.img,if=none,id=qd,format=raw,cache=writeback"
+			-qmp "unix:$work/qmp.sock,server=on,wait=off")
+	fi
+	t=$(date +%s)
+	rc=0
+	python3 "$here/console.py" --log "$work/$name.log" --timeout "${QS_BOOT_TIMEOUT:-240}" \
+		--qmp "$work/qmp.sock" "$@" -- "$qemu" "${args[@]}" >"$work/$name.out" 2>&1 || rc=$?
+	echo "$me: boot $name: $(( $(date +%s) - t ))s (console.py exit $rc)"
+	return $rc
+}
+
+# check NAME RC DESCRIPTION: after a boot, PASS/FAIL with the console on failure
+check() {
+	local name=$1 rc=$2
+	shift 2
+	if [ "$rc" = 0 ]; then
+		pass "$*"
+	else
+		fail "$* (console.py exit $rc; the end of its output follows)"
+		tail -n 40 "$work/$name.out" | sed 's/^/    | /'
+	fi
+}
+
+boot_summary() {
+	echo "$passed passed, $failed failed, $skipped skipped ($(( $(date +%s) - t0 ))s)"
+	[ $failed = 0 ] || exit 1
+	[ $passed = 0 ] && exit 77
+	exit 0
+}
