@@ -15,10 +15,12 @@
 # qcowsetup, where qcowsetup looks for it first. It outlives the initramfs:
 # nothing kills it before switch_root (dracut's shell init kills nothing;
 # systemd spares processes whose argv[0] starts with '@', as the daemon's
-# does), and qcowsetup-pivot.sh (pre-pivot hook) lists its processes in
-# /run/sendsigs.omit.d/ for sysvinit's shutdown. qcowsetup-shutdown.sh
-# (shutdown hook, before 90dm's) closes the mappings once the root is
-# unmounted, when the system goes back to the initramfs to shut down.
+# does), and qcowsetup-pivot.sh (pre-pivot hook) keeps /dev, /proc and /sys
+# in the emptied initramfs for it (its table reloads need them) and lists
+# its processes in /run/sendsigs.omit.d/ for sysvinit's shutdown.
+# qcowsetup-shutdown.sh (shutdown hook, before 90dm's) closes the mappings
+# once the root is unmounted, when the system goes back to the initramfs to
+# shut down.
 #
 # Environment (tests): QCOWSETUP_QCOWTAB, the qcowtab to take entries from
 # (default $dracutsysrootdir/etc/qcowtab); QCOWSETUP_BINARY, a qcowsetup
