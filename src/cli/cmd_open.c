@@ -54,6 +54,8 @@
 struct held_file {
 	struct loop_dev loop;
 	bool attached;
+	bool extended;		/* hold_file grew the file from old_size */
+	uint64_t old_size;
 };
 
 struct open_ctx {
@@ -132,6 +134,10 @@ static int hold_file(struct open_ctx *c, const char *path, struct held_file *h, 
 		if ((uint64_t)st.st_size < extend_to && ftruncate(fd, (off_t)extend_to) < 0)
 			log_std("%s: cannot reserve room for new clusters (%s): writes will stop at %" PRIu64 " bytes of file.",
 				path, strerror(errno), (uint64_t)st.st_size);
+		else if ((uint64_t)st.st_size < extend_to) {
+			h->extended = true;
+			h->old_size = (uint64_t)st.st_size;
+		}
 	}
 	if (r == 0) {
 		r = loop_attach(fd, !loop_rw, true, true, &h->loop);
@@ -147,6 +153,18 @@ static int hold_file(struct open_ctx *c, const char *path, struct held_file *h, 
 			    loop_rw ? ", read-write" : "");
 	}
 	return r;
+}
+
+/* A failed open gives a file it grew its size back (while the loop device
+ * still holds the file, and with it the write lock). */
+static void restore_size(struct held_file *h, const char *path)
+{
+	if (!h->extended)
+		return;
+	if (truncate(path, (off_t)h->old_size) < 0)
+		log_std("%s: cannot give the file back its size (%" PRIu64 " bytes): %s.", path, h->old_size,
+			strerror(errno));
+	h->extended = false;
 }
 
 static void release_file(struct held_file *h)
@@ -732,6 +750,9 @@ out:
 	}
 	if (r)
 		remove_devices(c);
+	if (r && !c->daemon_ready && c->nlayers)
+		/* (once the daemon made the top, it did so at its exit) */
+		restore_size(&c->data[0], tools_layer_data_path(c->tl[0].img));
 	return r;
 }
 

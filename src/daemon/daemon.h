@@ -88,6 +88,7 @@ struct daemon {
 	int nbd_index;
 	int sock;		/* our end of the socketpair */
 	int guard_pipe;		/* to the guardian: "B" on a clean exit; -1: none */
+	pid_t guard_pid;
 	uint8_t *buf;
 	char backend[96];
 };

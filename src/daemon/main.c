@@ -347,6 +347,34 @@ static void write_state(struct daemon *d)
 		unlink(tmp);
 }
 
+/* sysvinit's shutdown (sendsigs) spares the processes listed here: the
+ * daemon and its guardian must outlive the filesystems on the mapping. */
+#define OMIT_DIR "/run/sendsigs.omit.d"
+
+static void omit_path(const struct daemon *d, int which, char *buf, size_t size)
+{
+	snprintf(buf, size, OMIT_DIR "/qcowsetup-%s%s.pid", d->o.name, which ? "-guard" : "");
+}
+
+static void write_omit(struct daemon *d)
+{
+	pid_t pids[2] = { getpid(), d->guard_pid };
+	char path[256];
+
+	for (int i = 0; i < 2; i++) {
+		FILE *f;
+
+		if (pids[i] <= 0)
+			continue;
+		omit_path(d, i, path, sizeof(path));
+		f = fopen(path, "we");	/* no directory: no sysvinit to tell */
+		if (!f)
+			continue;
+		fprintf(f, "%d\n", (int)pids[i]);
+		fclose(f);
+	}
+}
+
 static void remove_state(struct daemon *d)
 {
 	char path[256];
@@ -355,6 +383,10 @@ static void remove_state(struct daemon *d)
 	unlink(path);
 	snprintf(path, sizeof(path), STATE_DIR "/%s.stats", d->o.name);
 	unlink(path);
+	for (int i = 0; i < 2; i++) {
+		omit_path(d, i, path, sizeof(path));
+		unlink(path);
+	}
 }
 
 static void report(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -541,7 +573,10 @@ static void start_guard(struct daemon *d)
 				 (char *)d->o.name, (char *)"--id", (char *)d->o.id, NULL };
 
 		/* nothing but the read end: no loop device, no crypt device */
-		dup2(p[0], 3);
+		if (p[0] == 3)
+			fcntl(3, F_SETFD, 0);	/* dup2(3, 3) would keep O_CLOEXEC */
+		else
+			dup2(p[0], 3);
 		close_range(4, ~0U, 0);
 		snprintf(fdarg, sizeof(fdarg), "3");
 		execv("/proc/self/exe", argv);
@@ -549,6 +584,7 @@ static void start_guard(struct daemon *d)
 	}
 	close(p[0]);
 	d->guard_pipe = p[1];
+	d->guard_pid = pid;
 }
 
 static void dismiss_guard(struct daemon *d)
@@ -712,6 +748,7 @@ int main(int argc, char **argv)
 		goto fail;
 	report(d, "READY nbd%d\n", d->nbd_index);
 	write_state(d);
+	write_omit(d);
 	log_std("%s: %s mapped %s (slow path nbd%d)%s", d->o.name, d->o.image,
 		d->o.read_only ? "read-only" : "read-write", d->nbd_index, d->o.reattach >= 0 ? ", reattached" : "");
 	daemon_log_ready();

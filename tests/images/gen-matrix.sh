@@ -332,6 +332,20 @@ gen_comp() { # NAME TYPE CLUSTER
 	register "$name" "$name.qcow2" qcow2 - "qcow2,v3,compressed,$ctype,zero"
 }
 
+# A compressed image (qemu-img convert -c: its file ends unaligned) with a
+# snapshot taken afterwards: the snapshot table ends the file, with no
+# padding after its last entry.
+gen_comp_snap() {
+	local name=comp-snap size=$((16 * M))
+	LOGNAME=$name
+	create "$name.src" raw "$size"
+	io "$name.src" raw - -c "write -P 0x21 0 $((2 * M))" -c "write -P 0x22 $((8 * M)) $M"
+	retry qemu-img convert -q -c -O qcow2 "$name.src" "$name.qcow2"
+	rm -f "$name.src"
+	retry qemu-img snapshot -c s1 "$name.qcow2"
+	register "$name" "$name.qcow2" qcow2 - "qcow2,v3,compressed,zlib,snapshot"
+}
+
 # --- external data file ----------------------------------------------------
 gen_datafile() { # NAME RAW(on|off)
 	local name=$1 raw=$2 cs=$((64 * K)) size=$((32 * M))
@@ -540,6 +554,7 @@ job gen_comp comp-zlib-c64k zlib 65536
 job gen_comp comp-zstd-c64k zstd 65536
 job gen_comp comp-zlib-c4k zlib 4096
 job gen_comp comp-zstd-c4k zstd 4096
+job gen_comp_snap
 job gen_datafile df-raw on
 job gen_datafile df-noraw off
 job gen_snap

@@ -65,6 +65,8 @@ vm_test() {
 		vm_failed=$((vm_failed + 1))
 		echo "FAIL: $vm_name (exit $vm_rc after ${vm_dt}s)"
 		sed 's/^/    | /' "$vm_out"
+		# what a failed test left must not fail the next ones
+		vm_cleanup
 		;;
 	esac
 	rm -f "$vm_out"
@@ -98,10 +100,25 @@ vm_assert_clean() {
 		echo "loop devices left:"; losetup -a
 		vm_left=1
 	fi
+	# the slow path: no daemon (nor guardian), no connected NBD device
+	if ps -o pid,args 2>/dev/null | grep -v grep | grep -q '@qcowsetup-daemon'; then
+		# (a daemon finishing its exit is allowed a moment)
+		sleep 1
+		if ps -o pid,args | grep -v grep | grep '@qcowsetup-daemon'; then
+			echo "daemon processes left"
+			vm_left=1
+		fi
+	fi
+	for b in /sys/block/nbd*; do
+		[ ! -e "$b/pid" ] || { echo "${b##*/} still connected (server pid $(cat "$b/pid"))"; vm_left=1; }
+	done
 	return $vm_left
 }
 
 vm_cleanup() {
+	for p in $(ps -o pid,args 2>/dev/null | grep '@qcowsetup-daemon' | grep -v grep | awk '{ print $1 }'); do
+		kill -9 "$p" 2>/dev/null || true
+	done
 	dmsetup remove_all --force >/dev/null 2>&1 || true
 	losetup -D >/dev/null 2>&1 || true
 }

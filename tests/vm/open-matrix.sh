@@ -69,12 +69,19 @@ override() {
 vm_test "legacy AES --skip-key-check maps a wrong key (garbage, by request)" override
 
 # ---- atomic open: fail each step in turn, nothing may be left
-fault_steps() {	# path secret
-	k=1
+fault_steps() {	# path secret [rw]: read-only, or read-write on a copy
+	k=1 img=$1 mode=--readonly
+	if [ "${3:-}" = rw ]; then
+		# a copy of the image's folder (a chain's backing files with it)
+		rm -rf /tmp/fault && mkdir /tmp/fault
+		if [ "$(dirname "$1")" = . ]; then cp "$1" /tmp/fault/; else cp -r "$(dirname "$1")"/. /tmp/fault/; fi
+		mode='' img=/tmp/fault/$(basename "$1")
+		before=$(md5sum <"$img")
+	fi
 	while [ $k -lt 60 ]; do
 		rc=0
-		# shellcheck disable=SC2046
-		qcowsetup open --readonly $(keyargs "$2") --debug-fail-step $k "$1" qs-fault 2>err || rc=$?
+		# shellcheck disable=SC2046,SC2086
+		qcowsetup open $mode $(keyargs "$2") --debug-fail-step $k "$img" qs-fault 2>err || rc=$?
 		if [ $rc = 0 ]; then
 			qcowsetup close qs-fault
 			echo "open succeeds past its $((k - 1)) steps"
@@ -85,6 +92,10 @@ fault_steps() {	# path secret
 		grep -q "Injected failure at step $k" err || { cat err; return 1; }
 		vm_assert_clean || { echo "after failing step $k"; return 1; }
 		keyctl show @u 2>/dev/null | grep -q qcowsetup && { echo "key left after step $k"; return 1; }
+		if [ -z "$mode" ] && [ "$(md5sum <"$img")" != "$before" ]; then
+			echo "the image changed (size $(stat -c %s "$img")) after failing step $k"
+			return 1
+		fi
 		k=$((k + 1))
 	done
 	return 1
@@ -92,6 +103,8 @@ fault_steps() {	# path secret
 vm_test "atomic open (LUKS): a failure at any step leaves nothing" fault_steps luks-aes-xts.qcow2 pass.key
 vm_test "atomic open (3-layer chain): a failure at any step leaves nothing" fault_steps chain-q1/top.qcow2 -
 vm_test "atomic open (legacy AES): a failure at any step leaves nothing" fault_steps aes-qcow2.qcow2 pass.key
+vm_test "atomic read-write open (LUKS): a failure at any step leaves nothing, the image unchanged" fault_steps luks-aes-xts.qcow2 pass.key rw
+vm_test "atomic read-write open (3-layer chain): a failure at any step leaves nothing, the image unchanged" fault_steps chain-q1/top.qcow2 - rw
 
 # ---- names, busy devices
 name_taken() {
