@@ -2,8 +2,10 @@
 # The main job on a generated sample: an encrypted (LUKS) qcow2 holding an
 # ext4 filesystem, made by qemu-img; qcowsetup shows what it sees (info, map,
 # the dm tables), then maps it read-only as /dev/mapper/demo, mounts it, lists
-# and reads a file, and closes it. The mapping runs in the test VM (Debian's
-# kernel under QEMU) when this machine's kernel has no device-mapper.
+# and reads a file, and closes it; maps it read-write (the default), writes a
+# file, closes it; and QEMU's tools check the image and find the new file. The
+# mapping runs in the test VM (Debian's kernel under QEMU) when this machine's
+# kernel has no device-mapper.
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 [ -n "${QS_NO_SETUP:-}" ] || "$top/tools/setup.sh"
@@ -46,6 +48,15 @@ run ls -l /mnt/demo/docs
 run cat /mnt/demo/docs/hello.txt
 run umount /mnt/demo
 run qcowsetup close demo
+echo; echo "# read-write (the default): the kernel writes allocated clusters, the daemon allocates new ones"
+run qcowsetup open --key-file pass vm1.qcow2 demo
+run qcowsetup status demo
+run mount -t ext4 /dev/mapper/demo /mnt/demo
+date > /mnt/demo/docs/written-through-qcowsetup.txt
+echo "Written through /dev/mapper/demo." >> /mnt/demo/docs/written-through-qcowsetup.txt
+run ls -l /mnt/demo/docs
+run umount /mnt/demo
+run qcowsetup close demo
 echo; echo "# dmsetup ls; losetup -a   (nothing left)"
 dmsetup ls; losetup -a
 EOS
@@ -58,3 +69,8 @@ else
 	QCOWSETUP=$qs "$top/tests/vm/run-vm.sh" --share "$work" -- inside.sh 2>&1 |
 		grep -v -e "^QS-" -e "^run-vm:" -e SeaBIOS -e "^Booting" -e "^\[ *[0-9.]*\]"
 fi
+
+# QEMU's own view of the image qcowsetup wrote to
+run qemu-img check "${secret[@]}" --image-opts "driver=qcow2,file.filename=vm1.qcow2,encrypt.key-secret=s0"
+qemu-img convert "${secret[@]}" --image-opts "driver=qcow2,file.filename=vm1.qcow2,encrypt.key-secret=s0" -O raw check.raw
+run debugfs -R "cat /docs/written-through-qcowsetup.txt" check.raw
