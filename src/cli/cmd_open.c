@@ -862,6 +862,10 @@ struct walk_ctx {
 	struct dev_list *all;
 	int nbd[8];		/* slow-path devices under it */
 	unsigned int nnbd;
+	/* devices walked already: a big table names the same few devices
+	 * millions of times */
+	uint32_t seen[256][2];
+	unsigned int nseen;
 };
 
 static void note_file(struct walk_ctx *w, const char *path)
@@ -910,6 +914,13 @@ static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
 	char path[64];
 	int r;
 
+	for (unsigned int i = 0; i < w->nseen; i++)
+		if (w->seen[i][0] == major && w->seen[i][1] == minor)
+			return 0;
+	if (w->nseen < ARRAY_SIZE(w->seen)) {
+		w->seen[w->nseen][0] = major;
+		w->seen[w->nseen++][1] = minor;
+	}
 	if (major == 7) {
 		snprintf(path, sizeof(path), "/dev/loop%u", minor);
 		if (loop_get_info(path, &li) == 0)
