@@ -13,6 +13,7 @@
  * reports "READY nbdN" on a pipe. Read-only mappings of images with
  * compressed clusters use the daemon for those clusters. Raw images map
  * read-write without it. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -860,6 +861,7 @@ struct walk_ctx {
 	unsigned int nfiles;
 	char cipher[DM_CIPHER_MAX + 1];
 	struct dev_list *all;
+	const char *name;	/* the mapping */
 	int nbd[8];		/* slow-path devices under it */
 	unsigned int nnbd;
 	/* devices walked already: a big table names the same few devices
@@ -908,6 +910,42 @@ static int walk_target(void *opaque, uint64_t start, uint64_t length, const char
 	return 0;
 }
 
+/* A segment's devices from sysfs: its table has up to --max-targets
+ * entries, all naming the same few devices (and nothing else to show). */
+static int walk_slaves(struct walk_ctx *w, uint32_t major, uint32_t minor)
+{
+	char path[PATH_MAX], buf[32];
+	struct dirent *e;
+	DIR *dir;
+	int r = 0;
+
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/slaves", major, minor);
+	dir = opendir(path);
+	if (!dir)
+		return -errno;
+	while (!r && (e = readdir(dir))) {
+		unsigned int maj, min;
+		ssize_t n;
+		int fd;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/sys/class/block/%s/dev", e->d_name);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		n = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (n <= 0)
+			continue;
+		buf[n] = '\0';
+		if (sscanf(buf, "%u:%u", &maj, &min) == 2)
+			r = walk_device(w, maj, min);
+	}
+	closedir(dir);
+	return r;
+}
+
 static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
 {
 	struct loop_dev_info li;
@@ -940,7 +978,10 @@ static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
 	for (size_t i = 0; i < w->all->n; i++)
 		if (w->all->v[i].major == major && w->all->v[i].minor == minor && w->depth < 64) {
 			w->depth++;
-			r = dm_get_table(w->all->v[i].name, walk_target, w);
+			if (w->name && dm_is_segment_name(w->all->v[i].name, w->name))
+				r = walk_slaves(w, major, minor);
+			else
+				r = dm_get_table(w->all->v[i].name, walk_target, w);
 			w->depth--;
 			return r;
 		}
@@ -1118,6 +1159,7 @@ static int close_mapping(const char *name, bool deferred)
 		goto out;
 	}
 	w->all = &all;
+	w->name = name;
 	dm_get_table(name, walk_target, w);
 	for (unsigned int i = 0; i < w->nnbd; i++)
 		pids[i] = daemon_pid(name, w->nbd[i]);
@@ -1137,7 +1179,7 @@ static int close_mapping(const char *name, bool deferred)
 			struct dm_dev_info di;
 
 			if (belongs_to(all.v[i].uuid, info.uuid, name) && !dm_device_info(all.v[i].name, &di) &&
-			    di.exists && !di.open_count && strstr(all.v[i].name + strlen(name), "_s"))
+			    di.exists && !di.open_count && dm_is_segment_name(all.v[i].name, name))
 				dm_remove_device(all.v[i].name, false, true);
 		}
 		r = stop_daemons(name, w->nbd, w->nnbd, pids);
@@ -1208,6 +1250,7 @@ static void status_one(struct json *j, const char *name, struct dev_list *all, c
 	if (!w)
 		return;
 	w->all = all;
+	w->name = name;
 	dm_get_table(name, walk_target, w);
 	for (size_t i = 0; i < all->n; i++)
 		internal += belongs_to(all->v[i].uuid, info->uuid, name);
@@ -1347,6 +1390,7 @@ int cmd_reattach(int argc, char **argv)
 		goto out;
 	}
 	w->all = &all;
+	w->name = name;
 	dm_get_table(name, walk_target, w);
 	if (w->nnbd != 1) {
 		log_err("%s has no slow path to reattach.", name);

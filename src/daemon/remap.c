@@ -237,23 +237,6 @@ static int swap(struct daemon *d, const struct dm_device *dev)
 }
 
 /* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... */
-static bool is_top_segment_name(const char *dev, const char *name)
-{
-	size_t n = strlen(name);
-	const char *p;
-
-	if (strncmp(dev, name, n) || dev[n] != '_' || dev[n + 1] != 's')
-		return false;
-	for (p = dev + n + 1; *p == 's'; p++)
-		;
-	if (!*p)
-		return false;
-	for (; *p; p++)
-		if (*p < '0' || *p > '9')
-			return false;
-	return true;
-}
-
 struct stale_ctx {
 	const char *name;
 	const char *uuid_prefix;
@@ -268,7 +251,7 @@ static int collect_stale(void *opaque, const char *name, const char *uuid, uint3
 
 	(void)major;
 	(void)minor;
-	if (!uuid || strncmp(uuid, c->uuid_prefix, strlen(c->uuid_prefix)) || !is_top_segment_name(name, c->name) ||
+	if (!uuid || strncmp(uuid, c->uuid_prefix, strlen(c->uuid_prefix)) || !dm_is_segment_name(name, c->name) ||
 	    find_device(c->keep, name) || c->n == c->max)
 		return 0;
 	snprintf(c->names[c->n++], 128, "%s", name);
@@ -595,7 +578,7 @@ static int collect_suspended(void *opaque, const char *name, const char *uuid, u
 	if (!uuid || c->n == 64)
 		return 0;
 	top = !strcmp(uuid, c->top_uuid);
-	seg = !strncmp(uuid, c->seg_prefix, strlen(c->seg_prefix)) && is_top_segment_name(name, c->name);
+	seg = !strncmp(uuid, c->seg_prefix, strlen(c->seg_prefix)) && dm_is_segment_name(name, c->name);
 	if (top || seg) {
 		c->hidden[c->n] = seg;
 		snprintf(c->names[c->n++], 128, "%s", name);

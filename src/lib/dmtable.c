@@ -851,3 +851,20 @@ void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struc
 	*it = (struct dm_stack_table_iter){ .s = s, .dev = dev };
 	*t = (struct dm_table){ .count = dev->count, .target_fn = stack_target_at, .opaque = it };
 }
+
+bool dm_is_segment_name(const char *dev, const char *name)
+{
+	size_t n = strlen(name);
+	const char *p;
+
+	if (strncmp(dev, name, n) || dev[n] != '_' || dev[n + 1] != 's')
+		return false;
+	for (p = dev + n + 1; *p == 's'; p++)
+		;
+	if (!*p)
+		return false;
+	for (; *p; p++)
+		if (*p < '0' || *p > '9')
+			return false;
+	return true;
+}

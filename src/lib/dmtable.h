@@ -210,4 +210,8 @@ struct dm_stack_table_iter {
 void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struct dm_stack_table_iter *it,
 		    struct dm_table *t);
 
+/* Whether dev is the name of a segment device of mapping name (NAME_sK,
+ * NAME_ssK, ...: dmtable's naming). */
+bool dm_is_segment_name(const char *dev, const char *name);
+
 #endif

@@ -908,6 +908,16 @@ static void test_large(void)
 	run_list_free(&runs);
 }
 
+static void test_segment_names(void)
+{
+	CHECK(dm_is_segment_name("vm1_s0", "vm1") && dm_is_segment_name("vm1_s12", "vm1") &&
+	      dm_is_segment_name("vm1_ss3", "vm1"), "segment names of vm1 are recognised");
+	CHECK(!dm_is_segment_name("vm1_crypt", "vm1") && !dm_is_segment_name("vm1_s", "vm1") &&
+	      !dm_is_segment_name("vm1_sx1", "vm1") && !dm_is_segment_name("vm1_s1", "vm") &&
+	      !dm_is_segment_name("vm1", "vm1") && !dm_is_segment_name("vm1_L1_crypt", "vm1"),
+	      "and nothing else (crypt devices, other mappings, bare prefixes)");
+}
+
 int main(void)
 {
 	qs_log_set_callback(capture_log, NULL);
@@ -916,5 +926,6 @@ int main(void)
 	test_params();
 	test_segments();
 	test_large();
+	test_segment_names();
 	return tap_done();
 }
