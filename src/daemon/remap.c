@@ -5,11 +5,14 @@
  * cached metadata back (qcow2_rw_writeback: what a new cluster needs becomes
  * durable) and collects the guest ranges that became writable in place. Then,
  * without the lock, it patches its copy of the runs, rebuilds the stack
- * (dm_stack_build, the same function as `open`), and for every top or
- * segment device whose table changed: loads the new table into the inactive
- * slot (the live table keeps serving), then suspends (noflush, no
- * filesystem freeze) and resumes it, children before parents; segments that
- * are no longer needed are removed.
+ * (dm_stack_build, the same function as `open`), and when the top table
+ * changed: loads it into the inactive slot (the live table keeps serving),
+ * then suspends (noflush, no filesystem freeze) and resumes it. A table
+ * split into segment devices (--max-targets) is remapped only while its
+ * segments stay as they are: a segment keeps its name when the split moves,
+ * and swapping one under its live parent would show the parent other data;
+ * once a round would change a segment, new clusters stay on the slow path
+ * (correct, slower) until the next open.
  *
  * Why a reload never deadlocks on the I/O the daemon serves:
  *   - a suspend, noflush or not, waits for the bios in flight on the device
@@ -279,6 +282,25 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = dm_device_info(d->o.name, &info);
 		if (!r && !info.exists)
 			r = -ENODEV;
+		if (r)
+			goto out;
+		/* Only the top table is swapped in a round. Segments keep their
+		 * names when the split moves, and a segment swapped under a live
+		 * parent would show that parent other data (or change size under
+		 * a parent table being loaded, which the kernel refuses): a round
+		 * that would change a segment is not made (-ERANGE). */
+		for (size_t i = 0; i < next->count && !r; i++) {
+			const struct dm_device *dev = &next->devices[i], *old;
+
+			if (dev->role != DM_ROLE_SEGMENT)
+				continue;
+			old = find_device(cur, dev->name);
+			if (!old || !same_table(cur, old, next, dev))
+				r = -ERANGE;
+		}
+		for (size_t i = 0; i < cur->count && !r; i++)
+			if (cur->devices[i].role == DM_ROLE_SEGMENT && !find_device(next, cur->devices[i].name))
+				r = -ERANGE;
 		if (r)
 			goto out;
 	}
@@ -656,6 +678,12 @@ void daemon_remap_loop(struct daemon *d)
 		r = remap_round(d, q, n, rescan);
 		if (r == -ENODEV || r == -ENXIO) {
 			log_verbose("%s: the mapping is going away: no more remapping", d->o.name);
+			gave_up = true;
+			continue;
+		}
+		if (r == -ERANGE) {
+			log_std("%s: the table is split into segment devices that would have to change: new clusters stay on the slow path until the next open.",
+				d->o.name);
 			gave_up = true;
 			continue;
 		}

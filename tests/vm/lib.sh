@@ -120,5 +120,8 @@ vm_cleanup() {
 		kill -9 "$p" 2>/dev/null || true
 	done
 	dmsetup remove_all --force >/dev/null 2>&1 || true
+	for b in /sys/block/nbd*; do
+		[ ! -e "$b/pid" ] || qemu-nbd -d "/dev/${b##*/}" >/dev/null 2>&1 || true
+	done
 	losetup -D >/dev/null 2>&1 || true
 }

@@ -302,7 +302,7 @@ matrix)
 	done <manifest
 	vm_test "plain: a second seed" workload plain 2
 	vm_test "luks: a second seed" workload luks 2
-	vm_test "segments (--max-targets 4): reloads create and remove segment devices" segments
+	vm_test "segments (--max-targets 4): writes through a split table, then consistent" segments
 	vm_test "compressed clusters mapped read-only through the daemon" compressed_ro
 	vm_test "interop with QEMU both ways, locks both ways" interop
 	vm_test "corrupt bit: read-write refused (exit 4), read-only works" corrupt_bit
