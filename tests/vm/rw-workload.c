@@ -31,6 +31,8 @@
 #include <unistd.h>
 #include <linux/fs.h>
 
+#include "sysutil.h"
+
 static uint64_t rng;
 
 static uint64_t rnd(void)
@@ -66,38 +68,6 @@ static uint64_t dev_size(int fd)
 	if (fstat(fd, &st) == 0 && S_ISBLK(st.st_mode) && ioctl(fd, BLKGETSIZE64, &sz) == 0)
 		return sz;
 	return fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
-}
-
-static int pwrite_all(int fd, const uint8_t *p, size_t len, uint64_t off)
-{
-	while (len) {
-		ssize_t n = pwrite(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int pread_all(int fd, uint8_t *p, size_t len, uint64_t off)
-{
-	while (len) {
-		ssize_t n = pread(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
 }
 
 struct region {
@@ -198,13 +168,13 @@ static int do_write(int argc, char **argv)
 			if (fflush(log) || fdatasync(fileno(log)))
 				return 1;
 		}
-		r = pwrite_all(fd, buf, len, off);
+		r = fd_pwrite_all(fd, buf, len, off);
 		if (r) {
 			fprintf(stderr, "write %" PRIu64 " (%" PRIu64 " bytes at %" PRIu64 "): %s\n", n, len, off,
 				strerror(-r));
 			return 1;
 		}
-		if (ref >= 0 && pwrite_all(ref, buf, len, off))
+		if (ref >= 0 && fd_pwrite_all(ref, buf, len, off))
 			return 1;
 		if (flush_every && (n % flush_every == 0 || n == ops)) {
 			if (fsync(fd)) {
@@ -271,7 +241,7 @@ static int do_verify(int argc, char **argv)
 	got = malloc(size);
 	if (!expect || !known || !got)
 		return 1;
-	if (pread_all(orig, expect, size, 0) || pread_all(dev, got, size, 0)) {
+	if (fd_pread_all(orig, expect, size, 0) || fd_pread_all(dev, got, size, 0)) {
 		fprintf(stderr, "cannot read the images\n");
 		return 1;
 	}
