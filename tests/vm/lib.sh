@@ -65,6 +65,10 @@ vm_test() {
 		vm_failed=$((vm_failed + 1))
 		echo "FAIL: $vm_name (exit $vm_rc after ${vm_dt}s)"
 		sed 's/^/    | /' "$vm_out"
+		if [ -s /tmp/messages ]; then
+			echo "    | syslog (qcowsetup):"
+			grep qcowsetup /tmp/messages | tail -n 15 | sed 's/^/    |   /'
+		fi
 		# what a failed test left must not fail the next ones
 		vm_cleanup
 		;;
