@@ -30,6 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemon_state.h"
 #include "dm.h"
 #include "json.h"
 #include "keyring.h"
@@ -46,7 +47,6 @@
 #ifndef QCOWSETUP_DAEMON_PATH
 #define QCOWSETUP_DAEMON_PATH "/usr/libexec/qcowsetup/qcowsetup-daemon"
 #endif
-#define DAEMON_STATE_DIR "/run/qcowsetup"
 #define DAEMON_READY_TIMEOUT_MS (300 * 1000)
 #define DAEMON_EXIT_TIMEOUT_MS (300 * 1000)
 
@@ -559,8 +559,6 @@ static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int
 	return r;
 }
 
-static void remove_daemon_state(const char *name);
-
 static int spawn_daemon(struct open_ctx *c)
 {
 	struct argv_buf *a = calloc(1, sizeof(*a));
@@ -575,7 +573,7 @@ static int spawn_daemon(struct open_ctx *c)
 	r = fail_step_at(c, "start the slow-path daemon");
 	if (r)
 		goto out;
-	remove_daemon_state(c->name);	/* of an earlier mapping of that name */
+	qs_state_remove(c->name);	/* of an earlier mapping of that name */
 	arg_add(a, "@qcowsetup-daemon");
 	arg_add(a, "--name");
 	arg_add(a, "%s", c->name);
@@ -997,7 +995,7 @@ static pid_t daemon_pid(const char *name, int index)
 	int nbd = -1;
 	FILE *f;
 
-	snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.daemon", name);
+	qs_state_path(path, sizeof(path), name, QS_STATE_DAEMON);
 	f = fopen(path, "re");
 	if (f) {
 		while (fgets(line, sizeof(line), f)) {
@@ -1056,20 +1054,6 @@ static int wait_gone(pid_t pid, int timeout_ms)
 		waitpid(pid, NULL, WNOHANG);
 	}
 	return 0;
-}
-
-/* The daemon's state files (it removes them on a clean exit; a killed
- * one leaves them behind). */
-static void remove_daemon_state(const char *name)
-{
-	static const char *const ext[] = { "daemon", "stats" };
-	char path[PATH_MAX];
-
-	for (size_t i = 0; i < ARRAY_SIZE(ext); i++) {
-		snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.%s", name, ext[i]);
-		if (unlink(path) == 0)
-			log_dbg("removed the stale %s", path);
-	}
 }
 
 /* Stop the slow path of a mapping whose top device is gone: disconnect its
@@ -1184,7 +1168,7 @@ static int close_mapping(const char *name, bool deferred)
 		}
 		r = stop_daemons(name, w->nbd, w->nnbd, pids);
 		if (!r)
-			remove_daemon_state(name);
+			qs_state_remove(name);
 	}
 	{
 		int r2 = remove_internal(name, &all, info.uuid);
@@ -1221,7 +1205,7 @@ static void print_daemon_stats(const char *name)
 	unsigned long long reloads = 0, bytes = 0;
 	FILE *f;
 
-	snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.stats", name);
+	qs_state_path(path, sizeof(path), name, QS_STATE_STATS);
 	f = fopen(path, "re");
 	if (!f)
 		return;
@@ -1403,7 +1387,7 @@ int cmd_reattach(int argc, char **argv)
 		r = -EBUSY;
 		goto out;
 	}
-	snprintf(path, sizeof(path), DAEMON_STATE_DIR "/%s.daemon", name);
+	qs_state_path(path, sizeof(path), name, QS_STATE_DAEMON);
 	f = fopen(path, "re");
 	if (!f) {
 		r = -errno;

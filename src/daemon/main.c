@@ -55,6 +55,7 @@
 #include <unistd.h>
 
 #include "daemon.h"
+#include "daemon_state.h"
 #include "dm.h"
 #include "fileio.h"
 #include "log.h"
@@ -65,8 +66,6 @@
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
 #endif
-
-#define STATE_DIR "/run/qcowsetup"
 
 static bool to_stderr = true;
 static const char *log_name = "?";
@@ -132,7 +131,7 @@ static int open_devno(const char *majmin, int flags)
 	fd = open(path, flags | O_CLOEXEC);
 	if (fd < 0 && errno == ENOENT) {
 		/* no node (no devtmpfs): make a private one */
-		snprintf(path, sizeof(path), STATE_DIR "/.dev-%u-%u", maj, min);
+		snprintf(path, sizeof(path), QS_RUN_DIR "/.dev-%u-%u", maj, min);
 		if (mknod(path, S_IFBLK | 0600, makedev(maj, min)) == 0 || errno == EEXIST) {
 			fd = open(path, flags | O_CLOEXEC);
 			unlink(path);
@@ -324,9 +323,9 @@ static void write_state(struct daemon *d)
 	char path[256], tmp[280];
 	FILE *f;
 
-	if (mkdir(STATE_DIR, 0700) < 0 && errno != EEXIST)
+	if (mkdir(QS_RUN_DIR, 0700) < 0 && errno != EEXIST)
 		return;
-	snprintf(path, sizeof(path), STATE_DIR "/%s.daemon", d->o.name);
+	qs_state_path(path, sizeof(path), d->o.name, QS_STATE_DAEMON);
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "we");
 	if (!f)
@@ -379,10 +378,7 @@ static void remove_state(struct daemon *d)
 {
 	char path[256];
 
-	snprintf(path, sizeof(path), STATE_DIR "/%s.daemon", d->o.name);
-	unlink(path);
-	snprintf(path, sizeof(path), STATE_DIR "/%s.stats", d->o.name);
-	unlink(path);
+	qs_state_remove(d->o.name);
 	for (int i = 0; i < 2; i++) {
 		omit_path(d, i, path, sizeof(path));
 		unlink(path);
@@ -712,8 +708,8 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	if (argv[0][0] != '@')
 		log_dbg("started without '@' in argv[0]: not protected from switch_root");
-	if (mkdir(STATE_DIR, 0700) < 0 && errno != EEXIST)
-		log_dbg("cannot create " STATE_DIR ": %s", strerror(errno));
+	if (mkdir(QS_RUN_DIR, 0700) < 0 && errno != EEXIST)
+		log_dbg("cannot create " QS_RUN_DIR ": %s", strerror(errno));
 
 	d->buf = aligned_alloc(4096, DAEMON_BUF_SIZE);
 	d->queue = calloc(DAEMON_REMAP_QUEUE, sizeof(*d->queue));

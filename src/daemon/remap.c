@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "daemon.h"
+#include "daemon_state.h"
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
@@ -210,7 +211,7 @@ static void write_stats(struct daemon *d)
 
 	percentiles(d->swap_us, d->nswap, &s50, &s99, &smax);
 	percentiles(d->round_us, d->nround, &r50, &r99, &rmax);
-	snprintf(path, sizeof(path), "/run/qcowsetup/%s.stats", d->o.name);
+	qs_state_path(path, sizeof(path), d->o.name, QS_STATE_STATS);
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "we");
 	if (!f)
