@@ -102,7 +102,7 @@ int cmd_check(int argc, char **argv)
 	int r, code;
 
 	(void)argc;
-	r = tools_open_image(argv[0], true, &img);
+	r = tools_open_image(argv[0], TOOLS_OPEN_NO_BACKING, &img);
 	if (r < 0) {
 		/* -ENOMEM and -EACCES would read as "leaks" and "corruptions" */
 		check_exit(r == -EINVAL || r == -ENOMEM ? CHECK_EXIT_FAILED : EXIT_DEVICE);

@@ -98,7 +98,7 @@ int cmd_format(int argc, char **argv)
 		backing_path = image_resolve_path(path, kopt.backing_file);
 		if (!backing_path)
 			return -ENOMEM;
-		r = tools_open_image(backing_path, true, &backing);
+		r = tools_open_image(backing_path, TOOLS_OPEN_NO_BACKING, &backing);
 		if (r < 0) {
 			log_err("Cannot open backing file %s.", backing_path);
 			goto out;

@@ -234,7 +234,7 @@ int cmd_info(int argc, char **argv)
 	struct json j;
 	int r;
 
-	r = tools_open_image(argv[0], false, &img);
+	r = tools_open_image(argv[0], 0, &img);
 	if (r < 0)
 		return r;
 	if (opt.json) {

@@ -176,7 +176,7 @@ void keys_usage(FILE *f)
 		"      --iter-time MS        PBKDF2 time of new key slots (default 2000)\n"
 		"      --pbkdf-force-iterations N   PBKDF2 iterations of new key slots, no benchmark\n"
 		"      --cluster-size SIZE   cluster size of a new image (default 64K)\n"
-		"      --backing-file FILE   backing file of a new image (format)\n"
+		"      --backing-file FILE   format: the new image's backing file\n"
 		"      --backing-format FMT  its format (default: probed)\n"
 		"      --new-key-file FILE   the new passphrase (- = stdin)\n"
 		"      --new-keyfile-offset N, --new-keyfile-size N   as --keyfile-offset/-size\n"

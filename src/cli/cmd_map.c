@@ -52,7 +52,7 @@ int cmd_map(int argc, char **argv)
 	struct image *img = NULL;
 	int r;
 
-	r = tools_open_image(argv[0], false, &img);
+	r = tools_open_image(argv[0], 0, &img);
 	if (r < 0)
 		return r;
 	if (opt.json) {

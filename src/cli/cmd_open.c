@@ -30,8 +30,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cmd_keys.h"
 #include "daemon_state.h"
 #include "dm.h"
+#include "fileio.h"
 #include "json.h"
 #include "keyring.h"
 #include "lock.h"
@@ -54,6 +56,8 @@
  * also keeps the file's QEMU-compatible locks for the life of the mapping. */
 struct held_file {
 	struct loop_dev loop;
+	int fd;			/* the image's descriptor (borrowed): the one parsed */
+	const char *path;	/* its name, for messages */
 	bool attached;
 	bool extended;		/* hold_file grew the file from old_size */
 	uint64_t old_size;
@@ -73,6 +77,7 @@ struct open_ctx {
 	struct dm_stack *stack;
 	size_t created;		/* devices of the stack created so far */
 	int step;
+	int name_lock;		/* qs_name_lock() of name, or -1 */
 	bool rw;		/* read-write mapping */
 	bool use_daemon;	/* the slow path: read-write qcow2, or compressed clusters */
 	uint64_t keep_size;	/* size of the top's data file before open extended it */
@@ -94,45 +99,29 @@ static int fail_step_at(struct open_ctx *c, const char *what)
 	return 0;
 }
 
-static bool valid_dm_name(const char *name)
-{
-	size_t len = strlen(name);
-
-	if (!len || len > 100 || !strcmp(name, ".") || !strcmp(name, ".."))
-		return false;
-	for (const char *p = name; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-		      *p == '-' || *p == '_' || *p == '.' || *p == '+'))
-			return false;
-	return true;
-}
-
-/* Open, lock and attach one file: read-only, or (write) for writing with
- * QEMU's write locks. loop_rw: the loop device is writable too. extend_to:
+/* Lock and attach one file of the chain, through the descriptor it was
+ * parsed from (io): read-only, or (write) with QEMU's write locks. loop_rw:
+ * the loop device is writable too (io was opened read-write). extend_to:
  * grow the file (sparse) to this size first (0: leave it). */
-static int hold_file(struct open_ctx *c, const char *path, struct held_file *h, bool write, bool loop_rw,
+static int hold_file(struct open_ctx *c, const struct img_io *io, struct held_file *h, bool write, bool loop_rw,
 		     uint64_t extend_to, uint64_t *old_size)
 {
+	const char *path = io->name;
 	struct stat st;
-	int fd, r;
+	int r;
 
 	r = fail_step_at(c, "lock and attach a loop device");
 	if (r)
 		return r;
-	fd = open(path, (loop_rw ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-	if (fd < 0) {
-		r = -errno;
-		if (loop_rw && (r == -EACCES || r == -EROFS || r == -EPERM))
-			log_err("Cannot open %s for writing: %s (map it with --readonly).", path, strerror(-r));
-		else
-			log_err("Cannot open %s: %s.", path, strerror(-r));
-		return r == -EROFS ? -EACCES : r;
-	}
-	r = lock_image(fd, write, path);
-	if (r == 0 && extend_to && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+	h->fd = file_io_fd(io);
+	h->path = path;
+	if (h->fd < 0)
+		return -EBADF;
+	r = lock_image(h->fd, write, path);
+	if (r == 0 && extend_to && fstat(h->fd, &st) == 0 && S_ISREG(st.st_mode)) {
 		if (old_size)
 			*old_size = (uint64_t)st.st_size;
-		if ((uint64_t)st.st_size < extend_to && ftruncate(fd, (off_t)extend_to) < 0)
+		if ((uint64_t)st.st_size < extend_to && ftruncate(h->fd, (off_t)extend_to) < 0)
 			log_std("%s: cannot reserve room for new clusters (%s): writes will stop at %" PRIu64 " bytes of file.",
 				path, strerror(errno), (uint64_t)st.st_size);
 		else if ((uint64_t)st.st_size < extend_to) {
@@ -141,13 +130,12 @@ static int hold_file(struct open_ctx *c, const char *path, struct held_file *h, 
 		}
 	}
 	if (r == 0) {
-		r = loop_attach(fd, !loop_rw, true, true, &h->loop);
+		r = loop_attach(h->fd, !loop_rw, true, true, &h->loop);
 		if (r)
 			log_err("Cannot attach a loop device to %s: %s.", path, strerror(-r));
 		else if (loop_rw && !opt.allow_discards && loop_disable_discard(&h->loop))
 			log_std("%s: cannot turn discards off on %s.", path, h->loop.path);
 	}
-	close(fd);	/* the loop device holds the file, and with it the locks */
 	if (r == 0) {
 		h->attached = true;
 		log_verbose("%s: %s (%s%s I/O)", path, h->loop.path, h->loop.direct_io ? "direct" : "buffered",
@@ -156,14 +144,15 @@ static int hold_file(struct open_ctx *c, const char *path, struct held_file *h, 
 	return r;
 }
 
-/* A failed open gives a file it grew its size back (while the loop device
- * still holds the file, and with it the write lock). */
-static void restore_size(struct held_file *h, const char *path)
+/* A failed open gives a file it grew its size back (through the parsed
+ * descriptor, while the loop device still holds the file, and with it the
+ * write lock). */
+static void restore_size(struct held_file *h)
 {
 	if (!h->extended)
 		return;
-	if (truncate(path, (off_t)h->old_size) < 0)
-		log_std("%s: cannot give the file back its size (%" PRIu64 " bytes): %s.", path, h->old_size,
+	if (ftruncate(h->fd, (off_t)h->old_size) < 0)
+		log_std("%s: cannot give the file back its size (%" PRIu64 " bytes): %s.", h->path, h->old_size,
 			strerror(errno));
 	h->extended = false;
 }
@@ -334,6 +323,7 @@ static void open_ctx_free(struct open_ctx *c)
 	run_list_free(&c->runs);
 	free(c->tl);
 	tools_close_image(c->img);
+	qs_name_unlock(c->name, c->name_lock);
 }
 
 /* What a read-write mapping needs of the image; messages say what to do. */
@@ -341,6 +331,13 @@ static int check_writable(const struct image *img)
 {
 	switch (img->format) {
 	case IMG_FMT_RAW:
+		/* a guest writing a raw disk can put a qcow2 header at its start
+		 * that names host files: probing would follow it next time */
+		if (!opt.format) {
+			log_err("%s has no qcow2 or qcow header: mapping it read-write as a raw disk needs --format raw (or map it --readonly).",
+				img->path);
+			return -EACCES;
+		}
 		return 0;
 	case IMG_FMT_QCOW:
 		log_err("%s: qcow (version 1) images can only be mapped read-only (--readonly); convert them with `qemu-img convert -O qcow2`.",
@@ -373,7 +370,7 @@ static int build_stack(struct open_ctx *c, const char *slow_dev)
 {
 	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
 	struct dm_stack_params p = { .name = c->name };
-	char *abs;
+	char real[PATH_MAX];
 	int r;
 
 	for (unsigned int i = 0; i < c->nlayers; i++) {
@@ -386,10 +383,10 @@ static int build_stack(struct open_ctx *c, const char *slow_dev)
 			lp[i].key_size = LEGACY_AES_KEY_SIZE;
 		}
 	}
-	abs = realpath(c->image_path, NULL);
-	r = dm_image_id(c->img->crypt_method == IMG_CRYPT_LUKS ? c->tl[0].luks.uuid : NULL,
-			abs ? abs : c->image_path, c->id, sizeof(c->id));
-	free(abs);
+	if (file_io_real_path(&c->img->io, real, sizeof(real)))
+		snprintf(real, sizeof(real), "%s", c->image_path);
+	r = dm_image_id(c->img->crypt_method == IMG_CRYPT_LUKS ? c->tl[0].luks.uuid : NULL, real, c->id,
+			sizeof(c->id));
 	if (r) {
 		log_err("%s: no usable identifier for the device UUIDs.", c->img->path);
 		return r;
@@ -409,16 +406,13 @@ static int build_stack(struct open_ctx *c, const char *slow_dev)
 
 /* ---- the daemon ---- */
 
+/* The daemon runs as root: it is found beside this program or where it is
+ * installed, never through the environment. */
 static int daemon_path(char *buf, size_t size)
 {
-	const char *env = getenv("QCOWSETUP_DAEMON");
 	char self[PATH_MAX];
 	ssize_t n;
 
-	if (env && *env) {
-		snprintf(buf, size, "%s", env);
-		return access(buf, X_OK) ? -ENOENT : 0;
-	}
 	/* beside the qcowsetup binary (build tree, initramfs), else installed */
 	n = readlink("/proc/self/exe", self, sizeof(self) - 1);
 	if (n > 0) {
@@ -559,16 +553,33 @@ static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int
 	return r;
 }
 
+/* path made absolute against the working directory, symlinks kept: the
+ * daemon resolves the image's names against the folder as it was named,
+ * as this process did. NULL on ENOMEM. */
+static char *absolute_path(const char *path)
+{
+	char cwd[PATH_MAX], *p;
+
+	if (path[0] == '/')
+		return strdup(path);
+	if (!getcwd(cwd, sizeof(cwd)))
+		return NULL;
+	if (asprintf(&p, "%s/%s", strcmp(cwd, "/") ? cwd : "", path) < 0)
+		return NULL;
+	return p;
+}
+
 static int spawn_daemon(struct open_ctx *c)
 {
 	struct argv_buf *a = calloc(1, sizeof(*a));
-	char *abs = realpath(c->image_path, NULL);
+	char *abs = absolute_path(c->image_path);
+	char *backing = kopt.backing_file ? absolute_path(kopt.backing_file) : NULL;
+	char *data = opt.data_file ? absolute_path(opt.data_file) : NULL;
 	int nbd = -1, r;
 
-	if (!a || !abs) {
-		free(a);
-		free(abs);
-		return abs ? -ENOMEM : -errno;
+	if (!a || !abs || (kopt.backing_file && !backing) || (opt.data_file && !data)) {
+		r = -ENOMEM;
+		goto out;
 	}
 	r = fail_step_at(c, "start the slow-path daemon");
 	if (r)
@@ -602,6 +613,18 @@ static int spawn_daemon(struct open_ctx *c)
 	}
 	if (!c->rw)
 		arg_add(a, "--readonly");
+	/* the same trust as this open: the daemon opens the same files, which
+	 * it checks against the loop devices that hold them */
+	if (opt.trust_names)
+		arg_add(a, "--trust-names");
+	if (backing) {
+		arg_add(a, "--backing-file");
+		arg_add(a, "%s", backing);
+	}
+	if (data) {
+		arg_add(a, "--data-file");
+		arg_add(a, "%s", data);
+	}
 	if (opt.allow_discards)
 		arg_add(a, "--allow-discards");
 	arg_add(a, "--max-targets");
@@ -627,6 +650,8 @@ static int spawn_daemon(struct open_ctx *c)
 out:
 	free(a);
 	free(abs);
+	free(backing);
+	free(data);
 	return r;
 }
 
@@ -639,7 +664,7 @@ static int do_open(struct open_ctx *c)
 	size_t ncomp;
 	int r;
 
-	if (!valid_dm_name(c->name)) {
+	if (!dm_mapping_name_valid(c->name)) {
 		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most 100).", c->name);
 		return -EINVAL;
 	}
@@ -647,18 +672,34 @@ static int do_open(struct open_ctx *c)
 	r = dm_check_control();
 	if (r)
 		return r;
+	/* one open, close or reattach of NAME at a time, from here to the end */
+	c->name_lock = qs_name_lock(c->name);
+	if (c->name_lock < 0) {
+		log_err("Cannot lock the name %s (%s/%s.lock): %s.", c->name, QS_RUN_DIR, c->name,
+			strerror(-c->name_lock));
+		return c->name_lock;
+	}
 	r = dm_device_info(c->name, &info);
 	if (r == 0 && info.exists) {
 		log_err("Device %s already exists.", c->name);
 		return -EEXIST;
 	}
-	r = tools_open_image(c->image_path, false, &c->img);
+	/* parsed, validated, locked, attached and served: one descriptor per
+	 * file, opened here once */
+	r = tools_open_image(c->image_path, c->rw ? TOOLS_OPEN_WRITE : 0, &c->img);
 	if (r)
 		return r;
 	if (c->rw) {
 		r = check_writable(c->img);
 		if (r)
 			return r;
+	}
+	if (opt.require_encryption && c->img->crypt_method == IMG_CRYPT_NONE) {
+		/* (a stick with the same label, a replaced file): checked on the
+		 * very bytes that get mapped */
+		log_err("%s is not encrypted, but its qcowtab entry expects a key: refused (option allow-unencrypted accepts it).",
+			c->img->path);
+		return -EACCES;
 	}
 	c->tl = calloc(IMG_MAX_CHAIN_DEPTH, sizeof(*c->tl));
 	if (!c->tl)
@@ -705,7 +746,7 @@ static int do_open(struct open_ctx *c)
 			if (r)
 				goto out;
 		}
-		r = hold_file(c, tools_layer_data_path(l), &c->data[d], write, write, reserve, &old);
+		r = hold_file(c, &l->data_io, &c->data[d], write, write, reserve, &old);
 		if (r)
 			goto out;
 		if (reserve) {
@@ -717,7 +758,7 @@ static int do_open(struct open_ctx *c)
 				l->io.size = l->data_io.size;
 		}
 		if (l->has_data_file) {
-			r = hold_file(c, l->path, &c->meta[d], write, false, 0, NULL);
+			r = hold_file(c, &l->io, &c->meta[d], write, false, 0, NULL);
 			if (r)
 				goto out;
 		}
@@ -732,8 +773,12 @@ static int do_open(struct open_ctx *c)
 	r = create_devices(c);
 	if (r)
 		goto out;
-	/* dm-crypt copied the keys at table load */
+	/* dm-crypt copied the keys at table load: none stays in this process */
 	remove_keys(c);
+	for (unsigned int d = 0; d < c->nlayers; d++) {
+		volume_key_free(c->vk[d]);
+		c->vk[d] = NULL;
+	}
 	if (c->use_daemon) {
 		r = spawn_daemon(c);
 		if (r)
@@ -751,13 +796,13 @@ out:
 		remove_devices(c);
 	if (r && !c->daemon_ready && c->nlayers)
 		/* (once the daemon made the top, it did so at its exit) */
-		restore_size(&c->data[0], tools_layer_data_path(c->tl[0].img));
+		restore_size(&c->data[0]);
 	return r;
 }
 
 int cmd_open(int argc, char **argv)
 {
-	struct open_ctx c = { .image_path = argv[0], .name = argv[1] };
+	struct open_ctx c = { .image_path = argv[0], .name = argv[1], .name_lock = -1 };
 	int r;
 
 	(void)argc;
@@ -1189,10 +1234,20 @@ static int teardown(const char *name)
 
 int cmd_close(int argc, char **argv)
 {
-	int r;
+	int lock, r;
 
 	(void)argc;
+	if (!dm_mapping_name_valid(argv[0])) {
+		log_err("Device %s is not a qcowsetup mapping.", argv[0]);
+		return -ENODEV;
+	}
+	lock = qs_name_lock(argv[0]);
+	if (lock < 0) {
+		log_err("Cannot lock the name %s: %s.", argv[0], strerror(-lock));
+		return lock;
+	}
 	r = close_mapping(argv[0], opt.deferred);
+	qs_name_unlock(argv[0], lock);
 	dm_release();
 	return r;
 }
@@ -1361,9 +1416,18 @@ int cmd_reattach(int argc, char **argv)
 	char path[PATH_MAX], line[PATH_MAX + 16];
 	pid_t pid = 0;
 	FILE *f = NULL;
-	int nbd = -1, r;
+	int nbd = -1, lock = -1, r;
 
 	(void)argc;
+	if (!dm_mapping_name_valid(name)) {
+		log_err("Device %s is not a qcowsetup mapping.", name);
+		return -ENODEV;
+	}
+	lock = qs_name_lock(name);
+	if (lock < 0) {
+		log_err("Cannot lock the name %s: %s.", name, strerror(-lock));
+		return lock;
+	}
 	r = find_mapping(name, &all, &info);
 	if (r)
 		goto out;
@@ -1416,6 +1480,7 @@ out:
 	free(a);
 	free(w);
 	free(all.v);
+	qs_name_unlock(name, lock);
 	dm_release();
 	return r;
 }

@@ -15,7 +15,8 @@
  *   ID_QCOW2_QCOWTAB_UNITS=qcowsetup@<name>.service ... (their units, as
  *                                       qcowsetup-generator names them)
  * Exit 0 only for a qcow2 or qcow image (udev then imports the lines); 4 for
- * anything else, without a message. Nothing is locked or written. */
+ * anything else, without a message. Nothing is locked or written, and no
+ * file the image names (backing or data file) is opened. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -119,10 +120,17 @@ static void qcowtab_names(const char *dev, char *buf, size_t size, char *units, 
 	qcowtab_free(&tab);
 }
 
+static void quiet(enum qs_log_level level, const char *msg, void *ud)
+{
+	(void)level;
+	(void)msg;
+	(void)ud;
+}
+
 int cmd_probe(int argc, char **argv)
 {
 	const char *dev = argv[0];
-	struct image_open_opts o = { .no_backing = true };
+	struct image_open_opts o = { .no_backing = true, .no_data_file = true };
 	struct luks_info li;
 	struct image *img = NULL;
 	char names[4096], units[8192];
@@ -130,12 +138,13 @@ int cmd_probe(int argc, char **argv)
 	int r;
 
 	(void)argc;
+	/* udev runs this for devices strangers plug in: quiet, and nothing
+	 * the image names is opened (only the header is read) */
+	if (opt.udev)
+		qs_log_set_callback(quiet, NULL);
 	r = image_open(&file_io_opener, dev, &o, &img);
-	if (r) {
-		if (!opt.udev)
-			log_err("%s: cannot read an image: %s.", dev, strerror(-r));
-		return r == -ENOMEM ? r : -ENODEV;
-	}
+	if (r)
+		return r == -ENOMEM ? r : -ENODEV;	/* the reason is logged */
 	if (img->format != IMG_FMT_QCOW2 && img->format != IMG_FMT_QCOW) {
 		if (!opt.udev)
 			log_err("%s holds no qcow2 or qcow image.", dev);

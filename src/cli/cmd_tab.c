@@ -544,6 +544,9 @@ static int open_mapping(const struct qcowtab_entry *e, const char *image, const 
 	opt.readonly = e->readonly;
 	opt.allow_discards = e->discard;
 	opt.snapshot = e->snapshot;
+	opt.format = e->format;
+	opt.trust_names = e->trust_names;
+	opt.require_encryption = !e->allow_unencrypted;
 	opt.key_file = key_file;
 	opt.keyfile_offset = keyfile_offset;
 	opt.keyfile_size = keyfile_size;
@@ -599,16 +602,20 @@ static bool entry_active(const char *name, bool *ours)
 	return true;
 }
 
-/* Whether a layer of the image's chain is encrypted. */
+/* Whether a layer of the image's chain is encrypted: is a passphrase
+ * worth asking for. (The mapping checks the bytes it maps again: what
+ * this read saw may have changed since.) */
 static int image_encrypted(const struct qcowtab_entry *e, const char *image, bool *encrypted)
 {
-	const char *saved = opt.snapshot;
+	struct tools_opts saved = opt;
 	struct image *img = NULL;
 	int r;
 
 	opt.snapshot = e->snapshot;
-	r = tools_open_image(image, false, &img);
-	opt.snapshot = saved;
+	opt.format = e->format;
+	opt.trust_names = e->trust_names;
+	r = tools_open_image(image, 0, &img);
+	opt = saved;
 	if (r)
 		return r;
 	*encrypted = false;
@@ -627,16 +634,11 @@ static int unlock_entry(struct tab_run *t, const struct qcowtab_entry *e, const 
 	int r;
 
 	r = image_encrypted(e, image, &encrypted);
-	if (r) {
-		log_err("%s: cannot read %s: %s.", e->name, image, strerror(-r));
-		return r;
-	}
+	if (r)
+		return r;	/* the reason is logged, naming the file */
 	if (!encrypted)
+		/* refused there unless allow-unencrypted */
 		return open_mapping(e, image, NULL, 0, 0);
-	/* Until read-write mapping lands, cmd_open refuses it with its own
-	 * message: let it, before anyone is asked for a passphrase. */
-	if (!e->readonly && !e->snapshot)
-		return open_mapping(e, image, key_file, e->keyfile_offset, e->keyfile_size);
 	if (key_file) {
 		r = open_mapping(e, image, key_file, e->keyfile_offset, e->keyfile_size);
 		if (r != -EPERM && r != -ENOENT && r != -EIO && r != -EPIPE)

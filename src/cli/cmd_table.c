@@ -46,7 +46,12 @@ int cmd_table(int argc, char **argv)
 
 	(void)argc;	/* IMAGE NAME, checked by the command table */
 	run_list_init(&runs);
-	r = tools_open_image(argv[0], false, &img);
+	if (!dm_mapping_name_valid(argv[1])) {
+		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most %d).", argv[1],
+			DM_MAPPING_NAME_MAX);
+		return -EINVAL;
+	}
+	r = tools_open_image(argv[0], 0, &img);
 	if (r < 0)
 		return r;
 	tl = calloc(IMG_MAX_CHAIN_DEPTH, sizeof(*tl));

@@ -1,16 +1,25 @@
-/* Opening the images named on the command line (lib/fileio.c does the reads). */
+/* Opening the images named on the command line (lib/fileio.c does the
+ * reads, lib/trust.c decides what the names inside them may lead to). */
 #include "fileio.h"
+#include "cmd_keys.h"
 #include "qcowsetup.h"
 
-int tools_open_image(const char *path, bool no_backing, struct image **img)
+int tools_open_image(const char *path, unsigned int flags, struct image **img)
 {
+	struct trust_rules rules = { .trust_names = opt.trust_names };
 	struct image_open_opts o = {
 		.format = opt.format,
-		.no_backing = no_backing,
+		.no_backing = flags & TOOLS_OPEN_NO_BACKING,
 		.snapshot = opt.snapshot,
+		/* the top's backing file: not when the chain is not opened */
+		.backing_file = flags & TOOLS_OPEN_NO_BACKING ? NULL : kopt.backing_file,
+		.data_file = opt.data_file,
 	};
+	struct file_opener fo;
 
-	return image_open(&file_io_opener, path, &o, img);
+	/* the opener's settings are copied into each file as it is opened */
+	file_opener_init(&fo, flags & TOOLS_OPEN_WRITE, &rules);
+	return image_open(&fo.ops, path, &o, img);
 }
 
 void tools_close_image(struct image *img)

@@ -51,6 +51,8 @@ enum {
 	OPT_TAB,
 	OPT_QCOWTAB,
 	OPT_UDEV,
+	OPT_TRUST_NAMES,
+	OPT_DATA_FILE,
 };
 
 static const struct option long_options[] = {
@@ -75,6 +77,8 @@ static const struct option long_options[] = {
 	{ "tab", no_argument, NULL, OPT_TAB },
 	{ "qcowtab", required_argument, NULL, OPT_QCOWTAB },
 	{ "udev", no_argument, NULL, OPT_UDEV },
+	{ "trust-names", no_argument, NULL, OPT_TRUST_NAMES },
+	{ "data-file", required_argument, NULL, OPT_DATA_FILE },
 	KEYS_LONG_OPTIONS,
 	{ NULL, 0, NULL, 0 },
 };
@@ -128,7 +132,12 @@ static void usage(FILE *f)
 		"  -T, --tries N             passphrase attempts on a terminal (default 3)\n"
 		"      --skip-key-check      accept a legacy AES key that fails the plausibility check\n"
 		"      --snapshot ID|NAME    map an internal snapshot (read-only)\n"
-		"      --format FMT          the image's format (qcow2, qcow, raw) instead of probing\n"
+		"      --format FMT          the image's format (qcow2, qcow, raw) instead of probing;\n"
+		"                            a raw image maps read-write only with --format raw\n"
+		"      --trust-names         follow the backing and data file names inside images to\n"
+		"                            block devices, other folders and other owners' files\n"
+		"      --backing-file FILE   open, table, info, map: FILE is the image's backing file\n"
+		"      --data-file FILE      FILE is the image's external data file\n"
 		"      --tab                 open, close: the entries of qcowtab(5)\n"
 		"      --qcowtab FILE        read FILE instead of /etc/qcowtab\n"
 		"      --udev                probe: KEY=VALUE lines for udev's IMPORT{program}\n"
@@ -233,6 +242,12 @@ int main(int argc, char **argv)
 			break;
 		case OPT_UDEV:
 			opt.udev = true;
+			break;
+		case OPT_TRUST_NAMES:
+			opt.trust_names = true;
+			break;
+		case OPT_DATA_FILE:
+			opt.data_file = optarg;
 			break;
 		case OPT_DEBUG_FAIL_STEP:
 			if (parse_u64(optarg, "--debug-fail-step", &v) || v > 10000)

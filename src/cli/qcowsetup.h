@@ -36,6 +36,9 @@ struct tools_opts {
 	bool tab;		/* --tab: open/close the entries of qcowtab */
 	const char *qcowtab;	/* --qcowtab FILE instead of /etc/qcowtab */
 	bool udev;		/* probe --udev: KEY=VALUE lines for udev */
+	bool trust_names;	/* follow names inside images anywhere (SECURITY) */
+	bool require_encryption;	/* open --tab: the entry expects a key */
+	const char *data_file;		/* the top image's data file, instead of its name */
 };
 
 extern struct tools_opts opt;
@@ -53,9 +56,12 @@ struct command {
 /* -errno -> exit code */
 int tools_exit_code(int r);
 
-/* Opening the images named on the command line (fileio.c; lib/fileio.h
- * has img_io over descriptors) */
-int tools_open_image(const char *path, bool no_backing, struct image **img);
+/* Opening the images named on the command line under the trust rules and
+ * --format, --snapshot, --trust-names, --backing-file (kopt), --data-file
+ * (fileio.c; lib/fileio.h has img_io over descriptors). */
+#define TOOLS_OPEN_NO_BACKING	(1U << 0)	/* not the backing chain */
+#define TOOLS_OPEN_WRITE	(1U << 1)	/* the top image and its data file read-write */
+int tools_open_image(const char *path, unsigned int flags, struct image **img);
 void tools_close_image(struct image *img);
 
 /* Commands */

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fileio.h"
 #include "log.h"
 #include "qcowsetup.h"
 #include "stack.h"
@@ -60,7 +61,7 @@ int tools_stack_build(const struct image *img, const char *image_path, const cha
 {
 	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
 	struct dm_stack_params p = { .name = name };
-	char id[64], *abs;
+	char id[64], real[PATH_MAX];
 	int r;
 
 	for (unsigned int i = 0; i < n; i++) {
@@ -73,10 +74,9 @@ int tools_stack_build(const struct image *img, const char *image_path, const cha
 			lp[i].key_size = LEGACY_AES_KEY_SIZE;
 		}
 	}
-	abs = realpath(image_path, NULL);
-	r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, abs ? abs : image_path,
-			id, sizeof(id));
-	free(abs);
+	if (file_io_real_path(&img->io, real, sizeof(real)))
+		snprintf(real, sizeof(real), "%s", image_path);
+	r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, real, id, sizeof(id));
 	if (r) {
 		log_err("%s: no usable identifier for the device UUIDs.", img->path);
 		return r;

@@ -27,7 +27,10 @@ struct daemon_layer {
 struct daemon_opts {
 	const char *name;	/* NAME of the mapping */
 	const char *id;		/* image identifier of the UUIDs */
-	const char *image;	/* absolute path of the top image */
+	const char *image;	/* absolute path of the top image, as named */
+	bool trust_names;	/* --trust-names of the open */
+	const char *backing_file;	/* --backing-file of the open */
+	const char *data_file;		/* --data-file of the open */
 	bool read_only;
 	bool allow_discards;
 	size_t max_targets;

@@ -20,6 +20,11 @@
  * Read-only mappings of images with compressed clusters use it too, to
  * serve those clusters.
  *
+ * It opens the files of the chain as `qcowsetup open` did (the same trust
+ * rules and overrides) and serves them only when each is the very file a
+ * loop device of the mapping holds (device and inode): a name swapped for
+ * another file since the open is refused, never followed.
+ *
  * It is memory-locked, marks itself an I/O flusher (PR_SET_IO_FLUSHER: its
  * allocations never wait for writeback, which could need the device it
  * serves), allocates nothing on its I/O path, and logs to syslog. It keeps
@@ -34,6 +39,7 @@
  *   @qcowsetup-daemon --name NAME --id ID --image PATH
  *       --layer HOST[,CIPHER,KEYSIZE]...  (one per layer, top first)
  *       [--hold MAJ:MIN]... [--readonly] [--allow-discards] [--max-targets N]
+ *       [--trust-names] [--backing-file PATH] [--data-file PATH]
  *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX]
  *       [--nbd-timeout S] [--flush-interval MS] [--debug]
  */
@@ -59,6 +65,7 @@
 #include "dm.h"
 #include "fileio.h"
 #include "log.h"
+#include "loop.h"
 #include "nbd.h"
 #include "sysutil.h"
 #include "util.h"
@@ -140,10 +147,58 @@ static int open_devno(const char *majmin, int flags)
 	return fd < 0 ? -errno : fd;
 }
 
+struct file_id {
+	dev_t dev;
+	ino_t ino;
+};
+
+/* The files the loop devices of the mapping hold (--hold), by device and
+ * inode, into ids (at most n); returns how many. */
+static unsigned int held_files(struct daemon *d, struct file_id *ids, unsigned int n)
+{
+	unsigned int k = 0;
+
+	for (unsigned int i = 0; i < d->o.nholds && k < n; i++)
+		if (d->hold_fd[i] >= 0 && loop_backing_file(d->hold_fd[i], &ids[k].dev, &ids[k].ino) == 0)
+			k++;
+	return k;
+}
+
+/* Every file of the chain must be one the mapping holds. */
+static int verify_files(struct daemon *d)
+{
+	struct file_id held[DAEMON_MAX_HOLDS];
+	unsigned int nheld = held_files(d, held, DAEMON_MAX_HOLDS);
+
+	for (const struct image *l = d->img; l; l = l->backing) {
+		const struct img_io *ios[2] = { &l->io, l->has_data_file ? &l->data_io : NULL };
+
+		for (int k = 0; k < 2 && ios[k]; k++) {
+			struct stat st;
+			unsigned int i;
+			int fd = file_io_fd(ios[k]);
+
+			if (fd < 0 || fstat(fd, &st) < 0)
+				return -EBADF;
+			for (i = 0; i < nheld; i++)
+				if (held[i].dev == st.st_dev && held[i].ino == st.st_ino)
+					break;
+			if (i == nheld) {
+				log_err("%s is not the file the mapping %s holds (replaced since it was opened?): refused.",
+					ios[k]->name, d->o.name);
+				return -ESTALE;
+			}
+		}
+	}
+	return 0;
+}
+
 static int open_files(struct daemon *d)
 {
 	bool rw = !d->o.read_only;
-	struct img_io io;
+	struct trust_rules rules = { .trust_names = d->o.trust_names };
+	struct image_open_opts oo = { .backing_file = d->o.backing_file, .data_file = d->o.data_file };
+	struct file_opener fo;
 	struct stat st;
 	char path[256];
 	int r;
@@ -154,18 +209,14 @@ static int open_files(struct daemon *d)
 			log_std("Cannot hold device %s open: %s (the image locks may go before the daemon is done).",
 				d->o.holds[i], strerror(-d->hold_fd[i]));
 	}
-	r = file_io_open(d->o.image, rw ? O_RDWR : O_RDONLY, &io);
-	if (r) {
-		log_err("Cannot open %s: %s.", d->o.image, strerror(-r));
+	file_opener_init(&fo, rw, &rules);
+	r = image_open(&fo.ops, d->o.image, &oo, &d->img);
+	if (r)
 		return r;
-	}
-	d->f.meta_fd = file_io_fd(&io);
-	r = image_open_io(&file_io_opener, &io, NULL, &d->img);
-	if (r) {
-		file_io_free(&io);
+	r = verify_files(d);
+	if (r)
 		return r;
-	}
-	d->img->owns_io = true;
+	d->f.meta_fd = file_io_fd(&d->img->io);
 	if (rw && d->img->format != IMG_FMT_QCOW2) {
 		log_err("%s: only qcow2 images need the daemon to be written.", d->o.image);
 		return -ENOTSUP;
@@ -206,7 +257,7 @@ static int open_files(struct daemon *d)
 		d->f.data_fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
 		d->f.data_separate = true;
 	} else if (d->img->has_data_file) {
-		d->f.data_fd = open(d->img->data_io.name, O_RDWR | O_CLOEXEC);
+		d->f.data_fd = dup(file_io_fd(&d->img->data_io));	/* opened read-write, verified */
 		d->f.data_separate = true;
 	} else {
 		d->f.data_fd = dup(d->f.meta_fd);
@@ -433,7 +484,7 @@ static int parse_layer(struct daemon_opts *o, const char *arg)
 static int parse_args(struct daemon_opts *o, int argc, char **argv)
 {
 	enum { O_NAME = 0x100, O_ID, O_IMAGE, O_LAYER, O_HOLD, O_RO, O_DISCARDS, O_MAXT, O_READY, O_KEEP,
-	       O_REATTACH, O_TIMEOUT, O_INTERVAL, O_DEBUG, O_GUARD };
+	       O_REATTACH, O_TIMEOUT, O_INTERVAL, O_DEBUG, O_GUARD, O_TRUST, O_BACKING, O_DATA };
 	static const struct option lo[] = {
 		{ "name", required_argument, NULL, O_NAME },
 		{ "id", required_argument, NULL, O_ID },
@@ -450,6 +501,9 @@ static int parse_args(struct daemon_opts *o, int argc, char **argv)
 		{ "flush-interval", required_argument, NULL, O_INTERVAL },
 		{ "debug", no_argument, NULL, O_DEBUG },
 		{ "guard", required_argument, NULL, O_GUARD },
+		{ "trust-names", no_argument, NULL, O_TRUST },
+		{ "backing-file", required_argument, NULL, O_BACKING },
+		{ "data-file", required_argument, NULL, O_DATA },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -485,6 +539,9 @@ static int parse_args(struct daemon_opts *o, int argc, char **argv)
 		case O_INTERVAL: o->flush_interval_ms = (unsigned int)strtoul(optarg, NULL, 0); break;
 		case O_DEBUG: o->debug = true; break;
 		case O_GUARD: o->guard_fd = (int)strtol(optarg, NULL, 10); break;
+		case O_TRUST: o->trust_names = true; break;
+		case O_BACKING: o->backing_file = optarg; break;
+		case O_DATA: o->data_file = optarg; break;
 		default: return -EINVAL;
 		}
 	}

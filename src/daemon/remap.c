@@ -330,6 +330,12 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			created[i] = r == 0;
 			continue;
 		}
+		if (!cur && d->o.reattach < 0) {
+			/* a new mapping only makes devices: another's is never taken over */
+			log_err("Device %s already exists.", dev->name);
+			r = -EEXIST;
+			break;
+		}
 		old = find_device(cur, dev->name);
 		if (cur && old && same_table(cur, old, next, dev))
 			continue;

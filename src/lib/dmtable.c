@@ -852,6 +852,19 @@ void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struc
 	*t = (struct dm_table){ .count = dev->count, .target_fn = stack_target_at, .opaque = it };
 }
 
+bool dm_mapping_name_valid(const char *name)
+{
+	size_t len = strlen(name);
+
+	if (!len || len > DM_MAPPING_NAME_MAX || !strcmp(name, ".") || !strcmp(name, ".."))
+		return false;
+	for (const char *p = name; *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+		      *p == '-' || *p == '_' || *p == '.' || *p == '+'))
+			return false;
+	return true;
+}
+
 bool dm_is_segment_name(const char *dev, const char *name)
 {
 	size_t n = strlen(name);

@@ -210,6 +210,12 @@ struct dm_stack_table_iter {
 void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struct dm_stack_table_iter *it,
 		    struct dm_table *t);
 
+/* Whether name may name a mapping: letters, digits and - _ . +, at most
+ * DM_MAPPING_NAME_MAX characters, not "." or ".." (it also names files
+ * under /run/qcowsetup). */
+#define DM_MAPPING_NAME_MAX 100
+bool dm_mapping_name_valid(const char *name);
+
 /* Whether dev is the name of a segment device of mapping name (NAME_sK,
  * NAME_ssK, ...: dmtable's naming). */
 bool dm_is_segment_name(const char *dev, const char *name);

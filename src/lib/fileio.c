@@ -1,6 +1,7 @@
 /* Files for the engine (see fileio.h). */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -10,6 +11,7 @@
 
 #include "fileio.h"
 #include "sysutil.h"
+#include "trust.h"
 
 struct file_ctx {
 	int fd;
@@ -80,7 +82,25 @@ int file_io_open(const char *path, int flags, struct img_io *io)
 
 int file_io_fd(const struct img_io *io)
 {
-	return io->opaque ? ((const struct file_ctx *)io->opaque)->fd : -1;
+	return io->opaque && io->pread == file_pread ? ((const struct file_ctx *)io->opaque)->fd : -1;
+}
+
+int file_io_real_path(const struct img_io *io, char *buf, size_t size)
+{
+	char link[64];
+	ssize_t n;
+	int fd = file_io_fd(io);
+
+	if (fd < 0)
+		return -EBADF;
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, buf, size - 1);
+	if (n < 0)
+		return -errno;
+	if ((size_t)n >= size - 1)
+		return -ENAMETOOLONG;
+	buf[n] = '\0';
+	return 0;
 }
 
 void file_io_free(struct img_io *io)
@@ -96,10 +116,24 @@ void file_io_free(struct img_io *io)
 	io->opaque = NULL;
 }
 
-static int opener_open(void *opaque, const char *path, struct img_io *io)
+static int opener_open(void *opaque, const struct img_open_req *req, struct img_io *io)
 {
-	(void)opaque;
-	return file_io_open(path, O_RDONLY, io);
+	static const struct file_opener defaults;
+	const struct file_opener *fo = opaque ? opaque : &defaults;
+	bool write = fo->write && (req->role == IMG_FILE_TOP ||
+				   (req->role == IMG_FILE_DATA && req->by && req->by->depth == 0));
+	int fd, r;
+
+	fd = trust_open(&fo->rules, req, write ? O_RDWR : O_RDONLY);
+	if (fd < 0)
+		return fd;
+	r = file_io_from_fd(fd, req->path, io);
+	if (r < 0) {
+		close(fd);
+		return r;
+	}
+	((struct file_ctx *)io->opaque)->owns_fd = true;
+	return 0;
 }
 
 static void opener_close(void *opaque, struct img_io *io)
@@ -112,6 +146,16 @@ const struct img_opener file_io_opener = {
 	.open = opener_open,
 	.close = opener_close,
 };
+
+void file_opener_init(struct file_opener *fo, bool write, const struct trust_rules *rules)
+{
+	memset(fo, 0, sizeof(*fo));
+	fo->write = write;
+	if (rules)
+		fo->rules = *rules;
+	fo->ops = file_io_opener;
+	fo->ops.opaque = fo;
+}
 
 /* ---- the writer's callbacks ---- */
 

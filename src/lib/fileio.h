@@ -11,6 +11,7 @@
 #include "chain.h"
 #include "image.h"
 #include "qcow2_alloc.h"
+#include "trust.h"
 
 /* img_io over fd (a regular file, or a block device), named path for
  * messages: exact reads (a short read is -EIO), extents from
@@ -20,12 +21,25 @@ int file_io_from_fd(int fd, const char *path, struct img_io *io);
 /* The same over path opened with flags (O_CLOEXEC added); io owns the
  * descriptor. */
 int file_io_open(const char *path, int flags, struct img_io *io);
-/* The descriptor under io. */
+/* The descriptor under io (-1: io is not over a descriptor). */
 int file_io_fd(const struct img_io *io);
+/* The path of the file under io as the kernel knows it (/proc/self/fd):
+ * the file that was opened, whatever its name is now. 0 or -errno. */
+int file_io_real_path(const struct img_io *io, char *buf, size_t size);
 void file_io_free(struct img_io *io);
 
-/* Opens backing and data files read-only (image_open's opener). */
+/* image_open's opener over files, under the trust rules (trust.h): every
+ * file read-only, no name trusted beyond the rules. */
 extern const struct img_opener file_io_opener;
+
+/* The same with settings: write opens the top image and its external data
+ * file read-write (the backing chain stays read-only). Pass &fo->ops. */
+struct file_opener {
+	struct img_opener ops;
+	struct trust_rules rules;
+	bool write;
+};
+void file_opener_init(struct file_opener *fo, bool write, const struct trust_rules *rules);
 
 /* qcow2_rw_ops over descriptors: metadata to meta_fd (fdatasync), data
  * clusters to data_fd (the image itself, the external data file, or the

@@ -112,22 +112,44 @@ static bool is_protocol_name(const char *name)
 	return colon > name;
 }
 
-static int open_layer(const struct img_opener *opener, const char *path, const struct img_io *given,
+static int open_layer(const struct img_opener *opener, const struct img_open_req *req, const struct img_io *given,
 		      const char *format, int depth, struct image **out);
 
-static int open_backing(const struct img_opener *opener, struct image *top, struct image *img)
+/* The file a name of img leads to: the caller's override of the top's
+ * name (trusted, as given), else the name resolved against img's folder. */
+static int name_request(struct image *top, struct image *img, const char *name, const char *override,
+			enum img_file_role role, char **path, struct img_open_req *req)
 {
+	const char *what = role == IMG_FILE_BACKING ? "backing file" : "data file";
+
+	if (override && img->depth == 0) {
+		*path = strdup(override);
+		name = NULL;
+	} else {
+		if (is_protocol_name(name)) {
+			log_err("%s: %s \"%s\" names a protocol, not a file; qcowsetup maps files only.", img->path,
+				what, name);
+			return -ENOTSUP;
+		}
+		*path = image_resolve_path(img->path, name);
+	}
+	if (!*path)
+		return -ENOMEM;
+	*req = (struct img_open_req){ .path = *path, .name = name, .role = role, .by = img, .top = top };
+	return 0;
+}
+
+static int open_backing(const struct img_opener *opener, const struct image_open_opts *opts, struct image *top,
+			struct image *img)
+{
+	struct img_open_req req;
 	enum img_format fmt;
 	int r;
 
-	if (is_protocol_name(img->backing_file)) {
-		log_err("%s: backing file \"%s\" names a protocol, not a file; qcowsetup maps files only.", img->path,
-			img->backing_file);
-		return -ENOTSUP;
-	}
-	img->backing_path = image_resolve_path(img->path, img->backing_file);
-	if (!img->backing_path)
-		return -ENOMEM;
+	r = name_request(top, img, img->backing_file, opts ? opts->backing_file : NULL, IMG_FILE_BACKING,
+			 &img->backing_path, &req);
+	if (r)
+		return r;
 	if (img->backing_format && format_from_name(img->backing_format, &fmt) < 0) {
 		log_err("%s: backing file format \"%s\" is not supported (qcow2, qcow, raw).", img->path,
 			img->backing_format);
@@ -145,34 +167,27 @@ static int open_backing(const struct img_opener *opener, struct image *top, stru
 			return -ELOOP;
 		}
 	}
-	r = open_layer(opener, img->backing_path, NULL, img->backing_format, img->depth + 1, &img->backing);
-	if (r == -ENOENT || r == -EACCES)
-		log_err("%s: cannot open backing file %s: %s.", img->path, img->backing_path, strerror(-r));
-	return r;
+	return open_layer(opener, &req, NULL, img->backing_format, img->depth + 1, &img->backing);
 }
 
-static int open_data_file(const struct img_opener *opener, struct image *img)
+static int open_data_file(const struct img_opener *opener, const struct image_open_opts *opts, struct image *top,
+			  struct image *img)
 {
+	struct img_open_req req;
 	char *path;
 	int r;
 
-	if (is_protocol_name(img->data_file)) {
-		log_err("%s: data file \"%s\" names a protocol, not a file.", img->path, img->data_file);
-		return -ENOTSUP;
-	}
-	path = image_resolve_path(img->path, img->data_file);
-	if (!path)
-		return -ENOMEM;
-	r = opener->open(opener->opaque, path, &img->data_io);
-	if (r < 0)
-		log_err("%s: cannot open external data file %s: %s.", img->path, path, strerror(-r));
-	else
+	r = name_request(top, img, img->data_file, opts ? opts->data_file : NULL, IMG_FILE_DATA, &path, &req);
+	if (r)
+		return r;
+	r = opener->open(opener->opaque, &req, &img->data_io);
+	if (r == 0)
 		img->has_data_file = true;
 	free(path);
 	return r;
 }
 
-static int open_layer(const struct img_opener *opener, const char *path, const struct img_io *given,
+static int open_layer(const struct img_opener *opener, const struct img_open_req *req, const struct img_io *given,
 		      const char *format, int depth, struct image **out)
 {
 	struct image *img;
@@ -184,7 +199,7 @@ static int open_layer(const struct img_opener *opener, const char *path, const s
 		return -ENOMEM;
 	img->snapshot_index = -1;
 	img->depth = depth;
-	img->path = strdup(path ? path : given->name ? given->name : "(image)");
+	img->path = strdup(req ? req->path : given->name ? given->name : "(image)");
 	if (!img->path) {
 		free(img);
 		return -ENOMEM;
@@ -192,10 +207,8 @@ static int open_layer(const struct img_opener *opener, const char *path, const s
 	if (given) {
 		img->io = *given;
 	} else {
-		r = opener->open(opener->opaque, path, &img->io);
+		r = opener->open(opener->opaque, req, &img->io);
 		if (r < 0) {
-			if (depth == 0)
-				log_err("Cannot open %s: %s.", path, strerror(-r));
 			free(img->path);
 			free(img);
 			return r;
@@ -240,14 +253,23 @@ static int open_chain(const struct img_opener *opener, struct image *top, const 
 {
 	int r;
 
+	if (opts && opts->backing_file && !top->backing_file) {
+		log_err("%s: the image has no backing file for --backing-file to replace.", top->path);
+		return -EINVAL;
+	}
+	if (opts && opts->data_file && !top->data_file) {
+		log_err("%s: the image has no external data file for --data-file to replace.", top->path);
+		return -EINVAL;
+	}
+
 	for (struct image *img = top; img; img = img->backing) {
-		if (img->data_file) {
-			r = open_data_file(opener, img);
+		if (img->data_file && !(opts && opts->no_data_file)) {
+			r = open_data_file(opener, opts, top, img);
 			if (r < 0)
 				return r;
 		}
 		if (img->backing_file && !(opts && opts->no_backing)) {
-			r = open_backing(opener, top, img);
+			r = open_backing(opener, opts, top, img);
 			if (r < 0)
 				return r;
 		}
@@ -260,7 +282,8 @@ static int open_chain(const struct img_opener *opener, struct image *top, const 
 int image_open(const struct img_opener *opener, const char *path, const struct image_open_opts *opts,
 	       struct image **out)
 {
-	int r = open_layer(opener, path, NULL, opts ? opts->format : NULL, 0, out);
+	struct img_open_req req = { .path = path, .role = IMG_FILE_TOP };
+	int r = open_layer(opener, &req, NULL, opts ? opts->format : NULL, 0, out);
 
 	if (r == 0) {
 		r = open_chain(opener, *out, opts);

@@ -154,7 +154,12 @@ struct image {
 struct image_open_opts {
 	const char *format;	/* NULL: probe */
 	bool no_backing;	/* do not open the backing chain */
+	bool no_data_file;	/* do not open an external data file */
 	const char *snapshot;	/* id or name, NULL = active layer */
+	/* the caller's files instead of the names the top image stores
+	 * (given to the opener as the caller's, not the image's) */
+	const char *backing_file;
+	const char *data_file;
 };
 
 /* Probe the format of io: qcow2, qcow or raw. */

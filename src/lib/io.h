@@ -23,10 +23,33 @@ struct img_io {
 	const char *name;	/* path, for messages */
 };
 
-/* Opening further files (backing images, external data files). */
+/* What a file is to the chain being opened. */
+enum img_file_role {
+	IMG_FILE_TOP = 0,	/* the image the caller named */
+	IMG_FILE_BACKING,	/* a backing file */
+	IMG_FILE_DATA,		/* an external data file */
+};
+
+struct image;
+
+/* One file the engine wants opened. */
+struct img_open_req {
+	const char *path;		/* open this (resolved against the naming image's folder) */
+	const char *name;		/* as the naming image stores it; NULL: given by the caller
+					 * (the top image, or an override of a name) */
+	enum img_file_role role;
+	const struct image *by;		/* the image that names it (NULL for the top) */
+	const struct image *top;	/* the top of the chain (NULL while opening it) */
+};
+
+/* Opening the image and the files it names. The opener decides what a name
+ * inside an image may lead to (lib/fileio.c: the trust rules of
+ * qcowsetup(8) SECURITY) and logs one line naming the file and the reason
+ * when it refuses or fails; the engine adds nothing to it. */
 struct img_opener {
-	/* Open path for reading and fill *io. Returns 0 or -errno. */
-	int (*open)(void *opaque, const char *path, struct img_io *io);
+	/* Open req->path and fill *io. Returns 0 or -errno (-EACCES: refused
+	 * by the trust rules). */
+	int (*open)(void *opaque, const struct img_open_req *req, struct img_io *io);
 	void (*close)(void *opaque, struct img_io *io);
 	void *opaque;
 };

@@ -297,12 +297,29 @@ static long loop_number(const char *name)
 	return *end ? -1 : n;
 }
 
+/* lo_device is the kernel's new_encode_dev() of the file's st_dev */
+static dev_t decode_lo_device(uint64_t lo_device)
+{
+	return makedev((unsigned int)((lo_device & 0xfff00) >> 8),
+		       (unsigned int)((lo_device & 0xff) | ((lo_device >> 12) & 0xfff00)));
+}
+
+int loop_backing_file(int fd, dev_t *dev, ino_t *ino)
+{
+	struct loop_info64 li;
+
+	if (ioctl(fd, LOOP_GET_STATUS64, &li) < 0)
+		return -errno;
+	*dev = decode_lo_device(li.lo_device);
+	*ino = (ino_t)li.lo_inode;
+	return 0;
+}
+
 int loop_get_info(const char *path, struct loop_dev_info *info)
 {
 	struct loop_info64 li;
 	struct stat st;
 	char sysattr[96];
-	unsigned int dmaj, dmin;
 	long n;
 	FILE *f;
 	int fd, r = 0;
@@ -320,10 +337,7 @@ int loop_get_info(const char *path, struct loop_dev_info *info)
 	snprintf(info->path, sizeof(info->path), "%s", path);
 	info->major = major(st.st_rdev);
 	info->minor = minor(st.st_rdev);
-	/* lo_device is the kernel's new_encode_dev() of the file's st_dev */
-	dmaj = (unsigned int)((li.lo_device & 0xfff00) >> 8);
-	dmin = (unsigned int)((li.lo_device & 0xff) | ((li.lo_device >> 12) & 0xfff00));
-	info->backing_dev = makedev(dmaj, dmin);
+	info->backing_dev = decode_lo_device(li.lo_device);
 	info->backing_ino = li.lo_inode;
 	info->offset = li.lo_offset;
 	info->sizelimit = li.lo_sizelimit;

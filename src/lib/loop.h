@@ -73,6 +73,10 @@ int loop_detach(const char *path);
 /* The state of one loop device. 0, -ENXIO (not bound) or -errno. */
 int loop_get_info(const char *path, struct loop_dev_info *info);
 
+/* The file the loop device open on fd is bound to (device and inode, as
+ * fstat gives them). 0, -ENXIO (not bound) or -errno. */
+int loop_backing_file(int fd, dev_t *dev, ino_t *ino);
+
 /* The loop devices bound to the file st_dev/st_ino (from fstat): returns how
  * many there are (0: none), the first (lowest number) in *first when not
  * NULL; or -errno. */

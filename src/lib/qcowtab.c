@@ -308,8 +308,12 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 			e->initrd_attach = true;
 		else if (IS("same-passphrase"))
 			e->same_passphrase = true;
+		else if (IS("allow-unencrypted"))
+			e->allow_unencrypted = true;
+		else if (IS("trust-names"))
+			e->trust_names = true;
 		else if (IS("tries") || IS("timeout") || IS("keyfile-offset") || IS("keyfile-size") ||
-			 IS("snapshot")) {
+			 IS("snapshot") || IS("format")) {
 			report(fn, opaque, QCOWTAB_ERROR, e->line, "option %s needs a value (%s=...)", o, o);
 			return -EINVAL;
 		} else if (!strncmp(o, "x-", 2) || IS("auto") || IS("rw") || IS("luks"))
@@ -333,6 +337,15 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 			goto bad;
 	} else if (IS("keyfile-size")) {
 		if (parse_u64(val, 8U << 20, &e->keyfile_size) || !e->keyfile_size)
+			goto bad;
+	} else if (IS("format")) {
+		static const char *const formats[] = { "qcow2", "qcow", "raw" };
+
+		e->format = NULL;
+		for (size_t i = 0; i < ARRAY_SIZE(formats); i++)
+			if (!strcmp(val, formats[i]))
+				e->format = formats[i];
+		if (!e->format)
 			goto bad;
 	} else if (IS("snapshot")) {
 		if (!*val)

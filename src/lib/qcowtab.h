@@ -56,6 +56,9 @@ struct qcowtab_entry {
 	bool noauto;
 	bool initrd_attach;		/* x-initrd.attach */
 	bool same_passphrase;
+	bool allow_unencrypted;		/* an unencrypted image is fine (else one is refused) */
+	bool trust_names;		/* --trust-names */
+	const char *format;		/* format=: "qcow2", "qcow", "raw" (static), or NULL: probe */
 	unsigned int tries;		/* passphrase attempts; 0 = until one works */
 	unsigned int timeout;		/* seconds to wait for a passphrase; 0 = no limit */
 	unsigned int device_timeout;	/* x-systemd.device-timeout=, seconds; 0 = default */

@@ -36,10 +36,10 @@ static void quiet(enum qs_log_level level, const char *msg, void *userdata)
 	(void)userdata;
 }
 
-static int refuse_open(void *opaque, const char *path, struct img_io *io)
+static int refuse_open(void *opaque, const struct img_open_req *req, struct img_io *io)
 {
 	(void)opaque;
-	(void)path;
+	(void)req;
 	(void)io;
 	return -ENOENT;
 }
@@ -63,11 +63,11 @@ struct same_input {
 	int opened;
 };
 
-static int same_open(void *opaque, const char *path, struct img_io *io)
+static int same_open(void *opaque, const struct img_open_req *req, struct img_io *io)
 {
 	struct same_input *s = opaque;
 
-	(void)path;
+	(void)req;
 	if (s->opened++)
 		return -ENOENT;
 	mem_io_init(io, &s->mem, s->data, s->size, "fuzz.data");

@@ -707,11 +707,11 @@ struct data_opener {
 	struct memfile *f;
 };
 
-static int env_data_open(void *opaque, const char *path, struct img_io *io)
+static int env_data_open(void *opaque, const struct img_open_req *req, struct img_io *io)
 {
 	struct data_opener *d = opaque;
 
-	(void)path;
+	(void)req;
 	memset(io, 0, sizeof(*io));
 	io->pread = env_io_pread;
 	io->opaque = d->f;

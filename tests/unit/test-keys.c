@@ -130,8 +130,9 @@ static int t_pread(void *opaque, void *buf, size_t len, uint64_t off)
 	return n == (ssize_t)len ? 0 : n < 0 ? -errno : -EIO;
 }
 
-static int t_open(void *opaque, const char *path, struct img_io *io)
+static int t_open(void *opaque, const struct img_open_req *req, struct img_io *io)
 {
+	const char *path = req->path;
 	struct tfile *f = calloc(1, sizeof(*f));
 	struct stat st;
 

@@ -49,7 +49,7 @@ EOT
 t_nofail() {
 	cat > $T <<EOT
 bad   UUID=$U:/images/a.qcow2  /k/wrong.key:LABEL=qskeys  readonly,nofail
-plain UUID=$U:/images/plain.qcow2  none  readonly
+plain UUID=$U:/images/plain.qcow2  none  readonly,allow-unencrypted
 EOT
 	qs --batch-mode open --tab </dev/null
 	[ -e /dev/mapper/plain ] && [ ! -e /dev/mapper/bad ]
@@ -70,7 +70,7 @@ EOT
 }
 t_noauto() {
 	cat > $T <<EOT
-plain UUID=$U:/images/plain.qcow2  none  readonly,noauto
+plain UUID=$U:/images/plain.qcow2  none  readonly,noauto,allow-unencrypted
 EOT
 	qs open --tab </dev/null
 	[ ! -e /dev/mapper/plain ]
@@ -82,7 +82,7 @@ EOT
 t_read_write() {
 	vm_require qemu-img
 	cat > $T <<EOT
-rw  UUID=$U:/images/rw.qcow2  none
+rw  UUID=$U:/images/rw.qcow2  none  allow-unencrypted
 EOT
 	qs open --tab rw </dev/null
 	# the holding filesystem read-write, the mapping too
