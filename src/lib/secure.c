@@ -1,8 +1,11 @@
-/* Page-locked, wiped-on-free memory for keys and passphrases. */
+/* Page-locked, wiped-on-free memory for keys and passphrases, and the
+ * volume key and passphrase types built on it (secure.h). */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
+#include "secure.h"
 #include "util.h"
 
 struct secure_hdr {
@@ -38,13 +41,58 @@ void secure_free(void *p)
 	free(h);
 }
 
-char *secure_strndup(const char *s, size_t len)
-{
-	char *d = secure_alloc(len + 1);
+/* ---- typed secrets ---- */
 
-	if (d) {
-		memcpy(d, s, len);
-		d[len] = '\0';
+struct volume_key *volume_key_alloc(size_t size)
+{
+	struct volume_key *vk;
+
+	if (size > SIZE_MAX - sizeof(*vk))
+		return NULL;
+	vk = secure_alloc(sizeof(*vk) + size);	/* zeroed */
+	if (vk)
+		vk->size = size;
+	return vk;
+}
+
+void volume_key_free(struct volume_key *vk)
+{
+	secure_free(vk);	/* wipes size and key */
+}
+
+int passphrase_alloc(size_t len, struct passphrase **out)
+{
+	struct passphrase *pp;
+
+	*out = NULL;
+	if (len > PASSPHRASE_MAX_SIZE)
+		return -EINVAL;
+	pp = secure_alloc(sizeof(*pp));
+	if (!pp)
+		return -ENOMEM;
+	pp->data = secure_alloc(len + 1);	/* zeroed, so NUL-terminated */
+	if (!pp->data) {
+		secure_free(pp);
+		return -ENOMEM;
 	}
-	return d;
+	pp->len = len;
+	*out = pp;
+	return 0;
+}
+
+int passphrase_from_buffer(const void *data, size_t len, struct passphrase **out)
+{
+	int r = passphrase_alloc(len, out);
+
+	if (r == 0 && len)
+		memcpy((*out)->data, data, len);
+	return r;
+}
+
+void passphrase_free(struct passphrase *pp)
+{
+	if (!pp)
+		return;
+	secure_free(pp->data);
+	secure_free(pp);
 }
