@@ -1,14 +1,23 @@
 /* Secrets in memory (secure.c): passphrases, key file contents and volume
- * keys, in locked memory wiped on free. keys.h includes this header. */
+ * keys, each on pages of its own that are locked in RAM, left out of core
+ * dumps, zeroed in a forked child and wiped on free; the process is not
+ * dumpable while any of them lives. keys.h includes this header. */
 #ifndef QS_SECURE_H
 #define QS_SECURE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-/* Zeroed memory for a secret; NULL on out of memory. */
+/* Zeroed memory for a secret, size 0 included. Returns NULL (errno
+ * ENOMEM) when the address space is exhausted; failing to lock the pages
+ * (RLIMIT_MEMLOCK of an unprivileged user) is not an error. */
 void *secure_alloc(size_t size);
-void secure_free(void *p);	/* wipes the whole allocation */
+/* Wipes the whole allocation and returns its pages; NULL is a no-op. */
+void secure_free(void *p);
+
+/* Tests only: when set, secure_free calls it with the caller's bytes once
+ * they are wiped, just before the pages are unmapped. */
+extern void (*secure_free_hook)(const void *p, size_t size);
 
 #define PASSPHRASE_MAX_SIZE (8U << 20)	/* as cryptsetup's key file limit */
 
