@@ -175,7 +175,7 @@ void luks_data_cipher_free(struct luks_data_cipher *c)
 	EVP_CIPHER_CTX_free(c->enc);
 	EVP_CIPHER_CTX_free(c->dec);
 	EVP_CIPHER_CTX_free(c->essiv);
-	free(c);
+	secure_free(c);
 }
 
 int luks_data_cipher_new(const char *cipher_name, const char *cipher_mode,
@@ -209,7 +209,10 @@ int luks_data_cipher_new(const char *cipher_name, const char *cipher_mode,
 	mode[n] = '\0';
 	iv = dash + 1;
 
-	c = calloc(1, sizeof(*c));
+	/* the contexts hold key schedules in OpenSSL's ordinary heap: their
+	 * holder is a secret, so the process stays non-dumpable while they
+	 * live (secure.c) */
+	c = secure_alloc(sizeof(*c));
 	if (!c)
 		return -ENOMEM;
 	if (!strcmp(iv, "plain")) {

@@ -1,6 +1,6 @@
-/* Secrets in memory, and the plausibility check that stands in for the key
- * check legacy AES images lack. Pure: no outside library; decryption and
- * signature probing come from crypto_openssl.c and probe_blkid.c.
+/* The plausibility check that stands in for the key check legacy AES
+ * images lack. Pure: no outside library; decryption and signature probing
+ * come from crypto_openssl.c and probe_blkid.c.
  *
  * A wrong AES key turns every sector into uniformly random bytes, whatever
  * the plaintext was. Real data, even compressed or encrypted files inside a
@@ -15,62 +15,6 @@
 #include "keys.h"
 #include "log.h"
 #include "util.h"
-
-/* ---- secrets in memory ---- */
-
-struct volume_key *volume_key_alloc(size_t size)
-{
-	struct volume_key *vk;
-
-	if (size > SIZE_MAX - sizeof(*vk))
-		return NULL;
-	vk = secure_alloc(sizeof(*vk) + size);	/* zeroed */
-	if (vk)
-		vk->size = size;
-	return vk;
-}
-
-void volume_key_free(struct volume_key *vk)
-{
-	secure_free(vk);	/* wipes size and key */
-}
-
-int passphrase_alloc(size_t len, struct passphrase **out)
-{
-	struct passphrase *pp;
-
-	*out = NULL;
-	if (len > PASSPHRASE_MAX_SIZE)
-		return -EINVAL;
-	pp = secure_alloc(sizeof(*pp));
-	if (!pp)
-		return -ENOMEM;
-	pp->data = secure_alloc(len + 1);	/* zeroed, so NUL-terminated */
-	if (!pp->data) {
-		secure_free(pp);
-		return -ENOMEM;
-	}
-	pp->len = len;
-	*out = pp;
-	return 0;
-}
-
-int passphrase_from_buffer(const void *data, size_t len, struct passphrase **out)
-{
-	int r = passphrase_alloc(len, out);
-
-	if (r == 0 && len)
-		memcpy((*out)->data, data, len);
-	return r;
-}
-
-void passphrase_free(struct passphrase *pp)
-{
-	if (!pp)
-		return;
-	secure_free(pp->data);
-	secure_free(pp);
-}
 
 /* ---- entropy without libm ---- */
 

@@ -1,13 +1,14 @@
-/* Keys: passphrases and volume keys in secure memory, the LUKS header embedded
- * in qcow2 images (crypt_method 2, libcryptsetup), QEMU's legacy AES
- * (crypt_method 1, OpenSSL) and the plausibility check that stands in for the
- * key check the legacy format lacks (libblkid plus an entropy test).
+/* Keys: the LUKS header embedded in qcow2 images (crypt_method 2,
+ * libcryptsetup), QEMU's legacy AES (crypt_method 1, OpenSSL) and the
+ * plausibility check that stands in for the key check the legacy format
+ * lacks (libblkid plus an entropy test).
  *
  * Each outside library is included by one file only:
  *   crypto_luks.c    libcryptsetup   luks_*
  *   crypto_openssl.c OpenSSL         legacy_aes_*
  *   probe_blkid.c    libblkid        blkid_probe_signature
- *   keycheck.c       none            memory helpers, key_*, legacy_key_check
+ *   keycheck.c       none            key_*, legacy_key_check
+ * Passphrases and volume keys in memory: secure.h (secure.c).
  * Nothing here ever logs key or passphrase bytes. */
 #ifndef QS_KEYS_H
 #define QS_KEYS_H
@@ -18,35 +19,9 @@
 
 #include "image.h"
 #include "io.h"
-
-/* ---- Secrets in memory (keycheck.c) ---- */
+#include "secure.h"
 
 #define KEY_SECTOR_SIZE 512
-#define PASSPHRASE_MAX_SIZE (8U << 20)	/* as cryptsetup's key file limit */
-
-/* A volume key: one secure_alloc block, wiped by volume_key_free(). */
-struct volume_key {
-	size_t size;		/* bytes of key */
-	uint8_t key[];
-};
-
-/* Returns NULL on out of memory; key bytes are zeroed. */
-struct volume_key *volume_key_alloc(size_t size);
-void volume_key_free(struct volume_key *vk);
-
-/* A passphrase or key file content: both the struct and data live in
- * secure memory. data is NUL-terminated for convenience but may contain
- * NUL bytes (binary key files): len is authoritative. */
-struct passphrase {
-	char *data;
-	size_t len;
-};
-
-/* Zeroed passphrase of len bytes (len <= PASSPHRASE_MAX_SIZE).
- * Returns 0, -EINVAL (too long) or -ENOMEM. */
-int passphrase_alloc(size_t len, struct passphrase **out);
-int passphrase_from_buffer(const void *data, size_t len, struct passphrase **out);
-void passphrase_free(struct passphrase *pp);
 
 /* ---- LUKS1 header embedded in a qcow2 image (crypto_luks.c) ---- */
 

@@ -1,5 +1,5 @@
 /* Small helpers shared by every layer: overflow-checked arithmetic,
- * big-endian field access, secure memory. */
+ * big-endian field access. Secrets in memory: secure.h. */
 #ifndef QS_UTIL_H
 #define QS_UTIL_H
 
@@ -77,10 +77,5 @@ static inline void put_be64(void *p, uint64_t v)
 	put_be32(p, v >> 32);
 	put_be32((uint8_t *)p + 4, (uint32_t)v);
 }
-
-/* Secrets: page-locked allocations wiped on free (secure.c). */
-void *secure_alloc(size_t size);
-void secure_free(void *p);	/* wipes the whole allocation */
-char *secure_strndup(const char *s, size_t len);
 
 #endif
