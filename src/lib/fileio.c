@@ -87,20 +87,9 @@ int file_io_fd(const struct img_io *io)
 
 int file_io_real_path(const struct img_io *io, char *buf, size_t size)
 {
-	char link[64];
-	ssize_t n;
 	int fd = file_io_fd(io);
 
-	if (fd < 0)
-		return -EBADF;
-	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-	n = readlink(link, buf, size - 1);
-	if (n < 0)
-		return -errno;
-	if ((size_t)n >= size - 1)
-		return -ENAMETOOLONG;
-	buf[n] = '\0';
-	return 0;
+	return fd < 0 ? -EBADF : fd_real_path(fd, buf, size);
 }
 
 void file_io_free(struct img_io *io)

@@ -20,4 +20,8 @@ int fd_extent(int fd, uint64_t off, uint64_t *len, bool *is_data);
  * memory-locked address space). 0 when it succeeded, -ENOENT when not. */
 int sys_modprobe(const char *module);
 
+/* The path of the file open on fd, as /proc/self/fd tells (what was
+ * opened, whatever its name is now). 0 or -errno. */
+int fd_real_path(int fd, char *buf, size_t size);
+
 #endif

@@ -30,6 +30,7 @@
 #include "fileio.h"
 #include "image.h"
 #include "log.h"
+#include "sysutil.h"
 #include "trust.h"
 #include "util.h"
 
@@ -92,22 +93,6 @@ static const char *type_name(mode_t mode)
 	default:
 		return "not a file";
 	}
-}
-
-/* The path fd refers to, as /proc/self/fd tells. */
-static int fd_real_path(int fd, char *buf, size_t size)
-{
-	char link[64];
-	ssize_t n;
-
-	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-	n = readlink(link, buf, size - 1);
-	if (n < 0)
-		return -errno;
-	if ((size_t)n >= size - 1)
-		return -ENAMETOOLONG;
-	buf[n] = '\0';
-	return 0;
 }
 
 /* Cut path at its last '/' (the folder; "/" for a file in the root). */
