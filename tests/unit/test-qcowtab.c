@@ -1,9 +1,12 @@
-/* The qcowtab parser (src/lib/qcowtab.c): fields, locations, options, errors. */
+/* The qcowtab parser (src/lib/qcowtab.c): fields, locations, options, errors;
+ * the names derived from it (systemd units); LUKS UUIDs as names
+ * (src/lib/luks_uuid.c). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "luks_uuid.h"
 #include "qcowtab.h"
 #include "tap.h"
 
@@ -240,6 +243,31 @@ static void test_unit_names(void)
 	      "unit name %s", buf);
 }
 
+/* A LUKS UUID from an image goes into a udev link: the pattern only. */
+static void test_luks_uuid(void)
+{
+	static const struct { const char *s; bool ok; } v[] = {
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6b", true },
+		{ "0B1F22C4-5A6E-4B7D-9E2F-1C2D3E4F5A6B", true },	/* uuid_parse takes both cases */
+		{ "00000000-0000-0000-0000-000000000000", true },
+		{ "", false },
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6", false },	/* short */
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6b0", false },	/* long */
+		{ "0b1f22c45a6e4b7d9e2f1c2d3e4f5a6b", false },		/* no dashes */
+		{ "0b1f22c4-5a6e-4b7d-9e2f1-c2d3e4f5a6b", false },	/* dash misplaced */
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6g", false },
+		{ "../../../../../../../../../etc/passw", false },	/* 36 characters */
+		{ "0b1f22c4/5a6e-4b7d-9e2f-1c2d3e4f5a6b", false },
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6 ", false },
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6\n", false },
+		{ " 0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6", false },
+	};
+
+	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+		CHECK(luks_uuid_valid(v[i].s) == v[i].ok, "LUKS UUID \"%s\" is %s", v[i].s, v[i].ok ? "valid" : "refused");
+	CHECK(!luks_uuid_valid(NULL), "a NULL LUKS UUID is refused");
+}
+
 int main(void)
 {
 	test_locations();
@@ -247,5 +275,6 @@ int main(void)
 	test_names_and_escapes();
 	test_cmdline();
 	test_unit_names();
+	test_luks_uuid();
 	return tap_done();
 }
