@@ -213,6 +213,12 @@ static void test_cmdline(void)
 	qcowtab_free(&t);
 	free(text);
 
+	r = qcowtab_cmdline_lines("rd.qcowsetup.image=\"/a\\b\tc\nd\" rd.qcowsetup.name=n", &text);
+	CHECK(r == 0 && text && !strcmp(text, "n /a\\134b\\011c\\012d none x-initrd.attach\n"),
+	      "command line: a backslash, a tab and a newline in quotes are escaped, the line stays one (%s)",
+	      text ? text : "(null)");
+	free(text);
+
 	r = qcowtab_cmdline_lines("quiet splash", &text);
 	CHECK(r == 0 && text && !*text, "no rd.qcowsetup.image: no lines");
 	free(text);
@@ -231,16 +237,35 @@ static void test_unit_names(void)
 		{ "/dev/disk/by-label/my\\x20disk", true, "dev-disk-by\\x2dlabel-my\\x5cx20disk" },
 		{ "//a//b/", true, "a-b" },
 		{ "/", true, "-" },
+		/* as systemd-escape --path after path_simplify() */
+		{ "/dev/./disk//by-id/.", true, "dev-disk-by\\x2did" },
+		{ "/.x/.y", true, "\\x2ex-.y" },
+		{ "/dev/disk/by-id/a b%\\\"'\n\xc3\xa9", true, "dev-disk-by\\x2did-a\\x20b\\x25\\x5c\\x22\\x27\\x0a\\xc3\\xa9" },
+		{ "100%", false, "100\\x25" },
 	};
-	char buf[256];
+	char buf[256], name[QCOWTAB_NAME_MAX + 1];
 
 	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
-		qcowtab_systemd_escape(v[i].in, v[i].path, buf, sizeof(buf));
-		CHECK(!strcmp(buf, v[i].out), "systemd-escape%s %s = %s (%s)", v[i].path ? " --path" : "", v[i].in,
-		      v[i].out, buf);
+		int r = qcowtab_systemd_escape(v[i].in, v[i].path, buf, sizeof(buf));
+
+		CHECK(r == (int)strlen(v[i].out) && !strcmp(buf, v[i].out), "systemd-escape%s %s = %s (%s)",
+		      v[i].path ? " --path" : "", v[i].in, v[i].out, buf);
 	}
+	CHECK(qcowtab_systemd_escape("/dev/../x", true, buf, sizeof(buf)) == -EINVAL,
+	      "systemd-escape --path refuses a .. component");
+	CHECK(qcowtab_systemd_escape("/dev/mapper/a-b", true, buf, 17) == -ENAMETOOLONG &&
+	      qcowtab_systemd_escape("/dev/mapper/a-b", true, buf, 18) == 17,
+	      "systemd-escape into a buffer too small fails, never cuts (17 characters need 18 bytes)");
 	CHECK(qcowtab_unit_name("vm-1", buf, sizeof(buf)) == 0 && !strcmp(buf, "qcowsetup@vm\\x2d1.service"),
 	      "unit name %s", buf);
+	memset(name, '+', QCOWTAB_NAME_MAX);
+	name[QCOWTAB_NAME_MAX] = '\0';
+	CHECK(qcowtab_valid_name(name) && qcowtab_unit_name(name, buf, sizeof(buf)) == -ENAMETOOLONG,
+	      "a valid name of %d '+' is refused as a unit name (each one is \\x2b: over 255 characters)",
+	      QCOWTAB_NAME_MAX);
+	memset(name, 'a', QCOWTAB_NAME_MAX);
+	CHECK(qcowtab_unit_name(name, buf, sizeof(buf)) == 0 && strlen(buf) == 100 + strlen("qcowsetup@.service"),
+	      "a name of %d letters makes a unit name", QCOWTAB_NAME_MAX);
 }
 
 /* A LUKS UUID from an image goes into a udev link: the pattern only. */
