@@ -4,7 +4,11 @@
  *   - stdin that is not a terminal, without --key-file: up to the newline;
  *   - --key-file - (stdin) or a file: binary, the whole content unless
  *     --keyfile-size, after skipping --keyfile-offset bytes; at most 8 MiB.
- * Every byte read lands in secure memory and is wiped. */
+ * Every byte read lands in secure memory and is wiped.
+ *
+ * No passphrase at all (end of input before a byte, no answer within the
+ * timeout) is -EPERM, the "no permission or bad passphrase" exit status
+ * (2), as a wrong one: nothing was wrong with the device. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -198,6 +202,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 		if (r == -ETIMEDOUT) {
 			end_prompt_line(outfd, &line_ended);
 			log_err("Timed out waiting for the passphrase.");
+			r = -EPERM;
 			goto out;
 		}
 		if (r < 0)
@@ -227,7 +232,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 	if (n == 0 && !b.len) {
 		end_prompt_line(outfd, &line_ended);
 		log_err("Nothing to read on input.");
-		r = -EPIPE;
+		r = -EPERM;
 		goto out;
 	}
 	r = secbuf_finish(&b, out);
@@ -332,7 +337,7 @@ static int read_line_fd(int fd, uint64_t max, struct passphrase **out)
 	}
 	if (eof && !b.len) {
 		log_err("Nothing to read on input.");
-		r = -EPIPE;
+		r = -EPERM;
 		goto out;
 	}
 	r = secbuf_finish(&b, out);
@@ -391,7 +396,7 @@ static int read_key_fd(int fd, const char *what, uint64_t size, struct passphras
 		}
 		if (!b.len) {
 			log_err("Nothing to read on input.");
-			r = -EPIPE;
+			r = -EPERM;
 			goto out;
 		}
 	}

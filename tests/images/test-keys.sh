@@ -297,5 +297,26 @@ else
 	echo "SKIP: write order (no strace)"
 fi
 
+# ---------------------------------------------------------------------------
+# no passphrase at all: exit 2, as a wrong one (cryptsetup's "no permission
+# or bad passphrase"), not 4 (a wrong image)
+
+Q format --key-file k1 "${FAST[@]}" np.qcow2 1M >>log 2>&1
+refuse "no passphrase: no terminal, standard input at its end (a line)" 2 Q add-key "${FAST[@]}" np.qcow2 k2 </dev/null
+refuse "no passphrase: --key-file - at its end" 2 Q add-key --key-file - "${FAST[@]}" np.qcow2 k2 </dev/null
+: >kempty
+refuse "no passphrase: an empty key file" 2 Q add-key --key-file kempty "${FAST[@]}" np.qcow2 k2
+refuse "no new passphrase: format with standard input at its end" 2 Q format "${FAST[@]}" np2.qcow2 1M </dev/null
+check "no new passphrase: no image left" test ! -e np2.qcow2
+if command -v script >/dev/null 2>&1 && command -v timeout >/dev/null 2>&1; then
+	# a terminal that ends (^D) before the first byte
+	(sleep 1; printf '\004'; sleep 2) | timeout 30 script -qec "'$QCOWSETUP' add-key ${FAST[*]} np.qcow2 k2; echo EXIT=\$?" /dev/null \
+		>tty.out 2>&1
+	check "no passphrase: a terminal that ends before a byte (^D)" grep -q 'EXIT=2' tty.out
+else
+	echo "SKIP: no passphrase on a terminal (no script or timeout)"
+fi
+check "no passphrase: the image unchanged (one key slot)" test "$(slots np.qcow2)" = 0
+
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
