@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cmd_keys.h"
 #include "keys.h"
 #include "log.h"
 #include "passphrase.h"
@@ -409,6 +410,24 @@ out:
 	return r;
 }
 
+/* A key file other users can read is a key they have: one line about it,
+ * as systemd-cryptsetup ("Key file ... is world-readable") and Debian's
+ * cryptdisks ("insecure permissions for keyfile") warn for crypttab's key
+ * files (cryptsetup itself says nothing); the key is used all the same.
+ * Regular files only: not standard input, pipes (cmd_tab hands passphrases
+ * over as /proc/self/fd/N), sockets or block and character devices. Not
+ * with --quiet (nothing but errors on stderr). */
+static void warn_readable_key_file(const char *path, const struct stat *st)
+{
+	if (kopt.quiet || !S_ISREG(st->st_mode) || !(st->st_mode & (S_IRGRP | S_IROTH)))
+		return;
+	if (!strncmp(path, "/proc/self/fd/", 14) || !strncmp(path, "/dev/fd/", 8) ||
+	    !strncmp(path, "/dev/stdin", 10))
+		return;
+	log_std("Warning: key file %s is readable by other users (mode %04o).", path,
+		(unsigned int)(st->st_mode & 07777));
+}
+
 int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase **out)
 {
 	struct stat st;
@@ -438,7 +457,11 @@ int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase 
 		log_err("Cannot open key file %s: %s", opts->key_file, strerror(-r));
 		return r;
 	}
-	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && !opts->keyfile_size &&
+	if (fstat(fd, &st) == 0)
+		warn_readable_key_file(opts->key_file, &st);
+	else
+		st.st_mode = 0;
+	if (S_ISREG(st.st_mode) && !opts->keyfile_size &&
 	    (uint64_t)st.st_size > opts->keyfile_offset &&
 	    (uint64_t)st.st_size - opts->keyfile_offset > PASSPHRASE_MAX_SIZE) {
 		log_err("Key file %s exceeds the maximum of %u bytes (use --keyfile-size).",

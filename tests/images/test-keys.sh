@@ -318,5 +318,34 @@ else
 fi
 check "no passphrase: the image unchanged (one key slot)" test "$(slots np.qcow2)" = 0
 
+# ---------------------------------------------------------------------------
+# key files other users can read: one warning line naming the file and its
+# mode (regular files only; not stdin, not with --quiet); the key still works
+
+printf '%s' 'first passphrase' >kperm
+printf '%s' 'third passphrase' >kthird
+chmod 0600 kthird
+warned() { # MODE: change-key reads kperm of that mode twice (old and new key)
+	chmod "$1" kperm
+	Q change-key --key-file kperm "${FAST[@]}" np.qcow2 kperm >/dev/null 2>perm.err
+}
+warned 0644
+check "a key file readable by all: one warning line, file and mode" \
+	grep -qx 'Warning: key file kperm is readable by other users (mode 0644).' perm.err
+check "a key file readable by all: warned once per read (old key, new key)" test "$(grep -c 'Warning: key file' perm.err)" = 2
+warned 0640
+check "a key file readable by its group: warned" grep -qx 'Warning: key file kperm is readable by other users (mode 0640).' perm.err
+warned 0600
+check "a key file only its owner reads: no warning" eval '! grep -q "Warning: key file" perm.err'
+warned 0400
+check "a read-only key file of its owner: no warning" eval '! grep -q "Warning: key file" perm.err'
+chmod 0644 kperm
+check "a key file read from standard input (--key-file -): no warning" \
+	sh -c "'$QCOWSETUP' change-key --key-file - ${FAST[*]} np.qcow2 kthird <kperm 2>perm.err && ! grep -q 'Warning: key file' perm.err"
+check "--quiet: no warning" \
+	sh -c "'$QCOWSETUP' change-key --quiet --key-file kthird ${FAST[*]} np.qcow2 kperm 2>perm.err && ! grep -q 'Warning: key file' perm.err"
+check "the key of a warned key file opens the image" opens np.qcow2 kperm
+chmod 0600 kperm
+
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
