@@ -228,10 +228,14 @@ int qcowtab_format_location(const struct qcowtab_location *loc, char *buf, size_
 static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev,
 		   unsigned int line, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/* The message, control characters of the fields it quotes (decoded: a
+ * \012 in an option is a newline) written back as qcowtab's \NNN: one line
+ * on a terminal or in the journal. */
 static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev,
 		   unsigned int line, const char *fmt, ...)
 {
-	char msg[512];
+	char msg[512], shown[4 * sizeof(msg)];
+	size_t pos = 0;
 	va_list ap;
 
 	if (!fn)
@@ -239,7 +243,14 @@ static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	fn(opaque, sev, line, msg);
+	for (const unsigned char *c = (const unsigned char *)msg; *c; c++) {
+		if (*c < 0x20 || *c == 0x7f)
+			pos += (size_t)snprintf(shown + pos, sizeof(shown) - pos, "\\%03o", *c);
+		else
+			shown[pos++] = (char)*c;
+	}
+	shown[pos] = '\0';
+	fn(opaque, sev, line, shown);
 }
 
 static int parse_u64(const char *s, uint64_t max, uint64_t *v)
@@ -439,7 +450,8 @@ static int parse_line(const char *p, const char *end, unsigned int line, qcowtab
 		return -ENOMEM;
 	if (!qcowtab_valid_name(e->name)) {
 		report(fn, opaque, QCOWTAB_ERROR, line,
-		       "invalid name \"%s\": use letters, digits and - _ . + (at most %d)", e->name, QCOWTAB_NAME_MAX);
+		       "invalid name \"%.*s\": use letters, digits and - _ . + (at most %d)", (int)MIN(flen[0], 200),
+		       f[0], QCOWTAB_NAME_MAX);
 		return -EINVAL;
 	}
 	if (qcowtab_find(t, e->name)) {

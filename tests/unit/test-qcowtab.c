@@ -165,6 +165,19 @@ static void test_table(void)
 	qcowtab_free(&t);
 
 	memset(&rep, 0, sizeof(rep));
+	r = qcowtab_parse("n\\012x /x\nm /x none ro,x\\012y\\033z\n", 36, collect, &rep, &t, &errors);
+	CHECK(r == 0 && t.count == 1 && rep.errors == 1 && rep.warnings == 1 &&
+	      !strcmp(rep.last, "unknown option x\\012y\\033z ignored"),
+	      "messages quote fields on one line: control characters as \\NNN (%s)", rep.last);
+	qcowtab_free(&t);
+
+	memset(&rep, 0, sizeof(rep));
+	r = qcowtab_parse("n\\012x /x\n", 10, collect, &rep, &t, &errors);
+	CHECK(r == 0 && t.count == 0 && !strncmp(rep.last, "invalid name \"n\\012x\"", 18),
+	      "an invalid name is quoted as written (%s)", rep.last);
+	qcowtab_free(&t);
+
+	memset(&rep, 0, sizeof(rep));
 	r = qcowtab_parse("a /x none\nb /y none\0c /z none\n", 30, collect, &rep, &t, &errors);
 	CHECK(r == 0 && t.count == 2, "a NUL ends the table");
 	qcowtab_free(&t);
