@@ -41,15 +41,17 @@ _qcowsetup_initrd_entries() {
     [[ -f $_tab ]] || return 0
     while read -r _name _image _key _options || [[ -n $_name ]]; do
         [[ -z $_name || $_name == \#* ]] && continue
+        # fields copied as written (escaped): qcowtab(5) syntax, read by
+        # qcowsetup and qcowsetup-lib.sh, never by a shell as code
         if [[ ,$_options, == *,x-initrd.attach,* ]]; then
-            echo "$_name $_image ${_key:-none} $_options"
+            printf '%s %s %s %s\n' "$_name" "$_image" "${_key:-none}" "$_options"
             continue
         fi
         if [[ $hostonly ]] || [[ $mount_needs ]]; then
             # shellcheck disable=SC2154 # dracut's
             for _dev in "${!host_fs_types[@]}"; do
                 if [[ /dev/mapper/$_name -ef $_dev ]]; then
-                    echo "$_name $_image ${_key:-none} ${_options:+$_options,}x-initrd.attach"
+                    printf '%s %s %s %s\n' "$_name" "$_image" "${_key:-none}" "${_options:+$_options,}x-initrd.attach"
                     break
                 fi
             done

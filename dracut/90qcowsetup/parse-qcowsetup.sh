@@ -30,6 +30,9 @@ case $_qs_root in
         ;;
 esac
 
+# What goes into the rules and hooks written here: entry names checked by
+# qs_valid_name ([A-Za-z0-9._+-]: nothing to quote), tag values only as
+# qs_udev_glob patterns, any other field only through qs_shell_quote.
 if [ -z "$DRACUT_SYSTEMD" ]; then
     {
         echo 'SUBSYSTEM!="block", GOTO="qcowsetup_end"'
@@ -38,6 +41,10 @@ if [ -z "$DRACUT_SYSTEMD" ]; then
 
     qs_entries | while read -r _qs_name _qs_image _qs_key _qs_options; do
         [ -n "$_qs_name" ] || continue
+        if ! qs_valid_name "$_qs_name"; then
+            warn "qcowsetup: $(qs_shell_quote "$_qs_name") is no valid name (letters, digits, . _ + -): entry ignored"
+            continue
+        fi
         qs_has_option "$_qs_options" noauto && continue
         _qs_queue="RUN+=\"$(command -v initqueue) --onetime --unique --settled --name qcowsetup-ask-$_qs_name $(command -v qcowsetup-ask) $_qs_name\""
         _qs_n=0
@@ -54,10 +61,9 @@ if [ -z "$DRACUT_SYSTEMD" ]; then
             printf '[ -e "/dev/mapper/%s" ] || [ -e "/tmp/qcowsetup-failed-%s" ]\n' "$_qs_name" "$_qs_name" \
                 > "$hookdir/initqueue/finished/90-qcowsetup-$_qs_name.sh"
         fi
-        {
-            printf '[ -e "/dev/mapper/%s" ] || ' "$_qs_name"
-            printf 'warn "qcowsetup: %s (%s) is not mapped"\n' "$_qs_name" "$_qs_image"
-        } >> "$hookdir/emergency/90-qcowsetup.sh"
+        printf '[ -e "/dev/mapper/%s" ] || warn %s\n' "$_qs_name" \
+            "$(qs_shell_quote "qcowsetup: $_qs_name ($_qs_image) is not mapped")" \
+            >> "$hookdir/emergency/90-qcowsetup.sh"
     done
 
     echo 'LABEL="qcowsetup_end"' >> /etc/udev/rules.d/70-qcowsetup.rules.new

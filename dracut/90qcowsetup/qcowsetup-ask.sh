@@ -20,8 +20,13 @@ NEWROOT=${NEWROOT:-"/sysroot"}
 . /lib/dracut-lib.sh
 . /lib/qcowsetup-lib.sh
 
+# names are [A-Za-z0-9._+-] (qs_valid_name): they go unquoted into the
+# lists below and the command lines of qcowsetup and plymouth
 name=$1
-[ -n "$name" ] || exit 1
+qs_valid_name "$name" || {
+    warn "qcowsetup-ask: invalid entry name"
+    exit 1
+}
 [ -b "/dev/mapper/$name" ] && exit 0
 [ -e "/tmp/qcowsetup-asked-$name" ] && exit 0
 qs_entry "$name" || {
@@ -41,6 +46,7 @@ if qs_has_option "$qs_options" same-passphrase; then
     # the others of the group that can be mapped now
     while read -r _n _i _k _o; do
         [ "$_n" = "$name" ] && continue
+        qs_valid_name "$_n" || continue
         qs_has_option "$_o" same-passphrase || continue
         qs_has_option "$_o" noauto && continue
         [ -b "/dev/mapper/$_n" ] || [ -e "/tmp/qcowsetup-asked-$_n" ] && continue

@@ -4,7 +4,11 @@
  *   - stdin that is not a terminal, without --key-file: up to the newline;
  *   - --key-file - (stdin) or a file: binary, the whole content unless
  *     --keyfile-size, after skipping --keyfile-offset bytes; at most 8 MiB.
- * Every byte read lands in secure memory and is wiped. */
+ * Every byte read lands in secure memory and is wiped.
+ *
+ * No passphrase at all (end of input before a byte, no answer within the
+ * timeout) is -EPERM, the "no permission or bad passphrase" exit status
+ * (2), as a wrong one: nothing was wrong with the device. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -16,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cmd_keys.h"
 #include "keys.h"
 #include "log.h"
 #include "passphrase.h"
@@ -198,6 +203,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 		if (r == -ETIMEDOUT) {
 			end_prompt_line(outfd, &line_ended);
 			log_err("Timed out waiting for the passphrase.");
+			r = -EPERM;
 			goto out;
 		}
 		if (r < 0)
@@ -227,7 +233,7 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 	if (n == 0 && !b.len) {
 		end_prompt_line(outfd, &line_ended);
 		log_err("Nothing to read on input.");
-		r = -EPIPE;
+		r = -EPERM;
 		goto out;
 	}
 	r = secbuf_finish(&b, out);
@@ -332,7 +338,7 @@ static int read_line_fd(int fd, uint64_t max, struct passphrase **out)
 	}
 	if (eof && !b.len) {
 		log_err("Nothing to read on input.");
-		r = -EPIPE;
+		r = -EPERM;
 		goto out;
 	}
 	r = secbuf_finish(&b, out);
@@ -391,7 +397,7 @@ static int read_key_fd(int fd, const char *what, uint64_t size, struct passphras
 		}
 		if (!b.len) {
 			log_err("Nothing to read on input.");
-			r = -EPIPE;
+			r = -EPERM;
 			goto out;
 		}
 	}
@@ -402,6 +408,24 @@ read_error:
 out:
 	secure_free(b.p);
 	return r;
+}
+
+/* A key file other users can read is a key they have: one line about it,
+ * as systemd-cryptsetup ("Key file ... is world-readable") and Debian's
+ * cryptdisks ("insecure permissions for keyfile") warn for crypttab's key
+ * files (cryptsetup itself says nothing); the key is used all the same.
+ * Regular files only: not standard input, pipes (cmd_tab hands passphrases
+ * over as /proc/self/fd/N), sockets or block and character devices. Not
+ * with --quiet (nothing but errors on stderr). */
+static void warn_readable_key_file(const char *path, const struct stat *st)
+{
+	if (kopt.quiet || !S_ISREG(st->st_mode) || !(st->st_mode & (S_IRGRP | S_IROTH)))
+		return;
+	if (!strncmp(path, "/proc/self/fd/", 14) || !strncmp(path, "/dev/fd/", 8) ||
+	    !strncmp(path, "/dev/stdin", 10))
+		return;
+	log_std("Warning: key file %s is readable by other users (mode %04o).", path,
+		(unsigned int)(st->st_mode & 07777));
 }
 
 int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase **out)
@@ -433,7 +457,11 @@ int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase 
 		log_err("Cannot open key file %s: %s", opts->key_file, strerror(-r));
 		return r;
 	}
-	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && !opts->keyfile_size &&
+	if (fstat(fd, &st) == 0)
+		warn_readable_key_file(opts->key_file, &st);
+	else
+		st.st_mode = 0;
+	if (S_ISREG(st.st_mode) && !opts->keyfile_size &&
 	    (uint64_t)st.st_size > opts->keyfile_offset &&
 	    (uint64_t)st.st_size - opts->keyfile_offset > PASSPHRASE_MAX_SIZE) {
 		log_err("Key file %s exceeds the maximum of %u bytes (use --keyfile-size).",

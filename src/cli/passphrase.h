@@ -31,8 +31,9 @@ bool tools_passphrase_interactive(const struct passphrase_opts *opts);
  *              maximum size,
  *   -EIO       the key file is shorter than --keyfile-size + offset, or a
  *              read error,
- *   -EPIPE     nothing to read (EOF before any byte),
- *   -ETIMEDOUT no passphrase typed within the timeout,
+ *   -EPERM     no passphrase: nothing to read (EOF before any byte, an
+ *              empty key file) or none typed within the timeout (exit
+ *              status 2, as a wrong passphrase),
  *   -ENOENT/-EACCES... opening the key file,
  *   -ENOMEM.
  * The terminal's settings are restored on every path, including signals. */

@@ -16,6 +16,15 @@
  * "wants" with nofail) and by /dev/mapper/NAME's device unit. The passphrase
  * is asked by qcowsetup through systemd-ask-password.
  *
+ * Everything qcowtab (or the kernel command line) gives goes into the units
+ * escaped for its place, as systemd-cryptsetup-generator does: unit names
+ * systemd-escape'd (device units as systemd-escape --path of their /dev
+ * path), '%' doubled everywhere systemd expands specifiers, paths quoted in
+ * RequiresMountsFor=, and ExecStart= arguments quoted with C escapes ('$'
+ * doubled). What a unit cannot hold (a newline or invalid UTF-8 in a path
+ * that RequiresMountsFor= needs, a unit name over 255 characters) makes the
+ * entry an error, reported with its qcowtab line: no unit is written.
+ *
  *   qcowsetup-generator NORMAL_DIR [EARLY_DIR LATE_DIR]
  * Environment (tests): QCOWSETUP_QCOWTAB (the table), SYSTEMD_IN_INITRD
  * (0/1), SYSTEMD_PROC_CMDLINE (the kernel command line), QCOWSETUP_BIN (the
@@ -23,6 +32,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +46,7 @@
 #endif
 
 static const char *me = "qcowsetup-generator";
+static const char *tab_source = QCOWTAB_PATH;	/* the table, in messages */
 static int failures;
 
 static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -55,6 +66,20 @@ static void report(void *opaque, enum qcowtab_severity sev, unsigned int line, c
 	logmsg("%s:%u: %s%s", (const char *)opaque, line, msg, sev == QCOWTAB_ERROR ? " (line ignored)" : "");
 	if (sev == QCOWTAB_ERROR)
 		failures++;
+}
+
+/* An entry that cannot become a unit: one line naming its qcowtab line, as
+ * the parser's errors. */
+static void entry_error(const struct qcowtab_entry *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void entry_error(const struct qcowtab_entry *e, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	logmsg("%s:%u: %s: %s (line ignored)", tab_source, e->line, e->name, msg);
 }
 
 /* snprintf that says when it cut: names longer than PATH_MAX are refused
@@ -95,68 +120,256 @@ static char *read_all(const char *path, size_t max)
 	return buf;
 }
 
-/* ---- systemd names ---- */
+/* ---- systemd names and unit file syntax ---- */
 
-/* udev's encoding of link names (/dev/disk/by-label/...): bytes outside
- * [0-9A-Za-z#+-.:=@_] (and valid UTF-8) become \xNN. */
-static void udev_encode(const char *s, char *out, size_t size)
+/* Append n bytes to out (size bytes, room for a NUL kept) at *pos. */
+static bool put_bytes_checked(char *out, size_t size, size_t *pos, const char *b, size_t n)
+{
+	if (*pos + n >= size)
+		return false;
+	memcpy(out + *pos, b, n);
+	*pos += n;
+	return true;
+}
+
+/* The length of the valid UTF-8 sequence at s (1 to 4 bytes, a character
+ * of at least 0x80), or 0: not one (overlong, surrogate, over U+10FFFF,
+ * truncated), as systemd's and udev's utf8_encoded_valid_unichar(). */
+static size_t utf8_sequence(const unsigned char *s)
+{
+	size_t len, i;
+	uint32_t cp;
+
+	if (s[0] < 0xc2 || s[0] > 0xf4)
+		return 0;
+	len = s[0] < 0xe0 ? 2 : s[0] < 0xf0 ? 3 : 4;
+	cp = s[0] & (0xff >> (len + 1));
+	for (i = 1; i < len; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
+	}
+	if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return len;
+}
+
+/* Whether s can stand, quoted, in a unit file setting without C escapes
+ * (RequiresMountsFor=, SourcePath=): valid UTF-8 (systemd ignores the
+ * setting otherwise) and no control character but a tab (a newline or \r
+ * ends the line; systemd takes others as blanks). */
+static bool unit_plain_value_ok(const char *s)
+{
+	for (const unsigned char *c = (const unsigned char *)s; *c;) {
+		size_t n;
+
+		if (*c < 0x80) {
+			if ((*c < 0x20 && *c != '\t') || *c == 0x7f)
+				return false;
+			c++;
+			continue;
+		}
+		n = utf8_sequence(c);
+		if (!n)
+			return false;
+		c += n;
+	}
+	return true;
+}
+
+/* Write s for a setting that expands specifiers and takes quoted words
+ * without C escapes (RequiresMountsFor=): '%' doubled, and, when it holds a
+ * blank, a quote or a backslash, in double quotes with '\\' and '"'
+ * backslashed. The caller checked unit_plain_value_ok(). */
+static void put_quoted_path(FILE *f, const char *s)
+{
+	bool quote = strpbrk(s, " \t\"'\\") != NULL;
+
+	if (quote)
+		fputc('"', f);
+	for (const char *c = s; *c; c++) {
+		if (*c == '\\' || *c == '"')
+			fputc('\\', f);
+		else if (*c == '%')
+			fputc('%', f);
+		fputc(*c, f);
+	}
+	if (quote)
+		fputc('"', f);
+}
+
+/* Write s as one word of ExecStart=/ExecStop= (systemd.service(5), "Command
+ * lines"): as is when it holds only [A-Za-z0-9/._+:@=,-], else in double
+ * quotes with C escapes ('\\', '"', control and non-ASCII bytes as \xNN).
+ * '%' is doubled in both (specifiers), and '$' in an argument
+ * (environment variables: "$$" is a '$'); not in the program's path, which
+ * systemd does not expand. */
+static void put_exec_word(FILE *f, const char *s, bool program)
+{
+	bool plain = *s != '\0';
+
+	for (const char *c = s; *c && plain; c++)
+		plain = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+			strchr("/._+:@=,-%", *c) || (*c == '$' && !program);
+	if (!plain)
+		fputc('"', f);
+	for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+		if (*c == '%')
+			fputs("%%", f);
+		else if (*c == '$' && !program)
+			fputs("$$", f);
+		else if (*c == '\\' || *c == '"')
+			fprintf(f, "\\%c", *c);
+		else if (*c < 0x20 || *c >= 0x7f)
+			fprintf(f, "\\x%02x", *c);
+		else
+			fputc(*c, f);
+	}
+	if (!plain)
+		fputc('"', f);
+}
+
+/* s with '%' doubled, for settings that expand specifiers and take the
+ * rest of the line as it is (Description=, SourcePath=). */
+static void put_specifier_escaped(FILE *f, const char *s)
+{
+	for (const char *c = s; *c; c++) {
+		if (*c == '%')
+			fputc('%', f);
+		fputc(*c, f);
+	}
+}
+
+/* udev's (and libblkid's) encoding of link names (/dev/disk/by-label/...,
+ * ID_FS_LABEL_ENC): bytes outside [0-9A-Za-z#+-.:=@_] become \xNN, valid
+ * UTF-8 sequences stay. false when out (size bytes) is too small. */
+static bool udev_encode(const char *s, char *out, size_t size)
 {
 	size_t pos = 0;
 
-	for (const unsigned char *c = (const unsigned char *)s; *c && pos + 5 < size; c++) {
+	for (const unsigned char *c = (const unsigned char *)s; *c;) {
+		size_t n = *c >= 0x80 ? utf8_sequence(c) : 0;
+		char hex[5];
+
+		if (n) {
+			if (!put_bytes_checked(out, size, &pos, (const char *)c, n))
+				return false;
+			c += n;
+			continue;
+		}
 		if ((*c >= '0' && *c <= '9') || (*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') ||
-		    strchr("#+-.:=@_", *c) || *c >= 0x80)
-			out[pos++] = (char)*c;
-		else
-			pos += (size_t)snprintf(out + pos, size - pos, "\\x%02x", *c);
+		    strchr("#+-.:=@_", *c)) {
+			if (!put_bytes_checked(out, size, &pos, (const char *)c, 1))
+				return false;
+		} else {
+			snprintf(hex, sizeof(hex), "\\x%02x", *c);
+			if (!put_bytes_checked(out, size, &pos, hex, 4))
+				return false;
+		}
+		c++;
+	}
+	out[pos] = '\0';
+	return true;
+}
+
+/* loc as qcowtab writes it (octal escapes), bytes that are not UTF-8 too,
+ * for a message that stays on one line and shows what is wrong. */
+static void show_location(const struct qcowtab_location *l, char *out, size_t size)
+{
+	char raw[4096];
+	size_t pos = 0;
+
+	if (qcowtab_format_location(l, raw, sizeof(raw)) < 0) {
+		snprintf(out, size, "(too long to show)");
+		return;
+	}
+	for (const unsigned char *c = (const unsigned char *)raw; *c;) {
+		size_t n = *c >= 0x80 ? utf8_sequence(c) : 1;
+		char oct[5];
+
+		if (!n) {
+			snprintf(oct, sizeof(oct), "\\%03o", *c);
+			if (!put_bytes_checked(out, size, &pos, oct, 4))
+				break;
+			c++;
+			continue;
+		}
+		if (!put_bytes_checked(out, size, &pos, (const char *)c, n))
+			break;
+		c += n;
 	}
 	out[pos] = '\0';
 }
 
-/* The /dev path of a tagged device, as udev links it. */
-static void tag_device_path(const struct qcowtab_location *l, char *out, size_t size)
+/* The /dev path of a tagged device, as udev links it. false: too long. */
+static bool tag_device_path(const struct qcowtab_location *l, char *out, size_t size)
 {
-	char enc[1024], low[1024];
+	char enc[4096], low[1024];
 	size_t i;
+	int n;
 
 	if (!strcmp(l->tag, "UUID") || !strcmp(l->tag, "PARTUUID")) {
 		/* lower case, as blkid reports them */
-		for (i = 0; l->value[i] && i + 1 < sizeof(low); i++)
+		if (strlen(l->value) >= sizeof(low))
+			return false;
+		for (i = 0; l->value[i]; i++)
 			low[i] = (char)(l->value[i] >= 'A' && l->value[i] <= 'F' ? l->value[i] - 'A' + 'a' : l->value[i]);
 		low[i] = '\0';
-		udev_encode(low, enc, sizeof(enc));
-	} else {
-		udev_encode(l->value, enc, sizeof(enc));
+		if (!udev_encode(low, enc, sizeof(enc)))
+			return false;
+	} else if (!udev_encode(l->value, enc, sizeof(enc))) {
+		return false;
 	}
-	fmt(out, size, "/dev/disk/by-%s/%s", !strcmp(l->tag, "UUID") ? "uuid" : !strcmp(l->tag, "LABEL") ? "label" :
-		 !strcmp(l->tag, "PARTUUID") ? "partuuid" : "partlabel", enc);
+	n = snprintf(out, size, "/dev/disk/by-%s/%s", !strcmp(l->tag, "UUID") ? "uuid" : !strcmp(l->tag, "LABEL") ? "label" :
+		     !strcmp(l->tag, "PARTUUID") ? "partuuid" : "partlabel", enc);
+	return n > 0 && (size_t)n < size;
 }
 
-/* The device unit of a location's device, or "" when it is a file on a
- * mounted filesystem (then *mount_path is what RequiresMountsFor= needs). */
-static void location_units(const struct qcowtab_location *l, char *dev_unit, size_t size, const char **mount_path)
+/* The device unit of a location's device ("" when it is a file on a mounted
+ * filesystem: then *mount_path is what RequiresMountsFor= needs). Returns
+ * false, with the entry reported, when the location cannot be written into
+ * a unit. */
+static bool location_units(const struct qcowtab_entry *e, const struct qcowtab_location *l, const char *what,
+			   char *dev_unit, size_t size, const char **mount_path)
 {
-	char path[2048], esc[4096];
+	char path[8192], esc[QCOWTAB_UNIT_NAME_MAX + 1], shown[4096];
+	int r;
 
 	dev_unit[0] = '\0';
 	*mount_path = NULL;
+	show_location(l, shown, sizeof(shown));
 	switch (l->source) {
 	case QCOWTAB_TAG_ONLY:
 	case QCOWTAB_TAG_PATH:
-		tag_device_path(l, path, sizeof(path));
+		if (!tag_device_path(l, path, sizeof(path))) {
+			entry_error(e, "%s %s: the tag value is too long for a device name", what, shown);
+			return false;
+		}
 		break;
 	case QCOWTAB_PATH_ONLY:
 		if (strncmp(l->path, "/dev/", 5)) {
+			if (!unit_plain_value_ok(l->path)) {
+				entry_error(e, "%s %s: systemd's RequiresMountsFor= cannot hold a newline, a control "
+					    "character or invalid UTF-8", what, shown);
+				return false;
+			}
 			*mount_path = l->path;
-			return;
+			return true;
 		}
-		fmt(path, sizeof(path), "%s", l->path);
+		snprintf(path, sizeof(path), "%s", l->path);
 		break;
 	default:
-		return;
+		return true;
 	}
-	qcowtab_systemd_escape(path, true, esc, sizeof(esc));
-	fmt(dev_unit, size, "%s.device", esc);
+	r = qcowtab_systemd_escape(path, true, esc, sizeof(esc) - strlen(".device"));
+	if (r < 0) {
+		entry_error(e, "%s %s: %s", what, shown, r == -EINVAL ? "systemd takes no \"..\" in a device path"
+			    : "the device's systemd unit name would be longer than 255 characters");
+		return false;
+	}
+	r = snprintf(dev_unit, size, "%s.device", esc);
+	return r > 0 && (size_t)r < size;	/* esc left room for it */
 }
 
 /* ---- writing ---- */
@@ -206,18 +419,41 @@ static int write_device_timeout(const char *dir, const char *dev_unit, unsigned 
 	return fclose(fp) ? -1 : 0;
 }
 
+static void put_exec(FILE *f, const char *key, const char *bin, const char *verb, const char *tab_arg,
+		     const char *name)
+{
+	fprintf(f, "%s=", key);
+	put_exec_word(f, bin, true);
+	fprintf(f, " %s --tab", verb);
+	if (tab_arg) {
+		fputs(" --qcowtab ", f);
+		put_exec_word(f, tab_arg, false);
+	}
+	fputc(' ', f);
+	put_exec_word(f, name, false);
+	fputc('\n', f);
+}
+
 static int write_unit(const char *dir, const struct qcowtab_entry *e, const char *tab_arg, const char *bin)
 {
-	char unit[1100], path[8192], img_dev[4096], key_dev[4096], mapper[1200], mapper_esc[2048];
-	const char *img_mount, *key_mount;
+	char unit[QCOWTAB_UNIT_NAME_MAX + 1], path[8192], img_dev[QCOWTAB_UNIT_NAME_MAX + 1],
+	     key_dev[QCOWTAB_UNIT_NAME_MAX + 1], mapper[1200], mapper_esc[QCOWTAB_UNIT_NAME_MAX + 1];
+	const char *img_mount, *key_mount, *source = tab_arg ? tab_arg : QCOWTAB_PATH;
 	bool needs_mount;
 	FILE *f;
 
-	qcowtab_unit_name(e->name, unit, sizeof(unit));
-	fmt(mapper, sizeof(mapper), "/dev/mapper/%s", e->name);
-	qcowtab_systemd_escape(mapper, true, mapper_esc, sizeof(mapper_esc));
-	location_units(&e->image, img_dev, sizeof(img_dev), &img_mount);
-	location_units(&e->key, key_dev, sizeof(key_dev), &key_mount);
+	/* everything checked before a file is written: a refused entry leaves
+	 * no unit behind */
+	snprintf(mapper, sizeof(mapper), "/dev/mapper/%s", e->name);
+	if (qcowtab_unit_name(e->name, unit, sizeof(unit)) ||
+	    qcowtab_systemd_escape(mapper, true, mapper_esc, sizeof(mapper_esc) - strlen(".device.requires")) < 0) {
+		entry_error(e, "the name is too long once escaped for a systemd unit name (at most %d characters)",
+			    QCOWTAB_UNIT_NAME_MAX);
+		return -1;
+	}
+	if (!location_units(e, &e->image, "image", img_dev, sizeof(img_dev), &img_mount) ||
+	    !location_units(e, &e->key, "key file", key_dev, sizeof(key_dev), &key_mount))
+		return -1;
 	needs_mount = img_mount || key_mount;
 
 	if (!fmt(path, sizeof(path), "%s/%s", dir, unit))
@@ -229,15 +465,22 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 	}
 	fprintf(f, "# Automatically generated by %s\n\n"
 		"[Unit]\n"
-		"Description=qcowsetup: map the qcow2 image %s\n"
-		"Documentation=man:qcowtab(5) man:qcowsetup(8)\n"
-		"SourcePath=%s\n"
-		"DefaultDependencies=no\n"
+		"Description=qcowsetup: map the qcow2 image ", me);
+	put_specifier_escaped(f, e->name);
+	fprintf(f, "\nDocumentation=man:qcowtab(5) man:qcowsetup(8)\n");
+	/* SourcePath= takes the rest of the line as a path: left out when
+	 * it could not be read back as it is */
+	if (unit_plain_value_ok(source) && source[0] == '/' && !strchr(" \t", source[strlen(source) - 1])) {
+		fputs("SourcePath=", f);
+		put_specifier_escaped(f, source);
+		fputc('\n', f);
+	}
+	fprintf(f, "DefaultDependencies=no\n"
 		"IgnoreOnIsolate=true\n"
 		"After=cryptsetup-pre.target systemd-udevd-kernel.socket\n"
 		"Before=blockdev@%s.target\n"
 		"Wants=blockdev@%s.target\n",
-		me, e->name, tab_arg ? tab_arg : QCOWTAB_PATH, mapper_esc, mapper_esc);
+		mapper_esc, mapper_esc);
 	if (!e->initrd_attach)
 		/* an image attached in the initramfs may hold the root: it stays */
 		fprintf(f, "Conflicts=umount.target\nBefore=umount.target\n");
@@ -245,24 +488,29 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 		fprintf(f, "Before=cryptsetup.target\n");
 	if (!e->nofail && !needs_mount)
 		fprintf(f, "Before=local-fs-pre.target\n");
+	/* escaped unit names: [A-Za-z0-9:_.\\-] only, no quoting needed */
 	if (img_dev[0])
 		fprintf(f, "BindsTo=%s\nAfter=%s\n", img_dev, img_dev);
 	if (key_dev[0])
 		fprintf(f, "Wants=%s\nAfter=%s\n", key_dev, key_dev);
-	if (img_mount)
-		fprintf(f, "RequiresMountsFor=%s\n", img_mount);
-	if (key_mount)
-		fprintf(f, "RequiresMountsFor=%s\n", key_mount);
+	if (img_mount) {
+		fputs("RequiresMountsFor=", f);
+		put_quoted_path(f, img_mount);
+		fputc('\n', f);
+	}
+	if (key_mount) {
+		fputs("RequiresMountsFor=", f);
+		put_quoted_path(f, key_mount);
+		fputc('\n', f);
+	}
 	fprintf(f, "\n[Service]\n"
 		"Type=oneshot\n"
 		"RemainAfterExit=yes\n"
 		"TimeoutSec=infinity\n"
 		"KeyringMode=shared\n"
-		"OOMScoreAdjust=500\n"
-		"ExecStart=%s open --tab%s%s %s\n"
-		"ExecStop=%s close --tab%s%s %s\n",
-		bin, tab_arg ? " --qcowtab " : "", tab_arg ? tab_arg : "", e->name,
-		bin, tab_arg ? " --qcowtab " : "", tab_arg ? tab_arg : "", e->name);
+		"OOMScoreAdjust=500\n");
+	put_exec(f, "ExecStart", bin, "open", tab_arg, e->name);
+	put_exec(f, "ExecStop", bin, "close", tab_arg, e->name);
 	if (fclose(f)) {
 		logmsg("cannot write %s: %s", path, strerror(errno));
 		return -1;
@@ -305,6 +553,13 @@ int main(int argc, char **argv)
 		logmsg("usage: %s NORMAL_DIR [EARLY_DIR LATE_DIR]", me);
 		return 1;
 	}
+	if (bin[0] != '/' || strpbrk(bin, "\"'\\") || !unit_plain_value_ok(bin) || strchr(bin, '\t')) {
+		/* systemd refuses such a program ("Executable name contains
+		 * special characters") */
+		logmsg("cannot run %s from a unit: a program's path is absolute, without quotes, "
+		       "backslashes or control characters", bin);
+		return 1;
+	}
 	if (initrd) {
 		cmdline = cl_env ? strdup(cl_env) : read_all("/proc/cmdline", 65536);
 		if (cmdline && qcowtab_cmdline_disabled(cmdline)) {
@@ -328,6 +583,7 @@ int main(int argc, char **argv)
 		 extra ? extra : "");
 	free(text);
 	free(extra);
+	tab_source = tab_path;
 	if (qcowtab_parse(all, strlen(all), report, (void *)tab_path, &tab, NULL)) {
 		logmsg("out of memory");
 		return 1;

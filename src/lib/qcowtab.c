@@ -228,10 +228,14 @@ int qcowtab_format_location(const struct qcowtab_location *loc, char *buf, size_
 static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev,
 		   unsigned int line, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/* The message, control characters of the fields it quotes (decoded: a
+ * \012 in an option is a newline) written back as qcowtab's \NNN: one line
+ * on a terminal or in the journal. */
 static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev,
 		   unsigned int line, const char *fmt, ...)
 {
-	char msg[512];
+	char msg[512], shown[4 * sizeof(msg)];
+	size_t pos = 0;
 	va_list ap;
 
 	if (!fn)
@@ -239,7 +243,14 @@ static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	fn(opaque, sev, line, msg);
+	for (const unsigned char *c = (const unsigned char *)msg; *c; c++) {
+		if (*c < 0x20 || *c == 0x7f)
+			pos += (size_t)snprintf(shown + pos, sizeof(shown) - pos, "\\%03o", *c);
+		else
+			shown[pos++] = (char)*c;
+	}
+	shown[pos] = '\0';
+	fn(opaque, sev, line, shown);
 }
 
 static int parse_u64(const char *s, uint64_t max, uint64_t *v)
@@ -452,7 +463,8 @@ static int parse_line(const char *p, const char *end, unsigned int line, qcowtab
 		return -ENOMEM;
 	if (!qcowtab_valid_name(e->name)) {
 		report(fn, opaque, QCOWTAB_ERROR, line,
-		       "invalid name \"%s\": use letters, digits and - _ . + (at most %d)", e->name, QCOWTAB_NAME_MAX);
+		       "invalid name \"%.*s\": use letters, digits and - _ . + (at most %d)", (int)MIN(flen[0], 200),
+		       f[0], QCOWTAB_NAME_MAX);
 		return -EINVAL;
 	}
 	if (qcowtab_find(t, e->name)) {
@@ -614,8 +626,9 @@ static char *next_word(const char **p, bool *err)
 	return w;
 }
 
-/* A copy of s with blanks and backslashes as \NNN escapes (a quoted word of
- * the command line may hold them). */
+/* A copy of s with blanks, newlines and backslashes as \NNN escapes (a
+ * quoted word of the command line may hold them; a raw newline would end
+ * the qcowtab line). */
 static char *escape_blanks(const char *s)
 {
 	char *out = malloc(4 * strlen(s) + 1), *o = out;
@@ -623,7 +636,7 @@ static char *escape_blanks(const char *s)
 	if (!out)
 		return NULL;
 	for (; *s; s++) {
-		if (is_blank(*s) || *s == '\\')
+		if (is_blank(*s) || *s == '\n' || *s == '\\')
 			o += sprintf(o, "\\%03o", (unsigned char)*s);
 		else
 			*o++ = *s;
@@ -715,40 +728,79 @@ static bool unit_char_ok(char c)
 	       c == '_' || c == '.';
 }
 
-void qcowtab_systemd_escape(const char *s, bool path, char *out, size_t size)
+/* Append n bytes to out (size bytes), at *pos; false when they do not fit
+ * (with the terminating NUL). */
+static bool put_bytes(char *out, size_t size, size_t *pos, const char *b, size_t n)
+{
+	if (*pos + n >= size)
+		return false;
+	memcpy(out + *pos, b, n);
+	*pos += n;
+	return true;
+}
+
+int qcowtab_systemd_escape(const char *s, bool path, char *out, size_t size)
 {
 	size_t pos = 0;
+	bool first = true;
 
-	if (path) {
-		while (*s == '/')
-			s++;
-		if (!*s) {
-			snprintf(out, size, "-");
-			return;
+	if (!size)
+		return -ENAMETOOLONG;
+	out[0] = '\0';
+	if (!path) {
+		for (const char *c = s; *c; c++) {
+			char hex[5];
+
+			snprintf(hex, sizeof(hex), "\\x%02x", (unsigned char)*c);
+			if (unit_char_ok(*c) && !(*c == '.' && c == s) ? !put_bytes(out, size, &pos, c, 1)
+								       : !put_bytes(out, size, &pos, hex, 4))
+				return -ENAMETOOLONG;
 		}
+		out[pos] = '\0';
+		return (int)pos;
 	}
-	for (const char *c = s; *c && pos + 5 < size; c++) {
-		if (path && *c == '/') {
-			while (c[1] == '/')
-				c++;
-			if (!c[1])
-				break;
-			out[pos++] = '-';
-		} else if (unit_char_ok(*c) && !(*c == '.' && c == s)) {
-			out[pos++] = *c;
-		} else {
-			pos += (size_t)snprintf(out + pos, size - pos, "\\x%02x", (unsigned char)*c);
+	/* a path: its components joined by '-', as systemd-escape --path after
+	 * path_simplify(): empty and "." components dropped, ".." refused */
+	for (const char *c = s; *c;) {
+		size_t n;
+
+		while (*c == '/')
+			c++;
+		n = strcspn(c, "/");
+		if (!n || (n == 1 && c[0] == '.')) {
+			c += n;
+			continue;
 		}
+		if (n == 2 && c[0] == '.' && c[1] == '.')
+			return -EINVAL;
+		if (!first && !put_bytes(out, size, &pos, "-", 1))
+			return -ENAMETOOLONG;
+		for (size_t i = 0; i < n; i++) {
+			char hex[5];
+
+			snprintf(hex, sizeof(hex), "\\x%02x", (unsigned char)c[i]);
+			if (unit_char_ok(c[i]) && !(c[i] == '.' && first && i == 0) ? !put_bytes(out, size, &pos, c + i, 1)
+										   : !put_bytes(out, size, &pos, hex, 4))
+				return -ENAMETOOLONG;
+		}
+		first = false;
+		c += n;
 	}
+	if (first && !put_bytes(out, size, &pos, "-", 1))	/* the root directory */
+		return -ENAMETOOLONG;
 	out[pos] = '\0';
+	return (int)pos;
 }
 
 int qcowtab_unit_name(const char *name, char *buf, size_t size)
 {
-	char esc[4 * (QCOWTAB_NAME_MAX + 1) + 1];
+	char esc[QCOWTAB_UNIT_NAME_MAX + 1];
 	int n;
 
-	qcowtab_systemd_escape(name, false, esc, sizeof(esc));
+	if (qcowtab_systemd_escape(name, false, esc, sizeof(esc)) < 0)
+		return -ENAMETOOLONG;
 	n = snprintf(buf, size, "qcowsetup@%s.service", esc);
-	return n < 0 || (size_t)n >= size ? -ENOSPC : 0;
+	if (n < 0 || n > QCOWTAB_UNIT_NAME_MAX)
+		return -ENAMETOOLONG;
+	return (size_t)n >= size ? -ENOSPC : 0;
 }

@@ -126,13 +126,19 @@ bool qcowtab_cmdline_disabled(const char *cmdline);
 
 /* ---- systemd unit names (the generator, udev's SYSTEMD_WANTS) ---- */
 
+#define QCOWTAB_UNIT_NAME_MAX	255	/* systemd's UNIT_NAME_MAX less the NUL */
+
 /* systemd's escaping of a string for a unit name (systemd-escape): bytes
  * outside [A-Za-z0-9:_.] (and a leading '.') become \xNN; with path, the
- * string is a path: leading and trailing '/' dropped, '/' becomes '-'
- * (systemd-escape --path). */
-void qcowtab_systemd_escape(const char *s, bool path, char *out, size_t size);
+ * string is a path, simplified first as systemd does (empty and "."
+ * components dropped, "/" alone is "-") and its components joined by '-'
+ * (systemd-escape --path). Returns the length written into out, -EINVAL
+ * (path with a ".." component, which systemd refuses) or -ENAMETOOLONG (out,
+ * size bytes with the NUL, is too small). */
+int qcowtab_systemd_escape(const char *s, bool path, char *out, size_t size);
 
-/* "qcowsetup@NAME.service", NAME escaped. 0 or -ENOSPC. */
+/* "qcowsetup@NAME.service", NAME escaped. 0, -ENAMETOOLONG (longer than
+ * systemd takes: QCOWTAB_UNIT_NAME_MAX) or -ENOSPC (buf too small). */
 int qcowtab_unit_name(const char *name, char *buf, size_t size);
 
 /* ---- Finding the devices that tags name (probe_blkid.c, libblkid) ---- */

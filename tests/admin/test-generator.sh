@@ -72,8 +72,66 @@ QCOWSETUP_QCOWTAB=$tmp/qcowtab SYSTEMD_IN_INITRD=1 SYSTEMD_PROC_CMDLINE='rd.qcow
 	"$gen" "$out3" "$out3" "$out3" 2>/dev/null
 check "initramfs: rd.qcowsetup=0: no units" test -z "$(ls "$out3")"
 
+# Escaping: paths with blanks, '%', '$', quotes, backslashes and UTF-8 go
+# into the units as systemd reads them back (specifiers, quoting, C escapes,
+# unit names as systemd-escape makes them); what a unit cannot hold is
+# refused with its qcowtab line, and no unit is written for it.
+odd="$tmp/odd dir %n \$x é"
+mkdir "$odd"
+ln -s "$qs" "$odd/qs %i"
+plus=$(printf '+%.0s' $(seq 100))
+longlabel=$(printf 'x\\040%.0s' $(seq 40))
+cat > "$odd/tab 100%" <<TAB
+sp      /srv/my\040vms/100%\134img's"q.qcow2  /k\040ey%s   readonly
+dev     /dev/disk/by-id/usb-My\040Disk%1   none   readonly
+lbl     LABEL=50%\134off"x\072y:/i.qcow2   -   readonly
+nl      /srv/a\012b.qcow2
+u8      /srv/\377x.qcow2   none   readonly
+$plus   /x.qcow2
+long    LABEL=$longlabel:/i.qcow2
+dots    /dev/disk/by-id/../../sda
+keynl   /dev/vdb   /k\012ey   readonly
+TAB
+out4=$tmp/odd
+mkdir "$out4"
+QCOWSETUP_QCOWTAB="$odd/tab 100%" QCOWSETUP_BIN="$odd/qs %i" SYSTEMD_IN_INITRD=0 "$gen" "$out4" "$out4" "$out4" 2>"$tmp/err4"
+rc=$?
+[ $rc = 1 ] || ko "odd paths: generator exit status $rc, not 1"
+check "odd paths: units only for the entries a unit can hold" \
+	test "$(cd "$out4" && ls qcowsetup@*.service | tr '\n' ' ')" = "qcowsetup@dev.service qcowsetup@lbl.service qcowsetup@sp.service "
+check "odd paths: a newline in an image path is refused, one line naming the qcowtab line" \
+	grep -qx "qcowsetup-generator: $odd/tab 100%:4: nl: image /srv/a\\\\012b.qcow2: systemd's RequiresMountsFor= cannot hold a newline, a control character or invalid UTF-8 (line ignored)" "$tmp/err4"
+check "odd paths: invalid UTF-8 in an image path is refused" grep -q "tab 100%:5: u8: image /srv/\\\\377x.qcow2: " "$tmp/err4"
+check "odd paths: a name too long once escaped (100 '+') is refused" grep -q "tab 100%:6: $plus: the name is too long" "$tmp/err4"
+check "odd paths: a device unit name over 255 characters is refused" grep -q "tab 100%:7: long: image LABEL=.*longer than 255" "$tmp/err4"
+check "odd paths: a .. in a device path is refused" grep -q "tab 100%:8: dots: image" "$tmp/err4"
+check "odd paths: a newline in a key file path is refused" grep -q "tab 100%:9: keynl: key file /k\\\\012ey: " "$tmp/err4"
+check "odd paths: one line per refused entry" test "$(wc -l < "$tmp/err4")" = 6
+u=$out4/qcowsetup@sp.service
+check "odd paths: RequiresMountsFor= quoted, '%' doubled" \
+	grep -qxF 'RequiresMountsFor="/srv/my vms/100%%\\img'"'"'s\"q.qcow2"' "$u"
+check "odd paths: ExecStart= words quoted, '%' doubled, '\$' doubled in arguments, UTF-8 as C escapes" \
+	grep -qxF "ExecStart=\"$tmp/odd dir %%n \$x \\xc3\\xa9/qs %%i\" open --tab --qcowtab \"$tmp/odd dir %%n \$\$x \\xc3\\xa9/tab 100%%\" sp" "$u"
+check "odd paths: SourcePath= with '%' doubled" grep -qxF "SourcePath=$tmp/odd dir %%n \$x é/tab 100%%" "$u"
+if command -v systemd-escape >/dev/null; then
+	check "odd paths: a /dev path's device unit is systemd-escape --path's" \
+		grep -qxF "BindsTo=$(systemd-escape --path '/dev/disk/by-id/usb-My Disk%1').device" "$out4/qcowsetup@dev.service"
+	check "odd paths: a label's device unit: udev's link name (\\x25 \\x5c \\x22), systemd-escape'd" \
+		grep -qxF "BindsTo=$(systemd-escape --path '/dev/disk/by-label/50\x25\x5coff\x22x:y').device" "$out4/qcowsetup@lbl.service"
+fi
 if command -v systemd-analyze >/dev/null; then
-	for d in "$out" "$out2"; do
+	# systemd's own reading of what was written
+	( cd "$out4" && SYSTEMD_LOG_LEVEL=debug systemd-analyze verify --man=no ./qcowsetup@sp.service ) >"$tmp/dump" 2>&1
+	check "odd paths: systemd reads RequiresMountsFor= back as the image's path" \
+		grep -qF "RequiresMountsFor: /srv/my vms/100%\\img's\"q.qcow2 " "$tmp/dump"
+	check "odd paths: systemd reads RequiresMountsFor= back as the key file's path" \
+		grep -qF "RequiresMountsFor: /k ey%s " "$tmp/dump"
+fi
+
+if command -v systemd-analyze >/dev/null; then
+	# (the program's path holds ' ', '%', '$' and UTF-8 in $out4: verify
+	# finds it only if ExecStart= was read back right)
+	for d in "$out" "$out2" "$out4"; do
 		( cd "$d" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./qcowsetup@*.service ) >"$tmp/verify" 2>&1
 		if [ $? = 0 ] && [ ! -s "$tmp/verify" ]; then
 			ok "systemd-analyze verify: $(cd "$d" && ls qcowsetup@*.service | tr '\n' ' ')"

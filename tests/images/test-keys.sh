@@ -297,5 +297,55 @@ else
 	echo "SKIP: write order (no strace)"
 fi
 
+# ---------------------------------------------------------------------------
+# no passphrase at all: exit 2, as a wrong one (cryptsetup's "no permission
+# or bad passphrase"), not 4 (a wrong image)
+
+Q format --key-file k1 "${FAST[@]}" np.qcow2 1M >>log 2>&1
+refuse "no passphrase: no terminal, standard input at its end (a line)" 2 Q add-key "${FAST[@]}" np.qcow2 k2 </dev/null
+refuse "no passphrase: --key-file - at its end" 2 Q add-key --key-file - "${FAST[@]}" np.qcow2 k2 </dev/null
+: >kempty
+refuse "no passphrase: an empty key file" 2 Q add-key --key-file kempty "${FAST[@]}" np.qcow2 k2
+refuse "no new passphrase: format with standard input at its end" 2 Q format "${FAST[@]}" np2.qcow2 1M </dev/null
+check "no new passphrase: no image left" test ! -e np2.qcow2
+if command -v script >/dev/null 2>&1 && command -v timeout >/dev/null 2>&1; then
+	# a terminal that ends (^D) before the first byte
+	(sleep 1; printf '\004'; sleep 2) | timeout 30 script -qec "'$QCOWSETUP' add-key ${FAST[*]} np.qcow2 k2; echo EXIT=\$?" /dev/null \
+		>tty.out 2>&1
+	check "no passphrase: a terminal that ends before a byte (^D)" grep -q 'EXIT=2' tty.out
+else
+	echo "SKIP: no passphrase on a terminal (no script or timeout)"
+fi
+check "no passphrase: the image unchanged (one key slot)" test "$(slots np.qcow2)" = 0
+
+# ---------------------------------------------------------------------------
+# key files other users can read: one warning line naming the file and its
+# mode (regular files only; not stdin, not with --quiet); the key still works
+
+printf '%s' 'first passphrase' >kperm
+printf '%s' 'third passphrase' >kthird
+chmod 0600 kthird
+warned() { # MODE: change-key reads kperm of that mode twice (old and new key)
+	chmod "$1" kperm
+	Q change-key --key-file kperm "${FAST[@]}" np.qcow2 kperm >/dev/null 2>perm.err
+}
+warned 0644
+check "a key file readable by all: one warning line, file and mode" \
+	grep -qx 'Warning: key file kperm is readable by other users (mode 0644).' perm.err
+check "a key file readable by all: warned once per read (old key, new key)" test "$(grep -c 'Warning: key file' perm.err)" = 2
+warned 0640
+check "a key file readable by its group: warned" grep -qx 'Warning: key file kperm is readable by other users (mode 0640).' perm.err
+warned 0600
+check "a key file only its owner reads: no warning" eval '! grep -q "Warning: key file" perm.err'
+warned 0400
+check "a read-only key file of its owner: no warning" eval '! grep -q "Warning: key file" perm.err'
+chmod 0644 kperm
+check "a key file read from standard input (--key-file -): no warning" \
+	sh -c "'$QCOWSETUP' change-key --key-file - ${FAST[*]} np.qcow2 kthird <kperm 2>perm.err && ! grep -q 'Warning: key file' perm.err"
+check "--quiet: no warning" \
+	sh -c "'$QCOWSETUP' change-key --quiet --key-file kthird ${FAST[*]} np.qcow2 kperm 2>perm.err && ! grep -q 'Warning: key file' perm.err"
+check "the key of a warned key file opens the image" opens np.qcow2 kperm
+chmod 0600 kperm
+
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

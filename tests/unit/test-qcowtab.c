@@ -1,9 +1,12 @@
-/* The qcowtab parser (src/lib/qcowtab.c): fields, locations, options, errors. */
+/* The qcowtab parser (src/lib/qcowtab.c): fields, locations, options, errors;
+ * the names derived from it (systemd units); LUKS UUIDs as names
+ * (src/lib/luks_uuid.c). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "luks_uuid.h"
 #include "qcowtab.h"
 #include "tap.h"
 
@@ -162,6 +165,19 @@ static void test_table(void)
 	qcowtab_free(&t);
 
 	memset(&rep, 0, sizeof(rep));
+	r = qcowtab_parse("n\\012x /x\nm /x none ro,x\\012y\\033z\n", 36, collect, &rep, &t, &errors);
+	CHECK(r == 0 && t.count == 1 && rep.errors == 1 && rep.warnings == 1 &&
+	      !strcmp(rep.last, "unknown option x\\012y\\033z ignored"),
+	      "messages quote fields on one line: control characters as \\NNN (%s)", rep.last);
+	qcowtab_free(&t);
+
+	memset(&rep, 0, sizeof(rep));
+	r = qcowtab_parse("n\\012x /x\n", 10, collect, &rep, &t, &errors);
+	CHECK(r == 0 && t.count == 0 && !strncmp(rep.last, "invalid name \"n\\012x\"", 18),
+	      "an invalid name is quoted as written (%s)", rep.last);
+	qcowtab_free(&t);
+
+	memset(&rep, 0, sizeof(rep));
 	r = qcowtab_parse("a /x none\nb /y none\0c /z none\n", 30, collect, &rep, &t, &errors);
 	CHECK(r == 0 && t.count == 2, "a NUL ends the table");
 	qcowtab_free(&t);
@@ -210,6 +226,12 @@ static void test_cmdline(void)
 	qcowtab_free(&t);
 	free(text);
 
+	r = qcowtab_cmdline_lines("rd.qcowsetup.image=\"/a\\b\tc\nd\" rd.qcowsetup.name=n", &text);
+	CHECK(r == 0 && text && !strcmp(text, "n /a\\134b\\011c\\012d none x-initrd.attach\n"),
+	      "command line: a backslash, a tab and a newline in quotes are escaped, the line stays one (%s)",
+	      text ? text : "(null)");
+	free(text);
+
 	r = qcowtab_cmdline_lines("quiet splash", &text);
 	CHECK(r == 0 && text && !*text, "no rd.qcowsetup.image: no lines");
 	free(text);
@@ -228,16 +250,60 @@ static void test_unit_names(void)
 		{ "/dev/disk/by-label/my\\x20disk", true, "dev-disk-by\\x2dlabel-my\\x5cx20disk" },
 		{ "//a//b/", true, "a-b" },
 		{ "/", true, "-" },
+		/* as systemd-escape --path after path_simplify() */
+		{ "/dev/./disk//by-id/.", true, "dev-disk-by\\x2did" },
+		{ "/.x/.y", true, "\\x2ex-.y" },
+		{ "/dev/disk/by-id/a b%\\\"'\n\xc3\xa9", true, "dev-disk-by\\x2did-a\\x20b\\x25\\x5c\\x22\\x27\\x0a\\xc3\\xa9" },
+		{ "100%", false, "100\\x25" },
 	};
-	char buf[256];
+	char buf[256], name[QCOWTAB_NAME_MAX + 1];
 
 	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
-		qcowtab_systemd_escape(v[i].in, v[i].path, buf, sizeof(buf));
-		CHECK(!strcmp(buf, v[i].out), "systemd-escape%s %s = %s (%s)", v[i].path ? " --path" : "", v[i].in,
-		      v[i].out, buf);
+		int r = qcowtab_systemd_escape(v[i].in, v[i].path, buf, sizeof(buf));
+
+		CHECK(r == (int)strlen(v[i].out) && !strcmp(buf, v[i].out), "systemd-escape%s %s = %s (%s)",
+		      v[i].path ? " --path" : "", v[i].in, v[i].out, buf);
 	}
+	CHECK(qcowtab_systemd_escape("/dev/../x", true, buf, sizeof(buf)) == -EINVAL,
+	      "systemd-escape --path refuses a .. component");
+	CHECK(qcowtab_systemd_escape("/dev/mapper/a-b", true, buf, 17) == -ENAMETOOLONG &&
+	      qcowtab_systemd_escape("/dev/mapper/a-b", true, buf, 18) == 17,
+	      "systemd-escape into a buffer too small fails, never cuts (17 characters need 18 bytes)");
 	CHECK(qcowtab_unit_name("vm-1", buf, sizeof(buf)) == 0 && !strcmp(buf, "qcowsetup@vm\\x2d1.service"),
 	      "unit name %s", buf);
+	memset(name, '+', QCOWTAB_NAME_MAX);
+	name[QCOWTAB_NAME_MAX] = '\0';
+	CHECK(qcowtab_valid_name(name) && qcowtab_unit_name(name, buf, sizeof(buf)) == -ENAMETOOLONG,
+	      "a valid name of %d '+' is refused as a unit name (each one is \\x2b: over 255 characters)",
+	      QCOWTAB_NAME_MAX);
+	memset(name, 'a', QCOWTAB_NAME_MAX);
+	CHECK(qcowtab_unit_name(name, buf, sizeof(buf)) == 0 && strlen(buf) == 100 + strlen("qcowsetup@.service"),
+	      "a name of %d letters makes a unit name", QCOWTAB_NAME_MAX);
+}
+
+/* A LUKS UUID from an image goes into a udev link: the pattern only. */
+static void test_luks_uuid(void)
+{
+	static const struct { const char *s; bool ok; } v[] = {
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6b", true },
+		{ "0B1F22C4-5A6E-4B7D-9E2F-1C2D3E4F5A6B", true },	/* uuid_parse takes both cases */
+		{ "00000000-0000-0000-0000-000000000000", true },
+		{ "", false },
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6", false },	/* short */
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6b0", false },	/* long */
+		{ "0b1f22c45a6e4b7d9e2f1c2d3e4f5a6b", false },		/* no dashes */
+		{ "0b1f22c4-5a6e-4b7d-9e2f1-c2d3e4f5a6b", false },	/* dash misplaced */
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6g", false },
+		{ "../../../../../../../../../etc/passw", false },	/* 36 characters */
+		{ "0b1f22c4/5a6e-4b7d-9e2f-1c2d3e4f5a6b", false },
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6 ", false },
+		{ "0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6\n", false },
+		{ " 0b1f22c4-5a6e-4b7d-9e2f-1c2d3e4f5a6", false },
+	};
+
+	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+		CHECK(luks_uuid_valid(v[i].s) == v[i].ok, "LUKS UUID \"%s\" is %s", v[i].s, v[i].ok ? "valid" : "refused");
+	CHECK(!luks_uuid_valid(NULL), "a NULL LUKS UUID is refused");
 }
 
 int main(void)
@@ -247,5 +313,6 @@ int main(void)
 	test_names_and_escapes();
 	test_cmdline();
 	test_unit_names();
+	test_luks_uuid();
 	return tap_done();
 }
