@@ -12,10 +12,10 @@
  * scripts); entries marked same-passphrase share the passphrase that opened
  * the first of them: one question for all.
  *
- * The mapping itself is cmd_open(): the entry's settings go through the
- * global options, and a passphrase read here reaches it as a key file that
- * is a pipe (/proc/self/fd/N) holding exactly its bytes, so that cmd_open
- * needs no second way in and the passphrase never touches a filesystem. */
+ * The mapping itself is lib/mapping.c's mapping_open() with the entry's
+ * settings; it asks entry_passphrase() for passphrases when (and only
+ * when) an encrypted layer needs one: the key file, the shared passphrase,
+ * then the questions. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -30,7 +30,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemon_state.h"
 #include "dm.h"
+#include "dmtable.h"
+#include "mapping.h"
 #include "keys.h"
 #include "log.h"
 #include "passphrase.h"
@@ -39,8 +42,11 @@
 #include "util.h"
 
 #define QCOWTAB_MAX_SIZE	((size_t)1 << 20)
-#define MOUNT_DIR		QCOWSETUP_RUN_DIR "/mnt"
-#define KEY_MOUNT_DIR		QCOWSETUP_RUN_DIR "/key"
+/* Where mounts made by qcowsetup live: the filesystems holding images (kept
+ * while a mapping uses them) and those holding key files (unmounted after
+ * use). Under /run, so they survive the initramfs's switch_root. */
+#define MOUNT_DIR		QS_RUN_DIR "/mnt"
+#define KEY_MOUNT_DIR		QS_RUN_DIR "/key"
 
 const char *tools_qcowtab_path(void)
 {
@@ -492,39 +498,6 @@ static int ask_agent(const char *names, const char *id, unsigned int timeout, bo
 	return r;
 }
 
-/* A pipe that holds exactly pp's bytes, its write end closed: a key file
- * for cmd_open. Returns the read end or -errno. */
-static int passphrase_pipe(const struct passphrase *pp)
-{
-	int pfd[2], r;
-	size_t done = 0;
-
-	if (pipe2(pfd, O_CLOEXEC) < 0)
-		return -errno;
-	if (pp->len > 65536 && fcntl(pfd[1], F_SETPIPE_SZ, (int)MIN(pp->len, (size_t)INT32_MAX)) < 0) {
-		r = -errno;
-		log_err("This passphrase is too long to share between entries.");
-		goto fail;
-	}
-	while (done < pp->len) {
-		ssize_t n = write(pfd[1], pp->data + done, pp->len - done);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
-			r = n < 0 ? -errno : -EIO;
-			goto fail;
-		}
-		done += (size_t)n;
-	}
-	close(pfd[1]);
-	return pfd[0];
-fail:
-	close(pfd[0]);
-	close(pfd[1]);
-	return r;
-}
-
 /* ---- open ---- */
 
 struct tab_run {
@@ -533,62 +506,138 @@ struct tab_run {
 	const char *group_names;	/* "root, data": the same-passphrase entries asked for */
 };
 
-/* cmd_open() with the entry's settings; key_file NULL: none. */
-static int open_mapping(const struct qcowtab_entry *e, const char *image, const char *key_file,
-			uint64_t keyfile_offset, uint64_t keyfile_size)
+/* Where the passphrases of one entry come from, in turn: its key file,
+ * the passphrase that opened an earlier same-passphrase entry, then the
+ * questions (tries= of them; one on a pipe). */
+enum key_step {
+	KEY_FILE = 0,
+	KEY_SHARED,
+	KEY_ASK,
+};
+
+struct entry_keys {
+	struct tab_run *t;
+	const struct qcowtab_entry *e;
+	const char *key_file;		/* NULL: none */
+	enum key_step step;
+	enum ask_how how;
+	unsigned int asked;		/* questions so far */
+	bool asked_last;		/* the last passphrase handed out was asked for */
+	struct passphrase *last;	/* a copy of it, for same-passphrase */
+};
+
+static int question(struct entry_keys *k, struct passphrase **pp)
 {
-	struct tools_opts saved = opt;
-	char *argv[3] = { (char *)image, e->name, NULL };
+	const struct qcowtab_entry *e = k->e;
+	const char *names = e->same_passphrase && k->t->group_names ? k->t->group_names : e->name;
+	struct passphrase_opts po = { .image_name = names, .timeout = e->timeout };
 	int r;
 
-	opt.readonly = e->readonly;
-	opt.allow_discards = e->discard;
-	opt.snapshot = e->snapshot;
-	opt.format = e->format;
-	opt.trust_names = e->trust_names;
-	opt.require_encryption = !e->allow_unencrypted;
-	opt.key_file = key_file;
-	opt.keyfile_offset = keyfile_offset;
-	opt.keyfile_size = keyfile_size;
-	r = cmd_open(2, argv);
-	opt = saved;
-	return r;
-}
-
-static int open_with_passphrase(const struct qcowtab_entry *e, const char *image, const struct passphrase *pp)
-{
-	char path[64];
-	int fd, r;
-
-	fd = passphrase_pipe(pp);
-	if (fd < 0)
-		return fd;
-	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-	r = open_mapping(e, image, path, 0, 0);
-	close(fd);
-	return r;
-}
-
-static int ask(struct tab_run *t, const struct qcowtab_entry *e, enum ask_how how, unsigned int attempt,
-	       struct passphrase **pp)
-{
-	const char *names = e->same_passphrase && t->group_names ? t->group_names : e->name;
-	char label[512];
-	struct passphrase_opts po = { .image_name = label, .timeout = e->timeout };
-
-	snprintf(label, sizeof(label), "%s", names);
-	switch (how) {
+	if (k->asked && (k->how == ASK_STDIN || (e->tries && k->asked >= e->tries))) {
+		if (k->how != ASK_STDIN)
+			log_err("%s: no passphrase opened it after %u attempts.", e->name, k->asked);
+		return -EPERM;
+	}
+	k->asked++;
+	switch (k->how) {
 	case ASK_AGENT:
-		return ask_agent(names, e->name, e->timeout, e->same_passphrase && attempt == 1, pp);
+		r = ask_agent(names, e->name, e->timeout, e->same_passphrase && k->asked == 1, pp);
+		break;
 	case ASK_TTY:
 	case ASK_STDIN:
-		/* no --key-file: the terminal (prompt, no echo), or a line of stdin */
-		return tools_read_passphrase(&po, pp);
+		/* no key file: the terminal (prompt, no echo), or a line of stdin */
+		r = tools_read_passphrase(&po, pp);
+		break;
 	default:
 		log_err("%s: %s.", e->name, opt.batch_mode ? "a passphrase is needed and --batch-mode asks no questions"
 			: "no terminal and no password agent to ask for a passphrase");
 		return -EPERM;
 	}
+	/* no answer (end of input, timeout, the agent gave up): no permission */
+	return r == -EPIPE || r == -ETIMEDOUT ? -EPERM : r;
+}
+
+/* mapping_ask_fn: the next passphrase for the entry. */
+static int entry_passphrase(void *opaque, const char *image, unsigned int attempt, struct passphrase **pp)
+{
+	struct entry_keys *k = opaque;
+	const struct qcowtab_entry *e = k->e;
+	int r;
+
+	(void)attempt;
+	k->asked_last = false;
+	if (k->step == KEY_FILE) {
+		k->step = KEY_SHARED;
+		if (k->key_file) {
+			struct passphrase_opts po = {
+				.key_file = k->key_file,
+				.keyfile_offset = e->keyfile_offset,
+				.keyfile_size = e->keyfile_size,
+				.image_name = image,
+			};
+
+			r = tools_read_passphrase(&po, pp);
+			if (r == 0)
+				return 0;
+			if (r == -ENOMEM)
+				return r;
+			log_std("%s: the key file %s cannot be read; asking for a passphrase.", e->name, k->key_file);
+		}
+	} else if (k->key_file && k->step == KEY_SHARED) {
+		log_std("%s: the key file did not unlock %s; asking for a passphrase.", e->name, image);
+	}
+	if (k->step == KEY_SHARED) {
+		k->step = KEY_ASK;
+		if (e->same_passphrase && k->t->shared)
+			return passphrase_from_buffer(k->t->shared->data, k->t->shared->len, pp);
+	} else if (e->same_passphrase && k->t->shared && !k->asked) {
+		log_std("%s: the shared passphrase does not open it; asking again.", e->name);
+	}
+	if (!k->asked)
+		k->how = ask_method();
+	r = question(k, pp);
+	if (r == 0 && e->same_passphrase) {
+		passphrase_free(k->last);
+		k->last = NULL;
+		r = passphrase_from_buffer((*pp)->data, (*pp)->len, &k->last);
+		if (r) {
+			passphrase_free(*pp);
+			*pp = NULL;
+		}
+		k->asked_last = r == 0;
+	}
+	return r;
+}
+
+/* Map the entry: its settings, its key sources. */
+static int map_entry(struct tab_run *t, const struct qcowtab_entry *e, const char *image, const char *key_file)
+{
+	struct entry_keys k = { .t = t, .e = e, .key_file = key_file };
+	struct mapping_params p = {
+		.image = image,
+		.name = e->name,
+		.read_only = e->readonly,
+		.snapshot = e->snapshot,
+		.format = e->format,
+		.trust_names = e->trust_names,
+		.allow_discards = e->discard,
+		/* an entry expects a key (a key file, or a question) */
+		.require_encryption = !e->allow_unencrypted,
+		.max_targets = opt.max_targets,
+		.ask = entry_passphrase,
+		.ask_opaque = &k,
+		.debug = opt.debug,
+	};
+	int r = mapping_open(&p);
+
+	if (r == 0 && k.asked_last) {
+		/* the question's answer opened it: the others' first try */
+		passphrase_free(t->shared);
+		t->shared = k.last;
+		k.last = NULL;
+	}
+	passphrase_free(k.last);
+	return r;
 }
 
 static bool entry_active(const char *name, bool *ours)
@@ -598,78 +647,8 @@ static bool entry_active(const char *name, bool *ours)
 	*ours = false;
 	if (dm_device_info(name, &info) || !info.exists)
 		return false;
-	*ours = !strncmp(info.uuid, "QCOW2-", 6) && strncmp(info.uuid, "QCOW2-INT-", 10);
+	*ours = dm_uuid_is_top(info.uuid);
 	return true;
-}
-
-/* Whether a layer of the image's chain is encrypted: is a passphrase
- * worth asking for. (The mapping checks the bytes it maps again: what
- * this read saw may have changed since.) */
-static int image_encrypted(const struct qcowtab_entry *e, const char *image, bool *encrypted)
-{
-	struct tools_opts saved = opt;
-	struct image *img = NULL;
-	int r;
-
-	opt.snapshot = e->snapshot;
-	opt.format = e->format;
-	opt.trust_names = e->trust_names;
-	r = tools_open_image(image, 0, &img);
-	opt = saved;
-	if (r)
-		return r;
-	*encrypted = false;
-	for (const struct image *l = img; l; l = l->backing)
-		if (l->crypt_method != IMG_CRYPT_NONE)
-			*encrypted = true;
-	tools_close_image(img);
-	return 0;
-}
-
-static int unlock_entry(struct tab_run *t, const struct qcowtab_entry *e, const char *image, const char *key_file)
-{
-	enum ask_how how;
-	unsigned int attempt;
-	bool encrypted;
-	int r;
-
-	r = image_encrypted(e, image, &encrypted);
-	if (r)
-		return r;	/* the reason is logged, naming the file */
-	if (!encrypted)
-		/* refused there unless allow-unencrypted */
-		return open_mapping(e, image, NULL, 0, 0);
-	if (key_file) {
-		r = open_mapping(e, image, key_file, e->keyfile_offset, e->keyfile_size);
-		if (r != -EPERM && r != -ENOENT && r != -EIO && r != -EPIPE)
-			return r;
-		log_std("%s: the key file did not unlock %s; asking for a passphrase.", e->name, image);
-	}
-	if (e->same_passphrase && t->shared) {
-		r = open_with_passphrase(e, image, t->shared);
-		if (r != -EPERM)
-			return r;
-		log_std("%s: the shared passphrase does not open it; asking again.", e->name);
-	}
-	how = ask_method();
-	for (attempt = 1; !e->tries || attempt <= e->tries; attempt++) {
-		struct passphrase *pp = NULL;
-
-		r = ask(t, e, how, attempt, &pp);
-		if (r)
-			return r == -EPIPE || r == -ETIMEDOUT ? -EPERM : r;
-		r = open_with_passphrase(e, image, pp);
-		if (r == 0 && e->same_passphrase) {
-			passphrase_free(t->shared);
-			t->shared = pp;
-			return 0;
-		}
-		passphrase_free(pp);
-		if (r != -EPERM || how == ASK_STDIN)
-			return r;
-	}
-	log_err("%s: no passphrase opened it after %u attempts.", e->name, e->tries);
-	return -EPERM;
 }
 
 static int open_entry(struct tab_run *t, const struct qcowtab_entry *e)
@@ -721,7 +700,7 @@ static int open_entry(struct tab_run *t, const struct qcowtab_entry *e)
 		break;
 	}
 	log_verbose("%s: mapping %s%s%s.", e->name, image, key_file ? " with key file " : "", key_file ? key_file : "");
-	r = unlock_entry(t, e, image, key_file);
+	r = map_entry(t, e, image, key_file);
 out:
 	release_mount(&key_mount, false);
 	if (r)
@@ -850,7 +829,6 @@ int cmd_close_tab(int argc, char **argv)
 	/* the reverse of the order of opening */
 	for (size_t i = n; i-- > 0;) {
 		const struct qcowtab_entry *e = sel[i];
-		char *cargv[2] = { e->name, NULL };
 		bool ours;
 
 		if (!entry_active(e->name, &ours)) {
@@ -859,7 +837,7 @@ int cmd_close_tab(int argc, char **argv)
 			log_err("%s is not a qcowsetup mapping: left alone.", e->name);
 			r = -EINVAL;
 		} else {
-			r = cmd_close(1, cargv);
+			r = mapping_close(e->name, opt.deferred);
 		}
 		if (r == 0 && e->image.source == QCOWTAB_TAG_PATH && !opt.deferred) {
 			struct held_mount m = { .ours = true };

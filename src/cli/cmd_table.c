@@ -37,11 +37,12 @@ static int host_placeholder(const char *path, char *buf, size_t size)
 
 int cmd_table(int argc, char **argv)
 {
-	struct tools_layer *tl = NULL;
+	struct stack_layer *tl = NULL;
 	struct dm_stack *stack = NULL;
 	struct run_list runs;
 	struct image *img = NULL;
 	unsigned int n = 0;
+	char id[DM_IMAGE_ID_MAX];
 	int r;
 
 	(void)argc;	/* IMAGE NAME, checked by the command table */
@@ -59,13 +60,14 @@ int cmd_table(int argc, char **argv)
 		r = -ENOMEM;
 		goto out;
 	}
-	r = tools_stack_layers(img, tl, &n);
+	r = stack_layers_read(img, tl, &n);
 	for (unsigned int i = 0; !r && i < n; i++)
-		r = host_placeholder(tools_layer_data_path(tl[i].img), tl[i].host, sizeof(tl[i].host));
+		r = host_placeholder(stack_layer_data_path(tl[i].img), tl[i].host, sizeof(tl[i].host));
 	if (!r)
 		r = image_map_chain(img, &runs);
 	if (!r)
-		r = tools_stack_build(img, argv[0], argv[1], tl, n, &runs, true, &stack);
+		r = stack_build(img, tl, n, &runs, &(struct stack_options){ .name = argv[1], .read_only = true,
+			.allow_discards = opt.allow_discards, .max_targets = opt.max_targets }, id, sizeof(id), &stack);
 	if (!r) {
 		r = dm_stack_format(stack, stdout);
 		if (r)

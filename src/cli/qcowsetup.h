@@ -37,7 +37,6 @@ struct tools_opts {
 	const char *qcowtab;	/* --qcowtab FILE instead of /etc/qcowtab */
 	bool udev;		/* probe --udev: KEY=VALUE lines for udev */
 	bool trust_names;	/* follow names inside images anywhere (SECURITY) */
-	bool require_encryption;	/* open --tab: the entry expects a key */
 	const char *data_file;		/* the top image's data file, instead of its name */
 };
 

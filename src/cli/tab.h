@@ -9,11 +9,6 @@
 
 #include "qcowtab.h"
 
-/* Where mounts made by qcowsetup live: the filesystems holding images (kept
- * while a mapping uses them) and those holding key files (unmounted after
- * use). Under /run, so they survive the initramfs's switch_root. */
-#define QCOWSETUP_RUN_DIR	"/run/qcowsetup"
-
 /* Read and parse --qcowtab FILE or /etc/qcowtab; problems in lines are
  * logged ("FILE:LINE: ...") and those lines left out. A missing file is an
  * empty table when missing_ok. Returns 0 or -errno. */

@@ -8,53 +8,22 @@
 #include <sys/types.h>
 
 #include "chain.h"
+#include "daemon_state.h"
 #include "dmtable.h"
 #include "fileio.h"
 #include "image.h"
 #include "qcow2_alloc.h"
 #include "runs.h"
 
-#define DAEMON_MAX_HOLDS	(2 * IMG_MAX_CHAIN_DEPTH)
 #define DAEMON_REMAP_QUEUE	65536
 #define DAEMON_BUF_SIZE		(4U << 20)	/* largest request (the daemon sets max_sectors_kb) */
-
-struct daemon_layer {
-	char host[64];		/* "7:3": how tables refer to the layer's data device */
-	char cipher[DM_CIPHER_MAX + 1];	/* encrypted layers */
-	unsigned int key_size;
-};
-
-struct daemon_opts {
-	const char *name;	/* NAME of the mapping */
-	const char *id;		/* image identifier of the UUIDs */
-	const char *image;	/* absolute path of the top image, as named */
-	bool trust_names;	/* --trust-names of the open */
-	const char *backing_file;	/* --backing-file of the open */
-	const char *data_file;		/* --data-file of the open */
-	bool read_only;
-	bool allow_discards;
-	size_t max_targets;
-	struct daemon_layer layers[IMG_MAX_CHAIN_DEPTH];
-	unsigned int nlayers;
-	char holds[DAEMON_MAX_HOLDS][32];	/* loop devices to keep open, "7:3" */
-	unsigned int nholds;
-	int ready_fd;		/* "READY nbdN" or "ERROR errno" goes there; -1: none */
-	int reattach;		/* NBD index to take over; -1: connect a new one */
-	uint64_t keep_size;	/* never truncate the image file below this */
-	unsigned int nbd_timeout;	/* seconds */
-	unsigned int flush_interval_ms;	/* write back metadata (and remap) this often */
-	bool debug;
-	int guard_fd;		/* --guard: this process is the guardian, reading this pipe */
-	char **argv;		/* as started, for the state file */
-	int argc;
-};
 
 struct remap {
 	uint64_t guest, len, host;
 };
 
 struct daemon {
-	struct daemon_opts o;
+	struct daemon_args o;	/* as started (daemon_state.h) */
 	struct image *img;
 	struct file_rw f;	/* the top image (read-write unless read-only), its data (the
 				 * image, its data file, or the crypt device), and (f.chain)
@@ -93,7 +62,7 @@ struct daemon {
 	int guard_pipe;		/* to the guardian: "B" on a clean exit; -1: none */
 	pid_t guard_pid;
 	uint8_t *buf;
-	char backend[96];
+	char backend[DM_MAPPING_NAME_MAX + 16];	/* "qcowsetup:NAME" */
 };
 
 /* main.c */

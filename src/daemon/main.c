@@ -197,7 +197,10 @@ static int open_files(struct daemon *d)
 {
 	bool rw = !d->o.read_only;
 	struct trust_rules rules = { .trust_names = d->o.trust_names };
-	struct image_open_opts oo = { .backing_file = d->o.backing_file, .data_file = d->o.data_file };
+	struct image_open_opts oo = {
+		.backing_file = d->o.backing_file[0] ? d->o.backing_file : NULL,
+		.data_file = d->o.data_file[0] ? d->o.data_file : NULL,
+	};
 	struct file_opener fo;
 	struct stat st;
 	char path[256];
@@ -368,33 +371,13 @@ static int connect_nbd(struct daemon *d)
 	return 0;
 }
 
-/* The arguments, one a line, for `qcowsetup reattach`. */
+/* The state file, for `qcowsetup status` and `reattach`. */
 static void write_state(struct daemon *d)
 {
-	char path[256], tmp[280];
-	FILE *f;
+	int r = qs_state_write(&d->o, getpid(), d->nbd_index);
 
-	if (mkdir(QS_RUN_DIR, 0700) < 0 && errno != EEXIST)
-		return;
-	qs_state_path(path, sizeof(path), d->o.name, QS_STATE_DAEMON);
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	f = fopen(tmp, "we");
-	if (!f)
-		return;
-	fprintf(f, "pid=%d\nnbd=%d\n", (int)getpid(), d->nbd_index);
-	for (int i = 1; i < d->o.argc; i++) {
-		const char *a = d->o.argv[i];
-
-		if (!strcmp(a, "--ready-fd") || !strcmp(a, "--reattach")) {
-			i++;
-			continue;
-		}
-		fprintf(f, "arg=%s\n", a);
-	}
-	if (fclose(f) == 0)
-		rename(tmp, path);
-	else
-		unlink(tmp);
+	if (r)
+		log_std("%s: cannot write its state file: %s (reattach will not work).", d->o.name, strerror(-r));
 }
 
 /* sysvinit's shutdown (sendsigs) spares the processes listed here: the
@@ -454,106 +437,6 @@ static void report(struct daemon *d, const char *fmt, ...)
 	d->o.ready_fd = -1;
 }
 
-static int parse_layer(struct daemon_opts *o, const char *arg)
-{
-	struct daemon_layer *l;
-	char buf[256], *c1, *c2;
-
-	if (o->nlayers >= IMG_MAX_CHAIN_DEPTH || strlen(arg) >= sizeof(buf))
-		return -EINVAL;
-	l = &o->layers[o->nlayers++];
-	snprintf(buf, sizeof(buf), "%s", arg);
-	c1 = strchr(buf, ',');
-	if (c1) {
-		*c1++ = '\0';
-		c2 = strchr(c1, ',');
-		if (!c2)
-			return -EINVAL;
-		*c2++ = '\0';
-		if (strlen(c1) >= sizeof(l->cipher))
-			return -EINVAL;
-		memcpy(l->cipher, c1, strlen(c1) + 1);
-		l->key_size = (unsigned int)strtoul(c2, NULL, 10);
-	}
-	if (strlen(buf) >= sizeof(l->host))
-		return -EINVAL;
-	memcpy(l->host, buf, strlen(buf) + 1);
-	return 0;
-}
-
-static int parse_args(struct daemon_opts *o, int argc, char **argv)
-{
-	enum { O_NAME = 0x100, O_ID, O_IMAGE, O_LAYER, O_HOLD, O_RO, O_DISCARDS, O_MAXT, O_READY, O_KEEP,
-	       O_REATTACH, O_TIMEOUT, O_INTERVAL, O_DEBUG, O_GUARD, O_TRUST, O_BACKING, O_DATA };
-	static const struct option lo[] = {
-		{ "name", required_argument, NULL, O_NAME },
-		{ "id", required_argument, NULL, O_ID },
-		{ "image", required_argument, NULL, O_IMAGE },
-		{ "layer", required_argument, NULL, O_LAYER },
-		{ "hold", required_argument, NULL, O_HOLD },
-		{ "readonly", no_argument, NULL, O_RO },
-		{ "allow-discards", no_argument, NULL, O_DISCARDS },
-		{ "max-targets", required_argument, NULL, O_MAXT },
-		{ "ready-fd", required_argument, NULL, O_READY },
-		{ "keep-size", required_argument, NULL, O_KEEP },
-		{ "reattach", required_argument, NULL, O_REATTACH },
-		{ "nbd-timeout", required_argument, NULL, O_TIMEOUT },
-		{ "flush-interval", required_argument, NULL, O_INTERVAL },
-		{ "debug", no_argument, NULL, O_DEBUG },
-		{ "guard", required_argument, NULL, O_GUARD },
-		{ "trust-names", no_argument, NULL, O_TRUST },
-		{ "backing-file", required_argument, NULL, O_BACKING },
-		{ "data-file", required_argument, NULL, O_DATA },
-		{ NULL, 0, NULL, 0 },
-	};
-	int c;
-
-	o->ready_fd = -1;
-	o->reattach = -1;
-	o->guard_fd = -1;
-	o->nbd_timeout = 30;
-	o->flush_interval_ms = 200;
-	o->argc = argc;
-	o->argv = argv;
-	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
-		switch (c) {
-		case O_NAME: o->name = optarg; break;
-		case O_ID: o->id = optarg; break;
-		case O_IMAGE: o->image = optarg; break;
-		case O_LAYER:
-			if (parse_layer(o, optarg))
-				return -EINVAL;
-			break;
-		case O_HOLD:
-			if (o->nholds >= DAEMON_MAX_HOLDS)
-				return -EINVAL;
-			snprintf(o->holds[o->nholds++], sizeof(o->holds[0]), "%s", optarg);
-			break;
-		case O_RO: o->read_only = true; break;
-		case O_DISCARDS: o->allow_discards = true; break;
-		case O_MAXT: o->max_targets = strtoul(optarg, NULL, 0); break;
-		case O_READY: o->ready_fd = (int)strtol(optarg, NULL, 10); break;
-		case O_KEEP: o->keep_size = strtoull(optarg, NULL, 0); break;
-		case O_REATTACH: o->reattach = (int)strtol(optarg, NULL, 10); break;
-		case O_TIMEOUT: o->nbd_timeout = (unsigned int)strtoul(optarg, NULL, 0); break;
-		case O_INTERVAL: o->flush_interval_ms = (unsigned int)strtoul(optarg, NULL, 0); break;
-		case O_DEBUG: o->debug = true; break;
-		case O_GUARD: o->guard_fd = (int)strtol(optarg, NULL, 10); break;
-		case O_TRUST: o->trust_names = true; break;
-		case O_BACKING: o->backing_file = optarg; break;
-		case O_DATA: o->data_file = optarg; break;
-		default: return -EINVAL;
-		}
-	}
-	if (o->guard_fd >= 0 && o->name && o->id && optind == argc)
-		return 0;
-	if (!o->name || !o->id || !o->image || !o->nlayers || optind != argc)
-		return -EINVAL;
-	if (o->flush_interval_ms < 10)
-		o->flush_interval_ms = 10;
-	return 0;
-}
-
 static void *server_main(void *arg)
 {
 	struct daemon *d = arg;
@@ -584,7 +467,7 @@ static int start_server(struct daemon *d)
  * closes without the daemon's "B" (a clean exit), the daemon died: if it
  * died between the suspend and the resume of a table swap, the device
  * would hold the guest's I/O forever; resume it. */
-static int guard_main(struct daemon_opts *o)
+static int guard_main(struct daemon_args *o)
 {
 	bool clean = false;
 	char buf[16];
@@ -609,7 +492,6 @@ static int guard_main(struct daemon_opts *o)
 
 static void start_guard(struct daemon *d)
 {
-	char fdarg[16];
 	int p[2];
 	pid_t pid;
 
@@ -622,8 +504,8 @@ static void start_guard(struct daemon *d)
 		return;
 	}
 	if (pid == 0) {
-		char *argv[] = { (char *)"@qcowsetup-daemon", (char *)"--guard", fdarg, (char *)"--name",
-				 (char *)d->o.name, (char *)"--id", (char *)d->o.id, NULL };
+		static struct daemon_argv argv;
+		struct daemon_args g;
 
 		/* nothing but the read end: no loop device, no crypt device */
 		if (p[0] == 3)
@@ -631,8 +513,12 @@ static void start_guard(struct daemon *d)
 		else
 			dup2(p[0], 3);
 		close_range(4, ~0U, 0);
-		snprintf(fdarg, sizeof(fdarg), "3");
-		execv("/proc/self/exe", argv);
+		daemon_args_init(&g);
+		memcpy(g.name, d->o.name, sizeof(g.name));
+		memcpy(g.id, d->o.id, sizeof(g.id));
+		g.guard_fd = 3;
+		if (daemon_args_format(&g, false, &argv) == 0)
+			execv("/proc/self/exe", argv.v);
 		_exit(127);
 	}
 	close(p[0]);
@@ -745,7 +631,7 @@ int main(int argc, char **argv)
 	run_list_init(&d->runs);
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond, NULL);
-	if (parse_args(&d->o, argc, argv)) {
+	if (daemon_args_parse(argc, argv, &d->o)) {
 		fprintf(stderr, "qcowsetup-daemon is started by `qcowsetup open`; see the head of src/daemon/main.c.\n");
 		return 1;
 	}
@@ -757,7 +643,7 @@ int main(int argc, char **argv)
 		to_stderr = false;
 		return guard_main(&d->o);
 	}
-	snprintf(d->backend, sizeof(d->backend), "qcowsetup:%s", d->o.name);
+	snprintf(d->backend, sizeof(d->backend), "qcowsetup:%.*s", DM_MAPPING_NAME_MAX, d->o.name);
 	/* SIGTERM from a shutdown must not cut the disk's slow path */
 	sigaction(SIGPIPE, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);

@@ -54,29 +54,6 @@
 
 /* ---- the stack ---- */
 
-static void stack_params(struct daemon *d, struct dm_stack_params *p, struct dm_layer_params *lp)
-{
-	memset(p, 0, sizeof(*p));
-	for (unsigned int i = 0; i < d->o.nlayers; i++) {
-		lp[i].host_dev = d->o.layers[i].host;
-		lp[i].cipher = d->o.layers[i].cipher[0] ? d->o.layers[i].cipher : NULL;
-		lp[i].key_size = d->o.layers[i].key_size;
-	}
-	p->name = d->o.name;
-	p->id = d->o.id;
-	p->layers = lp;
-	p->nlayers = d->o.nlayers;
-	p->read_only = d->o.read_only;
-	p->allow_discards = d->o.allow_discards;
-	p->max_targets = d->o.max_targets;
-	p->slow_dev = d->slow_ref;
-}
-
-static bool top_role(const struct dm_device *dev)
-{
-	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT;
-}
-
 /* Build the stack for runs; devices that exist get their real references. */
 static int build(struct daemon *d, const struct image *img, const struct run_list *runs, struct dm_stack **out)
 {
@@ -86,7 +63,7 @@ static int build(struct daemon *d, const struct image *img, const struct run_lis
 	char ref[32];
 	int r;
 
-	stack_params(d, &p, lp);
+	daemon_args_stack_params(&d->o, d->slow_ref, &p, lp);
 	r = dm_stack_build(&p, img, runs, &s);
 	if (r)
 		return r;
@@ -309,7 +286,7 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		const struct dm_device *dev = &next->devices[i], *old;
 		struct dm_dev_info info;
 
-		if (!top_role(dev)) {
+		if (!dm_is_top_device(dev)) {
 			r = dm_device_info(dev->name, &info);
 			if (!r && !info.exists) {
 				log_err("Device %s is missing (`qcowsetup open` creates it).", dev->name);
@@ -544,7 +521,7 @@ static void watch_top(struct daemon *d)
 }
 
 struct leftover_ctx {
-	char prefix[DM_UUID_MAX + 1];
+	char prefix[DM_UUID_MAX + DM_MAPPING_NAME_MAX + 64];	/* (a prefix longer than a UUID matches none) */
 	char names[64][128];
 	size_t n;
 };

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "dmtable.h"
+#include "keys.h"
 #include "log.h"
 #include "util.h"
 
@@ -428,8 +429,8 @@ static int setup_layers(struct build *b, const struct image *top)
 			continue;
 		case IMG_CRYPT_AES:
 			if (!cipher)
-				cipher = DM_LEGACY_AES_CIPHER;
-			l->key_size = lp->key_size ? lp->key_size : DM_LEGACY_AES_KEY_SIZE;
+				cipher = LEGACY_AES_DM_CIPHER;
+			l->key_size = lp->key_size ? lp->key_size : LEGACY_AES_KEY_SIZE;
 			break;
 		case IMG_CRYPT_LUKS:
 			if (!cipher || !lp->key_size) {
@@ -850,6 +851,32 @@ void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struc
 {
 	*it = (struct dm_stack_table_iter){ .s = s, .dev = dev };
 	*t = (struct dm_table){ .count = dev->count, .target_fn = stack_target_at, .opaque = it };
+}
+
+int dm_top_uuid(const char *id, const char *name, char *buf, size_t size)
+{
+	int n = snprintf(buf, size, "%s%s-%s", DM_UUID_PREFIX, id, name);
+
+	return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+bool dm_uuid_is_top(const char *uuid)
+{
+	return uuid && !strncmp(uuid, DM_UUID_PREFIX, strlen(DM_UUID_PREFIX)) &&
+	       strncmp(uuid, DM_UUID_PREFIX_INTERNAL, strlen(DM_UUID_PREFIX_INTERNAL));
+}
+
+bool dm_uuid_is_internal_of(const char *uuid, const char *top_uuid)
+{
+	const char *id_name;
+	size_t len;
+
+	if (!uuid || !dm_uuid_is_top(top_uuid) || strncmp(uuid, DM_UUID_PREFIX_INTERNAL, strlen(DM_UUID_PREFIX_INTERNAL)))
+		return false;
+	id_name = top_uuid + strlen(DM_UUID_PREFIX);
+	len = strlen(id_name);
+	uuid += strlen(DM_UUID_PREFIX_INTERNAL);
+	return !strncmp(uuid, id_name, len) && uuid[len] == '_';
 }
 
 bool dm_mapping_name_valid(const char *name)

@@ -57,8 +57,7 @@
 #define DM_REF_MAX		4200	/* a device reference, with a path in it */
 #define DM_CIPHER_MAX		128
 #define DM_KEY_DESC_MAX		256
-#define DM_LEGACY_AES_CIPHER	"aes-cbc-plain64"
-#define DM_LEGACY_AES_KEY_SIZE	16
+#define DM_IMAGE_ID_MAX		40	/* dm_image_id: a LUKS UUID (36) or 16 hex digits, and NUL */
 /* Enough for the params of any target of a stack */
 #define DM_PARAMS_MAX		(DM_CIPHER_MAX + DM_KEY_DESC_MAX + DM_REF_MAX + 128)
 
@@ -71,7 +70,7 @@ struct dm_layer_params {
 	const char *host_dev;
 	/* Encrypted layers: the dm-crypt cipher spec ("aes-xts-plain64") and
 	 * key size in bytes. NULL / 0 for a legacy AES layer means
-	 * DM_LEGACY_AES_CIPHER / DM_LEGACY_AES_KEY_SIZE; a LUKS layer needs both. */
+	 * LEGACY_AES_DM_CIPHER / LEGACY_AES_KEY_SIZE; a LUKS layer needs both. */
 	const char *cipher;
 	unsigned int key_size;
 	/* Keyring (logon) key description; NULL: dm_key_description(). */
@@ -95,10 +94,6 @@ struct dm_stack_params {
 	 * straight to the file, everything else to the daemon. */
 	const char *slow_dev;
 };
-
-/* A run of layer 0 that writes may go to in place (set by
- * qcow2_writer_mark_writable; the same value as in qcow2_alloc.h). */
-#define RUN_F_WRITABLE	0x80
 
 enum dm_target_type {
 	DM_TARGET_ZERO = 0,
@@ -209,6 +204,22 @@ struct dm_stack_table_iter {
 };
 void dm_stack_table(const struct dm_stack *s, const struct dm_device *dev, struct dm_stack_table_iter *it,
 		    struct dm_table *t);
+
+/* The top device or one of its segments: the devices that name the slow
+ * path, which the daemon creates and reloads. */
+static inline bool dm_is_top_device(const struct dm_device *dev)
+{
+	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT;
+}
+
+/* DM UUIDs (see the head of this file): the top device's of mapping NAME
+ * with image identifier id ("QCOW2-<id>-NAME"; 0 or -ENAMETOOLONG);
+ * whether uuid is a qcowsetup top device's; whether it is an internal
+ * device of the mapping whose top device has top_uuid
+ * ("QCOW2-INT-<id>-NAME_..."). NULL is neither. */
+int dm_top_uuid(const char *id, const char *name, char *buf, size_t size);
+bool dm_uuid_is_top(const char *uuid);
+bool dm_uuid_is_internal_of(const char *uuid, const char *top_uuid);
 
 /* Whether name may name a mapping: letters, digits and - _ . +, at most
  * DM_MAPPING_NAME_MAX characters, not "." or ".." (it also names files

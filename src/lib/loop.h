@@ -23,6 +23,7 @@
 #include <sys/types.h>
 
 #define LOOP_PATH_MAX	32	/* "/dev/loop1048575" */
+#define LOOP_DEV_MAJOR	7	/* <linux/major.h> LOOP_MAJOR */
 
 struct loop_dev {
 	char path[LOOP_PATH_MAX];	/* "/dev/loop3" */

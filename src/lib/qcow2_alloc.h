@@ -59,10 +59,6 @@
 #include "image.h"
 #include "runs.h"
 
-/* A run of the top layer that writes may go to in place (see
- * qcow2_rw_mark_writable); the same value as in dmtable.h. */
-#define RUN_F_WRITABLE	0x80
-
 struct qcow2_rw_ops {
 	/* The image file (metadata, compressed clusters; data clusters too
 	 * unless external). Reads go through img->io; writes may extend the

@@ -253,22 +253,10 @@ static void report(qcowtab_report_fn fn, void *opaque, enum qcowtab_severity sev
 	fn(opaque, sev, line, shown);
 }
 
-static int parse_u64(const char *s, uint64_t max, uint64_t *v)
+/* A number up to max (util.h's parser). 0 or -EINVAL. */
+static int parse_max(const char *s, uint64_t max, uint64_t *v)
 {
-	uint64_t r = 0;
-
-	if (!*s)
-		return -EINVAL;
-	for (; *s; s++) {
-		if (*s < '0' || *s > '9')
-			return -EINVAL;
-		if (umul64_overflow(r, 10, &r) || uadd64_overflow(r, (uint64_t)(*s - '0'), &r))
-			return -EINVAL;
-	}
-	if (r > max)
-		return -EINVAL;
-	*v = r;
-	return 0;
+	return parse_u64(s, 0, v) || *v > max ? -EINVAL : 0;
 }
 
 /* Seconds, with an optional unit as systemd time spans: s, sec, m, min, h. */
@@ -285,7 +273,7 @@ static int parse_seconds(const char *s, unsigned int *out)
 		return -EINVAL;
 	memcpy(num, s, n);
 	num[n] = '\0';
-	if (parse_u64(num, UINT32_MAX, &v))
+	if (parse_max(num, UINT32_MAX, &v))
 		return -EINVAL;
 	for (size_t i = 0; i < ARRAY_SIZE(units); i++)
 		if (!strcmp(s + n, units[i].unit)) {
@@ -334,7 +322,7 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 		return 0;
 	}
 	if (IS("tries")) {
-		if (parse_u64(val, 1000, &v))
+		if (parse_max(val, 1000, &v))
 			goto bad;
 		e->tries = (unsigned int)v;
 	} else if (IS("timeout")) {
@@ -344,10 +332,10 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 		if (parse_seconds(val, &e->device_timeout))
 			goto bad;
 	} else if (IS("keyfile-offset")) {
-		if (parse_u64(val, INT64_MAX, &e->keyfile_offset))
+		if (parse_max(val, INT64_MAX, &e->keyfile_offset))
 			goto bad;
 	} else if (IS("keyfile-size")) {
-		if (parse_u64(val, 8U << 20, &e->keyfile_size) || !e->keyfile_size)
+		if (parse_max(val, 8U << 20, &e->keyfile_size) || !e->keyfile_size)
 			goto bad;
 	} else if (IS("format")) {
 		static const char *const formats[] = { "qcow2", "qcow", "raw" };

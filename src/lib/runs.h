@@ -14,6 +14,8 @@ enum run_kind {
 
 #define RUN_F_HOST	0x1	/* RUN_ZERO or RUN_UNALLOC with an allocated host cluster (host valid) */
 #define RUN_F_PAST_BACKING	0x2	/* beyond the end of the backing image */
+#define RUN_F_WRITABLE	0x80	/* of the top layer: writes may go there in place
+				 * (qcow2_rw_mark_writable; dmtable maps it to the file) */
 
 struct run {
 	uint64_t guest;		/* offset in guest space */

@@ -1,5 +1,5 @@
 /* Small helpers shared by every layer: overflow-checked arithmetic,
- * big-endian field access. Secrets in memory: secure.h. */
+ * big-endian field access, the number parser (util.c). Secrets in memory: secure.h. */
 #ifndef QS_UTIL_H
 #define QS_UTIL_H
 
@@ -77,5 +77,12 @@ static inline void put_be64(void *p, uint64_t v)
 	put_be32(p, v >> 32);
 	put_be32((uint8_t *)p + 4, (uint32_t)v);
 }
+
+/* The one number parser: decimal digits only (no sign, no blanks, no
+ * 0x), with PARSE_SIZE a unit K, M, G or T (either case, optionally
+ * followed by "iB" or "B": powers of 1024). 0, -EINVAL (not a number),
+ * -ERANGE (over 2^64 - 1). Ranges are the caller's to check. */
+#define PARSE_SIZE	(1U << 0)
+int parse_u64(const char *s, unsigned int flags, uint64_t *v);
 
 #endif

@@ -1,3 +1,4 @@
+/* The device stack of one image chain (see stack.h). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -5,15 +6,14 @@
 
 #include "fileio.h"
 #include "log.h"
-#include "qcowsetup.h"
 #include "stack.h"
 
-const char *tools_layer_data_path(const struct image *img)
+const char *stack_layer_data_path(const struct image *img)
 {
 	return img->has_data_file && img->data_io.name ? img->data_io.name : img->path;
 }
 
-static int layer_cipher(const struct image *img, struct tools_layer *tl)
+static int layer_cipher(const struct image *img, struct stack_layer *tl)
 {
 	int r;
 
@@ -37,7 +37,7 @@ static int layer_cipher(const struct image *img, struct tools_layer *tl)
 	}
 }
 
-int tools_stack_layers(const struct image *img, struct tools_layer *tl, unsigned int *n)
+int stack_layers_read(const struct image *img, struct stack_layer *tl, unsigned int *n)
 {
 	int r;
 
@@ -55,28 +55,34 @@ int tools_stack_layers(const struct image *img, struct tools_layer *tl, unsigned
 	return 0;
 }
 
-int tools_stack_build(const struct image *img, const char *image_path, const char *name,
-		      const struct tools_layer *tl, unsigned int n, const struct run_list *runs,
-		      bool read_only, struct dm_stack **out)
+unsigned int stack_layer_key_size(const struct stack_layer *l)
+{
+	switch (l->img->crypt_method) {
+	case IMG_CRYPT_LUKS:
+		return l->luks.key_bytes;
+	case IMG_CRYPT_AES:
+		return LEGACY_AES_KEY_SIZE;
+	default:
+		return 0;
+	}
+}
+
+int stack_build(const struct image *img, const struct stack_layer *tl, unsigned int n, const struct run_list *runs,
+		const struct stack_options *o, char *id, size_t idsize, struct dm_stack **out)
 {
 	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
-	struct dm_stack_params p = { .name = name };
-	char id[64], real[PATH_MAX];
+	struct dm_stack_params p = { .name = o->name };
+	char real[PATH_MAX];
 	int r;
 
 	for (unsigned int i = 0; i < n; i++) {
 		lp[i].host_dev = tl[i].host;
-		if (tl[i].img->crypt_method == IMG_CRYPT_LUKS) {
-			lp[i].cipher = tl[i].cipher;
-			lp[i].key_size = tl[i].luks.key_bytes;
-		} else if (tl[i].img->crypt_method == IMG_CRYPT_AES) {
-			lp[i].cipher = LEGACY_AES_DM_CIPHER;
-			lp[i].key_size = LEGACY_AES_KEY_SIZE;
-		}
+		lp[i].cipher = tl[i].cipher[0] ? tl[i].cipher : NULL;
+		lp[i].key_size = stack_layer_key_size(&tl[i]);
 	}
 	if (file_io_real_path(&img->io, real, sizeof(real)))
-		snprintf(real, sizeof(real), "%s", image_path);
-	r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, real, id, sizeof(id));
+		snprintf(real, sizeof(real), "%s", img->path);
+	r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, real, id, idsize);
 	if (r) {
 		log_err("%s: no usable identifier for the device UUIDs.", img->path);
 		return r;
@@ -84,16 +90,17 @@ int tools_stack_build(const struct image *img, const char *image_path, const cha
 	p.id = id;
 	p.layers = lp;
 	p.nlayers = n;
-	p.read_only = read_only;
-	p.allow_discards = opt.allow_discards;
-	p.max_targets = (size_t)opt.max_targets;
+	p.read_only = o->read_only;
+	p.allow_discards = o->allow_discards;
+	p.max_targets = (size_t)(o->max_targets ? o->max_targets : 65536);
+	p.slow_dev = o->slow_dev;
 	r = dm_stack_build(&p, img, runs, out);
 	if (r == -ENAMETOOLONG)
 		r = -EINVAL;	/* NAME too long: a wrong parameter (exit 1) */
 	return r;
 }
 
-size_t tools_count_compressed(const struct run_list *runs)
+size_t stack_count_compressed(const struct run_list *runs)
 {
 	size_t n = 0;
 

@@ -1,7 +1,5 @@
-/* qcowsetup open / close / status / list / reattach: the device stack of
- * DESIGN.md through real device-mapper. Open is atomic: every failure
- * removes what was created (dm devices, keyring keys, loop devices and with
- * them the image locks, the slow-path daemon) before returning.
+/* The mapping lifecycle (see mapping.h): open, close, status, list and
+ * reattach; the daemon is started here and only here.
  *
  * Read-write (the default) for qcow2: the top image's data file is opened
  * for writing and locked as QEMU locks it for writing, extended (sparse) to
@@ -30,20 +28,18 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cmd_keys.h"
 #include "daemon_state.h"
 #include "dm.h"
 #include "fileio.h"
-#include "json.h"
 #include "keyring.h"
 #include "lock.h"
 #include "log.h"
 #include "loop.h"
 #include "nbd.h"
-#include "passphrase.h"
 #include "qcow2_alloc.h"
-#include "qcowsetup.h"
+#include "mapping.h"
 #include "stack.h"
+#include "trust.h"
 #include "util.h"
 
 #ifndef QCOWSETUP_DAEMON_PATH
@@ -64,11 +60,12 @@ struct held_file {
 };
 
 struct open_ctx {
+	const struct mapping_params *p;
 	const char *image_path;
 	const char *name;
 	struct image *img;
 	struct run_list runs;
-	struct tools_layer *tl;
+	struct stack_layer *tl;
 	unsigned int nlayers;
 	struct held_file data[IMG_MAX_CHAIN_DEPTH];	/* each layer's data file */
 	struct held_file meta[IMG_MAX_CHAIN_DEPTH];	/* metadata file, when the data is external */
@@ -81,7 +78,7 @@ struct open_ctx {
 	bool rw;		/* read-write mapping */
 	bool use_daemon;	/* the slow path: read-write qcow2, or compressed clusters */
 	uint64_t keep_size;	/* size of the top's data file before open extended it */
-	char id[64];		/* image identifier of the UUIDs */
+	char id[DM_IMAGE_ID_MAX];	/* image identifier of the UUIDs */
 	pid_t daemon_pid;	/* 0: none started */
 	bool daemon_ready;	/* it created the top device */
 };
@@ -92,7 +89,7 @@ static int fail_step_at(struct open_ctx *c, const char *what)
 {
 	c->step++;
 	log_dbg("open step %d: %s", c->step, what);
-	if (opt.debug_fail_step && c->step == opt.debug_fail_step) {
+	if (c->p->fail_step && c->step == c->p->fail_step) {
 		log_err("Injected failure at step %d (%s).", c->step, what);
 		return -EIO;
 	}
@@ -133,7 +130,7 @@ static int hold_file(struct open_ctx *c, const struct img_io *io, struct held_fi
 		r = loop_attach(h->fd, !loop_rw, true, true, &h->loop);
 		if (r)
 			log_err("Cannot attach a loop device to %s: %s.", path, strerror(-r));
-		else if (loop_rw && !opt.allow_discards && loop_disable_discard(&h->loop))
+		else if (loop_rw && !c->p->allow_discards && loop_disable_discard(&h->loop))
 			log_std("%s: cannot turn discards off on %s.", path, h->loop.path);
 	}
 	if (r == 0) {
@@ -167,34 +164,25 @@ static void release_file(struct held_file *h)
 	h->attached = false;
 }
 
+/* Unlock layer d: the passphrase that opened the layer above first, then
+ * what the caller's ask() gives, until one opens it or ask() stops. */
 static int unlock_layer(struct open_ctx *c, unsigned int d, struct passphrase **shared)
 {
 	struct image *l = (struct image *)c->tl[d].img;
-	struct passphrase_opts po = {
-		.key_file = opt.key_file,
-		.keyfile_offset = opt.keyfile_offset,
-		.keyfile_size = opt.keyfile_size,
-		.image_name = l->path,
-	};
-	bool interactive = tools_passphrase_interactive(&po);
-	int tries = interactive ? opt.tries : 1, r = -EPERM;
+	bool wrong = false;
+	int r;
 
-	for (int attempt = 0; attempt <= tries; attempt++) {
+	for (unsigned int attempt = 0;; attempt++) {
 		struct passphrase *pp = NULL;
 
 		if (attempt == 0) {
-			/* the passphrase that opened the layer above comes first */
 			if (!*shared)
 				continue;
 			pp = *shared;
 		} else {
-			if (attempt > 1 || *shared) {
-				if (!interactive)
-					break;
-			}
-			r = tools_read_passphrase(&po, &pp);
+			r = c->p->ask ? c->p->ask(c->p->ask_opaque, l->path, attempt, &pp) : -ENOKEY;
 			if (r < 0)
-				return r;
+				return wrong || r == -ENOKEY ? -EPERM : r;
 		}
 		if (l->crypt_method == IMG_CRYPT_LUKS) {
 			int slot = -1;
@@ -204,7 +192,7 @@ static int unlock_layer(struct open_ctx *c, unsigned int d, struct passphrase **
 				log_verbose("%s: key slot %d unlocked.", l->path, slot);
 		} else {
 			r = legacy_aes_key(pp, &c->vk[d]);
-			if (r == 0 && !opt.skip_key_check) {
+			if (r == 0 && !c->p->skip_key_check) {
 				r = legacy_key_check(l, c->vk[d]);
 				if (r == -EPERM) {
 					volume_key_free(c->vk[d]);
@@ -223,12 +211,13 @@ static int unlock_layer(struct open_ctx *c, unsigned int d, struct passphrase **
 			passphrase_free(pp);
 		if (r != -EPERM)
 			return r;
-		if (attempt > 0)
+		if (attempt > 0) {
+			wrong = true;
 			log_err("No key available with this passphrase for %s%s.", l->path,
 				l->crypt_method == IMG_CRYPT_AES ?
 				" (legacy AES: the decrypted data looks random; --skip-key-check accepts it)" : "");
+		}
 	}
-	return -EPERM;
 }
 
 static int add_keys(struct open_ctx *c)
@@ -262,11 +251,6 @@ static void remove_keys(struct open_ctx *c)
 		}
 }
 
-static bool top_role(const struct dm_device *dev)
-{
-	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT;
-}
-
 /* Create the devices of the stack in order; with the daemon, only those
  * below the top table (the daemon creates the top device and segments). */
 static int create_devices(struct open_ctx *c)
@@ -280,7 +264,7 @@ static int create_devices(struct open_ctx *c)
 		struct dm_table t;
 		uint32_t maj, min;
 
-		if (c->use_daemon && top_role(dev))
+		if (c->use_daemon && dm_is_top_device(dev))
 			break;
 		r = fail_step_at(c, dev->name);
 		if (r)
@@ -322,18 +306,18 @@ static void open_ctx_free(struct open_ctx *c)
 	dm_stack_free(c->stack);
 	run_list_free(&c->runs);
 	free(c->tl);
-	tools_close_image(c->img);
+	image_free(c->img, &file_io_opener);
 	qs_name_unlock(c->name, c->name_lock);
 }
 
 /* What a read-write mapping needs of the image; messages say what to do. */
-static int check_writable(const struct image *img)
+static int check_writable(const struct open_ctx *c, const struct image *img)
 {
 	switch (img->format) {
 	case IMG_FMT_RAW:
 		/* a guest writing a raw disk can put a qcow2 header at its start
 		 * that names host files: probing would follow it next time */
-		if (!opt.format) {
+		if (!c->p->format) {
 			log_err("%s has no qcow2 or qcow header: mapping it read-write as a raw disk needs --format raw (or map it --readonly).",
 				img->path);
 			return -EACCES;
@@ -364,44 +348,17 @@ static int check_writable(const struct image *img)
 	return 0;
 }
 
-/* The stack parameters, as `table` builds them (stack.c), plus the slow
- * path. Also fills c->id. */
 static int build_stack(struct open_ctx *c, const char *slow_dev)
 {
-	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
-	struct dm_stack_params p = { .name = c->name };
-	char real[PATH_MAX];
-	int r;
+	struct stack_options o = {
+		.name = c->name,
+		.read_only = !c->rw,
+		.allow_discards = c->p->allow_discards,
+		.max_targets = c->p->max_targets,
+		.slow_dev = slow_dev,
+	};
 
-	for (unsigned int i = 0; i < c->nlayers; i++) {
-		lp[i].host_dev = c->tl[i].host;
-		if (c->tl[i].img->crypt_method == IMG_CRYPT_LUKS) {
-			lp[i].cipher = c->tl[i].cipher;
-			lp[i].key_size = c->tl[i].luks.key_bytes;
-		} else if (c->tl[i].img->crypt_method == IMG_CRYPT_AES) {
-			lp[i].cipher = LEGACY_AES_DM_CIPHER;
-			lp[i].key_size = LEGACY_AES_KEY_SIZE;
-		}
-	}
-	if (file_io_real_path(&c->img->io, real, sizeof(real)))
-		snprintf(real, sizeof(real), "%s", c->image_path);
-	r = dm_image_id(c->img->crypt_method == IMG_CRYPT_LUKS ? c->tl[0].luks.uuid : NULL, real, c->id,
-			sizeof(c->id));
-	if (r) {
-		log_err("%s: no usable identifier for the device UUIDs.", c->img->path);
-		return r;
-	}
-	p.id = c->id;
-	p.layers = lp;
-	p.nlayers = c->nlayers;
-	p.read_only = !c->rw;
-	p.allow_discards = opt.allow_discards;
-	p.max_targets = (size_t)opt.max_targets;
-	p.slow_dev = slow_dev;
-	r = dm_stack_build(&p, c->img, &c->runs, &c->stack);
-	if (r == -ENAMETOOLONG)
-		r = -EINVAL;	/* NAME too long: a wrong parameter (exit 1) */
-	return r;
+	return stack_build(c->img, c->tl, c->nlayers, &c->runs, &o, c->id, sizeof(c->id), &c->stack);
 }
 
 /* ---- the daemon ---- */
@@ -433,29 +390,6 @@ static int daemon_path(char *buf, size_t size)
 		return -ENOENT;
 	}
 	return 0;
-}
-
-#define MAX_DAEMON_ARGS (40 + 4 * IMG_MAX_CHAIN_DEPTH)
-
-struct argv_buf {
-	char *v[MAX_DAEMON_ARGS + 1];
-	int n;
-	char store[MAX_DAEMON_ARGS][PATH_MAX + 64];
-};
-
-static void arg_add(struct argv_buf *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void arg_add(struct argv_buf *a, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (a->n >= MAX_DAEMON_ARGS)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(a->store[a->n], sizeof(a->store[0]), fmt, ap);
-	va_end(ap);
-	a->v[a->n] = a->store[a->n];
-	a->n++;
-	a->v[a->n] = NULL;
 }
 
 /* Wait for "READY nbdN" (0) or "ERROR errno" on fd from pid. */
@@ -503,10 +437,10 @@ static int wait_ready(int fd, pid_t pid, int *nbd_index)
 	return r;
 }
 
-/* Start the daemon (reattach >= 0: take NBD device reattach over) with the
- * arguments of args, and wait until it serves. */
-static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int *nbd_index)
+/* Start the daemon with args (ready_fd set here) and wait until it serves. */
+static int start_daemon(struct daemon_args *args, pid_t *pid_out, int *nbd_index)
 {
+	struct daemon_argv *argv = NULL;
 	char path[PATH_MAX];
 	int pfd[2], r;
 	pid_t pid;
@@ -516,34 +450,37 @@ static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int
 		return r;
 	if (pipe2(pfd, O_CLOEXEC) < 0)
 		return -errno;
-	arg_add(args, "--ready-fd");
-	arg_add(args, "%d", pfd[1]);
-	if (reattach >= 0) {
-		arg_add(args, "--reattach");
-		arg_add(args, "%d", reattach);
+	args->ready_fd = pfd[1];
+	argv = malloc(sizeof(*argv));
+	r = argv ? daemon_args_format(args, false, argv) : -ENOMEM;
+	if (r) {
+		close(pfd[0]);
+		close(pfd[1]);
+		free(argv);
+		return r;
 	}
-	if (opt.debug)
-		arg_add(args, "--debug");
 	fflush(NULL);
 	pid = fork();
 	if (pid < 0) {
 		r = -errno;
 		close(pfd[0]);
 		close(pfd[1]);
+		free(argv);
 		return r;
 	}
 	if (pid == 0) {
 		/* its own session: no terminal signals; nothing of ours but the
-		 * ready pipe (no key pipe of `open --tab`, no loop device) */
+		 * ready pipe (no key pipe, no loop device) */
 		setsid();
 		if (pfd[1] > 3)
 			close_range(3, (unsigned int)pfd[1] - 1, 0);
 		close_range((unsigned int)pfd[1] + 1, ~0U, 0);
 		fcntl(pfd[1], F_SETFD, 0);
-		execv(path, args->v);
+		execv(path, argv->v);
 		fprintf(stderr, "Cannot run %s: %s\n", path, strerror(errno));
 		_exit(127);
 	}
+	free(argv);
 	close(pfd[1]);
 	log_dbg("daemon %s started (pid %d)", path, (int)pid);
 	r = wait_ready(pfd[0], pid, nbd_index);
@@ -555,104 +492,94 @@ static int start_daemon(struct argv_buf *args, int reattach, pid_t *pid_out, int
 
 /* path made absolute against the working directory, symlinks kept: the
  * daemon resolves the image's names against the folder as it was named,
- * as this process did. NULL on ENOMEM. */
-static char *absolute_path(const char *path)
+ * as this process did. */
+static int absolute_path(const char *path, char *buf, size_t size)
 {
-	char cwd[PATH_MAX], *p;
+	char cwd[PATH_MAX];
+	int n;
 
 	if (path[0] == '/')
-		return strdup(path);
-	if (!getcwd(cwd, sizeof(cwd)))
-		return NULL;
-	if (asprintf(&p, "%s/%s", strcmp(cwd, "/") ? cwd : "", path) < 0)
-		return NULL;
-	return p;
+		n = snprintf(buf, size, "%s", path);
+	else if (!getcwd(cwd, sizeof(cwd)))
+		return -errno;
+	else
+		n = snprintf(buf, size, "%s/%s", strcmp(cwd, "/") ? cwd : "", path);
+	return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+static void hold_arg(struct daemon_args *a, const struct held_file *h)
+{
+	if (h->attached && a->nholds < DAEMON_MAX_HOLDS)
+		snprintf(a->holds[a->nholds++], sizeof(a->holds[0]), "%u:%u", h->loop.major, h->loop.minor);
 }
 
 static int spawn_daemon(struct open_ctx *c)
 {
-	struct argv_buf *a = calloc(1, sizeof(*a));
-	char *abs = absolute_path(c->image_path);
-	char *backing = kopt.backing_file ? absolute_path(kopt.backing_file) : NULL;
-	char *data = opt.data_file ? absolute_path(opt.data_file) : NULL;
+	struct daemon_args *a = malloc(sizeof(*a));
 	int nbd = -1, r;
 
-	if (!a || !abs || (kopt.backing_file && !backing) || (opt.data_file && !data)) {
-		r = -ENOMEM;
-		goto out;
-	}
+	if (!a)
+		return -ENOMEM;
 	r = fail_step_at(c, "start the slow-path daemon");
 	if (r)
 		goto out;
 	qs_state_remove(c->name);	/* of an earlier mapping of that name */
-	arg_add(a, "@qcowsetup-daemon");
-	arg_add(a, "--name");
-	arg_add(a, "%s", c->name);
-	arg_add(a, "--id");
-	arg_add(a, "%s", c->id);
-	arg_add(a, "--image");
-	arg_add(a, "%s", abs);
-	for (unsigned int d = 0; d < c->nlayers; d++) {
-		const struct image *l = c->tl[d].img;
-
-		arg_add(a, "--layer");
-		if (l->crypt_method == IMG_CRYPT_LUKS)
-			arg_add(a, "%s,%s,%u", c->tl[d].host, c->tl[d].cipher, c->tl[d].luks.key_bytes);
-		else if (l->crypt_method == IMG_CRYPT_AES)
-			arg_add(a, "%s,%s,%u", c->tl[d].host, LEGACY_AES_DM_CIPHER, LEGACY_AES_KEY_SIZE);
-		else
-			arg_add(a, "%s", c->tl[d].host);
-		if (c->data[d].attached) {
-			arg_add(a, "--hold");
-			arg_add(a, "%u:%u", c->data[d].loop.major, c->data[d].loop.minor);
-		}
-		if (c->meta[d].attached) {
-			arg_add(a, "--hold");
-			arg_add(a, "%u:%u", c->meta[d].loop.major, c->meta[d].loop.minor);
-		}
-	}
-	if (!c->rw)
-		arg_add(a, "--readonly");
+	daemon_args_init(a);
+	snprintf(a->name, sizeof(a->name), "%s", c->name);
+	snprintf(a->id, sizeof(a->id), "%s", c->id);
+	r = absolute_path(c->image_path, a->image, sizeof(a->image));
 	/* the same trust as this open: the daemon opens the same files, which
 	 * it checks against the loop devices that hold them */
-	if (opt.trust_names)
-		arg_add(a, "--trust-names");
-	if (backing) {
-		arg_add(a, "--backing-file");
-		arg_add(a, "%s", backing);
-	}
-	if (data) {
-		arg_add(a, "--data-file");
-		arg_add(a, "%s", data);
-	}
-	if (opt.allow_discards)
-		arg_add(a, "--allow-discards");
-	arg_add(a, "--max-targets");
-	arg_add(a, "%" PRIu64, opt.max_targets);
-	if (c->keep_size) {
-		arg_add(a, "--keep-size");
-		arg_add(a, "%" PRIu64, c->keep_size);
-	}
-	/* tests: requests in flight when a daemon dies fail after this */
-	if (getenv("QCOWSETUP_NBD_TIMEOUT")) {
-		arg_add(a, "--nbd-timeout");
-		arg_add(a, "%u", (unsigned int)strtoul(getenv("QCOWSETUP_NBD_TIMEOUT"), NULL, 10));
-	}
-	if (a->n >= MAX_DAEMON_ARGS - 6) {
-		r = -E2BIG;
+	a->trust_names = c->p->trust_names;
+	if (!r && c->p->backing_file)
+		r = absolute_path(c->p->backing_file, a->backing_file, sizeof(a->backing_file));
+	if (!r && c->p->data_file)
+		r = absolute_path(c->p->data_file, a->data_file, sizeof(a->data_file));
+	if (r)
 		goto out;
+	for (unsigned int d = 0; d < c->nlayers; d++) {
+		struct daemon_layer *l = &a->layers[a->nlayers++];
+
+		/* a loop device's "MAJ:MIN" */
+		snprintf(l->host, sizeof(l->host), "%.*s", (int)sizeof(l->host) - 1, c->tl[d].host);
+		snprintf(l->cipher, sizeof(l->cipher), "%s", c->tl[d].cipher);
+		l->key_size = stack_layer_key_size(&c->tl[d]);
+		hold_arg(a, &c->data[d]);
+		hold_arg(a, &c->meta[d]);
 	}
-	r = start_daemon(a, -1, &c->daemon_pid, &nbd);
+	a->read_only = !c->rw;
+	a->allow_discards = c->p->allow_discards;
+	if (c->p->max_targets)
+		a->max_targets = c->p->max_targets;
+	a->keep_size = c->keep_size;
+	if (c->p->nbd_timeout)
+		a->nbd_timeout = c->p->nbd_timeout;
+	a->debug = c->p->debug;
+	r = start_daemon(a, &c->daemon_pid, &nbd);
 	if (r)
 		log_err("The slow-path daemon failed: %s.", strerror(-r));
 	else
 		c->daemon_ready = true;
 out:
 	free(a);
-	free(abs);
-	free(backing);
-	free(data);
 	return r;
+}
+
+/* The chain, parsed once: the descriptors it holds are the ones locked,
+ * attached and served. */
+static int open_chain(struct open_ctx *c)
+{
+	struct trust_rules rules = { .trust_names = c->p->trust_names };
+	struct image_open_opts o = {
+		.format = c->p->format,
+		.snapshot = c->p->snapshot,
+		.backing_file = c->p->backing_file,
+		.data_file = c->p->data_file,
+	};
+	struct file_opener fo;
+
+	file_opener_init(&fo, c->rw, &rules);
+	return image_open(&fo.ops, c->image_path, &o, &c->img);
 }
 
 static int teardown(const char *name);
@@ -668,7 +595,7 @@ static int do_open(struct open_ctx *c)
 		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most 100).", c->name);
 		return -EINVAL;
 	}
-	c->rw = !opt.readonly && !opt.snapshot;
+	c->rw = !c->p->read_only && !c->p->snapshot;
 	r = dm_check_control();
 	if (r)
 		return r;
@@ -686,15 +613,15 @@ static int do_open(struct open_ctx *c)
 	}
 	/* parsed, validated, locked, attached and served: one descriptor per
 	 * file, opened here once */
-	r = tools_open_image(c->image_path, c->rw ? TOOLS_OPEN_WRITE : 0, &c->img);
+	r = open_chain(c);
 	if (r)
 		return r;
 	if (c->rw) {
-		r = check_writable(c->img);
+		r = check_writable(c, c->img);
 		if (r)
 			return r;
 	}
-	if (opt.require_encryption && c->img->crypt_method == IMG_CRYPT_NONE) {
+	if (c->p->require_encryption && c->img->crypt_method == IMG_CRYPT_NONE) {
 		/* (a stick with the same label, a replaced file): checked on the
 		 * very bytes that get mapped */
 		log_err("%s is not encrypted, but its qcowtab entry expects a key: refused (option allow-unencrypted accepts it).",
@@ -704,13 +631,13 @@ static int do_open(struct open_ctx *c)
 	c->tl = calloc(IMG_MAX_CHAIN_DEPTH, sizeof(*c->tl));
 	if (!c->tl)
 		return -ENOMEM;
-	r = tools_stack_layers(c->img, c->tl, &c->nlayers);
+	r = stack_layers_read(c->img, c->tl, &c->nlayers);
 	if (r)
 		return r;
 	r = image_map_chain(c->img, &c->runs);
 	if (r)
 		return r;
-	ncomp = tools_count_compressed(&c->runs);
+	ncomp = stack_count_compressed(&c->runs);
 	c->use_daemon = ncomp || (c->rw && c->img->format == IMG_FMT_QCOW2);
 	/* keys first: a wrong passphrase must not cost a loop device */
 	for (unsigned int d = 0; d < c->nlayers; d++) {
@@ -800,12 +727,11 @@ out:
 	return r;
 }
 
-int cmd_open(int argc, char **argv)
+int mapping_open(const struct mapping_params *p)
 {
-	struct open_ctx c = { .image_path = argv[0], .name = argv[1], .name_lock = -1 };
+	struct open_ctx c = { .p = p, .image_path = p->image, .name = p->name, .name_lock = -1 };
 	int r;
 
-	(void)argc;
 	run_list_init(&c.runs);
 	r = do_open(&c);
 	open_ctx_free(&c);
@@ -816,9 +742,6 @@ int cmd_open(int argc, char **argv)
 }
 
 /* ---- close, status, list ---- */
-
-#define UUID_TOP_PREFIX "QCOW2-"
-#define UUID_INT_PREFIX "QCOW2-INT-"
 
 struct dev_entry {
 	char name[128];
@@ -835,7 +758,7 @@ static int collect_dev(void *opaque, const char *name, const char *uuid, uint32_
 {
 	struct dev_list *l = opaque;
 
-	if (!uuid || strncmp(uuid, UUID_TOP_PREFIX, strlen(UUID_TOP_PREFIX)))
+	if (!uuid || strncmp(uuid, DM_UUID_PREFIX, strlen(DM_UUID_PREFIX)))
 		return 0;
 	if (l->n == l->alloc) {
 		size_t na = l->alloc ? 2 * l->alloc : 16;
@@ -854,26 +777,6 @@ static int collect_dev(void *opaque, const char *name, const char *uuid, uint32_
 	return 0;
 }
 
-static bool is_top_uuid(const char *uuid)
-{
-	return !strncmp(uuid, UUID_TOP_PREFIX, strlen(UUID_TOP_PREFIX)) &&
-	       strncmp(uuid, UUID_INT_PREFIX, strlen(UUID_INT_PREFIX));
-}
-
-/* Internal devices of the mapping NAME whose top UUID is top_uuid
- * ("QCOW2-<id>-NAME"): UUID "QCOW2-INT-<id>-NAME_<suffix>". */
-static bool belongs_to(const char *uuid, const char *top_uuid, const char *name)
-{
-	const char *id_name = top_uuid + strlen(UUID_TOP_PREFIX);
-	size_t len = strlen(id_name);
-
-	if (strncmp(uuid, UUID_INT_PREFIX, strlen(UUID_INT_PREFIX)))
-		return false;
-	uuid += strlen(UUID_INT_PREFIX);
-	(void)name;
-	return !strncmp(uuid, id_name, len) && uuid[len] == '_';
-}
-
 static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_info *info)
 {
 	int r;
@@ -888,7 +791,7 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 		log_err("Device %s does not exist.", name);
 		return -ENODEV;
 	}
-	if (!is_top_uuid(info->uuid)) {
+	if (!dm_uuid_is_top(info->uuid)) {
 		log_err("Device %s is not a qcowsetup mapping.", name);
 		return -ENODEV;
 	}
@@ -897,7 +800,6 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 
 /* The loop devices (and so the files) under a device, following tables. */
 struct walk_ctx {
-	struct json *j;
 	int depth;
 	unsigned int targets;
 	char files[IMG_MAX_CHAIN_DEPTH * 2][4096];
@@ -1002,7 +904,7 @@ static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
 		w->seen[w->nseen][0] = major;
 		w->seen[w->nseen++][1] = minor;
 	}
-	if (major == 7) {
+	if (major == LOOP_DEV_MAJOR) {
 		snprintf(path, sizeof(path), "/dev/loop%u", minor);
 		if (loop_get_info(path, &li) == 0)
 			note_file(w, li.backing_file);
@@ -1035,23 +937,10 @@ static int walk_device(struct walk_ctx *w, uint32_t major, uint32_t minor)
  * reattached daemon is not the one the kernel remembers), else sysfs. */
 static pid_t daemon_pid(const char *name, int index)
 {
-	char path[PATH_MAX], line[128];
 	pid_t pid = 0, sysfs = 0;
 	int nbd = -1;
-	FILE *f;
 
-	qs_state_path(path, sizeof(path), name, QS_STATE_DAEMON);
-	f = fopen(path, "re");
-	if (f) {
-		while (fgets(line, sizeof(line), f)) {
-			if (!strncmp(line, "pid=", 4))
-				pid = (pid_t)strtol(line + 4, NULL, 10);
-			else if (!strncmp(line, "nbd=", 4))
-				nbd = (int)strtol(line + 4, NULL, 10);
-		}
-		fclose(f);
-	}
-	if (pid > 0 && nbd == index)
+	if (qs_state_read(name, &pid, &nbd, NULL) == 0 && pid > 0 && nbd == index)
 		return pid;
 	nbd_device_pid(index, &sysfs);
 	return sysfs;
@@ -1061,7 +950,7 @@ static pid_t daemon_pid(const char *name, int index)
  * belongs to another program: state files outlive their daemons). */
 static bool process_gone(pid_t pid)
 {
-	static const char argv0[] = "@qcowsetup-daemon";
+	static const char argv0[] = DAEMON_ARGV0;
 	char path[64], buf[256], *p;
 	ssize_t n;
 	int fd;
@@ -1138,7 +1027,7 @@ static int remove_internal(const char *name, struct dev_list *all, const char *t
 		for (size_t i = 0; i < all->n; i++) {
 			struct dm_dev_info di;
 
-			if (!all->v[i].name[0] || !belongs_to(all->v[i].uuid, top_uuid, name))
+			if (!all->v[i].name[0] || !dm_uuid_is_internal_of(all->v[i].uuid, top_uuid))
 				continue;
 			if (dm_device_info(all->v[i].name, &di) || !di.exists) {
 				all->v[i].name[0] = '\0';
@@ -1158,7 +1047,7 @@ static int remove_internal(const char *name, struct dev_list *all, const char *t
 		}
 	}
 	for (size_t i = 0; i < all->n; i++)
-		if (all->v[i].name[0] && belongs_to(all->v[i].uuid, top_uuid, name)) {
+		if (all->v[i].name[0] && dm_uuid_is_internal_of(all->v[i].uuid, top_uuid)) {
 			log_err("Internal device %s of %s is still in use.", all->v[i].name, name);
 			r = -EBUSY;
 		}
@@ -1207,7 +1096,7 @@ static int close_mapping(const char *name, bool deferred)
 		for (size_t i = 0; i < all.n; i++) {
 			struct dm_dev_info di;
 
-			if (belongs_to(all.v[i].uuid, info.uuid, name) && !dm_device_info(all.v[i].name, &di) &&
+			if (dm_uuid_is_internal_of(all.v[i].uuid, info.uuid) && !dm_device_info(all.v[i].name, &di) &&
 			    di.exists && !di.open_count && dm_is_segment_name(all.v[i].name, name))
 				dm_remove_device(all.v[i].name, false, true);
 		}
@@ -1232,193 +1121,136 @@ static int teardown(const char *name)
 	return close_mapping(name, false);
 }
 
-int cmd_close(int argc, char **argv)
+int mapping_close(const char *name, bool deferred)
 {
 	int lock, r;
 
-	(void)argc;
-	if (!dm_mapping_name_valid(argv[0])) {
-		log_err("Device %s is not a qcowsetup mapping.", argv[0]);
+	if (!dm_mapping_name_valid(name)) {
+		log_err("Device %s is not a qcowsetup mapping.", name);
 		return -ENODEV;
 	}
-	lock = qs_name_lock(argv[0]);
+	lock = qs_name_lock(name);
 	if (lock < 0) {
-		log_err("Cannot lock the name %s: %s.", argv[0], strerror(-lock));
+		log_err("Cannot lock the name %s: %s.", name, strerror(-lock));
 		return lock;
 	}
-	r = close_mapping(argv[0], opt.deferred);
-	qs_name_unlock(argv[0], lock);
+	r = close_mapping(name, deferred);
+	qs_name_unlock(name, lock);
 	dm_release();
 	return r;
 }
 
 /* The daemon's reload statistics (/run/qcowsetup/NAME.stats), if any. */
-static void print_daemon_stats(const char *name)
+static void read_daemon_stats(const char *name, struct mapping_status *st)
 {
 	char path[PATH_MAX], line[128], key[64];
-	double v, held99 = 0, held_max = 0, round99 = 0;
-	unsigned long long reloads = 0, bytes = 0;
+	double v;
 	FILE *f;
 
 	qs_state_path(path, sizeof(path), name, QS_STATE_STATS);
 	f = fopen(path, "re");
 	if (!f)
 		return;
+	st->have_stats = true;
 	while (fgets(line, sizeof(line), f)) {
-		if (sscanf(line, "reloads=%llu", &reloads) == 1 || sscanf(line, "remapped_bytes=%llu", &bytes) == 1)
+		if (sscanf(line, "reloads=%llu", &st->reloads) == 1 ||
+		    sscanf(line, "remapped_bytes=%llu", &st->remapped_bytes) == 1)
 			continue;
 		if (sscanf(line, "%63[^=]=%lf", key, &v) != 2)
 			continue;
 		if (!strcmp(key, "held_ms_p99"))
-			held99 = v;
+			st->held_ms_p99 = v;
 		else if (!strcmp(key, "held_ms_max"))
-			held_max = v;
+			st->held_ms_max = v;
 		else if (!strcmp(key, "round_ms_p99"))
-			round99 = v;
+			st->round_ms_p99 = v;
 	}
 	fclose(f);
-	printf("  remapped:  %llu MiB to the fast path, %llu table swaps (I/O held p99 %.1f ms, max %.1f ms; reload p99 %.1f ms)\n",
-	       bytes >> 20, reloads, held99, held_max, round99);
 }
 
-static void status_one(struct json *j, const char *name, struct dev_list *all, const struct dm_dev_info *info)
+static int fill_status(struct mapping_status *st, const char *name, struct dev_list *all,
+		       const struct dm_dev_info *info)
 {
 	struct walk_ctx *w = calloc(1, sizeof(*w));
-	unsigned int internal = 0;
 
 	if (!w)
-		return;
+		return -ENOMEM;
+	memset(st, 0, sizeof(*st));
 	w->all = all;
 	w->name = name;
 	dm_get_table(name, walk_target, w);
+	snprintf(st->name, sizeof(st->name), "%s", name);
+	snprintf(st->uuid, sizeof(st->uuid), "%s", info->uuid);
+	st->read_only = info->read_only;
+	st->open_count = info->open_count;
+	st->targets = w->targets;
 	for (size_t i = 0; i < all->n; i++)
-		internal += belongs_to(all->v[i].uuid, info->uuid, name);
-	if (j) {
-		json_begin_object(j, NULL);
-		json_string(j, "name", name);
-		json_string(j, "uuid", info->uuid);
-		json_string(j, "device", name);
-		json_bool(j, "read-only", info->read_only);
-		json_i64(j, "open-count", info->open_count);
-		json_u64(j, "targets", w->targets);
-		json_u64(j, "internal-devices", internal);
-		json_string(j, "encryption", w->cipher[0] ? w->cipher : "none");
-		json_begin_array(j, "files");
-		for (unsigned int i = 0; i < w->nfiles; i++)
-			json_string(j, NULL, w->files[i]);
-		json_end_array(j);
-		json_begin_array(j, "slow-path");
-		for (unsigned int i = 0; i < w->nnbd; i++) {
-			pid_t pid = daemon_pid(name, w->nbd[i]);
-			char dev[32];
+		st->internal += dm_uuid_is_internal_of(all->v[i].uuid, info->uuid);
+	snprintf(st->cipher, sizeof(st->cipher), "%s", w->cipher);
+	for (unsigned int i = 0; i < w->nfiles && i < MAPPING_MAX_FILES; i++)
+		snprintf(st->files[st->nfiles++], sizeof(st->files[0]), "%s", w->files[i]);
+	for (unsigned int i = 0; i < w->nnbd && i < MAPPING_MAX_SLOW; i++) {
+		pid_t pid = daemon_pid(name, w->nbd[i]);
 
-			snprintf(dev, sizeof(dev), "/dev/nbd%d", w->nbd[i]);
-			json_begin_object(j, NULL);
-			json_string(j, "device", dev);
-			json_i64(j, "daemon-pid", pid);
-			json_bool(j, "running", pid > 0 && !process_gone(pid));
-			json_end_object(j);
-		}
-		json_end_array(j);
-		json_end_object(j);
-	} else {
-		printf("/dev/mapper/%s is active%s.\n", name, info->open_count > 0 ? " and is in use" : "");
-		printf("  uuid:      %s\n", info->uuid);
-		printf("  mode:      %s\n", info->read_only ? "read-only" : "read/write");
-		printf("  targets:   %u (top table)\n", w->targets);
-		printf("  devices:   1 + %u internal\n", internal);
-		printf("  cipher:    %s\n", w->cipher[0] ? w->cipher : "none");
-		for (unsigned int i = 0; i < w->nfiles; i++)
-			printf("  file:      %s\n", w->files[i]);
-		for (unsigned int i = 0; i < w->nnbd; i++) {
-			pid_t pid = daemon_pid(name, w->nbd[i]);
-
-			if (pid > 0 && !process_gone(pid))
-				printf("  slow path: /dev/nbd%d, daemon pid %d (running)\n", w->nbd[i], (int)pid);
-			else
-				printf("  slow path: /dev/nbd%d, daemon not running (qcowsetup reattach %s)\n", w->nbd[i], name);
-		}
-		if (w->nnbd)
-			print_daemon_stats(name);
+		st->slow[i].nbd = w->nbd[i];
+		st->slow[i].pid = pid;
+		st->slow[i].running = pid > 0 && !process_gone(pid);
+		st->nslow++;
 	}
+	if (w->nnbd)
+		read_daemon_stats(name, st);
 	free(w);
+	return 0;
 }
 
-int cmd_status(int argc, char **argv)
+int mapping_get_status(const char *name, struct mapping_status *st)
 {
 	struct dev_list all = { 0 };
 	struct dm_dev_info info;
-	struct json j;
 	int r;
 
-	(void)argc;
-	r = find_mapping(argv[0], &all, &info);
-	if (r == 0) {
-		if (opt.json) {
-			json_init(&j, stdout, true);
-			status_one(&j, argv[0], &all, &info);
-			json_finish(&j);
-		} else {
-			status_one(NULL, argv[0], &all, &info);
-		}
-	}
+	r = find_mapping(name, &all, &info);
+	if (r == 0)
+		r = fill_status(st, name, &all, &info);
 	free(all.v);
-	dm_release();
 	return r;
 }
 
-int cmd_list(int argc, char **argv)
+int mapping_list(int (*fn)(void *opaque, const char *name), void *opaque)
 {
 	struct dev_list all = { 0 };
-	struct json j;
 	int r;
 
-	(void)argc;
-	(void)argv;
 	r = dm_check_control();
 	if (!r)
 		r = dm_list_devices(collect_dev, &all);
-	if (r)
-		goto out;
-	if (opt.json) {
-		json_init(&j, stdout, true);
-		json_begin_array(&j, NULL);
-	}
-	for (size_t i = 0; i < all.n; i++) {
+	for (size_t i = 0; !r && i < all.n; i++) {
 		struct dm_dev_info info;
 
-		if (!is_top_uuid(all.v[i].uuid) || dm_device_info(all.v[i].name, &info) || !info.exists)
+		if (!dm_uuid_is_top(all.v[i].uuid) || dm_device_info(all.v[i].name, &info) || !info.exists)
 			continue;
-		if (opt.json)
-			status_one(&j, all.v[i].name, &all, &info);
-		else
-			printf("%s\n", all.v[i].name);
+		r = fn(opaque, all.v[i].name);
 	}
-	if (opt.json) {
-		json_end_array(&j);
-		json_finish(&j);
-	}
-out:
 	free(all.v);
-	dm_release();
 	return r;
+}
+
+void mapping_release(void)
+{
+	dm_release();
 }
 
 /* ---- reattach: a new daemon for a mapping whose daemon died ---- */
 
-int cmd_reattach(int argc, char **argv)
+int mapping_reattach(const char *name, bool debug)
 {
-	const char *name = argv[0];
 	struct dev_list all = { 0 };
 	struct dm_dev_info info;
 	struct walk_ctx *w = NULL;
-	struct argv_buf *a = NULL;
-	char path[PATH_MAX], line[PATH_MAX + 16];
-	pid_t pid = 0;
-	FILE *f = NULL;
-	int nbd = -1, lock = -1, r;
+	struct daemon_args *a = NULL;
+	pid_t pid = 0, state_pid;
+	int nbd = -1, state_nbd, lock = -1, r;
 
-	(void)argc;
 	if (!dm_mapping_name_valid(name)) {
 		log_err("Device %s is not a qcowsetup mapping.", name);
 		return -ENODEV;
@@ -1432,7 +1264,7 @@ int cmd_reattach(int argc, char **argv)
 	if (r)
 		goto out;
 	w = calloc(1, sizeof(*w));
-	a = calloc(1, sizeof(*a));
+	a = malloc(sizeof(*a));
 	if (!w || !a) {
 		r = -ENOMEM;
 		goto out;
@@ -1451,32 +1283,20 @@ int cmd_reattach(int argc, char **argv)
 		r = -EBUSY;
 		goto out;
 	}
-	qs_state_path(path, sizeof(path), name, QS_STATE_DAEMON);
-	f = fopen(path, "re");
-	if (!f) {
-		r = -errno;
-		log_err("Cannot read %s: %s.", path, strerror(-r));
+	r = qs_state_read(name, &state_pid, &state_nbd, a);
+	if (r) {
+		log_err("Cannot read the daemon's state of %s (%s/%s.daemon): %s.", name, QS_RUN_DIR, name,
+			strerror(-r));
 		goto out;
 	}
-	arg_add(a, "@qcowsetup-daemon");
-	while (fgets(line, sizeof(line), f)) {
-		line[strcspn(line, "\n")] = '\0';
-		if (!strncmp(line, "arg=", 4))
-			arg_add(a, "%s", line + 4);
-	}
-	if (a->n < 4 || a->n >= MAX_DAEMON_ARGS - 6) {
-		log_err("%s does not hold the daemon's arguments.", path);
-		r = -EINVAL;
-		goto out;
-	}
-	r = start_daemon(a, w->nbd[0], &pid, &nbd);
+	a->reattach = w->nbd[0];
+	a->debug = debug;
+	r = start_daemon(a, &pid, &nbd);
 	if (r)
 		log_err("The new daemon failed: %s.", strerror(-r));
 	else
 		log_verbose("%s: daemon pid %d serves nbd%d again.", name, (int)pid, nbd);
 out:
-	if (f)
-		fclose(f);
 	free(a);
 	free(w);
 	free(all.v);

@@ -1,5 +1,6 @@
-/* Opening the images named on the command line (lib/fileio.c does the
- * reads, lib/trust.c decides what the names inside them may lead to). */
+/* Opening the images named on the command line for info, map, table,
+ * check and format (lib/fileio.c does the reads, lib/trust.c decides what
+ * the names inside them may lead to; open goes through lib/mapping.c). */
 #include "fileio.h"
 #include "cmd_keys.h"
 #include "qcowsetup.h"

@@ -1,0 +1,198 @@
+/* qcowsetup open / close / status / list / reattach: the command line over
+ * the mapping lifecycle of lib/mapping.c (passphrases from --key-file or
+ * the terminal, output as text or JSON). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cmd_keys.h"
+#include "json.h"
+#include "log.h"
+#include "mapping.h"
+#include "passphrase.h"
+#include "qcowsetup.h"
+
+/* Passphrases as cryptsetup reads them: a key file once, the terminal up
+ * to --tries times for each encrypted layer. */
+struct ask_ctx {
+	struct passphrase_opts po;
+	bool interactive;
+	bool served;
+};
+
+static int ask(void *opaque, const char *image, unsigned int attempt, struct passphrase **pp)
+{
+	struct ask_ctx *a = opaque;
+
+	if (a->interactive ? attempt > (unsigned int)opt.tries : a->served)
+		return -ENOKEY;
+	a->served = true;
+	a->po.image_name = image;
+	return tools_read_passphrase(&a->po, pp);
+}
+
+static void mapping_params_from_options(struct mapping_params *p, const char *image, const char *name)
+{
+	*p = (struct mapping_params){
+		.image = image,
+		.name = name,
+		.read_only = opt.readonly,
+		.snapshot = opt.snapshot,
+		.format = opt.format,
+		.backing_file = kopt.backing_file,
+		.data_file = opt.data_file,
+		.trust_names = opt.trust_names,
+		.allow_discards = opt.allow_discards,
+		.skip_key_check = opt.skip_key_check,
+		.max_targets = opt.max_targets,
+		.debug = opt.debug,
+		.fail_step = opt.debug_fail_step,
+	};
+}
+
+int cmd_open(int argc, char **argv)
+{
+	struct ask_ctx a = {
+		.po = {
+			.key_file = opt.key_file,
+			.keyfile_offset = opt.keyfile_offset,
+			.keyfile_size = opt.keyfile_size,
+		},
+	};
+	struct mapping_params p;
+
+	(void)argc;
+	mapping_params_from_options(&p, argv[0], argv[1]);
+	a.interactive = tools_passphrase_interactive(&a.po);
+	p.ask = ask;
+	p.ask_opaque = &a;
+	return mapping_open(&p);
+}
+
+int cmd_close(int argc, char **argv)
+{
+	(void)argc;
+	return mapping_close(argv[0], opt.deferred);
+}
+
+int cmd_reattach(int argc, char **argv)
+{
+	(void)argc;
+	return mapping_reattach(argv[0], opt.debug);
+}
+
+static void print_json(struct json *j, const struct mapping_status *st)
+{
+	json_begin_object(j, NULL);
+	json_string(j, "name", st->name);
+	json_string(j, "uuid", st->uuid);
+	json_string(j, "device", st->name);
+	json_bool(j, "read-only", st->read_only);
+	json_i64(j, "open-count", st->open_count);
+	json_u64(j, "targets", st->targets);
+	json_u64(j, "internal-devices", st->internal);
+	json_string(j, "encryption", st->cipher[0] ? st->cipher : "none");
+	json_begin_array(j, "files");
+	for (unsigned int i = 0; i < st->nfiles; i++)
+		json_string(j, NULL, st->files[i]);
+	json_end_array(j);
+	json_begin_array(j, "slow-path");
+	for (unsigned int i = 0; i < st->nslow; i++) {
+		char dev[32];
+
+		snprintf(dev, sizeof(dev), "/dev/nbd%d", st->slow[i].nbd);
+		json_begin_object(j, NULL);
+		json_string(j, "device", dev);
+		json_i64(j, "daemon-pid", st->slow[i].pid);
+		json_bool(j, "running", st->slow[i].running);
+		json_end_object(j);
+	}
+	json_end_array(j);
+	json_end_object(j);
+}
+
+static void print_text(const struct mapping_status *st)
+{
+	printf("/dev/mapper/%s is active%s.\n", st->name, st->open_count > 0 ? " and is in use" : "");
+	printf("  uuid:      %s\n", st->uuid);
+	printf("  mode:      %s\n", st->read_only ? "read-only" : "read/write");
+	printf("  targets:   %u (top table)\n", st->targets);
+	printf("  devices:   1 + %u internal\n", st->internal);
+	printf("  cipher:    %s\n", st->cipher[0] ? st->cipher : "none");
+	for (unsigned int i = 0; i < st->nfiles; i++)
+		printf("  file:      %s\n", st->files[i]);
+	for (unsigned int i = 0; i < st->nslow; i++) {
+		if (st->slow[i].running)
+			printf("  slow path: /dev/nbd%d, daemon pid %d (running)\n", st->slow[i].nbd,
+			       (int)st->slow[i].pid);
+		else
+			printf("  slow path: /dev/nbd%d, daemon not running (qcowsetup reattach %s)\n", st->slow[i].nbd,
+			       st->name);
+	}
+	if (st->have_stats)
+		printf("  remapped:  %llu MiB to the fast path, %llu table swaps (I/O held p99 %.1f ms, max %.1f ms; reload p99 %.1f ms)\n",
+		       st->remapped_bytes >> 20, st->reloads, st->held_ms_p99, st->held_ms_max, st->round_ms_p99);
+}
+
+int cmd_status(int argc, char **argv)
+{
+	struct mapping_status *st = malloc(sizeof(*st));
+	struct json j;
+	int r;
+
+	(void)argc;
+	if (!st)
+		return -ENOMEM;
+	r = mapping_get_status(argv[0], st);
+	if (r == 0 && opt.json) {
+		json_init(&j, stdout, true);
+		print_json(&j, st);
+		json_finish(&j);
+	} else if (r == 0) {
+		print_text(st);
+	}
+	free(st);
+	mapping_release();
+	return r;
+}
+
+static int list_one(void *opaque, const char *name)
+{
+	struct json *j = opaque;
+	struct mapping_status *st;
+	int r;
+
+	if (!j) {
+		printf("%s\n", name);
+		return 0;
+	}
+	st = malloc(sizeof(*st));
+	if (!st)
+		return -ENOMEM;
+	r = mapping_get_status(name, st);
+	if (r == 0)
+		print_json(j, st);
+	free(st);
+	return r == -ENODEV ? 0 : r;	/* gone meanwhile */
+}
+
+int cmd_list(int argc, char **argv)
+{
+	struct json j;
+	int r;
+
+	(void)argc;
+	(void)argv;
+	if (opt.json) {
+		json_init(&j, stdout, true);
+		json_begin_array(&j, NULL);
+	}
+	r = mapping_list(list_one, opt.json ? &j : NULL);
+	if (opt.json) {
+		json_end_array(&j);
+		json_finish(&j);
+	}
+	mapping_release();
+	return r;
+}

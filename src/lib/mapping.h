@@ -1,0 +1,99 @@
+/* The mapping lifecycle: open, close, status, list and reattach of a
+ * mapping /dev/mapper/NAME (DESIGN.md's device stack), as cryptsetup's
+ * lib/setup.c owns activation. Every front end (the qcowsetup command,
+ * `open --tab`, the dracut hooks through them) calls these; none touches
+ * device-mapper, loop, NBD or the daemon itself.
+ *
+ * Open is a transaction: either the whole stack exists and the top device
+ * appears, or everything made so far is removed (dm devices, keyring keys,
+ * loop devices and with them the image locks, the daemon, the file's extra
+ * size) before it returns. One open, close or reattach of a NAME runs at a
+ * time (qs_name_lock). */
+#ifndef QS_MAPPING_H
+#define QS_MAPPING_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "keys.h"
+
+/* Asked for a passphrase for image (a layer of the chain) when one is
+ * needed: attempt counts the questions for this layer from 1. Returns 0
+ * with *pp (the library frees it), or -errno to stop asking: the open then
+ * fails with -EPERM when a passphrase was wrong, else with that error. */
+typedef int (*mapping_ask_fn)(void *opaque, const char *image, unsigned int attempt, struct passphrase **pp);
+
+struct mapping_params {
+	const char *image;		/* path of the top image */
+	const char *name;		/* NAME */
+	bool read_only;
+	const char *snapshot;		/* an internal snapshot (read-only), or NULL */
+	const char *format;		/* the top's format, or NULL: probe */
+	const char *backing_file;	/* overrides of the top's names (trusted) */
+	const char *data_file;
+	bool trust_names;		/* trust.h */
+	bool allow_discards;
+	bool require_encryption;	/* refuse an unencrypted top (qcowtab) */
+	bool skip_key_check;		/* legacy AES: accept an implausible key */
+	uint64_t max_targets;		/* 0: 65536 */
+	mapping_ask_fn ask;		/* NULL: encrypted images fail with -EPERM */
+	void *ask_opaque;
+	bool debug;			/* the daemon logs debug messages */
+	unsigned int nbd_timeout;	/* seconds, 0: the daemon's default */
+	int fail_step;			/* tests: fail step K as if the kernel refused it */
+};
+
+/* Map p->image as /dev/mapper/p->name. 0, or -errno with one line logged:
+ *   -EINVAL  bad name or parameters,       -EEXIST  NAME exists,
+ *   -EPERM   wrong passphrase,             -EACCES  refused by the trust rules,
+ *            no permission to write the image,
+ *   -EBUSY   the image is in use (QEMU),   -ENOMEM,
+ *   -EUCLEAN/-ENOTSUP/-ENODEV/...  the image or a kernel feature. */
+int mapping_open(const struct mapping_params *p);
+
+/* Remove NAME and everything under it (deferred: on its last close).
+ * 0, -ENODEV (no such qcowsetup mapping), -EBUSY (in use), -ETIMEDOUT
+ * (the daemon did not finish), -errno. */
+int mapping_close(const char *name, bool deferred);
+
+/* A new daemon for NAME after its daemon died. 0, -ENODEV, -EBUSY (a daemon
+ * runs), -EINVAL (no slow path, or no state), -errno. */
+int mapping_reattach(const char *name, bool debug);
+
+#define MAPPING_MAX_FILES	(2 * 16)
+#define MAPPING_MAX_SLOW	8
+
+/* What status shows of one mapping. */
+struct mapping_status {
+	char name[128];
+	char uuid[129];
+	bool read_only;
+	int open_count;
+	unsigned int targets;		/* of the top table */
+	unsigned int internal;		/* internal devices */
+	char cipher[129];		/* "" when none */
+	char files[MAPPING_MAX_FILES][4096];	/* image files, from the loop devices */
+	unsigned int nfiles;
+	struct {
+		int nbd;		/* /dev/nbdN */
+		pid_t pid;		/* its daemon, 0 when unknown */
+		bool running;
+	} slow[MAPPING_MAX_SLOW];
+	unsigned int nslow;
+	bool have_stats;		/* the daemon's table-swap statistics */
+	unsigned long long reloads, remapped_bytes;
+	double held_ms_p99, held_ms_max, round_ms_p99;
+};
+
+/* Status of NAME. 0, -ENODEV (no such qcowsetup mapping), -errno. */
+int mapping_get_status(const char *name, struct mapping_status *st);
+
+/* Call fn for each qcowsetup mapping (top device), in device-mapper's
+ * order; stops at fn's first non-zero return, which it returns. */
+int mapping_list(int (*fn)(void *opaque, const char *name), void *opaque);
+
+/* Let go of libdevmapper's state (at the end of a command). */
+void mapping_release(void);
+
+#endif
