@@ -27,6 +27,7 @@
 
 #include "keys.h"
 #include "log.h"
+#include "luks_uuid.h"
 #include "fileio.h"
 #include "qcowsetup.h"
 #include "tab.h"
@@ -161,7 +162,7 @@ int cmd_probe(int argc, char **argv)
 		printf("ID_QCOW2_CLUSTER_SIZE=%" PRIu64 "\n", img->cluster_size);
 		printf("ID_QCOW2_VIRTUAL_SIZE=%" PRIu64 "\n", img->size);
 		printf("ID_QCOW2_ENCRYPTION=%s\n", encryption_name(img->crypt_method));
-		if (have_luks)
+		if (have_luks && luks_uuid_valid(li.uuid))	/* it names a udev link */
 			printf("ID_QCOW2_LUKS_UUID=%s\n", li.uuid);
 		if (img->backing_file)
 			printf("ID_QCOW2_BACKING=1\n");

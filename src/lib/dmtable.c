@@ -10,6 +10,7 @@
 
 #include "dmtable.h"
 #include "keys.h"
+#include "luks_uuid.h"
 #include "log.h"
 #include "util.h"
 
@@ -804,9 +805,8 @@ int dm_image_id(const char *luks_uuid, const char *canonical_path, char *buf, si
 	uint64_t h = 0xcbf29ce484222325ULL;	/* FNV-1a 64 */
 	int n;
 
-	if (luks_uuid && *luks_uuid) {
-		if (!is_table_word(luks_uuid) || strchr(luks_uuid, '/'))
-			return -EINVAL;
+	/* the LUKS UUID comes from the image: only a real UUID is used */
+	if (luks_uuid_valid(luks_uuid)) {
 		n = snprintf(buf, size, "%s", luks_uuid);
 	} else {
 		if (!canonical_path)

@@ -186,7 +186,7 @@ int dm_target_params(const struct dm_stack *s, const struct dm_device *dev,
 int dm_stack_format(const struct dm_stack *s, FILE *f);
 
 /* A stable identifier of an image for its DM UUIDs: the LUKS UUID of the
- * top layer when it has one, else 16 hex digits of a 64-bit FNV-1a hash of
+ * top layer when it is a UUID (luks_uuid_valid), else 16 hex digits of a 64-bit FNV-1a hash of
  * the image's canonical path (stable while the image stays where it is).
  * Returns 0, -EINVAL or -ENOSPC. */
 int dm_image_id(const char *luks_uuid, const char *canonical_path, char *buf, size_t size);

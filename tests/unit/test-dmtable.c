@@ -716,7 +716,10 @@ static void test_params(void)
 	CHECK(r == 0 && !strcmp(buf, longname), "image id: stable");
 	r = dm_image_id(NULL, "/img/b.qcow2", longname, sizeof(longname));
 	CHECK(r == 0 && strcmp(buf, longname), "image id: differs per path");
-	CHECK(dm_image_id("a b", NULL, buf, sizeof(buf)) == -EINVAL, "image id: bad LUKS UUID refused");
+	CHECK(dm_image_id("a b", NULL, buf, sizeof(buf)) == -EINVAL, "image id: bad LUKS UUID and no path refused");
+	r = dm_image_id("../../x\nSYSTEMD_WANTS=y", "/img/a.qcow2", buf, sizeof(buf));
+	CHECK(r == 0 && strlen(buf) == 16 && !strchr(buf, '/') && !strchr(buf, '\n'),
+	      "image id: a LUKS UUID that is not one gives the path hash (%s)", buf);
 	r = dm_key_description("vm", 2, buf, sizeof(buf));
 	CHECK(r == 0 && !strcmp(buf, "qcowsetup:vm:L2"), "default key description %s", buf);
 	CHECK(dm_key_description("vm", 2, buf, 8) == -ENAMETOOLONG, "key description too long");
