@@ -172,7 +172,7 @@ int tools_location_blockdev(const struct qcowtab_location *loc, char *dev, size_
 			return -ENOSPC;
 		break;
 	case QCOWTAB_TAG_ONLY:
-		r = blkid_find_device(loc->tag, loc->value, dev, size);
+		r = probe_tag_device(loc->tag, loc->value, dev, size);
 		if (r)
 			return r;
 		if (stat(dev, &st) < 0)
@@ -305,7 +305,7 @@ static int mount_location(const struct qcowtab_location *loc, const char *base, 
 	int r;
 
 	m->ours = false;
-	r = blkid_find_device(loc->tag, loc->value, dev, sizeof(dev));
+	r = probe_tag_device(loc->tag, loc->value, dev, sizeof(dev));
 	if (r == -ENODEV)
 		log_err("No device with %s=%s (yet).", loc->tag, loc->value);
 	if (r)
@@ -326,7 +326,7 @@ static int mount_location(const struct qcowtab_location *loc, const char *base, 
 			log_err("%s is already a mount point, not of %s.", m->dir, dev);
 			return -EBUSY;
 		}
-		r = blkid_device_fstype(dev, fstype, sizeof(fstype));
+		r = probe_fstype(dev, fstype, sizeof(fstype));
 		if (r) {
 			log_err("No filesystem found on %s (%s=%s).", dev, loc->tag, loc->value);
 			return r == -ENODEV ? -EINVAL : r;
@@ -672,7 +672,7 @@ static int open_entry(struct tab_run *t, const struct qcowtab_entry *e)
 		snprintf(image, sizeof(image), "%s", e->image.path);
 		break;
 	case QCOWTAB_TAG_ONLY:
-		r = blkid_find_device(e->image.tag, e->image.value, image, sizeof(image));
+		r = probe_tag_device(e->image.tag, e->image.value, image, sizeof(image));
 		if (r == -ENODEV)
 			log_err("%s: no device with %s=%s (yet).", e->name, e->image.tag, e->image.value);
 		if (r)

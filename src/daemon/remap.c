@@ -239,64 +239,55 @@ static int collect_stale(void *opaque, const char *name, const char *uuid, uint3
 	return 0;
 }
 
-/* Make the live devices what `next` says: create the new ones, reload the
- * changed ones (all of them when `cur` is NULL), remove the ones it no
- * longer has. On success `next` is the current stack. */
-static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
+/* A round may go on: the top is still there, and only the top table
+ * changes. Segments keep their names when the split moves, and a segment
+ * swapped under a live parent would show that parent other data (or change
+ * size under a parent table being loaded, which the kernel refuses): a
+ * round that would change a segment is not made (-ERANGE). */
+static int round_allowed(struct daemon *d, const struct dm_stack *next, const struct dm_stack *cur)
 {
-	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
-	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
-	char prefix[DM_UUID_MAX + 1];
+	struct dm_dev_info info;
+	int r;
+
+	r = dm_device_info(d->o.name, &info);
+	if (!r && !info.exists)
+		r = -ENODEV;
+	for (size_t i = 0; i < next->count && !r; i++) {
+		const struct dm_device *dev = &next->devices[i], *old;
+
+		if (dev->role != DM_ROLE_SEGMENT)
+			continue;
+		old = find_device(cur, dev->name);
+		if (!old || !same_table(cur, old, next, dev))
+			r = -ERANGE;
+	}
+	for (size_t i = 0; i < cur->count && !r; i++)
+		if (cur->devices[i].role == DM_ROLE_SEGMENT && !find_device(next, cur->devices[i].name))
+			r = -ERANGE;
+	return r;
+}
+
+/* Create the top devices next has that do not exist and load the inactive
+ * tables of those that changed, marking them in created[] and changed[];
+ * the devices below the top must exist. */
+static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur, bool *created, bool *changed)
+{
 	int r = 0;
 
-	if (!changed || !created) {
-		r = -ENOMEM;
-		goto out;
-	}
-	if (cur) {
-		/* a round: the top must still be there before a segment is made */
-		struct dm_dev_info info;
-
-		r = dm_device_info(d->o.name, &info);
-		if (!r && !info.exists)
-			r = -ENODEV;
-		if (r)
-			goto out;
-		/* Only the top table is swapped in a round. Segments keep their
-		 * names when the split moves, and a segment swapped under a live
-		 * parent would show that parent other data (or change size under
-		 * a parent table being loaded, which the kernel refuses): a round
-		 * that would change a segment is not made (-ERANGE). */
-		for (size_t i = 0; i < next->count && !r; i++) {
-			const struct dm_device *dev = &next->devices[i], *old;
-
-			if (dev->role != DM_ROLE_SEGMENT)
-				continue;
-			old = find_device(cur, dev->name);
-			if (!old || !same_table(cur, old, next, dev))
-				r = -ERANGE;
-		}
-		for (size_t i = 0; i < cur->count && !r; i++)
-			if (cur->devices[i].role == DM_ROLE_SEGMENT && !find_device(next, cur->devices[i].name))
-				r = -ERANGE;
-		if (r)
-			goto out;
-	}
 	for (size_t i = 0; i < next->count && !r; i++) {
 		const struct dm_device *dev = &next->devices[i], *old;
 		struct dm_dev_info info;
 
+		r = dm_device_info(dev->name, &info);
+		if (r)
+			break;
 		if (!dm_is_top_device(dev)) {
-			r = dm_device_info(dev->name, &info);
-			if (!r && !info.exists) {
+			if (!info.exists) {
 				log_err("Device %s is missing (`qcowsetup open` creates it).", dev->name);
 				r = -ENODEV;
 			}
 			continue;
 		}
-		r = dm_device_info(dev->name, &info);
-		if (r)
-			break;
 		if (!info.exists && cur && dev->role == DM_ROLE_TOP) {
 			/* removed by `qcowsetup close` meanwhile: never bring it back */
 			r = -ENODEV;
@@ -319,6 +310,39 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = load(next, i);
 		changed[i] = r == 0;
 	}
+	return r;
+}
+
+/* Remove the segments of the mapping that next no longer uses. */
+static void remove_stale(struct daemon *d, const struct dm_stack *next)
+{
+	char prefix[DM_UUID_MAX + 1], names[64][128];
+	struct stale_ctx c = { .name = d->o.name, .uuid_prefix = prefix, .keep = next, .names = names, .max = 64 };
+
+	snprintf(prefix, sizeof(prefix), "%s%s-", DM_UUID_PREFIX_INTERNAL, d->o.id);
+	if (dm_list_devices(collect_stale, &c) == 0)
+		for (size_t i = 0; i < c.n; i++)
+			if (dm_remove_device(c.names[i], false, true))
+				log_std("Cannot remove the unused segment %s.", c.names[i]);
+}
+
+/* Make the live devices what `next` says: create the new ones, reload the
+ * changed ones (all of them when `cur` is NULL), remove the ones it no
+ * longer has. On success `next` is the current stack. */
+static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
+{
+	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
+	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
+	int r = 0;
+
+	if (!changed || !created) {
+		r = -ENOMEM;
+		goto out;
+	}
+	if (cur)
+		r = round_allowed(d, next, cur);
+	if (!r)
+		r = stage(d, next, cur, created, changed);
 	if (r) {
 		for (size_t i = next->count; i-- > 0;) {
 			if (changed[i])
@@ -336,17 +360,7 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 				r = r2;
 			d->reloads++;
 		}
-	/* segments the new table no longer uses */
-	snprintf(prefix, sizeof(prefix), "%s%s-", DM_UUID_PREFIX_INTERNAL, d->o.id);
-	{
-		char names[64][128];
-		struct stale_ctx c = { .name = d->o.name, .uuid_prefix = prefix, .keep = next, .names = names, .max = 64 };
-
-		if (dm_list_devices(collect_stale, &c) == 0)
-			for (size_t i = 0; i < c.n; i++)
-				if (dm_remove_device(c.names[i], false, true))
-					log_std("Cannot remove the unused segment %s.", c.names[i]);
-	}
+	remove_stale(d, next);
 out:
 	free(changed);
 	free(created);

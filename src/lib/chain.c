@@ -79,11 +79,6 @@ uint64_t chain_reader_size(const struct chain_reader *cr)
 	return cr->img->map_size ? cr->img->map_size : cr->img->size;
 }
 
-const struct run_list *chain_reader_runs(const struct chain_reader *cr)
-{
-	return &cr->runs;
-}
-
 /* The run holding guest (runs cover [0, size) in order). */
 static size_t find_run(const struct chain_reader *cr, uint64_t guest)
 {

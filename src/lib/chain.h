@@ -46,7 +46,4 @@ uint64_t chain_reader_size(const struct chain_reader *cr);
  * -errno (-EIO for a corrupt compressed cluster). */
 int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest);
 
-/* The runs (for callers that map some of them elsewhere). */
-const struct run_list *chain_reader_runs(const struct chain_reader *cr);
-
 #endif

@@ -167,12 +167,14 @@ enum img_format image_probe_format(const struct img_io *io);
 const char *image_format_name(enum img_format fmt);
 
 /* Open path through opener, parse it and (unless no_backing) its whole
- * backing chain and external data file. On error *out is NULL, a message
- * naming the file and the field has been logged, and:
+ * backing chain and (unless no_data_file) its external data files. On error
+ * *out is NULL, a message naming the file and the field has been logged,
+ * and:
  *   -EUCLEAN  malformed or malicious image,
  *   -ENOTSUP  a feature this version does not support,
  *   -ELOOP    backing loop or chain too deep,
- *   -ENOENT/-EACCES/-EIO  from the opener or reads. */
+ *   -ENOENT/-EACCES/-ENODEV/-EIO  from the opener (-EACCES also: refused
+ *            by its trust rules) or reads. */
 int image_open(const struct img_opener *opener, const char *path,
 	       const struct image_open_opts *opts, struct image **out);
 /* Same, on an io the caller owns (not closed by image_free). */
@@ -190,8 +192,8 @@ const char *image_feature_name(const struct image *img, int type, unsigned int b
 
 /* Walk one layer's L1/L2 tables (no backing resolution): runs of kind
  * DATA, ZERO, UNALLOC, COMPRESSED covering [0, map_size). Validates every
- * entry (alignment, bounds, no metadata overlap, no aliasing beyond refcounts)
- * unless nocheck. */
+ * entry (alignment, bounds, no metadata overlap, no aliasing beyond
+ * refcounts). */
 int image_walk_layer(struct image *img, struct run_list *out);
 
 /* Walk the whole chain: every UNALLOC run of a layer is resolved in its

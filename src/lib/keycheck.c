@@ -228,7 +228,7 @@ int legacy_key_check(struct image *img, const struct volume_key *vk)
 				 &tested, &plausible);
 		if (r < 0)
 			goto out;
-		r = blkid_probe_signature(win, (size_t)wlen, type, sizeof(type));
+		r = probe_signature(win, (size_t)wlen, type, sizeof(type));
 		if (r > 0) {
 			log_verbose("%s: key check: %s signature found in the decrypted data.", name, type);
 			r = 0;

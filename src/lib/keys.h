@@ -6,7 +6,7 @@
  * Each outside library is included by one file only:
  *   crypto_luks.c    libcryptsetup   luks_*
  *   crypto_openssl.c OpenSSL         legacy_aes_*
- *   probe_blkid.c    libblkid        blkid_probe_signature
+ *   probe_blkid.c    libblkid        probe_signature
  *   keycheck.c       none            key_*, legacy_key_check
  * Passphrases and volume keys in memory: secure.h (secure.c).
  * Nothing here ever logs key or passphrase bytes. */
@@ -102,7 +102,7 @@ int legacy_aes_encrypt(const struct volume_key *vk, uint64_t first_guest_sector,
  * swap or LUKS signature. On a find, type gets the blkid TYPE or PTTYPE
  * (or "ambivalent" when several signatures match). Returns 1 found,
  * 0 none, -errno. */
-int blkid_probe_signature(const void *buf, size_t len, char *type, size_t typelen);
+int probe_signature(const void *buf, size_t len, char *type, size_t typelen);
 
 /* ---- Plausibility of decrypted data (keycheck.c) ---- */
 

@@ -584,15 +584,15 @@ static int open_chain(struct open_ctx *c)
 
 static int teardown(const char *name);
 
-static int do_open(struct open_ctx *c)
+/* Phase 1: NAME free and locked, the chain parsed and fit for the mode. */
+static int prepare(struct open_ctx *c)
 {
-	struct passphrase *shared = NULL;
 	struct dm_dev_info info;
-	size_t ncomp;
 	int r;
 
 	if (!dm_mapping_name_valid(c->name)) {
-		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most 100).", c->name);
+		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most %d).", c->name,
+			DM_MAPPING_NAME_MAX);
 		return -EINVAL;
 	}
 	c->rw = !c->p->read_only && !c->p->snapshot;
@@ -632,24 +632,27 @@ static int do_open(struct open_ctx *c)
 	if (!c->tl)
 		return -ENOMEM;
 	r = stack_layers_read(c->img, c->tl, &c->nlayers);
+	if (!r)
+		r = image_map_chain(c->img, &c->runs);
 	if (r)
 		return r;
-	r = image_map_chain(c->img, &c->runs);
-	if (r)
-		return r;
-	ncomp = stack_count_compressed(&c->runs);
-	c->use_daemon = ncomp || (c->rw && c->img->format == IMG_FMT_QCOW2);
-	/* keys first: a wrong passphrase must not cost a loop device */
-	for (unsigned int d = 0; d < c->nlayers; d++) {
-		if (c->tl[d].img->crypt_method == IMG_CRYPT_NONE)
-			continue;
-		r = unlock_layer(c, d, &shared);
-		if (r)
-			goto out;
-	}
+	c->use_daemon = stack_count_compressed(&c->runs) || (c->rw && c->img->format == IMG_FMT_QCOW2);
+	return 0;
+}
+
+/* Phase 2: the volume keys (before anything costs a device), and the
+ * kernel features the stack needs. */
+static int unlock(struct open_ctx *c)
+{
+	struct passphrase *shared = NULL;
+	int r = 0;
+
+	for (unsigned int d = 0; !r && d < c->nlayers; d++)
+		if (c->tl[d].img->crypt_method != IMG_CRYPT_NONE)
+			r = unlock_layer(c, d, &shared);
 	passphrase_free(shared);
-	shared = NULL;
-	r = dm_check_target("linear");
+	if (!r)
+		r = dm_check_target("linear");
 	if (!r)
 		r = dm_check_target("zero");
 	for (unsigned int d = 0; !r && d < c->nlayers; d++)
@@ -657,8 +660,15 @@ static int do_open(struct open_ctx *c)
 			r = dm_check_target("crypt");
 	if (!r && c->use_daemon)
 		r = nbd_check();
-	if (r)
-		goto out;
+	return r;
+}
+
+/* Phase 3: each layer's files locked and attached to loop devices, the
+ * top's file extended for new clusters. */
+static int hold_files(struct open_ctx *c)
+{
+	int r;
+
 	for (unsigned int d = 0; d < c->nlayers; d++) {
 		struct image *l = (struct image *)c->tl[d].img;
 		bool write = c->rw && d == 0;
@@ -671,11 +681,11 @@ static int do_open(struct open_ctx *c)
 			if (!r)
 				r = qcow2_file_reserve(l, used, &reserve);
 			if (r)
-				goto out;
+				return r;
 		}
 		r = hold_file(c, &l->data_io, &c->data[d], write, write, reserve, &old);
 		if (r)
-			goto out;
+			return r;
 		if (reserve) {
 			/* the crypt device covers the file as it is now */
 			c->keep_size = l->has_data_file ? 0 : old;
@@ -687,33 +697,51 @@ static int do_open(struct open_ctx *c)
 		if (l->has_data_file) {
 			r = hold_file(c, &l->io, &c->meta[d], write, false, 0, NULL);
 			if (r)
-				goto out;
+				return r;
 		}
 		snprintf(c->tl[d].host, sizeof(c->tl[d].host), "%u:%u", c->data[d].loop.major, c->data[d].loop.minor);
 	}
+	return 0;
+}
+
+/* Phase 4: the devices below the top (keys through the keyring, freed as
+ * soon as dm-crypt has them), then the top (or the daemon, which makes it). */
+static int create_stack(struct open_ctx *c)
+{
+	int r;
+
 	r = build_stack(c, c->use_daemon ? "{nbd}" : NULL);
+	if (!r)
+		r = add_keys(c);
+	if (!r)
+		r = create_devices(c);
 	if (r)
-		goto out;
-	r = add_keys(c);
-	if (r)
-		goto out;
-	r = create_devices(c);
-	if (r)
-		goto out;
+		return r;
 	/* dm-crypt copied the keys at table load: none stays in this process */
 	remove_keys(c);
 	for (unsigned int d = 0; d < c->nlayers; d++) {
 		volume_key_free(c->vk[d]);
 		c->vk[d] = NULL;
 	}
-	if (c->use_daemon) {
+	if (c->use_daemon)
 		r = spawn_daemon(c);
-		if (r)
-			goto out;
-	}
-	r = fail_step_at(c, "finish");
-out:
-	passphrase_free(shared);
+	return r;
+}
+
+static int do_open(struct open_ctx *c)
+{
+	int r;
+
+	r = prepare(c);
+	if (r)
+		return r;
+	r = unlock(c);
+	if (!r)
+		r = hold_files(c);
+	if (!r)
+		r = create_stack(c);
+	if (!r)
+		r = fail_step_at(c, "finish");
 	if (r && c->daemon_ready) {
 		/* the daemon made the top device: undo as close does */
 		c->created = 0;

@@ -376,24 +376,6 @@ int nbd_device_number(int index, uint32_t *major, uint32_t *minor)
 	return 0;
 }
 
-int nbd_device_path(int index, char *buf, size_t size)
-{
-	uint32_t maj, min;
-	struct stat st;
-	int r;
-
-	if (snprintf(buf, size, "/dev/nbd%d", index) >= (int)size)
-		return -ENAMETOOLONG;
-	if (stat(buf, &st) == 0 && S_ISBLK(st.st_mode))
-		return 0;
-	r = nbd_device_number(index, &maj, &min);
-	if (r)
-		return r;
-	if (mknod(buf, S_IFBLK | 0600, makedev(maj, min)) < 0 && errno != EEXIST)
-		return -errno;
-	return 0;
-}
-
 int nbd_device_pid(int index, pid_t *pid)
 {
 	char path[64], buf[32];

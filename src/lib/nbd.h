@@ -54,10 +54,8 @@ int nbd_reconnect(int index, int sock, const char *backend);
 /* Disconnect: the server gets NBD_CMD_DISC, then its socket closes. */
 int nbd_disconnect(int index);
 
-/* Major and minor of nbdN (from sysfs), and its node path (created when
- * missing). */
+/* Major and minor of nbdN (from sysfs). */
 int nbd_device_number(int index, uint32_t *major, uint32_t *minor);
-int nbd_device_path(int index, char *buf, size_t size);
 
 /* The server process of nbdN as the kernel knows it (sysfs "pid"), 0 when
  * the device is not connected. */

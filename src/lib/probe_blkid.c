@@ -27,7 +27,7 @@ static void copy_value(blkid_probe pr, const char *name, char *type, size_t type
 		snprintf(type, typelen, "%s", val);
 }
 
-int blkid_probe_signature(const void *buf, size_t len, char *type, size_t typelen)
+int probe_signature(const void *buf, size_t len, char *type, size_t typelen)
 {
 	blkid_probe pr = NULL;
 	int fd = -1, r;
@@ -93,7 +93,7 @@ out:
 
 /* ---- Finding devices for qcowtab (qcowtab.h) ---- */
 
-int blkid_find_device(const char *tag, const char *value, char *dev, size_t size)
+int probe_tag_device(const char *tag, const char *value, char *dev, size_t size)
 {
 	char *name;
 	int n;
@@ -114,7 +114,7 @@ int blkid_find_device(const char *tag, const char *value, char *dev, size_t size
 	return 0;
 }
 
-int blkid_device_fstype(const char *dev, char *type, size_t size)
+int probe_fstype(const char *dev, char *type, size_t size)
 {
 	blkid_probe pr;
 	const char *val = NULL;

@@ -53,19 +53,9 @@ static int sync_fd(int fd, bool data_only)
 	return r < 0 ? -errno : 0;
 }
 
-uint64_t qcow2_writer_cluster_size(const struct qcow2_writer *w)
-{
-	return w->cs;
-}
-
 uint64_t qcow2_writer_next_data_offset(const struct qcow2_writer *w)
 {
 	return w->data_offset + w->ndata * w->cs;
-}
-
-uint64_t qcow2_writer_position(const struct qcow2_writer *w)
-{
-	return w->pos;
 }
 
 void qcow2_writer_free(struct qcow2_writer *w)

@@ -44,11 +44,8 @@ struct qcow2_writer;
 int qcow2_writer_new(int fd, const struct qcow2_writer_params *p, struct qcow2_writer **out);
 void qcow2_writer_free(struct qcow2_writer *w);
 
-uint64_t qcow2_writer_cluster_size(const struct qcow2_writer *w);
 /* Host offset the next data cluster will get: what its IV derives from. */
 uint64_t qcow2_writer_next_data_offset(const struct qcow2_writer *w);
-/* Guest clusters declared so far. */
-uint64_t qcow2_writer_position(const struct qcow2_writer *w);
 
 /* Declare the next count guest clusters (from cluster 0, in order) as
  * state. For QW_DATA, data holds count clusters, already encrypted for the

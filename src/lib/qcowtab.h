@@ -147,9 +147,9 @@ int qcowtab_unit_name(const char *name, char *buf, size_t size);
  * through udev's links or a scan of the block devices. Writes its path
  * into dev. Returns 0, -ENODEV (no such device yet), -EINVAL (tag) or
  * -ENOSPC/-ENOMEM. */
-int blkid_find_device(const char *tag, const char *value, char *dev, size_t size);
+int probe_tag_device(const char *tag, const char *value, char *dev, size_t size);
 
 /* The filesystem type libblkid sees on dev ("ext4", "xfs", ...). Returns
  * 0, -ENODEV (no filesystem recognised), -EIO or another -errno. */
-int blkid_device_fstype(const char *dev, char *type, size_t size);
+int probe_fstype(const char *dev, char *type, size_t size);
 #endif

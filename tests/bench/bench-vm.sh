@@ -23,7 +23,7 @@
 # one target), which separates what the layout costs from what the tool costs.
 # Every loop device runs with direct I/O, as qcowsetup's does.
 #
-# Then it prints the table and the ratios next to the targets of issue 3, and
+# Then it prints the table and the ratios next to the targets, and
 # the open of the 1 TiB / 1,000,000-cluster image of gen-fragmented.py
 # (unencrypted: no PBKDF): wall time, devices and targets of the stack, kernel
 # memory (/proc/meminfo deltas after drop_caches), close time.
@@ -157,7 +157,7 @@ report() {
 			print line
 		}
 		function ratios(m) {
-			printf "  %-38s %12s %12s %12s   %s\n", "ratio (targets of issue 3)", "seq 1M", "rand QD1", "rand QD32", "target"
+			printf "  %-38s %12s %12s %12s   %s\n", "ratio (targets)", "seq 1M", "rand QD1", "rand QD32", "target"
 			ratio(m, "enc   qcowsetup / raw dm-crypt", "qs-enc", "crypt-raw", 0.95, 0.95)
 			ratio(m, "enc   qcowsetup / qemu-nbd", "qs-enc", "nbd-enc", 1.5, 3)
 			ratio(m, "plain qcowsetup / plain loop", "qs-plain", "loop-raw", 0.95, 0.95)

@@ -486,10 +486,10 @@ static void test_blkid_pure(void)
 	char type[64];
 	int r;
 
-	r = blkid_probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
+	r = probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
 	CHECK(r == 0, "no signature in zeros (%d)", r);
 	fill_random(buf, KEY_CHECK_WINDOW);
-	r = blkid_probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
+	r = probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
 	CHECK(r == 0, "no signature in random data (%d %s)", r, r > 0 ? type : "");
 
 	/* an MBR with one Linux partition */
@@ -499,17 +499,17 @@ static void test_blkid_pure(void)
 	put_be32(buf + 446 + 12, 0x00080000);	/* LE 2048 sectors */
 	buf[510] = 0x55;
 	buf[511] = 0xaa;
-	r = blkid_probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
+	r = probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
 	CHECK(r == 1 && !strcmp(type, "dos"), "MBR partition table found (%d %s)", r, r > 0 ? type : "");
 
 	/* a LUKS1 header */
 	memset(buf, 0, KEY_CHECK_WINDOW);
 	build_luks_header(buf);
-	r = blkid_probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
+	r = probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
 	CHECK(r == 1 && !strcmp(type, "crypto_LUKS"), "LUKS header found (%d %s)", r, r > 0 ? type : "");
 
 	if (have_mkfs && read_file_at("sb.raw", buf, KEY_CHECK_WINDOW, 0) == 0) {
-		r = blkid_probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
+		r = probe_signature(buf, KEY_CHECK_WINDOW, type, sizeof(type));
 		CHECK(r == 1 && !strcmp(type, "ext4"), "ext4 found in the first MiB (%d %s)", r, r > 0 ? type : "");
 	}
 	free(buf);
@@ -740,7 +740,7 @@ static void test_luks_oracle(void)
 			char type[64];
 
 			read_file_at(c->file, b, 4096, img->crypt_header_offset);
-			r = blkid_probe_signature(b, KEY_CHECK_WINDOW, type, sizeof(type));
+			r = probe_signature(b, KEY_CHECK_WINDOW, type, sizeof(type));
 			CHECK(r == 1 && !strcmp(type, "crypto_LUKS"), "QEMU's LUKS header is crypto_LUKS to libblkid");
 			free(b);
 			/* a region past the end of the file */

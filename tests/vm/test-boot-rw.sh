@@ -1,5 +1,5 @@
 #!/bin/bash
-# Automake test, issue 5 acceptance: a read-write root filesystem in a LUKS
+# Automake test: a read-write root filesystem in a LUKS
 # qcow2 image on an ext4 "holding disk", booted from an initramfs built by
 # Debian's dracut with the 90qcowsetup module of this tree, under QEMU TCG
 # (the machinery is tests/vm/boot-lib.sh, shared with test-boot.sh).

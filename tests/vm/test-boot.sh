@@ -1,6 +1,6 @@
 #!/bin/bash
 # Automake test: boot from an initramfs built by Debian's dracut with the
-# 90qcowsetup module of this tree (issue 5, acceptance), under QEMU TCG,
+# 90qcowsetup module of this tree, under QEMU TCG,
 # driving the serial console with tests/vm/console.py.
 #
 # The root filesystem (busybox and an /sbin/init that prints QS-ROOT-* lines

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Automake test: read-write mappings through the real kernel (the VM test
-# bed), the acceptance of issue 4. On the host: images made by qemu-img and
+# bed): random writes checked against QEMU. On the host: images made by qemu-img and
 # qemu-io (data, zero clusters, compressed clusters, snapshots, subclusters,
 # backing chains, external data files, LUKS, 512 B and 2 MiB clusters) on an
 # ext4 disk. In the VM (tests/vm/rw-guest.sh):
