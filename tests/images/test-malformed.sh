@@ -4,7 +4,8 @@
 # and that stderr is exactly one line matching the expected message (or empty
 # where the image is fine; `check` finding corruptions or leaks, exit 2 or 3,
 # prints several, one of which must match). A crash (exit >= 128, sanitizer
-# report, valgrind error) or a hang (60 s, 600 s under valgrind) fails it.
+# report, valgrind error) or a hang (60 s, 600 s under valgrind; or the
+# case's own time limit, the manifest's optional 7th column) fails it.
 #
 # Environment:
 #   QCOWSETUP      the binary under test (default: ./qcowsetup)
@@ -86,7 +87,7 @@ done
 pass=0
 fail=0
 skip=0
-while IFS=$'\t' read -r name cmd want regex desc image; do
+while IFS=$'\t' read -r name cmd want regex desc image limit; do
 	case $name in '#'* | '') continue ;; esac
 	if [ -n "${QS_FILTER:-}" ] && ! [[ $name =~ $QS_FILTER ]]; then
 		continue
@@ -102,14 +103,17 @@ while IFS=$'\t' read -r name cmd want regex desc image; do
 	# stdout matters only for check's findings (a map can be huge)
 	out=/dev/null
 	[ "${words[0]}" = check ] && out=$TMP/out
-	timeout -s KILL "$TIMEOUT" "${RUNNER[@]}" "$QCOWSETUP" "${args[@]}" \
+	# a case may bound the time a command takes (10 times more under valgrind)
+	limit=${limit:-$TIMEOUT}
+	[ "$limit" != "$TIMEOUT" ] && [ "${QS_VALGRIND:-0}" = 1 ] && limit=$((limit * 10))
+	timeout -s KILL "$limit" "${RUNNER[@]}" "$QCOWSETUP" "${args[@]}" \
 		>"$out" 2>"$TMP/err" </dev/null
 	rc=$?
 	nlines=$(wc -l <"$TMP/err")
 	line=$(head -n 1 "$TMP/err")
 	why=
 	if [ $rc -eq 137 ]; then
-		why="killed after ${TIMEOUT}s (hang?)"
+		why="killed after ${limit}s (hang or too slow?)"
 	elif [ $rc -ge 128 ]; then
 		why="crashed (exit $rc): $line"
 	elif [ $rc -eq 99 ] && [ "$want" != 99 ]; then
