@@ -11,9 +11,13 @@ test (tab-separated):
 
   command   qcowsetup command and options (info, map --json, table, check,
             info --format qcow2, ...); the runner appends the image (and for
-            `table` a device name)
+            `table` a device name). `write` is not a qcowsetup command: the
+            runner opens a copy of the image with the metadata writer
+            (tests/images/qcow2-write: a read-write open, a few random
+            writes, a clean close), exit 0, or 1 when the writer refuses
+            the image (its one message line is what must match)
   exit      expected exit code: 4 for every image problem, 0 where the image
-            is legitimately fine; for `check` the exit code of qemu-img
+            is legitimately fine (`write`: 1 refused); for `check` the exit code of qemu-img
             check on the same file (0 clean, 2 corruptions, 3 leaks only)
             where qcowsetup can open it, 63 for formats without refcounts
   regex     POSIX ERE the one line on stderr must match (it names what is
@@ -499,6 +503,8 @@ class Corpus:
             verdict = qemu_verdict(self.out, fname, secret)
         for cmd in cmds:
             ccode, cregex = code, regex
+            if isinstance(cmd, tuple):		# (command, exit, regex) of its own
+                cmd, ccode, cregex = cmd
             if cmd == "check?":
                 cmd = "check"
                 if ext != "qcow2":
@@ -530,6 +536,10 @@ def gen_cases(c):
         cmds = ("info", "map --json", "check?") if secret else OK_CMDS
         if name == "base-compressed":	# table: compressed clusters are not mapped yet
             cmds = ("info", "map --json", "check?")
+        if name == "base-bitmaps":	# a writer that does not update them says so
+            cmds += (("write", 0, "persistent dirty bitmaps are not updated by qcowsetup: they are marked stale"),)
+        elif fmt == "qcow2" and not secret and name != "base-datafile":	# (the copy would share the data file)
+            cmds += ("write",)
         c.add(name, None, cmds, 0, "-", "valid %s image made by qemu-img" % fmt, ext=fname.split(".", 1)[1],
               secret=secret)
     c.add("snapshot-select", c.load("base-snap"), ("map --json --snapshot snap1",), 0, "-",
@@ -750,13 +760,86 @@ def gen_cases(c):
     q.set_l2e(0x10000, h0)
     q.set_refcount(h0, 2)
     q.set_refcount(h1, 0)
-    c.add("alias-refcount-2", q, OK_CMDS, 0, "-",
+    c.add("alias-refcount-2", q, OK_CMDS + ("write",), 0, "-",
           "two guest clusters share one host cluster of refcount 2 (COPIED clear): legitimate")
     q = B("base-plain")
     q.set_l2e(0x110000, q.l2e(0x100000))
     c.add("alias-in-run", q, WALK_CMDS, 4,
           "guest offsets 0x100000 and 0x110000 both map host offset 0x%x" % q.host(0x100000),
           "the second cluster of a run maps the first one's host cluster")
+
+    # -- what the writer would overwrite, free or reuse ----------------------
+    # Readable (map works, as in QEMU), but `qemu-img check` finds
+    # corruptions and the writer must refuse them: it writes OFLAG_COPIED
+    # clusters in place, takes clusters of refcount 0, drops the refcount
+    # of what an entry stopped using.
+    def refused(regex):
+        return ("map --json", "check?", ("write", 1, regex))
+
+    q = B("base-plain")
+    h = q.host(0x10000)
+    q.set_refcount(h, 2)
+    c.add("rw-copied-refcount-2", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x is marked not shared \\(OFLAG_COPIED\\) but its refcount is 2" % h),
+        0, "-", "OFLAG_COPIED data cluster of refcount 2: written in place it would change another user's data")
+    q = B("base-plain")
+    q.set_refcount(h, 0)
+    c.add("rw-copied-refcount-0", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x is marked not shared \\(OFLAG_COPIED\\) but its refcount is 0" % h),
+        0, "-", "OFLAG_COPIED data cluster of refcount 0: the writer would hand it out again")
+    q = B("base-plain")
+    l2 = q.l1(0) & OFF_MASK
+    q.set_refcount(l2, 2)
+    c.add("rw-l2-copied-refcount-2", q, refused(
+        "guest offset 0x0: L2 table at host offset 0x%x is marked not shared \\(OFLAG_COPIED\\) but its refcount is 2" % l2),
+        0, "-", "OFLAG_COPIED L2 table of refcount 2")
+    q = B("base-snap")
+    h = q.host(0x10000)
+    q.set_l2e(0x10000, COPIED | h)
+    q.set_refcount(h, 1)
+    c.add("rw-copied-shared-with-snapshot", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x, written in place, is also the host cluster of "
+        "snapshot 1, guest offset 0x10000: data cluster at host offset 0x%x" % (h, h)),
+        0, "-", "a cluster shared with snapshot 1 marked OFLAG_COPIED, refcount 1: written in place it would change the snapshot")
+    q = B("base-snap")
+    q.set_refcount(h, 1)
+    c.add("rw-shared-refcount-1", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x: host cluster 0x%x has 2 references but refcount 1" % (h, h)),
+        0, "-", "a cluster shared with snapshot 1, refcount 1: copy on write would free the snapshot's cluster")
+    q = B("base-snap")
+    sl2 = q.u64(q.u64(q.snapshot_entry_off(0))) & OFF_MASK
+    sh = q.u64(sl2) & OFF_MASK
+    q.set_refcount(sh, 0)
+    c.add("rw-snapshot-refcount-0", q, refused(
+        "snapshot 1, guest offset 0x0: data cluster at host offset 0x%x: host cluster 0x%x has 1 references but refcount 0"
+        % (sh, sh)), 0, "-", "a cluster only snapshot 1 uses, refcount 0: the writer would reuse it")
+    q = B("base-plain")
+    h0 = q.host(0)
+    q.set_l2e(0x10000, q.compressed_entry(h0 + 0x200))
+    c.add("rw-compressed-in-data", q, refused(
+        "guest offset 0x10000: compressed cluster at host offset 0x%x overlaps the host cluster of guest offset 0x0: "
+        "data cluster at host offset 0x%x" % (h0 + 0x200, h0)),
+        0, "-", "a compressed cluster inside the data cluster of guest 0 (writes to guest 0 would change it)")
+    q = B("base-compressed")
+    users = {}
+    x = 62 - (q.cluster_bits - 8)
+    for g in range(0, q.size, q.cs):
+        try:
+            e = q.l2e(g)
+        except ValueError:
+            continue
+        if e & COMPRESSED:
+            off = e & ((1 << x) - 1)
+            end = off + ((e >> x) & ((1 << (q.cluster_bits - 8)) - 1)) * 512 + 512 - (off & 511)
+            for ci in range(off // q.cs, (end - 1) // q.cs + 1):
+                users[ci] = users.get(ci, 0) + 1
+    ci = max(users, key=lambda k: users[k])
+    q.set_refcount(ci * q.cs, 1)
+    c.add("rw-compressed-refcount-1", q, refused(
+        "compressed cluster at host offset 0x[0-9a-f]+: host cluster 0x%x has %d references but refcount 1"
+        % (ci * q.cs, users[ci])),
+        0, "-", "a host cluster holding %d compressed clusters, refcount 1: rewriting one would free the others"
+        % users[ci])
 
     # -- refcounts -----------------------------------------------------------
     for order in (7, 63):
