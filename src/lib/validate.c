@@ -855,7 +855,8 @@ int validate_writable(struct image *img)
 	if (r < 0)
 		goto out;
 	/* each distinct L2 table once, its entries weighted by its uses */
-	qsort(uses, nuses, sizeof(*uses), cmp_l2_use);
+	if (nuses)
+		qsort(uses, nuses, sizeof(*uses), cmp_l2_use);
 	l2 = malloc(img->cluster_size);
 	if (!l2) {
 		r = -ENOMEM;
