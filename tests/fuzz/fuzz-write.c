@@ -53,7 +53,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 #define MAX_WRITE	(32U << 10)	/* most writes; one in eight up to BIG_WRITE */
 #define BIG_WRITE	(640U << 10)	/* more than one chunk of 512 clusters of 512 bytes */
 #define FILE_LIMIT	(48ULL << 20)	/* image and data file, for the writer */
-#define PATTERN_SIZE	(1U << 20)	/* backing and data files */
+#define PATTERN_SIZE	(256U << 10)	/* backing and data files */
 #define MAX_SNAPSHOTS	4
 #define SNAPSHOT_BUDGET	(8ULL << 20)	/* bytes of each snapshot compared */
 #define MAX_FILES	32
@@ -797,6 +797,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (r < 0)
 			goto out;
 	}
+	take(&sc, 1, &flags);
+	s->wopts.file_limit = FILE_LIMIT;
+	s->wopts.data_file_limit = FILE_LIMIT;
+	/* small caches: evictions (the default 8 MiB costs 16 MiB of memset per open) */
+	s->wopts.cache_bytes = (flags & 3) == 0 ? 1 : (flags & 3) == 1 ? 65536 : (flags & 3) == 2 ? 256 << 10 : 1 << 20;
+	s->wopts.write_through = flags & 4;
+	s->wopts.resume = flags & 8;
+	r = writer_open(s);
+	if (r < 0)
+		goto out;	/* refused: fine */
+	/* (the open wrote header fields at most: not what the check counts) */
 	memset(&res, 0, sizeof(res));
 	clean_before = qcow2_check(s->img, &res) == 0 && !res.corruptions;
 	/* the same bytes, never written: what the guest saw before */
@@ -809,16 +820,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (r < 0 || open_reader(s->orig, &s->orig_reader) < 0)
 			FAIL("the same bytes do not open twice");
 	}
-	take(&sc, 1, &flags);
-	s->wopts.file_limit = FILE_LIMIT;
-	s->wopts.data_file_limit = FILE_LIMIT;
-	/* small caches: evictions (the default 8 MiB costs 16 MiB of memset per open) */
-	s->wopts.cache_bytes = (flags & 3) == 0 ? 1 : (flags & 3) == 1 ? 65536 : (flags & 3) == 2 ? 256 << 10 : 1 << 20;
-	s->wopts.write_through = flags & 4;
-	s->wopts.resume = flags & 8;
-	r = writer_open(s);
-	if (r < 0)
-		goto out;	/* refused: fine */
 	for (unsigned int n = 0; n < MAX_OPS; n++) {
 		uint64_t op;
 
