@@ -7,8 +7,13 @@
 # report, valgrind error) or a hang (60 s, 600 s under valgrind; or the
 # case's own time limit, the manifest's optional 7th column) fails it.
 #
+# `write` lines run the metadata writer's driver (tests/images/qcow2-write:
+# read-write open, a few random writes, close) on a copy of the image beside
+# it: exit 0, or 1 with the writer's one message when it refuses the image.
+#
 # Environment:
 #   QCOWSETUP      the binary under test (default: ./qcowsetup)
+#   QCOW2_WRITE    the writer's driver (default: $top_builddir/tests/images/qcow2-write)
 #   QS_VALGRIND=1  run every case under valgrind --error-exitcode=99 --leak-check=full -q
 #   QS_CORPUS=DIR  use (or keep) the corpus in DIR instead of a temporary one
 #   QS_FILTER=ERE  run only the tests whose name matches
