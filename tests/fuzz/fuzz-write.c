@@ -798,7 +798,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			goto out;
 	}
 	take(&sc, 1, &flags);
-	s->wopts.file_limit = FILE_LIMIT;
+	/* a file limit close to the current size: -ENOSPC, undone allocations */
+	s->wopts.file_limit = (flags & 0x30) == 0x30 ? round_up_pow2(isize, s->img->cluster_size) + (flags >> 6) * 3 *
+			      s->img->cluster_size : FILE_LIMIT;
 	s->wopts.data_file_limit = FILE_LIMIT;
 	/* small caches: evictions (the default 8 MiB costs 16 MiB of memset per open) */
 	s->wopts.cache_bytes = (flags & 3) == 0 ? 1 : (flags & 3) == 1 ? 65536 : (flags & 3) == 2 ? 256 << 10 : 1 << 20;

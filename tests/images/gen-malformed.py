@@ -1383,6 +1383,23 @@ def gen_seeds(seeddir):
     with open(os.path.join(seeddir, "crafted-luks"), "wb") as f:
         f.write(q.d)
     n += 1
+    # a refcount table with no room left (512-byte clusters, 64-bit
+    # refcounts: 64 blocks of 64 clusters, every cluster counted as used):
+    # the first allocation of a writer grows the refcount table
+    with open(os.path.join(work, "base-refcount64.qcow2"), "rb") as f:
+        q = Q2(f.read())
+    if q.cs == 512 and q.refcount_order == 6 and q.rt_clusters == 1:
+        for ti in range(64):
+            if not q.u64(q.rt_off + 8 * ti) & ~0x1FF:
+                q.set64(q.rt_off + 8 * ti, q.append(bytes(512)))
+        for ti in range(64):
+            block = q.u64(q.rt_off + 8 * ti) & ~0x1FF
+            for i in range(64):
+                if not q.u64(block + 8 * i):
+                    q.set64(block + 8 * i, 1)
+        with open(os.path.join(seeddir, "crafted-reftable-full"), "wb") as f:
+            f.write(q.d)
+        n += 1
     shutil.rmtree(work)
     print("gen-malformed: %d seeds in %s" % (n, seeddir))
 
