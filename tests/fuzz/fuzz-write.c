@@ -146,7 +146,11 @@ struct extent {
 struct state {
 	struct mfile file, orig_file;
 	struct mfile *files[MAX_FILES];	/* the first open's other files (data, backing) */
+	char *names[MAX_FILES];		/* their paths, for the later opens */
 	unsigned int nfiles;
+	const uint8_t *input;		/* the image bytes, for backing_mode 1 */
+	size_t isize;
+	int backing_mode;		/* first open: 0 raw pattern, 1 the input without its backing name */
 	struct mfile pattern_file;	/* backing files after the first open */
 	struct mfile *data, *orig_data;	/* the external data file, if any */
 	bool opened;			/* data_path is known */
@@ -167,23 +171,38 @@ struct state {
 	uint64_t buf_len;
 };
 
-/* The first open gets a copy of the pattern for every file (the one that
- * turns out to be the external data file becomes writable); later opens get
- * the data file by its name and the pattern, read-only, for the rest. */
+/* The first open gets a new file for each name: a raw pattern, or (mode
+ * 1, for images whose backing file must be qcow2) the input itself without
+ * its backing file name. The one that turns out to be the external data
+ * file becomes writable. Later opens get the same files by name (the data
+ * file: s->data, which the open of the original swaps for its copy). */
 static int open_file(void *opaque, const char *path, struct img_io *io)
 {
 	struct state *s = opaque;
-	struct mfile *f;
+	struct mfile *f = NULL;
 
 	if (s->opened) {
-		f = s->data_path && s->data && !strcmp(path, s->data_path) ? s->data : &s->pattern_file;
+		if (s->data_path && s->data && !strcmp(path, s->data_path))
+			f = s->data;
+		for (unsigned int i = 0; !f && i < s->nfiles; i++)
+			if (!strcmp(path, s->names[i]))
+				f = s->files[i];
+		if (!f)
+			f = &s->pattern_file;
 	} else {
 		if (s->nfiles == MAX_FILES)
 			return -ENOENT;
 		f = calloc(1, sizeof(*f));
-		if (!f)
-			return -ENOMEM;
-		mf_init(f, pattern, PATTERN_SIZE, false);
+		s->names[s->nfiles] = strdup(path);
+		if (!f || !s->names[s->nfiles])
+			abort();
+		if (s->backing_mode == 0) {
+			mf_init(f, pattern, PATTERN_SIZE, false);
+		} else {
+			mf_init(f, s->input, s->isize, false);
+			if (f->size >= 20)
+				memset(f->buf + 8, 0, 12);	/* backing name offset and length */
+		}
 		s->files[s->nfiles++] = f;
 	}
 	memset(io, 0, sizeof(*io));
@@ -692,6 +711,16 @@ static void check_snapshots(struct state *s)
 
 /* ---- one input ---- */
 
+static void drop_files(struct state *s)
+{
+	for (unsigned int i = 0; i < s->nfiles; i++) {
+		mf_free(s->files[i]);
+		free(s->files[i]);
+		free(s->names[i]);
+	}
+	s->nfiles = 0;
+}
+
 static void state_free(struct state *s)
 {
 	qcow2_rw_free(s->w);
@@ -699,10 +728,7 @@ static void state_free(struct state *s)
 	chain_reader_free(s->orig_reader);
 	free_image(&s->img);
 	free_image(&s->orig);
-	for (unsigned int i = 0; i < s->nfiles; i++) {
-		mf_free(s->files[i]);
-		free(s->files[i]);
-	}
+	drop_files(s);
 	if (s->orig_data) {
 		mf_free(s->orig_data);
 		free(s->orig_data);
@@ -769,9 +795,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	s->pattern_file = (struct mfile){ .buf = pattern, .size = PATTERN_SIZE, .alloc = PATTERN_SIZE };
 	mf_init(&s->file, data, isize, true);
 	mf_init(&s->orig_file, data, isize, false);
+	s->input = data;
+	s->isize = isize;
 	r = open_image(s, &s->file, false, &s->img);
 	if (r < 0) {
-		/* a backing file that is not raw (the opener gives a raw pattern) */
+		/* a backing file that must be qcow2: the input without its backing name */
+		drop_files(s);
+		s->backing_mode = 1;
+		r = open_image(s, &s->file, false, &s->img);
+	}
+	if (r < 0) {
+		drop_files(s);
 		s->no_backing = true;
 		r = open_image(s, &s->file, true, &s->img);
 	}
@@ -855,10 +889,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			break;
 		}
 	}
-	r = qcow2_rw_close(s->w, NULL);
-	s->w = NULL;
-	if (r < 0 && !s->failed_writes)
-		FAIL("close: %s", strerror(-r));
+	{
+		uint64_t used_end = 0;
+
+		r = qcow2_rw_close(s->w, flags & 0x40 ? &used_end : NULL);
+		s->w = NULL;
+		if (r < 0 && !s->failed_writes)
+			FAIL("close: %s", strerror(-r));
+		if (r == 0 && (used_end % s->img->cluster_size || used_end > s->file.size + s->img->cluster_size))
+			FAIL("close: used end 0x%" PRIx64 " (file size 0x%zx)", used_end, s->file.size);
+	}
 	reparse(s);
 	{
 		struct run_list runs;

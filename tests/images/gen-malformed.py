@@ -1400,6 +1400,38 @@ def gen_seeds(seeddir):
         with open(os.path.join(seeddir, "crafted-reftable-full"), "wb") as f:
             f.write(q.d)
         n += 1
+    # what the writer does with: compressed clusters (512-byte clusters do
+    # not compress), 8- and 32-bit refcounts, lazy refcounts (clean and
+    # dirty), an external data file that is not raw (unallocated clusters)
+    qemu_img(work, "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", "base-plain.qcow2", "seed-comp.qcow2")
+    for bits in (8, 32):
+        qemu_img(work, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=%d" % bits,
+                 "seed-rc%d.qcow2" % bits, "1M")
+        qemu_io(work, "qcow2", "seed-rc%d.qcow2" % bits, "write -P 0x11 0 64k", "write -P 0x22 512k 4k")
+    crafted = {"compressed-4k": Q2(open(os.path.join(work, "seed-comp.qcow2"), "rb").read()),
+               "refcount8": Q2(open(os.path.join(work, "seed-rc8.qcow2"), "rb").read()),
+               "refcount32": Q2(open(os.path.join(work, "seed-rc32.qcow2"), "rb").read())}
+    with open(os.path.join(work, "base-plain.qcow2"), "rb") as f:
+        q = Q2(f.read())
+    q.set("compat", q.compat | 1)
+    crafted["lazy"] = q
+    q = Q2(bytes(q.d))
+    q.set("incompat", q.incompat | 1)
+    crafted["lazy-dirty"] = q
+    with open(os.path.join(work, "base-datafile.qcow2"), "rb") as f:
+        q = Q2(f.read())
+    q.set("autoclear", q.autoclear & ~2)
+    for g in range(q.cs * 4, q.size, q.cs):
+        try:
+            q.set_l2e(g, 0)
+        except ValueError:
+            pass
+    crafted["datafile-noraw"] = q
+    for name, q in sorted(crafted.items()):
+        if len(q.d) <= 256 * K:
+            with open(os.path.join(seeddir, "crafted-" + name), "wb") as f:
+                f.write(q.d)
+            n += 1
     shutil.rmtree(work)
     print("gen-malformed: %d seeds in %s" % (n, seeddir))
 
