@@ -896,8 +896,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		s->w = NULL;
 		if (r < 0 && !s->failed_writes)
 			FAIL("close: %s", strerror(-r));
-		if (r == 0 && (used_end % s->img->cluster_size || used_end > s->file.size + s->img->cluster_size))
-			FAIL("close: used end 0x%" PRIx64 " (file size 0x%zx)", used_end, s->file.size);
+		/* (refcounts may count clusters past the end of the file: leaks) */
+		if (r == 0 && used_end % s->img->cluster_size)
+			FAIL("close: used end 0x%" PRIx64 " is not a cluster boundary", used_end);
 	}
 	reparse(s);
 	{
