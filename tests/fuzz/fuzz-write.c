@@ -166,6 +166,8 @@ struct state {
 	unsigned int nwrites;
 	struct extent *writable;	/* guest ranges written straight to the host */
 	size_t nwritable, awritable;
+	uint64_t *allocated;		/* starts of allocated runs at the first open */
+	size_t nallocated;
 	unsigned int fast_writes, reopens;
 	uint8_t *exp, *alt, *amb, *got;	/* model buffers */
 	uint64_t buf_len;
@@ -363,6 +365,15 @@ static int writer_open(struct state *s)
 	r = image_map_chain(s->img, &runs);
 	if (r == 0)
 		r = qcow2_rw_mark_writable(s->w, &runs, &marked);
+	if (r == 0 && !s->allocated) {
+		/* writes aimed at what is there: data, compressed, zero clusters */
+		s->allocated = calloc(runs.count + 1, sizeof(*s->allocated));
+		if (!s->allocated)
+			abort();
+		for (size_t i = 0; i < runs.count; i++)
+			if (runs.runs[i].depth == 0 && runs.runs[i].kind != RUN_UNALLOC)
+				s->allocated[s->nallocated++] = runs.runs[i].guest;
+	}
 	for (size_t i = 0; r == 0 && i < marked.count; i++) {
 		const struct run *ru = &marked.runs[i];
 
@@ -520,6 +531,17 @@ static bool pick_range(struct state *s, struct script *sc, unsigned int mode, ui
 	if (!size)
 		return false;
 	l = 1 + (l & 0x1fffff) % MIN((uint64_t)(l >> 21 == 7 ? BIG_WRITE : MAX_WRITE), size);
+	if ((mode & 4) && s->nallocated) {
+		/* at (or just around) a run the image had: compressed clusters
+		 * are rewritten, shared ones copied */
+		o = s->allocated[(o >> 16) % s->nallocated] + (o & 0xffff) % (2 * cs) - MIN(cs, s->allocated[(o >> 16) % s->nallocated]);
+		o = MIN(o, size - 1);
+		if (mode & 8)
+			o &= ~(cs - 1);
+		*off = o;
+		*len = MIN(l, size - o);
+		return *len > 0;
+	}
 	switch (mode & 3) {
 	case 0:
 		o %= size;
@@ -737,6 +759,7 @@ static void state_free(struct state *s)
 	mf_free(&s->orig_file);
 	free(s->data_path);
 	free(s->writable);
+	free(s->allocated);
 	free(s->exp);
 	free(s->alt);
 	free(s->amb);
