@@ -132,7 +132,9 @@ struct image {
 	struct qcow2_feature_name *feature_names;
 	unsigned int nb_feature_names;
 	char *data_file;	/* external data file name from the extension */
-	char **unknown_extensions;	/* "0x%08x" strings, NULL-terminated */
+	char **unknown_extensions;	/* "0x%08x" strings, NULL-terminated: the
+					 * first QCOW2_MAX_UNKNOWN_EXTENSIONS (64) */
+	uint32_t nb_unknown_extensions;	/* all of them */
 
 	/* qcow v1 */
 	uint32_t mtime;

@@ -90,21 +90,38 @@ static char *dup_field(const uint8_t *p, size_t len)
 	return s;
 }
 
+/* Room for n entries in an array grown by doubling: the extension area can
+ * hold ~37,000 feature name tables of one entry each, ~262,000 extensions. */
+static size_t grown_capacity(size_t n)
+{
+	size_t c = 8;
+
+	while (c < n)
+		c *= 2;
+	return c;
+}
+
 static int add_feature_names(struct image *img, const uint8_t *p, uint32_t len)
 {
-	unsigned int n = len / 48;
+	unsigned int n = len / 48, have = img->nb_feature_names;
 	struct qcow2_feature_name *f;
 
 	if (len % 48) {
 		log_err("%s: feature name table extension length %u is not a multiple of 48.", img->path, len);
 		return -EUCLEAN;
 	}
-	f = realloc(img->feature_names, (img->nb_feature_names + n) * sizeof(*f) + 1);
-	if (!f)
-		return -ENOMEM;
-	img->feature_names = f;
+	if (!n)
+		return 0;
+	/* at most cluster size / 48 entries in all: no overflow */
+	if (!img->feature_names || grown_capacity(have + n) != grown_capacity(have)) {
+		f = realloc(img->feature_names, grown_capacity(have + n) * sizeof(*f));
+		if (!f)
+			return -ENOMEM;
+		img->feature_names = f;
+	}
+	f = img->feature_names;
 	for (unsigned int i = 0; i < n; i++) {
-		struct qcow2_feature_name *e = &f[img->nb_feature_names + i];
+		struct qcow2_feature_name *e = &f[have + i];
 
 		e->type = p[i * 48];
 		e->bit = p[i * 48 + 1];
@@ -115,22 +132,31 @@ static int add_feature_names(struct image *img, const uint8_t *p, uint32_t len)
 	return 0;
 }
 
+/* Unknown extensions are counted; the first QCOW2_MAX_UNKNOWN_EXTENSIONS
+ * types are kept for `info` (a header cluster of 2 MiB holds 262,000 empty
+ * extensions). */
 static int add_unknown_extension(struct image *img, uint32_t type)
 {
-	size_t n = 0;
-	char **v;
+	uint32_t n = img->nb_unknown_extensions;
+	char **v = img->unknown_extensions;
 
-	while (img->unknown_extensions && img->unknown_extensions[n])
-		n++;
-	v = realloc(img->unknown_extensions, (n + 2) * sizeof(*v));
-	if (!v)
-		return -ENOMEM;
-	img->unknown_extensions = v;
+	img->nb_unknown_extensions++;
+	if (n >= QCOW2_MAX_UNKNOWN_EXTENSIONS) {
+		if (n == QCOW2_MAX_UNKNOWN_EXTENSIONS)
+			log_verbose("%s: more than %u unknown header extensions: only the first ones are listed.",
+				    img->path, QCOW2_MAX_UNKNOWN_EXTENSIONS);
+		return 0;
+	}
+	if (!v) {
+		v = calloc(QCOW2_MAX_UNKNOWN_EXTENSIONS + 1, sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		img->unknown_extensions = v;
+	}
 	v[n] = malloc(11);
 	if (!v[n])
 		return -ENOMEM;
 	snprintf(v[n], 11, "0x%08x", type);
-	v[n + 1] = NULL;
 	return 0;
 }
 

@@ -13,6 +13,7 @@
 #define QCOW2_MAX_SNAPSHOT_TABLE_BYTES (64U << 20)
 #define QCOW2_MAX_BITMAPS 65535
 #define QCOW2_MAX_BITMAP_DIRECTORY_BYTES (64U << 20)
+#define QCOW2_MAX_UNKNOWN_EXTENSIONS 64	/* kept by name; all are counted */
 
 #define QCOW2_OFLAG_COPIED	(1ULL << 63)
 #define QCOW2_OFLAG_COMPRESSED	(1ULL << 62)
@@ -60,6 +61,17 @@ int refcount_get(struct refcount_reader *rr, uint64_t ci, uint64_t *rc);
  * refcounts do not allow). */
 int validate_metadata(struct image *img, struct meta_range **meta, size_t *nmeta);
 int validate_runs(struct image *img, const struct run_list *runs, const struct meta_range *meta, size_t nmeta);
+
+/* Before a read-write open of the active layer: every reference of the
+ * image (metadata, active and snapshot L2 tables and clusters) against the
+ * refcounts, so that the writer never overwrites, frees or reuses what the
+ * mapping, a snapshot or the metadata uses: OFLAG_COPIED entries name
+ * clusters of refcount 1 used once, what is written in place is used once,
+ * compressed clusters share host clusters with compressed clusters only,
+ * no cluster has fewer refcounts than references. 0, or -EUCLEAN with one
+ * message naming the guest and host offsets and the collision, -ENOMEM,
+ * -EIO. */
+int validate_writable(struct image *img);
 
 /* Bounds check on the image file: [off, off+len) inside it. */
 bool image_range_in_file(const struct img_io *io, uint64_t off, uint64_t len);

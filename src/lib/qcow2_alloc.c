@@ -451,6 +451,24 @@ static int refcount_change(struct qcow2_rw *w, uint64_t ci, int delta)
 	return 0;
 }
 
+/* Refcount of cluster ci (0 without a refcount block). */
+static int refcount_read(struct qcow2_rw *w, uint64_t ci, uint64_t *v)
+{
+	uint64_t boff;
+	struct slot *s;
+	int r;
+
+	*v = 0;
+	r = refblock_offset(w, ci >> w->rb_bits, &boff);
+	if (r < 0 || !boff)
+		return r;
+	r = cache_get(w, &w->rbc, boff, true, &s);
+	if (r < 0)
+		return r;
+	*v = rb_get(s->buf, w->order, ci & ((1ULL << w->rb_bits) - 1));
+	return 0;
+}
+
 /* First cluster at or after the hint with refcount 0 (clusters of ranges
  * without a refcount block are free). */
 static int find_free(struct qcow2_rw *w, uint64_t *out)
@@ -1009,9 +1027,19 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 	in_place = has && (p->old_entry & QCOW2_OFLAG_COPIED);
 	p->alloc = false;
 	if (in_place) {
+		uint64_t rc = 1;
+
 		if (!is_aligned(host, w->cs)) {
 			log_err("%s: data cluster at 0x%" PRIx64 " is not cluster aligned.", w->img->path, host);
 			return -EUCLEAN;
+		}
+		/* checked at open (validate_writable); what is written in place
+		 * is ours alone, whatever happened since */
+		if (!w->data_file && ((r = refcount_read(w, host >> w->cb, &rc)) < 0 || rc != 1)) {
+			if (r == 0)
+				log_err("%s: guest offset 0x%" PRIx64 ": data cluster at host offset 0x%" PRIx64 " has refcount %" PRIu64 ": not written in place.",
+					w->img->path, p->guest, host, rc);
+			return r < 0 ? r : -EUCLEAN;
 		}
 		p->host = host;
 		if ((alloc & p->touched) == p->touched) {
@@ -1398,7 +1426,7 @@ static int header_duties(struct qcow2_rw *w)
 	int r;
 
 	if (img->version < 3)
-		return 0;
+		return validate_writable(img);
 	if (img->incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
 		log_err("%s: the image is marked corrupt; it can only be mapped read-only (repair it with `qemu-img check -r all`).",
 			img->path);
@@ -1409,6 +1437,10 @@ static int header_duties(struct qcow2_rw *w)
 			img->path);
 		return -EUCLEAN;
 	}
+	/* before anything is written */
+	r = validate_writable(img);
+	if (r < 0)
+		return r;
 	autoclear = img->autoclear_features & keep;
 	if (autoclear != img->autoclear_features) {
 		if (img->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)

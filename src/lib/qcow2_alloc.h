@@ -44,7 +44,14 @@
  *
  * Read-write open duties (unless opts.read_only): an image marked corrupt is
  * refused (-EUCLEAN), a dirty one too (-EUCLEAN: repair it with `qemu-img
- * check -r all`); autoclear bits other than "raw external data" are cleared
+ * check -r all`); so is one whose references the refcounts do not cover
+ * (validate_writable in qcow2.h: an OFLAG_COPIED entry naming a cluster of
+ * refcount other than 1 or used elsewhere too, a compressed cluster sharing
+ * a host cluster with data or metadata, a cluster referenced more often
+ * than its refcount says), before anything is written. Then the writer
+ * writes in place only clusters of refcount 1 (checked again on each such
+ * write), takes only clusters of refcount 0, and drops a refcount only for
+ * the reference it removed; autoclear bits other than "raw external data" are cleared
  * (persistent bitmaps become stale, as the specification intends for a
  * writer that does not update them); with lazy refcounts the dirty bit is
  * set until qcow2_rw_close() (refcounts are nevertheless written in the
@@ -110,7 +117,8 @@ struct qcow2_rw;
  * the writer (its L1 table, refcount table fields and io.size follow the
  * changes). Returns 0, or with a message:
  *   -ENOTSUP  not qcow2, a snapshot selected, legacy encryption (writes),
- *   -EUCLEAN  corrupt or dirty image (writes), inconsistent refcount table,
+ *   -EUCLEAN  corrupt or dirty image (writes), references the refcounts
+ *             do not cover (writes), inconsistent refcount table,
  *   -ENOMEM, -errno of a header write. */
 int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		      const struct qcow2_rw_opts *opts, struct qcow2_rw **out);

@@ -478,3 +478,413 @@ out:
 	free(refs);
 	return r;
 }
+
+/* ---- before a read-write open ----
+ *
+ * The writer trusts OFLAG_COPIED (it writes such clusters in place), takes
+ * clusters of refcount 0 for new ones and drops the refcount of what an
+ * entry stopped referring to. On a crafted image any of these can overwrite
+ * or free what the mapping, a snapshot or the metadata still shows. So every
+ * reference of the image (metadata, the L2 tables of the active L1 and of
+ * every snapshot, their data and compressed clusters) is swept in host order,
+ * cluster by cluster, against the refcounts:
+ *   - an entry with OFLAG_COPIED names a cluster of refcount exactly 1 (QEMU
+ *     check: "OFLAG_COPIED data cluster: l2_entry=... refcount=...");
+ *   - what the writer writes in place (OFLAG_COPIED clusters and L2 tables,
+ *     header, L1 table, refcount table and blocks) is referenced once;
+ *   - compressed clusters share host clusters with nothing but compressed
+ *     clusters;
+ *   - every cluster has a refcount of at least its references: no decrement
+ *     frees a cluster still in use, no allocation reuses one.
+ * Memory: one record per run of host-contiguous entries of each distinct
+ * L2 table, bounded by the file size. */
+
+enum wref_kind {
+	WREF_META = 0,
+	WREF_L2,
+	WREF_DATA,
+	WREF_COMPRESSED,
+};
+
+struct wref {
+	uint64_t host, len;	/* bytes; data runs are whole clusters */
+	uint64_t guest;		/* first guest offset (L2 tables: the first they map) */
+	uint64_t weight;	/* references it stands for (L1 entries naming its table) */
+	int32_t snapshot;	/* -1: the active L1 table */
+	uint8_t kind;		/* enum wref_kind */
+	uint8_t meta_kind;	/* enum meta_kind, for WREF_META */
+	bool copied;		/* OFLAG_COPIED in the active layer: refcount exactly 1 */
+	bool in_place;		/* written in place by the writer: referenced once */
+};
+
+struct wref_list {
+	struct wref *v;
+	size_t n, alloc;
+};
+
+static int wref_add(struct wref_list *l, const struct wref *r)
+{
+	if (!r->len)
+		return 0;
+	if (l->n == l->alloc) {
+		size_t na = l->alloc ? l->alloc * 2 : 256;
+		struct wref *p = realloc(l->v, na * sizeof(*p));
+
+		if (!p)
+			return -ENOMEM;
+		l->v = p;
+		l->alloc = na;
+	}
+	l->v[l->n++] = *r;
+	return 0;
+}
+
+/* An L2 table named by an L1 entry (active or snapshot). */
+struct l2_use {
+	uint64_t off;
+	uint64_t guest;
+	int32_t snapshot;
+	bool copied;
+};
+
+static int cmp_l2_use(const void *a, const void *b)
+{
+	const struct l2_use *x = a, *y = b;
+
+	if (x->off != y->off)
+		return x->off < y->off ? -1 : 1;
+	/* the active layer's use first: it names the table in messages */
+	return x->snapshot - y->snapshot;
+}
+
+static int add_l1_uses(const struct image *img, const uint64_t *l1, uint64_t n, int32_t snapshot,
+		       struct wref_list *refs, struct l2_use **uses, size_t *nuses, size_t *auses)
+{
+	uint64_t per_l1 = (img->cluster_size / (img->extended_l2 ? 16 : 8)) << img->cluster_bits;
+	int r;
+
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK;
+		bool copied = snapshot < 0 && (l1[i] & QCOW2_OFLAG_COPIED);
+		struct wref w = { .host = off, .len = img->cluster_size, .guest = i * per_l1, .weight = 1,
+				  .snapshot = snapshot, .kind = WREF_L2, .copied = copied, .in_place = copied };
+
+		if (!off)
+			continue;
+		r = wref_add(refs, &w);
+		if (r < 0)
+			return r;
+		if (*nuses == *auses) {
+			size_t na = *auses ? *auses * 2 : 256;
+			struct l2_use *p = realloc(*uses, na * sizeof(*p));
+
+			if (!p)
+				return -ENOMEM;
+			*uses = p;
+			*auses = na;
+		}
+		(*uses)[(*nuses)++] = (struct l2_use){ .off = off, .guest = i * per_l1, .snapshot = snapshot,
+						       .copied = copied };
+	}
+	return 0;
+}
+
+/* The data and compressed clusters of one L2 table, as many times as L1
+ * entries name it (weight); active: named by the active L1 table. */
+static int add_l2_entries(const struct image *img, const uint8_t *l2, const struct l2_use *use, uint64_t weight,
+			  bool active, struct wref_list *refs)
+{
+	uint64_t cs = img->cluster_size, entries = 1ULL << img->l2_bits;
+	unsigned int esz = img->extended_l2 ? 16 : 8;
+	struct wref run = { 0 };
+	int r;
+
+	for (uint64_t j = 0; j < entries; j++) {
+		uint64_t e = get_be64(l2 + j * esz), guest = use->guest + j * cs;
+		struct wref w = { .guest = guest, .weight = weight, .snapshot = use->snapshot };
+
+		if (e & QCOW2_OFLAG_COMPRESSED) {
+			unsigned int x = 62 - (img->cluster_bits - 8);
+			uint64_t nb = ((e >> x) & ((1ULL << (img->cluster_bits - 8)) - 1)) + 1;
+
+			w.kind = WREF_COMPRESSED;
+			w.host = e & ((1ULL << x) - 1);
+			w.len = nb * 512 - (w.host & 511);
+		} else {
+			/* external data file: data clusters have no refcounts */
+			if (img->has_data_file || !(e & QCOW2_L2E_OFFSET_MASK))
+				continue;
+			w.kind = WREF_DATA;
+			w.host = e & QCOW2_L2E_OFFSET_MASK & ~(cs - 1);
+			w.len = cs;
+			w.copied = active && (e & QCOW2_OFLAG_COPIED);
+			w.in_place = w.copied;
+		}
+		/* host- and guest-contiguous data runs of one kind are one record */
+		if (w.kind == WREF_DATA && run.len && run.kind == WREF_DATA && run.copied == w.copied &&
+		    run.host + run.len == w.host && run.guest + run.len == w.guest) {
+			run.len += cs;
+			continue;
+		}
+		r = wref_add(refs, &run);
+		if (r < 0)
+			return r;
+		run = w;
+	}
+	return wref_add(refs, &run);
+}
+
+struct wedge {
+	uint64_t at;		/* cluster index */
+	size_t ref;
+	bool end;
+};
+
+static int cmp_wedge(const void *a, const void *b)
+{
+	const struct wedge *x = a, *y = b;
+
+	return x->at < y->at ? -1 : x->at > y->at;
+}
+
+static uint64_t wref_first(const struct image *img, const struct wref *w)
+{
+	return w->host >> img->cluster_bits;
+}
+
+static uint64_t wref_end(const struct image *img, const struct wref *w)
+{
+	return ((w->host + w->len - 1) >> img->cluster_bits) + 1;
+}
+
+/* "guest offset 0x..: data cluster at host offset 0x.." for host cluster ci */
+static void describe(const struct image *img, const struct wref *w, uint64_t ci, char *buf, size_t size)
+{
+	uint64_t at = ci << img->cluster_bits, delta = at > w->host ? at - w->host : 0;
+	char snap[96] = "";
+
+	if (w->snapshot >= 0 && (uint32_t)w->snapshot < img->nb_snapshots)
+		snprintf(snap, sizeof(snap), "snapshot %.64s, ", img->snapshots[w->snapshot].id);
+	switch (w->kind) {
+	case WREF_DATA:
+		snprintf(buf, size, "%sguest offset 0x%" PRIx64 ": data cluster at host offset 0x%" PRIx64, snap,
+			 w->guest + delta, w->host + delta);
+		break;
+	case WREF_COMPRESSED:
+		snprintf(buf, size, "%sguest offset 0x%" PRIx64 ": compressed cluster at host offset 0x%" PRIx64, snap,
+			 w->guest, w->host);
+		break;
+	case WREF_L2:
+		snprintf(buf, size, "%sguest offset 0x%" PRIx64 ": L2 table at host offset 0x%" PRIx64, snap, w->guest,
+			 w->host);
+		break;
+	default:
+		snprintf(buf, size, "%s at host offset 0x%" PRIx64, meta_kind_name(w->meta_kind), w->host);
+		break;
+	}
+}
+
+/* The first reference to cluster ci that pick() accepts, other than not. */
+static const struct wref *find_ref(const struct image *img, const struct wref_list *refs, uint64_t ci,
+				   const struct wref *not, bool (*pick)(const struct wref *))
+{
+	for (size_t i = 0; i < refs->n; i++) {
+		const struct wref *w = &refs->v[i];
+
+		if (w != not && wref_first(img, w) <= ci && ci < wref_end(img, w) && (!pick || pick(w)))
+			return w;
+	}
+	return not && not->weight > 1 && (!pick || pick(not)) ? not : NULL;
+}
+
+static bool is_copied(const struct wref *w) { return w->copied; }
+static bool is_in_place(const struct wref *w) { return w->in_place; }
+static bool is_compressed(const struct wref *w) { return w->kind == WREF_COMPRESSED; }
+static bool is_not_compressed(const struct wref *w) { return w->kind != WREF_COMPRESSED; }
+
+struct wcount {
+	uint64_t total, compressed, in_place, copied;
+};
+
+static int sweep_cluster_range(struct image *img, const struct wref_list *refs, const struct wcount *c,
+			       uint64_t from, uint64_t to, struct refcount_reader *rr)
+{
+	const struct wref *a, *b;
+	char da[192], db[192];
+	uint64_t rc;
+	int r;
+
+	if (c->compressed && c->compressed != c->total) {
+		a = find_ref(img, refs, from, NULL, is_compressed);
+		b = find_ref(img, refs, from, NULL, is_not_compressed);
+		if (a && b) {
+			describe(img, a, from, da, sizeof(da));
+			describe(img, b, from, db, sizeof(db));
+			log_err("%s: %s overlaps the host cluster of %s.", img->path, da, db);
+			return -EUCLEAN;
+		}
+	}
+	for (uint64_t ci = from; ci < to; ci++) {
+		r = refcount_get(rr, ci, &rc);
+		if (r < 0)
+			return r;
+		if (c->copied && rc != 1) {
+			a = find_ref(img, refs, ci, NULL, is_copied);
+			if (a) {
+				describe(img, a, ci, da, sizeof(da));
+				log_err("%s: %s is marked not shared (OFLAG_COPIED) but its refcount is %" PRIu64 ".",
+					img->path, da, rc);
+				return -EUCLEAN;
+			}
+		}
+		if (c->in_place && c->total > 1) {
+			a = find_ref(img, refs, ci, NULL, is_in_place);
+			b = a ? find_ref(img, refs, ci, a, NULL) : NULL;
+			if (a && b == a) {
+				describe(img, a, ci, da, sizeof(da));
+				log_err("%s: %s, written in place, is used %" PRIu64 " times (its L2 table is shared).",
+					img->path, da, a->weight);
+				return -EUCLEAN;
+			}
+			if (a && b) {
+				describe(img, a, ci, da, sizeof(da));
+				describe(img, b, ci, db, sizeof(db));
+				log_err("%s: %s, written in place, is also the host cluster of %s.", img->path, da,
+					db);
+				return -EUCLEAN;
+			}
+		}
+		if (rc < c->total) {
+			a = find_ref(img, refs, ci, NULL, NULL);
+			if (a) {
+				describe(img, a, ci, da, sizeof(da));
+				log_err("%s: %s: host cluster 0x%" PRIx64 " has %" PRIu64 " references but refcount %" PRIu64 ".",
+					img->path, da, ci << img->cluster_bits, c->total, rc);
+				return -EUCLEAN;
+			}
+		}
+	}
+	return 0;
+}
+
+static int sweep(struct image *img, const struct wref_list *refs)
+{
+	struct refcount_reader rr = { 0 };
+	struct wedge *e = NULL;
+	struct wcount c = { 0 };
+	size_t n = 0;
+	int r;
+
+	r = refcount_reader_init(&rr, img);
+	if (r < 0)
+		goto out;
+	e = malloc((refs->n ? refs->n : 1) * 2 * sizeof(*e));
+	if (!e) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < refs->n; i++) {
+		e[n++] = (struct wedge){ .at = wref_first(img, &refs->v[i]), .ref = i };
+		e[n++] = (struct wedge){ .at = wref_end(img, &refs->v[i]), .ref = i, .end = true };
+	}
+	qsort(e, n, sizeof(*e), cmp_wedge);
+	for (size_t k = 0; k < n;) {
+		uint64_t at = e[k].at;
+
+		for (; k < n && e[k].at == at; k++) {
+			const struct wref *w = &refs->v[e[k].ref];
+			uint64_t sign = e[k].end ? (uint64_t)-1 : 1;
+
+			c.total += sign * w->weight;
+			if (w->kind == WREF_COMPRESSED)
+				c.compressed += sign * w->weight;
+			if (w->in_place)
+				c.in_place += sign;
+			if (w->copied)
+				c.copied += sign;
+		}
+		if (k < n && c.total) {
+			r = sweep_cluster_range(img, refs, &c, at, e[k].at, &rr);
+			if (r < 0)
+				goto out;
+		}
+	}
+out:
+	free(e);
+	refcount_reader_free(&rr);
+	return r;
+}
+
+int validate_writable(struct image *img)
+{
+	struct wref_list refs = { 0 };
+	struct meta_range *meta = NULL;
+	struct l2_use *uses = NULL;
+	size_t nmeta = 0, nuses = 0, auses = 0;
+	uint64_t *t = NULL;
+	uint8_t *l2 = NULL;
+	int r;
+
+	if (img->format != IMG_FMT_QCOW2 || img->snapshot_index >= 0)
+		return -ENOTSUP;
+	r = validate_metadata(img, &meta, &nmeta);
+	if (r < 0)
+		goto out;
+	for (size_t i = 0; i < nmeta; i++) {
+		enum meta_kind k = meta[i].kind;
+		struct wref w = { .host = meta[i].offset, .len = meta[i].length, .weight = 1, .snapshot = -1,
+				  .kind = WREF_META, .meta_kind = (uint8_t)k };
+
+		if (k == META_L2 || k == META_SNAPSHOT_L2)
+			continue;	/* counted per L1 entry below */
+		w.in_place = k == META_HEADER || k == META_L1 || k == META_REFCOUNT_TABLE || k == META_REFCOUNT_BLOCK;
+		r = wref_add(&refs, &w);
+		if (r < 0)
+			goto out;
+	}
+	r = add_l1_uses(img, img->l1, img->l1_size, -1, &refs, &uses, &nuses, &auses);
+	for (uint32_t i = 0; r == 0 && i < img->nb_snapshots; i++) {
+		const struct qcow2_snapshot *sn = &img->snapshots[i];
+
+		r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table", &t);
+		if (r == 0)
+			r = add_l1_uses(img, t, sn->l1_size, (int32_t)i, &refs, &uses, &nuses, &auses);
+		free(t);
+		t = NULL;
+	}
+	if (r < 0)
+		goto out;
+	/* each distinct L2 table once, its entries weighted by its uses */
+	if (nuses)
+		qsort(uses, nuses, sizeof(*uses), cmp_l2_use);
+	l2 = malloc(img->cluster_size);
+	if (!l2) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < nuses;) {
+		size_t j = i;
+		bool active = false;
+
+		for (; j < nuses && uses[j].off == uses[i].off; j++)
+			active |= uses[j].snapshot < 0;
+		/* validate_metadata: every L2 table is aligned and in the file */
+		r = img_pread(&img->io, l2, img->cluster_size, uses[i].off);
+		if (r < 0) {
+			log_err("%s: cannot read the L2 table at 0x%" PRIx64 ": %s.", img->path, uses[i].off, strerror(-r));
+			goto out;
+		}
+		r = add_l2_entries(img, l2, &uses[i], j - i, active, &refs);
+		if (r < 0)
+			goto out;
+		i = j;
+	}
+	r = sweep(img, &refs);
+out:
+	free(l2);
+	free(t);
+	free(uses);
+	free(refs.v);
+	free(meta);
+	return r;
+}

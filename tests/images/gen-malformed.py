@@ -11,15 +11,21 @@ test (tab-separated):
 
   command   qcowsetup command and options (info, map --json, table, check,
             info --format qcow2, ...); the runner appends the image (and for
-            `table` a device name)
+            `table` a device name). `write` is not a qcowsetup command: the
+            runner opens a copy of the image with the metadata writer
+            (tests/images/qcow2-write: a read-write open, a few random
+            writes, a clean close), exit 0, or 1 when the writer refuses
+            the image (its one message line is what must match)
   exit      expected exit code: 4 for every image problem, 0 where the image
-            is legitimately fine; for `check` the exit code of qemu-img
+            is legitimately fine (`write`: 1 refused); for `check` the exit code of qemu-img
             check on the same file (0 clean, 2 corruptions, 3 leaks only)
             where qcowsetup can open it, 63 for formats without refcounts
   regex     POSIX ERE the one line on stderr must match (it names what is
             wrong and where); "-" means stderr must be empty; `check`
             exiting 2 or 3 prints several lines, one of which must match
   image     path relative to OUTDIR; run the command from inside OUTDIR
+  timeout   (optional) seconds the command may take, default 60: a bound
+            on the CPU a crafted image can cost
 
 The description ends with what qemu-img 7.2 makes of the same file
 ("qemu-img map: ok/refuses"), for information only.
@@ -224,9 +230,7 @@ class Q2(Image):
         if keep_backing and backing is None:
             backing = self.backing_name()
         start = self.hdr_len
-        area = b""
-        for t, data in exts:
-            area += struct.pack(">II", t, len(data)) + data + bytes(-len(data) % 8)
+        area = b"".join(struct.pack(">II", t, len(data)) + data + bytes(-len(data) % 8) for t, data in exts)
         area += tail if tail else bytes(8)
         old_end = self.ext_end() if not self.backing_off else self.backing_off + self.backing_len
         new = area + (backing or b"")
@@ -484,18 +488,23 @@ class Corpus:
         with open(self.path(fname), "wb") as f:
             f.write(img.d if isinstance(img, Image) else img)
 
-    def add(self, name, img, cmds, code, regex, desc, ext="qcow2", secret=False):
+    def add(self, name, img, cmds, code, regex, desc, ext="qcow2", secret=False, verdict=None, timeout=None):
         """Write img (an Image, bytes, or None when the file exists) as
-        NAME.EXT and one manifest line per command."""
+        NAME.EXT and one manifest line per command. verdict: what qemu-img
+        makes of it, when asking it takes too long (then "check?" cannot
+        be used); timeout: seconds each command may take (default 60)."""
         if name in self.names:
             die("duplicate case " + name)
         self.names.add(name)
         fname = "%s.%s" % (name, ext)
         if img is not None:
             self.save(fname, img)
-        verdict = qemu_verdict(self.out, fname, secret)
+        if verdict is None:
+            verdict = qemu_verdict(self.out, fname, secret)
         for cmd in cmds:
             ccode, cregex = code, regex
+            if isinstance(cmd, tuple):		# (command, exit, regex) of its own
+                cmd, ccode, cregex = cmd
             if cmd == "check?":
                 cmd = "check"
                 if ext != "qcow2":
@@ -505,8 +514,9 @@ class Corpus:
                     if ccode not in (0, 2, 3):
                         continue
                     cregex = "-" if ccode == 0 else "ERROR|Leaked"
-            lname = name + "." + "-".join(w.lstrip("-") for w in cmd.split() if w != "--json")
-            self.lines.append((lname, cmd, str(ccode), cregex, "%s (%s)" % (desc, verdict), fname))
+            lname = name + "." + "-".join(w.lstrip("-") for w in cmd.split() if w != "--json" or cmd.startswith("info"))
+            line = (lname, cmd, str(ccode), cregex, "%s (%s)" % (desc, verdict), fname)
+            self.lines.append(line + ((str(timeout),) if timeout else ()))
 
     def write_manifest(self):
         with open(self.path("manifest.tsv"), "w") as f:
@@ -526,6 +536,10 @@ def gen_cases(c):
         cmds = ("info", "map --json", "check?") if secret else OK_CMDS
         if name == "base-compressed":	# table: compressed clusters are not mapped yet
             cmds = ("info", "map --json", "check?")
+        if name == "base-bitmaps":	# a writer that does not update them says so
+            cmds += (("write", 0, "persistent dirty bitmaps are not updated by qcowsetup: they are marked stale"),)
+        elif fmt == "qcow2" and not secret and name != "base-datafile":	# (the copy would share the data file)
+            cmds += ("write",)
         c.add(name, None, cmds, 0, "-", "valid %s image made by qemu-img" % fmt, ext=fname.split(".", 1)[1],
               secret=secret)
     c.add("snapshot-select", c.load("base-snap"), ("map --json --snapshot snap1",), 0, "-",
@@ -746,13 +760,86 @@ def gen_cases(c):
     q.set_l2e(0x10000, h0)
     q.set_refcount(h0, 2)
     q.set_refcount(h1, 0)
-    c.add("alias-refcount-2", q, OK_CMDS, 0, "-",
+    c.add("alias-refcount-2", q, OK_CMDS + ("write",), 0, "-",
           "two guest clusters share one host cluster of refcount 2 (COPIED clear): legitimate")
     q = B("base-plain")
     q.set_l2e(0x110000, q.l2e(0x100000))
     c.add("alias-in-run", q, WALK_CMDS, 4,
           "guest offsets 0x100000 and 0x110000 both map host offset 0x%x" % q.host(0x100000),
           "the second cluster of a run maps the first one's host cluster")
+
+    # -- what the writer would overwrite, free or reuse ----------------------
+    # Readable (map works, as in QEMU), but `qemu-img check` finds
+    # corruptions and the writer must refuse them: it writes OFLAG_COPIED
+    # clusters in place, takes clusters of refcount 0, drops the refcount
+    # of what an entry stopped using.
+    def refused(regex):
+        return ("map --json", "check?", ("write", 1, regex))
+
+    q = B("base-plain")
+    h = q.host(0x10000)
+    q.set_refcount(h, 2)
+    c.add("rw-copied-refcount-2", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x is marked not shared \\(OFLAG_COPIED\\) but its refcount is 2" % h),
+        0, "-", "OFLAG_COPIED data cluster of refcount 2: written in place it would change another user's data")
+    q = B("base-plain")
+    q.set_refcount(h, 0)
+    c.add("rw-copied-refcount-0", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x is marked not shared \\(OFLAG_COPIED\\) but its refcount is 0" % h),
+        0, "-", "OFLAG_COPIED data cluster of refcount 0: the writer would hand it out again")
+    q = B("base-plain")
+    l2 = q.l1(0) & OFF_MASK
+    q.set_refcount(l2, 2)
+    c.add("rw-l2-copied-refcount-2", q, refused(
+        "guest offset 0x0: L2 table at host offset 0x%x is marked not shared \\(OFLAG_COPIED\\) but its refcount is 2" % l2),
+        0, "-", "OFLAG_COPIED L2 table of refcount 2")
+    q = B("base-snap")
+    h = q.host(0x10000)
+    q.set_l2e(0x10000, COPIED | h)
+    q.set_refcount(h, 1)
+    c.add("rw-copied-shared-with-snapshot", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x, written in place, is also the host cluster of "
+        "snapshot 1, guest offset 0x10000: data cluster at host offset 0x%x" % (h, h)),
+        0, "-", "a cluster shared with snapshot 1 marked OFLAG_COPIED, refcount 1: written in place it would change the snapshot")
+    q = B("base-snap")
+    q.set_refcount(h, 1)
+    c.add("rw-shared-refcount-1", q, refused(
+        "guest offset 0x10000: data cluster at host offset 0x%x: host cluster 0x%x has 2 references but refcount 1" % (h, h)),
+        0, "-", "a cluster shared with snapshot 1, refcount 1: copy on write would free the snapshot's cluster")
+    q = B("base-snap")
+    sl2 = q.u64(q.u64(q.snapshot_entry_off(0))) & OFF_MASK
+    sh = q.u64(sl2) & OFF_MASK
+    q.set_refcount(sh, 0)
+    c.add("rw-snapshot-refcount-0", q, refused(
+        "snapshot 1, guest offset 0x0: data cluster at host offset 0x%x: host cluster 0x%x has 1 references but refcount 0"
+        % (sh, sh)), 0, "-", "a cluster only snapshot 1 uses, refcount 0: the writer would reuse it")
+    q = B("base-plain")
+    h0 = q.host(0)
+    q.set_l2e(0x10000, q.compressed_entry(h0 + 0x200))
+    c.add("rw-compressed-in-data", q, refused(
+        "guest offset 0x10000: compressed cluster at host offset 0x%x overlaps the host cluster of guest offset 0x0: "
+        "data cluster at host offset 0x%x" % (h0 + 0x200, h0)),
+        0, "-", "a compressed cluster inside the data cluster of guest 0 (writes to guest 0 would change it)")
+    q = B("base-compressed")
+    users = {}
+    x = 62 - (q.cluster_bits - 8)
+    for g in range(0, q.size, q.cs):
+        try:
+            e = q.l2e(g)
+        except ValueError:
+            continue
+        if e & COMPRESSED:
+            off = e & ((1 << x) - 1)
+            end = off + ((e >> x) & ((1 << (q.cluster_bits - 8)) - 1)) * 512 + 512 - (off & 511)
+            for ci in range(off // q.cs, (end - 1) // q.cs + 1):
+                users[ci] = users.get(ci, 0) + 1
+    ci = max(users, key=lambda k: users[k])
+    q.set_refcount(ci * q.cs, 1)
+    c.add("rw-compressed-refcount-1", q, refused(
+        "compressed cluster at host offset 0x[0-9a-f]+: host cluster 0x%x has %d references but refcount 1"
+        % (ci * q.cs, users[ci])),
+        0, "-", "a host cluster holding %d compressed clusters, refcount 1: rewriting one would free the others"
+        % users[ci])
 
     # -- refcounts -----------------------------------------------------------
     for order in (7, 63):
@@ -849,6 +936,26 @@ def gen_cases(c):
     q = B("base-plain")
     q.write_extensions(q.ext_list() + [(0x12345678, b"unknown extension")])
     c.add("unknown-extension", q, OK_CMDS, 0, "-", "an unknown header extension is ignored")
+    # CPU bound: `probe` parses every unknown block device (udev). A 2 MiB
+    # header cluster holds 262,000 empty extensions; listing each in a
+    # re-walked, reallocated array took 14-21 s. 5 s is 100 times what a
+    # linear parse takes.
+    q = B("base-c2m")
+    exts = q.ext_list()
+    room = q.cs - q.hdr_len - 8 - sum(8 + (len(d) + 7) // 8 * 8 for _, d in exts)
+    q.write_extensions(exts + [(0x12345678 + i % 7, b"") for i in range(room // 8)])
+    c.add("ext-many-empty", q, ("info", "info --json", "map --json", "table", "check"), 0, "-",
+          "%d empty unknown header extensions fill the 2 MiB header cluster" % (room // 8),
+          verdict="qemu-img map: ok, in 20 s", timeout=5)
+    q = B("base-c2m")
+    exts = [(t, d) for t, d in q.ext_list() if t != EXT_FEATURE_TABLE]
+    room = q.cs - q.hdr_len - 8 - sum(8 + (len(d) + 7) // 8 * 8 for _, d in exts)
+    feat = [(EXT_FEATURE_TABLE, struct.pack(">BB46s", 1, 8 + i % 56, b"feature %d" % i)) for i in range(room // 56)]
+    q.write_extensions(exts + feat)
+    q.set("compat", q.compat | (1 << (8 + (len(feat) - 1) % 56)))
+    c.add("ext-many-feature-tables", q, ("info", "info --json", "map --json", "check"), 0, "-",
+          "%d feature name tables of one entry each, the last naming a compatible bit that is set" % (room // 56),
+          verdict="qemu-img map: ok", timeout=5)
 
     # -- encryption ----------------------------------------------------------
     q = B("base-luks")
@@ -1276,6 +1383,55 @@ def gen_seeds(seeddir):
     with open(os.path.join(seeddir, "crafted-luks"), "wb") as f:
         f.write(q.d)
     n += 1
+    # a refcount table with no room left (512-byte clusters, 64-bit
+    # refcounts: 64 blocks of 64 clusters, every cluster counted as used):
+    # the first allocation of a writer grows the refcount table
+    with open(os.path.join(work, "base-refcount64.qcow2"), "rb") as f:
+        q = Q2(f.read())
+    if q.cs == 512 and q.refcount_order == 6 and q.rt_clusters == 1:
+        for ti in range(64):
+            if not q.u64(q.rt_off + 8 * ti) & ~0x1FF:
+                q.set64(q.rt_off + 8 * ti, q.append(bytes(512)))
+        for ti in range(64):
+            block = q.u64(q.rt_off + 8 * ti) & ~0x1FF
+            for i in range(64):
+                if not q.u64(block + 8 * i):
+                    q.set64(block + 8 * i, 1)
+        with open(os.path.join(seeddir, "crafted-reftable-full"), "wb") as f:
+            f.write(q.d)
+        n += 1
+    # what the writer does with: compressed clusters (512-byte clusters do
+    # not compress), 8- and 32-bit refcounts, lazy refcounts (clean and
+    # dirty), an external data file that is not raw (unallocated clusters)
+    qemu_img(work, "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", "base-plain.qcow2", "seed-comp.qcow2")
+    for bits in (8, 32):
+        qemu_img(work, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=%d" % bits,
+                 "seed-rc%d.qcow2" % bits, "1M")
+        qemu_io(work, "qcow2", "seed-rc%d.qcow2" % bits, "write -P 0x11 0 64k", "write -P 0x22 512k 4k")
+    crafted = {"compressed-4k": Q2(open(os.path.join(work, "seed-comp.qcow2"), "rb").read()),
+               "refcount8": Q2(open(os.path.join(work, "seed-rc8.qcow2"), "rb").read()),
+               "refcount32": Q2(open(os.path.join(work, "seed-rc32.qcow2"), "rb").read())}
+    with open(os.path.join(work, "base-plain.qcow2"), "rb") as f:
+        q = Q2(f.read())
+    q.set("compat", q.compat | 1)
+    crafted["lazy"] = q
+    q = Q2(bytes(q.d))
+    q.set("incompat", q.incompat | 1)
+    crafted["lazy-dirty"] = q
+    with open(os.path.join(work, "base-datafile.qcow2"), "rb") as f:
+        q = Q2(f.read())
+    q.set("autoclear", q.autoclear & ~2)
+    for g in range(q.cs * 4, q.size, q.cs):
+        try:
+            q.set_l2e(g, 0)
+        except ValueError:
+            pass
+    crafted["datafile-noraw"] = q
+    for name, q in sorted(crafted.items()):
+        if len(q.d) <= 256 * K:
+            with open(os.path.join(seeddir, "crafted-" + name), "wb") as f:
+                f.write(q.d)
+            n += 1
     shutil.rmtree(work)
     print("gen-malformed: %d seeds in %s" % (n, seeddir))
 

@@ -4,10 +4,16 @@
 # and that stderr is exactly one line matching the expected message (or empty
 # where the image is fine; `check` finding corruptions or leaks, exit 2 or 3,
 # prints several, one of which must match). A crash (exit >= 128, sanitizer
-# report, valgrind error) or a hang (60 s, 600 s under valgrind) fails it.
+# report, valgrind error) or a hang (60 s, 600 s under valgrind; or the
+# case's own time limit, the manifest's optional 7th column) fails it.
+#
+# `write` lines run the metadata writer's driver (tests/images/qcow2-write:
+# read-write open, a few random writes, close) on a copy of the image beside
+# it: exit 0, or 1 with the writer's one message when it refuses the image.
 #
 # Environment:
 #   QCOWSETUP      the binary under test (default: ./qcowsetup)
+#   QCOW2_WRITE    the writer's driver (default: $top_builddir/tests/images/qcow2-write)
 #   QS_VALGRIND=1  run every case under valgrind --error-exitcode=99 --leak-check=full -q
 #   QS_CORPUS=DIR  use (or keep) the corpus in DIR instead of a temporary one
 #   QS_FILTER=ERE  run only the tests whose name matches
@@ -21,6 +27,13 @@ QCOWSETUP=${QCOWSETUP:-./qcowsetup}
 case $QCOWSETUP in
 /*) ;;
 *) QCOWSETUP=$(pwd)/$QCOWSETUP ;;
+esac
+# the `write` cases: the metadata writer's test driver (read-write open,
+# random writes, close) on a copy of the image
+QCOW2_WRITE=${QCOW2_WRITE:-${top_builddir:-$(dirname "$QCOWSETUP")}/tests/images/qcow2-write}
+case $QCOW2_WRITE in
+/*) ;;
+*) QCOW2_WRITE=$(pwd)/$QCOW2_WRITE ;;
 esac
 
 for tool in qemu-img qemu-io python3; do
@@ -82,11 +95,16 @@ for c in info map table check; do
 		echo "NOTE: no '$c' command: its tests are skipped"
 	fi
 done
+HAVE[write]=1
+if [ ! -x "$QCOW2_WRITE" ]; then
+	HAVE[write]=0
+	echo "NOTE: no $QCOW2_WRITE: the write tests are skipped"
+fi
 
 pass=0
 fail=0
 skip=0
-while IFS=$'\t' read -r name cmd want regex desc image; do
+while IFS=$'\t' read -r name cmd want regex desc image limit; do
 	case $name in '#'* | '') continue ;; esac
 	if [ -n "${QS_FILTER:-}" ] && ! [[ $name =~ $QS_FILTER ]]; then
 		continue
@@ -102,14 +120,29 @@ while IFS=$'\t' read -r name cmd want regex desc image; do
 	# stdout matters only for check's findings (a map can be huge)
 	out=/dev/null
 	[ "${words[0]}" = check ] && out=$TMP/out
-	timeout -s KILL "$TIMEOUT" "${RUNNER[@]}" "$QCOWSETUP" "${args[@]}" \
-		>"$out" 2>"$TMP/err" </dev/null
-	rc=$?
+	# a case may bound the time a command takes (10 times more under valgrind)
+	limit=${limit:-$TIMEOUT}
+	[ "$limit" != "$TIMEOUT" ] && [ "${QS_VALGRIND:-0}" = 1 ] && limit=$((limit * 10))
+	if [ "${words[0]}" = write ]; then
+		# a copy beside the image (its backing file names stay valid)
+		copy=.rw-copy.${image##*.}
+		cp "$image" "$copy" || exit 99
+		timeout -s KILL "$limit" "${RUNNER[@]}" "$QCOW2_WRITE" --seed 1 --ops 12 --max-write 300000 \
+			"$copy" /dev/null >"$out" 2>"$TMP/err.all" </dev/null
+		rc=$?
+		rm -f "$copy"
+		# the driver's own last words (": writer: Structure needs cleaning")
+		grep -v ': writer: ' "$TMP/err.all" >"$TMP/err"
+	else
+		timeout -s KILL "$limit" "${RUNNER[@]}" "$QCOWSETUP" "${args[@]}" \
+			>"$out" 2>"$TMP/err" </dev/null
+		rc=$?
+	fi
 	nlines=$(wc -l <"$TMP/err")
 	line=$(head -n 1 "$TMP/err")
 	why=
 	if [ $rc -eq 137 ]; then
-		why="killed after ${TIMEOUT}s (hang?)"
+		why="killed after ${limit}s (hang or too slow?)"
 	elif [ $rc -ge 128 ]; then
 		why="crashed (exit $rc): $line"
 	elif [ $rc -eq 99 ] && [ "$want" != 99 ]; then

@@ -1461,6 +1461,226 @@ static void test_cow_order(void)
 	tb_free(&b);
 }
 
+/* ---- read-write open of crafted images: nothing the mapping, a snapshot or
+ * the metadata uses may be overwritten, freed or reused ---- */
+
+static uint64_t tb_entry_off(struct tb *b, uint64_t g)
+{
+	return tb_l2(b, g) + ((g >> b->cb) % (b->cs / (b->ext ? 16 : 8))) * (b->ext ? 16 : 8);
+}
+
+static uint64_t tb_host(struct tb *b, uint64_t g)
+{
+	return get_be64(b->buf + tb_entry_off(b, g)) & QCOW2_L2E_OFFSET_MASK;
+}
+
+/* What QEMU does on the first write after a snapshot: the active L1 entry
+ * of g gets its own copy of the shared L2 table, and the cluster of g its
+ * own copy (refcounts follow). */
+static void tb_cow(struct tb *b, uint64_t g)
+{
+	uint64_t per_l1 = (b->cs / 8) << b->cb, i = g / per_l1, old_l2 = tb_l2(b, g), l2 = tb_alloc(b);
+	uint64_t old = tb_host(b, g), host = tb_alloc(b);
+
+	memcpy(b->buf + l2, b->buf + old_l2, b->cs);
+	put_be64(b->buf + b->l1_off + i * 8, l2 | OFLAG_COPIED);
+	tb_rc_set(b, old_l2 >> b->cb, tb_rc_get(b, old_l2 >> b->cb) - 1);
+	memcpy(b->buf + host, b->buf + old, b->cs);
+	put_be64(b->buf + tb_entry_off(b, g), host | OFLAG_COPIED);
+	tb_rc_set(b, old >> b->cb, tb_rc_get(b, old >> b->cb) - 1);
+}
+
+static void rw_copied_rc2(struct tb *b) { tb_data(b, 0, 1); tb_rc_set(b, tb_host(b, 0) >> b->cb, 2); }
+static void rw_copied_rc0(struct tb *b) { tb_data(b, 0, 1); tb_rc_set(b, tb_host(b, 0) >> b->cb, 0); }
+static void rw_copied_l2_rc2(struct tb *b) { tb_data(b, 0, 1); tb_rc_set(b, tb_l2(b, 0) >> b->cb, 2); }
+static void rw_copied_l2_rc0(struct tb *b) { tb_data(b, 0, 1); tb_rc_set(b, tb_l2(b, 0) >> b->cb, 0); }
+static void rw_copied_shared_with_snapshot(struct tb *b)
+{
+	tb_data(b, 0, 1);
+	tb_data(b, b->cs, 2);
+	tb_snapshot(b, "1");
+	tb_cow(b, 0);
+	/* the cluster of guest cs is still the snapshot's: mark it ours */
+	put_be64(b->buf + tb_entry_off(b, b->cs), tb_host(b, b->cs) | OFLAG_COPIED);
+	tb_rc_set(b, tb_host(b, b->cs) >> b->cb, 1);
+}
+static void rw_copied_in_shared_l2(struct tb *b)
+{
+	tb_data(b, 0, 1);
+	tb_snapshot(b, "1");
+	put_be64(b->buf + tb_entry_off(b, 0), tb_host(b, 0) | OFLAG_COPIED);
+	tb_rc_set(b, tb_host(b, 0) >> b->cb, 1);
+}
+static void rw_copied_l2_shared_with_snapshot(struct tb *b)
+{
+	uint64_t l2;
+
+	tb_data(b, 0, 1);
+	tb_snapshot(b, "1");
+	l2 = tb_l2(b, 0);
+	put_be64(b->buf + b->l1_off, l2 | OFLAG_COPIED);
+	tb_rc_set(b, l2 >> b->cb, 1);
+}
+static void rw_shared_rc_low(struct tb *b) { tb_data(b, 0, 1); tb_snapshot(b, "1"); tb_rc_set(b, tb_host(b, 0) >> b->cb, 1); }
+static void rw_snapshot_rc0(struct tb *b)
+{
+	uint64_t old;
+
+	tb_data(b, 0, 1);
+	old = tb_host(b, 0);
+	tb_snapshot(b, "1");
+	tb_cow(b, 0);
+	tb_rc_set(b, old >> b->cb, 0);	/* the snapshot's own cluster looks free */
+}
+static void rw_snapshot_data_on_refblock(struct tb *b)
+{
+	uint64_t rb = get_be64(b->buf + b->rt_off);
+
+	tb_data(b, 0, 1);
+	tb_data(b, b->cs, 2);
+	tb_snapshot(b, "1");
+	tb_cow(b, 0);
+	/* the snapshot's entry of guest cs (its own L2 table now) names the refcount block */
+	put_be64(b->buf + (get_be64(b->buf + get_be64(b->buf + 64)) & QCOW2_L1E_OFFSET_MASK) + 8, 0);
+	put_be64(b->buf + tb_l2(b, 0) + 8, tb_host(b, b->cs));
+	{
+		uint64_t sl1 = get_be64(b->buf + get_be64(b->buf + 64));
+		uint64_t sl2 = get_be64(b->buf + sl1) & QCOW2_L1E_OFFSET_MASK;
+
+		put_be64(b->buf + sl2 + 8, rb);
+	}
+	tb_rc_set(b, rb >> b->cb, 2);
+}
+static void rw_compressed_in_data(struct tb *b)
+{
+	unsigned int x = 62 - (b->cb - 8);
+
+	tb_data(b, 0, 1);
+	tb_set_l2(b, b->cs, OFLAG_COMPRESSED | (1ULL << x) | (tb_host(b, 0) + 512), 0);
+}
+static void rw_compressed_on_refblock(struct tb *b)
+{
+	tb_set_l2(b, b->cs, OFLAG_COMPRESSED | get_be64(b->buf + b->rt_off), 0);
+}
+static void rw_compressed_rc_low(struct tb *b)
+{
+	uint64_t e;
+
+	tb_compressed(b, 0, 1);
+	tb_compressed(b, b->cs, 2);	/* packed into the same host cluster */
+	e = get_be64(b->buf + tb_entry_off(b, 0)) & ((1ULL << (62 - (b->cb - 8))) - 1);
+	tb_rc_set(b, e >> b->cb, 1);
+}
+static void rw_alias_rc2(struct tb *b)
+{
+	tb_data(b, 0, 1);
+	tb_set_l2(b, 0, tb_host(b, 0), 0);
+	tb_set_l2(b, b->cs, tb_host(b, 0), 0);
+	tb_rc_set(b, tb_host(b, 0) >> b->cb, 2);
+}
+static void rw_snapshot_fine(struct tb *b) { tb_data(b, 0, 1); tb_data(b, b->cs, 2); tb_snapshot(b, "1"); tb_cow(b, 0); }
+
+static const struct rw_open_case {
+	const char *what;
+	void (*make)(struct tb *b);
+	const char *msg;	/* NULL: the image opens read-write */
+} rw_open_cases[] = {
+	{ "OFLAG_COPIED data cluster of refcount 2", rw_copied_rc2,
+	  "guest offset 0x0: data cluster at host offset 0x40000 is marked not shared (OFLAG_COPIED) but its refcount is 2" },
+	{ "OFLAG_COPIED data cluster of refcount 0", rw_copied_rc0, "(OFLAG_COPIED) but its refcount is 0" },
+	{ "OFLAG_COPIED L2 table of refcount 2", rw_copied_l2_rc2,
+	  "guest offset 0x0: L2 table at host offset 0x50000 is marked not shared (OFLAG_COPIED) but its refcount is 2" },
+	{ "OFLAG_COPIED L2 table of refcount 0", rw_copied_l2_rc0, "L2 table at host offset 0x50000 is marked not shared" },
+	{ "OFLAG_COPIED data cluster, refcount 1, also the snapshot's", rw_copied_shared_with_snapshot,
+	  "written in place, is also the host cluster of snapshot 1, guest offset 0x10000: data cluster" },
+	{ "OFLAG_COPIED entry in an L2 table shared with a snapshot", rw_copied_in_shared_l2,
+	  "written in place, is used 2 times (its L2 table is shared)" },
+	{ "OFLAG_COPIED L2 table, refcount 1, also the snapshot's", rw_copied_l2_shared_with_snapshot,
+	  "L2 table at host offset 0x50000, written in place, is also the host cluster of snapshot 1" },
+	{ "cluster shared with a snapshot, refcount 1", rw_shared_rc_low, "has 2 references but refcount 1" },
+	{ "a snapshot's cluster of refcount 0", rw_snapshot_rc0,
+	  "snapshot 1, guest offset 0x0: data cluster at host offset 0x40000: host cluster 0x40000 has 1 references but refcount 0" },
+	{ "refcount block, refcount 2, also a snapshot's data cluster", rw_snapshot_data_on_refblock,
+	  "refcount block at host offset 0x20000, written in place, is also the host cluster of snapshot 1" },
+	{ "compressed cluster inside a data cluster", rw_compressed_in_data,
+	  "guest offset 0x10000: compressed cluster at host offset 0x40200 overlaps the host cluster of guest offset 0x0: data cluster at host offset 0x40000" },
+	{ "compressed cluster on a refcount block", rw_compressed_on_refblock,
+	  "compressed cluster at host offset 0x20000 overlaps the host cluster of refcount block" },
+	{ "two compressed clusters in a host cluster of refcount 1", rw_compressed_rc_low,
+	  "has 2 references but refcount 1" },
+	{ "two guest clusters on one host cluster of refcount 2", rw_alias_rc2, NULL },
+	{ "snapshot, then a copy on write", rw_snapshot_fine, NULL },
+};
+
+/* In-place writes check the refcount again (here changed under the writer,
+ * as only a bug of its own could). */
+static void test_in_place_guard(void)
+{
+	struct qcow2_rw *w = NULL;
+	struct tb b;
+	struct env e;
+	uint64_t h;
+	int r;
+
+	tb_init(&b, 16, 4, false, 4 << 20, 3, false, 0, 0);
+	tb_data(&b, 0, 1);
+	h = tb_host(&b, 0);
+	r = open_writer_on(&b, &e, false, &w);
+	CHECK(r == 0, "clean image opens read-write (%d: %s)", r, last_msg);
+	if (w) {
+		struct tb view = b;
+
+		view.buf = e.meta.cur;
+		tb_rc_set(&view, h >> b.cb, 2);
+		r = qcow2_rw_write(w, "x", 1, 100);
+		CHECK(r == -EUCLEAN && strstr(last_msg, "has refcount 2: not written in place"),
+		      "a cluster of refcount 2 is not written in place (%d: %s)", r, last_msg);
+		CHECK(e.data.nlog == 0 && e.meta.nlog == 0 && e.meta.cur[h + 100] == b.buf[h + 100],
+		      "nothing was written");
+	}
+	qcow2_rw_free(w);
+	env_free(&e);
+	tb_free(&b);
+}
+
+static void test_rw_open_checks(void)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(rw_open_cases); i++) {
+		const struct rw_open_case *c = &rw_open_cases[i];
+		struct qcow2_rw *w = NULL;
+		struct qcow2_check_result res;
+		struct tb b;
+		struct env e;
+		int r;
+
+		tb_init(&b, 16, 4, false, 4 << 20, 3, false, 0, 0);
+		c->make(&b);
+		last_msg[0] = '\0';
+		r = open_writer_on(&b, &e, false, &w);
+		if (c->msg) {
+			CHECK(r == -EUCLEAN && !w && strstr(last_msg, c->msg) && e.meta.nlog == 0,
+			      "%s: refused read-write before any write (%d: %s)", c->what, r, last_msg);
+		} else {
+			CHECK(r == 0, "%s: opens read-write (%d: %s)", c->what, r, last_msg);
+			memset(&res, 0, sizeof(res));
+			CHECK(qcow2_check(e.img, &res) == 0 && !res.corruptions, "%s: and qemu-img check agrees", c->what);
+		}
+		qcow2_rw_free(w);
+		w = NULL;
+		env_free(&e);
+		r = open_writer_on(&b, &e, true, &w);
+		CHECK(r == 0, "%s: opens read-only (%d: %s)", c->what, r, last_msg);
+		if (c->msg) {
+			memset(&res, 0, sizeof(res));
+			CHECK(qcow2_check(e.img, &res) == 0 && res.corruptions, "%s: qemu-img check finds corruptions",
+			      c->what);
+		}
+		qcow2_rw_free(w);
+		env_free(&e);
+		tb_free(&b);
+	}
+}
+
 static const struct scenario scenarios[] = {
 	{ .name = "64k plain", .cb = 16, .order = 4, .version = 3, .vsize = 8 << 20, .n_data = 20, .n_zero = 5,
 	  .n_zero_alloc = 5, .ops = 250, .max_write = 300 << 10, .crash_runs = 12 },
@@ -1530,10 +1750,14 @@ int main(int argc, char **argv)
 		only = argv[1];
 	qs_log_set_callback(log_capture, NULL);
 	qs_log_set_level(verbose ? QS_LOG_DEBUG : QS_LOG_NORMAL);
-	if (!only) {
+	/* argv[1]: only the scenarios whose name contains it ("targeted": no
+	 * scenario, the targeted checks only) */
+	if (!only || !strcmp(only, "targeted")) {
 		test_header_duties();
 		test_subcluster_allocation();
 		test_cow_order();
+		test_rw_open_checks();
+		test_in_place_guard();
 	}
 	for (size_t i = 0; i < ARRAY_SIZE(scenarios); i++) {
 		if (only && !strstr(scenarios[i].name, only))

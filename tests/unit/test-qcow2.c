@@ -205,10 +205,58 @@ static void test_bad(void)
 	}
 }
 
+/* A header cluster full of extensions: every unknown one counted, the first
+ * 64 kept; feature name tables spread over many extensions all read. */
+static void test_many_extensions(void)
+{
+	struct img_io io;
+	struct mem_io mem;
+	struct image *img = NULL;
+	char name[64];
+	struct qb b;
+	uint64_t off = 104, end;
+	uint32_t n = 0, tables = 0;
+	size_t kept = 0;
+	int r;
+
+	qb_init(&b, 16, 1 << 20, 0);
+	end = b.cs - 8;
+	/* 100 feature name tables of one entry (compatible bit i % 64) */
+	for (; tables < 100; tables++, off += 56) {
+		qb_put32(&b, off, 0x6803f857);
+		qb_put32(&b, off + 4, 48);
+		b.buf[off + 8] = 1;
+		b.buf[off + 9] = (uint8_t)(tables % 64);
+		snprintf((char *)b.buf + off + 10, 46, "feature-%u", tables);
+	}
+	for (; off + 8 <= end; off += 8, n++) {
+		qb_put32(&b, off, 0x12345600 + n % 7);
+		qb_put32(&b, off + 4, 0);
+	}
+	qb_put64(&b, 80, 1ULL << 63);	/* a compatible bit the last table with bit 63 names */
+	last_err[0] = '\0';
+	mem_io_init(&io, &mem, b.buf, b.size, "test.qcow2");
+	r = image_open_io(NULL, &io, NULL, &img);
+	CHECK(r == 0, "%u empty extensions and %u feature tables parse (%d %s)", n, tables, r, last_err);
+	if (r == 0) {
+		while (img->unknown_extensions && img->unknown_extensions[kept])
+			kept++;
+		CHECK_EQ_U64(img->nb_unknown_extensions, n, "every unknown extension counted");
+		CHECK_EQ_U64(kept, 64, "the first 64 kept");
+		CHECK(!strcmp(img->unknown_extensions[63], "0x12345600"), "in order (%s)", img->unknown_extensions[63]);
+		CHECK_EQ_U64(img->nb_feature_names, tables, "every feature name table read");
+		CHECK(!strcmp(image_feature_name(img, 1, 63, name, sizeof(name)), "feature-63"),
+		      "names from a later table found (%s)", name);
+	}
+	image_free(img, NULL);
+	qb_free(&b);
+}
+
 int main(void)
 {
 	qs_log_set_callback(capture, NULL);
 	test_plain();
+	test_many_extensions();
 	test_extended_l2();
 	test_bad();
 	return tap_done();
