@@ -794,7 +794,8 @@ int cmd_open_tab(int argc, char **argv)
 			log_std("%s could not be mapped (nofail: going on).", sel[i]->name);
 			continue;
 		}
-		log_err("%s could not be mapped.", sel[i]->name);
+		/* (its reason is the line logged above) */
+		log_verbose("%s could not be mapped.", sel[i]->name);
 		if (!first_err)
 			first_err = r;
 	}

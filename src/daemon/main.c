@@ -213,7 +213,16 @@ static int open_files(struct daemon *d)
 				d->o.holds[i], strerror(-d->hold_fd[i]));
 	}
 	file_opener_init(&fo, rw, &rules);
+	/* `qcowsetup open` passes the files it checked; reattach finds them
+	 * by name (and verify_files makes sure they are the held ones) */
+	fo.given = d->o.given;
+	fo.ngiven = d->o.ngiven;
 	r = image_open(&fo.ops, d->o.image, &oo, &d->img);
+	for (unsigned int i = 0; i < d->o.ngiven; i++)
+		if (d->o.given[i].fd >= 0) {
+			close(d->o.given[i].fd);
+			d->o.given[i].fd = -1;
+		}
 	if (r)
 		return r;
 	r = verify_files(d);

@@ -180,3 +180,8 @@ int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
 	}
 	return 0;
 }
+
+const struct run_list *chain_reader_runs(const struct chain_reader *cr)
+{
+	return &cr->runs;
+}

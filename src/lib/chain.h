@@ -46,4 +46,7 @@ uint64_t chain_reader_size(const struct chain_reader *cr);
  * -errno (-EIO for a corrupt compressed cluster). */
 int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest);
 
+/* The runs it reads (the writer fuzzer compares guest views with them). */
+const struct run_list *chain_reader_runs(const struct chain_reader *cr);
+
 #endif

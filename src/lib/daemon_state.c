@@ -97,6 +97,7 @@ enum arg_kind {
 	ARG_FD,		/* int, -1 when absent */
 	ARG_LAYER,	/* HOST[,CIPHER,KEYSIZE], repeated: layers[] */
 	ARG_HOLD,	/* MAJ:MIN, repeated: holds[] */
+	ARG_GIVEN,	/* DEPTH:i|d:FD, repeated: given[] */
 };
 
 #define FIELD(f) offsetof(struct daemon_args, f), sizeof(((struct daemon_args *)0)->f)
@@ -125,6 +126,7 @@ static const struct daemon_arg {
 	{ "--ready-fd", ARG_FD, FIELD(ready_fd), false },
 	{ "--reattach", ARG_FD, FIELD(reattach), false },
 	{ "--guard", ARG_FD, FIELD(guard_fd), false },
+	{ "--fd", ARG_GIVEN, FIELD(given), false },
 };
 
 void daemon_args_init(struct daemon_args *a)
@@ -201,6 +203,12 @@ int daemon_args_format(const struct daemon_args *a, bool persistent, struct daem
 				if (!(r = add(out, "%s", t->name)))
 					r = add(out, "%s", a->holds[k]);
 			break;
+		case ARG_GIVEN:
+			for (unsigned int k = 0; !r && k < a->ngiven; k++)
+				if (a->given[k].fd >= 0 && !(r = add(out, "%s", t->name)))
+					r = add(out, "%u:%c:%d", a->given[k].depth, a->given[k].data ? 'd' : 'i',
+						a->given[k].fd);
+			break;
 		}
 	}
 	return r;
@@ -239,6 +247,26 @@ static int parse_layer(struct daemon_args *a, const char *arg)
 	return copy_string(l->host, sizeof(l->host), buf);
 }
 
+static int parse_given(struct daemon_args *a, const char *v)
+{
+	char buf[64], *kind, *fd;
+	uint64_t depth, n;
+
+	if (a->ngiven >= DAEMON_MAX_HOLDS || copy_string(buf, sizeof(buf), v))
+		return -EINVAL;
+	kind = strchr(buf, ':');
+	fd = kind ? strchr(kind + 1, ':') : NULL;
+	if (!fd || fd != kind + 2 || (kind[1] != 'i' && kind[1] != 'd'))
+		return -EINVAL;
+	*kind = *fd = '\0';
+	if (parse_u64(buf, 0, &depth) || depth >= IMG_MAX_CHAIN_DEPTH || parse_u64(fd + 1, 0, &n) || n < 3 ||
+	    n > INT_MAX)
+		return -EINVAL;
+	a->given[a->ngiven++] = (struct file_given){ .depth = (unsigned int)depth, .data = kind[1] == 'd',
+						     .fd = (int)n };
+	return 0;
+}
+
 static int parse_value(struct daemon_args *a, const struct daemon_arg *t, const char *v)
 {
 	void *f = (char *)a + t->off;
@@ -266,6 +294,8 @@ static int parse_value(struct daemon_args *a, const struct daemon_arg *t, const 
 		if (a->nholds >= DAEMON_MAX_HOLDS)
 			return -EINVAL;
 		return copy_string(a->holds[a->nholds++], sizeof(a->holds[0]), v);
+	case ARG_GIVEN:
+		return parse_given(a, v);
 	}
 	return -EINVAL;
 }

@@ -15,6 +15,7 @@
 #include <sys/types.h>
 
 #include "dmtable.h"
+#include "fileio.h"
 #include "image.h"
 
 #define QS_RUN_DIR "/run/qcowsetup"
@@ -69,6 +70,8 @@ struct daemon_args {
 	unsigned int flush_interval_ms;	/* write back metadata (and remap) this often */
 	bool debug;
 	/* this start only */
+	struct file_given given[DAEMON_MAX_HOLDS];	/* the chain's files, open */
+	unsigned int ngiven;
 	int ready_fd;			/* "READY nbdN" or "ERROR errno" goes there; -1: none */
 	int reattach;			/* NBD index to take over; -1: connect a new one */
 	int guard_fd;			/* >= 0: run as the guardian, reading this pipe */

@@ -111,9 +111,17 @@ static int opener_open(void *opaque, const struct img_open_req *req, struct img_
 	const struct file_opener *fo = opaque ? opaque : &defaults;
 	bool write = fo->write && (req->role == IMG_FILE_TOP ||
 				   (req->role == IMG_FILE_DATA && req->by && req->by->depth == 0));
-	int fd, r;
+	unsigned int depth = !req->by ? 0 : req->by->depth + (req->role == IMG_FILE_BACKING);
+	int fd = -1, r;
 
-	fd = trust_open(&fo->rules, req, write ? O_RDWR : O_RDONLY);
+	for (unsigned int i = 0; i < fo->ngiven && fd < 0; i++)
+		if (fo->given[i].fd >= 0 && fo->given[i].depth == depth &&
+		    fo->given[i].data == (req->role == IMG_FILE_DATA)) {
+			fd = fo->given[i].fd;
+			fo->given[i].fd = -1;
+		}
+	if (fd < 0)
+		fd = trust_open(&fo->rules, req, write ? O_RDWR : O_RDONLY);
 	if (fd < 0)
 		return fd;
 	r = file_io_from_fd(fd, req->path, io);

@@ -32,12 +32,24 @@ void file_io_free(struct img_io *io);
  * file read-only, no name trusted beyond the rules. */
 extern const struct img_opener file_io_opener;
 
+/* A file of the chain already open: the process that checked it passed it
+ * on (the daemon from `qcowsetup open`). */
+struct file_given {
+	unsigned int depth;	/* the layer: 0 the top */
+	bool data;		/* its external data file, else the image file */
+	int fd;			/* -1 once taken */
+};
+
 /* The same with settings: write opens the top image and its external data
- * file read-write (the backing chain stays read-only). Pass &fo->ops. */
+ * file read-write (the backing chain stays read-only). A file among given
+ * gets that descriptor (taken: the opener owns it) instead of being opened
+ * by its name again. Pass &fo->ops. */
 struct file_opener {
 	struct img_opener ops;
 	struct trust_rules rules;
 	bool write;
+	struct file_given *given;
+	unsigned int ngiven;
 };
 void file_opener_init(struct file_opener *fo, bool write, const struct trust_rules *rules);
 

@@ -416,6 +416,7 @@ static int wait_ready(int fd, pid_t pid, int *nbd_index)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
+			log_err("The slow-path daemon ended without a word.");
 			r = -EIO;
 			break;
 		}
@@ -425,10 +426,13 @@ static int wait_ready(int fd, pid_t pid, int *nbd_index)
 			continue;
 		if (sscanf(line, "READY nbd%d", nbd_index) == 1)
 			return 0;
-		if (sscanf(line, "ERROR %d", &r) == 1 && r > 0)
+		/* it logged why, on our standard error */
+		if (sscanf(line, "ERROR %d", &r) == 1 && r > 0) {
 			r = -r;
-		else
+		} else {
+			log_err("The slow-path daemon said something else than READY.");
 			r = -EIO;
+		}
 		break;
 	}
 	/* it failed: it undoes its own work and exits */
@@ -437,32 +441,57 @@ static int wait_ready(int fd, pid_t pid, int *nbd_index)
 	return r;
 }
 
+/* In the child: close every descriptor but the ready pipe and the given
+ * files, and let those through exec. */
+static void keep_only(const struct daemon_args *a)
+{
+	int keep[DAEMON_MAX_HOLDS + 1], n = 0;
+	unsigned int from = 3;
+
+	keep[n++] = a->ready_fd;
+	for (unsigned int i = 0; i < a->ngiven; i++)
+		if (a->given[i].fd >= 0)
+			keep[n++] = a->given[i].fd;
+	for (int i = 1; i < n; i++)	/* (a few: insertion sort) */
+		for (int k = i; k > 0 && keep[k - 1] > keep[k]; k--) {
+			int t = keep[k];
+
+			keep[k] = keep[k - 1];
+			keep[k - 1] = t;
+		}
+	for (int i = 0; i < n; i++) {
+		if ((unsigned int)keep[i] > from)
+			close_range(from, (unsigned int)keep[i] - 1, 0);
+		fcntl(keep[i], F_SETFD, 0);
+		from = (unsigned int)keep[i] + 1;
+	}
+	close_range(from, ~0U, 0);
+}
+
 /* Start the daemon with args (ready_fd set here) and wait until it serves. */
 static int start_daemon(struct daemon_args *args, pid_t *pid_out, int *nbd_index)
 {
 	struct daemon_argv *argv = NULL;
 	char path[PATH_MAX];
 	int pfd[2], r;
-	pid_t pid;
+	pid_t pid = -1;
 
 	r = daemon_path(path, sizeof(path));
 	if (r)
 		return r;
-	if (pipe2(pfd, O_CLOEXEC) < 0)
-		return -errno;
+	if (pipe2(pfd, O_CLOEXEC) < 0) {
+		r = -errno;
+		log_err("Cannot start the slow-path daemon: %s.", strerror(-r));
+		return r;
+	}
 	args->ready_fd = pfd[1];
 	argv = malloc(sizeof(*argv));
 	r = argv ? daemon_args_format(args, false, argv) : -ENOMEM;
-	if (r) {
-		close(pfd[0]);
-		close(pfd[1]);
-		free(argv);
-		return r;
-	}
 	fflush(NULL);
-	pid = fork();
-	if (pid < 0) {
+	if (!r && (pid = fork()) < 0)
 		r = -errno;
+	if (r) {
+		log_err("Cannot start the slow-path daemon: %s.", strerror(-r));
 		close(pfd[0]);
 		close(pfd[1]);
 		free(argv);
@@ -470,12 +499,9 @@ static int start_daemon(struct daemon_args *args, pid_t *pid_out, int *nbd_index
 	}
 	if (pid == 0) {
 		/* its own session: no terminal signals; nothing of ours but the
-		 * ready pipe (no key pipe, no loop device) */
+		 * ready pipe and the chain's files (no key, no loop device) */
 		setsid();
-		if (pfd[1] > 3)
-			close_range(3, (unsigned int)pfd[1] - 1, 0);
-		close_range((unsigned int)pfd[1] + 1, ~0U, 0);
-		fcntl(pfd[1], F_SETFD, 0);
+		keep_only(args);
 		execv(path, argv->v);
 		fprintf(stderr, "Cannot run %s: %s\n", path, strerror(errno));
 		_exit(127);
@@ -537,6 +563,15 @@ static int spawn_daemon(struct open_ctx *c)
 		r = absolute_path(c->p->data_file, a->data_file, sizeof(a->data_file));
 	if (r)
 		goto out;
+	/* the files this open parsed and checked: the daemon serves these,
+	 * not whatever their names lead to now */
+	for (const struct image *l = c->img; l && a->ngiven + 2 <= DAEMON_MAX_HOLDS; l = l->backing) {
+		a->given[a->ngiven++] = (struct file_given){ .depth = (unsigned int)l->depth,
+							     .fd = file_io_fd(&l->io) };
+		if (l->has_data_file)
+			a->given[a->ngiven++] = (struct file_given){ .depth = (unsigned int)l->depth, .data = true,
+								     .fd = file_io_fd(&l->data_io) };
+	}
 	for (unsigned int d = 0; d < c->nlayers; d++) {
 		struct daemon_layer *l = &a->layers[a->nlayers++];
 
@@ -557,7 +592,7 @@ static int spawn_daemon(struct open_ctx *c)
 	a->debug = c->p->debug;
 	r = start_daemon(a, &c->daemon_pid, &nbd);
 	if (r)
-		log_err("The slow-path daemon failed: %s.", strerror(-r));
+		log_verbose("The slow-path daemon failed: %s.", strerror(-r));
 	else
 		c->daemon_ready = true;
 out:
@@ -1321,7 +1356,7 @@ int mapping_reattach(const char *name, bool debug)
 	a->debug = debug;
 	r = start_daemon(a, &pid, &nbd);
 	if (r)
-		log_err("The new daemon failed: %s.", strerror(-r));
+		log_verbose("The new daemon failed: %s.", strerror(-r));
 	else
 		log_verbose("%s: daemon pid %d serves nbd%d again.", name, (int)pid, nbd);
 out:

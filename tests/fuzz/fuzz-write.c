@@ -178,8 +178,9 @@ struct state {
  * its backing file name. The one that turns out to be the external data
  * file becomes writable. Later opens get the same files by name (the data
  * file: s->data, which the open of the original swaps for its copy). */
-static int open_file(void *opaque, const char *path, struct img_io *io)
+static int open_file(void *opaque, const struct img_open_req *req, struct img_io *io)
 {
+	const char *path = req->path;
 	struct state *s = opaque;
 	struct mfile *f = NULL;
 
