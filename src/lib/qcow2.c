@@ -10,8 +10,6 @@
 #include "qcow2.h"
 #include "util.h"
 
-#define V2_HEADER_SIZE 72
-#define V3_HEADER_SIZE 104
 
 bool image_range_in_file(const struct img_io *io, uint64_t off, uint64_t len)
 {
@@ -507,14 +505,14 @@ int qcow2_open(struct image *img)
 	uint32_t backing_len, l2_entry_size;
 	int r;
 
-	if (img->io.size < V2_HEADER_SIZE) {
+	if (img->io.size < QCOW2_HDR_V2_SIZE) {
 		log_err("%s: file is too small for a qcow2 header (%" PRIu64 " bytes).", img->path, img->io.size);
 		return -EUCLEAN;
 	}
 	hdr = calloc(1, 1U << QCOW2_MAX_CLUSTER_BITS);
 	if (!hdr)
 		return -ENOMEM;
-	r = img_pread(&img->io, hdr, V2_HEADER_SIZE, 0);
+	r = img_pread(&img->io, hdr, QCOW2_HDR_V2_SIZE, 0);
 	if (r < 0)
 		goto out;
 	if (get_be32(hdr) != QCOW_MAGIC) {
@@ -522,24 +520,24 @@ int qcow2_open(struct image *img)
 		r = -EUCLEAN;
 		goto out;
 	}
-	img->version = get_be32(hdr + 4);
+	img->version = get_be32(hdr + QCOW2_HDR_VERSION);
 	if (img->version != 2 && img->version != 3) {
 		log_err("%s: unsupported qcow2 version %u.", img->path, img->version);
 		r = -ENOTSUP;
 		goto out;
 	}
-	backing_off = get_be64(hdr + 8);
-	backing_len = get_be32(hdr + 16);
-	img->cluster_bits = get_be32(hdr + 20);
+	backing_off = get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
+	backing_len = get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
+	img->cluster_bits = get_be32(hdr + QCOW2_HDR_CLUSTER_BITS);
 	/* QEMU: total_sectors = size / 512; a partial last sector does not exist */
-	img->size = get_be64(hdr + 24) & ~511ULL;
-	img->crypt_method = get_be32(hdr + 32);
-	img->l1_size = get_be32(hdr + 36);
-	img->l1_table_offset = get_be64(hdr + 40);
-	img->refcount_table_offset = get_be64(hdr + 48);
-	img->refcount_table_clusters = get_be32(hdr + 56);
-	img->nb_snapshots = get_be32(hdr + 60);
-	img->snapshots_offset = get_be64(hdr + 64);
+	img->size = get_be64(hdr + QCOW2_HDR_SIZE) & ~511ULL;
+	img->crypt_method = get_be32(hdr + QCOW2_HDR_CRYPT_METHOD);
+	img->l1_size = get_be32(hdr + QCOW2_HDR_L1_SIZE);
+	img->l1_table_offset = get_be64(hdr + QCOW2_HDR_L1_OFFSET);
+	img->refcount_table_offset = get_be64(hdr + QCOW2_HDR_REFTABLE_OFFSET);
+	img->refcount_table_clusters = get_be32(hdr + QCOW2_HDR_REFTABLE_CLUSTERS);
+	img->nb_snapshots = get_be32(hdr + QCOW2_HDR_NB_SNAPSHOTS);
+	img->snapshots_offset = get_be64(hdr + QCOW2_HDR_SNAPSHOTS_OFFSET);
 
 	if (img->cluster_bits < QCOW2_MIN_CLUSTER_BITS || img->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
 		log_err("%s: cluster_bits %u is out of range (%d..%d).", img->path, img->cluster_bits,
@@ -551,22 +549,22 @@ int qcow2_open(struct image *img)
 
 	if (img->version == 2) {
 		img->refcount_order = 4;
-		img->header_length = V2_HEADER_SIZE;
+		img->header_length = QCOW2_HDR_V2_SIZE;
 	} else {
-		if (img->io.size < V3_HEADER_SIZE) {
+		if (img->io.size < QCOW2_HDR_V3_SIZE) {
 			log_err("%s: file is too small for a qcow2 v3 header.", img->path);
 			r = -EUCLEAN;
 			goto out;
 		}
-		r = img_pread(&img->io, hdr + V2_HEADER_SIZE, V3_HEADER_SIZE - V2_HEADER_SIZE, V2_HEADER_SIZE);
+		r = img_pread(&img->io, hdr + QCOW2_HDR_V2_SIZE, QCOW2_HDR_V3_SIZE - QCOW2_HDR_V2_SIZE, QCOW2_HDR_V2_SIZE);
 		if (r < 0)
 			goto out;
-		img->incompatible_features = get_be64(hdr + 72);
-		img->compatible_features = get_be64(hdr + 80);
-		img->autoclear_features = get_be64(hdr + 88);
-		img->refcount_order = get_be32(hdr + 96);
-		img->header_length = get_be32(hdr + 100);
-		if (img->header_length < V3_HEADER_SIZE || img->header_length > img->cluster_size ||
+		img->incompatible_features = get_be64(hdr + QCOW2_HDR_INCOMPAT);
+		img->compatible_features = get_be64(hdr + QCOW2_HDR_COMPAT);
+		img->autoclear_features = get_be64(hdr + QCOW2_HDR_AUTOCLEAR);
+		img->refcount_order = get_be32(hdr + QCOW2_HDR_REFCOUNT_ORDER);
+		img->header_length = get_be32(hdr + QCOW2_HDR_HEADER_LENGTH);
+		if (img->header_length < QCOW2_HDR_V3_SIZE || img->header_length > img->cluster_size ||
 		    img->header_length % 8) {
 			log_err("%s: header_length %u is invalid (a multiple of 8 from 104 to the cluster size).", img->path,
 				img->header_length);
@@ -584,8 +582,8 @@ int qcow2_open(struct image *img)
 		r = -EUCLEAN;
 		goto out;
 	}
-	if (img->header_length > V3_HEADER_SIZE)
-		img->compression_type = hdr[104];
+	if (img->header_length > QCOW2_HDR_V3_SIZE)
+		img->compression_type = hdr[QCOW2_HDR_COMPRESSION_TYPE];
 
 	if (img->refcount_order > 6) {
 		log_err("%s: refcount_order %u is invalid (0..6).", img->path, img->refcount_order);

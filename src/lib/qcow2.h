@@ -15,6 +15,34 @@
 #define QCOW2_MAX_BITMAP_DIRECTORY_BYTES (64U << 20)
 #define QCOW2_MAX_UNKNOWN_EXTENSIONS 64	/* kept by name; all are counted */
 
+/* The qcow2 header (docs/interop/qcow2.rst): big-endian fields at these
+ * offsets. Version 2 ends at QCOW2_HDR_V2_SIZE, version 3 adds the feature
+ * words up to QCOW2_HDR_V3_SIZE, and header_length may cover more (the
+ * compression type byte, then padding to a multiple of 8). */
+#define QCOW2_HDR_MAGIC			0	/* u32 */
+#define QCOW2_HDR_VERSION		4	/* u32 */
+#define QCOW2_HDR_BACKING_OFFSET	8	/* u64 */
+#define QCOW2_HDR_BACKING_SIZE		16	/* u32 */
+#define QCOW2_HDR_CLUSTER_BITS		20	/* u32 */
+#define QCOW2_HDR_SIZE			24	/* u64: virtual size */
+#define QCOW2_HDR_CRYPT_METHOD		32	/* u32 */
+#define QCOW2_HDR_L1_SIZE		36	/* u32 */
+#define QCOW2_HDR_L1_OFFSET		40	/* u64 */
+#define QCOW2_HDR_REFTABLE_OFFSET	48	/* u64 */
+#define QCOW2_HDR_REFTABLE_CLUSTERS	56	/* u32 */
+#define QCOW2_HDR_NB_SNAPSHOTS		60	/* u32 */
+#define QCOW2_HDR_SNAPSHOTS_OFFSET	64	/* u64 */
+#define QCOW2_HDR_V2_SIZE		72
+#define QCOW2_HDR_INCOMPAT		72	/* u64 */
+#define QCOW2_HDR_COMPAT		80	/* u64 */
+#define QCOW2_HDR_AUTOCLEAR		88	/* u64 */
+#define QCOW2_HDR_REFCOUNT_ORDER	96	/* u32 */
+#define QCOW2_HDR_HEADER_LENGTH		100	/* u32 */
+#define QCOW2_HDR_V3_SIZE		104
+#define QCOW2_HDR_COMPRESSION_TYPE	104	/* u8, when header_length > 104 */
+/* A header extension: type (u32), length (u32), data padded to 8. */
+#define QCOW2_EXT_HDR_SIZE		8
+
 #define QCOW2_OFLAG_COPIED	(1ULL << 63)
 #define QCOW2_OFLAG_COMPRESSED	(1ULL << 62)
 #define QCOW2_OFLAG_ZERO	(1ULL << 0)

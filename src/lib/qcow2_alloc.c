@@ -29,9 +29,6 @@
 #define DIRTY_L1_MAX		256
 #define BUF_ALIGN		4096
 
-#define HDR_INCOMPAT		72
-#define HDR_AUTOCLEAR		88
-#define HDR_REFTABLE		48	/* offset (8) then clusters (4) */
 
 struct slot {
 	uint64_t off;		/* host offset of the table or block; 0: empty */
@@ -616,9 +613,10 @@ static int grow_reftable(struct qcow2_rw *w, uint64_t need_entries)
 		r = meta_flush(w);
 	if (r)
 		goto out;
+	/* the reftable's offset and clusters, adjacent in the header */
 	put_be64(hdr, a << w->cb);
-	put_be32(hdr + 8, (uint32_t)t);
-	r = meta_write(w, hdr, sizeof(hdr), HDR_REFTABLE);
+	put_be32(hdr + QCOW2_HDR_REFTABLE_CLUSTERS - QCOW2_HDR_REFTABLE_OFFSET, (uint32_t)t);
+	r = meta_write(w, hdr, sizeof(hdr), QCOW2_HDR_REFTABLE_OFFSET);
 	if (!r)
 		r = meta_flush(w);
 	if (r)
@@ -1446,7 +1444,7 @@ static int header_duties(struct qcow2_rw *w)
 		if (img->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
 			log_std("%s: persistent dirty bitmaps are not updated by qcowsetup: they are marked stale.",
 				img->path);
-		r = write_header_u64(w, HDR_AUTOCLEAR, autoclear);
+		r = write_header_u64(w, QCOW2_HDR_AUTOCLEAR, autoclear);
 		if (!r)
 			r = meta_flush(w);
 		if (r < 0)
@@ -1460,7 +1458,7 @@ static int header_duties(struct qcow2_rw *w)
 			w->dirty_bit_set = true;
 			return 0;
 		}
-		r = write_header_u64(w, HDR_INCOMPAT, img->incompatible_features | QCOW2_INCOMPAT_DIRTY);
+		r = write_header_u64(w, QCOW2_HDR_INCOMPAT, img->incompatible_features | QCOW2_INCOMPAT_DIRTY);
 		if (!r)
 			r = meta_flush(w);
 		if (r < 0)
@@ -1565,7 +1563,7 @@ int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end)
 		if (r == 0 && w->dirty_bit_set) {
 			uint64_t f = w->img->incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
 
-			r = write_header_u64(w, HDR_INCOMPAT, f);
+			r = write_header_u64(w, QCOW2_HDR_INCOMPAT, f);
 			if (r == 0)
 				r = meta_flush(w);
 			if (r == 0) {

@@ -309,18 +309,18 @@ static int write_header(struct qcow2_writer *w, uint32_t l1_size, uint64_t l1_of
 	h = calloc(1, w->cs);
 	if (!h)
 		return -ENOMEM;
-	put_be32(h, QCOW_MAGIC);
-	put_be32(h + 4, 3);
-	put_be32(h + 20, w->cluster_bits);
-	put_be64(h + 24, w->size);
-	put_be32(h + 32, w->encrypted ? IMG_CRYPT_LUKS : IMG_CRYPT_NONE);
-	put_be32(h + 36, l1_size);
-	put_be64(h + 40, l1_offset);
-	put_be64(h + 48, reftable_offset);
-	put_be32(h + 56, (uint32_t)reftable_clusters);
+	put_be32(h + QCOW2_HDR_MAGIC, QCOW_MAGIC);
+	put_be32(h + QCOW2_HDR_VERSION, 3);
+	put_be32(h + QCOW2_HDR_CLUSTER_BITS, w->cluster_bits);
+	put_be64(h + QCOW2_HDR_SIZE, w->size);
+	put_be32(h + QCOW2_HDR_CRYPT_METHOD, w->encrypted ? IMG_CRYPT_LUKS : IMG_CRYPT_NONE);
+	put_be32(h + QCOW2_HDR_L1_SIZE, l1_size);
+	put_be64(h + QCOW2_HDR_L1_OFFSET, l1_offset);
+	put_be64(h + QCOW2_HDR_REFTABLE_OFFSET, reftable_offset);
+	put_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS, (uint32_t)reftable_clusters);
 	/* 60 nb_snapshots, 64 snapshots_offset, 72..95 feature bits: 0 */
-	put_be32(h + 96, QW_REFCOUNT_ORDER);
-	put_be32(h + 100, QW_HEADER_LENGTH);
+	put_be32(h + QCOW2_HDR_REFCOUNT_ORDER, QW_REFCOUNT_ORDER);
+	put_be32(h + QCOW2_HDR_HEADER_LENGTH, QW_HEADER_LENGTH);
 	h[104] = QCOW2_COMPRESSION_ZLIB;
 
 	/* extensions in QEMU's order */
@@ -341,8 +341,8 @@ static int write_header(struct qcow2_writer *w, uint32_t l1_size, uint64_t l1_of
 	p += 8;		/* QCOW2_EXT_END */
 	if (w->backing_file) {
 		n = strlen(w->backing_file);
-		put_be64(h + 8, p);
-		put_be32(h + 16, (uint32_t)n);
+		put_be64(h + QCOW2_HDR_BACKING_OFFSET, p);
+		put_be32(h + QCOW2_HDR_BACKING_SIZE, (uint32_t)n);
 		memcpy(h + p, w->backing_file, n);
 	}
 	r = fd_pwrite_all(w->fd, h, w->cs, 0);
