@@ -8,7 +8,7 @@
  * source key, checked with legacy_key_check; LUKS with its volume key;
  * decompressing compressed clusters), every data cluster of the result is
  * encrypted with a new volume key and IV = its host sector (OpenSSL; aes
- * only) and written by qcow2_writer.
+ * only) and written by qcow2_create.c.
  *
  * Sparseness: the cluster size is the source's (raw: 64 KiB) unless
  * --cluster-size; a cluster unallocated in the source stays unallocated;
@@ -46,7 +46,7 @@
 #include "keys.h"
 #include "log.h"
 #include "passphrase.h"
-#include "qcow2_writer.h"
+#include "qcow2_create.h"
 #include "fileio.h"
 #include "qcowsetup.h"
 #include "util.h"
@@ -369,16 +369,16 @@ struct convert {
 	uint64_t size;			/* guest bytes */
 	uint64_t cs;
 	uint64_t nclusters;
-	struct qcow2_writer *w;
+	struct qcow2_create *w;
 	struct luks_data_cipher *cipher;
 	struct progress prog;
 	const char *out_name;		/* for messages */
 };
 
-/* qcow2_writer_add, with the message a failed write deserves */
-static int writer_add(struct convert *c, uint64_t count, enum qw_state state, const void *data)
+/* qcow2_create_add, with the message a failed write deserves */
+static int writer_add(struct convert *c, uint64_t count, enum qcow2_create_state state, const void *data)
 {
-	int r = qcow2_writer_add(c->w, count, state, data);
+	int r = qcow2_create_add(c->w, count, state, data);
 
 	if (r < 0 && r != -ENOMEM)
 		log_err("Cannot write %s: %s.", c->out_name, strerror(-r));
@@ -389,7 +389,7 @@ static int writer_add(struct convert *c, uint64_t count, enum qw_state state, co
  * offsets they get. */
 static int write_group(struct convert *c, uint8_t *buf, uint64_t count)
 {
-	uint64_t host = qcow2_writer_next_data_offset(c->w);
+	uint64_t host = qcow2_create_next_data_offset(c->w);
 	int r;
 
 	if (!count)
@@ -399,7 +399,7 @@ static int write_group(struct convert *c, uint8_t *buf, uint64_t count)
 		log_err("Encryption failed.");
 		return r;
 	}
-	return writer_add(c, count, QW_DATA, buf);
+	return writer_add(c, count, QCOW2_CREATE_DATA, buf);
 }
 
 /* Clusters [first, first+count), whose content must be read: data, or a
@@ -420,7 +420,7 @@ static int convert_batch(struct convert *c, uint8_t *buf, uint64_t first, uint64
 		r = write_group(c, buf + gstart * c->cs, i - gstart);
 		if (r < 0)
 			return r;
-		r = writer_add(c, 1, c->keep_backing || had_zero[i] ? QW_ZERO : QW_UNALLOC, NULL);
+		r = writer_add(c, 1, c->keep_backing || had_zero[i] ? QCOW2_CREATE_ZERO : QCOW2_CREATE_UNALLOC, NULL);
 		if (r < 0)
 			return r;
 		gstart = i + 1;
@@ -466,14 +466,14 @@ static int convert_clusters(struct convert *c)
 	while (cl < c->nclusters) {
 		uint64_t start = cl * c->cs, end = MIN(start + c->cs, c->size), n = 0;
 		const struct run *rn = find_run(&c->alloc, start);
-		enum qw_state state = QW_UNALLOC;
+		enum qcow2_create_state state = QCOW2_CREATE_UNALLOC;
 
 		/* whole clusters inside one unallocated or zero run: at once */
 		if (rn && (rn->kind == RUN_UNALLOC || rn->kind == RUN_ZERO)) {
 			uint64_t rend = rn->guest + rn->len;
 
 			n = rend >= c->size ? c->nclusters - cl : (rend - start) / c->cs;
-			state = rn->kind == RUN_ZERO ? QW_ZERO : QW_UNALLOC;
+			state = rn->kind == RUN_ZERO ? QCOW2_CREATE_ZERO : QCOW2_CREATE_UNALLOC;
 		}
 		/* a raw source: whole clusters in a hole of the file, unread */
 		if (!n && c->src->format == IMG_FMT_RAW && !c->src->backing)
@@ -496,7 +496,7 @@ static int convert_clusters(struct convert *c)
 				continue;
 			}
 			n = 1;
-			state = k.zero ? QW_ZERO : QW_UNALLOC;
+			state = k.zero ? QCOW2_CREATE_ZERO : QCOW2_CREATE_UNALLOC;
 		}
 		if (pending) {
 			r = convert_batch(c, buf, first, pending, had_zero);
@@ -734,7 +734,7 @@ int cmd_convert(int argc, char **argv)
 	char *real_src = NULL;
 	struct image_open_opts oo = { .format = opt.format, .snapshot = opt.snapshot };
 	struct convert c;
-	struct qcow2_writer_params wp = { 0 };
+	struct qcow2_create_params wp = { 0 };
 	struct luks_format_params fp;
 	struct passphrase *src_pp = NULL, *new_pp = NULL;
 	struct volume_key *vk = NULL;
@@ -913,7 +913,7 @@ int cmd_convert(int argc, char **argv)
 	wp.backing_format = backing_format;
 	wp.crypt_header = region;
 	wp.crypt_header_len = region_len;
-	r = qcow2_writer_new(o.fd, &wp, &c.w);
+	r = qcow2_create_begin(o.fd, &wp, &c.w);
 	if (r < 0) {
 		if (r != -EINVAL && r != -EFBIG && r != -ENOMEM)
 			log_err("Cannot write %s: %s.", o.tmp, strerror(-r));
@@ -923,7 +923,7 @@ int cmd_convert(int argc, char **argv)
 	progress_start(&c.prog, "Converting", c.size);
 	r = convert_clusters(&c);
 	if (r == 0) {
-		r = qcow2_writer_finish(c.w);
+		r = qcow2_create_finish(c.w);
 		if (r < 0 && r != -ENOMEM)
 			log_err("Cannot write %s: %s.", o.tmp, strerror(-r));
 	}
@@ -946,7 +946,7 @@ int cmd_convert(int argc, char **argv)
 out:
 	if (o.fd >= 0 && o.tmp)
 		out_file_abort(&o);
-	qcow2_writer_free(c.w);
+	qcow2_create_free(c.w);
 	luks_data_cipher_free(c.cipher);
 	reader_free(&c.rd);
 	run_list_free(&c.alloc);

@@ -21,7 +21,7 @@
 #include "cmd_keys.h"
 #include "keys.h"
 #include "log.h"
-#include "qcow2_writer.h"
+#include "qcow2_create.h"
 #include "qcowsetup.h"
 #include "util.h"
 
@@ -62,11 +62,11 @@ static int check_replaceable(const char *path)
 int cmd_format(int argc, char **argv)
 {
 	const char *path = argv[0];
-	struct qcow2_writer_params wp = { 0 };
+	struct qcow2_create_params wp = { 0 };
 	struct luks_format_params fp;
 	struct passphrase *pp = NULL;
 	struct volume_key *vk = NULL;
-	struct qcow2_writer *w = NULL;
+	struct qcow2_create *w = NULL;
 	struct image *backing = NULL;
 	struct out_file o = { .fd = -1 };
 	char name[33], mode[33], *backing_path = NULL;
@@ -148,11 +148,11 @@ int cmd_format(int argc, char **argv)
 	wp.backing_format = kopt.backing_format;
 	wp.crypt_header = region;
 	wp.crypt_header_len = region_len;
-	r = qcow2_writer_new(o.fd, &wp, &w);
+	r = qcow2_create_begin(o.fd, &wp, &w);
 	if (r == 0)
-		r = qcow2_writer_add(w, (size + cs - 1) / cs, QW_UNALLOC, NULL);
+		r = qcow2_create_add(w, (size + cs - 1) / cs, QCOW2_CREATE_UNALLOC, NULL);
 	if (r == 0)
-		r = qcow2_writer_finish(w);
+		r = qcow2_create_finish(w);
 	if (r < 0) {
 		if (r != -EINVAL && r != -EFBIG)
 			log_err("Cannot write %s: %s", o.tmp, strerror(-r));
@@ -165,7 +165,7 @@ int cmd_format(int argc, char **argv)
 out:
 	if (r < 0 && o.fd >= 0)
 		out_file_abort(&o);
-	qcow2_writer_free(w);
+	qcow2_create_free(w);
 	free(region);
 	volume_key_free(vk);
 	passphrase_free(pp);

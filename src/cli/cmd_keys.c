@@ -6,7 +6,7 @@
  *   qcowsetup change-key IMAGE [NEW_KEY_FILE]
  *   qcowsetup dump-keys IMAGE
  * The header region is edited in memory by libcryptsetup (crypto_luks.c)
- * and written back in place in a crash-safe order (qcow2_writer.c): new key
+ * and written back in place in a crash-safe order (qcow2_create.c): new key
  * material first, then the header sector, then the wiping of removed
  * slots, with an fsync after each. The volume key never changes, so these
  * work on images that are mapped; they refuse while QEMU has the image
@@ -33,7 +33,7 @@
 #include "log.h"
 #include "loop.h"
 #include "passphrase.h"
-#include "qcow2_writer.h"
+#include "qcow2_create.h"
 #include "fileio.h"
 #include "qcowsetup.h"
 #include "util.h"
@@ -657,7 +657,7 @@ static int keyimg_store(struct keyimg *k, const uint8_t *new)
 	uint8_t *back;
 	int r;
 
-	r = qcow2_writer_update_crypt_header(k->fd, k->off, k->region, new, k->len);
+	r = qcow2_update_crypt_header(k->fd, k->off, k->region, new, k->len);
 	if (r < 0) {
 		log_err("%s: cannot write the LUKS header: %s", k->path, strerror(-r));
 		return r;

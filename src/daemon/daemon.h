@@ -12,7 +12,7 @@
 #include "dmtable.h"
 #include "fileio.h"
 #include "image.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "runs.h"
 
 #define DAEMON_REMAP_QUEUE	65536

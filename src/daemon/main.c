@@ -7,7 +7,7 @@
  *   - connects a kernel NBD device to one end of a socketpair and serves it
  *     (server.c): guest offsets 1:1; reads of zero, unallocated, backing,
  *     compressed and shared clusters; writes with allocation and
- *     copy-on-write through the metadata writer (src/lib/qcow2_alloc.c),
+ *     copy-on-write through the metadata writer (src/lib/qcow2_rw.c),
  *     the data through the crypt device for LUKS images; flush and FUA make
  *     data and metadata durable,
  *   - creates the top device (and its segments): clusters of the top layer

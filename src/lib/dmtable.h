@@ -90,7 +90,7 @@ struct dm_stack_params {
 	 * refused and zero or unallocated ranges map to zero targets. With it,
 	 * compressed runs map to it; and read-write (!read_only), so does
 	 * every run except the data of layer 0 flagged RUN_F_WRITABLE
-	 * (clusters with refcount 1, see qcow2_alloc.h): writes to those go
+	 * (clusters with refcount 1, see qcow2_rw.h): writes to those go
 	 * straight to the file, everything else to the daemon. */
 	const char *slow_dev;
 };

@@ -10,7 +10,7 @@
 
 #include "chain.h"
 #include "image.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "trust.h"
 
 /* img_io over fd (a regular file, or a block device), named path for

@@ -4,10 +4,10 @@
  * lacks (libblkid plus an entropy test).
  *
  * Each outside library is included by one file only:
- *   crypto_luks.c    libcryptsetup   luks_*
- *   crypto_openssl.c OpenSSL         legacy_aes_*
- *   probe_blkid.c    libblkid        probe_signature
- *   keycheck.c       none            key_*, legacy_key_check
+ *   crypto_luks.c      libcryptsetup   luks_*
+ *   crypto_openssl.c   OpenSSL         legacy_aes_*
+ *   probe_blkid.c      libblkid        probe_signature
+ *   legacy_key_check.c none            key_*, legacy_key_check
  * Passphrases and volume keys in memory: secure.h (secure.c).
  * Nothing here ever logs key or passphrase bytes. */
 #ifndef QS_KEYS_H
@@ -104,7 +104,7 @@ int legacy_aes_encrypt(const struct volume_key *vk, uint64_t first_guest_sector,
  * 0 none, -errno. */
 int probe_signature(const void *buf, size_t len, char *type, size_t typelen);
 
-/* ---- Plausibility of decrypted data (keycheck.c) ---- */
+/* ---- Plausibility of decrypted data (legacy_key_check.c) ---- */
 
 #define KEY_CHECK_WINDOW (1U << 20)	/* guest bytes probed with libblkid */
 #define KEY_CHECK_MAX_SECTORS 256	/* allocated sectors sampled */
@@ -135,7 +135,7 @@ int legacy_key_check(struct image *img, const struct volume_key *vk);
  * memory: the caller reads it, these functions hand it to libcryptsetup
  * through a memfd (as luks_unlock does) and copy the result back into the
  * same buffer; the caller then writes it to the image in a crash-safe order
- * (qcow2_writer_update_crypt_header). The data key never changes. */
+ * (qcow2_update_crypt_header). The data key never changes. */
 
 /* PBKDF2 cost of new key slots: iterations forces a count (no benchmark),
  * else iter_time_ms (0 = libcryptsetup's default, 2 s) is benchmarked. */

@@ -36,7 +36,7 @@
 #include "log.h"
 #include "loop.h"
 #include "nbd.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "mapping.h"
 #include "stack.h"
 #include "trust.h"

@@ -1,4 +1,4 @@
-/* libFuzzer target for the metadata writer (qcow2_alloc.c) on crafted
+/* libFuzzer target for the metadata writer (qcow2_rw.c) on crafted
  * images. The input is a qcow2 image, optionally followed by a script of
  * operations and a 4-byte trailer (script length, big endian, then 0x0f
  * 0x5a); without the trailer the whole input is the image and the script is
@@ -41,7 +41,7 @@
 #include "io.h"
 #include "log.h"
 #include "qcow2.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "runs.h"
 #include "util.h"
 

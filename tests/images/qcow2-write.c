@@ -1,5 +1,5 @@
 /* Test driver: seeded random guest writes through the metadata writer
- * (qcow2_alloc.c) to a real qcow2 file made by qemu-img, and the same
+ * (qcow2_rw.c) to a real qcow2 file made by qemu-img, and the same
  * writes to a raw reference, for `qemu-img check` and `qemu-img compare`
  * to judge (tests/images/test-write.sh).
  *
@@ -26,7 +26,7 @@
 #include "fileio.h"
 #include "image.h"
 #include "log.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "sysutil.h"
 #include "util.h"
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Automake test: the metadata writer (src/lib/qcow2_alloc.c) on images made
+# Automake test: the metadata writer (src/lib/qcow2_rw.c) on images made
 # by qemu-img, judged by qemu-img. For each image: qemu-img convert gives the
 # raw reference, tests/images/qcow2-write applies the same seeded random
 # writes (1 byte to 4 MiB, aligned and not) to the image and to the

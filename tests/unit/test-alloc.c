@@ -1,4 +1,4 @@
-/* The qcow2 metadata writer (qcow2_alloc.c) on images built in memory.
+/* The qcow2 metadata writer (qcow2_rw.c) on images built in memory.
  *
  * Every scenario applies seeded random guest writes (a few bytes to several
  * clusters, aligned and not) to the image and to a raw reference, and checks:
@@ -30,7 +30,7 @@
 #include "image.h"
 #include "log.h"
 #include "qcow2.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "tap.h"
 #include "util.h"
 

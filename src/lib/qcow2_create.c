@@ -1,5 +1,5 @@
-/* Writing qcow2 metadata: new images and in-place LUKS header updates.
- * See qcow2_writer.h for the layout and the write order. */
+/* Creating qcow2 images and in-place LUKS header updates. See
+ * qcow2_create.h for the layout and the write order. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -9,21 +9,21 @@
 #include "keys.h"
 #include "log.h"
 #include "qcow2.h"
-#include "qcow2_writer.h"
+#include "qcow2_create.h"
 #include "sysutil.h"
 #include "util.h"
 
-#define QW_HEADER_LENGTH	112	/* v3 header with compression_type, as QEMU 5.1+ */
-#define QW_REFCOUNT_ORDER	4	/* 16-bit refcounts, QEMU's default */
-#define QW_WRITE_BUFFER		(8U << 20)
-#define QW_SECTOR		512U
+#define NEW_HEADER_LENGTH	112	/* v3 header with compression_type, as QEMU 5.1+ */
+#define NEW_REFCOUNT_ORDER	4	/* 16-bit refcounts, QEMU's default */
+#define WRITE_BUFFER		(8U << 20)
+#define SECTOR		512U
 
-struct qw_extent {
+struct extent {
 	uint64_t count;
 	uint8_t state;
 };
 
-struct qcow2_writer {
+struct qcow2_create {
 	int fd;
 	uint64_t size;
 	uint32_t cluster_bits;
@@ -38,7 +38,7 @@ struct qcow2_writer {
 	uint64_t pos;		/* guest clusters declared */
 	uint64_t data_offset;	/* first data cluster */
 	uint64_t ndata;		/* data clusters written */
-	struct qw_extent *ext;
+	struct extent *ext;
 	size_t next, ext_alloc;
 
 	uint8_t *wbuf;		/* pending sequential data */
@@ -53,12 +53,12 @@ static int sync_fd(int fd, bool data_only)
 	return r < 0 ? -errno : 0;
 }
 
-uint64_t qcow2_writer_next_data_offset(const struct qcow2_writer *w)
+uint64_t qcow2_create_next_data_offset(const struct qcow2_create *w)
 {
 	return w->data_offset + w->ndata * w->cs;
 }
 
-void qcow2_writer_free(struct qcow2_writer *w)
+void qcow2_create_free(struct qcow2_create *w)
 {
 	if (!w)
 		return;
@@ -70,9 +70,9 @@ void qcow2_writer_free(struct qcow2_writer *w)
 }
 
 /* Bytes the header cluster needs: header, extensions, backing name. */
-static uint64_t header_bytes(const struct qcow2_writer *w)
+static uint64_t header_bytes(const struct qcow2_create *w)
 {
-	uint64_t n = QW_HEADER_LENGTH;
+	uint64_t n = NEW_HEADER_LENGTH;
 
 	if (w->backing_format)
 		n += 8 + round_up_pow2(strlen(w->backing_format), 8);
@@ -84,9 +84,9 @@ static uint64_t header_bytes(const struct qcow2_writer *w)
 	return n;
 }
 
-int qcow2_writer_new(int fd, const struct qcow2_writer_params *p, struct qcow2_writer **out)
+int qcow2_create_begin(int fd, const struct qcow2_create_params *p, struct qcow2_create **out)
 {
-	struct qcow2_writer *w;
+	struct qcow2_create *w;
 	uint64_t clusters, bytes;
 	uint8_t *pad = NULL;
 	int r;
@@ -136,7 +136,7 @@ int qcow2_writer_new(int fd, const struct qcow2_writer_params *p, struct qcow2_w
 		r = -EINVAL;
 		goto fail;
 	}
-	w->wbuf = malloc(QW_WRITE_BUFFER);
+	w->wbuf = malloc(WRITE_BUFFER);
 	if (!w->wbuf)
 		goto nomem;
 
@@ -166,11 +166,11 @@ nomem:
 	r = -ENOMEM;
 fail:
 	free(pad);
-	qcow2_writer_free(w);
+	qcow2_create_free(w);
 	return r;
 }
 
-static int flush_data(struct qcow2_writer *w)
+static int flush_data(struct qcow2_create *w)
 {
 	int r;
 
@@ -184,9 +184,9 @@ static int flush_data(struct qcow2_writer *w)
 	return 0;
 }
 
-static int add_extent(struct qcow2_writer *w, uint64_t count, enum qw_state state)
+static int add_extent(struct qcow2_create *w, uint64_t count, enum qcow2_create_state state)
 {
-	struct qw_extent *n;
+	struct extent *n;
 
 	if (w->next && w->ext[w->next - 1].state == state) {
 		w->ext[w->next - 1].count += count;
@@ -201,27 +201,27 @@ static int add_extent(struct qcow2_writer *w, uint64_t count, enum qw_state stat
 		w->ext = n;
 		w->ext_alloc = alloc;
 	}
-	w->ext[w->next++] = (struct qw_extent){ .count = count, .state = (uint8_t)state };
+	w->ext[w->next++] = (struct extent){ .count = count, .state = (uint8_t)state };
 	return 0;
 }
 
-int qcow2_writer_add(struct qcow2_writer *w, uint64_t count, enum qw_state state, const void *data)
+int qcow2_create_add(struct qcow2_create *w, uint64_t count, enum qcow2_create_state state, const void *data)
 {
 	uint64_t bytes;
 	int r;
 
 	if (!count)
 		return 0;
-	if (count > w->guest_clusters - w->pos || state > QW_DATA || (state == QW_DATA && !data))
+	if (count > w->guest_clusters - w->pos || state > QCOW2_CREATE_DATA || (state == QCOW2_CREATE_DATA && !data))
 		return -EINVAL;
-	if (state == QW_DATA) {
+	if (state == QCOW2_CREATE_DATA) {
 		bytes = count << w->cluster_bits;
-		if (w->wlen + bytes > QW_WRITE_BUFFER) {
+		if (w->wlen + bytes > WRITE_BUFFER) {
 			r = flush_data(w);
 			if (r < 0)
 				return r;
 		}
-		if (bytes > QW_WRITE_BUFFER) {
+		if (bytes > WRITE_BUFFER) {
 			r = fd_pwrite_all(w->fd, data, (size_t)bytes, w->woff);
 			if (r < 0)
 				return r;
@@ -240,7 +240,7 @@ int qcow2_writer_add(struct qcow2_writer *w, uint64_t count, enum qw_state state
 }
 
 /* Write the L2 tables from host offset *next (advanced), fill l1. */
-static int write_l2_tables(struct qcow2_writer *w, uint64_t *l1, uint64_t *next)
+static int write_l2_tables(struct qcow2_create *w, uint64_t *l1, uint64_t *next)
 {
 	uint64_t n = w->cs / 8, g = 0, host_data = w->data_offset, cur = UINT64_MAX;
 	bool used = false;
@@ -251,7 +251,7 @@ static int write_l2_tables(struct qcow2_writer *w, uint64_t *l1, uint64_t *next)
 	if (!l2)
 		return -ENOMEM;
 	for (size_t i = 0; i < w->next; i++) {
-		const struct qw_extent *e = &w->ext[i];
+		const struct extent *e = &w->ext[i];
 
 		for (uint64_t k = 0; k < e->count;) {
 			uint64_t idx = g / n, first = g % n, in_table = MIN(e->count - k, n - first);
@@ -268,12 +268,12 @@ static int write_l2_tables(struct qcow2_writer *w, uint64_t *l1, uint64_t *next)
 				cur = idx;
 				used = false;
 			}
-			if (e->state != QW_UNALLOC) {
+			if (e->state != QCOW2_CREATE_UNALLOC) {
 				used = true;
 				for (uint64_t j = 0; j < in_table; j++) {
 					uint64_t entry;
 
-					if (e->state == QW_ZERO) {
+					if (e->state == QCOW2_CREATE_ZERO) {
 						entry = QCOW2_OFLAG_ZERO;
 					} else {
 						entry = host_data | QCOW2_OFLAG_COPIED;
@@ -298,11 +298,11 @@ out:
 	return r;
 }
 
-static int write_header(struct qcow2_writer *w, uint32_t l1_size, uint64_t l1_offset,
+static int write_header(struct qcow2_create *w, uint32_t l1_size, uint64_t l1_offset,
 			uint64_t reftable_offset, uint64_t reftable_clusters)
 {
 	uint8_t *h;
-	uint64_t p = QW_HEADER_LENGTH;
+	uint64_t p = NEW_HEADER_LENGTH;
 	size_t n;
 	int r;
 
@@ -319,8 +319,8 @@ static int write_header(struct qcow2_writer *w, uint32_t l1_size, uint64_t l1_of
 	put_be64(h + QCOW2_HDR_REFTABLE_OFFSET, reftable_offset);
 	put_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS, (uint32_t)reftable_clusters);
 	/* 60 nb_snapshots, 64 snapshots_offset, 72..95 feature bits: 0 */
-	put_be32(h + QCOW2_HDR_REFCOUNT_ORDER, QW_REFCOUNT_ORDER);
-	put_be32(h + QCOW2_HDR_HEADER_LENGTH, QW_HEADER_LENGTH);
+	put_be32(h + QCOW2_HDR_REFCOUNT_ORDER, NEW_REFCOUNT_ORDER);
+	put_be32(h + QCOW2_HDR_HEADER_LENGTH, NEW_HEADER_LENGTH);
 	h[104] = QCOW2_COMPRESSION_ZLIB;
 
 	/* extensions in QEMU's order */
@@ -350,9 +350,9 @@ static int write_header(struct qcow2_writer *w, uint32_t l1_size, uint64_t l1_of
 	return r;
 }
 
-int qcow2_writer_finish(struct qcow2_writer *w)
+int qcow2_create_finish(struct qcow2_create *w)
 {
-	uint64_t n = w->cs / 8, rpb = w->cs * 8 / (1U << QW_REFCOUNT_ORDER);
+	uint64_t n = w->cs / 8, rpb = w->cs * 8 / (1U << NEW_REFCOUNT_ORDER);
 	uint64_t l1_size, l1_clusters, next, l1_offset, base, rt = 1, rb = 1, total, reft_offset, rb_offset;
 	uint64_t *l1 = NULL;
 	uint8_t *buf = NULL;
@@ -460,25 +460,25 @@ static int write_changed(int fd, uint64_t off, const uint8_t *old, const uint8_t
 
 	while (s < end) {
 		e = s;
-		while (e < end && !(skip && skip[e / QW_SECTOR]) &&
-		       memcmp(old + e, new + e, (size_t)MIN((uint64_t)QW_SECTOR, end - e)))
-			e = MIN(end, e + QW_SECTOR);
+		while (e < end && !(skip && skip[e / SECTOR]) &&
+		       memcmp(old + e, new + e, (size_t)MIN((uint64_t)SECTOR, end - e)))
+			e = MIN(end, e + SECTOR);
 		if (e == s) {
-			s = MIN(end, s + QW_SECTOR);
+			s = MIN(end, s + SECTOR);
 			continue;
 		}
 		r = fd_pwrite_all(fd, new + s, (size_t)(e - s), off + s);
 		if (r < 0)
 			return r;
 		if (skip)
-			memset(skip + s / QW_SECTOR, 1, (size_t)((e - s + QW_SECTOR - 1) / QW_SECTOR));
+			memset(skip + s / SECTOR, 1, (size_t)((e - s + SECTOR - 1) / SECTOR));
 		*wrote = true;
 		s = e;
 	}
 	return 0;
 }
 
-int qcow2_writer_update_crypt_header(int fd, uint64_t off, const uint8_t *old, const uint8_t *new,
+int qcow2_update_crypt_header(int fd, uint64_t off, const uint8_t *old, const uint8_t *new,
 				     uint64_t len)
 {
 	struct luks_info oi, ni;
@@ -489,13 +489,13 @@ int qcow2_writer_update_crypt_header(int fd, uint64_t off, const uint8_t *old, c
 
 	if (luks_parse_header(old, len, &oi) < 0 || luks_parse_header(new, len, &ni) < 0)
 		return -EUCLEAN;
-	done = calloc(1, (size_t)((len + QW_SECTOR - 1) / QW_SECTOR));
+	done = calloc(1, (size_t)((len + SECTOR - 1) / SECTOR));
 	if (!done)
 		return -ENOMEM;
 	for (int i = 0; i < LUKS_NUM_SLOTS; i++)
 		if (ni.slots[i].key_offset >= LUKS_PHDR_SIZE)
 			hdr_end = MIN(hdr_end, ni.slots[i].key_offset);
-	hdr_end = MIN(len, round_up_pow2(hdr_end, QW_SECTOR));
+	hdr_end = MIN(len, round_up_pow2(hdr_end, SECTOR));
 
 	/* 1: key material of the slots new enables (or keeps): a crash here
 	 * leaves the old header, which does not point at it */
@@ -504,7 +504,7 @@ int qcow2_writer_update_crypt_header(int fd, uint64_t off, const uint8_t *old, c
 
 		if (!ni.slots[i].active)
 			continue;
-		e = MIN(len, s + round_up_pow2((uint64_t)ni.key_bytes * ni.slots[i].stripes, QW_SECTOR));
+		e = MIN(len, s + round_up_pow2((uint64_t)ni.key_bytes * ni.slots[i].stripes, SECTOR));
 		r = write_changed(fd, off, old, new, s, e, done, &wrote);
 		if (r < 0)
 			goto out;

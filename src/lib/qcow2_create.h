@@ -1,6 +1,8 @@
-/* Writing qcow2 metadata: new images (format, convert) and in-place updates
- * of the LUKS header region (key slots), in an order that leaves a usable
- * image at every step.
+/* Creating qcow2 images (format, convert: qcow2_create_*) and updating
+ * the LUKS header region of an image in place (key slots:
+ * qcow2_update_crypt_header), written to a descriptor in an order that
+ * leaves a usable image at every step. Not the writer of read-write
+ * mappings: that is qcow2_rw.h.
  *
  * New images are qcow2 v3 (compat 1.1), refcount_order 4, no lazy
  * refcounts, laid out as:
@@ -13,20 +15,20 @@
  * header is written last, after an fsync of everything else, and fsynced:
  * a file with a valid header is complete. The caller writes new images
  * beside their final name and renames them into place. */
-#ifndef QS_QCOW2_WRITER_H
-#define QS_QCOW2_WRITER_H
+#ifndef QS_QCOW2_CREATE_H
+#define QS_QCOW2_CREATE_H
 
 #include <stdbool.h>
 #include <stdint.h>
 
 /* What a guest cluster of the new image is. */
-enum qw_state {
-	QW_UNALLOC = 0,	/* not allocated: the backing file, or zeros */
-	QW_ZERO,	/* zero cluster (v3 zero flag, no host cluster) */
-	QW_DATA,	/* data cluster, written by the caller's data */
+enum qcow2_create_state {
+	QCOW2_CREATE_UNALLOC = 0,	/* not allocated: the backing file, or zeros */
+	QCOW2_CREATE_ZERO,	/* zero cluster (v3 zero flag, no host cluster) */
+	QCOW2_CREATE_DATA,	/* data cluster, written by the caller's data */
 };
 
-struct qcow2_writer_params {
+struct qcow2_create_params {
 	uint64_t size;			/* guest bytes */
 	uint32_t cluster_bits;		/* 9..21 */
 	const char *backing_file;	/* NULL: none */
@@ -35,28 +37,28 @@ struct qcow2_writer_params {
 	uint64_t crypt_header_len;
 };
 
-struct qcow2_writer;
+struct qcow2_create;
 
 /* Start a new image on fd (an empty file opened for writing). Writes the
  * LUKS header region at once. Returns 0, -EINVAL (parameters: size,
  * cluster size, a backing name that does not fit in the header cluster),
  * -EFBIG (an image too large for the format), -ENOMEM or the write error. */
-int qcow2_writer_new(int fd, const struct qcow2_writer_params *p, struct qcow2_writer **out);
-void qcow2_writer_free(struct qcow2_writer *w);
+int qcow2_create_begin(int fd, const struct qcow2_create_params *p, struct qcow2_create **out);
+void qcow2_create_free(struct qcow2_create *w);
 
 /* Host offset the next data cluster will get: what its IV derives from. */
-uint64_t qcow2_writer_next_data_offset(const struct qcow2_writer *w);
+uint64_t qcow2_create_next_data_offset(const struct qcow2_create *w);
 
 /* Declare the next count guest clusters (from cluster 0, in order) as
- * state. For QW_DATA, data holds count clusters, already encrypted for the
- * host offsets qcow2_writer_next_data_offset() gave, and is written (the
+ * state. For QCOW2_CREATE_DATA, data holds count clusters, already encrypted for the
+ * host offsets qcow2_create_next_data_offset() gave, and is written (the
  * writer buffers sequential writes). Returns 0, -EINVAL (past the end of
  * the image), -ENOMEM or the write error (-ENOSPC, -EFBIG, -EIO). */
-int qcow2_writer_add(struct qcow2_writer *w, uint64_t count, enum qw_state state, const void *data);
+int qcow2_create_add(struct qcow2_create *w, uint64_t count, enum qcow2_create_state state, const void *data);
 
 /* Every guest cluster declared: write the L2 tables, the L1 table and the
  * refcounts, fsync, write the header, fsync. Returns 0 or -errno. */
-int qcow2_writer_finish(struct qcow2_writer *w);
+int qcow2_create_finish(struct qcow2_create *w);
 
 /* Update the LUKS header region [off, off+len) of the image on fd from
  * old (what is on disk) to new, so that a crash at any point leaves a
@@ -65,7 +67,7 @@ int qcow2_writer_finish(struct qcow2_writer *w);
  * fsync; then the rest (wiped material of disabled slots), fsync. Only
  * changed sectors are written. Returns 0, -EUCLEAN (not LUKS1 headers) or
  * the write error. */
-int qcow2_writer_update_crypt_header(int fd, uint64_t off, const uint8_t *old, const uint8_t *new,
+int qcow2_update_crypt_header(int fd, uint64_t off, const uint8_t *old, const uint8_t *new,
 				     uint64_t len);
 
 #endif

@@ -56,8 +56,8 @@
  * writer that does not update them); with lazy refcounts the dirty bit is
  * set until qcow2_rw_close() (refcounts are nevertheless written in the
  * safe order: the bit only tells QEMU the session is open). */
-#ifndef QS_QCOW2_ALLOC_H
-#define QS_QCOW2_ALLOC_H
+#ifndef QS_QCOW2_RW_H
+#define QS_QCOW2_RW_H
 
 #include <stdbool.h>
 #include <stddef.h>

@@ -1,4 +1,5 @@
-/* The qcow2 metadata writer (see qcow2_alloc.h for the rules it follows).
+/* Guest reads and writes of a read-write mapping's top layer: the qcow2
+ * metadata writer (see qcow2_rw.h for the rules it follows).
  *
  * A guest write is handled in chunks of at most PLAN_MAX clusters, each in
  * four steps, so that a failure before the last one leaves nothing but
@@ -19,7 +20,7 @@
 #include "compress.h"
 #include "log.h"
 #include "qcow2.h"
-#include "qcow2_alloc.h"
+#include "qcow2_rw.h"
 #include "util.h"
 
 #define L2_BITMAP_ALL_ALLOC	0xffffffffULL
