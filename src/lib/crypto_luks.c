@@ -223,139 +223,11 @@ static bool have_af_alg(void)
 	return true;
 }
 
-int luks_unlock(const struct img_io *io, uint64_t off, uint64_t len,
-		const struct passphrase *pp, struct volume_key **vk, int *slot)
-{
-	struct crypt_device *cd = NULL;
-	struct volume_key *k = NULL;
-	struct luks_info info;
-	uint8_t *region = NULL;
-	char path[64];
-	size_t key_size;
-	int fd = -1, r;
-
-	*vk = NULL;
-	if (slot)
-		*slot = -1;
-	if (!pp || !pp->data)
-		return -EINVAL;
-
-	r = luks_read_info(io, off, len, &info);
-	if (r < 0)
-		return r;
-	if (!info.active_slots) {
-		log_err("%s: the LUKS header has no active key slot.", io->name ? io->name : "image");
-		return -ENOENT;
-	}
-
-	region = malloc(len);
-	if (!region) {
-		r = -ENOMEM;
-		goto out;
-	}
-	r = img_pread(io, region, len, off);
-	if (r < 0) {
-		log_err("%s: cannot read the LUKS header: %s", io->name ? io->name : "image", strerror(-r));
-		goto out;
-	}
-
-	fd = memfd_create("qcowsetup-luks", MFD_CLOEXEC);
-	if (fd < 0) {
-		r = -errno;
-		log_err("Cannot create a memory file for the LUKS header: %s", strerror(-r));
-		goto out;
-	}
-	r = fd_write_all(fd, region, len);
-	if (r < 0) {
-		log_err("Cannot copy the LUKS header to memory: %s", strerror(-r));
-		goto out;
-	}
-	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-
-	crypt_set_log_callback(NULL, cryptsetup_log, NULL);
-	crypt_set_debug_level(qs_log_get_level() >= QS_LOG_DEBUG ? CRYPT_DEBUG_ALL : CRYPT_DEBUG_NONE);
-	r = crypt_init(&cd, path);
-	if (r < 0) {
-		log_err("Cannot access the LUKS header through %s: %s", path, strerror(-r));
-		goto out;
-	}
-	crypt_set_log_callback(cd, cryptsetup_log, NULL);
-	r = crypt_load(cd, CRYPT_LUKS1, NULL);
-	if (r < 0) {
-		log_err("%s: libcryptsetup rejects the embedded LUKS header: %s",
-			io->name ? io->name : "image", strerror(-r));
-		if (r != -ENOMEM)
-			r = -EUCLEAN;
-		goto out;
-	}
-
-	r = crypt_get_volume_key_size(cd);
-	if (r <= 0 || (uint32_t)r != info.key_bytes) {
-		log_err("%s: LUKS volume key size mismatch.", io->name ? io->name : "image");
-		r = -EUCLEAN;
-		goto out;
-	}
-	key_size = (size_t)r;
-	k = volume_key_alloc(key_size);
-	if (!k) {
-		r = -ENOMEM;
-		goto out;
-	}
-
-	r = crypt_volume_key_get(cd, CRYPT_ANY_SLOT, (char *)k->key, &key_size, pp->data, pp->len);
-	if (r >= 0) {
-		if (key_size != k->size) {
-			r = -EUCLEAN;
-			goto out;
-		}
-		log_dbg("LUKS key slot %d unlocked.", r);
-		if (slot)
-			*slot = r;
-		*vk = k;
-		k = NULL;
-		r = 0;
-		goto out;
-	}
-
-	/* -EPERM: a slot was decrypted but no digest matched. Anything else
-	 * on a host without AF_ALG is, in practice, a key slot cipher that
-	 * libcryptsetup's userspace backend lacks (serpent, twofish, cast5 with
-	 * OpenSSL): it then falls back to a temporary dm-crypt device, which
-	 * fails without device-mapper. Say what really happened. */
-	log_dbg("crypt_volume_key_get: %d", r);
-	if (r == -EPERM) {
-		log_dbg("No LUKS key slot accepts this passphrase.");
-	} else if (r != -ENOMEM && !have_af_alg()) {
-		log_err("%s: cannot decrypt the %s key slot without kernel crypto API (AF_ALG).",
-			io->name ? io->name : "image", info.cipher_name);
-		r = -ENOTSUP;
-	} else {
-		log_err("%s: cannot unlock the LUKS header: %s", io->name ? io->name : "image", strerror(-r));
-	}
-out:
-	if (cd)
-		crypt_free(cd);
-	if (fd >= 0) {
-		/* the header is not secret, but leave nothing behind */
-		if (ftruncate(fd, 0) < 0)
-			log_dbg("Cannot truncate the LUKS header memory file.");
-		close(fd);
-	}
-	if (region) {
-		explicit_bzero(region, len);
-		free(region);
-	}
-	volume_key_free(k);
-	return r;
-}
-
-/* ---- Writing headers and key slots ----
- * The region goes through a memfd as in luks_unlock; libcryptsetup edits it
- * there and the result is copied back into the caller's buffer, never
- * written to the image from here. */
-
-#define LUKS_STRIPES 4000U		/* what QEMU requires of every key slot */
-#define LUKS_ALIGN_KEYSLOTS 4096U
+/* ---- The region in a memfd ----
+ * libcryptsetup sees the region as "/proc/self/fd/N" of an anonymous memfd,
+ * never as a file of a filesystem: luks_unlock reads the volume key there;
+ * the writers below let libcryptsetup edit it and copy the result back into
+ * the caller's buffer, never to the image from here. */
 
 static void setup_log(struct crypt_device *cd)
 {
@@ -429,6 +301,125 @@ static void region_close(int fd, struct crypt_device *cd)
 		close(fd);
 	}
 }
+
+/* The LUKS region [off, off+len) of io (free with explicit_bzero and
+ * free), once its header says a key slot is active. */
+static int read_region(const struct img_io *io, uint64_t off, uint64_t len, struct luks_info *info,
+		       uint8_t **out)
+{
+	uint8_t *region;
+	int r;
+
+	r = luks_read_info(io, off, len, info);
+	if (r < 0)
+		return r;
+	if (!info->active_slots) {
+		log_err("%s: the LUKS header has no active key slot.", io->name ? io->name : "image");
+		return -ENOENT;
+	}
+	region = malloc(len);
+	if (!region)
+		return -ENOMEM;
+	r = img_pread(io, region, len, off);
+	if (r < 0) {
+		log_err("%s: cannot read the LUKS header: %s", io->name ? io->name : "image", strerror(-r));
+		free(region);
+		return r;
+	}
+	*out = region;
+	return 0;
+}
+
+/* The volume key of the header loaded in cd, from the first key slot that
+ * pp opens. */
+static int get_volume_key(struct crypt_device *cd, const struct luks_info *info, const char *name,
+			  const struct passphrase *pp, struct volume_key **vk, int *slot)
+{
+	struct volume_key *k;
+	size_t key_size;
+	int r;
+
+	r = crypt_get_volume_key_size(cd);
+	if (r <= 0 || (uint32_t)r != info->key_bytes) {
+		log_err("%s: LUKS volume key size mismatch.", name);
+		return -EUCLEAN;
+	}
+	key_size = (size_t)r;
+	k = volume_key_alloc(key_size);
+	if (!k)
+		return -ENOMEM;
+	r = crypt_volume_key_get(cd, CRYPT_ANY_SLOT, (char *)k->key, &key_size, pp->data, pp->len);
+	if (r >= 0) {
+		if (key_size != k->size) {
+			volume_key_free(k);
+			return -EUCLEAN;
+		}
+		log_dbg("LUKS key slot %d unlocked.", r);
+		if (slot)
+			*slot = r;
+		*vk = k;
+		return 0;
+	}
+	volume_key_free(k);
+
+	/* -EPERM: a slot was decrypted but no digest matched. Anything else
+	 * on a host without AF_ALG is, in practice, a key slot cipher that
+	 * libcryptsetup's userspace backend lacks (serpent, twofish, cast5 with
+	 * OpenSSL): it then falls back to a temporary dm-crypt device, which
+	 * fails without device-mapper. Say what really happened. */
+	log_dbg("crypt_volume_key_get: %d", r);
+	if (r == -EPERM) {
+		log_dbg("No LUKS key slot accepts this passphrase.");
+	} else if (r != -ENOMEM && !have_af_alg()) {
+		log_err("%s: cannot decrypt the %s key slot without kernel crypto API (AF_ALG).", name,
+			info->cipher_name);
+		r = -ENOTSUP;
+	} else {
+		log_err("%s: cannot unlock the LUKS header: %s", name, strerror(-r));
+	}
+	return r;
+}
+
+int luks_unlock(const struct img_io *io, uint64_t off, uint64_t len,
+		const struct passphrase *pp, struct volume_key **vk, int *slot)
+{
+	const char *name = io->name ? io->name : "image";
+	struct crypt_device *cd = NULL;
+	struct luks_info info;
+	uint8_t *region = NULL;
+	int fd = -1, r;
+
+	*vk = NULL;
+	if (slot)
+		*slot = -1;
+	if (!pp || !pp->data)
+		return -EINVAL;
+	r = read_region(io, off, len, &info, &region);
+	if (r < 0)
+		return r;
+	r = region_open(region, len, len, false, &fd, &cd);
+	if (r < 0)
+		goto out;
+	r = crypt_load(cd, CRYPT_LUKS1, NULL);
+	if (r < 0) {
+		log_err("%s: libcryptsetup rejects the embedded LUKS header: %s", name, strerror(-r));
+		if (r != -ENOMEM)
+			r = -EUCLEAN;
+		goto out;
+	}
+	r = get_volume_key(cd, &info, name, pp, vk, slot);
+out:
+	/* the header is not secret, but leave nothing behind */
+	region_close(fd, cd);
+	explicit_bzero(region, len);
+	free(region);
+	return r;
+}
+
+/* ---- Writing headers and key slots ---- */
+
+#define LUKS_STRIPES 4000U		/* what QEMU requires of every key slot */
+#define LUKS_ALIGN_KEYSLOTS 4096U
 
 /* Copy len bytes of the memfd back into region. The header must not have
  * grown: the image has exactly len bytes for it. */
@@ -649,6 +640,32 @@ int luks_keyslot_add(uint8_t *region, uint64_t len, const struct volume_key *vk,
 	return r;
 }
 
+/* The header in region with an active key slot slot, loaded by
+ * libcryptsetup from a memfd (region_close). */
+static int region_open_active_slot(uint8_t *region, uint64_t len, int slot, struct luks_info *info,
+				   int *fd, struct crypt_device **cd)
+{
+	int r;
+
+	r = luks_parse_header(region, len, info);
+	if (r < 0)
+		return r;
+	if (!info->slots[slot].active) {
+		log_err("LUKS key slot %d is not active.", slot);
+		return -EINVAL;
+	}
+	return region_open(region, len, len, true, fd, cd);
+}
+
+static int destroy_slot(struct crypt_device *cd, int slot)
+{
+	int r = crypt_keyslot_destroy(cd, slot);
+
+	if (r < 0)
+		log_err("Cannot remove LUKS key slot %d: %s", slot, strerror(-r));
+	return r;
+}
+
 int luks_keyslot_remove(uint8_t *region, uint64_t len, int slot)
 {
 	struct crypt_device *cd = NULL;
@@ -657,20 +674,11 @@ int luks_keyslot_remove(uint8_t *region, uint64_t len, int slot)
 
 	if (slot < 0 || slot >= LUKS_NUM_SLOTS)
 		return -EINVAL;
-	r = luks_parse_header(region, len, &info);
+	r = region_open_active_slot(region, len, slot, &info, &fd, &cd);
 	if (r < 0)
 		return r;
-	if (!info.slots[slot].active) {
-		log_err("LUKS key slot %d is not active.", slot);
-		return -EINVAL;
-	}
-	r = region_open(region, len, len, true, &fd, &cd);
-	if (r < 0)
-		return r;
-	r = crypt_keyslot_destroy(cd, slot);
-	if (r < 0)
-		log_err("Cannot remove LUKS key slot %d: %s", slot, strerror(-r));
-	else
+	r = destroy_slot(cd, slot);
+	if (r == 0)
 		r = region_read_back(fd, region, len);
 	region_close(fd, cd);
 	return r;
@@ -688,14 +696,7 @@ int luks_keyslot_change(uint8_t *region, uint64_t len, const struct volume_key *
 	*in_place = false;
 	if (!vk || !newpp || !newpp->data || old_slot < 0 || old_slot >= LUKS_NUM_SLOTS)
 		return -EINVAL;
-	r = luks_parse_header(region, len, &info);
-	if (r < 0)
-		return r;
-	if (!info.slots[old_slot].active) {
-		log_err("LUKS key slot %d is not active.", old_slot);
-		return -EINVAL;
-	}
-	r = region_open(region, len, len, true, &fd, &cd);
+	r = region_open_active_slot(region, len, old_slot, &info, &fd, &cd);
 	if (r < 0)
 		return r;
 	slot = first_free_slot(&info);
@@ -703,11 +704,9 @@ int luks_keyslot_change(uint8_t *region, uint64_t len, const struct volume_key *
 		/* as libcryptsetup: no free slot, overwrite the old one */
 		slot = old_slot;
 		*in_place = true;
-		r = crypt_keyslot_destroy(cd, old_slot);
-		if (r < 0) {
-			log_err("Cannot remove LUKS key slot %d: %s", old_slot, strerror(-r));
+		r = destroy_slot(cd, old_slot);
+		if (r < 0)
 			goto out;
-		}
 	}
 	/* the key material of the new slot is written before the old slot goes
 	 * (the caller writes the result in that order too) */
@@ -715,11 +714,9 @@ int luks_keyslot_change(uint8_t *region, uint64_t len, const struct volume_key *
 	if (r < 0)
 		goto out;
 	if (!*in_place) {
-		r = crypt_keyslot_destroy(cd, old_slot);
-		if (r < 0) {
-			log_err("Cannot remove LUKS key slot %d: %s", old_slot, strerror(-r));
+		r = destroy_slot(cd, old_slot);
+		if (r < 0)
 			goto out;
-		}
 	}
 	r = region_read_back(fd, region, len);
 	if (r == 0)

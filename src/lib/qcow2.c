@@ -498,36 +498,38 @@ static int read_backing_name(struct image *img, uint64_t off, uint32_t len)
 	return 0;
 }
 
-int qcow2_open(struct image *img)
+/* Where the header cluster ends and the backing file name lies, as the
+ * fixed header says. */
+struct header_cluster {
+	uint64_t bytes;		/* read into the buffer: a cluster, less in a short file */
+	uint64_t backing_off;
+	uint32_t backing_len;
+};
+
+/* The fixed header (v2, or v3 and its header_length) into img, then the
+ * header cluster into hdr (of 1 << QCOW2_MAX_CLUSTER_BITS bytes). */
+static int read_header(struct image *img, uint8_t *hdr, struct header_cluster *hc)
 {
-	uint8_t *hdr = NULL;
-	uint64_t backing_off, ext_end, l2_entries, guest_per_l1, need_l1, hdr_bytes;
-	uint32_t backing_len, l2_entry_size;
 	int r;
 
 	if (img->io.size < QCOW2_HDR_V2_SIZE) {
 		log_err("%s: file is too small for a qcow2 header (%" PRIu64 " bytes).", img->path, img->io.size);
 		return -EUCLEAN;
 	}
-	hdr = calloc(1, 1U << QCOW2_MAX_CLUSTER_BITS);
-	if (!hdr)
-		return -ENOMEM;
 	r = img_pread(&img->io, hdr, QCOW2_HDR_V2_SIZE, 0);
 	if (r < 0)
-		goto out;
+		return r;
 	if (get_be32(hdr) != QCOW_MAGIC) {
 		log_err("%s: not a qcow2 image (magic 0x%08x).", img->path, get_be32(hdr));
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	img->version = get_be32(hdr + QCOW2_HDR_VERSION);
 	if (img->version != 2 && img->version != 3) {
 		log_err("%s: unsupported qcow2 version %u.", img->path, img->version);
-		r = -ENOTSUP;
-		goto out;
+		return -ENOTSUP;
 	}
-	backing_off = get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
-	backing_len = get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
+	hc->backing_off = get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
+	hc->backing_len = get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
 	img->cluster_bits = get_be32(hdr + QCOW2_HDR_CLUSTER_BITS);
 	/* QEMU: total_sectors = size / 512; a partial last sector does not exist */
 	img->size = get_be64(hdr + QCOW2_HDR_SIZE) & ~511ULL;
@@ -542,8 +544,7 @@ int qcow2_open(struct image *img)
 	if (img->cluster_bits < QCOW2_MIN_CLUSTER_BITS || img->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
 		log_err("%s: cluster_bits %u is out of range (%d..%d).", img->path, img->cluster_bits,
 			QCOW2_MIN_CLUSTER_BITS, QCOW2_MAX_CLUSTER_BITS);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	img->cluster_size = 1ULL << img->cluster_bits;
 
@@ -553,12 +554,11 @@ int qcow2_open(struct image *img)
 	} else {
 		if (img->io.size < QCOW2_HDR_V3_SIZE) {
 			log_err("%s: file is too small for a qcow2 v3 header.", img->path);
-			r = -EUCLEAN;
-			goto out;
+			return -EUCLEAN;
 		}
 		r = img_pread(&img->io, hdr + QCOW2_HDR_V2_SIZE, QCOW2_HDR_V3_SIZE - QCOW2_HDR_V2_SIZE, QCOW2_HDR_V2_SIZE);
 		if (r < 0)
-			goto out;
+			return r;
 		img->incompatible_features = get_be64(hdr + QCOW2_HDR_INCOMPAT);
 		img->compatible_features = get_be64(hdr + QCOW2_HDR_COMPAT);
 		img->autoclear_features = get_be64(hdr + QCOW2_HDR_AUTOCLEAR);
@@ -568,70 +568,77 @@ int qcow2_open(struct image *img)
 		    img->header_length % 8) {
 			log_err("%s: header_length %u is invalid (a multiple of 8 from 104 to the cluster size).", img->path,
 				img->header_length);
-			r = -EUCLEAN;
-			goto out;
+			return -EUCLEAN;
 		}
 	}
 	/* The header cluster holds header, extensions and the backing name. */
-	hdr_bytes = MIN(img->cluster_size, img->io.size);
-	r = img_pread(&img->io, hdr, hdr_bytes, 0);
+	hc->bytes = MIN(img->cluster_size, img->io.size);
+	r = img_pread(&img->io, hdr, hc->bytes, 0);
 	if (r < 0)
-		goto out;
-	if (img->header_length > hdr_bytes) {
+		return r;
+	if (img->header_length > hc->bytes) {
 		log_err("%s: header (%u bytes) is truncated.", img->path, img->header_length);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	if (img->header_length > QCOW2_HDR_V3_SIZE)
 		img->compression_type = hdr[QCOW2_HDR_COMPRESSION_TYPE];
+	return 0;
+}
 
+/* The header fields that must agree with each other. */
+static int check_header_fields(struct image *img)
+{
 	if (img->refcount_order > 6) {
 		log_err("%s: refcount_order %u is invalid (0..6).", img->path, img->refcount_order);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	img->extended_l2 = img->incompatible_features & QCOW2_INCOMPAT_EXTL2;
 	if (img->extended_l2 && img->cluster_bits < 14) {
 		log_err("%s: extended L2 entries need clusters of at least 16 KiB (cluster_bits %u).", img->path,
 			img->cluster_bits);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	if (img->compression_type > QCOW2_COMPRESSION_ZSTD) {
 		log_err("%s: unsupported compression type %u.", img->path, img->compression_type);
-		r = -ENOTSUP;
-		goto out;
+		return -ENOTSUP;
 	}
 	if ((img->compression_type != QCOW2_COMPRESSION_ZLIB) !=
 	    !!(img->incompatible_features & QCOW2_INCOMPAT_COMPRESSION)) {
 		log_err("%s: compression type %u does not agree with the compression type feature bit.", img->path,
 			img->compression_type);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
+	return 0;
+}
 
-	if (backing_off && backing_off < img->header_length) {
-		log_err("%s: backing file name offset 0x%" PRIx64 " lies inside the header.", img->path, backing_off);
-		r = -EUCLEAN;
-		goto out;
+/* The rest of the header cluster: extensions, then the feature bits they
+ * name, the backing file name, the external data file, the LUKS header. */
+static int read_header_cluster(struct image *img, const uint8_t *hdr, const struct header_cluster *hc)
+{
+	uint64_t ext_end;
+	int r;
+
+	if (hc->backing_off && hc->backing_off < img->header_length) {
+		log_err("%s: backing file name offset 0x%" PRIx64 " lies inside the header.", img->path,
+			hc->backing_off);
+		return -EUCLEAN;
 	}
-	ext_end = backing_off ? MIN(backing_off, hdr_bytes) : hdr_bytes;
+	ext_end = hc->backing_off ? MIN(hc->backing_off, hc->bytes) : hc->bytes;
 	if (img->header_length < ext_end) {
 		r = read_extensions(img, hdr, img->header_length, ext_end);
 		if (r < 0)
-			goto out;
+			return r;
 	}
 	/* after the extensions: the feature name table names unknown bits */
 	r = check_incompatible_features(img);
 	if (r < 0)
-		goto out;
-	r = read_backing_name(img, backing_off, backing_len);
+		return r;
+	r = read_backing_name(img, hc->backing_off, hc->backing_len);
 	if (r < 0)
-		goto out;
+		return r;
 	if ((img->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) && !img->data_file) {
 		log_err("%s: the external data file feature is set but the image names no data file.", img->path);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	if (img->data_file && !(img->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)) {
 		log_verbose("%s: ignoring a data file name without the external data file feature.", img->path);
@@ -640,54 +647,74 @@ int qcow2_open(struct image *img)
 	}
 	if (img->data_file && img->backing_file && (img->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)) {
 		log_err("%s: a raw external data file cannot be combined with a backing file.", img->path);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
-	r = check_crypt_header(img);
-	if (r < 0)
-		goto out;
+	return check_crypt_header(img);
+}
 
-	/* L1 */
-	l2_entry_size = img->extended_l2 ? 16 : 8;
+/* The L1 table covers the virtual size; L1 and refcount table lie in the
+ * file and within the bounds. */
+static int check_tables(struct image *img)
+{
+	uint64_t guest_per_l1, need_l1;
+	int r;
+
 	img->l2_bits = img->cluster_bits - (img->extended_l2 ? 4 : 3);
-	l2_entries = 1ULL << img->l2_bits;
-	guest_per_l1 = l2_entries << img->cluster_bits;
-	(void)l2_entry_size;
+	guest_per_l1 = (1ULL << img->l2_bits) << img->cluster_bits;
 	if (img->size > INT64_MAX - guest_per_l1) {
 		log_err("%s: virtual size %" PRIu64 " is too large.", img->path, img->size);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	need_l1 = (img->size + guest_per_l1 - 1) / guest_per_l1;
 	if ((uint64_t)img->l1_size * 8 > QCOW2_MAX_L1_BYTES || need_l1 > QCOW2_MAX_L1_BYTES / 8) {
 		log_err("%s: L1 table of %" PRIu64 " entries is too large (image too big).", img->path,
 			MAX((uint64_t)img->l1_size, need_l1));
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	if (img->l1_size < need_l1) {
 		log_err("%s: L1 table has %u entries, %" PRIu64 " needed for a virtual size of %" PRIu64 ".",
 			img->path, img->l1_size, need_l1, img->size);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	r = check_table_offset(img, img->l1_table_offset, img->l1_size, 8, "L1 table");
 	if (r < 0)
-		goto out;
+		return r;
 	if ((uint64_t)img->refcount_table_clusters << img->cluster_bits > QCOW2_MAX_REFTABLE_BYTES) {
 		log_err("%s: refcount table of %u clusters is too large.", img->path, img->refcount_table_clusters);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
 	r = check_table_offset(img, img->refcount_table_offset,
 			       (uint64_t)img->refcount_table_clusters << img->cluster_bits, 1, "refcount table");
 	if (r < 0)
-		goto out;
+		return r;
 	if (!img->refcount_table_clusters) {
 		log_err("%s: the image has no refcount table.", img->path);
-		r = -EUCLEAN;
-		goto out;
+		return -EUCLEAN;
 	}
+	return 0;
+}
+
+int qcow2_open(struct image *img)
+{
+	struct header_cluster hc;
+	uint8_t *hdr;
+	int r;
+
+	hdr = calloc(1, 1U << QCOW2_MAX_CLUSTER_BITS);
+	if (!hdr)
+		return -ENOMEM;
+	r = read_header(img, hdr, &hc);
+	if (r < 0)
+		goto out;
+	r = check_header_fields(img);
+	if (r < 0)
+		goto out;
+	r = read_header_cluster(img, hdr, &hc);
+	if (r < 0)
+		goto out;
+	r = check_tables(img);
+	if (r < 0)
+		goto out;
 	r = read_snapshots(img);
 	if (r < 0)
 		goto out;
