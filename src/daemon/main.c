@@ -624,13 +624,8 @@ static void cleanup(struct daemon *d)
 	dm_release();
 }
 
-int main(int argc, char **argv)
+static void init_daemon(struct daemon *d)
 {
-	static struct daemon dd;
-	struct daemon *d = &dd;
-	struct sigaction sa = { .sa_handler = SIG_IGN };
-	int r, devnull;
-
 	d->f.meta_fd = d->f.data_fd = d->sock = d->guard_pipe = -1;
 	d->nbd_index = -1;
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
@@ -640,25 +635,21 @@ int main(int argc, char **argv)
 	run_list_init(&d->runs);
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond, NULL);
-	if (daemon_args_parse(argc, argv, &d->o)) {
-		fprintf(stderr, "qcowsetup-daemon is started by `qcowsetup open`; see the head of src/daemon/main.c.\n");
-		return 1;
-	}
-	log_name = d->o.name;
-	openlog("qcowsetup-daemon", LOG_PID | LOG_NDELAY, LOG_DAEMON);
-	qs_log_set_callback(log_to_syslog, NULL);
-	qs_log_set_level(d->o.debug ? QS_LOG_DEBUG : QS_LOG_VERBOSE);
-	if (d->o.guard_fd >= 0) {
-		to_stderr = false;
-		return guard_main(&d->o);
-	}
+}
+
+/* The process itself: signals, buffers, memory lock, I/O flusher, the
+ * guardian. */
+static int prepare_process(struct daemon *d, const char *argv0)
+{
+	struct sigaction sa = { .sa_handler = SIG_IGN };
+
 	snprintf(d->backend, sizeof(d->backend), "qcowsetup:%.*s", DM_MAPPING_NAME_MAX, d->o.name);
 	/* SIGTERM from a shutdown must not cut the disk's slow path */
 	sigaction(SIGPIPE, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
-	if (argv[0][0] != '@')
+	if (argv0[0] != '@')
 		log_dbg("started without '@' in argv[0]: not protected from switch_root");
 	if (mkdir(QS_RUN_DIR, 0700) < 0 && errno != EEXIST)
 		log_dbg("cannot create " QS_RUN_DIR ": %s", strerror(errno));
@@ -666,10 +657,8 @@ int main(int argc, char **argv)
 	d->buf = aligned_alloc(4096, DAEMON_BUF_SIZE);
 	d->queue = calloc(DAEMON_REMAP_QUEUE, sizeof(*d->queue));
 	d->queue_spare = calloc(DAEMON_REMAP_QUEUE, sizeof(*d->queue_spare));
-	if (!d->buf || !d->queue || !d->queue_spare) {
-		r = -ENOMEM;
-		goto fail;
-	}
+	if (!d->buf || !d->queue || !d->queue_spare)
+		return -ENOMEM;
 	memset(d->buf, 0, DAEMON_BUF_SIZE);
 	if (mlockall(MCL_CURRENT | MCL_FUTURE) < 0)
 		log_std("Cannot lock the daemon in memory: %s.", strerror(errno));
@@ -679,6 +668,13 @@ int main(int argc, char **argv)
 	 * suspended */
 	if (!d->o.read_only)
 		start_guard(d);
+	return 0;
+}
+
+/* The image, the NBD device and its server, the device stack. */
+static int bring_up(struct daemon *d)
+{
+	int r;
 
 	r = open_files(d);
 	if (!r)
@@ -692,8 +688,32 @@ int main(int argc, char **argv)
 		r = start_server(d);
 	if (!r)
 		r = daemon_stack_setup(d);
-	if (r)
-		goto fail;
+	return r;
+}
+
+/* Undo a failed bring_up and tell `qcowsetup open`. */
+static void abandon(struct daemon *d, int r)
+{
+	report(d, "ERROR %d\n", -r);
+	if (d->nbd_index >= 0 && d->o.reattach < 0)
+		nbd_disconnect(d->nbd_index);
+	if (d->server_started) {
+		d->quit = true;
+		shutdown(d->sock, SHUT_RDWR);
+		pthread_join(d->server_thread, NULL);
+	}
+	if (d->rw) {
+		/* nothing was written: undo the header changes */
+		qcow2_rw_close(d->rw, NULL);
+		d->rw = NULL;
+	}
+}
+
+/* Ready: serve and remap until the close, then close the image. */
+static int serve(struct daemon *d)
+{
+	int r, devnull;
+
 	report(d, "READY nbd%d\n", d->nbd_index);
 	write_state(d);
 	write_omit(d);
@@ -723,24 +743,36 @@ int main(int argc, char **argv)
 		close_io(d);
 		daemon_remove_leftovers(d);
 	}
+	return r;
+}
+
+int main(int argc, char **argv)
+{
+	static struct daemon dd;
+	struct daemon *d = &dd;
+	int r;
+
+	init_daemon(d);
+	if (daemon_args_parse(argc, argv, &d->o)) {
+		fprintf(stderr, "qcowsetup-daemon is started by `qcowsetup open`; see the head of src/daemon/main.c.\n");
+		return 1;
+	}
+	log_name = d->o.name;
+	openlog("qcowsetup-daemon", LOG_PID | LOG_NDELAY, LOG_DAEMON);
+	qs_log_set_callback(log_to_syslog, NULL);
+	qs_log_set_level(d->o.debug ? QS_LOG_DEBUG : QS_LOG_VERBOSE);
+	if (d->o.guard_fd >= 0) {
+		to_stderr = false;
+		return guard_main(&d->o);
+	}
+	r = prepare_process(d, argv[0]);
+	if (!r)
+		r = bring_up(d);
+	if (r)
+		abandon(d, r);
+	else
+		r = serve(d);
 	dismiss_guard(d);
 	cleanup(d);
 	return r ? 1 : 0;
-fail:
-	report(d, "ERROR %d\n", -r);
-	if (d->nbd_index >= 0 && d->o.reattach < 0)
-		nbd_disconnect(d->nbd_index);
-	if (d->server_started) {
-		d->quit = true;
-		shutdown(d->sock, SHUT_RDWR);
-		pthread_join(d->server_thread, NULL);
-	}
-	if (d->rw) {
-		/* nothing was written: undo the header changes */
-		qcow2_rw_close(d->rw, NULL);
-		d->rw = NULL;
-	}
-	dismiss_guard(d);
-	cleanup(d);
-	return 1;
 }
