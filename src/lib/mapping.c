@@ -1184,19 +1184,29 @@ static int teardown(const char *name)
 	return close_mapping(name, false);
 }
 
-int mapping_close(const char *name, bool deferred)
+/* The name lock of an existing mapping NAME (close, reattach): its fd, or
+ * -ENODEV (not a name of ours) or the locking error. */
+static int lock_mapping_name(const char *name)
 {
-	int lock, r;
+	int lock;
 
 	if (!dm_mapping_name_valid(name)) {
 		log_err("Device %s is not a qcowsetup mapping.", name);
 		return -ENODEV;
 	}
 	lock = qs_name_lock(name);
-	if (lock < 0) {
+	if (lock < 0)
 		log_err("Cannot lock the name %s: %s.", name, strerror(-lock));
+	return lock;
+}
+
+int mapping_close(const char *name, bool deferred)
+{
+	int lock, r;
+
+	lock = lock_mapping_name(name);
+	if (lock < 0)
 		return lock;
-	}
 	r = close_mapping(name, deferred);
 	qs_name_unlock(name, lock);
 	dm_release();
@@ -1314,15 +1324,9 @@ int mapping_reattach(const char *name, bool debug)
 	pid_t pid = 0, state_pid;
 	int nbd = -1, state_nbd, lock = -1, r;
 
-	if (!dm_mapping_name_valid(name)) {
-		log_err("Device %s is not a qcowsetup mapping.", name);
-		return -ENODEV;
-	}
-	lock = qs_name_lock(name);
-	if (lock < 0) {
-		log_err("Cannot lock the name %s: %s.", name, strerror(-lock));
+	lock = lock_mapping_name(name);
+	if (lock < 0)
 		return lock;
-	}
 	r = find_mapping(name, &all, &info);
 	if (r)
 		goto out;

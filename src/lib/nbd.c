@@ -303,7 +303,9 @@ int nbd_connect(int sock, const struct nbd_params *p, int *index)
 	return 0;
 }
 
-int nbd_reconnect(int index, int sock, const char *backend)
+/* A command to device index, with a new server when sock >= 0 (and a
+ * backend name, if any); on failure "Cannot <what>: <error>." */
+static int device_command(int index, uint8_t cmd, int sock, const char *backend, const char *what)
 {
 	struct nlmsg m;
 	uint16_t family;
@@ -312,37 +314,34 @@ int nbd_reconnect(int index, int sock, const char *backend)
 	r = nbd_nl(&fd, &family);
 	if (r)
 		return r;
-	msg_init(&m, family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION);
+	msg_init(&m, family, cmd, NBD_GENL_VERSION);
 	r = put_u32(&m, NBD_ATTR_INDEX, (uint32_t)index);
 	if (!r && backend)
 		r = put_str(&m, NBD_ATTR_BACKEND_IDENTIFIER, backend);
-	if (!r)
+	if (!r && sock >= 0)
 		r = put_sockets(&m, sock);
 	if (!r)
 		r = transact(fd, &m, NULL);
 	close(fd);
 	if (r)
-		log_err("Cannot give nbd%d a new server: %s.", index, strerror(-r));
+		log_err("Cannot %s: %s.", what, strerror(-r));
 	return r;
+}
+
+int nbd_reconnect(int index, int sock, const char *backend)
+{
+	char what[64];
+
+	snprintf(what, sizeof(what), "give nbd%d a new server", index);
+	return device_command(index, NBD_CMD_RECONFIGURE, sock, backend, what);
 }
 
 int nbd_disconnect(int index)
 {
-	struct nlmsg m;
-	uint16_t family;
-	int fd, r;
+	char what[32];
 
-	r = nbd_nl(&fd, &family);
-	if (r)
-		return r;
-	msg_init(&m, family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION);
-	r = put_u32(&m, NBD_ATTR_INDEX, (uint32_t)index);
-	if (!r)
-		r = transact(fd, &m, NULL);
-	close(fd);
-	if (r)
-		log_err("Cannot disconnect nbd%d: %s.", index, strerror(-r));
-	return r;
+	snprintf(what, sizeof(what), "disconnect nbd%d", index);
+	return device_command(index, NBD_CMD_DISCONNECT, -1, NULL, what);
 }
 
 static int read_sysfs(const char *path, char *buf, size_t size)
