@@ -98,89 +98,89 @@ static bool shared_l2(const struct meta_range *a, const struct meta_range *b)
 	       a->length == b->length;
 }
 
-int image_metadata(struct image *img, struct meta_range **out, size_t *count)
+/* qcow v1: the header, the L1 table and (mapping the active layer) the L2
+ * tables. */
+static int qcow1_metadata(const struct image *img, struct meta_list *m)
 {
-	struct meta_list m = { 0 };
-	uint64_t *t = NULL;
-	size_t w;
-	int r = 0;
+	int r;
 
-	*out = NULL;
-	*count = 0;
-	if (img->format == IMG_FMT_RAW)
-		return 0;
-	if (img->format == IMG_FMT_QCOW) {
-		r = meta_add(&m, 0, 48, META_HEADER);
-		if (!r)
-			r = meta_add(&m, img->l1_table_offset, (uint64_t)img->l1_size * 8, META_L1);
-		if (!r && img->snapshot_index < 0)
-			r = add_l2_tables(img, &m, img->l1, img->l1_size, META_L2);
-		if (r)
-			goto fail;
-		goto sort;
-	}
-	r = meta_add(&m, 0, img->cluster_size, META_HEADER);
+	r = meta_add(m, 0, 48, META_HEADER);
 	if (!r)
-		r = meta_add(&m, img->l1_table_offset, (uint64_t)img->l1_size * 8, META_L1);
+		r = meta_add(m, img->l1_table_offset, (uint64_t)img->l1_size * 8, META_L1);
+	if (!r && img->snapshot_index < 0)
+		r = add_l2_tables(img, m, img->l1, img->l1_size, META_L2);
+	return r;
+}
+
+/* What the header names: header cluster, L1 and refcount tables, snapshot
+ * table and the snapshots' L1 tables, LUKS header, bitmap directory and
+ * bitmap tables. */
+static int header_metadata(const struct image *img, struct meta_list *m)
+{
+	int r;
+
+	r = meta_add(m, 0, img->cluster_size, META_HEADER);
 	if (!r)
-		r = meta_add(&m, img->refcount_table_offset, (uint64_t)img->refcount_table_clusters << img->cluster_bits,
+		r = meta_add(m, img->l1_table_offset, (uint64_t)img->l1_size * 8, META_L1);
+	if (!r)
+		r = meta_add(m, img->refcount_table_offset, (uint64_t)img->refcount_table_clusters << img->cluster_bits,
 			     META_REFCOUNT_TABLE);
 	if (!r && img->nb_snapshots)
-		r = meta_add(&m, img->snapshots_offset, img->snapshots_size, META_SNAPSHOT_TABLE);
+		r = meta_add(m, img->snapshots_offset, img->snapshots_size, META_SNAPSHOT_TABLE);
 	if (!r && img->crypt_method == IMG_CRYPT_LUKS)
-		r = meta_add(&m, img->crypt_header_offset, img->crypt_header_length, META_CRYPT_HEADER);
+		r = meta_add(m, img->crypt_header_offset, img->crypt_header_length, META_CRYPT_HEADER);
 	if (!r && img->nb_bitmaps)
-		r = meta_add(&m, img->bitmap_directory_offset, img->bitmap_directory_size, META_BITMAP_DIRECTORY);
+		r = meta_add(m, img->bitmap_directory_offset, img->bitmap_directory_size, META_BITMAP_DIRECTORY);
 	for (uint32_t i = 0; !r && i < img->nb_snapshots; i++)
-		r = meta_add(&m, img->snapshots[i].l1_table_offset, (uint64_t)img->snapshots[i].l1_size * 8,
+		r = meta_add(m, img->snapshots[i].l1_table_offset, (uint64_t)img->snapshots[i].l1_size * 8,
 			     META_SNAPSHOT_L1);
 	for (uint32_t i = 0; !r && i < img->nb_bitmaps; i++)
-		r = meta_add(&m, img->bitmaps[i].table_offset, (uint64_t)img->bitmaps[i].table_size * 8,
+		r = meta_add(m, img->bitmaps[i].table_offset, (uint64_t)img->bitmaps[i].table_size * 8,
 			     META_BITMAP_TABLE);
-	if (r)
-		goto fail;
-	/* The tables read below must lie apart in the file first: 65536
-	 * snapshots naming one L1 table of 4096 entries are a 3 MiB file, and
-	 * 2^28 L2 ranges (8 GiB) collected before the overlap check. */
-	qsort(m.v, m.n, sizeof(*m.v), cmp_meta);
-	r = check_metadata(img, m.v, m.n);
-	if (r)
-		goto fail;
+	return r;
+}
+
+/* What the tables name: the L2 tables of every L1 (those of the mapped L1,
+ * active or snapshot, are META_L2: one of them named twice is refused; the
+ * other L1s may share theirs), the refcount blocks, the bitmap data. */
+static int table_metadata(const struct image *img, struct meta_list *m)
+{
+	uint64_t *t = NULL, reftable_entries;
+	int r;
+
 	/* active L2 tables (from the header's L1, whatever is mapped) */
 	r = qcow2_read_table(img, img->l1_table_offset, img->l1_size, QCOW2_MAX_L1_BYTES, "L1 table", &t);
-	/* the L2 tables of the mapped L1 (active or snapshot) are META_L2: one
-	 * of them named twice is refused; the other L1s may share theirs */
 	if (!r)
-		r = add_l2_tables(img, &m, t, img->l1_size, img->snapshot_index < 0 ? META_L2 : META_SNAPSHOT_L2);
+		r = add_l2_tables(img, m, t, img->l1_size, img->snapshot_index < 0 ? META_L2 : META_SNAPSHOT_L2);
 	free(t);
 	t = NULL;
 	if (r)
-		goto fail;
+		return r;
 	/* refcount blocks */
-	r = qcow2_read_table(img, img->refcount_table_offset,
-			     ((uint64_t)img->refcount_table_clusters << img->cluster_bits) / 8, QCOW2_MAX_REFTABLE_BYTES,
+	reftable_entries = ((uint64_t)img->refcount_table_clusters << img->cluster_bits) / 8;
+	r = qcow2_read_table(img, img->refcount_table_offset, reftable_entries, QCOW2_MAX_REFTABLE_BYTES,
 			     "refcount table", &t);
-	if (r)
-		goto fail;
-	for (uint64_t i = 0; i < ((uint64_t)img->refcount_table_clusters << img->cluster_bits) / 8; i++) {
+	for (uint64_t i = 0; !r && i < reftable_entries; i++) {
 		uint64_t off = t[i] & QCOW2_REFT_OFFSET_MASK;
 
-		if (off && (r = meta_add(&m, off, img->cluster_size, META_REFCOUNT_BLOCK)) < 0)
-			goto fail;
+		if (off)
+			r = meta_add(m, off, img->cluster_size, META_REFCOUNT_BLOCK);
 	}
 	free(t);
 	t = NULL;
+	if (r)
+		return r;
 	for (uint32_t i = 0; i < img->nb_snapshots; i++) {
 		const struct qcow2_snapshot *sn = &img->snapshots[i];
 
 		r = qcow2_read_table(img, sn->l1_table_offset, sn->l1_size, QCOW2_MAX_L1_BYTES, "snapshot L1 table", &t);
 		if (!r)
-			r = add_l2_tables(img, &m, t, sn->l1_size,
+			r = add_l2_tables(img, m, t, sn->l1_size,
 					  (int)i == img->snapshot_index ? META_L2 : META_SNAPSHOT_L2);
 		free(t);
 		t = NULL;
 		if (r)
-			goto fail;
+			return r;
 	}
 	for (uint32_t i = 0; i < img->nb_bitmaps; i++) {
 		const struct qcow2_bitmap *bm = &img->bitmaps[i];
@@ -190,23 +190,61 @@ int image_metadata(struct image *img, struct meta_range **out, size_t *count)
 			uint64_t off = t[k] & QCOW2_L1E_OFFSET_MASK;
 
 			if (off)
-				r = meta_add(&m, off, img->cluster_size, META_BITMAP_DATA);
+				r = meta_add(m, off, img->cluster_size, META_BITMAP_DATA);
 		}
 		free(t);
 		t = NULL;
 		if (r)
-			goto fail;
+			return r;
 	}
-sort:
-	qsort(m.v, m.n, sizeof(*m.v), cmp_meta);
-	/* drop exact duplicates of shared L2 tables (snapshots share them) */
-	w = 0;
-	for (size_t i = 0; i < m.n; i++) {
-		if (w && shared_l2(&m.v[w - 1], &m.v[i]))
+	return 0;
+}
+
+/* Sort by offset and drop exact duplicates of shared L2 tables (snapshots
+ * share them). */
+static void sort_metadata(struct meta_list *m)
+{
+	size_t w = 0;
+
+	qsort(m->v, m->n, sizeof(*m->v), cmp_meta);
+	for (size_t i = 0; i < m->n; i++) {
+		if (w && shared_l2(&m->v[w - 1], &m->v[i]))
 			continue;
-		m.v[w++] = m.v[i];
+		m->v[w++] = m->v[i];
 	}
-	m.n = w;
+	m->n = w;
+}
+
+int image_metadata(struct image *img, struct meta_range **out, size_t *count)
+{
+	struct meta_list m = { 0 };
+	int r;
+
+	*out = NULL;
+	*count = 0;
+	if (img->format == IMG_FMT_RAW)
+		return 0;
+	if (img->format == IMG_FMT_QCOW) {
+		r = qcow1_metadata(img, &m);
+		if (r)
+			goto fail;
+		goto out;
+	}
+	r = header_metadata(img, &m);
+	if (r)
+		goto fail;
+	/* The tables read below must lie apart in the file first: 65536
+	 * snapshots naming one L1 table of 4096 entries are a 3 MiB file, and
+	 * 2^28 L2 ranges (8 GiB) collected before the overlap check. */
+	qsort(m.v, m.n, sizeof(*m.v), cmp_meta);
+	r = check_metadata(img, m.v, m.n);
+	if (r)
+		goto fail;
+	r = table_metadata(img, &m);
+	if (r)
+		goto fail;
+out:
+	sort_metadata(&m);
 	*out = m.v;
 	*count = m.n;
 	return 0;
