@@ -616,7 +616,7 @@ static int grow_reftable(struct qcow2_rw *w, uint64_t need_entries)
 		goto out;
 	/* the reftable's offset and clusters, adjacent in the header */
 	put_be64(hdr, a << w->cb);
-	put_be32(hdr + QCOW2_HDR_REFTABLE_CLUSTERS - QCOW2_HDR_REFTABLE_OFFSET, (uint32_t)t);
+	put_be32(hdr + (QCOW2_HDR_REFTABLE_CLUSTERS - QCOW2_HDR_REFTABLE_OFFSET), (uint32_t)t);
 	r = meta_write(w, hdr, sizeof(hdr), QCOW2_HDR_REFTABLE_OFFSET);
 	if (!r)
 		r = meta_flush(w);
