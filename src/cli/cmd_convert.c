@@ -713,8 +713,8 @@ static int read_new_passphrase(const char *dst, struct passphrase *src_pp, struc
 	struct passphrase_opts po = { 0 };
 
 	*shared = false;
-	if (kopt.new_key_file)
-		return keys_read_new_passphrase(kopt.new_key_file, dst, pp);
+	if (opt.new_key_file)
+		return keys_read_new_passphrase(opt.new_key_file, dst, pp);
 	if (tools_passphrase_interactive(&po))
 		return keys_read_new_passphrase(NULL, dst, pp);
 	if (src_pp) {
@@ -754,11 +754,11 @@ int cmd_convert(int argc, char **argv)
 	run_list_init(&c.alloc);
 	/* a file size limit gives EFBIG, reported, rather than death */
 	signal(SIGXFSZ, SIG_IGN);
-	if (kopt.in_place && argc > 1) {
+	if (opt.in_place && argc > 1) {
 		log_err("convert --in-place takes the source only.");
 		return -EINVAL;
 	}
-	if (kopt.in_place) {
+	if (opt.in_place) {
 		/* replace the image, not a symbolic link to it */
 		real_src = realpath(src_path, NULL);
 		if (!real_src) {
@@ -772,7 +772,7 @@ int cmd_convert(int argc, char **argv)
 		log_err("Usage: qcowsetup convert SRC DST, or qcowsetup convert --in-place SRC.");
 		return -EINVAL;
 	}
-	if (kopt.in_place && opt.snapshot) {
+	if (opt.in_place && opt.snapshot) {
 		log_err("--in-place converts the active layer; --snapshot needs a destination.");
 		return -EINVAL;
 	}
@@ -791,12 +791,12 @@ int cmd_convert(int argc, char **argv)
 		r = -errno;
 		goto out;
 	}
-	if (kopt.in_place && !S_ISREG(st.st_mode)) {
+	if (opt.in_place && !S_ISREG(st.st_mode)) {
 		log_err("--in-place needs a regular file: %s is not one.", src_path);
 		r = -EINVAL;
 		goto out;
 	}
-	r = keys_lock_for_read(fd, src_path, kopt.in_place);
+	r = keys_lock_for_read(fd, src_path, opt.in_place);
 	if (r < 0)
 		goto out;
 	r = file_io_from_fd(fd, src_path, &io);
@@ -807,7 +807,7 @@ int cmd_convert(int argc, char **argv)
 	if (r < 0)
 		goto out;
 
-	if (!kopt.in_place) {
+	if (!opt.in_place) {
 		for (struct image *l = c.src; l; l = l->backing)
 			if (same_file(dst_path, l->path)) {
 				log_err("%s is the source or in its backing chain (--in-place replaces the source).",
@@ -816,7 +816,7 @@ int cmd_convert(int argc, char **argv)
 				goto out;
 			}
 		if (access(dst_path, F_OK) == 0) {
-			if (!kopt.force) {
+			if (!opt.force) {
 				log_err("%s exists (--force overwrites it).", dst_path);
 				r = -EEXIST;
 				goto out;
@@ -827,7 +827,7 @@ int cmd_convert(int argc, char **argv)
 		}
 	}
 	if (c.src->nb_snapshots && !opt.snapshot) {
-		if (kopt.in_place && !kopt.force) {
+		if (opt.in_place && !opt.force) {
 			log_err("%s has %u internal snapshots, which the converted image would not keep "
 				"(--force drops them; or convert to a new file).", src_path, c.src->nb_snapshots);
 			r = -EINVAL;
@@ -838,11 +838,11 @@ int cmd_convert(int argc, char **argv)
 	if (c.src->nb_bitmaps)
 		log_std("%s: its %u persistent dirty bitmaps are not converted.", src_path, c.src->nb_bitmaps);
 
-	c.keep_backing = c.src->backing && !kopt.flatten;
+	c.keep_backing = c.src->backing && !opt.flatten;
 	c.size = c.src->map_size;
 	/* the source's cluster size keeps its sparseness exactly */
-	if (kopt.cluster_size)
-		c.cs = kopt.cluster_size;
+	if (opt.cluster_size)
+		c.cs = opt.cluster_size;
 	else if (c.src->format != IMG_FMT_RAW && c.src->cluster_size >= 512 &&
 		 c.src->cluster_size <= (2U << 20))
 		c.cs = c.src->cluster_size;
@@ -898,11 +898,11 @@ int cmd_convert(int argc, char **argv)
 	if (r < 0)
 		goto out;
 
-	r = out_file_create(dst_path, kopt.in_place || kopt.force, &o);
+	r = out_file_create(dst_path, opt.in_place || opt.force, &o);
 	if (r < 0)
 		goto out;
 	c.out_name = o.tmp;
-	if (kopt.in_place) {
+	if (opt.in_place) {
 		/* the file that replaces SRC keeps its permissions and owner */
 		if (fchmod(o.fd, st.st_mode & 07777) < 0 || (fchown(o.fd, st.st_uid, st.st_gid) < 0 && errno != EPERM))
 			log_dbg("Cannot copy the permissions of %s: %s", src_path, strerror(errno));
@@ -933,12 +933,12 @@ int cmd_convert(int argc, char **argv)
 		goto out;
 	}
 
-	r = verify(&c, o.tmp, src_path, new_pp, src_pp, vk, kopt.in_place);
+	r = verify(&c, o.tmp, src_path, new_pp, src_pp, vk, opt.in_place);
 	if (r < 0) {
-		log_err("Verification of %s failed: %s is left as it was.", o.tmp, kopt.in_place ? src_path : dst_path);
+		log_err("Verification of %s failed: %s is left as it was.", o.tmp, opt.in_place ? src_path : dst_path);
 		goto out;
 	}
-	r = out_file_commit(&o, kopt.in_place || kopt.force);
+	r = out_file_commit(&o, opt.in_place || opt.force);
 	if (r == 0)
 		log_verbose("%s: LUKS qcow2 (%s-%s, %zu-bit key), %" PRIu64 "-byte clusters%s%s.", dst_path, name,
 			    mode, key_bytes * 8, c.cs, backing_name ? ", backing file " : "",
