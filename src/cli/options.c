@@ -88,7 +88,9 @@ static const struct option_spec options[] = {
 	  .help = "FILE is the image's backing file (format: the new image's)" },
 	{ "data-file", 0, IMAGE_READERS | CMD(CHECK), STRING(data_file, "FILE"),
 	  .help = "FILE is the image's external data file" },
-	{ "tab", 0, CMD(OPEN_TAB) | CMD(CLOSE_TAB), FLAG(tab), .help = "open, close: the entries of qcowtab(5)" },
+	/* open and close list it: it selects their --tab form */
+	{ "tab", 0, CMD(OPEN) | CMD(OPEN_TAB) | CMD(CLOSE) | CMD(CLOSE_TAB), FLAG(tab),
+	  .help = "open, close: the entries of qcowtab(5)" },
 	{ "qcowtab", 0, CMD(OPEN_TAB) | CMD(CLOSE_TAB) | CMD(PROBE), STRING(qcowtab, "FILE"),
 	  .help = "read FILE instead of /etc/qcowtab" },
 	{ "udev", 0, CMD(PROBE), FLAG(udev), .help = "KEY=VALUE lines for udev's IMPORT{program}" },
