@@ -882,25 +882,18 @@ static int verify_and_commit(struct convert *c)
 
 int convert_image(const struct convert_params *p)
 {
+	static int (*const phases[])(struct convert *c) = {
+		open_source, check_target, plan_result, unlock_source, prepare_target, copy_clusters,
+		verify_and_commit,
+	};
 	struct convert c;
-	int r;
+	int r = 0;
 
 	memset(&c, 0, sizeof(c));
 	c.p = p;
 	run_list_init(&c.alloc);
-	r = open_source(&c);
-	if (r == 0)
-		r = check_target(&c);
-	if (r == 0)
-		r = plan_result(&c);
-	if (r == 0)
-		r = unlock_source(&c);
-	if (r == 0)
-		r = prepare_target(&c);
-	if (r == 0)
-		r = copy_clusters(&c);
-	if (r == 0)
-		r = verify_and_commit(&c);
+	for (size_t i = 0; i < ARRAY_SIZE(phases) && r == 0; i++)
+		r = phases[i](&c);
 
 	if (r < 0 && c.target_created)
 		p->abort_target(p->opaque);
