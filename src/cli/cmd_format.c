@@ -20,6 +20,7 @@
 
 #include "cmd_keys.h"
 #include "keys.h"
+#include "lock.h"
 #include "log.h"
 #include "qcow2_writer.h"
 #include "qcowsetup.h"
@@ -137,7 +138,7 @@ int cmd_format(int argc, char **argv)
 	if (r == 0)
 		r = new_image_size(path, argc, argv, &wp.size, &wp.backing_format);
 	if (r == 0 && opt.force) {
-		r = keys_check_replaceable(path);
+		r = lock_image_replaceable(path);
 	} else if (r == 0 && access(path, F_OK) == 0) {
 		log_err("%s exists (--force overwrites it).", path);
 		r = -EEXIST;

@@ -34,9 +34,6 @@ int keys_lock_for_write(int fd, const char *path, bool allow_mapped);
 /* Lock fd as a reader that refuses concurrent writers (QEMU read-only);
  * exclusive: refuse any other user (for a file about to be replaced). */
 int keys_lock_for_read(int fd, const char *path, bool exclusive);
-/* 0 when path does not exist or may be replaced: nobody (QEMU) has it open
- * (keys_lock_for_write's refusal otherwise). */
-int keys_check_replaceable(const char *path);
 
 /* A new image written beside its final name and renamed into place. */
 struct out_file {

@@ -83,18 +83,6 @@ int keys_lock_for_read(int fd, const char *path, bool exclusive)
 	return lock_image(fd, false, path);
 }
 
-int keys_check_replaceable(const char *path)
-{
-	int fd, r;
-
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : -errno;
-	r = keys_lock_for_write(fd, path, false);
-	close(fd);
-	return r;
-}
-
 /* ---- output files ---- */
 
 #define TMP_SUFFIX ".qcowsetup-tmp"
