@@ -40,6 +40,19 @@ same() {	# BEFORE AFTER
 	[ "$1" = "$2" ] || { printf 'changed:\n%s\nnow:\n%s\n' "$1" "$2"; return 1; }
 }
 
+# loop0_attach MIB: /dev/loop0 on a new scratch file of MIB MiB of random
+# bytes; before= their fingerprints. loop0_detach: detached, the same.
+loop0_attach() {
+	dd if=/dev/urandom of=/tmp/scratch bs=1M count="$1" 2>/dev/null
+	losetup /dev/loop0 /tmp/scratch
+	before=$(fp /tmp/scratch /dev/loop0)
+}
+loop0_detach() {
+	after=$(fp /tmp/scratch /dev/loop0)
+	losetup -d /dev/loop0
+	same "$before" "$after"
+}
+
 # refused RC 'WORD|WORD...' CMD...: CMD exits RC within $TMO seconds (60)
 # with exactly one line on stderr, containing every WORD
 refused() {
@@ -139,9 +152,7 @@ t_a_data_file_elsewhere() {
 
 # ---- b. the data file a host disk: /dev/loop0 and ../../../dev/loop0
 t_b_data_file_loop0() {
-	dd if=/dev/urandom of=/tmp/scratch bs=1M count=2 2>/dev/null
-	losetup /dev/loop0 /tmp/scratch
-	before=$(fp /tmp/scratch /dev/loop0)
+	loop0_attach 2
 	refused 2 "$I/b-data-loop0.qcow2|external data file /dev/loop0|block device" \
 		qcowsetup open $I/b-data-loop0.qcow2 hb
 	nothing_left /dev/loop0
@@ -151,9 +162,7 @@ t_b_data_file_loop0() {
 	refused 2 "$I/b-data-climb.qcow2|../../../dev/loop0|block device" \
 		qcowsetup open --readonly $I/b-data-climb.qcow2 hb
 	nothing_left /dev/loop0
-	after=$(fp /tmp/scratch /dev/loop0)
-	losetup -d /dev/loop0
-	same "$before" "$after"
+	loop0_detach
 	same "$(echo "$before" | head -n 1)" "$(fp /tmp/scratch)"
 	rm -f /tmp/scratch
 	nothing_left
@@ -188,17 +197,13 @@ t_c_backing_kernel_interfaces() {
 
 # ---- d. the backing file a host disk: ../../../dev/loop0, read-only
 t_d_backing_loop0() {
-	dd if=/dev/urandom of=/tmp/scratch bs=1M count=4 2>/dev/null
-	losetup /dev/loop0 /tmp/scratch
-	before=$(fp /tmp/scratch /dev/loop0)
+	loop0_attach 4
 	refused 2 "$I/d-back-loop0.qcow2|backing file|../../../dev/loop0|block device" \
 		qcowsetup open --readonly $I/d-back-loop0.qcow2 hd
 	nothing_left /dev/loop0
 	refused 2 "$I/d-back-loop0.qcow2|../../../dev/loop0|block device" qcowsetup open $I/d-back-loop0.qcow2 hd
 	nothing_left /dev/loop0
-	after=$(fp /tmp/scratch /dev/loop0)
-	losetup -d /dev/loop0
-	same "$before" "$after"
+	loop0_detach
 	rm -f /tmp/scratch
 	nothing_left
 	counts
