@@ -143,7 +143,7 @@ if [ $shell = 1 ]; then
 	exec "$qemu" "${qemu_args[@]/#stdio/mon:stdio}"
 fi
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-run-vm.XXXXXX")
+tmp=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-run-vm.XXXXXX")	# as tests/lib.sh
 tpid=
 # shellcheck disable=SC2317 # called by the trap
 cleanup() {
