@@ -50,7 +50,7 @@ if [ -n "$udevadm" ]; then
 fi
 export QS_VM_CACHE=${QS_VM_CACHE:-$builddir/tests/vm/out/sys}
 "$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --timeout 900 \
-	"${extras[@]}" -- sys.sh "${QS_SYS_TARGETS:-100000}"
+	"${extras[@]}" -- "$work/share/sys.sh" "${QS_SYS_TARGETS:-100000}"
 vrc=$?
 case $vrc in
 0) ;;
