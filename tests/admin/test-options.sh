@@ -7,19 +7,13 @@
 #   - `check` on a clean image and on images made leaky, corrupt or raw
 #     (qemu-img, bytes patched with printf and dd) returns qemu-img check's
 #     codes: 0, 3, 2, 63, and 4 for a missing image (skipped without qemu-img).
-# Exit 0 pass, 1 fail.
-set -u
+# Exit 0 pass, 1 fail, 99 not built.
+me=test-options
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 export LC_ALL=C
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-QCOWSETUP=${QCOWSETUP:-${top_builddir:-$top}/qcowsetup}
-[ -x "$QCOWSETUP" ] || { echo "FAIL: $QCOWSETUP is not built"; exit 1; }
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-options.XXXXXX")
-[ -n "${KEEP:-}" ] || trap 'rm -rf "$tmp"' EXIT
-cd "$tmp" || exit 1
-failed=0 passed=0
-ok() { echo "PASS: $*"; passed=$((passed + 1)); }
-ko() { echo "FAIL: $*"; failed=$((failed + 1)); }
+need_qcowsetup
+make_work
+cd "$work" || hard_error "cannot enter $work"
 
 # run ARGS...: $rc, $out, $err (stderr), $errlines
 run() {
@@ -37,9 +31,9 @@ usage_error() {  # WHAT PATTERN ARGS...
 	shift 2
 	run "$@"
 	if [ "$rc" = 1 ] && [ "$errlines" = 1 ] && [ -z "$out" ] && grep -qE -- "$pattern" err; then
-		ok "$what"
+		pass "$what"
 	else
-		ko "$what: exit $rc, stdout [$out], stderr [$err]"
+		fail "$what: exit $rc, stdout [$out], stderr [$err]"
 	fi
 }
 
@@ -86,16 +80,16 @@ all=$(help_options <out | sorted)
 # the options that take a value: "--name VALUE" in the help
 with_value=" $(awk '/^  (-., |    )--[a-z-]+ [A-Z]/ { sub(/^ *(-., )?/, ""); print $1 }' out | tr '\n' ' ') "
 cmds=$(awk '/^Commands:/ { c = 1; next } /^$/ { c = 0 } c && /^  [a-z]/ { print $1 ($2 == "--tab" ? " --tab" : "") }' out)
-[ "$rc" = 0 ] && [ "$(echo "$cmds" | wc -l)" = "${#want[@]}" ] && ok "--help: ${#want[@]} commands" ||
-	ko "--help: exit $rc, commands [$cmds]"
+[ "$rc" = 0 ] && [ "$(echo "$cmds" | wc -l)" = "${#want[@]}" ] && pass "--help: ${#want[@]} commands" ||
+	fail "--help: exit $rc, commands [$cmds]"
 while read -r cmd; do
 	# shellcheck disable=SC2086
 	run $cmd --help
 	got=$(help_options <out | sorted)
 	if [ "$rc" = 0 ] && [ "$got" = "$(echo "${want[$cmd]}" | sorted)" ]; then
-		ok "$cmd --help lists its options"
+		pass "$cmd --help lists its options"
 	else
-		ko "$cmd --help: exit $rc, lists [$got], not [$(echo "${want[$cmd]}" | sorted)]"
+		fail "$cmd --help: exit $rc, lists [$got], not [$(echo "${want[$cmd]}" | sorted)]"
 	fi
 	# every option of the global list: taken (then --help answers) or refused
 	bad=
@@ -110,7 +104,7 @@ while read -r cmd; do
 			bad+=" $o(exit $rc: $err)"
 		fi
 	done
-	[ -z "$bad" ] && ok "$cmd: the options it does not list are refused in one line" || ko "$cmd:$bad"
+	[ -z "$bad" ] && pass "$cmd: the options it does not list are refused in one line" || fail "$cmd:$bad"
 done <<<"$cmds"
 
 # ---- usage errors -------------------------------------------------------------
@@ -130,16 +124,16 @@ usage_error "a bad number: --key-size 100 (not a multiple of 8)" "--key-size tak
 usage_error "a bad number: --cluster-size 3K (not a power of two)" "--cluster-size takes a power of two" \
 	format --cluster-size 3K new.qcow2 1M
 usage_error "a bad size: format IMAGE 12x" "Invalid size for SIZE: 12x" format new.qcow2 12x
-[ ! -e new.qcow2 ] && ok "nothing created by the refused formats" || ko "new.qcow2 was created"
+[ ! -e new.qcow2 ] && pass "nothing created by the refused formats" || fail "new.qcow2 was created"
 usage_error "an unknown command" "Unknown command" frobnicate
 usage_error "too many arguments" "Usage: qcowsetup info IMAGE" info a b
 run --version
-[ "$rc" = 0 ] && [[ $out == "qcowsetup "* ]] && ok "--version" || ko "--version: exit $rc [$out]"
+[ "$rc" = 0 ] && [[ $out == "qcowsetup "* ]] && pass "--version" || fail "--version: exit $rc [$out]"
 
 # ---- check's exit codes ---------------------------------------------------------
 expect_check() {  # WHAT CODE IMAGE
 	run check "$3"
-	[ "$rc" = "$2" ] && ok "check $1: exit $2" || ko "check $1: exit $rc, not $2 [$out] [$err]"
+	[ "$rc" = "$2" ] && pass "check $1: exit $2" || fail "check $1: exit $rc, not $2 [$out] [$err]"
 }
 # the 8-byte big-endian number at byte OFF of FILE
 be64() { od -An -tu8 --endian=big -j "$2" -N 8 "$1" | tr -d ' '; }
@@ -150,7 +144,7 @@ if command -v qemu-img >/dev/null 2>&1; then
 	qemu-img create -q -f qcow2 -o cluster_size=65536 clean.qcow2 16M
 	expect_check "a clean image" 0 clean.qcow2
 	run check --json clean.qcow2
-	[ "$rc" = 0 ] && grep -q '"check-errors": 0' out && ok "check --json a clean image" || ko "check --json: exit $rc [$out]"
+	[ "$rc" = 0 ] && grep -q '"check-errors": 0' out && pass "check --json a clean image" || fail "check --json: exit $rc [$out]"
 	# 16-bit refcounts in the first refcount block: one for cluster N at 2N
 	refblock=$(be64 clean.qcow2 "$(be64 clean.qcow2 48)")
 	l1_cluster=$(($(be64 clean.qcow2 40) / 65536))
@@ -164,9 +158,8 @@ if command -v qemu-img >/dev/null 2>&1; then
 	qemu-img create -q -f raw raw.img 1M
 	expect_check "a raw image (no refcounts)" 63 raw.img
 else
-	echo "SKIP: check on images (no qemu-img)"
+	skipped "check on images (no qemu-img)"
 fi
 expect_check "a missing image" 4 missing.qcow2
 
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+summary
