@@ -66,7 +66,7 @@ if grep -qw device-mapper /proc/misc 2>/dev/null && [ "$(id -u)" = 0 ]; then
 else
 	echo
 	echo "# this kernel has no device-mapper: mapping inside the test VM (Debian's kernel under QEMU TCG)"
-	QCOWSETUP=$qs "$top/tests/vm/run-vm.sh" --share "$work" -- inside.sh 2>&1 |
+	QCOWSETUP=$qs "$top/tests/vm/bed/run-vm.sh" --share "$work" -- inside.sh 2>&1 |
 		grep -v -e "^QS-" -e "^run-vm:" -e SeaBIOS -e "^Booting" -e "^\[ *[0-9.]*\]"
 fi
 

@@ -10,7 +10,8 @@
  *       OFLAG_COPIED errors): data may be corrupted
  *   3   leaked clusters only: waste of space, no harm to data
  *   4   the image is missing, unreadable or too malformed to be opened
- *   63  the format has no refcounts to check (raw, qcow v1) */
+ *   63  the format has no refcounts to check (raw, qcow v1)
+ * It returns them (its command table entry has exit_help). */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -87,38 +88,31 @@ static void print_human(const struct qcow2_check_result *res)
 		printf("Image end offset: %" PRIu64 "\n", res->image_end_offset);
 }
 
-/* check's codes are not tools_exit_code()'s: leave with them directly. */
-static __attribute__((noreturn)) void check_exit(int code)
-{
-	fflush(stdout);
-	exit(code);
-}
-
 int cmd_check(int argc, char **argv)
 {
 	struct qcow2_check_result res;
 	struct image *img = NULL;
 	enum img_format fmt;
-	int r, code;
+	int r;
 
 	(void)argc;
 	r = tools_open_image(argv[0], TOOLS_OPEN_NO_BACKING, &img);
 	if (r < 0) {
 		/* -ENOMEM and -EACCES would read as "leaks" and "corruptions" */
-		check_exit(r == -EINVAL || r == -ENOMEM ? CHECK_EXIT_FAILED : EXIT_DEVICE);
+		return r == -EINVAL || r == -ENOMEM ? CHECK_EXIT_FAILED : EXIT_DEVICE;
 	}
 	fmt = img->format;
 	if (fmt != IMG_FMT_QCOW2) {
 		tools_close_image(img);
 		log_err("%s: this image format (%s) does not support checks: it has no refcounts.", argv[0],
 			image_format_name(fmt));
-		check_exit(CHECK_EXIT_UNSUPPORTED);
+		return CHECK_EXIT_UNSUPPORTED;
 	}
 	r = qcow2_check(img, &res);
 	tools_close_image(img);
 	if (r < 0) {
 		log_err("Check failed: %s", strerror(-r));
-		check_exit(CHECK_EXIT_FAILED);
+		return CHECK_EXIT_FAILED;
 	}
 	if (opt.json)
 		print_json(argv[0], &res);
@@ -126,10 +120,7 @@ int cmd_check(int argc, char **argv)
 		print_human(&res);
 	if (res.check_errors) {
 		log_err("Check failed");
-		check_exit(CHECK_EXIT_FAILED);
+		return CHECK_EXIT_FAILED;
 	}
-	code = res.corruptions ? CHECK_EXIT_CORRUPT : res.leaks ? CHECK_EXIT_LEAKS : EXIT_OK;
-	if (code)
-		check_exit(code);
-	return 0;
+	return res.corruptions ? CHECK_EXIT_CORRUPT : res.leaks ? CHECK_EXIT_LEAKS : EXIT_OK;
 }

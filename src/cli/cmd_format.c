@@ -20,6 +20,7 @@
 
 #include "cmd_keys.h"
 #include "keys.h"
+#include "lock.h"
 #include "log.h"
 #include "qcow2_create.h"
 #include "qcowsetup.h"
@@ -46,16 +47,74 @@ static int check_qemu_cipher(const char *name, const char *mode)
 	return -EINVAL;
 }
 
-/* Refuse to replace an image QEMU (or a mapping) has open. */
-static int check_replaceable(const char *path)
+/* The new image's size (SIZE, or the backing file's) and its backing
+ * file's format (--backing-format, or probed). */
+static int new_image_size(const char *path, int argc, char **argv, uint64_t *size, const char **backing_format)
 {
-	int fd, r;
+	struct image *backing = NULL;
+	char *backing_path;
+	int r;
 
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : -errno;
-	r = keys_lock_for_write(fd, path, false);
-	close(fd);
+	*backing_format = opt.backing_format;
+	if (argc > 1 && parse_u64(argv[1], PARSE_SIZE, size) < 0) {
+		log_err("Invalid size for SIZE: %s (a number of bytes, or with K, M, G, T).", argv[1]);
+		return -EINVAL;
+	}
+	if (opt.backing_format && !opt.backing_file) {
+		log_err("--backing-format needs --backing-file.");
+		return -EINVAL;
+	}
+	if (!opt.backing_file && argc < 2) {
+		log_err("Usage: qcowsetup format IMAGE SIZE (SIZE may be left out with --backing-file).");
+		return -EINVAL;
+	}
+	if (opt.backing_file) {
+		/* as QEMU: the name is stored as given, relative to IMAGE's folder */
+		backing_path = image_resolve_path(path, opt.backing_file);
+		if (!backing_path)
+			return -ENOMEM;
+		r = tools_open_image(backing_path, TOOLS_OPEN_NO_BACKING, &backing);
+		if (r < 0)
+			log_err("Cannot open backing file %s.", backing_path);
+		free(backing_path);
+		if (r < 0)
+			return r;
+		if (!*backing_format)
+			*backing_format = image_format_name(backing->format);
+		if (argc < 2)
+			*size = backing->size;
+		tools_close_image(backing);
+	}
+	if (*size % 512) {
+		log_err("The image size must be a multiple of 512 bytes (%" PRIu64 ").", *size);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Write the image beside path and rename it into place. */
+static int write_image(const char *path, const struct qcow2_create_params *wp)
+{
+	struct out_file o = { .fd = -1 };
+	struct qcow2_create *w = NULL;
+	uint64_t cs = 1ULL << wp->cluster_bits;
+	int r;
+
+	r = out_file_create(path, opt.force, &o);
+	if (r < 0)
+		return r;
+	r = qcow2_create_begin(o.fd, wp, &w);
+	if (r == 0)
+		r = qcow2_create_add(w, (wp->size + cs - 1) / cs, QCOW2_CREATE_UNALLOC, NULL);
+	if (r == 0)
+		r = qcow2_create_finish(w);
+	if (r < 0 && r != -EINVAL && r != -EFBIG)
+		log_err("Cannot write %s: %s", o.tmp, strerror(-r));
+	if (r == 0)
+		r = out_file_commit(&o, opt.force);
+	if (r < 0 && o.fd >= 0)
+		out_file_abort(&o);
+	qcow2_create_free(w);
 	return r;
 }
 
@@ -66,111 +125,46 @@ int cmd_format(int argc, char **argv)
 	struct luks_format_params fp;
 	struct passphrase *pp = NULL;
 	struct volume_key *vk = NULL;
-	struct qcow2_create *w = NULL;
-	struct image *backing = NULL;
-	struct out_file o = { .fd = -1 };
-	char name[33], mode[33], *backing_path = NULL;
+	char name[33], mode[33];
 	uint8_t *region = NULL;
-	uint64_t size = 0, region_len, cs;
+	uint64_t region_len = 0;
 	size_t key_bytes;
 	int r;
 
 	signal(SIGXFSZ, SIG_IGN);	/* a file size limit gives EFBIG, not death */
-	if (argc > 1) {
-		r = keys_parse_size(argv[1], "SIZE", &size);
-		if (r < 0)
-			return r;
-	}
 	r = keys_format_params(&fp, name, mode, &key_bytes);
-	if (r < 0)
-		return r;
-	r = check_qemu_cipher(name, mode);
-	if (r < 0)
-		return r;
-	cs = kopt.cluster_size ? kopt.cluster_size : 65536;
-
-	if (kopt.backing_format && !kopt.backing_file) {
-		log_err("--backing-format needs --backing-file.");
-		return -EINVAL;
-	}
-	if (kopt.backing_file) {
-		/* as QEMU: the name is stored as given, relative to IMAGE's folder */
-		backing_path = image_resolve_path(path, kopt.backing_file);
-		if (!backing_path)
-			return -ENOMEM;
-		r = tools_open_image(backing_path, TOOLS_OPEN_NO_BACKING, &backing);
-		if (r < 0) {
-			log_err("Cannot open backing file %s.", backing_path);
-			goto out;
-		}
-		if (!kopt.backing_format)
-			kopt.backing_format = image_format_name(backing->format);
-		if (argc < 2)
-			size = backing->size;
-	} else if (argc < 2) {
-		log_err("Usage: qcowsetup format IMAGE SIZE (SIZE may be left out with --backing-file).");
-		return -EINVAL;
-	}
-	if (size % 512) {
-		log_err("The image size must be a multiple of 512 bytes (%" PRIu64 ").", size);
-		r = -EINVAL;
-		goto out;
-	}
-	if (kopt.force) {
-		r = check_replaceable(path);
-		if (r < 0)
-			goto out;
-	} else if (access(path, F_OK) == 0) {
+	if (r == 0)
+		r = check_qemu_cipher(name, mode);
+	if (r == 0)
+		r = new_image_size(path, argc, argv, &wp.size, &wp.backing_format);
+	if (r == 0 && opt.force) {
+		r = lock_image_replaceable(path);
+	} else if (r == 0 && access(path, F_OK) == 0) {
 		log_err("%s exists (--force overwrites it).", path);
 		r = -EEXIST;
-		goto out;
 	}
+	if (r < 0)
+		return r;
 
 	if (opt.key_file)
 		r = keys_read_passphrase(path, &pp);
 	else
 		r = keys_read_new_passphrase(NULL, path, &pp);
-	if (r < 0)
-		goto out;
-	r = volume_key_generate(key_bytes, &vk);
-	if (r < 0)
-		goto out;
-	r = luks_format_region(&fp, vk, pp, &region, &region_len);
-	if (r < 0)
-		goto out;
-
-	r = out_file_create(path, kopt.force, &o);
-	if (r < 0)
-		goto out;
-	wp.size = size;
-	wp.cluster_bits = (uint32_t)__builtin_ctzll(cs);
-	wp.backing_file = kopt.backing_file;
-	wp.backing_format = kopt.backing_format;
+	if (r == 0)
+		r = volume_key_generate(key_bytes, &vk);
+	if (r == 0)
+		r = luks_format_region(&fp, vk, pp, &region, &region_len);
+	wp.cluster_bits = (uint32_t)__builtin_ctzll(opt.cluster_size ? opt.cluster_size : 65536);
+	wp.backing_file = opt.backing_file;
 	wp.crypt_header = region;
 	wp.crypt_header_len = region_len;
-	r = qcow2_create_begin(o.fd, &wp, &w);
 	if (r == 0)
-		r = qcow2_create_add(w, (size + cs - 1) / cs, QCOW2_CREATE_UNALLOC, NULL);
-	if (r == 0)
-		r = qcow2_create_finish(w);
-	if (r < 0) {
-		if (r != -EINVAL && r != -EFBIG)
-			log_err("Cannot write %s: %s", o.tmp, strerror(-r));
-		goto out;
-	}
-	r = out_file_commit(&o, kopt.force);
+		r = write_image(path, &wp);
 	if (r == 0)
 		log_verbose("%s: LUKS qcow2 image of %" PRIu64 " bytes, %s-%s, %zu-bit key, key slot 0.",
-			    path, size, name, mode, key_bytes * 8);
-out:
-	if (r < 0 && o.fd >= 0)
-		out_file_abort(&o);
-	qcow2_create_free(w);
+			    path, wp.size, name, mode, key_bytes * 8);
 	free(region);
 	volume_key_free(vk);
 	passphrase_free(pp);
-	if (backing)
-		tools_close_image(backing);
-	free(backing_path);
 	return r;
 }

@@ -47,77 +47,66 @@ static int luks_info_of(const struct image *img, struct luks_info *li)
 	return luks_read_info(&img->io, img->crypt_header_offset, img->crypt_header_length, li);
 }
 
-static void layer_json(struct json *j, struct image *img)
+static void qcow2_json(struct json *j, const struct image *img)
+{
+	json_string(j, "compat", img->version == 2 ? "0.10" : "1.1");
+	json_u64(j, "refcount-bits", 1ULL << img->refcount_order);
+	json_string(j, "compression-type", img->compression_type ? "zstd" : "zlib");
+	json_bool(j, "lazy-refcounts", img->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
+	json_bool(j, "extended-l2", img->extended_l2);
+	json_bool(j, "corrupt", img->incompatible_features & QCOW2_INCOMPAT_CORRUPT);
+	json_bool(j, "dirty", img->incompatible_features & QCOW2_INCOMPAT_DIRTY);
+	features_json(j, img, "incompatible-features", 0, img->incompatible_features);
+	features_json(j, img, "compatible-features", 1, img->compatible_features);
+	features_json(j, img, "autoclear-features", 2, img->autoclear_features);
+	if (img->data_file) {
+		json_string(j, "data-file", img->data_file);
+		json_bool(j, "data-file-raw", img->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW);
+	}
+	if (img->unknown_extensions) {
+		json_begin_array(j, "unknown-header-extensions");
+		for (size_t i = 0; img->unknown_extensions[i]; i++)
+			json_string(j, NULL, img->unknown_extensions[i]);
+		json_end_array(j);
+	}
+}
+
+static void encrypt_json(struct json *j, const struct image *img)
 {
 	struct luks_info li;
 	char cipher[128];
 
-	json_begin_object(j, NULL);
-	json_string(j, "filename", img->path);
-	json_string(j, "format", image_format_name(img->format));
-	json_u64(j, "virtual-size", img->size);
-	json_u64(j, "actual-size", img->io.size);
-	if (img->format != IMG_FMT_RAW) {
-		json_u64(j, "version", img->version);
-		json_u64(j, "cluster-size", img->cluster_size);
-		json_bool(j, "encrypted", img->crypt_method != IMG_CRYPT_NONE);
-	}
-	if (img->backing_file) {
-		json_string(j, "backing-filename", img->backing_file);
-		json_string(j, "full-backing-filename", img->backing_path);
-		if (img->backing_format)
-			json_string(j, "backing-filename-format", img->backing_format);
-	}
-	if (img->format == IMG_FMT_QCOW2) {
-		json_string(j, "compat", img->version == 2 ? "0.10" : "1.1");
-		json_u64(j, "refcount-bits", 1ULL << img->refcount_order);
-		json_string(j, "compression-type", img->compression_type ? "zstd" : "zlib");
-		json_bool(j, "lazy-refcounts", img->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
-		json_bool(j, "extended-l2", img->extended_l2);
-		json_bool(j, "corrupt", img->incompatible_features & QCOW2_INCOMPAT_CORRUPT);
-		json_bool(j, "dirty", img->incompatible_features & QCOW2_INCOMPAT_DIRTY);
-		features_json(j, img, "incompatible-features", 0, img->incompatible_features);
-		features_json(j, img, "compatible-features", 1, img->compatible_features);
-		features_json(j, img, "autoclear-features", 2, img->autoclear_features);
-		if (img->data_file) {
-			json_string(j, "data-file", img->data_file);
-			json_bool(j, "data-file-raw", img->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW);
+	json_begin_object(j, "encrypt");
+	json_string(j, "format", crypt_name(img->crypt_method));
+	if (img->crypt_method == IMG_CRYPT_AES) {
+		json_string(j, "cipher", "aes-cbc-plain64");
+		json_u64(j, "key-size", 16);
+	} else if (luks_info_of(img, &li) == 0) {
+		if (luks_dm_cipher_spec(&li, cipher, sizeof(cipher)) == 0)
+			json_string(j, "cipher", cipher);
+		json_u64(j, "key-size", li.key_bytes);
+		json_string(j, "hash", li.hash);
+		json_string(j, "uuid", li.uuid);
+		json_u64(j, "header-offset", img->crypt_header_offset);
+		json_u64(j, "header-length", img->crypt_header_length);
+		json_begin_array(j, "slots");
+		for (int s = 0; s < LUKS_NUM_SLOTS; s++) {
+			json_begin_object(j, NULL);
+			json_u64(j, "slot", (uint64_t)s);
+			json_bool(j, "active", li.slots[s].active);
+			if (li.slots[s].active)
+				json_u64(j, "iterations", li.slots[s].iterations);
+			json_u64(j, "key-offset", li.slots[s].key_offset);
+			json_end_object(j);
 		}
-		if (img->unknown_extensions) {
-			json_begin_array(j, "unknown-header-extensions");
-			for (size_t i = 0; img->unknown_extensions[i]; i++)
-				json_string(j, NULL, img->unknown_extensions[i]);
-			json_end_array(j);
-		}
+		json_end_array(j);
 	}
-	if (img->crypt_method != IMG_CRYPT_NONE) {
-		json_begin_object(j, "encrypt");
-		json_string(j, "format", crypt_name(img->crypt_method));
-		if (img->crypt_method == IMG_CRYPT_AES) {
-			json_string(j, "cipher", "aes-cbc-plain64");
-			json_u64(j, "key-size", 16);
-		} else if (luks_info_of(img, &li) == 0) {
-			if (luks_dm_cipher_spec(&li, cipher, sizeof(cipher)) == 0)
-				json_string(j, "cipher", cipher);
-			json_u64(j, "key-size", li.key_bytes);
-			json_string(j, "hash", li.hash);
-			json_string(j, "uuid", li.uuid);
-			json_u64(j, "header-offset", img->crypt_header_offset);
-			json_u64(j, "header-length", img->crypt_header_length);
-			json_begin_array(j, "slots");
-			for (int s = 0; s < LUKS_NUM_SLOTS; s++) {
-				json_begin_object(j, NULL);
-				json_u64(j, "slot", (uint64_t)s);
-				json_bool(j, "active", li.slots[s].active);
-				if (li.slots[s].active)
-					json_u64(j, "iterations", li.slots[s].iterations);
-				json_u64(j, "key-offset", li.slots[s].key_offset);
-				json_end_object(j);
-			}
-			json_end_array(j);
-		}
-		json_end_object(j);
-	}
+	json_end_object(j);
+}
+
+/* Internal snapshots and persistent bitmaps. */
+static void lists_json(struct json *j, const struct image *img)
+{
 	if (img->nb_snapshots) {
 		json_begin_array(j, "snapshots");
 		for (uint32_t i = 0; i < img->nb_snapshots; i++) {
@@ -148,6 +137,31 @@ static void layer_json(struct json *j, struct image *img)
 		}
 		json_end_array(j);
 	}
+}
+
+static void layer_json(struct json *j, const struct image *img)
+{
+	json_begin_object(j, NULL);
+	json_string(j, "filename", img->path);
+	json_string(j, "format", image_format_name(img->format));
+	json_u64(j, "virtual-size", img->size);
+	json_u64(j, "actual-size", img->io.size);
+	if (img->format != IMG_FMT_RAW) {
+		json_u64(j, "version", img->version);
+		json_u64(j, "cluster-size", img->cluster_size);
+		json_bool(j, "encrypted", img->crypt_method != IMG_CRYPT_NONE);
+	}
+	if (img->backing_file) {
+		json_string(j, "backing-filename", img->backing_file);
+		json_string(j, "full-backing-filename", img->backing_path);
+		if (img->backing_format)
+			json_string(j, "backing-filename-format", img->backing_format);
+	}
+	if (img->format == IMG_FMT_QCOW2)
+		qcow2_json(j, img);
+	if (img->crypt_method != IMG_CRYPT_NONE)
+		encrypt_json(j, img);
+	lists_json(j, img);
 	json_end_object(j);
 }
 

@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cmd_keys.h"
 #include "json.h"
 #include "log.h"
 #include "mapping.h"
@@ -40,7 +39,7 @@ static void mapping_params_from_options(struct mapping_params *p, const char *im
 		.read_only = opt.readonly,
 		.snapshot = opt.snapshot,
 		.format = opt.format,
-		.backing_file = kopt.backing_file,
+		.backing_file = opt.backing_file,
 		.data_file = opt.data_file,
 		.trust_names = opt.trust_names,
 		.allow_discards = opt.allow_discards,

@@ -20,7 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cmd_keys.h"
+#include "options.h"
 #include "keys.h"
 #include "log.h"
 #include "passphrase.h"
@@ -134,123 +134,162 @@ static void tty_signal_handler(int sig)
 	raise(sig);
 }
 
+/* The terminal a prompt goes to, its echo turned off. */
+struct tty {
+	int in;			/* /dev/tty, or stdin */
+	int out;		/* /dev/tty, or stderr */
+	bool own_fd;
+	bool handlers;
+	bool echo_off;
+	bool line_ended;	/* nothing of the prompt line is left open */
+	struct sigaction old[ARRAY_SIZE(tty_signals)];
+};
+
 /* Finish the prompt line (echo is off, so a newline the user did not type
  * is not shown), before a message or on leaving. */
-static void end_prompt_line(int fd, bool *ended)
+static void end_prompt_line(struct tty *t)
 {
-	if (!*ended && write(fd, "\n", 1) < 0)
+	if (!t->line_ended && write(t->out, "\n", 1) < 0)
 		log_dbg("Cannot write to the terminal.");
-	*ended = true;
+	t->line_ended = true;
+}
+
+static int tty_echo_off(struct tty *t)
+{
+	struct sigaction sa;
+	struct termios noecho;
+	int r;
+
+	t->line_ended = true;
+	t->in = open("/dev/tty", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	t->own_fd = t->in >= 0;
+	t->out = t->own_fd ? t->in : STDERR_FILENO;
+	if (!t->own_fd)
+		t->in = STDIN_FILENO;
+	if (tcgetattr(t->in, &tty_saved) < 0) {
+		r = -errno;
+		log_err("Cannot read the terminal settings: %s", strerror(-r));
+		return r;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = tty_signal_handler;
+	sigemptyset(&sa.sa_mask);
+	for (size_t i = 0; i < ARRAY_SIZE(tty_signals); i++)
+		sigaction(tty_signals[i], &sa, &t->old[i]);
+	t->handlers = true;
+	tty_restore_fd = t->in;
+
+	noecho = tty_saved;
+	noecho.c_lflag &= ~(tcflag_t)ECHO;
+	noecho.c_lflag |= ECHONL | ICANON;
+	if (tcsetattr(t->in, TCSAFLUSH, &noecho) < 0) {
+		r = -errno;
+		log_err("Cannot turn off the terminal echo: %s", strerror(-r));
+		return r;
+	}
+	t->echo_off = true;
+	return 0;
+}
+
+static void tty_restore(struct tty *t)
+{
+	if (t->echo_off) {
+		tcsetattr(t->in, TCSAFLUSH, &tty_saved);
+		end_prompt_line(t);
+	}
+	if (t->handlers) {
+		tty_restore_fd = -1;
+		for (size_t i = 0; i < ARRAY_SIZE(tty_signals); i++)
+			sigaction(tty_signals[i], &t->old[i], NULL);
+	}
+	if (t->own_fd)
+		close(t->in);
+}
+
+/* A line of fd into b: up to the newline (not kept) or the end of input,
+ * and at most max bytes (0: PASSPHRASE_MAX_SIZE, more is an error), one
+ * byte at a time so that nothing past the newline is consumed; waiting
+ * until deadline_ms (0: forever). *newline: the line ended with one. An
+ * error is logged by the caller: -ETIMEDOUT, -EINVAL (too long), -errno of
+ * the read (-EIO: none), -ENOMEM. */
+static int read_line(int fd, uint64_t max, int64_t deadline_ms, struct secbuf *b, bool *newline)
+{
+	char c = 0;
+	ssize_t n;
+	int r = 0;
+
+	*newline = false;
+	for (;;) {
+		r = wait_input(fd, deadline_ms);
+		if (r < 0)
+			break;
+		n = read(fd, &c, 1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			r = errno ? -errno : -EIO;
+			break;
+		}
+		if (n == 0 || c == '\n') {
+			*newline = n > 0;
+			break;
+		}
+		r = secbuf_reserve(b, b->len + 2);
+		if (r < 0)
+			break;
+		b->p[b->len++] = c;
+		if (b->len == max)
+			break;
+	}
+	explicit_bzero(&c, sizeof(c));
+	return r;
+}
+
+/* The end of read_line: its error logged (from: where the line came
+ * from), or the passphrase. */
+static int finish_line(int r, const char *from, struct secbuf *b, bool eof, struct passphrase **out)
+{
+	if (r == -ETIMEDOUT) {
+		log_err("Timed out waiting for the passphrase.");
+		r = -EPERM;
+	} else if (r == -EINVAL) {
+		log_err("The passphrase is longer than %u bytes.", PASSPHRASE_MAX_SIZE);
+	} else if (r < 0 && r != -ENOMEM) {
+		log_err("Error reading the passphrase%s: %s", from, strerror(-r));
+	} else if (r == 0 && eof && !b->len) {
+		log_err("Nothing to read on input.");
+		r = -EPERM;
+	} else if (r == 0) {
+		r = secbuf_finish(b, out);
+	}
+	secure_free(b->p);
+	b->p = NULL;
+	return r;
 }
 
 static int read_terminal(const struct passphrase_opts *opts, struct passphrase **out)
 {
-	struct sigaction sa, old[ARRAY_SIZE(tty_signals)];
+	struct tty t = { .in = -1 };
 	struct secbuf b = { 0 };
-	struct termios noecho;
-	bool echo_off = false, handlers = false, own_fd = false, line_ended = true;
-	int64_t deadline = 0;
-	int in = -1, outfd, r;
-	size_t i;
-	char c = 0;
-	ssize_t n = -1;
+	bool newline = false;
+	int r;
 
 	if (opts->keyfile_offset) {
 		log_err("Cannot use an offset with terminal input.");
 		return -EINVAL;
 	}
-
-	in = open("/dev/tty", O_RDWR | O_NOCTTY | O_CLOEXEC);
-	if (in >= 0) {
-		own_fd = true;
-		outfd = in;
-	} else {
-		in = STDIN_FILENO;
-		outfd = STDERR_FILENO;
+	r = tty_echo_off(&t);
+	if (r == 0) {
+		dprintf(t.out, "Enter passphrase for %s: ", opts->image_name ? opts->image_name : "image");
+		t.line_ended = false;
+		r = read_line(t.in, 0, opts->timeout ? now_ms() + (int64_t)opts->timeout * 1000 : 0, &b, &newline);
+		/* a newline was echoed by the terminal (ECHONL) */
+		t.line_ended = newline;
+		if (r < 0 || !newline)
+			end_prompt_line(&t);
+		r = finish_line(r, " from the terminal", &b, !newline, out);
 	}
-
-	if (tcgetattr(in, &tty_saved) < 0) {
-		r = -errno;
-		log_err("Cannot read the terminal settings: %s", strerror(-r));
-		goto out;
-	}
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = tty_signal_handler;
-	sigemptyset(&sa.sa_mask);
-	for (i = 0; i < ARRAY_SIZE(tty_signals); i++)
-		sigaction(tty_signals[i], &sa, &old[i]);
-	handlers = true;
-	tty_restore_fd = in;
-
-	noecho = tty_saved;
-	noecho.c_lflag &= ~(tcflag_t)ECHO;
-	noecho.c_lflag |= ECHONL | ICANON;
-	if (tcsetattr(in, TCSAFLUSH, &noecho) < 0) {
-		r = -errno;
-		log_err("Cannot turn off the terminal echo: %s", strerror(-r));
-		goto out;
-	}
-	echo_off = true;
-
-	dprintf(outfd, "Enter passphrase for %s: ", opts->image_name ? opts->image_name : "image");
-	line_ended = false;
-	if (opts->timeout)
-		deadline = now_ms() + (int64_t)opts->timeout * 1000;
-
-	/* one byte at a time, so nothing past the newline is consumed */
-	for (;;) {
-		r = wait_input(in, deadline);
-		if (r == -ETIMEDOUT) {
-			end_prompt_line(outfd, &line_ended);
-			log_err("Timed out waiting for the passphrase.");
-			r = -EPERM;
-			goto out;
-		}
-		if (r < 0)
-			goto out;
-		n = read(in, &c, 1);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			r = -errno;
-			end_prompt_line(outfd, &line_ended);
-			log_err("Error reading the passphrase from the terminal: %s", strerror(-r));
-			goto out;
-		}
-		if (c == '\n')
-			line_ended = true;	/* echoed by the terminal (ECHONL) */
-		if (n == 0 || c == '\n')
-			break;
-		r = secbuf_reserve(&b, b.len + 2);
-		if (r < 0) {
-			end_prompt_line(outfd, &line_ended);
-			if (r == -EINVAL)
-				log_err("The passphrase is longer than %u bytes.", PASSPHRASE_MAX_SIZE);
-			goto out;
-		}
-		b.p[b.len++] = c;
-	}
-	if (n == 0 && !b.len) {
-		end_prompt_line(outfd, &line_ended);
-		log_err("Nothing to read on input.");
-		r = -EPERM;
-		goto out;
-	}
-	r = secbuf_finish(&b, out);
-out:
-	explicit_bzero(&c, sizeof(c));
-	secure_free(b.p);
-	if (echo_off) {
-		tcsetattr(in, TCSAFLUSH, &tty_saved);
-		end_prompt_line(outfd, &line_ended);
-	}
-	if (handlers) {
-		tty_restore_fd = -1;
-		for (i = 0; i < ARRAY_SIZE(tty_signals); i++)
-			sigaction(tty_signals[i], &old[i], NULL);
-	}
-	if (own_fd)
-		close(in);
+	tty_restore(&t);
 	return r;
 }
 
@@ -301,51 +340,16 @@ static int skip_bytes(int fd, uint64_t skip)
 	return r;
 }
 
-/* stdin without --key-file: up to the first newline (and at most max bytes),
- * one byte at a time so nothing past it is consumed. */
+/* stdin without --key-file: up to the first newline (and at most max
+ * bytes). */
 static int read_line_fd(int fd, uint64_t max, struct passphrase **out)
 {
 	struct secbuf b = { 0 };
-	bool eof = false;
-	char c = 0;
-	ssize_t n;
+	bool newline;
 	int r;
 
-	for (;;) {
-		n = read(fd, &c, 1);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			r = -errno;
-			log_err("Error reading the passphrase: %s", strerror(-r));
-			goto out;
-		}
-		if (n == 0) {
-			eof = true;
-			break;
-		}
-		if (c == '\n')
-			break;
-		r = secbuf_reserve(&b, b.len + 2);
-		if (r < 0) {
-			if (r == -EINVAL)
-				log_err("The passphrase is longer than %u bytes.", PASSPHRASE_MAX_SIZE);
-			goto out;
-		}
-		b.p[b.len++] = c;
-		if (b.len == max)
-			break;
-	}
-	if (eof && !b.len) {
-		log_err("Nothing to read on input.");
-		r = -EPERM;
-		goto out;
-	}
-	r = secbuf_finish(&b, out);
-out:
-	explicit_bzero(&c, sizeof(c));
-	secure_free(b.p);
-	return r;
+	r = read_line(fd, max, 0, &b, &newline);
+	return finish_line(r, "", &b, !newline && (!max || b.len < max), out);
 }
 
 /* A binary key: exactly size bytes, or (size 0) everything to the end. */
@@ -419,7 +423,7 @@ out:
  * with --quiet (nothing but errors on stderr). */
 static void warn_readable_key_file(const char *path, const struct stat *st)
 {
-	if (kopt.quiet || !S_ISREG(st->st_mode) || !(st->st_mode & (S_IRGRP | S_IROTH)))
+	if (opt.quiet || !S_ISREG(st->st_mode) || !(st->st_mode & (S_IRGRP | S_IROTH)))
 		return;
 	if (!strncmp(path, "/proc/self/fd/", 14) || !strncmp(path, "/dev/fd/", 8) ||
 	    !strncmp(path, "/dev/stdin", 10))

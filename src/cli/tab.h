@@ -1,13 +1,23 @@
-/* qcowtab for the qcowsetup command (cmd_tab.c): loading the file and
- * finding the devices its entries name. */
+/* qcowtab for the qcowsetup command: loading the file, finding and
+ * mounting what its entries name (tab_files.c), the passphrases of an
+ * entry (tab_keys.c), open --tab and close --tab (cmd_tab.c). */
 #ifndef QS_CLI_TAB_H
 #define QS_CLI_TAB_H
 
+#include <limits.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
+#include "daemon_state.h"
+#include "keys.h"
 #include "qcowtab.h"
+
+/* Where mounts made by qcowsetup live: the filesystems holding images (kept
+ * while a mapping uses them) and those holding key files (unmounted after
+ * use). Under /run, so they survive the initramfs's switch_root. */
+#define MOUNT_DIR		QS_RUN_DIR "/mnt"
+#define KEY_MOUNT_DIR		QS_RUN_DIR "/key"
 
 /* Read and parse --qcowtab FILE or /etc/qcowtab; problems in lines are
  * logged ("FILE:LINE: ...") and those lines left out. A missing file is an
@@ -20,6 +30,61 @@ const char *tools_qcowtab_path(void);
  * path): its path in dev and device number in *rdev. -ENODEV when it is not
  * present (or the location is a file), -errno otherwise. */
 int tools_location_blockdev(const struct qcowtab_location *loc, char *dev, size_t size, dev_t *rdev);
+
+/* A filesystem made available for one entry. */
+struct held_mount {
+	char dir[PATH_MAX];
+	bool ours;	/* mounted here by this run */
+};
+
+/* Mount (or find mounted) the filesystem TAG=VALUE of loc names, under base
+ * (read-write with rw). Writes the file's full path into path. */
+int tab_mount_location(const struct qcowtab_location *loc, const char *base, bool rw, struct held_mount *m,
+		       char *path, size_t size);
+/* Unmount a filesystem qcowsetup mounted, if nothing uses it any more
+ * (wait_busy: a few more chances while loop devices let go). */
+void tab_release_mount(struct held_mount *m, bool wait_busy);
+/* The same for the mount under base that loc's TAG=VALUE got, if any. */
+void tab_release_location(const struct qcowtab_location *loc, const char *base);
+
+/* ---- passphrases (tab_keys.c) ---- */
+
+enum ask_how {
+	ASK_TTY,	/* standard input is a terminal */
+	ASK_AGENT,	/* systemd-ask-password (systemd runs, nothing on stdin) */
+	ASK_STDIN,	/* a pipe or file: one line */
+	ASK_NOWHERE,
+};
+
+/* One open --tab run. */
+struct tab_run {
+	struct qcowtab tab;
+	struct passphrase *shared;	/* opened a same-passphrase entry */
+	const char *group_names;	/* "root, data": the same-passphrase entries asked for */
+};
+
+/* Where the passphrases of one entry come from, in turn: its key file,
+ * the passphrase that opened an earlier same-passphrase entry, then the
+ * questions (tries= of them; one on a pipe). */
+enum key_step {
+	KEY_FILE = 0,
+	KEY_SHARED,
+	KEY_ASK,
+};
+
+struct entry_keys {
+	struct tab_run *t;
+	const struct qcowtab_entry *e;
+	const char *key_file;		/* NULL: none */
+	enum key_step step;
+	enum ask_how how;
+	unsigned int asked;		/* questions so far */
+	bool asked_last;		/* the last passphrase handed out was asked for */
+	struct passphrase *last;	/* a copy of it, for same-passphrase */
+};
+
+/* mapping_ask_fn (opaque: struct entry_keys): the entry's next passphrase. */
+int tab_entry_passphrase(void *opaque, const char *image, unsigned int attempt, struct passphrase **pp);
 
 /* Commands */
 int cmd_open_tab(int argc, char **argv);

@@ -2,7 +2,6 @@
  * check and format (lib/fileio.c does the reads, lib/trust.c decides what
  * the names inside them may lead to; open goes through lib/mapping.c). */
 #include "fileio.h"
-#include "cmd_keys.h"
 #include "qcowsetup.h"
 
 int tools_open_image(const char *path, unsigned int flags, struct image **img)
@@ -13,7 +12,7 @@ int tools_open_image(const char *path, unsigned int flags, struct image **img)
 		.no_backing = flags & TOOLS_OPEN_NO_BACKING,
 		.snapshot = opt.snapshot,
 		/* the top's backing file: not when the chain is not opened */
-		.backing_file = flags & TOOLS_OPEN_NO_BACKING ? NULL : kopt.backing_file,
+		.backing_file = flags & TOOLS_OPEN_NO_BACKING ? NULL : opt.backing_file,
 		.data_file = opt.data_file,
 	};
 	struct file_opener fo;

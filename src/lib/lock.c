@@ -282,3 +282,15 @@ fail:
 	(void)lock_image_release(fd);
 	return r;
 }
+
+int lock_image_replaceable(const char *path)
+{
+	int fd, r;
+
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -errno;
+	r = lock_image(fd, true, path);
+	close(fd);
+	return r;
+}

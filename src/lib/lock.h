@@ -64,4 +64,10 @@ int lock_image_release(int fd);
  * 0 or -errno. */
 int lock_image_query(int fd, unsigned int *used, unsigned int *unshared);
 
+/* Whether the image at path may be replaced: nobody (QEMU, a mapping) has
+ * it open in a way a read-write QEMU would conflict with (lock_image's
+ * test for a writer, on a descriptor of its own, closed again). 0 also when
+ * path does not exist; -EBUSY with a message, or -errno. */
+int lock_image_replaceable(const char *path);
+
 #endif

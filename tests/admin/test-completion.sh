@@ -4,17 +4,16 @@
 # command cannot be run), qcowtab names after --tab, mapping names (from a
 # stand-in dmsetup) after close, status and reattach, option values. Skips
 # (77) without bash-completion.
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-builddir=${top_builddir:-$top}
+me=test-completion
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 bc=/usr/share/bash-completion/bash_completion
-[ -r "$bc" ] || { echo "SKIP: no $bc (apt-get install bash-completion)"; exit 77; }
+[ -r "$bc" ] || skip_test "no $bc (apt-get install bash-completion)"
 # shellcheck disable=SC1090
 . "$bc"
 # shellcheck disable=SC1091
 . "$top/completion/qcowsetup"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-compl.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+make_work
+tmp=$work
 # dmsetup info -c --noheadings -o name,uuid --separator ' ': a top device,
 # its internal device, and a device of someone else
 mkdir "$tmp/bin"
@@ -22,7 +21,6 @@ printf '#!/bin/sh\nprintf "%%s\\n" "vm1 QCOW2-0123abcd-vm1" "vm1_crypt QCOW2-INT
 chmod +x "$tmp/bin/dmsetup"
 PATH=$tmp/bin:$builddir:$PATH
 printf '# x\nalpha /x none\nbeta  UUID=1:/y none readonly\n' > "$tmp/tab"
-rc=0
 t() {  # EXPECTED WORDS...
 	local want=$1
 	shift
@@ -33,10 +31,9 @@ t() {  # EXPECTED WORDS...
 	COMPREPLY=()
 	_qcowsetup
 	if [ "${COMPREPLY[*]}" = "$want" ]; then
-		echo "PASS: [${COMP_WORDS[*]}] -> $want"
+		pass "[${COMP_WORDS[*]}] -> $want"
 	else
-		echo "FAIL: [${COMP_WORDS[*]}] -> ${COMPREPLY[*]}, not $want"
-		rc=1
+		fail "[${COMP_WORDS[*]}] -> ${COMPREPLY[*]}, not $want"
 	fi
 }
 t "probe" qcowsetup pro
@@ -58,4 +55,4 @@ t "--allow-discards" qcowsetup open --allow
 t "reattach" /nonexistent/qcowsetup reat
 t "--max-targets" /nonexistent/qcowsetup --max-t
 t "--deferred" /nonexistent/qcowsetup close --def
-exit $rc
+summary

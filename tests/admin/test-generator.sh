@@ -4,23 +4,18 @@
 # dependencies, and every unit passes `systemd-analyze verify`.
 # Exit 0 pass, 1 fail, 77 skip (no systemd-analyze), 99 error.
 set -u
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-builddir=${top_builddir:-$top}
+me=test-generator
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 gen=${QCOWSETUP_GENERATOR:-$builddir/qcowsetup-generator}
 qs=${QCOWSETUP:-$builddir/qcowsetup}
-[ -x "$gen" ] || { echo "error: $gen not built" >&2; exit 99; }
-[ -x "$qs" ] || { echo "error: $qs not built" >&2; exit 99; }
+need_built "$gen"
+need_built "$qs"
 # the real program, not a libtool wrapper, goes into ExecStart=
 [ -x "$(dirname "$qs")/.libs/$(basename "$qs")" ] && qs=$(dirname "$qs")/.libs/$(basename "$qs")
 qs=$(cd "$(dirname "$qs")" && pwd)/$(basename "$qs")
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-gen.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-failed=0 passed=0
-ok() { echo "PASS: $*"; passed=$((passed + 1)); }
-ko() { echo "FAIL: $*"; failed=$((failed + 1)); }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else ko "$what"; fi; }
+make_work
+tmp=$work
 
 cat > "$tmp/qcowtab" <<'TAB'
 # name  image  key  options
@@ -37,7 +32,7 @@ QCOWSETUP_QCOWTAB=$tmp/qcowtab QCOWSETUP_BIN=$qs SYSTEMD_IN_INITRD=0 "$gen" "$ou
 rc=$?
 check "a bad line is reported, the generator says so (exit 1)" \
 	grep -q "qcowtab:7: broken: image" "$tmp/err"
-[ $rc = 1 ] || ko "generator exit status $rc, not 1"
+[ $rc = 1 ] || fail "generator exit status $rc, not 1"
 u=$out/qcowsetup@root.service
 check "one unit per good entry" test "$(ls "$out"/qcowsetup@*.service | wc -l)" = 5
 check "escaped names (vm-1 -> vm\\x2d1)" test -f "$out/qcowsetup@vm\\x2d1.service"
@@ -96,7 +91,7 @@ out4=$tmp/odd
 mkdir "$out4"
 QCOWSETUP_QCOWTAB="$odd/tab 100%" QCOWSETUP_BIN="$odd/qs %i" SYSTEMD_IN_INITRD=0 "$gen" "$out4" "$out4" "$out4" 2>"$tmp/err4"
 rc=$?
-[ $rc = 1 ] || ko "odd paths: generator exit status $rc, not 1"
+[ $rc = 1 ] || fail "odd paths: generator exit status $rc, not 1"
 check "odd paths: units only for the entries a unit can hold" \
 	test "$(cd "$out4" && ls qcowsetup@*.service | tr '\n' ' ')" = "qcowsetup@dev.service qcowsetup@lbl.service qcowsetup@sp.service "
 check "odd paths: a newline in an image path is refused, one line naming the qcowtab line" \
@@ -134,14 +129,13 @@ if command -v systemd-analyze >/dev/null; then
 	for d in "$out" "$out2" "$out4"; do
 		( cd "$d" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./qcowsetup@*.service ) >"$tmp/verify" 2>&1
 		if [ $? = 0 ] && [ ! -s "$tmp/verify" ]; then
-			ok "systemd-analyze verify: $(cd "$d" && ls qcowsetup@*.service | tr '\n' ' ')"
+			pass "systemd-analyze verify: $(cd "$d" && ls qcowsetup@*.service | tr '\n' ' ')"
 		else
-			ko "systemd-analyze verify in $(basename "$d")"
+			fail "systemd-analyze verify in $(basename "$d")"
 			sed 's/^/    | /' "$tmp/verify"
 		fi
 	done
 else
-	echo "SKIP: systemd-analyze verify: no systemd-analyze"
+	skipped "systemd-analyze verify: no systemd-analyze"
 fi
-echo "$passed passed, $failed failed"
-[ $failed = 0 ]
+summary

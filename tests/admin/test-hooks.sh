@@ -19,19 +19,14 @@
 #
 # Exit 0 pass, 1 fail, 99 error.
 set -u
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-builddir=${top_builddir:-$top}
+me=test-hooks
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 gen=${QCOWSETUP_GENERATOR:-$builddir/qcowsetup-generator}
 mod=$top/dracut/90qcowsetup
-[ -x "$gen" ] || { echo "error: $gen not built" >&2; exit 99; }
+need_built "$gen"
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-hooks.XXXXXX")
-[ -n "${KEEP:-}" ] || trap 'rm -rf "$tmp"' EXIT
-failed=0 passed=0
-ok() { echo "PASS: $*"; passed=$((passed + 1)); }
-ko() { echo "FAIL: $*"; failed=$((failed + 1)); }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else ko "$what"; fi; }
+make_work
+tmp=$work
 
 # ---- dracut ---------------------------------------------------------------
 
@@ -215,5 +210,4 @@ for f in "$top/udev/11-dm-qcowsetup.rules:ENV{QCOWSETUP_IMAGE_ID}==" "$top/udev/
 done
 check "11-dm: a path hash makes a link" udev_match "$(rule_value "$top/udev/11-dm-qcowsetup.rules" 'ENV{QCOWSETUP_IMAGE_ID}==')" 0123456789abcdef
 
-echo "$passed passed, $failed failed"
-[ $failed = 0 ]
+summary

@@ -13,24 +13,19 @@
 # Ratios are medians of the per-round ratios (rounds alternate the order).
 #   tests/bench/bench-rw.sh
 # Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
-# (default 3), BENCH_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
+# (default 3), QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-bld=${top_builddir:-$top}
 me=bench-rw
-qs=${QCOWSETUP:-$bld/qcowsetup}
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+skip_test() { echo "$me: SKIP: $*"; exit 0; }	# a benchmark, not an automake test
+qs=${QCOWSETUP:-$builddir/qcowsetup}
 daemon=$(dirname "$qs")/qcowsetup-daemon
-skip() { echo "$me: SKIP: $*"; exit 0; }
-command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || skip "qemu-system-x86_64 not found"
-ls /boot/vmlinuz-* >/dev/null 2>&1 || skip "no kernel in /boot (apt-get install linux-image-amd64)"
-command -v qemu-img >/dev/null || skip "qemu-img not found"
-command -v fio >/dev/null || skip "fio not found (apt-get install fio)"
+need_vm
+need qemu-img fio
 [ -x "$qs" ] && [ -x "$daemon" ] || { echo "$me: error: build first ($qs, $daemon)" >&2; exit 1; }
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-bench-rw.XXXXXX")
-if [ -n "${BENCH_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+make_work
 mkdir "$work/m" "$work/share"
 cp "$here/bench-rw-guest.sh" "$work/share/"
 chmod +x "$work/share/bench-rw-guest.sh"
@@ -53,7 +48,7 @@ mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 3G
 rm -rf "$work/m"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 rc=0
-"$here/../vm/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
+"$top/tests/vm/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
 	--extra "$qs" --extra "$daemon" --timeout 3000 \
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?

@@ -4,7 +4,7 @@
 #
 #   tests/bench/bench-vm.sh
 #
-# In ONE boot of the test VM (Debian kernel under QEMU TCG, tests/vm/run-vm.sh),
+# In ONE boot of the test VM (Debian kernel under QEMU TCG, tests/vm/bed/run-vm.sh),
 # on the same virtio disk, fio reads (1M sequential QD8, 4k random QD1, 4k
 # random QD32; libaio, direct=1, time-based) from:
 #   encrypted:   qcowsetup    /dev/mapper/NAME of `qcowsetup open --readonly` on a
@@ -52,16 +52,16 @@
 #                    device: measured here, QD1 ~300-1200 IOPS at 2 vCPUs,
 #                    ~4000 at 1; one vCPU measures the I/O path, not that)
 #   BENCH_REBUILD=1  rebuild the cached images and disk
-#   BENCH_KEEP=1     keep the work directory (share, results)
+#   QS_KEEP=1        keep the work directory (share, results)
 #   BENCH_REPORT=F   only print the report of a results file F (as kept in
 #                    BENCH_DIR/bench-vm-results.txt), without running anything
-# and those of tests/vm/run-vm.sh (QS_VM_*).
+# and those of tests/vm/bed/run-vm.sh (QS_VM_*).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
 me=bench-vm
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-qs=${QCOWSETUP:-$top/qcowsetup}
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+skip_test() { echo "$me: SKIP: $*"; exit 0; }	# a benchmark, not an automake test
+qs=${QCOWSETUP:-$builddir/qcowsetup}
 dir=${BENCH_DIR:-/var/tmp/qcowsetup-bench}
 size_mib=${BENCH_SIZE_MIB:-512}
 runtime=${BENCH_RUNTIME:-2}
@@ -71,7 +71,6 @@ n=${BENCH_CLUSTERS:-1000000}
 mem=${BENCH_MEM:-2048}
 smp=${BENCH_SMP:-1}
 pass=qcowsetup-bench
-skip() { echo "$me: SKIP: $*"; exit 0; }
 die() { echo "$me: error: $*" >&2; exit 1; }
 now() { echo "$EPOCHREALTIME"; }
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
@@ -213,11 +212,9 @@ if [ -n "${BENCH_REPORT:-}" ]; then
 fi
 
 # ---------------------------------------------------------------- requirements
-command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || skip "${QEMU:-qemu-system-x86_64} not found"
-ls /boot/vmlinuz-* >/dev/null 2>&1 || skip "no kernel in /boot (apt-get install linux-image-amd64)"
-for t in qemu-img qemu-io python3 mkfs.ext4 fio; do
-	PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || skip "$t not found (the VM takes it from the host)"
-done
+need_vm
+# (the VM takes these from the host)
+PATH=$PATH:/usr/sbin:/sbin need qemu-img qemu-io python3 mkfs.ext4 fio
 [ -x "$qs" ] || die "$qs not built"
 export PATH=$PATH:/usr/sbin:/sbin
 t_start=$(now)
@@ -313,8 +310,7 @@ if [ ! -f "$disk" ] || [ ! -f "$disk.stamp" ] || [ "$(cat "$disk.stamp")" != "$d
 fi
 
 # ---------------------------------------------------------------- the VM run
-work=$(mktemp -d "${TMPDIR:-/tmp}/qs-bench-vm.XXXXXX")
-if [ -n "${BENCH_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+make_work
 mkdir "$work/share"
 cp "$here/bench-guest.sh" "$work/share/"
 chmod +x "$work/share/bench-guest.sh"
@@ -343,7 +339,7 @@ find_qemu() {
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 rc=0
 set -o pipefail
-"$top/tests/vm/run-vm.sh" --share "$work/share" --disk "$disk,readonly=on" --extra "$qs" \
+"$top/tests/vm/bed/run-vm.sh" --share "$work/share" --disk "$disk,readonly=on" --extra "$qs" \
 	--mem "$mem" --smp "$smp" --timeout "$tmo" \
 	--env "BENCH_RUNTIME=$runtime" --env "BENCH_RAMP=$ramp" --env "BENCH_ROUNDS=$rounds" \
 	--env "BENCH_SIZE_MIB=$size_mib" --env "BENCH_FRAG=${frag:+1}" \

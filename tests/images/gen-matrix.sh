@@ -269,28 +269,26 @@ gen_lazy() {
 	# Killed after a writethrough write: the L2 entry is on disk, the
 	# refcount (lazy) is not; the dirty bit stays set. qemu-img check: one
 	# corruption (refcount=0 reference=1).
-	name=lazy-dirty
-	LOGNAME=$name
-	create "$name.qcow2" qcow2 "$size" -o "lazy_refcounts=on"
-	io "$name.qcow2" qcow2 - -c "write -P 0x11 0 $((2 * cs))"
-	rc=0
-	(qemu-io -t writethrough -c "write -P 0x5a $((4 * cs)) $cs" -c "sigraise 9" \
-		-f qcow2 "$name.qcow2" >>"logs/$name.log" 2>&1; exit $?) 2>/dev/null || rc=$?
-	[ "$rc" -eq 137 ] || { echo "gen-matrix: $name: qemu-io not killed ($rc)" >&2; return 1; }
-	register "$name" "$name.qcow2" qcow2 - "qcow2,v3,lazy,dirty,corrupt"
+	lazy_killed lazy-dirty $((2 * cs)) "write -P 0x5a $((4 * cs)) $cs" "qcow2,v3,lazy,dirty,corrupt" || return 1
 
 	# Killed after a writethrough discard: the host cluster is already
 	# punched (a file hole) but the L2 entry still points at it; the
 	# metadata preallocation heuristic then fires (see README.md).
-	name=lazy-hole
+	lazy_killed lazy-hole $((4 * cs)) "discard $cs $cs" "qcow2,v3,lazy,dirty,file-hole"
+}
+
+# lazy_killed NAME BYTES COMMAND FEATURES (in gen_lazy): a lazy-refcounts
+# image with BYTES of data, then qemu-io (writethrough) killed by SIGKILL
+# right after COMMAND
+lazy_killed() {
+	local name=$1 rc=0
 	LOGNAME=$name
 	create "$name.qcow2" qcow2 "$size" -o "lazy_refcounts=on"
-	io "$name.qcow2" qcow2 - -c "write -P 0x11 0 $((4 * cs))"
-	rc=0
-	(qemu-io -t writethrough -c "discard $cs $cs" -c "sigraise 9" \
+	io "$name.qcow2" qcow2 - -c "write -P 0x11 0 $2"
+	(qemu-io -t writethrough -c "$3" -c "sigraise 9" \
 		-f qcow2 "$name.qcow2" >>"logs/$name.log" 2>&1; exit $?) 2>/dev/null || rc=$?
 	[ "$rc" -eq 137 ] || { echo "gen-matrix: $name: qemu-io not killed ($rc)" >&2; return 1; }
-	register "$name" "$name.qcow2" qcow2 - "qcow2,v3,lazy,dirty,file-hole"
+	register "$name" "$name.qcow2" qcow2 - "$4"
 }
 
 # --- leaked cluster: an L2 update that fails (blkdebug) after the refcount

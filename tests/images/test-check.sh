@@ -10,29 +10,15 @@
 #     total-clusters, allocated-, fragmented-, compressed-clusters),
 #   - the human output on stdout, and the exit status.
 # Prints a table of the counts. Env: QCOWSETUP (the built binary). Exit 77
-# when qemu-img, qemu-io or python3 is missing. Set KEEP=1 to keep the images.
+# when qemu-img, qemu-io or python3 is missing. Set QS_KEEP=1 to keep the images.
 set -u
 export LC_ALL=C
-
-for tool in qemu-img qemu-io python3; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "test-check: $tool not found, skipping" >&2
-		exit 77
-	fi
-done
-QCOWSETUP=${QCOWSETUP:-${top_builddir:-.}/qcowsetup}
-if [ ! -x "$QCOWSETUP" ]; then
-	echo "test-check: $QCOWSETUP is not an executable" >&2
-	exit 1
-fi
-QCOWSETUP=$(realpath "$QCOWSETUP")
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/test-check.XXXXXX")
-if [ -z "${KEEP:-}" ]; then
-	trap 'rm -rf "$WORK"' EXIT
-else
-	echo "test-check: images in $WORK"
-fi
+me=test-check
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+need qemu-img qemu-io python3
+need_qcowsetup 1
+make_work
+WORK=$work
 cd "$WORK" || exit 1
 ulimit -c 0
 
@@ -152,15 +138,10 @@ else:
 EOF
 qc() { python3 qc.py "$@"; }
 
-# retry CMD...: qemu-img 7.2 sometimes fails timing LUKS key derivation
-# ("Unable to get accurate CPU usage"); try a few times.
-retry() {
-	local i
-	for i in 1 2 3 4 5; do
-		"$@" >/dev/null 2>"$WORK/retry.err" && return 0
-	done
-	cat "$WORK/retry.err" >&2
-	return 1
+# quiet_retry CMD...: CMD up to 5 times (tests/lib.sh's retry), its errors
+# shown when every attempt failed
+quiet_retry() {
+	retry 5 "$@" >/dev/null 2>"$WORK/retry.err" || { cat "$WORK/retry.err" >&2; return 1; }
 }
 
 create() {	# create NAME SIZE [qemu-img create options]
@@ -217,9 +198,9 @@ qemu-img convert -c -O qcow2 -o cluster_size=4096 src.qcow2 comp4k.qcow2 && add 
 qemu-img convert -c -O qcow2 -o compression_type=zstd src.qcow2 zstd.qcow2 && add zstd.qcow2
 cp comp.qcow2 compmix.qcow2 && io compmix.qcow2 -c "write -P 0x70 $((64 * K)) 64k" && add compmix.qcow2
 
-if retry qemu-img create -f qcow2 --object "$SECRET" \
+if quiet_retry qemu-img create -f qcow2 --object "$SECRET" \
 	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 luks.qcow2 16M; then
-	retry qemu-io --object "$SECRET" --image-opts \
+	quiet_retry qemu-io --object "$SECRET" --image-opts \
 		"driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0" -c "write -P 3 0 1M" &&
 		add luks.qcow2
 fi

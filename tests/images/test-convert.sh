@@ -21,50 +21,22 @@
 #
 # Env: QCOWSETUP (the built binary). Prints PASS:/FAIL: lines and
 # "N passed, N failed". Exit 77 when qemu-img, qemu-io or python3 is missing.
-# KEEP=1 keeps the work folder; KILLS=N sets the number of kill -9 rounds (6);
+# QS_KEEP=1 keeps the work folder; KILLS=N sets the number of kill -9 rounds (6);
 # QS_MATRIX_DIR=DIR uses a matrix gen-matrix.sh made there before;
 # QS_CONVERT_NO_MATRIX=1 leaves the matrix out.
 set -u
 export LC_ALL=C
-
-for tool in qemu-img qemu-io python3; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "test-convert: $tool not found, skipping" >&2
-		exit 77
-	fi
-done
-QCOWSETUP=${QCOWSETUP:-${top_builddir:-.}/qcowsetup}
-if [ ! -x "$QCOWSETUP" ]; then
-	echo "test-convert: $QCOWSETUP is not an executable" >&2
-	exit 1
-fi
-QCOWSETUP=$(realpath "$QCOWSETUP")
-here=$(cd "$(dirname "$0")" && pwd)
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/test-convert.XXXXXX")
-if [ -z "${KEEP:-}" ]; then
-	trap 'rm -rf "$WORK"' EXIT
-else
-	echo "test-convert: work folder $WORK"
-fi
+me=test-convert
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+need qemu-img qemu-io python3
+need_qcowsetup 1
+make_work
+WORK=$work
 cd "$WORK" || exit 1
 ulimit -c 0
 
-PASSED=0
-FAILED=0
-pass() { echo "PASS: $*"; PASSED=$((PASSED + 1)); }
-fail() { echo "FAIL: $*"; FAILED=$((FAILED + 1)); }
-check() {
-	local name=$1
-	shift
-	if "$@" >>log 2>&1; then pass "$name"; else fail "$name"; fi
-}
-refuse() {
-	local name=$1 code=$2 rc=0
-	shift 2
-	"$@" >>log 2>&1 || rc=$?
-	if [ "$rc" = "$code" ]; then pass "$name"; else fail "$name (exit $rc, expected $code)"; fi
-}
+# check and refuse log what they run
+check_log=log
 
 FAST=(--pbkdf-force-iterations 1000)
 Q() { "$QCOWSETUP" "$@"; }
@@ -238,7 +210,7 @@ convert_ok compressed-zlib compz.qcow2 qcow2 - compz.out.qcow2 sparse
 if qemu-img convert -c -O qcow2 -o compression_type=zstd pattern.raw compzs.qcow2 >>log 2>&1; then
 	convert_ok compressed-zstd compzs.qcow2 qcow2 - compzs.out.qcow2 sparse
 else
-	echo "SKIP: zstd compression (qemu-img without zstd)"
+	skipped "zstd compression (qemu-img without zstd)"
 fi
 
 # unencrypted qcow2 over a backing file: the map must be the same
@@ -323,7 +295,7 @@ check "no --new-key-file: QEMU opens it with the source passphrase" \
 
 mx=${QS_MATRIX_DIR:-$WORK/matrix}
 if [ -n "${QS_CONVERT_NO_MATRIX:-}" ]; then
-	echo "SKIP: the engine's matrix (QS_CONVERT_NO_MATRIX)"
+	skipped "the engine's matrix (QS_CONVERT_NO_MATRIX)"
 elif [ -z "${QS_MATRIX_DIR:-}" ] && ! "$here/gen-matrix.sh" "$mx" >>log 2>&1; then
 	fail "gen-matrix.sh"
 else
@@ -513,5 +485,4 @@ check "after the interruptions: an in-place run completes" \
 final_state() { test ! -e big.qcow2.qcowsetup-tmp && test "$(state)" = new; }
 check "after the interruptions: the result is right, no temporary file" final_state
 
-echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" = 0 ]
+summary

@@ -12,49 +12,20 @@
 #
 # Env: QCOWSETUP (the built binary). Prints PASS:/FAIL: lines and
 # "N passed, N failed". Exit 77 when qemu-img or qemu-io is missing.
-# KEEP=1 keeps the work folder.
+# QS_KEEP=1 keeps the work folder.
 set -u
 export LC_ALL=C
-
-for tool in qemu-img qemu-io; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "test-keys: $tool not found, skipping" >&2
-		exit 77
-	fi
-done
-QCOWSETUP=${QCOWSETUP:-${top_builddir:-.}/qcowsetup}
-if [ ! -x "$QCOWSETUP" ]; then
-	echo "test-keys: $QCOWSETUP is not an executable" >&2
-	exit 1
-fi
-QCOWSETUP=$(realpath "$QCOWSETUP")
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/test-keys.XXXXXX")
-if [ -z "${KEEP:-}" ]; then
-	trap 'rm -rf "$WORK"' EXIT
-else
-	echo "test-keys: work folder $WORK"
-fi
+me=test-keys
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+need qemu-img qemu-io
+need_qcowsetup 1
+make_work
+WORK=$work
 cd "$WORK" || exit 1
 ulimit -c 0
 
-PASSED=0
-FAILED=0
-pass() { echo "PASS: $*"; PASSED=$((PASSED + 1)); }
-fail() { echo "FAIL: $*"; FAILED=$((FAILED + 1)); }
-# check NAME CMD...: PASS when CMD succeeds
-check() {
-	local name=$1
-	shift
-	if "$@" >>log 2>&1; then pass "$name"; else fail "$name"; fi
-}
-# refuse NAME CODE CMD...: PASS when CMD exits with CODE
-refuse() {
-	local name=$1 code=$2 rc=0
-	shift 2
-	"$@" >>log 2>&1 || rc=$?
-	if [ "$rc" = "$code" ]; then pass "$name"; else fail "$name (exit $rc, expected $code)"; fi
-}
+# check and refuse log what they run
+check_log=log
 
 # Fast key slots: the tests care about formats, not PBKDF cost.
 FAST=(--pbkdf-force-iterations 1000)
@@ -64,16 +35,6 @@ printf '%s' 'first passphrase' >k1
 printf '%s' 'second passphrase' >k2
 printf '%s' 'third passphrase' >k3
 printf '%s' 'not the passphrase' >kw
-
-# qemu-img 7.2 sometimes fails "Unable to get accurate CPU usage" while
-# timing LUKS key derivation: retry the commands that create LUKS headers.
-retry() {
-	local i
-	for i in $(seq 20); do
-		"$@" >>log 2>&1 && return 0
-	done
-	return 1
-}
 
 # opens IMG KEY [FMT]: qemu-io opens IMG with KEY and reads its first sector
 opens() {
@@ -144,7 +105,7 @@ Q format --key-file k1 "${FAST[@]}" --cipher serpent-xts-plain64 s.qcow2 1M >>lo
 if [ $rc = 0 ]; then
 	check "format: serpent-xts-plain64 opens in QEMU" opens s.qcow2 k1
 else
-	echo "SKIP: format serpent-xts-plain64 (exit $rc: no serpent for key slots here)"
+	skipped "format serpent-xts-plain64 (exit $rc: no serpent for key slots here)"
 fi
 refuse "format: a cipher QEMU cannot open is refused" 1 \
 	Q format --key-file k1 "${FAST[@]}" --cipher aes-cbc-benbi x.qcow2 1M
@@ -218,7 +179,7 @@ check "remove-key --force: no slot left" test -z "$(slots img.qcow2)"
 # ---------------------------------------------------------------------------
 # key slots on an image QEMU made
 
-if retry qemu-img create -q -f qcow2 --object "secret,id=s0,file=$WORK/k1" \
+if retry 20 run_logged qemu-img create -q -f qcow2 --object "secret,id=s0,file=$WORK/k1" \
 	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 q.qcow2 8M; then
 	qio q.qcow2 k1 -c 'write -P 0x24 64k 64k' >>log 2>&1
 	check "QEMU image: add-key" Q add-key --key-file k1 "${FAST[@]}" q.qcow2 k2
@@ -294,7 +255,7 @@ EOF
 	else fail "change-key write order: $seq"; fi
 	check "change-key (traced): QEMU opens it with the new passphrase" opens order.qcow2 k2
 else
-	echo "SKIP: write order (no strace)"
+	skipped "write order (no strace)"
 fi
 
 # ---------------------------------------------------------------------------
@@ -314,7 +275,7 @@ if command -v script >/dev/null 2>&1 && command -v timeout >/dev/null 2>&1; then
 		>tty.out 2>&1
 	check "no passphrase: a terminal that ends before a byte (^D)" grep -q 'EXIT=2' tty.out
 else
-	echo "SKIP: no passphrase on a terminal (no script or timeout)"
+	skipped "no passphrase on a terminal (no script or timeout)"
 fi
 check "no passphrase: the image unchanged (one key slot)" test "$(slots np.qcow2)" = 0
 
@@ -347,5 +308,4 @@ check "--quiet: no warning" \
 check "the key of a warned key file opens the image" opens np.qcow2 kperm
 chmod 0600 kperm
 
-echo "$PASSED passed, $FAILED failed"
-[ "$FAILED" = 0 ]
+summary

@@ -16,13 +16,15 @@
 #   QCOW2_WRITE    the writer's driver (default: $top_builddir/tests/images/qcow2-write)
 #   QS_VALGRIND=1  run every case under valgrind --error-exitcode=99 --leak-check=full -q
 #   QS_CORPUS=DIR  use (or keep) the corpus in DIR instead of a temporary one
+#   QS_KEEP=1      keep the work folder (the corpus and the last outputs)
 #   QS_FILTER=ERE  run only the tests whose name matches
 # Exit: 0 all passed, 1 some failed, 77 skipped (no qemu-img, python3 or binary).
 set -u
 export LC_ALL=C
 
-srcdir=${top_srcdir:-$(cd "$(dirname "$0")/../.." && pwd)}
-GEN=$srcdir/tests/images/gen-malformed.py
+me=test-malformed
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+GEN=$here/gen-malformed.py
 QCOWSETUP=${QCOWSETUP:-./qcowsetup}
 case $QCOWSETUP in
 /*) ;;
@@ -36,41 +38,21 @@ case $QCOW2_WRITE in
 *) QCOW2_WRITE=$(pwd)/$QCOW2_WRITE ;;
 esac
 
-for tool in qemu-img qemu-io python3; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "SKIP: $tool not found"
-		exit 77
-	fi
-done
-if [ ! -x "$QCOWSETUP" ]; then
-	echo "SKIP: $QCOWSETUP not built"
-	exit 77
-fi
+need qemu-img qemu-io python3
+[ -x "$QCOWSETUP" ] || skip_test "$QCOWSETUP not built"
 
 RUNNER=()
 TIMEOUT=60
 if [ "${QS_VALGRIND:-0}" = 1 ]; then
-	if ! command -v valgrind >/dev/null 2>&1; then
-		echo "SKIP: valgrind not found"
-		exit 77
-	fi
+	need valgrind
 	RUNNER=(valgrind --error-exitcode=99 --leak-check=full -q)
 	TIMEOUT=600
 fi
 
-if [ -n "${QS_CORPUS:-}" ]; then
-	CORPUS=$QS_CORPUS
-	KEEP=1
-else
-	CORPUS=$(mktemp -d "${TMPDIR:-/tmp}/qs-malformed.XXXXXX") || exit 99
-	KEEP=0
-fi
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/qs-malformed-out.XXXXXX") || exit 99
-cleanup() {
-	rm -rf "$TMP"
-	[ "$KEEP" = 1 ] || rm -rf "$CORPUS"
-}
-trap cleanup EXIT
+make_work
+TMP=$work
+CORPUS=${QS_CORPUS:-$work/corpus}
+mkdir -p "$CORPUS" || exit 99
 
 if [ ! -f "$CORPUS/manifest.tsv" ]; then
 	python3 "$GEN" "$CORPUS" >"$TMP/gen.log" 2>&1
@@ -78,7 +60,7 @@ if [ ! -f "$CORPUS/manifest.tsv" ]; then
 	if [ $rc -ne 0 ]; then
 		cat "$TMP/gen.log"
 		[ $rc -eq 77 ] && exit 77
-		echo "FAIL: gen-malformed.py exited with $rc"
+		fail "gen-malformed.py exited with $rc"
 		exit 1
 	fi
 fi
@@ -101,9 +83,6 @@ if [ ! -x "$QCOW2_WRITE" ]; then
 	echo "NOTE: no $QCOW2_WRITE: the write tests are skipped"
 fi
 
-pass=0
-fail=0
-skip=0
 while IFS=$'\t' read -r name cmd want regex desc image limit; do
 	case $name in '#'* | '') continue ;; esac
 	if [ -n "${QS_FILTER:-}" ] && ! [[ $name =~ $QS_FILTER ]]; then
@@ -111,8 +90,7 @@ while IFS=$'\t' read -r name cmd want regex desc image limit; do
 	fi
 	read -r -a words <<<"$cmd"
 	if [ "${HAVE[${words[0]}]:-0}" != 1 ]; then
-		skip=$((skip + 1))
-		echo "SKIP: $name (no ${words[0]})"
+		skipped "$name (no ${words[0]})"
 		continue
 	fi
 	args=("${words[@]}" "$image")
@@ -163,19 +141,12 @@ while IFS=$'\t' read -r name cmd want regex desc image limit; do
 		why="message does not match /$regex/: $line"
 	fi
 	if [ -z "$why" ]; then
-		pass=$((pass + 1))
-		echo "PASS: $name"
+		pass "$name"
 	else
-		fail=$((fail + 1))
-		echo "FAIL: $name: $why"
+		fail "$name: $why"
 		echo "      ($desc; qcowsetup ${args[*]})"
 	fi
 done <manifest.tsv
 
-if [ $skip -gt 0 ]; then
-	echo "$pass passed, $fail failed, $skip skipped"
-else
-	echo "$pass passed, $fail failed"
-fi
-[ "$KEEP" = 1 ] && echo "corpus kept in $CORPUS"
-[ $fail -eq 0 ]
+[ -z "${QS_CORPUS:-}" ] || echo "corpus kept in $CORPUS"
+summary

@@ -18,7 +18,8 @@
 #
 # Environment: QCOWSETUP (the binary; default $top_builddir/qcowsetup),
 # top_srcdir, top_builddir (set by make check), PYTHON (default python3),
-# QS_KEEP=1 keeps the work directory, QS_ONLY=REGEX runs the matching images,
+# QS_KEEP=1 keeps the work directory (kept also when a case fails),
+# QS_ONLY=REGEX runs the matching images,
 # QS_MAP_IGNORE_FILE_HOLES=1 passes --ignore-file-holes to the map comparer,
 # QS_SELFTEST=1 tests qemu-img against itself through a wrapper that speaks
 # the qcowsetup command line (to prove the generator and the comparer).
@@ -26,22 +27,12 @@
 set -u
 export LC_ALL=C
 
-here=$(cd "$(dirname "$0")" && pwd)
-top_srcdir=${top_srcdir:-$(cd "$here/../.." && pwd)}
-top_builddir=${top_builddir:-$top_srcdir}
+me=test-matrix
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 PYTHON=${PYTHON:-python3}
 COMPARE="$here/compare_map.py"
 
-for tool in qemu-img qemu-io; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "SKIP: $tool not found"
-		exit 77
-	fi
-done
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-	echo "SKIP: $PYTHON not found"
-	exit 77
-fi
+need qemu-img qemu-io "$PYTHON"
 
 # The qcowsetup command line, answered by qemu-img (QS_SELFTEST=1).
 selftest_qcowsetup() {
@@ -74,25 +65,14 @@ selftest_qcowsetup() {
 if [ "${QS_SELFTEST:-0}" = 1 ]; then
 	QS=selftest_qcowsetup
 else
-	QCOWSETUP=${QCOWSETUP:-$top_builddir/qcowsetup}
-	if [ ! -x "$QCOWSETUP" ]; then
-		echo "ERROR: $QCOWSETUP is not an executable (build it, or set QCOWSETUP)"
-		exit 99
-	fi
+	QCOWSETUP=${QCOWSETUP:-$builddir/qcowsetup}
+	need_built "$QCOWSETUP"
 	QS=$QCOWSETUP
 fi
 TIMEOUT=
 command -v timeout >/dev/null 2>&1 && TIMEOUT="timeout 120"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/qcowsetup-matrix.XXXXXX") || exit 99
-cleanup() {
-	if [ "${QS_KEEP:-0}" = 1 ] || [ "${failed:-0}" -ne 0 ]; then
-		echo "# work directory kept: $work"
-	else
-		rm -rf "$work"
-	fi
-}
-trap cleanup EXIT
+make_work --keep-on-failure
 
 if ! "$here/gen-matrix.sh" "$work/m" >"$work/gen.log" 2>&1; then
 	sed 's/^/# /' "$work/gen.log"
@@ -104,14 +84,9 @@ sed 's/^/# /' "$work/gen.log"
 cd "$work/m" || exit 99
 mkdir -p out
 
-passed=0
-failed=0
-pass() {
-	echo "PASS: $1"
-	passed=$((passed + 1))
-}
-fail() { # WHAT REASON [DETAIL-FILE]
-	echo "FAIL: $1: $2"
+# failed_with WHAT REASON [DETAIL-FILE]: FAIL: WHAT: REASON, then the detail
+failed_with() {
+	fail "$1: $2"
 	if [ $# -ge 3 ] && [ -s "$3" ]; then
 		if [ "$(head -n 1 "$3")" = "$2" ]; then
 			tail -n +2 "$3"
@@ -119,7 +94,6 @@ fail() { # WHAT REASON [DETAIL-FILE]
 			cat "$3"
 		fi | head -n 40 | sed 's/^/    /'
 	fi
-	failed=$((failed + 1))
 }
 # qs OUT ERR ARGS...: run qcowsetup (or the wrapper), never interactive
 qs() {
@@ -135,7 +109,7 @@ qs() {
 if "$PYTHON" "$COMPARE" --selftest >out/compare-selftest.txt 2>&1; then
 	pass "compare_map/selftest"
 else
-	fail "compare_map/selftest" "the comparer fails its own cases" out/compare-selftest.txt
+	failed_with "compare_map/selftest" "the comparer fails its own cases" out/compare-selftest.txt
 fi
 
 while IFS=$'\t' read -r name path fmt secret tags; do
@@ -154,18 +128,18 @@ while IFS=$'\t' read -r name path fmt secret tags; do
 	if [ "$rc" -eq 0 ]; then
 		pass "$name/info"
 	else
-		fail "$name/info" "exit status $rc" "$w.info.err"
+		failed_with "$name/info" "exit status $rc" "$w.info.err"
 	fi
 
 	# info --json
 	rc=0
 	qs "$w.info.json" "$w.info-json.err" info "$path" --json || rc=$?
 	if [ "$rc" -ne 0 ]; then
-		fail "$name/info-json" "exit status $rc" "$w.info-json.err"
+		failed_with "$name/info-json" "exit status $rc" "$w.info-json.err"
 	elif "$PYTHON" "$COMPARE" info "$o.info.json" "$w.info.json" >"$w.info.diff" 2>&1; then
 		pass "$name/info-json"
 	else
-		fail "$name/info-json" "$(head -n 1 "$w.info.diff")"
+		failed_with "$name/info-json" "$(head -n 1 "$w.info.diff")"
 	fi
 
 	# map --json
@@ -175,11 +149,11 @@ while IFS=$'\t' read -r name path fmt secret tags; do
 	rc=0
 	qs "$w.map.json" "$w.map-json.err" map "$path" --json "${key[@]}" || rc=$?
 	if [ "$rc" -ne 0 ]; then
-		fail "$name/map-json" "exit status $rc" "$w.map-json.err"
+		failed_with "$name/map-json" "exit status $rc" "$w.map-json.err"
 	elif "$PYTHON" "$COMPARE" map "${opts[@]}" "$o.map.json" "$w.map.json" >"$w.map.diff" 2>&1; then
 		pass "$name/map-json"
 	else
-		fail "$name/map-json" "$(head -n 1 "$w.map.diff")" "$w.map.diff"
+		failed_with "$name/map-json" "$(head -n 1 "$w.map.diff")" "$w.map.diff"
 	fi
 
 	# map (human)
@@ -190,15 +164,15 @@ while IFS=$'\t' read -r name path fmt secret tags; do
 		if [ "$rc" -ne 0 ]; then
 			pass "$name/map-human"
 		else
-			fail "$name/map-human" "qemu-img map refuses this image ($(head -n 1 "$o.map.err")), ours exited 0"
+			failed_with "$name/map-human" "qemu-img map refuses this image ($(head -n 1 "$o.map.err")), ours exited 0"
 		fi
 	elif [ "$rc" -ne 0 ]; then
-		fail "$name/map-human" "exit status $rc" "$w.map.err"
+		failed_with "$name/map-human" "exit status $rc" "$w.map.err"
 	elif cmp -s "$o.map.txt" "$w.map.txt"; then
 		pass "$name/map-human"
 	else
 		diff -u "$o.map.txt" "$w.map.txt" >"$w.map-human.diff"
-		fail "$name/map-human" "output differs from qemu-img map (diff -u qemu ours)" "$w.map-human.diff"
+		failed_with "$name/map-human" "output differs from qemu-img map (diff -u qemu ours)" "$w.map-human.diff"
 	fi
 
 	# check --json
@@ -209,7 +183,7 @@ while IFS=$'\t' read -r name path fmt secret tags; do
 		pass "$name/check"
 	else
 		cat "$w.check.err" >>"$w.check.diff"
-		fail "$name/check" "$(head -n 1 "$w.check.diff")" "$w.check.diff"
+		failed_with "$name/check" "$(head -n 1 "$w.check.diff")" "$w.check.diff"
 	fi
 
 	# table
@@ -222,14 +196,13 @@ while IFS=$'\t' read -r name path fmt secret tags; do
 			[ "$(wc -l <"$w.table.err")" -eq 1 ]; then
 			pass "$name/table-refuses-compressed"
 		else
-			fail "$name/table-refuses-compressed" "exit status $rc" "$w.table.err"
+			failed_with "$name/table-refuses-compressed" "exit status $rc" "$w.table.err"
 		fi
 	elif [ "$rc" -eq 0 ]; then
 		pass "$name/table"
 	else
-		fail "$name/table" "exit status $rc" "$w.table.err"
+		failed_with "$name/table" "exit status $rc" "$w.table.err"
 	fi
 done <manifest.tsv
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary

@@ -13,21 +13,15 @@
 #     written since the last flush.
 # Exit: 0 pass, 1 fail, 77 skip (no qemu-img), 99 error.
 set -u
-here=$(cd "$(dirname "$0")" && pwd)
 me=test-write
-drv=${QCOW2_WRITE:-${top_builddir:-$here/../..}/tests/images/qcow2-write}
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+drv=${QCOW2_WRITE:-$builddir/tests/images/qcow2-write}
 seeds=${QS_WRITE_SEEDS:-2}
 
-command -v qemu-img >/dev/null || { echo "$me: SKIP: qemu-img not found"; exit 77; }
-command -v qemu-io >/dev/null || { echo "$me: SKIP: qemu-io not found"; exit 77; }
-[ -x "$drv" ] || { echo "$me: error: $drv not built" >&2; exit 99; }
-work=$(mktemp -d "${TMPDIR:-/tmp}/qs-write.XXXXXX")
-if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+need qemu-img qemu-io
+need_built "$drv"
+make_work
 cd "$work" || exit 99
-
-pass=0 fail=0
-ok() { pass=$((pass + 1)); echo "PASS: $*"; }
-ko() { fail=$((fail + 1)); echo "FAIL: $*"; }
 
 qio() { qemu-io -f qcow2 "$@" >/dev/null 2>&1; }
 
@@ -111,7 +105,7 @@ for n in $images; do
 		case $n in c512*) args+=(--max-write 1048576 --cache 65536) ;; esac
 		[ $((seed % 2)) = 0 ] && args+=(--write-through)
 		if ! make_image "$n" >"$n.gen.log" 2>&1; then
-			ko "$n: cannot make the image: $(tail -3 "$n.gen.log")"; continue
+			fail "$n: cannot make the image: $(tail -3 "$n.gen.log")"; continue
 		fi
 		qemu-img convert -O raw "$n.qcow2" "$n.ref"
 		for s in s1 s2; do
@@ -119,13 +113,13 @@ for n in $images; do
 				qemu-img convert -l "snapshot.name=$s" -O raw "$n.qcow2" "$n.$s.raw"
 		done
 		if ! "$drv" "${args[@]}" "$n.qcow2" "$n.ref" >"$n.drv.log" 2>&1; then
-			ko "$n seed $seed: the driver failed: $(tail -3 "$n.drv.log")"; continue
+			fail "$n seed $seed: the driver failed: $(tail -3 "$n.drv.log")"; continue
 		fi
 		if ! qemu-img check "$n.qcow2" >"$n.check.log" 2>&1; then
-			ko "$n seed $seed: qemu-img check: $(grep -v '^$' "$n.check.log" | tail -4 | tr '\n' ' ')"; continue
+			fail "$n seed $seed: qemu-img check: $(grep -v '^$' "$n.check.log" | tail -4 | tr '\n' ' ')"; continue
 		fi
 		if ! out=$(qemu-img compare -f qcow2 -F raw "$n.qcow2" "$n.ref" 2>&1); then
-			ko "$n seed $seed: qemu-img compare: $out"; continue
+			fail "$n seed $seed: qemu-img compare: $out"; continue
 		fi
 		snaps=ok
 		for s in s1 s2; do
@@ -133,11 +127,11 @@ for n in $images; do
 			qemu-img convert -l "snapshot.name=$s" -O raw "$n.qcow2" "$n.$s.after" &&
 				cmp -s "$n.$s.raw" "$n.$s.after" || snaps="snapshot $s changed"
 		done
-		[ "$snaps" = ok ] || { ko "$n seed $seed: $snaps"; continue; }
+		[ "$snaps" = ok ] || { fail "$n seed $seed: $snaps"; continue; }
 		if [ "$(dirty_bit "$n.qcow2")" != 00 ] && [ "$(( 0x$(dirty_bit "$n.qcow2") & 1 ))" = 1 ]; then
-			ko "$n seed $seed: the dirty bit is still set"; continue
+			fail "$n seed $seed: the dirty bit is still set"; continue
 		fi
-		ok "$n seed $seed: check clean, identical to the reference$( [ -f "$n.s1.raw" ] && echo ', snapshots unchanged')"
+		pass "$n seed $seed: check clean, identical to the reference$( [ -f "$n.s1.raw" ] && echo ', snapshots unchanged')"
 	done
 done
 
@@ -172,9 +166,8 @@ for n in $crash_images; do
 		fi
 		runs=$((runs + 1))
 	done
-	if [ -z "$bad" ]; then ok "$n: $runs crash runs: qemu-img check finds no corruption, flushed data intact"
-	else ko "$n crash run: $bad"; fi
+	if [ -z "$bad" ]; then pass "$n: $runs crash runs: qemu-img check finds no corruption, flushed data intact"
+	else fail "$n crash run: $bad"; fi
 done
 
-echo "$me: $pass passed, $fail failed"
-[ $fail = 0 ]
+summary "$me"

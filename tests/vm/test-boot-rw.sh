@@ -2,7 +2,7 @@
 # Automake test: a read-write root filesystem in a LUKS
 # qcow2 image on an ext4 "holding disk", booted from an initramfs built by
 # Debian's dracut with the 90qcowsetup module of this tree, under QEMU TCG
-# (the machinery is tests/vm/boot-lib.sh, shared with test-boot.sh).
+# (the machinery is tests/vm/bed/boot-lib.sh, shared with test-boot.sh).
 #
 # The root's /sbin/init (busybox) reads its step from the kernel command
 # line (qs.step=), reports QS-ROOT-* lines, then shuts down as a system
@@ -29,9 +29,9 @@
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU, kernel, dracut...), 99 error.
 set -eu
 me=test-boot-rw
-# shellcheck source=tests/vm/boot-lib.sh
-. "$(cd "$(dirname "$0")" && pwd)/boot-lib.sh"
-command -v debugfs >/dev/null && command -v e2fsck >/dev/null || skip "debugfs or e2fsck not found (e2fsprogs)"
+# shellcheck source=tests/vm/bed/boot-lib.sh
+. "$(cd "$(dirname "$0")" && pwd)/bed/boot-lib.sh"
+command -v debugfs >/dev/null && command -v e2fsck >/dev/null || skip_test "debugfs or e2fsck not found (e2fsprogs)"
 
 PASS='qcow2 rw secret'
 token=rw-$$-$RANDOM
@@ -171,7 +171,7 @@ boot write "root=/dev/mapper/root rw $img qs.step=write qs.token=$token" -- \
 	'expect:QS-ROOT-BIG: [0-9a-f]{32}' 'expect:QS-ROOT-BIG-AGAIN: [0-9a-f]{32}' \
 	'expect:QS-ROOT-RO: /dev/mapper/root / ext4 ro' 'expect:QS-ROOT-POWEROFF' end \
 	'absent:Enter passphrase' 'absent:I/O error' 'absent:EXT4-fs error' || rc=$?
-check write $rc "write: read-write root in a LUKS qcow2 on ext4: the daemon outlives switch_root, files written after it, clean read-only remount"
+boot_check write $rc "write: read-write root in a LUKS qcow2 on ext4: the daemon outlives switch_root, files written after it, clean read-only remount"
 md5_write=$(guest_md5 write)
 again=$(sed -n 's/^QS-ROOT-BIG-AGAIN: \([0-9a-f]*\).*/\1/p' "$work/write.out" | head -n 1)
 if [ -n "$md5_write" ] && [ "$again" = "$md5_write" ]; then
@@ -188,7 +188,7 @@ boot verify "root=/dev/mapper/root rw $img qs.step=verify qs.token=$token-2" -- 
 	"expect:QS-ROOT-WRITTEN: $token\\n" "expect:QS-ROOT-BIG: $md5_write" \
 	'expect:QS-ROOT-RO: /dev/mapper/root / ext4 ro' 'expect:QS-ROOT-POWEROFF' end \
 	'absent:I/O error' 'absent:EXT4-fs error' || rc=$?
-check verify $rc "verify: the next boot sees what the first wrote"
+boot_check verify $rc "verify: the next boot sees what the first wrote"
 host_files verify "qemu-img convert gives the files of both boots, on a clean ext4" \
 	"/written=$(md5_of "$token")" "/big=$md5_write" "/written2=$(md5_of "$token-2")"
 
@@ -201,7 +201,7 @@ boot close "root=/dev/mapper/root rw $img rd.break=pre-pivot" -- \
 	'send:echo QS-MAPPER: $(ls /dev/mapper); echo QS-MOUNTS: $(while read -r d m r; do echo $m; done < /proc/mounts)\n' \
 	'expect:QS-MAPPER: control\n' 'expect:QS-MOUNTS: [^$]*\n' 'send:echo o > /proc/sysrq-trigger\n' end \
 	'absent:I/O error' 'absent:QS-MOUNTS: .*/run/qcowsetup/mnt' || rc=$?
-check close $rc "close: the shutdown hook closes the mapping and unmounts the holding filesystem"
+boot_check close $rc "close: the shutdown hook closes the mapping and unmounts the holding filesystem"
 e=0
 e2fsck -fn hold.img >close.e2fsck 2>&1 || e=$?
 debugfs -R "dump /images/root.qcow2 root.qcow2" hold.img >/dev/null 2>&1

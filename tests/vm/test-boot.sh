@@ -1,7 +1,7 @@
 #!/bin/bash
 # Automake test: boot from an initramfs built by Debian's dracut with the
 # 90qcowsetup module of this tree, under QEMU TCG,
-# driving the serial console with tests/vm/console.py.
+# driving the serial console with tests/vm/bed/console.py.
 #
 # The root filesystem (busybox and an /sbin/init that prints QS-ROOT-* lines
 # and powers off) is inside a LUKS qcow2 image on an ext4 filesystem on a
@@ -19,14 +19,14 @@
 # tests/vm/test-boot-rw.sh.
 #
 # The machinery (initramfs cached by input hash, boots, checks) is
-# tests/vm/boot-lib.sh.
+# tests/vm/bed/boot-lib.sh.
 # Environment: QCOWSETUP (the program), QS_KEEP=1 (keep the work directory),
 # QS_BOOT_ONLY="keyfile same" (run only those boots), QEMU, QS_VM_ACCEL.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU, kernel, dracut...), 99 error.
 set -eu
 me=test-boot
-# shellcheck source=tests/vm/boot-lib.sh
-. "$(cd "$(dirname "$0")" && pwd)/boot-lib.sh"
+# shellcheck source=tests/vm/bed/boot-lib.sh
+. "$(cd "$(dirname "$0")" && pwd)/bed/boot-lib.sh"
 
 PASS='qcow2 boot secret'
 WRONG='not the secret'
@@ -111,31 +111,32 @@ if want keyfile; then
 	boot keyfile "root=/dev/mapper/root ro $img_root rd.qcowsetup.key=/keys/root.key:UUID=$HOLD_UUID rd.qcowsetup.options=readonly" -- \
 		'expect:QS-ROOT-INIT: root' 'expect:QS-ROOT-MOUNT: /dev/mapper/root / ext4 ro' 'expect:QS-ROOT-DM: root\n' \
 		'expect:QS-ROOT-POWEROFF' end 'absent:Enter passphrase' || rc=$?
-	check keyfile $rc "keyfile: root in a LUKS qcow2 on ext4, key file on the holding disk: its /sbin/init runs, no question"
+	boot_check keyfile $rc "keyfile: root in a LUKS qcow2 on ext4, key file on the holding disk: its /sbin/init runs, no question"
 	unchanged keyfile
 fi
+
+# the console steps of typing a passphrase at root's prompt
+typed() { printf '%s\n' 'expect:Enter passphrase for root: ' sleep:0.5 "send:$1\\n"; }
+mapfile -t type_wrong < <(typed "$WRONG")
+mapfile -t type_right < <(typed "$PASS")
 
 if want passphrase; then
 	rc=0
 	boot passphrase "root=/dev/mapper/root ro $img_root rd.qcowsetup.options=readonly,tries=3" -- \
-		'expect:Enter passphrase for root: ' sleep:0.5 "send:$WRONG\\n" \
-		'expect:No key available with this passphrase' \
-		'expect:Enter passphrase for root: ' sleep:0.5 "send:$PASS\\n" \
+		"${type_wrong[@]}" 'expect:No key available with this passphrase' "${type_right[@]}" \
 		'expect:QS-ROOT-INIT: root' 'expect:QS-ROOT-POWEROFF' end 'count:2:Enter passphrase' || rc=$?
-	check passphrase $rc "passphrase: typed at the console prompt (a wrong one first, retried): /sbin/init runs"
+	boot_check passphrase $rc "passphrase: typed at the console prompt (a wrong one first, retried): /sbin/init runs"
 	unchanged passphrase
 fi
 
 if want wrong; then
 	rc=0
 	boot wrong "root=/dev/mapper/root ro $img_root rd.qcowsetup.options=readonly,tries=2" -- \
-		'expect:Enter passphrase for root: ' sleep:0.5 "send:$WRONG\\n" \
-		'expect:Enter passphrase for root: ' sleep:0.5 "send:$WRONG\\n" \
-		'expect:no passphrase opened it after 2 attempts' 'expect:could not map root' \
+		"${type_wrong[@]}" "${type_wrong[@]}" 'expect:no passphrase opened it after 2 attempts' 'expect:could not map root' \
 		'expect:Dropping to debug shell' sleep:2 \
 		'send:ls /dev/mapper; echo QS-EMERGENCY-SHELL\n' 'expect:QS-EMERGENCY-SHELL\n' \
 		'send:echo o > /proc/sysrq-trigger\n' end 'count:2:Enter passphrase' 'absent:QS-ROOT-INIT' || rc=$?
-	check wrong $rc "wrong: tries=2 wrong passphrases, then dracut's emergency shell, no root"
+	boot_check wrong $rc "wrong: tries=2 wrong passphrases, then dracut's emergency shell, no root"
 	unchanged wrong
 fi
 
@@ -145,7 +146,7 @@ if want same; then
 		'expect:Enter passphrase for (root, data|data, root): ' sleep:0.5 "send:$PASS\\n" \
 		'expect:QS-ROOT-INIT: root' 'expect:QS-ROOT-DM: (data|root)\n' 'expect:QS-ROOT-POWEROFF' end \
 		'count:1:Enter passphrase' 'count:1:QS-ROOT-DM: data\n' 'count:1:QS-ROOT-DM: root\n' || rc=$?
-	check same $rc "same: two images sharing one passphrase, one prompt, both mapped"
+	boot_check same $rc "same: two images sharing one passphrase, one prompt, both mapped"
 	unchanged same
 fi
 
@@ -156,7 +157,7 @@ if want hotplug; then
 		'qmp:{"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "qd", "serial": "qcowdirect", "id": "qdd", "bus": "rp1"}}' \
 		'expect:QS-ROOT-INIT: direct' 'expect:QS-ROOT-MOUNT: /dev/mapper/direct / ext4 ro' 'expect:QS-ROOT-POWEROFF' end \
 		'absent:Enter passphrase' || rc=$?
-	check hotplug $rc "hotplug: a qcow2 written onto a disk that appears later: recognised by udev, mapped from qcowtab, booted"
+	boot_check hotplug $rc "hotplug: a qcow2 written onto a disk that appears later: recognised by udev, mapped from qcowtab, booted"
 	unchanged hotplug
 fi
 

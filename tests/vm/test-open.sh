@@ -1,23 +1,18 @@
 #!/bin/bash
 # Automake test: `qcowsetup open --readonly` through the real kernel (the VM
 # test bed). On the host: the engine's image matrix with its qemu-img
-# oracles (md5 of `qemu-img convert -O raw`); in the VM: open-matrix.sh maps
+# oracles (md5 of `qemu-img convert -O raw`); in the VM: guest/open.sh maps
 # every image and compares, then checks wrong keys, atomicity under fault
 # injection at every step, busy devices and QEMU-compatible locks.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator or kernel), 99 error.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
 me=test-open
-qs=${QCOWSETUP:-$top/qcowsetup}
-
-command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || { echo "$me: SKIP: qemu-system-x86_64 not found"; exit 77; }
-ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "$me: SKIP: no kernel in /boot"; exit 77; }
-command -v qemu-img >/dev/null || { echo "$me: SKIP: qemu-img not found"; exit 77; }
-[ -x "$qs" ] || { echo "$me: error: $qs not built" >&2; exit 99; }
-
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-open.XXXXXX")
-if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+qs=${QCOWSETUP:-$builddir/qcowsetup}
+need_vm
+need qemu-img
+need_built "$qs"
+make_work
 "$top/tests/images/gen-matrix.sh" "$work/m" >"$work/gen.log" 2>&1 || { tail -20 "$work/gen.log"; exit 99; }
 cd "$work/m"
 # snapshot oracle: the first snapshot of the snapshot image
@@ -42,9 +37,8 @@ done
 # The images live on ext4 on a virtio disk in the VM, as they would on a
 # host (9p has no O_DIRECT and no OFD locks worth testing).
 mkdir "$work/share"
-cp "$here/lib.sh" "$here/open-matrix.sh" "$work/share/"
-chmod +x "$work/share/open-matrix.sh"
+guest_script open "$work/share"
 mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 1G
 rm -rf "$work/m"
-"$here/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --extra "$qs" \
-	--timeout "${QS_OPEN_TIMEOUT:-1500}" ${QS_VERBOSE:+--env QS_VERBOSE=1} -- open-matrix.sh
+"$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --extra "$qs" \
+	--timeout "${QS_OPEN_TIMEOUT:-1500}" ${QS_VERBOSE:+--env QS_VERBOSE=1} -- open.sh

@@ -3,7 +3,7 @@
 # bed): random writes checked against QEMU. On the host: images made by qemu-img and
 # qemu-io (data, zero clusters, compressed clusters, snapshots, subclusters,
 # backing chains, external data files, LUKS, 512 B and 2 MiB clusters) on an
-# ext4 disk. In the VM (tests/vm/rw-guest.sh):
+# ext4 disk. In the VM (tests/vm/guest/rw.sh):
 #   matrix   seeded random writes (512 B .. 4 MiB, aligned and not) to
 #            /dev/mapper/NAME and to a raw reference; after close
 #            `qemu-img compare` identical and `qemu-img check` clean;
@@ -19,27 +19,20 @@
 #            flushed write reads back.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
 me=test-rw
-qs=${QCOWSETUP:-$top/qcowsetup}
-bld=${top_builddir:-$top}
-daemon=$bld/qcowsetup-daemon
-workload=$bld/tests/vm/rw-workload
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+qs=${QCOWSETUP:-$builddir/qcowsetup}
+daemon=$builddir/qcowsetup-daemon
+workload=$builddir/tests/vm/prog/rw-workload
 runs=${QS_RW_CRASH_RUNS:-3}
 
-command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || { echo "$me: SKIP: qemu-system-x86_64 not found"; exit 77; }
-ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "$me: SKIP: no kernel in /boot"; exit 77; }
-command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || { echo "$me: SKIP: qemu-img not found"; exit 77; }
-for f in "$qs" "$daemon" "$workload"; do
-	[ -x "$f" ] || { echo "$me: error: $f not built" >&2; exit 99; }
-done
+need_vm
+need qemu-img qemu-io
+for f in "$qs" "$daemon" "$workload"; do need_built "$f"; done
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-rw.XXXXXX")
-if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+make_work
 mkdir "$work/m" "$work/share"
-cp "$here/lib.sh" "$here/rw-guest.sh" "$work/share/"
-chmod +x "$work/share/rw-guest.sh"
+guest_script rw "$work/share"
 
 # ---- images (NAME FORMAT-NOTE), made with QEMU's tools
 cd "$work/m"
@@ -105,9 +98,9 @@ rm -rf "$work/m"
 vm() {	# timeout, guest args...
 	local t=$1
 	shift
-	"$here/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 \
+	"$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 \
 		--extra "$qs" --extra "$daemon" --extra "$workload" \
-		--timeout "$t" ${QS_VERBOSE:+--env QS_VERBOSE=1} -- rw-guest.sh "$@"
+		--timeout "$t" ${QS_VERBOSE:+--env QS_VERBOSE=1} -- rw.sh "$@"
 }
 
 rc=0

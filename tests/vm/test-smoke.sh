@@ -6,75 +6,53 @@
 # qemu-io into a temporary directory, compute the expected guest content with
 # `qemu-img convert -O raw`, derive the dm tables (host offsets read from the L2
 # tables) and the LUKS volume key (cryptsetup on the header region, if it works
-# here); then boot the VM with that directory as the share and run smoke.sh in it.
+# here); then boot the VM with that directory as the share and run guest/smoke.sh in it.
 #
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU, no kernel, no qemu-img/python3),
 # 99 hard error (the VM did not boot or timed out).
-# Environment: QS_SMOKE_TIMEOUT (seconds, default 240), QS_SMOKE_KEEP=1 (keep the
-# temporary directory), QS_VERBOSE=1 / QS_TRACE=1 (passed to lib.sh in the VM),
-# and those of run-vm.sh.
+# Environment: QS_SMOKE_TIMEOUT (seconds, default 240), QS_KEEP=1 (keep the
+# temporary directory), QS_VERBOSE=1 / QS_TRACE=1 (passed to guest/lib.sh in
+# the VM), and those of bed/run-vm.sh.
 set -eu
 
-here=$(cd "$(dirname "$0")" && pwd)
 me=test-smoke
-skip() { echo "$me: SKIP: $*"; exit 77; }
-fail() { echo "$me: error: $*" >&2; exit 99; }
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 now() { echo "$EPOCHREALTIME"; }
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 t_start=$(now)
 
 # ---------------------------------------------------------------- requirements
-command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || skip "${QEMU:-qemu-system-x86_64} not found"
+need "${QEMU:-qemu-system-x86_64}"
 kernel=
 # shellcheck disable=SC2012 # kernel file names have no white space
 for k in ${QS_VM_KERNEL:-$(ls /boot/vmlinuz-* 2>/dev/null | sort -V -r)}; do
 	[ -r "$k" ] && kernel=$k && break
 done
-[ -n "$kernel" ] || skip "no readable kernel in /boot (apt-get install linux-image-amd64)"
-for t in qemu-img qemu-io python3 busybox; do
-	PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || skip "$t not found"
-done
+[ -n "$kernel" ] || skip_test "no readable kernel in /boot (apt-get install linux-image-amd64)"
+PATH=$PATH:/usr/sbin:/sbin need qemu-img qemu-io python3 busybox
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/qs-smoke.XXXXXX")
-if [ -n "${QS_SMOKE_KEEP:-}" ]; then
-	echo "$me: keeping $work"
-else
-	trap 'rm -rf "$work"' EXIT
-fi
-cp "$here/lib.sh" "$here/smoke.sh" "$work/"
-chmod +x "$work/smoke.sh"
+make_work
+guest_script smoke "$work"
 cd "$work"
 
 # ---------------------------------------------------------------- images
-# qemu-img 7.2 sometimes fails with "Unable to get accurate CPU usage" while
-# benchmarking the PBKDF for LUKS: retry.
-retry() {
-	local i
-	for i in 1 2 3 4 5; do
-		if "$@" > retry.log 2>&1; then rm -f retry.log; return 0; fi
-		echo "$me: attempt $i of: $* failed: $(tail -n 1 retry.log)" >&2
-		sleep 1
-	done
-	cat retry.log >&2
-	return 1
-}
 secret="secret,id=s0,data=PASS"
 luks_opts="driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0"
 writes=(-c 'write -P 0x5a 0 1M' -c 'write -P 0x33 8M 64k' -c 'write -z 128k 64k'
 	-c 'write -P 0xc3 40M 192k' -c 'write -P 0x77 63M 1M')
 
 t_img=$(now)
-retry qemu-img create -q -f qcow2 plain.qcow2 64M || fail "qemu-img create (plain) failed"
-qemu-io -f qcow2 plain.qcow2 "${writes[@]}" > /dev/null || fail "qemu-io (plain) failed"
+retry 5 qemu-img create -q -f qcow2 plain.qcow2 64M || hard_error "qemu-img create (plain) failed"
+qemu-io -f qcow2 plain.qcow2 "${writes[@]}" > /dev/null || hard_error "qemu-io (plain) failed"
 qemu-img convert -f qcow2 -O raw plain.qcow2 plain.raw
 md5sum < plain.raw | cut -d' ' -f1 > plain.md5
 rm -f plain.raw
 
-retry qemu-img create -q -f qcow2 --object "$secret" \
+retry 5 qemu-img create -q -f qcow2 --object "$secret" \
 	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 luks.qcow2 64M ||
-	fail "qemu-img create (LUKS) failed"
+	hard_error "qemu-img create (LUKS) failed"
 qemu-io --object "$secret" --image-opts "$luks_opts" "${writes[@]}" > /dev/null ||
-	fail "qemu-io (LUKS) failed"
+	hard_error "qemu-io (LUKS) failed"
 qemu-img convert --object "$secret" --image-opts "$luks_opts" -O raw luks.raw
 md5sum < luks.raw | cut -d' ' -f1 > luks.md5
 rm -f luks.raw
@@ -158,7 +136,7 @@ for path in sys.argv[1:]:
         with open(name + '.env', 'w') as e:
             e.write('luks_offset=%d\nluks_length=%d\n' % luks)
 EOF
-[ -f luks.env ] || fail "no LUKS header extension found in luks.qcow2"
+[ -f luks.env ] || hard_error "no LUKS header extension found in luks.qcow2"
 luks_offset='' luks_length=''
 # shellcheck source=/dev/null # written just above
 . ./luks.env
@@ -183,14 +161,14 @@ for f in plain luks; do echo "$me: $f.table:"; sed 's/^/    /' "$f.table"; done
 # ---------------------------------------------------------------- the VM
 set +e
 truncate -s 64M scratch.raw
-"$here/run-vm.sh" --share "$work" --timeout "${QS_SMOKE_TIMEOUT:-240}" --disk "$work/scratch.raw" \
+"$here/bed/run-vm.sh" --share "$work" --timeout "${QS_SMOKE_TIMEOUT:-240}" --disk "$work/scratch.raw" \
 	--env "QS_VERBOSE=${QS_VERBOSE:-0}" --env "QS_TRACE=${QS_TRACE:-0}" -- "$work/smoke.sh"
 rc=$?
 set -e
 echo "$me: whole smoke test took $(since "$t_start")s"
 case $rc in
 0|1|77) exit $rc ;;
-124) fail "the VM timed out" ;;
-125) fail "the VM did not run or did not report a status" ;;
+124) hard_error "the VM timed out" ;;
+125) hard_error "the VM did not run or did not report a status" ;;
 *) exit 1 ;;
 esac

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Automake test: qcowtab at run time, in the VM test bed (tests/vm/run-vm.sh):
+# Automake test: qcowtab at run time, in the VM test bed (tests/vm/bed/run-vm.sh):
 # `qcowsetup open --tab` / `close --tab` (images on filesystems found by UUID
 # and mounted under /run/qcowsetup, read-only unless an entry maps
 # read-write, key files on another device,
@@ -7,33 +7,25 @@
 # probe --udev`, and the udev rules with systemd-udevd: a disk holding a qcow2
 # image appears (PCI rescan) and 60-qcowsetup.rules maps its qcowtab entry;
 # 11-dm-qcowsetup.rules links the top device by image id and hides the
-# internal one. The guest part is tests/vm/tab-guest.sh.
+# internal one. The guest part is tests/vm/guest/tab.sh.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU, kernel or udevadm), 99 error.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-builddir=${top_builddir:-$top}
 me=test-tab
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
 qs=${QCOWSETUP:-$builddir/qcowsetup}
-command -v "${QEMU:-qemu-system-x86_64}" >/dev/null || { echo "$me: SKIP: qemu-system-x86_64 not found"; exit 77; }
-ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "$me: SKIP: no kernel in /boot"; exit 77; }
-command -v qemu-img >/dev/null || { echo "$me: SKIP: qemu-img not found"; exit 77; }
+need_vm
+need qemu-img
 udevadm=$(command -v udevadm || PATH=$PATH:/usr/bin:/bin command -v udevadm || true)
-[ -n "$udevadm" ] || { echo "$me: SKIP: udevadm not found"; exit 77; }
+[ -n "$udevadm" ] || skip_test "udevadm not found"
 command -v mkfs.ext4 >/dev/null || PATH=$PATH:/usr/sbin:/sbin
-[ -x "$qs" ] || { echo "$me: error: $qs not built" >&2; exit 99; }
+need_built "$qs"
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-tab.XXXXXX")
-if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+make_work
 cd "$work"
 PASS='tab secret'
-luks() {  # RAW QCOW2 SECRET-OPTS (qemu-img's PBKDF2 timing can fail under load: retry)
-	for _ in 1 2 3 4 5; do
-		qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
-			-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$1" "$2" && return 0
-		sleep 1
-	done
-	return 1
+luks() {  # RAW QCOW2 SECRET-OPTS
+	retry 5 qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
+		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$1" "$2"
 }
 mkdir -p share hold/images keys/k
 {
@@ -62,7 +54,7 @@ if [ ! -s hold.img ] || [ ! -s keys.img ] || [ "$(head -c 3 direct.img 2>/dev/nu
 	echo "$me: error: cannot make the images" >&2
 	exit 99
 fi
-cp "$here/lib.sh" "$here/tab-guest.sh" share/
+guest_script tab share
 printf '%s\n' "$PASS" > share/pass
 sed 's|@SBINDIR@|/usr/local/bin|g' "$top/udev/60-qcowsetup.rules.in" > share/60-qcowsetup.rules
 cp "$top/udev/11-dm-qcowsetup.rules" share/56-dm-qcowsetup.rules
@@ -74,6 +66,6 @@ for r in 50-udev-default.rules 55-dm.rules 10-dm.rules 13-dm-disk.rules 60-persi
 	done
 done
 export QS_VM_CACHE=${QS_VM_CACHE:-$builddir/tests/vm/out/tab}
-"$here/run-vm.sh" --share "$work/share" --disk "$work/hold.img" --disk "$work/keys.img" \
+"$here/bed/run-vm.sh" --share "$work/share" --disk "$work/hold.img" --disk "$work/keys.img" \
 	--disk "$work/direct.img" "${extras[@]}" --timeout "${QS_TAB_TIMEOUT:-600}" \
-	${QS_VERBOSE:+--env QS_VERBOSE=1} -- tab-guest.sh
+	${QS_VERBOSE:+--env QS_VERBOSE=1} -- tab.sh

@@ -1,13 +1,14 @@
 /* The kernel-facing wrappers for real: dm.c, loop.c, keyring.c, lock.c.
  *
- *   test-sys host DIR                  no root kernel features needed: locks
+ *   sys-wrappers host DIR              no root kernel features needed: locks
  *                                      against qemu-io, keyring, argument
  *                                      checks (run on the build host)
- *   test-sys vm [--udev] [--targets N] EXT4DIR [OTHERDIR...]
- *                                      inside the test VM (tests/vm/sys.sh):
+ *   sys-wrappers vm [--udev] [--targets N] EXT4DIR [OTHERDIR...]
+ *                                      inside the test VM (tests/vm/guest/sys.sh,
+ *                                      run by tests/vm/test-sys.sh):
  *                                      device-mapper, loop, dm-crypt with a
  *                                      logon key, locks held by loop devices
- *   test-sys mem N                     peak memory of building an N-target
+ *   sys-wrappers mem N                 peak memory of building an N-target
  *                                      table through libdevmapper (no kernel
  *                                      needed: the ioctl fails)
  *
@@ -494,13 +495,13 @@ static void test_keyring_host(void)
 	      "keyring_add_logon: key over 32767 bytes -> -EINVAL");
 	check(keyring_remove(0) == -EINVAL, "keyring_remove(0) -> -EINVAL");
 
-	r = keyring_add_logon("qcowsetup:test-sys:L0", key, sizeof(key), &serial);
+	r = keyring_add_logon("qcowsetup:sys-wrappers:L0", key, sizeof(key), &serial);
 	if (r == -ENOSYS) {
 		skip("keyring: the kernel has no keys");
 		return;
 	}
 	check(r == 0 && serial > 0, "keyring_add_logon into the thread keyring: %d, serial %d", r, serial);
-	r = keyring_search("logon", "qcowsetup:test-sys:L0", &found);
+	r = keyring_search("logon", "qcowsetup:sys-wrappers:L0", &found);
 	check(r == 0 && found == serial, "the key is reachable from this thread (search: %d)", r);
 	/* Children do not inherit the thread keyring. */
 	{
@@ -508,17 +509,17 @@ static void test_keyring_host(void)
 		int st;
 
 		if (pid == 0)
-			_exit(keyring_search("logon", "qcowsetup:test-sys:L0", NULL) == -ENOKEY ? 0 : 1);
+			_exit(keyring_search("logon", "qcowsetup:sys-wrappers:L0", NULL) == -ENOKEY ? 0 : 1);
 		check(pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
 		      "a child process does not see the key (thread keyring)");
 	}
 	r = keyring_remove(serial);
 	check(r == 0, "keyring_remove: %d", r);
-	r = keyring_search("logon", "qcowsetup:test-sys:L0", NULL);
+	r = keyring_search("logon", "qcowsetup:sys-wrappers:L0", NULL);
 	check(r == -ENOKEY, "after keyring_remove the key is not found (%d)", r);
 	r = keyring_remove(serial);
 	check(r == 0 || r == -ENOKEY, "keyring_remove twice: %d (0 or -ENOKEY)", r);
-	check(keys_gone("qcowsetup:test-sys:L0"), "the key leaves /proc/keys (revoked, then collected)");
+	check(keys_gone("qcowsetup:sys-wrappers:L0"), "the key leaves /proc/keys (revoked, then collected)");
 }
 
 static void test_args(void)
@@ -1211,13 +1212,13 @@ static void cleanup_leftovers(void)
 
 static int summary(void)
 {
-	printf("test-sys: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
+	printf("sys-wrappers: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
 	return failed ? 1 : passed ? 0 : 77;
 }
 
 static int usage(void)
 {
-	fprintf(stderr, "usage: test-sys host DIR | vm [--udev] [--targets N] EXT4DIR [DIR...] | mem N\n");
+	fprintf(stderr, "usage: sys-wrappers host DIR | vm [--udev] [--targets N] EXT4DIR [DIR...] | mem N\n");
 	return 2;
 }
 
@@ -1279,7 +1280,7 @@ int main(int argc, char **argv)
 		return 77;
 	}
 	cleanup_leftovers();
-	printf("== test-sys in the VM (%s)\n", udev_mode ? "with udev" : "without udev");
+	printf("== sys-wrappers in the VM (%s)\n", udev_mode ? "with udev" : "without udev");
 	test_control();
 	test_args();
 	test_dm_basic();

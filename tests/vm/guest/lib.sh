@@ -1,4 +1,4 @@
-# Helpers for test scripts that run inside the test VM (tests/vm/run-vm.sh).
+# Helpers for test scripts that run inside the test VM (tests/vm/bed/run-vm.sh).
 # Source it from a POSIX sh (busybox ash) or bash script:
 #
 #   . "$(dirname "$0")/lib.sh"

@@ -40,6 +40,19 @@ same() {	# BEFORE AFTER
 	[ "$1" = "$2" ] || { printf 'changed:\n%s\nnow:\n%s\n' "$1" "$2"; return 1; }
 }
 
+# loop0_attach MIB: /dev/loop0 on a new scratch file of MIB MiB of random
+# bytes; before= their fingerprints. loop0_detach: detached, the same.
+loop0_attach() {
+	dd if=/dev/urandom of=/tmp/scratch bs=1M count="$1" 2>/dev/null
+	losetup /dev/loop0 /tmp/scratch
+	before=$(fp /tmp/scratch /dev/loop0)
+}
+loop0_detach() {
+	after=$(fp /tmp/scratch /dev/loop0)
+	losetup -d /dev/loop0
+	same "$before" "$after"
+}
+
 # refused RC 'WORD|WORD...' CMD...: CMD exits RC within $TMO seconds (60)
 # with exactly one line on stderr, containing every WORD
 refused() {
@@ -139,9 +152,7 @@ t_a_data_file_elsewhere() {
 
 # ---- b. the data file a host disk: /dev/loop0 and ../../../dev/loop0
 t_b_data_file_loop0() {
-	dd if=/dev/urandom of=/tmp/scratch bs=1M count=2 2>/dev/null
-	losetup /dev/loop0 /tmp/scratch
-	before=$(fp /tmp/scratch /dev/loop0)
+	loop0_attach 2
 	refused 2 "$I/b-data-loop0.qcow2|external data file /dev/loop0|block device" \
 		qcowsetup open $I/b-data-loop0.qcow2 hb
 	nothing_left /dev/loop0
@@ -151,9 +162,7 @@ t_b_data_file_loop0() {
 	refused 2 "$I/b-data-climb.qcow2|../../../dev/loop0|block device" \
 		qcowsetup open --readonly $I/b-data-climb.qcow2 hb
 	nothing_left /dev/loop0
-	after=$(fp /tmp/scratch /dev/loop0)
-	losetup -d /dev/loop0
-	same "$before" "$after"
+	loop0_detach
 	same "$(echo "$before" | head -n 1)" "$(fp /tmp/scratch)"
 	rm -f /tmp/scratch
 	nothing_left
@@ -188,17 +197,13 @@ t_c_backing_kernel_interfaces() {
 
 # ---- d. the backing file a host disk: ../../../dev/loop0, read-only
 t_d_backing_loop0() {
-	dd if=/dev/urandom of=/tmp/scratch bs=1M count=4 2>/dev/null
-	losetup /dev/loop0 /tmp/scratch
-	before=$(fp /tmp/scratch /dev/loop0)
+	loop0_attach 4
 	refused 2 "$I/d-back-loop0.qcow2|backing file|../../../dev/loop0|block device" \
 		qcowsetup open --readonly $I/d-back-loop0.qcow2 hd
 	nothing_left /dev/loop0
 	refused 2 "$I/d-back-loop0.qcow2|../../../dev/loop0|block device" qcowsetup open $I/d-back-loop0.qcow2 hd
 	nothing_left /dev/loop0
-	after=$(fp /tmp/scratch /dev/loop0)
-	losetup -d /dev/loop0
-	same "$before" "$after"
+	loop0_detach
 	rm -f /tmp/scratch
 	nothing_left
 	counts
@@ -509,16 +514,18 @@ l_setup() {
 l_done() {
 	rm -rf /run/systemd/system
 }
-t_l_agent_first_answer() {
-	l_setup
-	printf 'l1 %s none\n' $I/l-1.qcow2 > /tmp/qcowtab
-	agent_start "$PASS"
+# l1_open_asked N: open --tab l1 (the agent started) succeeds, the agent
+# was asked N times
+l1_open_asked() {
 	rc=0
 	timeout 120 qcowsetup --qcowtab /tmp/qcowtab open --tab l1 </dev/null || rc=$?
 	agent_stop
 	[ $rc = 0 ] || { echo "open --tab: exit $rc"; return 1; }
-	[ "$(wc -l < /tmp/agent.log)" = 1 ]
-	dmsetup table l1 | grep -q ' 43:' || { echo "not read-write (no slow path)"; return 1; }
+	[ "$(wc -l < /tmp/agent.log)" = "$1" ]
+}
+# l1_close_checked: l1 reads as its image, closes, leaves nothing; the
+# image passes qemu-img check
+l1_close_checked() {
 	want_md5 /dev/mapper/l1 l-1
 	qcowsetup --qcowtab /tmp/qcowtab close --tab l1
 	nothing_left
@@ -526,21 +533,20 @@ t_l_agent_first_answer() {
 	l_done
 	counts
 }
+t_l_agent_first_answer() {
+	l_setup
+	printf 'l1 %s none\n' $I/l-1.qcow2 > /tmp/qcowtab
+	agent_start "$PASS"
+	l1_open_asked 1
+	dmsetup table l1 | grep -q ' 43:' || { echo "not read-write (no slow path)"; return 1; }
+	l1_close_checked
+}
 t_l_agent_tries() {
 	l_setup
 	printf 'l1 %s none tries=3\n' $I/l-1.qcow2 > /tmp/qcowtab
 	agent_start wrong "$PASS"
-	rc=0
-	timeout 120 qcowsetup --qcowtab /tmp/qcowtab open --tab l1 </dev/null || rc=$?
-	agent_stop
-	[ $rc = 0 ] || { echo "open --tab: exit $rc"; return 1; }
-	[ "$(wc -l < /tmp/agent.log)" = 2 ]
-	want_md5 /dev/mapper/l1 l-1
-	qcowsetup --qcowtab /tmp/qcowtab close --tab l1
-	nothing_left
-	qcheck $I/l-1.qcow2 luks
-	l_done
-	counts
+	l1_open_asked 2
+	l1_close_checked
 }
 t_l_agent_timeout() {
 	l_setup

@@ -1,11 +1,11 @@
 #!/bin/bash
 # Run a script as root inside a throw-away VM (real kernel, QEMU TCG).
 #
-#   tests/vm/run-vm.sh [OPTIONS] -- SCRIPT [ARGS...]
-#   tests/vm/run-vm.sh [OPTIONS] --shell
+#   tests/vm/bed/run-vm.sh [OPTIONS] -- SCRIPT [ARGS...]
+#   tests/vm/bed/run-vm.sh [OPTIONS] --shell
 #
 # Boots the newest installed /boot/vmlinuz-* with the test-bed initramfs
-# (tests/vm/build-initramfs.sh, rebuilt only when its inputs change), shares DIR
+# (tests/vm/bed/build-initramfs.sh, rebuilt only when its inputs change), shares DIR
 # at /host in the guest (virtio-9p), runs SCRIPT (a file inside DIR) there with
 # ARGS, streams the serial console to stdout (escape codes stripped) and exits
 # with the status of SCRIPT.
@@ -35,7 +35,7 @@ set -eu
 
 me=run-vm
 here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
+top=$(cd "$here/../../.." && pwd)
 die() { echo "$me: error: $*" >&2; exit 125; }
 usage() { sed -n '3,4p' "$0" | sed 's/^#  *//' >&2; echo "see the head of $0" >&2; exit 2; }
 
@@ -143,7 +143,7 @@ if [ $shell = 1 ]; then
 	exec "$qemu" "${qemu_args[@]/#stdio/mon:stdio}"
 fi
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-run-vm.XXXXXX")
+tmp=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-run-vm.XXXXXX")	# as tests/lib.sh
 tpid=
 # shellcheck disable=SC2317 # called by the trap
 cleanup() {

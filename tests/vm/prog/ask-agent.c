@@ -1,4 +1,4 @@
-/* ask-agent: a systemd password agent for the VM tests (tests/vm/hostile-guest.sh).
+/* ask-agent: a systemd password agent for the VM tests (tests/vm/guest/hostile.sh).
  *
  *   ask-agent [-l LOG] [-d DIR] [PASSPHRASE...]
  *

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drive a VM's serial console: run QEMU, then wait for text, type, hotplug.
 
-  tests/vm/console.py [--log FILE] [--timeout S] [--qmp SOCKET] STEP... -- QEMU ARGS...
+  tests/vm/bed/console.py [--log FILE] [--timeout S] [--qmp SOCKET] STEP... -- QEMU ARGS...
 
 QEMU ARGS must route the serial console to stdio (-serial stdio); with --qmp,
 they must also open that QMP socket (-qmp unix:SOCKET,server=on,wait=off).

@@ -107,11 +107,16 @@ vm_test "atomic read-write open (LUKS): a failure at any step leaves nothing, th
 vm_test "atomic read-write open (3-layer chain): a failure at any step leaves nothing, the image unchanged" fault_steps chain-q1/top.qcow2 - rw
 
 # ---- names, busy devices
+# status_of CMD...: CMD's exit status in rc, its stderr shown
+status_of() {
+	rc=0
+	"$@" 2>err || rc=$?
+	cat err
+}
+
 name_taken() {
 	qcowsetup open --readonly c64k-v3.qcow2 qs-a
-	rc=0
-	qcowsetup open --readonly c4k-v3.qcow2 qs-a 2>err || rc=$?
-	cat err
+	status_of qcowsetup open --readonly c4k-v3.qcow2 qs-a
 	qcowsetup close qs-a
 	[ $rc = 5 ]
 	vm_assert_clean
@@ -121,10 +126,8 @@ vm_test "name taken: exit 5" name_taken
 busy_close() {
 	qcowsetup open --readonly c64k-v3.qcow2 qs-busy
 	exec 3</dev/mapper/qs-busy
-	rc=0
-	qcowsetup close qs-busy 2>err || rc=$?
+	status_of qcowsetup close qs-busy
 	exec 3<&-
-	cat err
 	qcowsetup close qs-busy
 	[ $rc = 5 ]
 	vm_assert_clean

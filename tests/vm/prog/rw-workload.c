@@ -1,4 +1,4 @@
-/* VM test tool for read-write mappings (tests/vm/rw-guest.sh).
+/* VM test tool for read-write mappings (tests/vm/guest/rw.sh).
  *
  *   rw-workload write [--seed N] [--ops N] [--max BYTES] [--flush-every K]
  *                     [--log FILE] [--region OFF:LEN]... DEV [REF]
@@ -276,6 +276,6 @@ int main(int argc, char **argv)
 	else if (argc > 1 && !strcmp(argv[1], "verify"))
 		r = do_verify(argc, argv);
 	if (r == 2)
-		fprintf(stderr, "usage: see the head of tests/vm/rw-workload.c\n");
+		fprintf(stderr, "usage: see the head of tests/vm/prog/rw-workload.c\n");
 	return r;
 }

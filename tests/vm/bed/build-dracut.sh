@@ -4,7 +4,7 @@
 # directory holds symlinks to the system's dracut plus this module and the
 # udev rules).
 #
-#   tests/vm/build-dracut.sh OUTDIR QCOWSETUP KVER QCOWTAB
+#   tests/vm/bed/build-dracut.sh OUTDIR QCOWSETUP KVER QCOWTAB
 #
 # The slow-path daemon qcowsetup-daemon beside QCOWSETUP goes in too (the
 # module's QCOWSETUP_DAEMON_BINARY), when it is there.
@@ -19,7 +19,7 @@ me=build-dracut
 [ $# = 4 ] || { sed -n '7p' "$0" | sed 's/^#  *//' >&2; exit 2; }
 outdir=$1 qs=$2 kver=$3 qcowtab=$4
 here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
+top=$(cd "$here/../../.." && pwd)
 sysbase=/usr/lib/dracut
 command -v dracut >/dev/null || { echo "$me: dracut not found (apt-get install dracut-core)" >&2; exit 77; }
 [ -d "$sysbase/modules.d" ] || { echo "$me: no $sysbase/modules.d" >&2; exit 77; }

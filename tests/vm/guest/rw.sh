@@ -1,9 +1,9 @@
 #!/bin/sh
 # Runs in the VM (see test-rw.sh): /dev/vda is an ext4 disk with the images.
-#   rw-guest.sh matrix
-#   rw-guest.sh crash RUN DELAY     verify the previous crash run (if any),
-#                                   then write and die after DELAY/10 s
-#   rw-guest.sh crash-verify        verify the last crash run
+#   rw.sh matrix
+#   rw.sh crash RUN DELAY     verify the previous crash run (if any),
+#                             then write and die after DELAY/10 s
+#   rw.sh crash-verify        verify the last crash run
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
 mkdir -p /mnt/m

@@ -1,5 +1,5 @@
 #!/bin/sh
-# /init of the qcowsetup VM test bed (copied in by tests/vm/build-initramfs.sh).
+# /init of the qcowsetup VM test bed (copied in by tests/vm/bed/build-initramfs.sh).
 #
 # Mounts the pseudo file systems, loads the modules listed in /etc/qs-modules
 # (busybox modprobe, dependencies from modules.dep), mounts the host share

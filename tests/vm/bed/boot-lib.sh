@@ -1,9 +1,10 @@
 # Shared part of the dracut boot tests (tests/vm/test-boot.sh,
-# tests/vm/test-boot-rw.sh): bash, sourced after `me` is set. Boots from an
-# initramfs built by Debian's dracut with the 90qcowsetup module of this
-# tree (tests/vm/build-dracut.sh, cached by input hash in $QS_VM_CACHE/dracut,
-# default $top_builddir/tests/vm/out/dracut), under QEMU TCG, driving the
-# serial console with tests/vm/console.py. Both tests give dracut the same
+# tests/vm/test-boot-rw.sh): bash, sourced after `me` is set; it sources
+# tests/lib.sh. Boots from an initramfs built by Debian's dracut with the
+# 90qcowsetup module of this tree (tests/vm/bed/build-dracut.sh, cached by
+# input hash in $QS_VM_CACHE/dracut, default
+# $top_builddir/tests/vm/out/dracut), under QEMU TCG, driving the serial
+# console with tests/vm/bed/console.py. Both tests give dracut the same
 # qcowtab (boot_qcowtab), so that they share one cached initramfs.
 #
 # Sourcing it checks what the boots need (skips with 77, 99 when qcowsetup
@@ -17,28 +18,26 @@
 #                                       one boot, console.py STEPs; the disk is
 #                                       $work/hold.img (--hotplug: and
 #                                       $work/directdisk.img, plugged by QMP)
-#   check NAME RC DESCRIPTION           PASS/FAIL of a boot (the console's end
+#   boot_check NAME RC DESCRIPTION      PASS/FAIL of a boot (the console's end
 #                                       on failure)
-#   pass/fail/skipped DESCRIPTION, boot_summary (the closing line and exit)
+#   pass/fail/skipped DESCRIPTION (tests/lib.sh), boot_summary (the closing
+#   line and exit)
 # Environment: QCOWSETUP (the program), QEMU, QS_VM_ACCEL, QS_BOOT_TIMEOUT.
 
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../.." && pwd)
-builddir=${top_builddir:-$top}
+# shellcheck source=tests/lib.sh
+. "$(cd "${BASH_SOURCE[0]%/*}/../.." && pwd)/lib.sh"
 qs=${QCOWSETUP:-$builddir/qcowsetup}
 qemu=${QEMU:-qemu-system-x86_64}
 
-skip() { echo "$me: SKIP: $*"; exit 77; }
-command -v "$qemu" >/dev/null || skip "$qemu not found"
-command -v qemu-img >/dev/null || skip "qemu-img not found"
-command -v dracut >/dev/null || skip "dracut not found (apt-get install dracut-core)"
-command -v python3 >/dev/null || skip "python3 not found"
+need "$qemu" qemu-img
+command -v dracut >/dev/null || skip_test "dracut not found (apt-get install dracut-core)"
+need python3
 command -v mkfs.ext4 >/dev/null || PATH=$PATH:/usr/sbin:/sbin
-command -v mkfs.ext4 >/dev/null || skip "mkfs.ext4 not found"
+need mkfs.ext4
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
-	skip "no static busybox (apt-get install busybox-static)"
-[ -x "$qs" ] || { echo "$me: error: $qs not built" >&2; exit 99; }
+	skip_test "no static busybox (apt-get install busybox-static)"
+need_built "$qs"
 kernel='' kver=''
 # shellcheck disable=SC2012
 for k in $(ls /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
@@ -48,18 +47,13 @@ for k in $(ls /boot/vmlinuz-* 2>/dev/null | sort -V -r); do
 		break
 	fi
 done
-[ -n "$kernel" ] && [ -r "$kernel" ] || skip "no readable kernel with modules in /boot"
+[ -n "$kernel" ] && [ -r "$kernel" ] || skip_test "no readable kernel with modules in /boot"
 
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/qs-$me.XXXXXX")
-if [ -n "${QS_KEEP:-}" ]; then echo "$me: keeping $work"; else trap 'rm -rf "$work"' EXIT; fi
+make_work
 cd "$work"
 
 HOLD_UUID=5d1c0a52-7c6e-4b1e-9f4a-2b8e6c0fd001  # fixed: the initramfs cache depends on it
-passed=0 failed=0 skipped=0
 t0=$(date +%s)
-pass() { echo "PASS: $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
-skipped() { echo "SKIP: $*"; skipped=$((skipped + 1)); }
 
 boot_make_root() {  # DIR MARKER < INIT
 	mkdir -p "$1"/bin "$1"/sbin "$1"/proc "$1"/sys "$1"/dev "$1"/run "$1"/tmp "$1"/etc
@@ -71,15 +65,8 @@ boot_make_root() {  # DIR MARKER < INIT
 }
 
 boot_luks_qcow2() {  # RAW QCOW2 SECRET-OBJECT-OPTS
-	# qemu-img times PBKDF2 with getrusage, which a loaded machine can fail
-	# ("Unable to get accurate CPU usage"): a few attempts
-	for _ in 1 2 3 4 5; do
-		qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
-			-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536 "$1" "$2" &&
-			return 0
-		sleep 1
-	done
-	return 1
+	retry 5 qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
+		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536 "$1" "$2"
 }
 
 # The qcowtab given to dracut: the hot-plugged disk of test-boot.sh
@@ -96,9 +83,9 @@ EOF
 boot_initramfs() {
 	local cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut rc=0
 	boot_qcowtab > "$work/qcowtab"
-	"$here/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" || rc=$?
+	"$here/bed/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" || rc=$?
 	if [ $rc != 0 ]; then
-		[ $rc = 77 ] && skip "dracut cannot build here"
+		[ $rc = 77 ] && skip_test "dracut cannot build here"
 		echo "$me: error: dracut failed" >&2
 		exit 99
 	fi
@@ -126,14 +113,14 @@ boot() {
 	fi
 	t=$(date +%s)
 	rc=0
-	python3 "$here/console.py" --log "$work/$name.log" --timeout "${QS_BOOT_TIMEOUT:-240}" \
+	python3 "$here/bed/console.py" --log "$work/$name.log" --timeout "${QS_BOOT_TIMEOUT:-240}" \
 		--qmp "$work/qmp.sock" "$@" -- "$qemu" "${args[@]}" >"$work/$name.out" 2>&1 || rc=$?
 	echo "$me: boot $name: $(( $(date +%s) - t ))s (console.py exit $rc)"
 	return $rc
 }
 
-# check NAME RC DESCRIPTION: after a boot, PASS/FAIL with the console on failure
-check() {
+# boot_check NAME RC DESCRIPTION: after a boot, PASS/FAIL with the console on failure
+boot_check() {
 	local name=$1 rc=$2
 	shift 2
 	if [ "$rc" = 0 ]; then

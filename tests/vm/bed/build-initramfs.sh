@@ -1,14 +1,14 @@
 #!/bin/bash
 # Build the initramfs of the qcowsetup VM test bed, from scratch (no dracut).
 #
-#   tests/vm/build-initramfs.sh OUTDIR [--kver KVER] [--extra FILE[=DEST]]...
+#   tests/vm/bed/build-initramfs.sh OUTDIR [--kver KVER] [--extra FILE[=DEST]]...
 #
 # Writes OUTDIR/initramfs.cpio.gz holding: busybox (applets as symlinks), the
 # kernel modules the tests need with all their dependencies (from modules.dep of
 # the installed kernel, decompressed, re-indexed with depmod), the userspace
 # tools (dmsetup, util-linux losetup/blkid, qemu-img/io/nbd, fio, mkfs.ext4,
 # md5sum, keyctl, cryptsetup, bash) with every shared library ldd reports and the
-# dynamic loader, the extra files, and tests/vm/init.sh as /init.
+# dynamic loader, the extra files, and tests/vm/bed/init.sh as /init.
 #
 # An extra FILE goes to /usr/local/bin/ (or DEST); a libtool wrapper script is
 # replaced by the real binary in .libs/; ELF files get their libraries copied.
