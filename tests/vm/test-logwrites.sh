@@ -15,8 +15,10 @@
 #                       lazy-refcounts image and compressed clusters rewritten;
 #                       twice the writes; every flush/FUA entry of the log and a
 #                       sampled point between each two
-# One VM boot per workload (fresh disks). QS_LOGWRITES_SEED: the workload's seed
-# (default 1). Exit: 0 pass, 1 fail, 77 skip.
+# One VM boot per workload (fresh disks). QS_LOGWRITES_WORKLOADS: the
+# workloads to run (of luks overlay lazy compressed; the default above);
+# QS_LOGWRITES_SEED: the workload's seed (default 1). Exit: 0 pass, 1 fail,
+# 77 skip.
 set -eu
 me=test-logwrites
 . "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
@@ -35,30 +37,31 @@ make_work
 mkdir "$work/share"
 guest_script logwrites "$work/share"
 
-# ---- images (32 MiB), made with QEMU's tools
+# ---- images (16 MiB), made with QEMU's tools
 cd "$work/share"
 printf 'correct horse' >pass
 qio() { qemu-io -f qcow2 "$@" >/dev/null; }
 # (PBKDF timing fails now and then on a loaded machine: "Unable to get accurate CPU usage")
 retry 6 qemu-img create -q -f qcow2 --object secret,id=s0,file=pass \
-	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 luks.qcow2 32M ||
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 luks.qcow2 16M ||
 	hard_error "cannot create a LUKS image"
 workloads=luks
-if [ -n "$full" ]; then
-	workloads="luks overlay lazy compressed"
-	qemu-img create -q -f raw base.raw 32M
-	qemu-io -f raw -c 'write -P 0x41 0 32M' base.raw >/dev/null
-	qemu-img create -q -f qcow2 -b base.raw -F raw overlay.qcow2 32M
+if [ -n "$full" ] || [ -n "${QS_LOGWRITES_WORKLOADS:-}" ]; then
+	[ -z "$full" ] || workloads="luks overlay lazy compressed"
+	qemu-img create -q -f raw base.raw 16M
+	qemu-io -f raw -c 'write -P 0x41 0 16M' base.raw >/dev/null
+	qemu-img create -q -f qcow2 -b base.raw -F raw overlay.qcow2 16M
 	qio -c 'write -P 0x42 2M 1M' overlay.qcow2
-	qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 32M
+	qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 16M
 	qio -c 'write -P 0x91 0 2M' lazy.qcow2
-	qemu-img create -q -f raw c.src 32M
-	qemu-io -f raw -c 'write -P 0x21 0 8M' -c 'write -P 0x22 16M 4M' c.src >/dev/null
+	qemu-img create -q -f raw c.src 16M
+	qemu-io -f raw -c 'write -P 0x21 0 6M' -c 'write -P 0x22 10M 4M' c.src >/dev/null
 	qemu-img convert -q -c -O qcow2 c.src compressed.qcow2
 	rm c.src
 fi
 cd "$work"
 
+workloads=${QS_LOGWRITES_WORKLOADS:-$workloads}
 rc=0 skips=0 n=0
 for w in $workloads; do
 	n=$((n + 1)) r=0
