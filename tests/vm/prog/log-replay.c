@@ -17,7 +17,6 @@
  * nr_sectors sectors of the data written. Exit: 0, 1 on an error, 2 on bad
  * usage. */
 #include <endian.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdint.h>
@@ -25,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "sysutil.h"
 
 #define LOG_MAGIC 0x6a736677736872ULL
 #define LOG_VERSION 1
@@ -50,38 +51,6 @@ struct entry {
 	uint64_t data_pos;	/* byte offset of its data in the log */
 };
 
-static int read_all(int fd, void *buf, size_t len, uint64_t off)
-{
-	while (len) {
-		ssize_t n = pread(fd, buf, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		buf = (uint8_t *)buf + n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
-static int write_all(int fd, const void *buf, size_t len, uint64_t off)
-{
-	while (len) {
-		ssize_t n = pwrite(fd, buf, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		buf = (const uint8_t *)buf + n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
 static uint64_t get_le64(const uint8_t *p)
 {
 	uint64_t v;
@@ -95,7 +64,7 @@ static int log_open(struct log *lg, const char *path)
 	uint8_t super[32];
 
 	lg->fd = open(path, O_RDONLY);
-	if (lg->fd < 0 || read_all(lg->fd, super, sizeof(super), 0)) {
+	if (lg->fd < 0 || fd_pread_all(lg->fd, super, sizeof(super), 0)) {
 		fprintf(stderr, "log-replay: %s: cannot read the super block\n", path);
 		return -1;
 	}
@@ -123,7 +92,7 @@ static int log_next(struct log *lg, struct entry *e)
 
 	if (lg->index >= lg->nr_entries)
 		return 1;
-	if (read_all(lg->fd, lg->block, lg->sectorsize, lg->pos)) {
+	if (fd_pread_all(lg->fd, lg->block, lg->sectorsize, lg->pos)) {
 		fprintf(stderr, "log-replay: entry %" PRIu64 ": cannot read it\n", lg->index);
 		return -1;
 	}
@@ -189,7 +158,7 @@ static int do_replay(const char *path, const char *dev_path, uint64_t from, uint
 	uint8_t *buf = malloc(bufsize);
 	struct log lg;
 	struct entry e;
-	int dev;
+	int dev, r;
 
 	if (!buf || log_open(&lg, path))
 		return 1;
@@ -208,13 +177,14 @@ static int do_replay(const char *path, const char *dev_path, uint64_t from, uint
 		while (left) {
 			size_t n = left < bufsize ? (size_t)left : bufsize;
 
-			if (!(e.flags & LOG_DISCARD) && read_all(lg.fd, buf, n, src)) {
+			if (!(e.flags & LOG_DISCARD) && fd_pread_all(lg.fd, buf, n, src)) {
 				fprintf(stderr, "log-replay: entry %" PRIu64 ": cannot read its data\n", lg.index - 1);
 				return 1;
 			}
-			if (write_all(dev, buf, n, dst)) {
+			r = fd_pwrite_all(dev, buf, n, dst);
+			if (r) {
 				fprintf(stderr, "log-replay: entry %" PRIu64 ": %s: %s\n", lg.index - 1, dev_path,
-					strerror(errno));
+					strerror(-r));
 				return 1;
 			}
 			left -= n;
