@@ -157,15 +157,19 @@ check_point() {	# index kind promised: 0, or 1 with the reason printed
 		echo "point $p ($2): qcowsetup cannot open the image read-only: $(cat /tmp/open.err)"
 		unopened=$((unopened + 1)); bad=1
 	else
+		times="$times, qcowsetup open $(since "$t0")s"
+		t0=$(vm_uptime)
 		if ! rw-workload verify /tmp/p.log /tmp/orig.raw /dev/mapper/chk >/tmp/verify.out 2>&1; then
 			echo "point $p ($2, $n writes acknowledged), read through qcowsetup:"; cat /tmp/verify.out
 			bad=1
 		fi
+		times="$times, verify $(since "$t0")s"
+		t0=$(vm_uptime)
 		qcowsetup close chk
 	fi
 	umount /mnt/chk
 	dmsetup remove snap
-	echo "point $p ($2, $n writes acknowledged): $times, qcowsetup and verify $(since "$t0")s"
+	echo "point $p ($2, $n writes acknowledged): $times, close $(since "$t0")s"
 	return $bad
 }
 
