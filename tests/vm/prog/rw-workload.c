@@ -1,22 +1,26 @@
 /* VM test tool for read-write mappings (tests/vm/guest/rw.sh).
  *
  *   rw-workload write [--seed N] [--ops N] [--max BYTES] [--flush-every K]
- *                     [--log FILE] [--region OFF:LEN]... DEV [REF]
+ *                     [--log FILE] [--region OFF:LEN]... [--after-flush CMD]
+ *                     DEV [REF]
  *       Seeded random writes of 512 B to --max (4 MiB) bytes, sector
  *       aligned or not (buffered, through the page cache of DEV), to DEV and
  *       (same bytes) to the raw reference REF; an fsync of DEV every K
  *       writes. --region: offsets are drawn from these areas (else the whole
  *       device). With --log, every write is logged (and the log made
  *       durable) before it is issued, and "flushed N" after each successful
- *       fsync of DEV: what a crash test needs. Exits 0, or 1 on the first
- *       failed write or fsync (reported on stderr).
+ *       fsync of DEV: what a crash test needs. --after-flush: "CMD N" runs
+ *       (sh -c) after each successful fsync, N the last write it covered
+ *       (the write log test marks its log there). Exits 0, or 1 on the first
+ *       failed write, fsync or CMD (reported on stderr).
  *   rw-workload verify LOG ORIG DEV
  *       After a crash: ORIG is the device content before the workload (raw),
  *       DEV what is there now. Every byte written by a write up to the last
  *       "flushed" line must hold what the last of those wrote, unless a later
  *       write (logged, maybe not done) touched it; every other byte must be
  *       as in ORIG. Prints the number of flushed writes checked; exits 1 on
- *       a mismatch (first offset reported).
+ *       a mismatch (first offset reported, then a line "lost: N flushed
+ *       writes, N bytes outside them changed").
  * Data of write number i is a function of (seed, i, byte offset). */
 #include <errno.h>
 #include <fcntl.h>
@@ -70,6 +74,22 @@ static uint64_t dev_size(int fd)
 	return fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
 }
 
+/* "CMD N" by the shell; 0 when it exits 0 */
+static int run_after_flush(const char *cmd, uint64_t n)
+{
+	char *line;
+	int r;
+
+	if (asprintf(&line, "%s %" PRIu64, cmd, n) < 0)
+		return -1;
+	fflush(stdout);
+	r = system(line);
+	if (r)
+		fprintf(stderr, "%s: status %d\n", line, r);
+	free(line);
+	return r ? -1 : 0;
+}
+
 struct region {
 	uint64_t off, len;
 };
@@ -79,7 +99,7 @@ static int do_write(int argc, char **argv)
 	uint64_t seed = 1, ops = 100, max = 4 << 20, flush_every = 8, size;
 	struct region regions[32];
 	unsigned int nregions = 0;
-	const char *log_path = NULL;
+	const char *log_path = NULL, *after_flush = NULL;
 	FILE *log = NULL;
 	uint8_t *buf;
 	int fd, ref = -1, i, r;
@@ -95,6 +115,8 @@ static int do_write(int argc, char **argv)
 			flush_every = strtoull(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--log") && i + 1 < argc)
 			log_path = argv[++i];
+		else if (!strcmp(argv[i], "--after-flush") && i + 1 < argc)
+			after_flush = argv[++i];
 		else if (!strcmp(argv[i], "--region") && i + 1 < argc && nregions < 32) {
 			char *c;
 
@@ -186,6 +208,8 @@ static int do_write(int argc, char **argv)
 				if (fflush(log) || fdatasync(fileno(log)))
 					return 1;
 			}
+			if (after_flush && run_after_flush(after_flush, n))
+				return 1;
 		}
 	}
 	if (ref >= 0 && fsync(ref))
@@ -197,6 +221,33 @@ static int do_write(int argc, char **argv)
 struct logw {
 	uint64_t n, off, len;
 };
+
+/* After a mismatch: the flushed writes that do not read back (a byte whose
+ * last flushed writer is that write differs), and the changed bytes that no
+ * write touched. known[] (1: a later write may have touched the byte) gets
+ * bit 2 for the bytes claimed by a flushed write. */
+static void count_lost(const struct logw *w, uint64_t nw, uint64_t flushed, uint64_t size, uint8_t *known,
+		       const uint8_t *expect, const uint8_t *got)
+{
+	uint64_t lost = 0, outside = 0;
+
+	for (uint64_t k = nw; k-- > 0;) {
+		bool bad = false;
+
+		if (w[k].n > flushed || w[k].off + w[k].len > size)
+			continue;
+		for (uint64_t o = w[k].off; o < w[k].off + w[k].len; o++) {
+			if (known[o])
+				continue;
+			known[o] = 2;
+			bad |= expect[o] != got[o];
+		}
+		lost += bad;
+	}
+	for (uint64_t o = 0; o < size; o++)
+		outside += !known[o] && expect[o] != got[o];
+	fprintf(stderr, "lost: %" PRIu64 " flushed writes, %" PRIu64 " bytes outside them changed\n", lost, outside);
+}
 
 static int do_verify(int argc, char **argv)
 {
@@ -261,6 +312,7 @@ static int do_verify(int argc, char **argv)
 		if (!known[o] && expect[o] != got[o]) {
 			fprintf(stderr, "mismatch at byte %" PRIu64 " (%" PRIu64 " flushed writes of %" PRIu64 ")\n", o,
 				flushed, nw);
+			count_lost(w, nw, flushed, size, known, expect, got);
 			return 1;
 		}
 	printf("verified: %" PRIu64 " flushed writes of %" PRIu64 " logged intact\n", checked, nw);
