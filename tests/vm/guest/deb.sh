@@ -84,7 +84,9 @@ vm_test "the installed qcowsetup maps read-write through the installed daemon, w
 
 purge() {
 	dpkg --purge qcowsetup-dracut qcowsetup
-	ls /var/lib/dpkg/info | grep qcowsetup && { echo "dpkg's records of the packages left"; exit 1; }
+	for f in /var/lib/dpkg/info/qcowsetup*; do
+		[ ! -e "$f" ] || { echo "dpkg's records of the packages left: $f"; exit 1; }
+	done
 	dpkg-query -W -f='${Package} ${Status}\n' qcowsetup qcowsetup-dracut 2>&1 |
 		grep ' installed$' && exit 1
 	root_files >/tmp/after
