@@ -1,8 +1,8 @@
 #!/bin/bash
 # Automake test: the Debian package (debian/). Behind QS_DEB=1: the build
-# alone takes about 7 minutes on two busy cores. Builds the packages once
-# with `dpkg-buildpackage -b` from a copy of the tree's files (git ls-files:
-# a clean build, the tree untouched), then checks:
+# alone takes 4 to 7 minutes on two busy cores, the whole test 5 to 11.
+# Builds the packages once with `dpkg-buildpackage -b` from a copy of the
+# tree's files (git ls-files: a clean build, the tree untouched), then checks:
 #   - each package's file list (the list below; udev rules and the systemd
 #     generator where this release's udev and systemd keep theirs);
 #   - qcowsetup's Depends come from the shared libraries it links;
