@@ -43,6 +43,8 @@ struct daemon {
 	volatile bool quit;	/* setup failed: the server must not reconnect */
 	bool top_gone;		/* the top device went away (deferred close) */
 	bool broken;		/* the metadata writer failed: no more remaps */
+	bool suspended;		/* `qcowsetup suspend`: no table swaps (main thread) */
+	int ctl_fd;		/* the control socket (control.c), -1: none */
 
 	/* the stack (remap thread, after setup) */
 	struct dm_stack *stack;
@@ -82,6 +84,16 @@ void daemon_remove_leftovers(struct daemon *d);
 /* The guardian's job once its daemon died: resume the mapping's suspended
  * top and segment devices (a kill between suspend and resume). */
 void daemon_resume_suspended(const char *name, const char *id);
+/* Reload the top device and its segments with the tables they have (so
+ * that they take the limits of the devices under them): 0 or -errno. */
+int daemon_reload_top(struct daemon *d);
 void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
+
+/* control.c: the control socket (src/lib/control.h), main thread only.
+ * open: 0 or -errno (logged; the daemon serves without it). poll: answer
+ * the requests waiting, without blocking for new ones. */
+int daemon_control_open(struct daemon *d);
+void daemon_control_poll(struct daemon *d);
+void daemon_control_close(struct daemon *d);
 
 #endif
