@@ -8,6 +8,7 @@
  * text; it returns 0 or a negative errno (the reply's ERR). */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -106,12 +107,35 @@ static int verb_refresh(struct daemon *d, const struct control_request *req, cha
 	return 0;
 }
 
+/* resize SIZE|+SIZE|-SIZE [shrink] [fail-step=K] (bytes): OK NEW_SIZE */
+static int verb_resize(struct daemon *d, const struct control_request *req, char *text, size_t size)
+{
+	bool shrink = false;
+	uint64_t new_size, k;
+	int fail_step = 0, r;
+
+	for (unsigned int i = 1; i < req->nargs; i++) {
+		if (!strcmp(req->args[i], "shrink"))
+			shrink = true;
+		else if (!strncmp(req->args[i], "fail-step=", 10) && parse_u64(req->args[i] + 10, 0, &k) == 0 &&
+			 k <= 10000)
+			fail_step = (int)k;
+		else
+			return -EINVAL;
+	}
+	r = daemon_resize(d, req->args[0], shrink, fail_step, &new_size);
+	if (!r)
+		snprintf(text, size, "%" PRIu64, new_size);
+	return r;
+}
+
 static const struct verb verbs[] = {
 	{ "ping", 0, 0, verb_ping },
 	{ "state", 0, 0, verb_state },
 	{ "suspend", 0, 0, verb_suspend },
 	{ "resume", 0, 0, verb_resume },
 	{ "refresh", 1, 1, verb_refresh },
+	{ "resize", 1, 3, verb_resize },
 };
 
 int daemon_control_open(struct daemon *d)

@@ -539,6 +539,11 @@ static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
 	return 0;
 }
 
+int daemon_reload_all(struct daemon *d)
+{
+	return remap_round(d, NULL, 0, true);
+}
+
 /* The top device gone without us (`close --deferred`: removed at its last
  * close): end the session ourselves. */
 static void watch_top(struct daemon *d)

@@ -336,6 +336,29 @@ int nbd_reconnect(int index, int sock, const char *backend)
 	return device_command(index, NBD_CMD_RECONFIGURE, sock, backend, what);
 }
 
+int nbd_set_size(int index, uint64_t size, const char *backend)
+{
+	struct nlmsg m;
+	uint16_t family;
+	int fd, r;
+
+	r = nbd_nl(&fd, &family);
+	if (r)
+		return r;
+	msg_init(&m, family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION);
+	r = put_u32(&m, NBD_ATTR_INDEX, (uint32_t)index);
+	if (!r && backend)
+		r = put_str(&m, NBD_ATTR_BACKEND_IDENTIFIER, backend);
+	if (!r)
+		r = put_u64(&m, NBD_ATTR_SIZE_BYTES, size);
+	if (!r)
+		r = transact(fd, &m, NULL);
+	close(fd);
+	if (r)
+		log_err("Cannot give nbd%d a size of %" PRIu64 " bytes: %s.", index, size, strerror(-r));
+	return r;
+}
+
 int nbd_disconnect(int index)
 {
 	char what[32];

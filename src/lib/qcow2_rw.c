@@ -1909,6 +1909,11 @@ int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end)
 	return r;
 }
 
+void qcow2_rw_set_file_limit(struct qcow2_rw *w, uint64_t limit)
+{
+	w->opts.file_limit = limit;
+}
+
 void qcow2_rw_get_stats(const struct qcow2_rw *w, struct qcow2_rw_stats *st)
 {
 	*st = w->st;

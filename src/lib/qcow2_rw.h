@@ -168,6 +168,10 @@ void qcow2_rw_free(struct qcow2_rw *w);
  *   -EROFS, -EIO (a broken writer), -ENOSPC, -ENOMEM, -errno of a write. */
 int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink);
 
+/* New clusters stay below limit bytes of the image file from now on (the
+ * file grew under a live writer); 0: no limit. */
+void qcow2_rw_set_file_limit(struct qcow2_rw *w, uint64_t limit);
+
 /* Split the DATA runs of layer 0 in runs (image_map_chain) by whether their
  * clusters may be written in place (OFLAG_COPIED, not compressed): those get
  * RUN_F_WRITABLE. 0 or -errno. */
