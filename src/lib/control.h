@@ -37,6 +37,12 @@
  *                        segments reloaded with their tables as they are, so
  *                        that they take the new limits of the devices under
  *                        them: OK
+ *   resize SIZE [shrink] [fail-step=K]
+ *                        SIZE in bytes, +N or -N relative; the image and the
+ *                        top device resized (src/daemon/resize.c; smaller
+ *                        only with shrink; K > 0: step K fails, tests):
+ *                        OK NEW_SIZE; ERR EROFS for a read-only mapping,
+ *                        ERR ENOTEMPTY past allocated clusters
  * An unknown verb: ERR EOPNOTSUPP; a bad line or argument count: ERR EINVAL. */
 #ifndef QS_CONTROL_H
 #define QS_CONTROL_H
