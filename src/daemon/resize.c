@@ -107,7 +107,7 @@ static int grow_room(struct daemon *d, uint64_t old, uint64_t new_size)
 		return r;
 	}
 	pthread_mutex_lock(&d->lock);
-	qcow2_rw_set_file_limit(d->rw, target);
+	qcow2_rw_file_grown(d->rw, target);
 	pthread_mutex_unlock(&d->lock);
 	log_verbose("%s: image file grown to %" PRIu64 " bytes", d->o.name, target);
 	return 0;

@@ -1221,6 +1221,20 @@ static void undo_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 			w->broken = true;
 }
 
+/* l2_slot_write with room for `room` queued decrements first: nothing may
+ * write back between an entry update and the decrement it queues. */
+static int l2_slot_for_update(struct qcow2_rw *w, uint64_t l1i, size_t room, struct slot **s)
+{
+	int r;
+
+	if (w->n_deferred + room > DEFERRED_MAX) {
+		r = writeback(w);
+		if (r < 0)
+			return r;
+	}
+	return l2_slot_write(w, l1i, s);
+}
+
 static int link_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 {
 	int r;
@@ -1232,14 +1246,7 @@ static int link_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 
 		if (!p->update)
 			continue;
-		/* room for the decrement first: nothing may write back between
-		 * the entry update and the queued decrement */
-		if (w->n_deferred == DEFERRED_MAX) {
-			r = writeback(w);
-			if (r < 0)
-				return r;
-		}
-		r = l2_slot_write(w, gci >> w->l2_bits, &s);
+		r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
 		if (r < 0)
 			return r;
 		put_be64(s->buf + j * w->l2_esz, p->new_entry);
@@ -1529,12 +1536,7 @@ static int zero_area(struct qcow2_rw *w, uint64_t from, uint64_t to)
 		int r;
 
 		/* room for a copied table's decrement and the entry's */
-		if (w->n_deferred >= DEFERRED_MAX - 1) {
-			r = writeback(w);
-			if (r < 0)
-				return r;
-		}
-		r = l2_slot_write(w, gci >> w->l2_bits, &s);
+		r = l2_slot_for_update(w, gci >> w->l2_bits, 2, &s);
 		if (r < 0)
 			return r;
 		e = get_be64(s->buf + j * w->l2_esz);
@@ -1909,9 +1911,15 @@ int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end)
 	return r;
 }
 
-void qcow2_rw_set_file_limit(struct qcow2_rw *w, uint64_t limit)
+void qcow2_rw_file_grown(struct qcow2_rw *w, uint64_t size)
 {
-	w->opts.file_limit = limit;
+	w->opts.file_limit = size;
+	if (size <= w->meta_size)
+		return;
+	w->meta_size = size;
+	w->img->io.size = size;
+	if (!w->img->has_data_file)
+		w->img->data_io.size = size;
 }
 
 void qcow2_rw_get_stats(const struct qcow2_rw *w, struct qcow2_rw_stats *st)

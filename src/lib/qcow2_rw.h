@@ -168,9 +168,11 @@ void qcow2_rw_free(struct qcow2_rw *w);
  *   -EROFS, -EIO (a broken writer), -ENOSPC, -ENOMEM, -errno of a write. */
 int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink);
 
-/* New clusters stay below limit bytes of the image file from now on (the
- * file grew under a live writer); 0: no limit. */
-void qcow2_rw_set_file_limit(struct qcow2_rw *w, uint64_t limit);
+/* The image file grew to size bytes under a live writer (resize): its
+ * size as the image knows it (img->io.size, and data_io.size when the data
+ * is in the file) and the limit of new clusters (opts.file_limit) become
+ * size. */
+void qcow2_rw_file_grown(struct qcow2_rw *w, uint64_t size);
 
 /* Split the DATA runs of layer 0 in runs (image_map_chain) by whether their
  * clusters may be written in place (OFLAG_COPIED, not compressed): those get
