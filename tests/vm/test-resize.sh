@@ -29,22 +29,22 @@ guest_script resize "$work/share"
 cd "$work/m"
 printf 'correct horse' >pass
 sec=(--object secret,id=s0,file=pass)
-qemu-img create -q -f qcow2 plain.qcow2 64M
+qemu-img create -q -f qcow2 plain.qcow2 16M
 # (PBKDF timing fails now and then on a loaded machine)
 for try in 1 2 3 4 5 6; do
 	qemu-img create -q -f qcow2 "${sec[@]}" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 \
-		luks.qcow2 64M 2>/dev/null && break
+		luks.qcow2 16M 2>/dev/null && break
 	[ $try = 6 ] && { echo "$me: error: cannot create a LUKS image" >&2; exit 99; }
 done
-qemu-img create -q -f raw base.raw 64M
-qemu-io -f raw -c 'write -P 0x41 0 64M' base.raw >/dev/null
-qemu-img create -q -f qcow2 -b base.raw -F raw over.qcow2 32M
+qemu-img create -q -f raw base.raw 24M
+qemu-io -f raw -c 'write -P 0x41 0 24M' base.raw >/dev/null
+qemu-img create -q -f qcow2 -b base.raw -F raw over.qcow2 8M
 qemu-img create -q -f qcow2 small.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x51 0 1M' -c 'write -P 0x52 15M 64k' small.qcow2 >/dev/null
 qemu-img create -q -f qcow2 small2.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x53 0 1M' small2.qcow2 >/dev/null
 cd "$work"
-mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 1G
+mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 256M
 rm -rf "$work/m"
 
 "$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1024 \
