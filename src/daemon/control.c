@@ -126,6 +126,14 @@ static int verb_resize(struct daemon *d, const struct control_request *req, char
 	r = daemon_resize(d, req->args[0], shrink, fail_step, &new_size);
 	if (!r)
 		snprintf(text, size, "%" PRIu64, new_size);
+	else if (r == -ENOTEMPTY)
+		snprintf(text, size, "clusters past the new size are allocated (shrink the filesystem first)");
+	else if (r == -EROFS)
+		snprintf(text, size, "the mapping is read-only");
+	else if (r == -EINVAL)
+		snprintf(text, size, "a positive multiple of 512 bytes; smaller only with --shrink");
+	else if (r == -ERANGE)
+		snprintf(text, size, "the top table's segment devices would change (close and open it)");
 	return r;
 }
 
