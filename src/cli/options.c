@@ -120,7 +120,9 @@ static const struct option_spec options[] = {
 	{ "flatten", 0, CMD(CONVERT), FLAG(flatten), .help = "copy the backing chain's data, no backing file" },
 	{ "force", 0, CMD(FORMAT) | CMD(REMOVE_KEY) | CMD(CONVERT), FLAG(force),
 	  .help = "overwrite an existing destination; remove the last key slot" },
-	{ "debug-fail-step", 0, CMD(OPEN), NUMBER(debug_fail_step, "K"), .max = 10000 },
+	{ "shrink", 0, CMD(RESIZE), FLAG(shrink),
+	  .help = "allow a smaller size (only past unallocated space)" },
+	{ "debug-fail-step", 0, CMD(OPEN) | CMD(RESIZE), NUMBER(debug_fail_step, "K"), .max = 10000 },
 	{ "help", 'h', ALL, FLAG(help), .help = "this help; after a command, the command's" },
 	{ "version", 'V', ALL, FLAG(version), .help = "version" },
 };

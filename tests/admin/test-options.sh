@@ -52,6 +52,7 @@ declare -A want=(
 	[status]="$G --json"
 	[list]="$G --json"
 	[reattach]="$G"
+	[resize]="$G --shrink"
 	[format]="$G $KEYFILE --backing-file $NEWHDR --backing-format --quiet --force"
 	[add-key]="$G $KEYFILE --tries $PBKDF $NEWKEY --key-slot --quiet"
 	[remove-key]="$G $KEYFILE --tries --key-slot --quiet --force"
