@@ -7,9 +7,12 @@
 # metadata writeback (the writer breaks: new clusters and flushes fail for
 # good, status says so), on reads (they fail; the mapping goes on once the
 # fault is lifted), and intermittently under load with table reloads in
-# flight. After each: the file system mounted again, `qemu-img check` finds
-# no corruption and every write acknowledged by a completed flush reads
-# back. Exit: 0 pass, 1 fail, 77 skip.
+# flight. Then no room while the refcount table grows (512-byte clusters):
+# at the end of a block device (the write fails, the mapping goes on) and on
+# a full file system (the writer breaks). After each: the file system
+# mounted again, `qemu-img check` finds no corruption and every write
+# acknowledged by a completed flush reads back. (No room at a plain
+# allocation: test-rw.sh, guest/rw.sh enospc.) Exit: 0 pass, 1 fail, 77 skip.
 set -eu
 me=test-faults
 . "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"

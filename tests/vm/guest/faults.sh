@@ -98,12 +98,17 @@ check_image() {
 # Nothing of a closed mapping left: no dm device but fl, no NBD device
 # connected, no daemon
 mapping_gone() {
-	[ "$(vm_dm_devices)" = fl ] || { echo "dm devices left:"; dmsetup ls; return 1; }
+	case $(vm_dm_devices) in '' | fl) ;; *) echo "dm devices left:"; dmsetup ls; return 1 ;; esac
 	for b in /sys/block/nbd*; do
 		[ ! -e "$b/pid" ] || { echo "${b##*/} still connected"; return 1; }
 	done
 	! ps -o args | grep -v grep | grep -q '@qcowsetup-daemon' || sleep 1
 	! ps -o args | grep -v grep | grep '@qcowsetup-daemon'
+}
+
+# the table swaps of the last `qcowsetup status` (remap rounds meanwhile)
+swaps() {
+	sed -n 's/.*, \([0-9]*\) table swaps.*/\1 table swaps/p' /tmp/status
 }
 
 # Close mapping $1 (the daemon's error at the close is expected).
@@ -223,53 +228,97 @@ flakey_fault() {
 		rw-workload write --seed $seed --ops 200 --max 131072 --flush-every 2 --log /tmp/f.log \
 			--region 2097152:14680064 /dev/mapper/f 2>/tmp/err || rc=$?
 		fault_off
-		echo "seed $seed: $(grep -c '^write' /tmp/f.log) writes, $(grep -c '^flushed' /tmp/f.log) flushes acknowledged, exit $rc: $(tail -n 1 /tmp/err); broken: $(broken f now && echo yes || echo no)"
+		echo "seed $seed: $(grep -c '^write' /tmp/f.log) writes, $(grep -c '^flushed' /tmp/f.log) flushes acknowledged, exit $rc: $(tail -n 1 /tmp/err); broken: $(broken f now && echo yes || echo no); $(swaps)"
 		close_mapping f
 		mapping_gone
 		check_image f$seed.qcow2 /tmp/f.log
 	done
 }
 
-# No room while the refcount table grows: an image of 512-byte clusters
-# (one refcount table cluster covers 8 MiB) written straight on a block
-# device that ends 2 clusters past 8 MiB. Sequential writes, each flushed
-# (fsync), fill it up to the point where the table must grow, and the
-# larger table does not fit: that write fails (no space), the writer is
-# not broken, the close is clean and every completed write is there.
-enospc_reftable() {
-	qemu-img create -q -f qcow2 -o cluster_size=512 /tmp/g.qcow2 64M
-	truncate -s $((8 * 1048576 + 1024)) /tmp/bd.img
-	dd if=/tmp/g.qcow2 of=/tmp/bd.img conv=notrunc 2>/dev/null
-	rm /tmp/g.qcow2
-	bd=$(losetup -f --show /tmp/bd.img)
-	dd if=/dev/urandom of=/tmp/src bs=1M count=12 2>/dev/null
-	qcowsetup open "$bd" g
-	# 7 MiB at once, then 256 KiB at a time, each written and flushed (n:
-	# those that were)
-	dd if=/tmp/src of=/dev/mapper/g bs=262144 count=28 oflag=direct conv=notrunc,fsync 2>/dev/null
-	n=28
-	while [ $n -lt 48 ] && dd if=/tmp/src of=/dev/mapper/g bs=262144 skip=$n seek=$n count=1 \
+# No room while the refcount table grows. Images of 512-byte clusters and
+# 64-bit refcounts: one refcount table cluster covers the first 2 MiB of
+# the file, the table must grow past that. Sequential writes, each flushed
+# (fsync), fill the image until a write fails; every completed write must be
+# there afterwards, and nothing past the failed one changed.
+
+# fill_up DEV: 1.75 MiB at once, then 256 KiB at a time (n: the writes of
+# 256 KiB completed)
+fill_up() {
+	dd if=/dev/urandom of=/tmp/src bs=1M count=4 2>/dev/null
+	dd if=/tmp/src of="$1" bs=262144 count=7 oflag=direct conv=notrunc,fsync 2>/dev/null
+	n=7
+	while [ $n -lt 16 ] && dd if=/tmp/src of="$1" bs=262144 skip=$n seek=$n count=1 \
 		oflag=direct conv=notrunc,fsync 2>/tmp/err; do
 		n=$((n + 1))
 	done
-	echo "$n writes of 256 KiB done, then: $(head -n 1 /tmp/err)"
-	[ $n -lt 48 ] || { echo "the device did not fill up"; return 1; }
+	echo "$n writes of 256 KiB done, then: $(head -n 1 /tmp/err); $(qcowsetup status g >/tmp/status; swaps)"
+	[ $n -lt 16 ] || { echo "the image did not fill up"; return 1; }
+}
+
+# check_filled IMAGE: consistent, the n writes there, zeros past the next
+check_filled() {
+	rc=0
+	qemu-img check -f qcow2 "$1" >/tmp/check.out 2>&1 || rc=$?
+	[ $rc = 0 ] || [ $rc = 3 ] || { cat /tmp/check.out; return 1; }
+	qemu-img convert -f qcow2 -O raw "$1" /tmp/g.raw
+	cmp -n $((n * 262144)) /tmp/src /tmp/g.raw || { echo "completed writes lost"; return 1; }
+	[ "$(tail -c +$(((n + 1) * 262144 + 1)) /tmp/g.raw | tr -d '\000' | wc -c)" = 0 ] ||
+		{ echo "bytes past the failed write changed"; return 1; }
+	rm -f /tmp/src /tmp/g.raw
+}
+
+# On a block device that ends 2 clusters past 2 MiB: the larger table does
+# not fit, the write fails before anything is written (no space), the
+# writer goes on, the close is clean.
+enospc_reftable_device() {
+	qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 /tmp/g.qcow2 64M
+	truncate -s $((2 * 1048576 + 1024)) /tmp/bd.img
+	dd if=/tmp/g.qcow2 of=/tmp/bd.img conv=notrunc 2>/dev/null
+	rm /tmp/g.qcow2
+	bd=$(losetup -f --show /tmp/bd.img)
+	qcowsetup open "$bd" g
+	fill_up /dev/mapper/g
 	grep -q 'no room for a larger refcount table' /tmp/messages ||
 		{ grep qcowsetup /tmp/messages | tail -5; echo "the write did not fail at the refcount table's growth"; return 1; }
 	! broken g now || { echo "no room broke the writer"; return 1; }
 	dd if=/dev/mapper/g of=/dev/null bs=1M iflag=direct 2>/dev/null
 	qcowsetup close g
-	rc=0
-	qemu-img check -f qcow2 "$bd" >/tmp/check.out 2>&1 || rc=$?
-	[ $rc = 0 ] || [ $rc = 3 ] || { cat /tmp/check.out; return 1; }
-	qemu-img convert -f qcow2 -O raw "$bd" /tmp/g.raw
+	check_filled "$bd"
 	losetup -d "$bd"
 	rm -f /tmp/bd.img
-	cmp -n $((n * 262144)) /tmp/src /tmp/g.raw || { echo "completed writes lost"; return 1; }
-	# past the failed write: untouched (zeros)
-	[ "$(tail -c +$(((n + 1) * 262144 + 1)) /tmp/g.raw | tr -d '\000' | wc -c)" = 0 ] ||
-		{ echo "bytes past the failed write changed"; return 1; }
-	rm -f /tmp/src /tmp/g.raw
+	mapping_gone
+}
+
+# On a full file system: the image file has its blocks up to 2 MiB (zeros
+# past the image), the rest of the file system is taken; the larger table
+# is the first write past 2 MiB, and it fails (ENOSPC from ext4): the writer
+# breaks. Room made again, the image is consistent.
+enospc_reftable_fs() {
+	truncate -s 16M /tmp/small.img
+	mkfs.ext4 -q -F -b 1024 /tmp/small.img
+	mkdir -p /mnt/s
+	mount -o loop /tmp/small.img /mnt/s
+	qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 /mnt/s/g.qcow2 64M
+	dd if=/dev/zero of=/mnt/s/g.qcow2 bs=512 seek=$(($(stat -c %s /mnt/s/g.qcow2) / 512)) \
+		count=$((4096 - $(stat -c %s /mnt/s/g.qcow2) / 512)) conv=notrunc 2>/dev/null
+	dd if=/dev/zero of=/mnt/s/filler bs=65536 2>/dev/null || :
+	dd if=/dev/zero of=/mnt/s/filler2 bs=1024 2>/dev/null || :
+	sync
+	qcowsetup open /mnt/s/g.qcow2 g
+	fill_up /dev/mapper/g
+	grep -q 'cannot write metadata at offset 0x200[0-9a-f]*: No space left' /tmp/messages ||
+		{ grep qcowsetup /tmp/messages | tail -5; echo "the refcount table's growth did not meet the full file system"; return 1; }
+	broken g || { cat /tmp/status; echo "status does not show the broken writer"; return 1; }
+	rm /mnt/s/filler /mnt/s/filler2
+	if dd if=/dev/zero of=/dev/mapper/g bs=65536 seek=100 count=1 oflag=direct conv=fsync 2>/dev/null; then
+		echo "a write and its flush succeeded after the writer broke"; return 1
+	fi
+	close_mapping g
+	umount /mnt/s
+	mount -o loop /tmp/small.img /mnt/s
+	check_filled /mnt/s/g.qcow2
+	umount /mnt/s
+	rm -f /tmp/small.img
 	mapping_gone
 }
 
@@ -287,7 +336,8 @@ vm_test "EIO under a workload: the fsync fails, the writer stays broken, the ima
 vm_test "EIO during the timed metadata writeback: the next flush fails, the image is consistent" writeback_fault
 vm_test "EIO on reads: the reads fail, the mapping goes on once the fault is lifted" read_fault
 vm_test "EIO that comes and goes under load: consistent, flushed writes intact" flakey_fault
-vm_test "no room while the refcount table grows (block device): the write fails cleanly, the mapping goes on" enospc_reftable
+vm_test "no room for the larger refcount table on a block device: the write fails cleanly, the mapping goes on" enospc_reftable_device
+vm_test "no room for the larger refcount table on a full file system: the writer breaks, the image is consistent" enospc_reftable_fs
 umount $mnt 2>/dev/null
 dmsetup remove fl 2>/dev/null
 vm_assert_clean >/dev/null || vm_test "no device left" vm_assert_clean
