@@ -61,6 +61,8 @@ int cmd_open(int argc, char **argv)
 	};
 	struct mapping_params p;
 
+	a.po.volume = argv[1];	/* what a key socket is told */
+
 	(void)argc;
 	mapping_params_from_options(&p, argv[0], argv[1]);
 	a.interactive = tools_passphrase_interactive(&a.po);

@@ -68,8 +68,7 @@ static const struct option_spec options[] = {
 	  .help = "pass discards through (read-write: punches holes)" },
 	{ "max-targets", 0, CMD(OPEN) | CMD(OPEN_TAB) | CMD(TABLE), NUMBER(max_targets, "N"), .min = 2, .max = 1048576,
 	  .help = "targets per dm table before segments (default 65536)" },
-	/* map, check and table need no key: they take --key-file and leave it */
-	{ "key-file", 'd', KEY_READERS | CMD(MAP) | CMD(CHECK) | CMD(TABLE), STRING(key_file, "FILE"),
+	{ "key-file", 'd', KEY_READERS, STRING(key_file, "FILE"),
 	  .help = "read the passphrase from FILE (- = stdin)" },
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },
 	{ "keyfile-size", 0, KEY_READERS, SIZE(keyfile_size, "N"), .help = "read at most N bytes of the key file" },

@@ -59,9 +59,9 @@ declare -A want=(
 	[dump-keys]="$G --json"
 	[convert]="$G $KEYFILE --tries --skip-key-check --snapshot --format --trust-names $NEWHDR $NEWKEY --progress --quiet --in-place --flatten --force"
 	[info]="$G --json $IMAGE"
-	[map]="$G --json $IMAGE --key-file"
-	[table]="$G --allow-discards --max-targets $IMAGE --key-file"
-	[check]="$G --json --format --trust-names --data-file --key-file"
+	[map]="$G --json $IMAGE"
+	[table]="$G --allow-discards --max-targets $IMAGE"
+	[check]="$G --json --format --trust-names --data-file"
 	[probe]="$G --qcowtab --udev"
 )
 # a valid value for each option that takes one
