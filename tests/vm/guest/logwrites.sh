@@ -82,6 +82,11 @@ record() {
 	dmsetup message lw 0 mark start
 	# shellcheck disable=SC2086
 	qcowsetup open $key $open_opts "$path" wl
+	if [ -n "$open_opts" ]; then
+		segs=$(vm_dm_devices | grep -c '^wl_s') || :
+		[ "${segs:-0}" -gt 0 ] || { dmsetup ls; echo "the table is not split into segment devices"; return 1; }
+		echo "logwrites $w: the table split into $segs segment devices"
+	fi
 	# shellcheck disable=SC2086
 	rw-workload write --seed "$seed" --ops $ops --max 1048576 --flush-every $flush_every \
 		--log /tmp/w.log --after-flush /tmp/mark.sh $regions /dev/mapper/wl
