@@ -140,6 +140,7 @@ static void print_json(struct json *j, const struct mapping_status *st)
 		json_string(j, "device", dev);
 		json_i64(j, "daemon-pid", st->slow[i].pid);
 		json_bool(j, "running", st->slow[i].running);
+		json_bool(j, "broken", st->broken);
 		json_end_object(j);
 	}
 	json_end_array(j);
@@ -167,6 +168,8 @@ static void print_text(const struct mapping_status *st)
 	if (st->have_stats)
 		printf("  remapped:  %llu MiB to the fast path, %llu table swaps (I/O held p99 %.1f ms, max %.1f ms; reload p99 %.1f ms)\n",
 		       st->remapped_bytes >> 20, st->reloads, st->held_ms_p99, st->held_ms_max, st->round_ms_p99);
+	if (st->broken)
+		printf("  writer:    broken: a metadata write or flush failed (see syslog); writes to new clusters and flushes fail, reads go on\n");
 }
 
 int cmd_status(int argc, char **argv)

@@ -42,7 +42,8 @@ struct daemon {
 	bool stopping;
 	volatile bool quit;	/* setup failed: the server must not reconnect */
 	bool top_gone;		/* the top device went away (deferred close) */
-	bool broken;		/* the metadata writer failed: no more remaps */
+	bool broken;		/* the metadata writer failed: no more writes,
+				 * flushes or remaps (daemon_check_broken) */
 	bool suspended;		/* `qcowsetup suspend`: no table swaps (main thread) */
 	int ctl_fd;		/* the control socket (control.c), -1: none */
 
@@ -54,6 +55,7 @@ struct daemon {
 	bool server_started;
 	int serve_result;	/* daemon_serve's, once stopping is set */
 	uint64_t reloads, remapped_bytes;
+	bool broken_shown;	/* the stats file says broken */
 	/* how long I/O was held: suspend to resume of each device swapped, and
 	 * whole reload rounds, in microseconds (the last 1024 of each) */
 	uint32_t swap_us[1024], round_us[1024];
@@ -73,6 +75,9 @@ void daemon_log_ready(void);
 /* server.c: serve the socket until NBD_CMD_DISC (0), or the connection is
  * lost and cannot be restored (-ECONNRESET). */
 int daemon_serve(struct daemon *d);
+/* With the engine lock held, after the writer worked: set broken (and log
+ * it, once) when a metadata write or flush failed. */
+void daemon_check_broken(struct daemon *d);
 
 /* remap.c: build the stack, create (or, reattached, reload) the top
  * devices; then, until the server stops, move new clusters to the fast

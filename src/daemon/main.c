@@ -303,8 +303,10 @@ static int open_engine(struct daemon *d)
 	d->f.mapped = daemon_mapped;
 	d->f.mapped_opaque = d;
 	file_rw_ops(&d->f, &ops);
+	/* new clusters stay inside the file as extended at open, or inside
+	 * the block device the image is written on (its size is no st_size) */
 	if (fstat(d->f.meta_fd, &st) == 0 && !d->img->has_data_file)
-		o.file_limit = (uint64_t)st.st_size;
+		o.file_limit = S_ISBLK(st.st_mode) ? d->img->io.size : (uint64_t)st.st_size;
 	if (d->img->has_data_file && fstat(d->f.data_fd, &st) == 0 && S_ISREG(st.st_mode))
 		o.data_file_limit = (uint64_t)st.st_size;
 	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
@@ -312,7 +314,7 @@ static int open_engine(struct daemon *d)
 
 		/* the crypt device covers the file as it was at open */
 		if (fstat(d->f.meta_fd, &st) == 0)
-			dev_size = (uint64_t)st.st_size & ~511ULL;
+			dev_size = (S_ISBLK(st.st_mode) ? d->img->io.size : (uint64_t)st.st_size) & ~511ULL;
 		o.file_limit = dev_size;
 	}
 	return qcow2_rw_open(d->img, &ops, &o, &d->rw);

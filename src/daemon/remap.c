@@ -197,6 +197,8 @@ static void write_stats(struct daemon *d)
 	fprintf(f, "reloads=%" PRIu64 "\nremapped_bytes=%" PRIu64 "\n", d->reloads, d->remapped_bytes);
 	fprintf(f, "held_ms_p50=%.2f\nheld_ms_p99=%.2f\nheld_ms_max=%.2f\n", s50, s99, smax);
 	fprintf(f, "round_ms_p50=%.2f\nround_ms_p99=%.2f\nround_ms_max=%.2f\n", r50, r99, rmax);
+	if (d->broken_shown)
+		fprintf(f, "broken=1\n");
 	if (fclose(f) == 0)
 		rename(tmp, path);
 	else
@@ -672,7 +674,7 @@ void daemon_remap_loop(struct daemon *d)
 		struct timespec ts;
 		struct remap *q;
 		size_t n;
-		bool rescan;
+		bool rescan, broken;
 		int r;
 
 		clock_gettime(CLOCK_REALTIME, &ts);
@@ -692,11 +694,13 @@ void daemon_remap_loop(struct daemon *d)
 			daemon_control_poll(d);
 			continue;
 		}
-		if (d->rw && qcow2_rw_has_pending(d->rw)) {
+		if (d->rw && !d->broken && qcow2_rw_has_pending(d->rw)) {
 			r = qcow2_rw_writeback(d->rw);
 			if (r)
 				log_err("%s: metadata writeback failed: %s.", d->o.name, strerror(-r));
+			daemon_check_broken(d);
 		}
+		broken = d->broken;
 		q = d->queue;
 		n = d->nqueue;
 		rescan = d->queue_overflow;
@@ -705,6 +709,10 @@ void daemon_remap_loop(struct daemon *d)
 		d->nqueue = 0;
 		d->queue_overflow = false;
 		pthread_mutex_unlock(&d->lock);
+		if (broken && !d->broken_shown) {
+			d->broken_shown = true;
+			write_stats(d);
+		}
 		if (++ticks * d->o.flush_interval_ms >= 1000) {
 			ticks = 0;
 			watch_top(d);

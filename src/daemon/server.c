@@ -100,6 +100,19 @@ static void log_failure(struct daemon *d, const char *what, const struct nbd_req
 	logged++;
 }
 
+/* After the writer worked (engine lock held): the first time a metadata
+ * write or flush failed, say what that means. From then on the writer
+ * refuses writes and flushes, so nothing is acknowledged that might not be
+ * durable; status shows it (remap.c writes it into the stats file). */
+void daemon_check_broken(struct daemon *d)
+{
+	if (d->broken || !d->rw || !qcow2_rw_is_broken(d->rw))
+		return;
+	d->broken = true;
+	log_err("%s: the image's metadata could not be written: writes to new clusters and flushes fail from now on, reads go on; close the mapping and run `qemu-img check` on %s.",
+		d->o.name, d->o.image);
+}
+
 /* A new socket for the NBD device after the kernel shut ours down (a request
  * timed out). Fails when the device is being disconnected. */
 static int reconnect(struct daemon *d)
@@ -155,6 +168,7 @@ static int handle(struct daemon *d, const struct nbd_req *req)
 		r = qcow2_rw_write(d->rw, d->buf, req->len, req->from);
 		if (r == 0 && req->fua)
 			r = qcow2_rw_flush(d->rw);
+		daemon_check_broken(d);
 		pthread_mutex_unlock(&d->lock);
 		if (r)
 			log_failure(d, req->fua ? "write (FUA)" : "write", req, r);
@@ -163,6 +177,7 @@ static int handle(struct daemon *d, const struct nbd_req *req)
 		pthread_mutex_lock(&d->lock);
 		if (d->rw)
 			r = qcow2_rw_flush(d->rw);
+		daemon_check_broken(d);
 		pthread_mutex_unlock(&d->lock);
 		if (r)
 			log_failure(d, "flush", req, r);

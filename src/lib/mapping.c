@@ -1227,6 +1227,10 @@ static void read_daemon_stats(const char *name, struct mapping_status *st)
 		return;
 	st->have_stats = true;
 	while (fgets(line, sizeof(line), f)) {
+		if (!strcmp(line, "broken=1\n")) {
+			st->broken = true;
+			continue;
+		}
 		if (sscanf(line, "reloads=%llu", &st->reloads) == 1 ||
 		    sscanf(line, "remapped_bytes=%llu", &st->remapped_bytes) == 1)
 			continue;

@@ -84,6 +84,7 @@ struct mapping_status {
 	bool have_stats;		/* the daemon's table-swap statistics */
 	unsigned long long reloads, remapped_bytes;
 	double held_ms_p99, held_ms_max, round_ms_p99;
+	bool broken;			/* the daemon's metadata writer failed */
 };
 
 /* Status of NAME. 0, -ENODEV (no such qcowsetup mapping), -errno. */

@@ -1437,6 +1437,11 @@ bool qcow2_rw_has_pending(const struct qcow2_rw *w)
 				      cache_has_dirty(&w->rbc));
 }
 
+bool qcow2_rw_is_broken(const struct qcow2_rw *w)
+{
+	return w->broken;
+}
+
 int qcow2_rw_flush(struct qcow2_rw *w)
 {
 	int r;

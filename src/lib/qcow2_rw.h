@@ -140,6 +140,11 @@ int qcow2_rw_writeback(struct qcow2_rw *w);
 int qcow2_rw_flush(struct qcow2_rw *w);
 /* Whether writeback has something to do (metadata or mappings pending). */
 bool qcow2_rw_has_pending(const struct qcow2_rw *w);
+/* Whether a metadata write or a flush failed (an I/O error, no room): the
+ * writer then refuses writes and flushes (-EIO) for good, since what it
+ * wrote since the last completed flush may not have reached the disk;
+ * reads go on. */
+bool qcow2_rw_is_broken(const struct qcow2_rw *w);
 
 /* Flush and end the read-write session: the dirty bit set for lazy
  * refcounts is cleared. *used_end (may be NULL): end of the last cluster

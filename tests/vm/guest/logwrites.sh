@@ -5,7 +5,9 @@
 # scratch disk (all zeros); /host holds the images (made on the host) and
 # the passphrase.
 #   record   /dev/mapper/lw (dm-log-writes: vda, its log on vdb) gets an ext4
-#            filesystem and the workload's image; the log is marked "start",
+#            filesystem and the workload's image (blockdev: no filesystem,
+#            the image written straight on an 'LV', a dm-linear device 1 MiB
+#            into lw); the log is marked "start",
 #            then rw-workload writes through qcowsetup and marks
 #            "flushed-N" after each fsync of the mapped device that
 #            acknowledged writes 1..N; close, mark "closed", unmount.
@@ -24,7 +26,7 @@ w=$1 seed=$2 full=${3:-}
 syslogd -O /tmp/messages 2>/dev/null || :
 modprobe -q dm-crypt 2>/dev/null; modprobe -q nbd 2>/dev/null
 sec="--object secret,id=s0,file=/host/pass"
-ops=24 flush_every=4 regions=''
+ops=24 flush_every=4 regions='' dev='' open_opts=''
 # (16 MiB images: reading them back through dm-crypt under TCG is what costs)
 case $w in
 luks)	img=luks.qcow2 key="--key-file /host/pass"
@@ -35,39 +37,62 @@ lazy)	img=lazy.qcow2 key=''
 	regions="--region 0:4194304 --region 8388608:8388608" ;;
 compressed)	img=compressed.qcow2 key=''	# compressed clusters rewritten
 	regions="--region 0:6291456" ;;
+blockdev)	img=luks.qcow2 key="--key-file /host/pass" dev=1
+	regions="--region 0:4194304 --region 8388608:4194304" ;;
+segmented)	img=segmented.qcow2 key=''	# 129 runs, at most 16 targets a table
+	open_opts="--max-targets 16"
+	regions="--region 0:8388608 --region 8388608:4194304" ;;
 *)	echo "unknown workload $w"; exit 2 ;;
 esac
 [ -z "$full" ] || ops=48
 
 img_opts() {	# image path: qemu-img arguments
-	case $1 in
-	*luks*) echo "$sec --image-opts driver=qcow2,file.filename=$1,encrypt.key-secret=s0" ;;
+	proto=''
+	case $1 in /dev/*) proto=,file.driver=host_device ;; esac
+	case $img in
+	*luks*) echo "$sec --image-opts driver=qcow2$proto,file.filename=$1,encrypt.key-secret=s0" ;;
 	*) echo "-f qcow2 $1" ;;
 	esac
+}
+
+lv_table() {	# the 'LV' on device $1: 32 MiB from 1 MiB on
+	echo "0 65536 linear $1 2048"
 }
 
 record() {
 	modprobe dm-log-writes && modprobe dm-snapshot || { echo "no dm-log-writes or dm-snapshot"; exit 77; }
 	dmsetup create lw --table "0 $(blockdev --getsz /dev/vda) log-writes /dev/vda /dev/vdb"
-	mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/lw
-	mkdir -p /mnt/lw
-	mount -t ext4 /dev/mapper/lw /mnt/lw
-	cp "/host/$img" /mnt/lw/
-	[ "$w" != overlay ] || cp /host/base.raw /mnt/lw/
-	sync
+	if [ -n "$dev" ]; then
+		dmsetup create lv --table "$(lv_table /dev/mapper/lw)"
+		dd if="/host/$img" of=/dev/mapper/lv bs=1M conv=fsync 2>/dev/null
+		path=/dev/mapper/lv
+	else
+		mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/lw
+		mkdir -p /mnt/lw
+		mount -t ext4 /dev/mapper/lw /mnt/lw
+		cp "/host/$img" /mnt/lw/
+		[ "$w" != overlay ] || cp /host/base.raw /mnt/lw/
+		sync
+		path=/mnt/lw/$img
+	fi
 	# shellcheck disable=SC2046
-	qemu-img convert $(img_opts "/mnt/lw/$img") -O raw /tmp/orig.raw
+	qemu-img convert $(img_opts "$path") -O raw /tmp/orig.raw
 	printf '#!/bin/sh\nexec dmsetup message lw 0 mark "flushed-$1"\n' >/tmp/mark.sh
 	chmod +x /tmp/mark.sh
 	dmsetup message lw 0 mark start
 	# shellcheck disable=SC2086
-	qcowsetup open $key "/mnt/lw/$img" wl
+	qcowsetup open $key $open_opts "$path" wl
+	if [ -n "$open_opts" ]; then
+		segs=$(vm_dm_devices | grep -c '^wl_s') || :
+		[ "${segs:-0}" -gt 0 ] || { dmsetup ls; echo "the table is not split into segment devices"; return 1; }
+		echo "logwrites $w: the table split into $segs segment devices"
+	fi
 	# shellcheck disable=SC2086
 	rw-workload write --seed "$seed" --ops $ops --max 1048576 --flush-every $flush_every \
 		--log /tmp/w.log --after-flush /tmp/mark.sh $regions /dev/mapper/wl
 	qcowsetup close wl
 	dmsetup message lw 0 mark closed
-	umount /mnt/lw
+	if [ -n "$dev" ]; then dmsetup remove lv; else umount /mnt/lw; fi
 	dmsetup remove lw
 	log-replay list /dev/vdb >/tmp/entries
 	grep -q ' M .* start$' /tmp/entries || { echo "no start mark in the log"; return 1; }
@@ -110,11 +135,16 @@ check_point() {	# index kind promised: 0, or 1 with the reason printed
 	t0=$(vm_uptime)
 	dmsetup create snap --table "0 $(blockdev --getsz /dev/vdc) snapshot /dev/vdc $cow N 8"
 	mkdir -p /mnt/chk
-	if ! mount -t ext4 /dev/mapper/snap /mnt/chk 2>/tmp/mount.err; then
+	if [ -n "$dev" ]; then
+		dmsetup create chklv --table "$(lv_table /dev/mapper/snap)"
+		path=/dev/mapper/chklv
+	elif ! mount -t ext4 /dev/mapper/snap /mnt/chk 2>/tmp/mount.err; then
 		echo "point $p ($2): the filesystem does not mount: $(cat /tmp/mount.err)"
 		dmsetup remove snap
 		corrupt=$((corrupt + 1))
 		return 1
+	else
+		path=/mnt/chk/$img
 	fi
 	bad=0
 	rc=0
@@ -122,15 +152,15 @@ check_point() {	# index kind promised: 0, or 1 with the reason printed
 	t0=$(vm_uptime)
 	# a lazy-refcounts image left dirty: its refcounts are rebuilt first,
 	# as QEMU does when it opens it read-write
-	dirty=$(od -An -tu1 -j 79 -N 1 "/mnt/chk/$img" | tr -d ' ')
+	dirty=$(od -An -tu1 -j 79 -N 1 "$path" | tr -d ' ')
 	if [ $((dirty % 2)) = 1 ]; then
 		dirties=$((dirties + 1))
 		# shellcheck disable=SC2046
-		qemu-img check -r all $(img_opts "/mnt/chk/$img") >/tmp/check.out 2>&1 ||
+		qemu-img check -r all $(img_opts "$path") >/tmp/check.out 2>&1 ||
 			{ echo "point $p ($2): qemu-img check -r all of the dirty image failed"; cat /tmp/check.out; }
 	fi
 	# shellcheck disable=SC2046
-	qemu-img check $(img_opts "/mnt/chk/$img") >/tmp/check.out 2>&1 || rc=$?
+	qemu-img check $(img_opts "$path") >/tmp/check.out 2>&1 || rc=$?
 	case $rc in
 	0) ;;
 	3) leaky=$((leaky + 1)) ;;
@@ -141,7 +171,7 @@ check_point() {	# index kind promised: 0, or 1 with the reason printed
 	# the workload's log as it stood when write n was the last acknowledged
 	awk -v n="$n" '!/^flushed / || $2 <= n' /tmp/w.log >/tmp/p.log
 	# shellcheck disable=SC2046
-	if ! qemu-img convert $(img_opts "/mnt/chk/$img") -O raw /tmp/p.raw 2>/tmp/convert.err; then
+	if ! qemu-img convert $(img_opts "$path") -O raw /tmp/p.raw 2>/tmp/convert.err; then
 		echo "point $p ($2): QEMU cannot read the image: $(cat /tmp/convert.err)"
 		corrupt=$((corrupt + 1)); bad=1
 	elif ! rw-workload verify /tmp/p.log /tmp/orig.raw /tmp/p.raw >/tmp/verify.out 2>&1; then
@@ -153,7 +183,7 @@ check_point() {	# index kind promised: 0, or 1 with the reason printed
 	times="$times, convert and verify $(since "$t0")s"
 	t0=$(vm_uptime)
 	# shellcheck disable=SC2086
-	if ! qcowsetup open --readonly $key "/mnt/chk/$img" chk 2>/tmp/open.err; then
+	if ! qcowsetup open --readonly $key $open_opts "$path" chk 2>/tmp/open.err; then
 		echo "point $p ($2): qcowsetup cannot open the image read-only: $(cat /tmp/open.err)"
 		unopened=$((unopened + 1)); bad=1
 	else
@@ -167,7 +197,7 @@ check_point() {	# index kind promised: 0, or 1 with the reason printed
 		t0=$(vm_uptime)
 		qcowsetup close chk
 	fi
-	umount /mnt/chk
+	if [ -n "$dev" ]; then dmsetup remove chklv; else umount /mnt/chk; fi
 	dmsetup remove snap
 	echo "point $p ($2, $n writes acknowledged): $times, close $(since "$t0")s"
 	return $bad
