@@ -80,6 +80,9 @@ void daemon_log_ready(void);
  * NULL: no memory); the main thread's stack touched depth bytes down. */
 void daemon_memory_setup(void);
 int daemon_lock_resident(void);
+/* The guardian's: all of it when its files may sit on a mapping (it
+ * resumes suspended devices), else nothing (0 or -errno). */
+int daemon_lock_guardian(void);
 void *daemon_alloc_stack(size_t size);
 void daemon_prefault_stack(size_t depth);
 

@@ -48,6 +48,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -77,28 +78,19 @@ static bool dir_is_empty(const char *path)
 	return empty;
 }
 
-/* Whether reading a page of the file mapped at [start, end) (on device
- * maj:min) may wait for a device-mapper, loop, NBD or md device. */
-static bool may_need_mapping(uintptr_t start, uintptr_t end, unsigned int maj, unsigned int min)
+/* Whether reading a page of the file open on fd may wait for a
+ * device-mapper, loop, NBD or md device. */
+static bool may_need_mapping(int fd)
 {
 	char path[128], real[PATH_MAX], *name;
 	struct statfs sf;
 	struct stat st;
-	int fd;
 
-	/* the file itself, also when deleted (the initramfs after switch_root) */
-	snprintf(path, sizeof(path), "/proc/self/map_files/%" PRIxPTR "-%" PRIxPTR, start, end);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd >= 0) {
-		int r = fstatfs(fd, &sf);
-
-		close(fd);
-		if (r == 0 && (sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC))
-			return false;
-	}
-	if (maj == 0)
+	if (fstatfs(fd, &sf) == 0 && (sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC))
+		return false;
+	if (fstat(fd, &st) < 0 || major(st.st_dev) == 0)
 		return true;
-	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u", maj, min);
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u", major(st.st_dev), minor(st.st_dev));
 	if (!realpath(path, real))
 		return true;
 	snprintf(path, sizeof(path), "%.100s/partition", real);
@@ -109,6 +101,23 @@ static bool may_need_mapping(uintptr_t start, uintptr_t end, unsigned int maj, u
 		return true;
 	snprintf(path, sizeof(path), "%.100s/slaves", real);
 	return !dir_is_empty(path);
+}
+
+/* The same for the file mapped at [start, end), also when it was deleted
+ * (the initramfs after switch_root). */
+static bool mapped_file_may_need_mapping(uintptr_t start, uintptr_t end)
+{
+	char path[96];
+	bool r;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/self/map_files/%" PRIxPTR "-%" PRIxPTR, start, end);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return true;
+	r = may_need_mapping(fd);
+	close(fd);
+	return r;
 }
 
 /* mlock the runs of [start, end) that hold anonymous memory: present and
@@ -160,17 +169,15 @@ int daemon_lock_resident(void)
 	}
 	while (fgets(line, sizeof(line), maps)) {
 		uintptr_t start, end;
-		unsigned int maj, min;
 		unsigned long ino;
 		char perms[8];
 
-		if (sscanf(line, "%" SCNxPTR "-%" SCNxPTR " %7s %*s %x:%x %lu", &start, &end, perms, &maj, &min,
-			   &ino) < 6)
+		if (sscanf(line, "%" SCNxPTR "-%" SCNxPTR " %7s %*s %*s %lu", &start, &end, perms, &ino) < 4)
 			continue;
 		/* no access (guard pages, reservations) or the kernel's ([vdso]) */
 		if (perms[0] != 'r' || strstr(line, " [v"))
 			continue;
-		if (ino && may_need_mapping(start, end, maj, min)) {
+		if (ino && mapped_file_may_need_mapping(start, end)) {
 			if (mlock((void *)start, end - start) == 0)
 				files += end - start;
 			else
@@ -191,6 +198,20 @@ out:
 	if (r)
 		log_std("Cannot lock the daemon in memory: %s.", strerror(-r));
 	return r;
+}
+
+int daemon_lock_guardian(void)
+{
+	int fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+	bool need = fd < 0 || may_need_mapping(fd);
+
+	if (fd >= 0)
+		close(fd);
+	if (need && mlockall(MCL_CURRENT | MCL_FUTURE) < 0) {
+		log_std("Cannot lock the guardian in memory: %s.", strerror(errno));
+		return -errno;
+	}
+	return 0;
 }
 
 /* Touch the main thread's stack down to depth bytes below here. */

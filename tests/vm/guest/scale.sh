@@ -64,7 +64,6 @@ mem() {	# n [procs]
 	done < <(daemons)
 	echo "MEM $1 $procs $lck $rss"
 	[ -z "${2:-}" ] || smaps "$(daemons | awk '$2 == "daemon" { print $1; exit }')"
-	last_procs=$procs last_lck=$lck last_rss=$rss
 }
 
 open_all() {
@@ -97,7 +96,15 @@ close_all() {
 	done
 }
 
+# (vm_test runs each test in a subshell: the open's output is kept in a file)
+opened() {
+	cat /tmp/scale.out
+	! grep -q '^ERROR' /tmp/scale.out
+}
+
 budgets() {
+	read -r _ _ last_procs last_lck last_rss < <(grep '^MEM' /tmp/scale.out | tail -n 1)
+	grep -E '^(PROC|SMAPS)' /tmp/scale.out
 	echo "$n mappings: $last_procs processes, $((last_lck / n)) KiB locked and $((last_rss / n)) KiB RSS per mapping"
 	[ "$last_procs" -le $((2 * n)) ] || { echo "more than 2 processes per mapping"; return 1; }
 	[ $((last_lck / n)) -le "$max_lck" ] || { echo "locked: over $max_lck KiB per mapping"; return 1; }
@@ -120,7 +127,8 @@ if [ -z "$max_lck" ]; then
 	open_all && close_all
 	exit
 fi
-vm_test "$n read-write mappings opened (LUKS and unencrypted) and written" open_all
+open_all >/tmp/scale.out 2>&1
+vm_test "$n read-write mappings opened (LUKS and unencrypted) and written" opened
 vm_test "per mapping: locked <= $max_lck KiB, RSS <= $max_rss KiB, at most 2 processes" budgets
 vm_test "$n mappings closed" close_all
 vm_test "the images are clean (qemu-img check)" images_clean
