@@ -15,8 +15,14 @@
 #include "qcow2_rw.h"
 #include "runs.h"
 
-#define DAEMON_REMAP_QUEUE	65536
-#define DAEMON_BUF_SIZE		(4U << 20)	/* largest request (the daemon sets max_sectors_kb) */
+/* What one mapping's daemon keeps locked (see memlock.c): ~3 MiB at 64 KiB
+ * clusters. */
+#define DAEMON_REMAP_QUEUE	4096	/* new mappings between remap rounds (more: a rescan) */
+/* Largest request (the daemon sets max_sectors_kb; the top device inherits
+ * the smallest limit below it, and a loop device allows 1280 KiB anyway) */
+#define DAEMON_BUF_SIZE		(1U << 20)
+#define DAEMON_CACHE_BYTES	(1U << 20)	/* L2 tables and refcount blocks (at least 8 clusters) */
+#define DAEMON_STACK_SIZE	(256U << 10)	/* the server thread's, locked */
 
 struct remap {
 	uint64_t guest, len, host;
@@ -71,6 +77,18 @@ struct daemon {
 
 /* main.c */
 void daemon_log_ready(void);
+
+/* memlock.c: malloc's settings (before any allocation or thread); the lock
+ * of what the I/O path needs, once the mapping is up (0 or -errno); a
+ * stack for a thread, every page present (size bytes above a guard page,
+ * NULL: no memory); the main thread's stack touched depth bytes down. */
+void daemon_memory_setup(void);
+int daemon_lock_resident(void);
+/* The guardian's: all of it when its files may sit on a mapping (it
+ * resumes suspended devices), else nothing (0 or -errno). */
+int daemon_lock_guardian(void);
+void *daemon_alloc_stack(size_t size);
+void daemon_prefault_stack(size_t depth);
 
 /* server.c: serve the socket until NBD_CMD_DISC (0), or the connection is
  * lost and cannot be restored (-ECONNRESET). */
