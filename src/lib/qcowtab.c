@@ -311,8 +311,11 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 			e->allow_unencrypted = true;
 		else if (IS("trust-names"))
 			e->trust_names = true;
+		else if (IS("clevis"))
+			e->clevis = true;
 		else if (IS("tries") || IS("timeout") || IS("keyfile-offset") || IS("keyfile-size") ||
-			 IS("snapshot") || IS("format")) {
+			 IS("snapshot") || IS("format") ||
+			 IS("token-timeout")) {
 			report(fn, opaque, QCOWTAB_ERROR, e->line, "option %s needs a value (%s=...)", o, o);
 			return -EINVAL;
 		} else if (!strncmp(o, "x-", 2) || IS("auto") || IS("rw") || IS("luks"))
@@ -327,6 +330,9 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 		e->tries = (unsigned int)v;
 	} else if (IS("timeout")) {
 		if (parse_seconds(val, &e->timeout))
+			goto bad;
+	} else if (IS("token-timeout")) {
+		if (parse_seconds(val, &e->token_timeout))
 			goto bad;
 	} else if (IS("x-systemd.device-timeout")) {
 		if (parse_seconds(val, &e->device_timeout))
