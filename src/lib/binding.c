@@ -62,17 +62,6 @@ const struct binding *binding_find(const struct binding_set *s, unsigned int slo
 	return NULL;
 }
 
-static char *dup_n(const char *p, size_t n)
-{
-	char *s = malloc(n + 1);
-
-	if (s) {
-		memcpy(s, p, n);
-		s[n] = '\0';
-	}
-	return s;
-}
-
 /* Insert in slot order; the fields are already checked. */
 static int insert(struct binding_set *s, unsigned int slot, const char *pin, size_t pin_len, const char *config,
 		  size_t config_len, const char *jwe, size_t jwe_len)
@@ -84,8 +73,9 @@ static int insert(struct binding_set *s, unsigned int slot, const char *pin, siz
 		return -EUCLEAN;
 	memcpy(b.pin, pin, pin_len);
 	b.pin[pin_len] = '\0';
-	b.config = dup_n(config, config_len);
-	b.jwe = dup_n(jwe, jwe_len);
+	/* checked: no NUL inside */
+	b.config = strndup(config, config_len);
+	b.jwe = strndup(jwe, jwe_len);
 	if (!b.config || !b.jwe) {
 		free(b.config);
 		free(b.jwe);

@@ -23,10 +23,8 @@ need qemu-img qemu-io clevis socat python3 jq
 [ -x /usr/libexec/tangd ] && [ -x /usr/libexec/tangd-keygen ] || skip_test "tang (tangd) not installed"
 need_qcowsetup 1
 make_work
-WORK=$work
-cd "$WORK" || exit 1
-ulimit -c 0
-check_log=log
+cd "$work" || exit 1
+WORK=$work check_log=log
 FAST=(--pbkdf-force-iterations 1000)
 Q() { "$QCOWSETUP" "$@"; }
 not() { ! "$@"; }
