@@ -184,6 +184,18 @@ else
 	skipped "tpm2 bindings (no swtpm or tpm2-tools)"
 fi
 
+# ---- dracut: clevis and the pins, only for clevis entries ----
+# pins_for OPTIONS: the pins 90qcowsetup would install for an entry of $img
+pins_for() {
+	printf 'root %s none %s\n' "$WORK/$img" "$1" >tab
+	QCOWSETUP_QCOWTAB=$WORK/tab QCOWSETUP_BINARY=$QCOWSETUP bash -c \
+		". '$top/dracut/90qcowsetup/module-setup.sh'; _qcowsetup_clevis_pins | tr '\n' ' '; depends | grep -c network"
+}
+want_pins="tang 1"
+[ "$have_tpm" = 1 ] && want_pins="sss tang tpm2 1"
+check "dracut: the pins of the bindings (and the network for tang)" test "$(pins_for clevis,x-initrd.attach)" = "$want_pins"
+check "dracut: nothing of clevis without the option" test "$(pins_for x-initrd.attach)" = 0
+
 # ---- unbind ----
 refuse "unbind a slot without a binding" 1 Q unbind --key-file k1 $img 0
 check "unbind the tang binding" Q unbind -q --key-file k1 $img 1
