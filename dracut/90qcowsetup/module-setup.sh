@@ -109,6 +109,28 @@ _qcowsetup_daemon() {
     done
 }
 
+# The files of the systemd credentials the entries on stdin load
+# (load-credential=ID[:PATH], load-credential-encrypted=ID[:PATH]): PATH, or
+# the credential store file systemd looks in without one. With systemd in the
+# initramfs the units load them from there (qcowtab(5)).
+_qcowsetup_credential_files() {
+    local _name _image _key _options _o _id _path _store
+    while read -r _name _image _key _options; do
+        IFS=, read -ra _o <<< "$_options"
+        for _o in "${_o[@]}"; do
+            case $_o in
+                load-credential=*) _store=credstore ;;
+                load-credential-encrypted=*) _store=credstore.encrypted ;;
+                *) continue ;;
+            esac
+            _id=${_o#*=}
+            _path=
+            [[ $_id == *:* ]] && _path=${_id#*:} _id=${_id%%:*}
+            echo "${_path:-/etc/$_store/$_id}"
+        done
+    done
+}
+
 # called by dracut
 check() {
     local _dev
@@ -180,7 +202,7 @@ _qcowsetup_install_clevis() {
 
 # called by dracut
 install() {
-    local _entries _bin _daemon
+    local _entries _bin _daemon _cred
     if [[ $QCOWSETUP_BINARY ]]; then
         _bin=/usr/sbin/qcowsetup
         inst_binary "$QCOWSETUP_BINARY" "$_bin"
@@ -223,6 +245,16 @@ install() {
         printf '%s\n' "$_entries" > "$initdir/etc/qcowtab"
         chmod 0644 "$initdir/etc/qcowtab"
         [[ $hostonly ]] && mark_hostonly /etc/qcowtab
+        while read -r _cred; do
+            if ! dracut_module_included "systemd"; then
+                dwarn "qcowsetup: $_cred: credentials need systemd in the initramfs; the entry will ask instead"
+            elif [[ -f $dracutsysrootdir$_cred ]]; then
+                inst_simple "$dracutsysrootdir$_cred" "$_cred"
+                [[ $hostonly ]] && mark_hostonly "$_cred"
+            else
+                dwarn "qcowsetup: no credential $_cred to put into the initramfs"
+            fi
+        done < <(printf '%s\n' "$_entries" | _qcowsetup_credential_files)
     fi
     dracut_need_initqueue
 }

@@ -1,4 +1,4 @@
-/* qcowsetup open / close / status / list / reattach: the command line over
+/* qcowsetup open / close / status / list / reattach / resize: the command line over
  * the mapping lifecycle of lib/mapping.c (passphrases from --key-file or
  * the terminal, output as text or JSON). */
 #include <errno.h>
@@ -11,6 +11,7 @@
 #include "mapping.h"
 #include "passphrase.h"
 #include "qcowsetup.h"
+#include "util.h"
 
 /* Passphrases as cryptsetup reads them: a key file once, the terminal up
  * to --tries times for each encrypted layer. */
@@ -61,6 +62,8 @@ int cmd_open(int argc, char **argv)
 	};
 	struct mapping_params p;
 
+	a.po.volume = argv[1];	/* what a key socket is told */
+
 	(void)argc;
 	mapping_params_from_options(&p, argv[0], argv[1]);
 	a.interactive = tools_passphrase_interactive(&a.po);
@@ -79,6 +82,38 @@ int cmd_reattach(int argc, char **argv)
 {
 	(void)argc;
 	return mapping_reattach(argv[0], opt.debug);
+}
+
+/* SIZE, +SIZE or -SIZE, as qemu-img resize: bytes or with K, M, G, T
+ * (powers of 1024); a multiple of 512. */
+int cmd_resize(int argc, char **argv)
+{
+	struct mapping_resize_params p = {
+		.name = argv[0],
+		.shrink = opt.shrink,
+		.fail_step = opt.debug_fail_step,
+	};
+	const char *s = argv[1];
+	uint64_t new_size;
+	int r;
+
+	(void)argc;
+	if (*s == '+' || *s == '-')
+		p.relative = *s++ == '+' ? 1 : -1;
+	if (parse_u64(s, PARSE_SIZE, &p.size) < 0 || !p.size || p.size % 512) {
+		log_err("qcowsetup: invalid size %s (a multiple of 512 bytes, or with K, M, G, T; +SIZE, -SIZE relative).",
+			argv[1]);
+		return -EINVAL;
+	}
+	if (p.relative < 0 && !p.shrink) {
+		log_err("qcowsetup: -%s shrinks %s: that takes --shrink.", s, p.name);
+		return -EINVAL;
+	}
+	r = mapping_resize(&p, &new_size);
+	if (r == 0)
+		log_verbose("/dev/mapper/%s: %llu bytes.", p.name, (unsigned long long)new_size);
+	mapping_release();
+	return r;
 }
 
 static void print_json(struct json *j, const struct mapping_status *st)

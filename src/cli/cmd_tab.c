@@ -108,18 +108,19 @@ static int open_entry(struct tab_run *t, const struct qcowtab_entry *e)
 	default:
 		return -EINVAL;
 	}
-	switch (e->key.source) {
-	case QCOWTAB_PATH_ONLY:
+	/* keyfile-timeout=: wait that long for the key file, then ask */
+	if (e->key.source != QCOWTAB_NONE && e->keyfile_optional &&
+	    tab_wait_key_location(&e->key, e->keyfile_timeout) < 0) {
+		log_std("%s: no key file after %u s (keyfile-timeout): going on without it.", e->name, e->keyfile_timeout);
+	} else if (e->key.source == QCOWTAB_PATH_ONLY) {
 		key_file = e->key.path;
-		break;
-	case QCOWTAB_TAG_PATH:
+	} else if (e->key.source == QCOWTAB_TAG_PATH) {
 		r = tab_mount_location(&e->key, KEY_MOUNT_DIR, false, &key_mount, key, sizeof(key));
-		if (r)
+		if (r && !e->keyfile_optional)
 			goto out;
-		key_file = key;
-		break;
-	default:
-		break;
+		if (r)
+			log_std("%s: the key file's filesystem cannot be used (keyfile-timeout): going on without it.", e->name);
+		key_file = r ? NULL : key;
 	}
 	log_verbose("%s: mapping %s%s%s.", e->name, image, key_file ? " with key file " : "", key_file ? key_file : "");
 	r = map_entry(t, e, image, key_file);

@@ -71,8 +71,7 @@ static const struct option_spec options[] = {
 	  .help = "pass discards through (read-write: punches holes)" },
 	{ "max-targets", 0, CMD(OPEN) | CMD(OPEN_TAB) | CMD(TABLE), NUMBER(max_targets, "N"), .min = 2, .max = 1048576,
 	  .help = "targets per dm table before segments (default 65536)" },
-	/* map, check and table need no key: they take --key-file and leave it */
-	{ "key-file", 'd', KEY_READERS | CMD(MAP) | CMD(CHECK) | CMD(TABLE), STRING(key_file, "FILE"),
+	{ "key-file", 'd', KEY_READERS, STRING(key_file, "FILE"),
 	  .help = "read the passphrase from FILE (- = stdin)" },
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },
 	{ "keyfile-size", 0, KEY_READERS, SIZE(keyfile_size, "N"), .help = "read at most N bytes of the key file" },
@@ -125,7 +124,9 @@ static const struct option_spec options[] = {
 	{ "flatten", 0, CMD(CONVERT), FLAG(flatten), .help = "copy the backing chain's data, no backing file" },
 	{ "force", 0, CMD(FORMAT) | CMD(REMOVE_KEY) | CMD(CONVERT) | CMD(UNBIND), FLAG(force),
 	  .help = "overwrite an existing destination; remove the last key slot" },
-	{ "debug-fail-step", 0, CMD(OPEN), NUMBER(debug_fail_step, "K"), .max = 10000 },
+	{ "shrink", 0, CMD(RESIZE), FLAG(shrink),
+	  .help = "allow a smaller size (only past unallocated space)" },
+	{ "debug-fail-step", 0, CMD(OPEN) | CMD(RESIZE), NUMBER(debug_fail_step, "K"), .max = 10000 },
 	{ "help", 'h', ALL, FLAG(help), .help = "this help; after a command, the command's" },
 	{ "version", 'V', ALL, FLAG(version), .help = "version" },
 };

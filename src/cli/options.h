@@ -19,6 +19,7 @@ enum tools_cmd {
 	CMD_STATUS,
 	CMD_LIST,
 	CMD_REATTACH,
+	CMD_RESIZE,
 	CMD_FORMAT,
 	CMD_ADD_KEY,
 	CMD_REMOVE_KEY,
@@ -68,7 +69,8 @@ struct tools_opts {
 	const char *format;		/* --format: force the top image's format */
 	uint64_t max_targets;
 	bool deferred;
-	int debug_fail_step;		/* hidden: fail step K of open (tests) */
+	int debug_fail_step;		/* hidden: fail step K of open or resize (tests) */
+	bool shrink;			/* resize: a smaller size is allowed */
 	bool tab;			/* --tab: open/close the entries of qcowtab */
 	const char *qcowtab;		/* --qcowtab FILE instead of /etc/qcowtab */
 	bool udev;			/* probe --udev: KEY=VALUE lines for udev */

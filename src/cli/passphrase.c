@@ -3,7 +3,9 @@
  *   - a terminal: prompt, echo off, the passphrase ends at the newline;
  *   - stdin that is not a terminal, without --key-file: up to the newline;
  *   - --key-file - (stdin) or a file: binary, the whole content unless
- *     --keyfile-size, after skipping --keyfile-offset bytes; at most 8 MiB.
+ *     --keyfile-size, after skipping --keyfile-offset bytes; at most 8 MiB;
+ *   - a key file that is an AF_UNIX socket: what a key server sends when
+ *     connected to, as systemd-cryptsetup reads crypttab's key files.
  * Every byte read lands in secure memory and is wiped.
  *
  * No passphrase at all (end of input before a byte, no answer within the
@@ -11,11 +13,16 @@
  * (2), as a wrong one: nothing was wrong with the device. */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -154,7 +161,7 @@ static void end_prompt_line(struct tty *t)
 	t->line_ended = true;
 }
 
-static int tty_echo_off(struct tty *t)
+static int tty_echo_off(struct tty *t, enum passphrase_echo echo)
 {
 	struct sigaction sa;
 	struct termios noecho;
@@ -182,6 +189,14 @@ static int tty_echo_off(struct tty *t)
 	noecho = tty_saved;
 	noecho.c_lflag &= ~(tcflag_t)ECHO;
 	noecho.c_lflag |= ECHONL | ICANON;
+	if (echo == PASSPHRASE_ECHO_ON) {
+		noecho.c_lflag |= ECHO;
+	} else if (echo == PASSPHRASE_ECHO_MASKED) {
+		/* a byte at a time: read_line() writes the stars */
+		noecho.c_lflag &= ~(tcflag_t)ICANON;
+		noecho.c_cc[VMIN] = 1;
+		noecho.c_cc[VTIME] = 0;
+	}
 	if (tcsetattr(t->in, TCSAFLUSH, &noecho) < 0) {
 		r = -errno;
 		log_err("Cannot turn off the terminal echo: %s", strerror(-r));
@@ -212,11 +227,37 @@ static void tty_restore(struct tty *t)
  * until deadline_ms (0: forever). *newline: the line ended with one. An
  * error is logged by the caller: -ETIMEDOUT, -EINVAL (too long), -errno of
  * the read (-EIO: none), -ENOMEM. */
-static int read_line(int fd, uint64_t max, int64_t deadline_ms, struct secbuf *b, bool *newline)
+/* A byte typed on a terminal without its line editing (password-echo=
+ * masked): erase and kill edit b, shown as stars on out. Returns 1 when
+ * the byte was taken, 0 when it is to be stored, -1 at the end of the
+ * line (*c a newline) or of input (^D on an empty line). */
+static int masked_key(int out, char *c, struct secbuf *b)
+{
+	if (*c == '\r')
+		*c = '\n';
+	if (*c == '\n')
+		return -1;
+	if (*c == 0x04)		/* ^D: the end of input on an empty line */
+		return b->len ? 1 : -1;
+	if (*c == 0x7f || *c == 0x08 || *c == 0x15) {
+		/* erase one (backspace, delete) or all (^U) */
+		while (b->len) {
+			b->p[--b->len] = '\0';
+			if (write(out, "\b \b", 3) != 3 || *c != 0x15)
+				break;
+		}
+		return 1;
+	}
+	if (write(out, "*", 1) != 1)
+		log_dbg("Cannot write to the terminal.");
+	return 0;
+}
+
+static int read_line(int fd, uint64_t max, int64_t deadline_ms, struct secbuf *b, bool *newline, int mask_out)
 {
 	char c = 0;
 	ssize_t n;
-	int r = 0;
+	int r = 0, m;
 
 	*newline = false;
 	for (;;) {
@@ -230,8 +271,11 @@ static int read_line(int fd, uint64_t max, int64_t deadline_ms, struct secbuf *b
 			r = errno ? -errno : -EIO;
 			break;
 		}
-		if (n == 0 || c == '\n') {
-			*newline = n > 0;
+		m = n > 0 && mask_out >= 0 ? masked_key(mask_out, &c, b) : 0;
+		if (m > 0)
+			continue;
+		if (n == 0 || c == '\n' || m < 0) {
+			*newline = n > 0 && c == '\n';
 			break;
 		}
 		r = secbuf_reserve(b, b->len + 2);
@@ -278,13 +322,17 @@ static int read_terminal(const struct passphrase_opts *opts, struct passphrase *
 		log_err("Cannot use an offset with terminal input.");
 		return -EINVAL;
 	}
-	r = tty_echo_off(&t);
+	r = tty_echo_off(&t, opts->echo);
 	if (r == 0) {
+		bool masked = opts->echo == PASSPHRASE_ECHO_MASKED;
+
 		dprintf(t.out, "Enter passphrase for %s: ", opts->image_name ? opts->image_name : "image");
 		t.line_ended = false;
-		r = read_line(t.in, 0, opts->timeout ? now_ms() + (int64_t)opts->timeout * 1000 : 0, &b, &newline);
-		/* a newline was echoed by the terminal (ECHONL) */
-		t.line_ended = newline;
+		r = read_line(t.in, 0, opts->timeout ? now_ms() + (int64_t)opts->timeout * 1000 : 0, &b, &newline,
+			      masked ? t.out : -1);
+		/* a newline was echoed by the terminal (ECHONL; not without
+		 * its line editing) */
+		t.line_ended = newline && !masked;
 		if (r < 0 || !newline)
 			end_prompt_line(&t);
 		r = finish_line(r, " from the terminal", &b, !newline, out);
@@ -348,7 +396,7 @@ static int read_line_fd(int fd, uint64_t max, struct passphrase **out)
 	bool newline;
 	int r;
 
-	r = read_line(fd, max, 0, &b, &newline);
+	r = read_line(fd, max, 0, &b, &newline, -1);
 	return finish_line(r, "", &b, !newline && (!max || b.len < max), out);
 }
 
@@ -432,6 +480,88 @@ static void warn_readable_key_file(const char *path, const struct stat *st)
 		(unsigned int)(st->st_mode & 07777));
 }
 
+/* Connect to the key server listening on the AF_UNIX socket path, from a
+ * socket bound to the abstract name "\0RANDOM/cryptsetup/VOLUME" (crypttab(5),
+ * "AF_UNIX key files"), and shut down our side: the server sends the key
+ * and closes. A path too long for sockaddr_un is reached through an O_PATH
+ * descriptor (/proc/self/fd/N). Returns the connected descriptor or
+ * -errno (-ENAMETOOLONG: VOLUME does not fit in a socket name). */
+static int connect_key_socket(const char *path, const char *volume)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX }, self = { .sun_family = AF_UNIX };
+	uint64_t rnd = 0;
+	int fd, pathfd = -1, n, r;
+
+	if (getrandom(&rnd, sizeof(rnd), GRND_NONBLOCK) != (ssize_t)sizeof(rnd))
+		rnd ^= (uint64_t)now_ms() << 20 ^ (uint64_t)getpid();
+	/* sun_path[0] stays 0: the abstract namespace */
+	n = snprintf(self.sun_path + 1, sizeof(self.sun_path) - 1, "%016" PRIx64 "/cryptsetup/%s", rnd, volume);
+	if (n < 0 || (size_t)n >= sizeof(self.sun_path) - 1) {
+		log_err("The volume name %s is too long for the name of a key socket's client.", volume);
+		return -ENAMETOOLONG;
+	}
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		pathfd = open(path, O_PATH | O_CLOEXEC);
+		if (pathfd < 0)
+			return -errno;
+		snprintf(sa.sun_path, sizeof(sa.sun_path), "/proc/self/fd/%d", pathfd);
+	} else {
+		memcpy(sa.sun_path, path, strlen(path));
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		r = -errno;
+		goto out;
+	}
+	if (bind(fd, (struct sockaddr *)&self, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n)) < 0 ||
+	    connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || shutdown(fd, SHUT_WR) < 0) {
+		r = -errno;
+		close(fd);
+		goto out;
+	}
+	r = fd;
+out:
+	if (pathfd >= 0)
+		close(pathfd);
+	return r;
+}
+
+/* The volume a key server is told: opts->volume, or the base name of the
+ * image. */
+static const char *socket_volume(const struct passphrase_opts *opts)
+{
+	const char *name = opts->volume ? opts->volume : opts->image_name ? opts->image_name : "image";
+	const char *slash = strrchr(name, '/');
+
+	return slash && slash[1] ? slash + 1 : name;
+}
+
+/* Open the key file: a file, a device or a pipe is opened; a socket
+ * (open(2) says ENXIO) is connected to. Returns the descriptor or -errno,
+ * logged. */
+static int open_key_file(const struct passphrase_opts *opts)
+{
+	struct stat st;
+	int fd, r;
+
+	fd = open(opts->key_file, O_RDONLY | O_CLOEXEC);
+	if (fd >= 0)
+		return fd;
+	r = -errno;
+	if (r == -ENXIO && stat(opts->key_file, &st) == 0 && S_ISSOCK(st.st_mode)) {
+		r = connect_key_socket(opts->key_file, socket_volume(opts));
+		if (r >= 0) {
+			log_dbg("Connected to the key socket %s for %s.", opts->key_file, socket_volume(opts));
+			return r;
+		}
+		if (r != -ENAMETOOLONG)
+			log_err("Cannot connect to the key socket %s: %s", opts->key_file, strerror(-r));
+		return r;
+	}
+	log_err("Cannot open key file %s: %s", opts->key_file, strerror(-r));
+	return r;
+}
+
 int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase **out)
 {
 	struct stat st;
@@ -455,12 +585,9 @@ int tools_read_passphrase(const struct passphrase_opts *opts, struct passphrase 
 		return read_key_fd(fd, "standard input", opts->keyfile_size, out);
 	}
 
-	fd = open(opts->key_file, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		r = -errno;
-		log_err("Cannot open key file %s: %s", opts->key_file, strerror(-r));
-		return r;
-	}
+	fd = open_key_file(opts);
+	if (fd < 0)
+		return fd;
 	if (fstat(fd, &st) == 0)
 		warn_readable_key_file(opts->key_file, &st);
 	else

@@ -22,6 +22,8 @@ static const struct command commands[] = {
 	{ "list", CMD_LIST, false, cmd_list, 0, 0, "", "list qcowsetup mappings" },
 	{ "reattach", CMD_REATTACH, false, cmd_reattach, 1, 1, "NAME",
 	  "start a new slow-path daemon for NAME after its daemon died" },
+	{ "resize", CMD_RESIZE, false, cmd_resize, 2, 2, "NAME [+|-]SIZE",
+	  "grow the mapping NAME and its image while mapped (smaller: --shrink)" },
 	{ "format", CMD_FORMAT, false, cmd_format, 1, 2, "IMAGE [SIZE]", "create a LUKS-encrypted qcow2 image" },
 	{ "add-key", CMD_ADD_KEY, false, cmd_add_key, 1, 2, "IMAGE [NEW_KEY_FILE]",
 	  "add a passphrase to a free LUKS key slot" },

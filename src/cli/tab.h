@@ -47,6 +47,11 @@ void tab_release_mount(struct held_mount *m, bool wait_busy);
 /* The same for the mount under base that loc's TAG=VALUE got, if any. */
 void tab_release_location(const struct qcowtab_location *loc, const char *base);
 
+/* Wait up to timeout seconds (keyfile-timeout=) for the key file loc
+ * names: its path to exist, or its TAG=VALUE device to appear. 0, or
+ * -ETIMEDOUT. */
+int tab_wait_key_location(const struct qcowtab_location *loc, unsigned int timeout);
+
 /* ---- passphrases (tab_keys.c) ---- */
 
 enum ask_how {
@@ -63,11 +68,13 @@ struct tab_run {
 	const char *group_names;	/* "root, data": the same-passphrase entries asked for */
 };
 
-/* Where the passphrases of one entry come from, in turn: its key file,
- * the passphrase that opened an earlier same-passphrase entry, then the
- * questions (tries= of them; one on a pipe). */
+/* Where the passphrases of one entry come from, in turn: its systemd
+ * credential (credential=, in $CREDENTIALS_DIRECTORY), its key file, the
+ * passphrase that opened an earlier same-passphrase entry, then the
+ * questions (tries= of them; one on a pipe; none with headless=). */
 enum key_step {
-	KEY_FILE = 0,
+	KEY_CREDENTIAL = 0,
+	KEY_FILE,
 	KEY_SHARED,
 	KEY_ASK,
 };
@@ -78,6 +85,7 @@ struct entry_keys {
 	const char *key_file;		/* NULL: none */
 	enum key_step step;
 	enum ask_how how;
+	const char *served;		/* the key source handed out last ("the key file"), NULL: a question */
 	unsigned int asked;		/* questions so far */
 	bool asked_last;		/* the last passphrase handed out was asked for */
 	struct passphrase *last;	/* a copy of it, for same-passphrase */

@@ -10,6 +10,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -355,4 +356,21 @@ void tab_release_location(const struct qcowtab_location *loc, const char *base)
 	if (loc->source == QCOWTAB_TAG_PATH && mount_dir_for(base, loc, m.dir, sizeof(m.dir)) == 0 &&
 	    find_mount(0, m.dir, NULL, 0, NULL) > 0)
 		tab_release_mount(&m, true);
+}
+
+int tab_wait_key_location(const struct qcowtab_location *loc, unsigned int timeout)
+{
+	char dev[PATH_MAX];
+	struct timespec t0, now;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		if (loc->source == QCOWTAB_PATH_ONLY ? access(loc->path, F_OK) == 0
+						      : probe_tag_device(loc->tag, loc->value, dev, sizeof(dev)) == 0)
+			return 0;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec - t0.tv_sec >= (time_t)timeout)
+			return -ETIMEDOUT;
+		usleep(200 * 1000);
+	}
 }

@@ -1,8 +1,11 @@
-/* Where the passphrases of a qcowtab entry come from, in turn: its key
- * file, the passphrase that opened an earlier same-passphrase entry, then
- * the questions: on the terminal, through systemd's password agents
+/* Where the passphrases of a qcowtab entry come from, in turn: its systemd
+ * credential (read from $CREDENTIALS_DIRECTORY, where systemd puts what the
+ * unit's LoadCredential=/LoadCredentialEncrypted= load), its key file (a
+ * file, a device, or an AF_UNIX socket a key server listens on), the
+ * passphrase that opened an earlier same-passphrase entry, then the
+ * questions: on the terminal, through systemd's password agents
  * (systemd-ask-password) when there is no terminal and systemd runs, or one
- * line of standard input when it is a pipe (tab.h). */
+ * line of standard input when it is a pipe; never with headless= (tab.h). */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -35,12 +38,12 @@ static const char *find_program(const char *name, char *buf, size_t size)
 	return NULL;
 }
 
-static enum ask_how ask_method(void)
+static enum ask_how ask_method(const struct qcowtab_entry *e)
 {
 	char prog[PATH_MAX];
 	struct stat st;
 
-	if (opt.batch_mode)
+	if (opt.batch_mode || e->headless)
 		return ASK_NOWHERE;	/* no questions: key files only */
 	if (isatty(STDIN_FILENO))
 		return ASK_TTY;
@@ -53,10 +56,14 @@ static enum ask_how ask_method(void)
 
 /* One line from systemd-ask-password, into secure memory. */
 static int ask_agent(const char *names, const char *id, unsigned int timeout, bool accept_cached,
-		     struct passphrase **out)
+		     enum qcowtab_echo echo, struct passphrase **out)
 {
+	static const char *const echo_arg[] = {
+		[QCOWTAB_ECHO_NO] = "--echo=no", [QCOWTAB_ECHO_YES] = "--echo=yes",
+		[QCOWTAB_ECHO_MASKED] = "--echo=masked",
+	};
 	char prog[PATH_MAX], prompt[512], idarg[256], tmo[64];
-	const char *argv[10];
+	const char *argv[11];
 	int pfd[2], status, argc = 0, r;
 	char *buf = NULL;
 	size_t len = 0;
@@ -75,6 +82,8 @@ static int ask_agent(const char *names, const char *id, unsigned int timeout, bo
 	argv[argc++] = tmo;
 	if (accept_cached)
 		argv[argc++] = "--accept-cached";
+	if (echo != QCOWTAB_ECHO_DEFAULT)
+		argv[argc++] = echo_arg[echo];
 	argv[argc++] = prompt;
 	argv[argc] = NULL;
 	if (pipe2(pfd, O_CLOEXEC) < 0)
@@ -130,7 +139,11 @@ static int question(struct entry_keys *k, struct passphrase **pp)
 {
 	const struct qcowtab_entry *e = k->e;
 	const char *names = e->same_passphrase && k->t->group_names ? k->t->group_names : e->name;
-	struct passphrase_opts po = { .image_name = names, .timeout = e->timeout };
+	static const enum passphrase_echo tty_echo[] = {
+		[QCOWTAB_ECHO_DEFAULT] = PASSPHRASE_ECHO_OFF, [QCOWTAB_ECHO_NO] = PASSPHRASE_ECHO_OFF,
+		[QCOWTAB_ECHO_YES] = PASSPHRASE_ECHO_ON, [QCOWTAB_ECHO_MASKED] = PASSPHRASE_ECHO_MASKED,
+	};
+	struct passphrase_opts po = { .image_name = names, .timeout = e->timeout, .echo = tty_echo[e->password_echo] };
 	int r;
 
 	if (k->asked && (k->how == ASK_STDIN || (e->tries && k->asked >= e->tries))) {
@@ -141,7 +154,7 @@ static int question(struct entry_keys *k, struct passphrase **pp)
 	k->asked++;
 	switch (k->how) {
 	case ASK_AGENT:
-		r = ask_agent(names, e->name, e->timeout, e->same_passphrase && k->asked == 1, pp);
+		r = ask_agent(names, e->name, e->timeout, e->same_passphrase && k->asked == 1, e->password_echo, pp);
 		break;
 	case ASK_TTY:
 	case ASK_STDIN:
@@ -150,11 +163,68 @@ static int question(struct entry_keys *k, struct passphrase **pp)
 		break;
 	default:
 		log_err("%s: %s.", e->name, opt.batch_mode ? "a passphrase is needed and --batch-mode asks no questions"
+			: e->headless ? "a passphrase is needed and the entry is headless (no questions)"
 			: "no terminal and no password agent to ask for a passphrase");
 		return -EPERM;
 	}
 	/* no answer (end of input, timeout, the agent gave up): no permission */
 	return r == -EPIPE || r == -ETIMEDOUT ? -EPERM : r;
+}
+
+/* The file of the entry's credential: $CREDENTIALS_DIRECTORY/ID, where
+ * systemd puts the unit's credentials. false (logged) when there is none. */
+static bool credential_file(const struct qcowtab_entry *e, char *path, size_t size)
+{
+	const char *dir = getenv("CREDENTIALS_DIRECTORY");
+
+	if (!dir || dir[0] != '/') {
+		log_std("%s: no credential %s: not run by a unit that loads it ($CREDENTIALS_DIRECTORY is not set).",
+			e->name, e->credential);
+		return false;
+	}
+	if ((size_t)snprintf(path, size, "%s/%s", dir, e->credential) >= size)
+		return false;
+	if (access(path, F_OK) < 0) {
+		log_std("%s: no credential %s in %s.", e->name, e->credential, dir);
+		return false;
+	}
+	return true;
+}
+
+/* The credential, then the key file: the first that can be read. 0 with
+ * *pp, 1 when none is left, -ENOMEM. */
+static int next_key_source(struct entry_keys *k, const char *image, struct passphrase **pp)
+{
+	const struct qcowtab_entry *e = k->e;
+	char cred[PATH_MAX];
+	int r;
+
+	while (k->step < KEY_SHARED) {
+		bool is_cred = k->step == KEY_CREDENTIAL;
+		const char *file = is_cred ? (e->credential && credential_file(e, cred, sizeof(cred)) ? cred : NULL)
+					   : k->key_file;
+		struct passphrase_opts po = {
+			.key_file = file,
+			.keyfile_offset = e->keyfile_offset,
+			.keyfile_size = e->keyfile_size,
+			.image_name = image,
+			.volume = e->name,	/* what a key socket is told */
+		};
+
+		k->step++;
+		if (!file)
+			continue;
+		r = tools_read_passphrase(&po, pp);
+		if (r == 0) {
+			k->served = is_cred ? "the credential" : "the key file";
+			return 0;
+		}
+		if (r == -ENOMEM)
+			return r;
+		log_std("%s: the %s %s cannot be read.", e->name, is_cred ? "credential" : "key file",
+			is_cred ? e->credential : file);
+	}
+	return 1;
 }
 
 int tab_entry_passphrase(void *opaque, const char *image, unsigned int attempt, struct passphrase **pp)
@@ -165,26 +235,12 @@ int tab_entry_passphrase(void *opaque, const char *image, unsigned int attempt, 
 
 	(void)attempt;
 	k->asked_last = false;
-	if (k->step == KEY_FILE) {
-		k->step = KEY_SHARED;
-		if (k->key_file) {
-			struct passphrase_opts po = {
-				.key_file = k->key_file,
-				.keyfile_offset = e->keyfile_offset,
-				.keyfile_size = e->keyfile_size,
-				.image_name = image,
-			};
-
-			r = tools_read_passphrase(&po, pp);
-			if (r == 0)
-				return 0;
-			if (r == -ENOMEM)
-				return r;
-			log_std("%s: the key file %s cannot be read; asking for a passphrase.", e->name, k->key_file);
-		}
-	} else if (k->key_file && k->step == KEY_SHARED) {
-		log_std("%s: the key file did not unlock %s; asking for a passphrase.", e->name, image);
-	}
+	if (k->served)
+		log_std("%s: %s did not unlock %s.", e->name, k->served, image);
+	k->served = NULL;
+	r = next_key_source(k, image, pp);
+	if (r <= 0)
+		return r;
 	if (k->step == KEY_SHARED) {
 		k->step = KEY_ASK;
 		if (e->same_passphrase && k->t->shared)
@@ -193,7 +249,7 @@ int tab_entry_passphrase(void *opaque, const char *image, unsigned int attempt, 
 		log_std("%s: the shared passphrase does not open it; asking again.", e->name);
 	}
 	if (!k->asked)
-		k->how = ask_method();
+		k->how = ask_method(e);
 	r = question(k, pp);
 	if (r == 0 && e->same_passphrase) {
 		passphrase_free(k->last);

@@ -43,6 +43,8 @@ struct daemon {
 	volatile bool quit;	/* setup failed: the server must not reconnect */
 	bool top_gone;		/* the top device went away (deferred close) */
 	bool broken;		/* the metadata writer failed: no more remaps */
+	bool suspended;		/* `qcowsetup suspend`: no table swaps (main thread) */
+	int ctl_fd;		/* the control socket (control.c), -1: none */
 
 	/* the stack (remap thread, after setup) */
 	struct dm_stack *stack;
@@ -82,6 +84,25 @@ void daemon_remove_leftovers(struct daemon *d);
 /* The guardian's job once its daemon died: resume the mapping's suspended
  * top and segment devices (a kill between suspend and resume). */
 void daemon_resume_suspended(const char *name, const char *id);
+/* Reload the top device and its segments with the tables they have (so
+ * that they take the limits of the devices under them): 0 or -errno. */
+int daemon_reload_top(struct daemon *d);
+/* The stack rebuilt from the image (its size too) and applied: 0 or -errno
+ * (-ERANGE: segments would change). */
+int daemon_reload_all(struct daemon *d);
 void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
+
+/* control.c: the control socket (src/lib/control.h), main thread only.
+ * open: 0 or -errno (logged; the daemon serves without it). poll: answer
+ * the requests waiting, without blocking for new ones. */
+int daemon_control_open(struct daemon *d);
+void daemon_control_poll(struct daemon *d);
+void daemon_control_close(struct daemon *d);
+
+/* resize.c: resize the mapping to size_arg (bytes; +N, -N relative),
+ * smaller only with shrink; fail_step K > 0: step K fails (tests). 0 with
+ * the size in *new_size, or -errno (logged): -EROFS read-only mapping,
+ * -EBUSY suspended, -EINVAL, and qcow2_rw_resize's. Main thread only. */
+int daemon_resize(struct daemon *d, const char *size_arg, bool shrink, int fail_step, uint64_t *new_size);
 
 #endif

@@ -626,7 +626,7 @@ static void cleanup(struct daemon *d)
 
 static void init_daemon(struct daemon *d)
 {
-	d->f.meta_fd = d->f.data_fd = d->sock = d->guard_pipe = -1;
+	d->f.meta_fd = d->f.data_fd = d->sock = d->guard_pipe = d->ctl_fd = -1;
 	d->nbd_index = -1;
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
 		d->layer_fd[i] = -1;
@@ -714,6 +714,7 @@ static int serve(struct daemon *d)
 {
 	int r, devnull;
 
+	daemon_control_open(d);	/* before READY: a resume that reattached uses it */
 	report(d, "READY nbd%d\n", d->nbd_index);
 	write_state(d);
 	write_omit(d);
@@ -728,6 +729,7 @@ static int serve(struct daemon *d)
 		close(devnull);
 	}
 	daemon_remap_loop(d);	/* until the server stops */
+	daemon_control_close(d);
 	pthread_join(d->server_thread, NULL);
 	d->server_started = false;
 	r = d->serve_result;

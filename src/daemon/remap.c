@@ -39,6 +39,7 @@
  * order, and a failed reload only leaves clusters on the slow path. */
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -367,6 +368,23 @@ out:
 	return r;
 }
 
+int daemon_reload_top(struct daemon *d)
+{
+	int r = 0;
+
+	for (size_t i = 0; d->stack && i < d->stack->count && !r; i++) {
+		const struct dm_device *dev = &d->stack->devices[i];
+
+		if (!dm_is_top_device(dev))
+			continue;
+		r = load(d->stack, i);
+		if (!r)
+			r = swap(d, dev);
+		d->reloads += r == 0;
+	}
+	return r;
+}
+
 int daemon_stack_setup(struct daemon *d)
 {
 	struct run_list all;
@@ -521,6 +539,11 @@ static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
 	return 0;
 }
 
+int daemon_reload_all(struct daemon *d)
+{
+	return remap_round(d, NULL, 0, true);
+}
+
 /* The top device gone without us (`close --deferred`: removed at its last
  * close): end the session ourselves. */
 static void watch_top(struct daemon *d)
@@ -608,8 +631,17 @@ static int collect_suspended(void *opaque, const char *name, const char *uuid, u
 
 void daemon_resume_suspended(const char *name, const char *id)
 {
-	struct suspended_ctx *c = calloc(1, sizeof(*c));
+	struct suspended_ctx *c;
+	char path[PATH_MAX];
 
+	/* suspended by `qcowsetup suspend` (keys wiped): it stays so, until
+	 * `qcowsetup resume`, which starts a new daemon */
+	qs_state_path(path, sizeof(path), name, QS_STATE_SUSPENDED);
+	if (access(path, F_OK) == 0) {
+		log_std("%s: suspended by qcowsetup suspend: left suspended (qcowsetup resume %s)", name, name);
+		return;
+	}
+	c = calloc(1, sizeof(*c));
 	if (!c)
 		return;
 	c->name = name;
@@ -654,6 +686,12 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			break;
 		}
+		if (d->suspended) {
+			/* `qcowsetup suspend`: the queue waits for the resume */
+			pthread_mutex_unlock(&d->lock);
+			daemon_control_poll(d);
+			continue;
+		}
 		if (d->rw && qcow2_rw_has_pending(d->rw)) {
 			r = qcow2_rw_writeback(d->rw);
 			if (r)
@@ -671,6 +709,7 @@ void daemon_remap_loop(struct daemon *d)
 			ticks = 0;
 			watch_top(d);
 		}
+		daemon_control_poll(d);
 		if ((!n && !rescan) || gave_up || !d->rw || d->top_gone)
 			continue;
 		r = remap_round(d, q, n, rescan);

@@ -14,7 +14,11 @@
  * ordered before cryptsetup.target and, when it needs no mount,
  * local-fs-pre.target; pulled in by cryptsetup.target (unless noauto; a
  * "wants" with nofail) and by /dev/mapper/NAME's device unit. The passphrase
- * is asked by qcowsetup through systemd-ask-password.
+ * is asked by qcowsetup through systemd-ask-password. An entry's systemd
+ * credential (load-credential=, load-credential-encrypted=) becomes the
+ * unit's LoadCredential=/LoadCredentialEncrypted=, which qcowsetup reads in
+ * $CREDENTIALS_DIRECTORY; with keyfile-timeout= the key file's device and
+ * mount are not waited for by the unit (qcowsetup waits, then asks).
  *
  * Everything qcowtab (or the kernel command line) gives goes into the units
  * escaped for its place, as systemd-cryptsetup-generator does: unit names
@@ -434,6 +438,40 @@ static void put_exec(FILE *f, const char *key, const char *bin, const char *verb
 	fputc('\n', f);
 }
 
+/* Whether the entry's credential can be written into LoadCredential*=:
+ * the parser checked the ID; a path must be plain (no blank, quote or
+ * backslash: the setting takes the rest of the line). */
+static bool credential_ok(const struct qcowtab_entry *e)
+{
+	const char *p = e->credential_path;
+
+	if (!e->credential || e->credential_load == QCOWTAB_CRED_GIVEN || !p)
+		return true;
+	if (unit_plain_value_ok(p) && !strpbrk(p, " \t\"'\\"))
+		return true;
+	entry_error(e, "credential %s: its path cannot be written into LoadCredential= (a blank, a quote, a "
+		    "backslash, a control character or invalid UTF-8)", e->credential);
+	return false;
+}
+
+/* LoadCredential=ID[:PATH] or LoadCredentialEncrypted=ID[:PATH]: systemd
+ * puts the credential into $CREDENTIALS_DIRECTORY/ID for qcowsetup
+ * (without PATH it searches its credential stores, /etc/credstore and
+ * /etc/credstore.encrypted among them, and the credentials the system was
+ * booted with). */
+static void put_credential(FILE *f, const struct qcowtab_entry *e)
+{
+	if (!e->credential || e->credential_load == QCOWTAB_CRED_GIVEN)
+		return;
+	fprintf(f, "%s=%s", e->credential_load == QCOWTAB_CRED_LOAD ? "LoadCredential" : "LoadCredentialEncrypted",
+		e->credential);
+	if (e->credential_path) {
+		fputc(':', f);
+		put_specifier_escaped(f, e->credential_path);
+	}
+	fputc('\n', f);
+}
+
 static int write_unit(const char *dir, const struct qcowtab_entry *e, const char *tab_arg, const char *bin)
 {
 	char unit[QCOWTAB_UNIT_NAME_MAX + 1], path[8192], img_dev[QCOWTAB_UNIT_NAME_MAX + 1],
@@ -452,8 +490,11 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 		return -1;
 	}
 	if (!location_units(e, &e->image, "image", img_dev, sizeof(img_dev), &img_mount) ||
-	    !location_units(e, &e->key, "key file", key_dev, sizeof(key_dev), &key_mount))
+	    !location_units(e, &e->key, "key file", key_dev, sizeof(key_dev), &key_mount) ||
+	    !credential_ok(e))
 		return -1;
+	if (e->keyfile_optional)
+		key_mount = NULL;	/* qcowsetup waits keyfile-timeout for it */
 	needs_mount = img_mount || key_mount;
 
 	if (!fmt(path, sizeof(path), "%s/%s", dir, unit))
@@ -491,7 +532,9 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 	/* escaped unit names: [A-Za-z0-9:_.\\-] only, no quoting needed */
 	if (img_dev[0])
 		fprintf(f, "BindsTo=%s\nAfter=%s\n", img_dev, img_dev);
-	if (key_dev[0])
+	if (key_dev[0] && e->keyfile_optional)
+		fprintf(f, "Wants=%s\n", key_dev);
+	else if (key_dev[0])
 		fprintf(f, "Wants=%s\nAfter=%s\n", key_dev, key_dev);
 	if (img_mount) {
 		fputs("RequiresMountsFor=", f);
@@ -509,6 +552,7 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 		"TimeoutSec=infinity\n"
 		"KeyringMode=shared\n"
 		"OOMScoreAdjust=500\n");
+	put_credential(f, e);
 	put_exec(f, "ExecStart", bin, "open", tab_arg, e->name);
 	put_exec(f, "ExecStop", bin, "close", tab_arg, e->name);
 	if (fclose(f)) {

@@ -17,7 +17,13 @@
 
 void qs_state_path(char *buf, size_t size, const char *name, enum qs_state_file which)
 {
-	snprintf(buf, size, QS_RUN_DIR "/%s.%s", name, which == QS_STATE_STATS ? "stats" : "daemon");
+	static const char *const suffix[] = {
+		[QS_STATE_DAEMON] = "daemon",
+		[QS_STATE_STATS] = "stats",
+		[QS_STATE_SUSPENDED] = "suspended",
+	};
+
+	snprintf(buf, size, QS_RUN_DIR "/%s.%s", name, suffix[which]);
 }
 
 void qs_state_remove(const char *name)

@@ -3,8 +3,9 @@
  *     mapping code (open, reattach), parsed back by the daemon;
  *   - the files under /run/qcowsetup: NAME.daemon (the daemon's pid, NBD
  *     index and arguments, for `status` and `reattach`), NAME.stats (its
- *     table-swap statistics, for `status`), NAME.lock while a command works
- *     on the mapping. */
+ *     table-swap statistics, for `status`), NAME.suspended while `qcowsetup
+ *     suspend` holds the mapping, NAME.ctl (the daemon's control socket,
+ *     control.h), NAME.lock while a command works on the mapping. */
 #ifndef QS_DAEMON_STATE_H
 #define QS_DAEMON_STATE_H
 
@@ -23,9 +24,11 @@
 enum qs_state_file {
 	QS_STATE_DAEMON,
 	QS_STATE_STATS,
+	QS_STATE_SUSPENDED,	/* `qcowsetup suspend` made it: the guardian leaves the
+				 * devices suspended (qs_state_remove keeps it) */
 };
 
-/* QS_RUN_DIR/NAME.daemon or .stats into buf. */
+/* QS_RUN_DIR/NAME.daemon, .stats or .suspended into buf. */
 void qs_state_path(char *buf, size_t size, const char *name, enum qs_state_file which);
 /* Remove both (a clean exit, or what a killed daemon left). */
 void qs_state_remove(const char *name);

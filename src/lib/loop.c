@@ -29,6 +29,9 @@ struct loop_config {
 #endif
 #ifndef LOOP_SET_DIRECT_IO
 #define LOOP_SET_DIRECT_IO	0x4C08
+#ifndef LOOP_SET_CAPACITY
+#define LOOP_SET_CAPACITY	0x4C07
+#endif
 #endif
 #ifndef LO_FLAGS_DIRECT_IO
 #define LO_FLAGS_DIRECT_IO	16
@@ -248,6 +251,11 @@ out:
 		close(lfd);
 	close(ctl);
 	return r;
+}
+
+int loop_set_capacity(int fd)
+{
+	return ioctl(fd, LOOP_SET_CAPACITY, 0) < 0 ? -errno : 0;
 }
 
 int loop_disable_discard(const struct loop_dev *dev)

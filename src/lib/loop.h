@@ -66,6 +66,10 @@ int loop_attach(int fd, bool read_only, bool direct_io, bool autoclear, struct l
  * mappings without --allow-discards. 0 or -errno. */
 int loop_disable_discard(const struct loop_dev *dev);
 
+/* The loop device open on fd takes the size its file has now (it grew).
+ * 0 or -errno. */
+int loop_set_capacity(int fd);
+
 /* Unbind the loop device (path "/dev/loopN"). While something (a dm table)
  * still has it open, the kernel only turns autoclear on and the binding goes
  * with the last close. 0, -ENXIO (not bound) or -errno. */

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "clevis.h"
+#include "control.h"
 #include "daemon_state.h"
 #include "dm.h"
 #include "fileio.h"
@@ -1378,5 +1379,54 @@ out:
 	free(all.v);
 	qs_name_unlock(name, lock);
 	dm_release();
+	return r;
+}
+
+/* ---- resize: the daemon of a read-write mapping resizes its image ---- */
+
+int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size)
+{
+	struct dev_list all = { 0 };
+	struct dm_dev_info info;
+	char req[CONTROL_LINE_MAX], text[CONTROL_LINE_MAX] = "";
+	int lock, r;
+
+	*new_size = 0;
+	lock = lock_mapping_name(p->name);
+	if (lock < 0)
+		return lock;
+	r = find_mapping(p->name, &all, &info);
+	if (!r && info.read_only) {
+		log_err("%s: the mapping is read-only: it cannot be resized.", p->name);
+		r = -EINVAL;
+	}
+	if (r)
+		goto out;
+	snprintf(req, sizeof(req), "resize %s%" PRIu64 "%s", p->relative > 0 ? "+" : p->relative < 0 ? "-" : "",
+		 p->size, p->shrink ? " shrink" : "");
+	if (p->fail_step)
+		snprintf(req + strlen(req), sizeof(req) - strlen(req), " fail-step=%d", p->fail_step);
+	r = control_call(p->name, req, text, sizeof(text));
+	switch (r) {
+	case 0:
+		if (parse_u64(text, 0, new_size) < 0)
+			r = -EPROTO;
+		break;
+	case -ENOENT:
+	case -ECONNREFUSED:
+		log_err("%s: no daemon answers (a read-only mapping, or its daemon died: qcowsetup reattach %s).",
+			p->name, p->name);
+		r = -ENODEV;
+		break;
+	case -EROFS:
+	case -ENOTEMPTY:
+		r = -EINVAL;	/* wrong parameters: the daemon said why */
+		break;
+	default:
+		break;
+	}
+out:
+	free(all.v);
+	qs_name_unlock(p->name, lock);
 	return r;
 }

@@ -95,6 +95,25 @@ int mapping_get_status(const char *name, struct mapping_status *st);
  * order; stops at fn's first non-zero return, which it returns. */
 int mapping_list(int (*fn)(void *opaque, const char *name), void *opaque);
 
+struct mapping_resize_params {
+	const char *name;
+	uint64_t size;			/* bytes */
+	int relative;			/* 0: size; +1: grow by size; -1: shrink by size */
+	bool shrink;			/* a smaller size is allowed */
+	int fail_step;			/* tests: the daemon's step K fails */
+};
+
+/* Resize the read-write mapping p->name and its image while mapped: its
+ * daemon resizes the image (qcow2_rw_resize) and reloads the top device,
+ * which shows the new size (src/daemon/resize.c). 0 with the size in
+ * *new_size, or -errno with one line logged:
+ *   -EINVAL  read-only mapping, size not a multiple of 512, smaller without
+ *            shrink, a shrink past allocated clusters (nothing changed),
+ *   -ENODEV  no such mapping, or no daemon answers,
+ *   -EBUSY   suspended, or another transaction on NAME,
+ *   -ENOTSUP/-EFBIG/-ENOSPC/-EIO  from the image or the devices. */
+int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size);
+
 /* Let go of libdevmapper's state (at the end of a command). */
 void mapping_release(void);
 

@@ -304,8 +304,9 @@ int nbd_connect(int sock, const struct nbd_params *p, int *index)
 }
 
 /* A command to device index, with a new server when sock >= 0 (and a
- * backend name, if any); on failure "Cannot <what>: <error>." */
-static int device_command(int index, uint8_t cmd, int sock, const char *backend, const char *what)
+ * backend name, if any), a new size when size > 0; on failure "Cannot
+ * <what>: <error>." */
+static int device_command(int index, uint8_t cmd, int sock, const char *backend, uint64_t size, const char *what)
 {
 	struct nlmsg m;
 	uint16_t family;
@@ -320,6 +321,8 @@ static int device_command(int index, uint8_t cmd, int sock, const char *backend,
 		r = put_str(&m, NBD_ATTR_BACKEND_IDENTIFIER, backend);
 	if (!r && sock >= 0)
 		r = put_sockets(&m, sock);
+	if (!r && size)
+		r = put_u64(&m, NBD_ATTR_SIZE_BYTES, size);
 	if (!r)
 		r = transact(fd, &m, NULL);
 	close(fd);
@@ -333,7 +336,15 @@ int nbd_reconnect(int index, int sock, const char *backend)
 	char what[64];
 
 	snprintf(what, sizeof(what), "give nbd%d a new server", index);
-	return device_command(index, NBD_CMD_RECONFIGURE, sock, backend, what);
+	return device_command(index, NBD_CMD_RECONFIGURE, sock, backend, 0, what);
+}
+
+int nbd_set_size(int index, uint64_t size, const char *backend)
+{
+	char what[80];
+
+	snprintf(what, sizeof(what), "give nbd%d a size of %" PRIu64 " bytes", index, size);
+	return device_command(index, NBD_CMD_RECONFIGURE, -1, backend, size, what);
 }
 
 int nbd_disconnect(int index)
@@ -341,7 +352,7 @@ int nbd_disconnect(int index)
 	char what[32];
 
 	snprintf(what, sizeof(what), "disconnect nbd%d", index);
-	return device_command(index, NBD_CMD_DISCONNECT, -1, NULL, what);
+	return device_command(index, NBD_CMD_DISCONNECT, -1, NULL, 0, what);
 }
 
 static int read_sysfs(const char *path, char *buf, size_t size)

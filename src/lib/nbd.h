@@ -51,6 +51,10 @@ int nbd_connect(int sock, const struct nbd_params *p, int *index);
  * identifier must match the one of nbd_connect). */
 int nbd_reconnect(int index, int sock, const char *backend);
 
+/* A new size for a connected device (NBD_CMD_RECONFIGURE with a size,
+ * Linux >= 5.3), backend as given to nbd_connect. */
+int nbd_set_size(int index, uint64_t size, const char *backend);
+
 /* Disconnect: the server gets NBD_CMD_DISC, then its socket closes. */
 int nbd_disconnect(int index);
 

@@ -467,11 +467,11 @@ static int refcount_read(struct qcow2_rw *w, uint64_t ci, uint64_t *v)
 	return 0;
 }
 
-/* First cluster at or after the hint with refcount 0 (clusters of ranges
+/* First cluster at or after start with refcount 0 (clusters of ranges
  * without a refcount block are free). */
-static int find_free(struct qcow2_rw *w, uint64_t *out)
+static int find_free(struct qcow2_rw *w, uint64_t start, uint64_t *out)
 {
-	uint64_t ci = w->free_hint, per = 1ULL << w->rb_bits, limit = w->opts.file_limit;
+	uint64_t ci = start, per = 1ULL << w->rb_bits, limit = w->opts.file_limit;
 	int r;
 
 	for (;;) {
@@ -644,36 +644,64 @@ out:
 	return r;
 }
 
-/* One new cluster, refcount 1 (cached). */
-static int alloc_cluster(struct qcow2_rw *w, uint64_t *off)
+/* n contiguous new clusters, refcount 1 each (cached): the first run of
+ * free clusters at or after the hint whose refcount blocks exist (made on
+ * the way, which may take clusters of a candidate run: the search starts
+ * over). */
+static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 {
-	uint64_t ci, ti;
+	uint64_t start = w->free_hint, ci, v;
+	bool dense = true;	/* nothing free between the hint and ci */
 	int r;
 
 	for (;;) {
-		r = find_free(w, &ci);
+		uint64_t k, c = 0;
+		bool again = false;
+
+		r = find_free(w, start, &ci);
 		if (r < 0)
 			return r;
-		ti = ci >> w->rb_bits;
-		if (ti >= w->reftable_entries) {
-			r = grow_reftable(w, ti + 1);
+		if (w->opts.file_limit && (ci + n) << w->cb > w->opts.file_limit) {
+			log_err("%s: no room for %" PRIu64 " new clusters below %" PRIu64 " bytes.", w->img->path, n,
+				w->opts.file_limit);
+			return -ENOSPC;
+		}
+		for (k = 0; k < n && !again; k++) {
+			uint64_t ti;
+
+			c = ci + k;
+			ti = c >> w->rb_bits;
+			if (ti >= w->reftable_entries)
+				r = grow_reftable(w, ti + 1), again = true;
+			else if (!(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK))
+				r = create_refblock(w, ti), again = true;
+			else if ((r = refcount_read(w, c, &v)) == 0 && v)
+				again = true, start = c + 1, dense = false;
 			if (r < 0)
 				return r;
-			continue;
 		}
-		if (!(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK)) {
-			r = create_refblock(w, ti);
-			if (r < 0)
-				return r;
-			continue;
-		}
-		r = refcount_change(w, ci, +1);
-		if (r < 0)
-			return r;
-		w->free_hint = ci + 1;
-		*off = ci << w->cb;
-		return 0;
+		if (!again)
+			break;
 	}
+	for (uint64_t k = 0; k < n; k++) {
+		r = refcount_change(w, ci + k, +1);
+		if (r < 0) {
+			while (k-- > 0)
+				if (refcount_change(w, ci + k, -1) < 0)
+					w->broken = true;
+			return r;
+		}
+	}
+	if (dense)
+		w->free_hint = ci + n;
+	*off = ci << w->cb;
+	return 0;
+}
+
+/* One new cluster, refcount 1 (cached). */
+static int alloc_cluster(struct qcow2_rw *w, uint64_t *off)
+{
+	return alloc_clusters(w, 1, off);
 }
 
 static int apply_deferred(struct qcow2_rw *w)
@@ -1193,6 +1221,20 @@ static void undo_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 			w->broken = true;
 }
 
+/* l2_slot_write with room for `room` queued decrements first: nothing may
+ * write back between an entry update and the decrement it queues. */
+static int l2_slot_for_update(struct qcow2_rw *w, uint64_t l1i, size_t room, struct slot **s)
+{
+	int r;
+
+	if (w->n_deferred + room > DEFERRED_MAX) {
+		r = writeback(w);
+		if (r < 0)
+			return r;
+	}
+	return l2_slot_write(w, l1i, s);
+}
+
 static int link_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 {
 	int r;
@@ -1204,14 +1246,7 @@ static int link_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 
 		if (!p->update)
 			continue;
-		/* room for the decrement first: nothing may write back between
-		 * the entry update and the queued decrement */
-		if (w->n_deferred == DEFERRED_MAX) {
-			r = writeback(w);
-			if (r < 0)
-				return r;
-		}
-		r = l2_slot_write(w, gci >> w->l2_bits, &s);
+		r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
 		if (r < 0)
 			return r;
 		put_be64(s->buf + j * w->l2_esz, p->new_entry);
@@ -1416,6 +1451,303 @@ int qcow2_rw_flush(struct qcow2_rw *w)
 	return r;
 }
 
+/* ---- resize ---- */
+
+/* A larger active L1 table of new_l1 entries, in QEMU's order: new
+ * clusters allocated and their refcounts made durable, the table written
+ * and flushed, the header switched to it (l1_size and l1_table_offset,
+ * adjacent: 12 bytes in one sector) and flushed, and only then the old
+ * table freed. Called with nothing pending (written back). */
+static int grow_l1(struct qcow2_rw *w, uint64_t new_l1)
+{
+	struct image *img = w->img;
+	uint64_t old_off = img->l1_table_offset, old_n = img->l1_size, nc, off;
+	uint8_t *buf = NULL, hdr[12];
+	uint64_t *l1 = NULL;
+	int r;
+
+	if (new_l1 > QCOW2_MAX_L1_BYTES / 8) {
+		log_err("%s: the L1 table would exceed %u bytes (use a larger cluster size).", img->path,
+			QCOW2_MAX_L1_BYTES);
+		return -EFBIG;
+	}
+	nc = (new_l1 * 8 + w->cs - 1) >> w->cb;
+	buf = alloc_aligned((size_t)(nc * w->cs));
+	l1 = calloc(new_l1, sizeof(*l1));
+	if (!buf || !l1) {
+		r = -ENOMEM;
+		goto out;
+	}
+	r = alloc_clusters(w, nc, &off);
+	if (r < 0)
+		goto out;
+	r = cache_write_all(w, &w->rbc);
+	if (!r)
+		r = meta_flush(w);
+	for (uint64_t i = 0; i < old_n; i++) {
+		l1[i] = img->l1[i];
+		put_be64(buf + i * 8, l1[i]);
+	}
+	if (!r)
+		r = meta_write(w, buf, (size_t)(nc * w->cs), off);
+	if (!r)
+		r = meta_flush(w);
+	put_be32(hdr, (uint32_t)new_l1);
+	put_be64(hdr + 4, off);
+	if (!r)
+		r = meta_write(w, hdr, sizeof(hdr), QCOW2_HDR_L1_SIZE);
+	if (!r)
+		r = meta_flush(w);
+	if (r) {
+		/* the header may name either table: keep both referenced */
+		goto out;
+	}
+	free(img->l1);
+	img->l1 = l1;
+	l1 = NULL;
+	img->l1_size = (uint32_t)new_l1;
+	img->map_l1_size = (uint32_t)new_l1;
+	img->l1_table_offset = off;
+	log_dbg("%s: L1 table grown to %" PRIu64 " entries at 0x%" PRIx64, img->path, new_l1, off);
+	/* referenced by nothing durable any more */
+	for (uint64_t c = 0; old_n && c < (old_n * 8 + w->cs - 1) >> w->cb; c++) {
+		r = refcount_change(w, (old_off >> w->cb) + c, -1);
+		if (r < 0)
+			break;
+	}
+out:
+	free(buf);
+	free(l1);
+	return r;
+}
+
+/* [from, to) of the guest (from a subcluster boundary, to the new size)
+ * reads as zeros: zero flags in the L2 entries (QEMU's zeroize of a grown
+ * area over a backing file). A cluster partly before from keeps its other
+ * subclusters; a compressed one there is left alone (its bytes past the old
+ * size are zeros). */
+static int zero_area(struct qcow2_rw *w, uint64_t from, uint64_t to)
+{
+	for (uint64_t g = from; g < to;) {
+		uint64_t gci = g >> w->cb, j = gci & (w->l2_entries - 1), cend = (gci + 1) << w->cb, e, bm, ne, nbm;
+		uint64_t coff, clen;
+		uint32_t mask = sc_mask(w, g - (gci << w->cb), MIN(to, cend) - (gci << w->cb));
+		struct slot *s;
+		int r;
+
+		/* room for a copied table's decrement and the entry's */
+		r = l2_slot_for_update(w, gci >> w->l2_bits, 2, &s);
+		if (r < 0)
+			return r;
+		e = get_be64(s->buf + j * w->l2_esz);
+		bm = w->extended ? get_be64(s->buf + j * w->l2_esz + 8) : 0;
+		ne = e;
+		if (entry_compressed(e) && (g & (w->cs - 1))) {
+			g = cend;
+			continue;
+		}
+		if (entry_compressed(e)) {
+			compressed_range(w, e, &coff, &clen);
+			w->deferred[w->n_deferred++] = (struct extent){ .off = coff, .len = clen };
+			ne = w->extended ? 0 : QCOW2_OFLAG_ZERO;
+			bm = 0;
+		} else if (!w->extended) {
+			ne = e | QCOW2_OFLAG_ZERO;
+		}
+		/* extended: the entry keeps its cluster, the subclusters turn zero */
+		nbm = w->extended ? (bm & ~(uint64_t)mask) | ((uint64_t)mask << 32) : 0;
+		put_be64(s->buf + j * w->l2_esz, ne);
+		if (w->extended)
+			put_be64(s->buf + j * w->l2_esz + 8, nbm);
+		slot_mark(s, (uint32_t)(j * w->l2_esz), (uint32_t)((j + 1) * w->l2_esz));
+		if (e == w->cbuf_entry)
+			w->cbuf_entry = 0;
+		g = cend;
+	}
+	return 0;
+}
+
+/* Whether a guest cluster at or past new_size (or, extended L2, a
+ * subcluster) holds data: what a shrink would discard. */
+static int allocated_past(struct qcow2_rw *w, uint64_t new_size, uint64_t *where)
+{
+	for (uint64_t gci = new_size >> w->cb; gci << w->cb < w->img->size; gci++) {
+		uint64_t g = gci << w->cb, e, bm, host;
+		uint32_t alloc, zero;
+		int r;
+
+		if (!(gci & (w->l2_entries - 1)) && (gci >> w->l2_bits) < w->img->l1_size &&
+		    !(w->img->l1[gci >> w->l2_bits] & QCOW2_L1E_OFFSET_MASK)) {
+			gci += w->l2_entries - 1;	/* no L2 table */
+			continue;
+		}
+		r = get_entry(w, gci, &e, &bm);
+		if (r < 0)
+			return r;
+		entry_bits(w, e, bm, &alloc, &zero);
+		if (g >= new_size ? entry_compressed(e) || entry_host(w, e, &host)
+				  : w->extended && (alloc & ~sc_mask(w, 0, new_size - g))) {
+			*where = g;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* Free the L2 tables of the active L1 from entry new_l1 on (QEMU's L1
+ * shrink: the entries zeroed on disk and flushed, then the tables freed;
+ * the header keeps its l1_size). Nothing they map is allocated. */
+static int shrink_l1(struct qcow2_rw *w, uint64_t new_l1)
+{
+	struct image *img = w->img;
+	uint64_t n = img->l1_size - new_l1;
+	uint8_t *zeros;
+	int r;
+
+	zeros = calloc(n, 8);
+	if (!zeros)
+		return -ENOMEM;
+	r = meta_write(w, zeros, (size_t)(n * 8), img->l1_table_offset + new_l1 * 8);
+	free(zeros);
+	if (!r)
+		r = meta_flush(w);
+	if (r)
+		return r;
+	for (uint64_t i = new_l1; i < img->l1_size; i++) {
+		uint64_t off = img->l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+		img->l1[i] = 0;
+		if (!off)
+			continue;
+		cache_forget(&w->l2c, off);
+		r = refcount_change(w, off >> w->cb, -1);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+/* Zeros over the part of the subcluster holding the old end that lies past
+ * it, when that part would read otherwise: allocated (bytes left by an
+ * earlier shrink) or from a backing file that reaches there. */
+static int zero_head(struct qcow2_rw *w, uint64_t old, uint64_t new_size, uint64_t backing_size)
+{
+	uint64_t end = MIN(round_up_pow2(old, w->scs), new_size), e, bm;
+	uint32_t alloc, zero, sc;
+	uint8_t *z;
+	int r;
+
+	if (end <= old)
+		return 0;
+	r = get_entry(w, old >> w->cb, &e, &bm);
+	if (r < 0)
+		return r;
+	entry_bits(w, e, bm, &alloc, &zero);
+	sc = 1U << ((old & (w->cs - 1)) / w->scs);
+	if (!entry_compressed(e) && !(alloc & sc) && ((zero & sc) || backing_size <= old || !w->ops.backing_pread))
+		return 0;
+	z = calloc(1, (size_t)(end - old));
+	if (!z)
+		return -ENOMEM;
+	r = qcow2_rw_write(w, z, (size_t)(end - old), old);
+	free(z);
+	return r;
+}
+
+static int write_size(struct qcow2_rw *w, uint64_t size)
+{
+	int r = write_header_u64(w, QCOW2_HDR_SIZE, size);
+
+	if (!r)
+		r = meta_flush(w);
+	return r;
+}
+
+int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink)
+{
+	struct image *img = w->img;
+	uint64_t old = img->size, per_l1 = w->l2_entries << w->cb, new_l1, where = 0;
+	uint64_t backing_size = img->backing ? img->backing->map_size : 0;
+	int r;
+
+	if (w->opts.read_only)
+		return -EROFS;
+	if (w->broken)
+		return -EIO;
+	if (!img->backing && w->ops.backing_pread)
+		backing_size = w->opts.backing_size ? w->opts.backing_size : UINT64_MAX;
+	if (new_size % 512 || !new_size) {
+		log_err("%s: the new size must be a positive multiple of 512 bytes.", img->path);
+		return -EINVAL;
+	}
+	if (new_size == old)
+		return 0;
+	if (new_size < old && !allow_shrink) {
+		log_err("%s: shrinking the image may lose data: it takes the shrink option.", img->path);
+		return -EINVAL;
+	}
+	if (w->data_file) {
+		log_err("%s: images with an external data file cannot be resized here.", img->path);
+		return -ENOTSUP;
+	}
+	if (img->nb_snapshots && img->version < 3) {
+		log_err("%s: a version 2 image with snapshots cannot be resized.", img->path);
+		return -ENOTSUP;
+	}
+	if (new_size > INT64_MAX - per_l1) {
+		log_err("%s: %" PRIu64 " bytes is too large.", img->path, new_size);
+		return -EFBIG;
+	}
+	new_l1 = (new_size + per_l1 - 1) / per_l1;
+	r = writeback(w);
+	if (r < 0)
+		return r;
+	if (new_size < old) {
+		r = allocated_past(w, new_size, &where);
+		if (r > 0) {
+			log_err("%s: guest offset %" PRIu64 " past the new size is allocated: not shrunk.", img->path,
+				where);
+			return -ENOTEMPTY;
+		}
+		if (r == 0)
+			r = write_size(w, new_size);
+		if (r < 0)
+			return r;
+		img->size = img->map_size = new_size;
+		if (new_l1 < img->l1_size)
+			r = shrink_l1(w, new_l1);
+		if (!r)
+			r = writeback(w);
+		return r;
+	}
+	/* grow: the area the backing file would show through reads zeros */
+	if (backing_size > old && img->version < 3) {
+		log_err("%s: growing a version 2 image over its backing file needs zero clusters (version 3).",
+			img->path);
+		return -ENOTSUP;
+	}
+	if (new_l1 > img->l1_size) {
+		r = grow_l1(w, new_l1);
+		if (r < 0)
+			return r;
+	}
+	img->size = new_size;
+	r = zero_head(w, old, new_size, backing_size);
+	if (!r && backing_size > old && round_up_pow2(old, w->scs) < new_size)
+		r = zero_area(w, round_up_pow2(old, w->scs), new_size);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	if (!r)
+		r = write_size(w, new_size);
+	if (r < 0) {
+		img->size = old;
+		return r;
+	}
+	img->map_size = new_size;
+	log_dbg("%s: resized from %" PRIu64 " to %" PRIu64 " bytes", img->path, old, new_size);
+	return 0;
+}
+
 /* ---- open, close ---- */
 
 static int header_duties(struct qcow2_rw *w)
@@ -1577,6 +1909,17 @@ int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end)
 	}
 	qcow2_rw_free(w);
 	return r;
+}
+
+void qcow2_rw_file_grown(struct qcow2_rw *w, uint64_t size)
+{
+	w->opts.file_limit = size;
+	if (size <= w->meta_size)
+		return;
+	w->meta_size = size;
+	w->img->io.size = size;
+	if (!w->img->has_data_file)
+		w->img->data_io.size = size;
 }
 
 void qcow2_rw_get_stats(const struct qcow2_rw *w, struct qcow2_rw_stats *st)

@@ -108,6 +108,9 @@ struct qcow2_rw_opts {
 	 * stayed locked meanwhile): its dirty bit is accepted, since this
 	 * writer never defers refcount updates (only leaks can be left). */
 	bool resume;
+	/* Guest size of the backing chain when img->backing is not set but
+	 * backing_pread is (tests); 0: as large as any (resize). */
+	uint64_t backing_size;
 };
 
 struct qcow2_rw;
@@ -144,6 +147,32 @@ bool qcow2_rw_has_pending(const struct qcow2_rw *w);
 int qcow2_rw_close(struct qcow2_rw *w, uint64_t *used_end);
 /* Free without touching the image (after a failure, or a crash test). */
 void qcow2_rw_free(struct qcow2_rw *w);
+
+/* Change the guest size to new_size (a multiple of 512), as `qemu-img
+ * resize` does; the image is consistent after every write (a crash leaves
+ * the old or the new size, and leaks at worst). Growing: a larger L1 table
+ * when needed (written and flushed, its refcounts durable first, then the
+ * header switched to it, then the old one freed); over a backing file that
+ * reaches past the old size, the new area is made to read zeros (zero
+ * clusters, zeros written over the rest of the last subcluster) before the
+ * header's size changes. Shrinking (allow_shrink): only when no cluster
+ * (extended L2: subcluster) past the new size is allocated; the header's
+ * size first, then the L2 tables past it unlinked and freed. img->size and
+ * map_size follow. 0 or, with a message:
+ *   -EINVAL     new_size not a positive multiple of 512, or smaller
+ *               without allow_shrink,
+ *   -ENOTEMPTY  shrinking past allocated clusters (nothing changed),
+ *   -ENOTSUP    external data file; version 2 with snapshots, or grown
+ *               over a backing file (zero clusters need version 3),
+ *   -EFBIG      the L1 table would exceed QCOW2_MAX_L1_BYTES,
+ *   -EROFS, -EIO (a broken writer), -ENOSPC, -ENOMEM, -errno of a write. */
+int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink);
+
+/* The image file grew to size bytes under a live writer (resize): its
+ * size as the image knows it (img->io.size, and data_io.size when the data
+ * is in the file) and the limit of new clusters (opts.file_limit) become
+ * size. */
+void qcow2_rw_file_grown(struct qcow2_rw *w, uint64_t size);
 
 /* Split the DATA runs of layer 0 in runs (image_map_chain) by whether their
  * clusters may be written in place (OFLAG_COPIED, not compressed): those get

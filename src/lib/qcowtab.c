@@ -285,6 +285,166 @@ static int parse_seconds(const char *s, unsigned int *out)
 	return -EINVAL;
 }
 
+/* yes/no as systemd's parse_boolean(). 1, 0, or -EINVAL. */
+static int parse_bool(const char *s)
+{
+	static const char *const yes[] = { "1", "yes", "y", "true", "t", "on" };
+	static const char *const no[] = { "0", "no", "n", "false", "f", "off" };
+
+	for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
+		if (!strcmp(s, yes[i]))
+			return 1;
+		if (!strcmp(s, no[i]))
+			return 0;
+	}
+	return -EINVAL;
+}
+
+bool qcowtab_valid_credential(const char *id)
+{
+	size_t len = strlen(id);
+
+	if (!len || len > 255 || !strcmp(id, ".") || !strcmp(id, ".."))
+		return false;
+	for (const unsigned char *c = (const unsigned char *)id; *c; c++)
+		if (*c < 0x20 || *c == 0x7f || *c == '/' || *c == ':' || *c == '%' || *c == '\\')
+			return false;
+	return true;
+}
+
+/* credential=ID, load-credential=ID[:PATH], load-credential-encrypted=ID[:PATH]. */
+static int set_credential(struct qcowtab_entry *e, const char *val, enum qcowtab_credential_load load)
+{
+	const char *colon = load == QCOWTAB_CRED_GIVEN ? NULL : strchr(val, ':');
+
+	free(e->credential);
+	free(e->credential_path);
+	e->credential_path = NULL;
+	e->credential = strndup(val, colon ? (size_t)(colon - val) : strlen(val));
+	if (!e->credential || (colon && !(e->credential_path = strdup(colon + 1))))
+		return -ENOMEM;
+	e->credential_load = load;
+	if (!qcowtab_valid_credential(e->credential))
+		return -EINVAL;
+	if (e->credential_path) {
+		for (const unsigned char *c = (const unsigned char *)e->credential_path; *c; c++)
+			if (*c < 0x20 || *c == 0x7f)
+				return -EINVAL;
+		if (e->credential_path[0] != '/')
+			return -EINVAL;
+	}
+	return 0;
+}
+
+/* The key sources beyond the key file: keyfile-timeout=, headless=,
+ * password-echo= (crypttab's) and the systemd credentials. Returns 0 (an
+ * option of these, taken), 1 (not one of these), -EINVAL (bad value, not
+ * reported yet) or -ENOMEM. */
+static int parse_key_source_option(struct qcowtab_entry *e, const char *key, size_t klen, const char *val)
+{
+	static const struct {
+		const char *name;
+		enum { KS_TIMEOUT, KS_HEADLESS, KS_ECHO, KS_CREDENTIAL } what;
+		enum qcowtab_credential_load load;
+	} opts[] = {
+		{ "keyfile-timeout", KS_TIMEOUT, 0 },
+		{ "headless", KS_HEADLESS, 0 },
+		{ "password-echo", KS_ECHO, 0 },
+		{ "credential", KS_CREDENTIAL, QCOWTAB_CRED_GIVEN },
+		{ "load-credential", KS_CREDENTIAL, QCOWTAB_CRED_LOAD },
+		{ "load-credential-encrypted", KS_CREDENTIAL, QCOWTAB_CRED_LOAD_ENCRYPTED },
+	};
+	int b;
+
+	for (size_t i = 0; i < ARRAY_SIZE(opts); i++) {
+		if (klen != strlen(opts[i].name) || strncmp(key, opts[i].name, klen))
+			continue;
+		if (!val && opts[i].what != KS_HEADLESS)
+			return -EINVAL;
+		switch (opts[i].what) {
+		case KS_TIMEOUT:
+			e->keyfile_optional = true;
+			return parse_seconds(val, &e->keyfile_timeout);
+		case KS_HEADLESS:
+			b = val ? parse_bool(val) : 1;
+			e->headless = b > 0;
+			return b < 0 ? b : 0;
+		case KS_ECHO:
+			b = strcmp(val, "masked") ? parse_bool(val) : 2;
+			e->password_echo = b == 2 ? QCOWTAB_ECHO_MASKED : b ? QCOWTAB_ECHO_YES : QCOWTAB_ECHO_NO;
+			return b < 0 ? b : 0;
+		case KS_CREDENTIAL:
+			return set_credential(e, val, opts[i].load);
+		}
+	}
+	return 1;
+}
+
+/* crypttab(5) options that mean nothing here or cannot be honoured: each
+ * with what qcowsetup does (a warning and the line is used, or an error and
+ * the line is refused) and why. qcowtab(5) has the whole table. */
+static const struct {
+	const char *name;	/* without '=' */
+	bool refuse;
+	const char *why;
+} crypttab_options[] = {
+	{ "cipher", false, "the LUKS header in the image names the cipher" },
+	{ "hash", false, "the LUKS header in the image names the hash" },
+	{ "size", false, "the LUKS header in the image gives the key size" },
+	{ "key-slot", false, "every key slot is tried" },
+	{ "verify", false, "a passphrase is asked once" },
+	{ "try-empty-password", false, "an empty passphrase is not tried" },
+	{ "same-cpu-crypt", false, "dm-crypt runs with its default flags" },
+	{ "submit-from-crypt-cpus", false, "dm-crypt runs with its default flags" },
+	{ "no-read-workqueue", false, "dm-crypt runs with its default flags" },
+	{ "no-write-workqueue", false, "dm-crypt runs with its default flags" },
+	{ "bypass-workqueues", false, "dm-crypt runs with its default flags" },
+	{ "_netdev", false, "the unit is ordered as a local one" },
+	{ "tpm2-measure-pcr", false, "the volume key is not measured" },
+	{ "tpm2-measure-bank", false, "the volume key is not measured" },
+	{ "plain", true, "a qcow2 image is mapped as its header says, never as plain dm-crypt" },
+	{ "bitlk", true, "a qcow2 image is not a BitLocker volume" },
+	{ "tcrypt", true, "a qcow2 image is not a TrueCrypt volume" },
+	{ "tcrypt-hidden", true, "a qcow2 image is not a TrueCrypt volume" },
+	{ "tcrypt-system", true, "a qcow2 image is not a TrueCrypt volume" },
+	{ "tcrypt-veracrypt", true, "a qcow2 image is not a VeraCrypt volume" },
+	{ "tcrypt-keyfile", true, "a qcow2 image is not a TrueCrypt volume" },
+	{ "veracrypt-pim", true, "a qcow2 image is not a VeraCrypt volume" },
+	{ "swap", true, "qcowsetup never formats a mapping" },
+	{ "tmp", true, "qcowsetup never formats a mapping" },
+	{ "header", true, "the LUKS header lives inside the qcow2 image" },
+	{ "offset", true, "the image's layout gives where the data is" },
+	{ "skip", true, "the image's layout gives where the data is" },
+	{ "sector-size", true, "QEMU encrypts 512-byte sectors" },
+	{ "keyfile-erase", true, "qcowsetup does not erase key files" },
+	{ "pkcs11-uri", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "fido2-device", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "fido2-cid", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "fido2-rp", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-device", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-pcrs", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-pin", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-signature", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-pcrlock", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-public-key", true, "a qcow2 image's LUKS1 header has no tokens" },
+	{ "tpm2-public-key-pcrs", true, "a qcow2 image's LUKS1 header has no tokens" },
+};
+
+/* A crypttab option of the table: reported (warning or error). Returns 0
+ * (ignored), -EINVAL (refused) or 1 (not one). */
+static int crypttab_option(struct qcowtab_entry *e, const char *o, size_t klen, qcowtab_report_fn fn, void *opaque)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(crypttab_options); i++) {
+		if (klen != strlen(crypttab_options[i].name) || strncmp(o, crypttab_options[i].name, klen))
+			continue;
+		report(fn, opaque, crypttab_options[i].refuse ? QCOWTAB_ERROR : QCOWTAB_WARNING, e->line,
+		       "crypttab option %.*s %s: %s", (int)klen, o, crypttab_options[i].refuse ? "refused" : "ignored",
+		       crypttab_options[i].why);
+		return crypttab_options[i].refuse ? -EINVAL : 0;
+	}
+	return 1;
+}
+
 /* Returns 0, or -EINVAL with the problem reported (as an error). */
 static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_fn fn, void *opaque)
 {
@@ -292,7 +452,16 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 	size_t klen = eq ? (size_t)(eq - o) : strlen(o);
 	const char *val = eq ? eq + 1 : NULL;
 	uint64_t v;
+	int r;
 
+	r = parse_key_source_option(e, o, klen, val);
+	if (r == -EINVAL)
+		goto bad;
+	if (r <= 0)
+		return r;
+	r = crypttab_option(e, o, klen, fn, opaque);
+	if (r <= 0)
+		return r;
 #define IS(k) (klen == strlen(k) && !strncmp(o, k, klen))
 	if (!val) {
 		if (IS("readonly") || IS("read-only") || IS("ro"))
@@ -390,6 +559,8 @@ static void entry_free(struct qcowtab_entry *e)
 	qcowtab_location_free(&e->image);
 	qcowtab_location_free(&e->key);
 	free(e->snapshot);
+	free(e->credential);
+	free(e->credential_path);
 	free(e->options);
 	memset(e, 0, sizeof(*e));
 }
@@ -520,9 +691,11 @@ static int parse_line(const char *p, const char *end, unsigned int line, qcowtab
 		report(fn, opaque, QCOWTAB_WARNING, line, "%s: a snapshot is always mapped read-only", e->name);
 		e->readonly = true;
 	}
-	if (e->key.source == QCOWTAB_NONE && (e->keyfile_offset || e->keyfile_size))
+	if (e->key.source == QCOWTAB_NONE && !e->credential && (e->keyfile_offset || e->keyfile_size))
 		report(fn, opaque, QCOWTAB_WARNING, line, "%s: keyfile-offset and keyfile-size apply to key files only",
 		       e->name);
+	if (e->key.source == QCOWTAB_NONE && e->keyfile_optional)
+		report(fn, opaque, QCOWTAB_WARNING, line, "%s: keyfile-timeout applies to key files only", e->name);
 	return 0;
 }
 

@@ -45,6 +45,22 @@ struct qcowtab_location {
 	char *path;			/* absolute; NULL for QCOWTAB_TAG_ONLY and NONE */
 };
 
+/* password-echo= (crypttab's): how a question shows what is typed */
+enum qcowtab_echo {
+	QCOWTAB_ECHO_DEFAULT = 0,	/* not given: the agent's default (masked), none on a terminal */
+	QCOWTAB_ECHO_NO,
+	QCOWTAB_ECHO_YES,
+	QCOWTAB_ECHO_MASKED,		/* one '*' per character */
+};
+
+/* Where the unit gets the credential that credential= names (the generator
+ * writes the setting; qcowsetup reads $CREDENTIALS_DIRECTORY/ID). */
+enum qcowtab_credential_load {
+	QCOWTAB_CRED_GIVEN = 0,		/* credential=ID: the unit gets it some other way */
+	QCOWTAB_CRED_LOAD,		/* load-credential=ID[:PATH]: LoadCredential= */
+	QCOWTAB_CRED_LOAD_ENCRYPTED,	/* load-credential-encrypted=ID[:PATH]: LoadCredentialEncrypted= */
+};
+
 struct qcowtab_entry {
 	unsigned int line;		/* 1-based line in the file */
 	char *name;
@@ -67,6 +83,14 @@ struct qcowtab_entry {
 	uint64_t keyfile_offset;
 	uint64_t keyfile_size;
 	char *snapshot;			/* snapshot=ID|NAME, or NULL */
+	/* key sources beyond the key file (crypttab's names where they exist) */
+	bool keyfile_optional;		/* keyfile-timeout= given: without the key file, ask */
+	unsigned int keyfile_timeout;	/* keyfile-timeout=: seconds to wait for the key file first */
+	bool headless;			/* headless=: never ask, fail instead */
+	enum qcowtab_echo password_echo;	/* password-echo= */
+	char *credential;		/* the systemd credential holding the key, or NULL */
+	char *credential_path;		/* its file for LoadCredential*=ID:PATH, or NULL (systemd searches) */
+	enum qcowtab_credential_load credential_load;
 	char *options;			/* the options field as written (decoded), or "" */
 };
 
@@ -101,6 +125,11 @@ const struct qcowtab_entry *qcowtab_find(const struct qcowtab *t, const char *na
 int qcowtab_parse_location(const char *field, bool is_key, struct qcowtab_location *loc,
 			   const char **why);
 void qcowtab_location_free(struct qcowtab_location *loc);
+
+/* Whether id can name a systemd credential (a file name: no '/', not "."
+ * or "..", at most 255 bytes, no control characters; ':' would end the
+ * ID in LoadCredential=, '%' is a specifier there). */
+bool qcowtab_valid_credential(const char *id);
 
 /* Whether name can name an entry (and a device-mapper device). */
 bool qcowtab_valid_name(const char *name);

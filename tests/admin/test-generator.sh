@@ -123,10 +123,37 @@ if command -v systemd-analyze >/dev/null; then
 		grep -qF "RequiresMountsFor: /k ey%s " "$tmp/dump"
 fi
 
+# Key sources: systemd credentials become LoadCredential=/LoadCredentialEncrypted=
+# (qcowsetup reads them in $CREDENTIALS_DIRECTORY); with keyfile-timeout= the
+# unit does not wait for the key file's device or mount (qcowsetup does, then
+# asks).
+cat > "$tmp/keysrc" <<'TAB'
+credp   /v/p.qcow2   none   load-credential=qcow-p.key:/etc/keys/p%1,headless
+crede   /v/e.qcow2   -      load-credential-encrypted=qcow-e.key,password-echo=masked
+credg   /v/g.qcow2   -      credential=given.key
+kto     /v/k.qcow2   /keys/k.key:LABEL=usb   keyfile-timeout=5s
+ktom    /v/m.qcow2   /mnt/usb/k.key   keyfile-timeout=1min
+credbad /v/b.qcow2   -      load-credential=x:/a\040b
+TAB
+out5=$tmp/keysrc.out
+mkdir "$out5"
+QCOWSETUP_QCOWTAB=$tmp/keysrc QCOWSETUP_BIN=$qs SYSTEMD_IN_INITRD=0 "$gen" "$out5" "$out5" "$out5" 2>"$tmp/err5"
+rc=$?
+[ $rc = 1 ] || fail "key sources: generator exit status $rc, not 1"
+check "credentials: LoadCredential=ID:PATH, '%' doubled" grep -qxF 'LoadCredential=qcow-p.key:/etc/keys/p%%1' "$out5/qcowsetup@credp.service"
+check "credentials: LoadCredentialEncrypted=ID (systemd searches its credential stores)" \
+	grep -qx 'LoadCredentialEncrypted=qcow-e.key' "$out5/qcowsetup@crede.service"
+check "credentials: credential=ID alone loads nothing" eval "! grep -q Credential '$out5/qcowsetup@credg.service'"
+check "credentials: a path with a blank is refused" grep -q "keysrc:6: credbad: credential x: its path" "$tmp/err5"
+check "keyfile-timeout: the key's device wanted, not waited for" \
+	eval "grep -qx 'Wants=dev-disk-by\\\\x2dlabel-usb.device' '$out5/qcowsetup@kto.service' && ! grep -q '^After=dev-disk-by.x2dlabel-usb' '$out5/qcowsetup@kto.service'"
+check "keyfile-timeout: no RequiresMountsFor= for the key file, the image's kept" \
+	eval "! grep -q '^RequiresMountsFor=/mnt/usb' '$out5/qcowsetup@ktom.service' && grep -qx 'RequiresMountsFor=/v/m.qcow2' '$out5/qcowsetup@ktom.service'"
+
 if command -v systemd-analyze >/dev/null; then
 	# (the program's path holds ' ', '%', '$' and UTF-8 in $out4: verify
 	# finds it only if ExecStart= was read back right)
-	for d in "$out" "$out2" "$out4"; do
+	for d in "$out" "$out2" "$out4" "$out5"; do
 		( cd "$d" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./qcowsetup@*.service ) >"$tmp/verify" 2>&1
 		if [ $? = 0 ] && [ ! -s "$tmp/verify" ]; then
 			pass "systemd-analyze verify: $(cd "$d" && ls qcowsetup@*.service | tr '\n' ' ')"

@@ -4,13 +4,17 @@
  * to judge (tests/images/test-write.sh).
  *
  *   qcow2-write [--seed N] [--ops N] [--max-write BYTES] [--write-through]
- *               [--cache BYTES] [--crash-after N] IMAGE REFERENCE.raw
+ *               [--cache BYTES] [--crash-after N] [--resize BYTES [--shrink]]
+ *               IMAGE REFERENCE.raw
  *
  * Writes are 1 byte to --max-write (default 4 MiB) bytes, at aligned and
  * unaligned offsets, with a flush now and then; the image is closed cleanly
  * at the end (dirty bit cleared). --crash-after N stops dead (no flush, no
  * close) after N writes and prints the sectors written since the last
- * flush, one "OFFSET LENGTH" line each, on stdout. Backing files and
+ * flush, one "OFFSET LENGTH" line each, on stdout. --resize BYTES
+ * (--shrink to allow a smaller size) resizes the image first
+ * (qcow2_rw_resize) and truncates the reference to match; a refused resize
+ * exits 3. Backing files and
  * external data files are opened as QEMU names them. Exit 0, 1 on a
  * failure, 2 on bad usage. */
 #include <errno.h>
@@ -50,7 +54,7 @@ static uint64_t rnd(void)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: qcow2-write [--seed N] [--ops N] [--max-write BYTES] [--write-through] [--cache BYTES] [--crash-after N] IMAGE REFERENCE.raw\n");
+	fprintf(stderr, "usage: qcow2-write [--seed N] [--ops N] [--max-write BYTES] [--write-through] [--cache BYTES] [--crash-after N] [--resize BYTES [--shrink]] IMAGE REFERENCE.raw\n");
 	exit(2);
 }
 
@@ -63,7 +67,8 @@ int main(int argc, char **argv)
 	struct image *img = NULL;
 	struct img_io io;
 	struct file_rw c = { .meta_fd = -1, .data_fd = -1 };
-	uint64_t ops_n = 200, max_write = 4 << 20, crash_after = 0, vsize, used_end;
+	uint64_t ops_n = 200, max_write = 4 << 20, crash_after = 0, vsize, used_end, resize = 0;
+	bool shrink = false;
 	uint8_t *buf = NULL;
 	int ref_fd, r, i;
 	struct { uint64_t off, len; } *unflushed = NULL;
@@ -80,6 +85,10 @@ int main(int argc, char **argv)
 			wo.cache_bytes = strtoull(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--crash-after") && i + 1 < argc)
 			crash_after = strtoull(argv[++i], NULL, 0);
+		else if (!strcmp(argv[i], "--resize") && i + 1 < argc)
+			resize = strtoull(argv[++i], NULL, 0);
+		else if (!strcmp(argv[i], "--shrink"))
+			shrink = true;
 		else if (!strcmp(argv[i], "--write-through"))
 			wo.write_through = true;
 		else
@@ -131,9 +140,21 @@ int main(int argc, char **argv)
 		fprintf(stderr, "%s: %s\n", argv[i + 1], strerror(errno));
 		return 1;
 	}
+	if (resize) {
+		r = qcow2_rw_resize(w, resize, shrink);
+		if (r) {
+			fprintf(stderr, "resize to %" PRIu64 ": %s\n", resize, strerror(-r));
+			qcow2_rw_close(w, NULL);
+			return r == -ENOTEMPTY || r == -EINVAL || r == -ENOTSUP ? 3 : 1;
+		}
+		if (ftruncate(ref_fd, (off_t)resize) < 0) {
+			fprintf(stderr, "%s: %s\n", argv[i + 1], strerror(errno));
+			return 1;
+		}
+	}
 	vsize = img->size;
 	max_write = MIN(max_write, vsize);
-	buf = malloc(max_write);
+	buf = malloc(max_write ? max_write : 1);
 	unflushed = calloc(ops_n + 1, sizeof(*unflushed));
 	if (!buf || !unflushed)
 		return 1;

@@ -1681,6 +1681,207 @@ static void test_rw_open_checks(void)
 	}
 }
 
+/* ---- resize ---- */
+
+struct resize_case {
+	const char *name;
+	unsigned int cb;
+	bool ext;
+	int version;
+	uint64_t vsize, backing_size, new_size;
+	int n_data;		/* data clusters below both sizes */
+	bool data_last;		/* a data cluster at the last guest cluster */
+	int n_zero_past;	/* zero clusters (L2 tables, no data) past the new size */
+	bool no_shrink_flag;
+	int expect;
+	int crash_runs;		/* 0: none; else a failure at every write or flush */
+};
+
+static const struct resize_case resize_cases[] = {
+	{ "grow inside the L1 table", 16, false, 3, 4 << 20, 0, 6 << 20, 8, true, 0, false, 0, 0 },
+	{ "grow with a new L1 table", 9, false, 3, 1 << 20, 0, 16 << 20, 20, false, 0, false, 0, 1 },
+	{ "grow over a backing file, unaligned end", 16, false, 3, (4 << 20) + 1536, 8 << 20, 8 << 20, 8, true, 0,
+	  false, 0, 1 },
+	{ "grow over a backing file, extended L2", 16, true, 3, (4 << 20) + 1536, 8 << 20, (12 << 20) + 512, 8, true,
+	  0, false, 0, 1 },
+	{ "grow over a shorter backing file", 16, false, 2, 4 << 20, 1 << 20, 8 << 20, 4, false, 0, false, 0, 0 },
+	{ "grow a version 2 image over its backing file", 16, false, 2, 4 << 20, 8 << 20, 8 << 20, 4, false, 0,
+	  false, -ENOTSUP, 0 },
+	{ "shrink past allocated clusters", 16, false, 3, 4 << 20, 0, 2 << 20, 4, true, 0, false, -ENOTEMPTY, 0 },
+	{ "shrink without the flag", 16, false, 3, 4 << 20, 0, 2 << 20, 4, false, 0, true, -EINVAL, 0 },
+	{ "shrink past unallocated space, L2 tables freed", 9, false, 3, 16 << 20, 0, 1 << 20, 20, false, 8, false, 0,
+	  1 },
+	{ "shrink to an unaligned size, extended L2", 16, true, 3, 8 << 20, 0, (3 << 20) + 512, 6, false, 4, false,
+	  0, 1 },
+};
+
+struct resize_run {
+	struct tb b;
+	struct env e;
+	struct qcow2_rw *w;
+	long ops_before;
+};
+
+static void resize_build(const struct resize_case *rc, struct resize_run *x)
+{
+	uint64_t low = MIN(rc->vsize, rc->new_size), nlow = low >> rc->cb, nall = (rc->vsize + (1ULL << rc->cb) - 1) >> rc->cb;
+	struct qcow2_rw_opts o = { 0 };
+
+	memset(x, 0, sizeof(*x));
+	rng_state = 42;
+	tb_init(&x->b, rc->cb, 4, rc->ext, rc->vsize, rc->version, false, 0, rc->backing_size);
+	/* distinct clusters: data below both sizes (not in the one holding the
+	 * smaller end), zeros past the new size */
+	for (int i = 0; i < rc->n_data; i++)
+		tb_data(&x->b, (uint64_t)i * ((nlow - 1) / (uint64_t)rc->n_data) << rc->cb, rnd());
+	if (rc->data_last)
+		tb_data(&x->b, (nall - 1) << rc->cb, rnd());
+	for (int i = 0; i < rc->n_zero_past; i++)
+		tb_zero(&x->b, (nlow + 1 + (uint64_t)i * ((nall - nlow - 1) / (uint64_t)rc->n_zero_past)) << rc->cb,
+			false);
+	env_init(&x->e, &x->b);
+	o.backing_size = rc->backing_size;
+	if (env_writer(&x->e, &o, &x->w))
+		x->w = NULL;
+	x->ops_before = x->e.ops;
+}
+
+static void resize_free(struct resize_run *x)
+{
+	qcow2_rw_free(x->w);
+	env_free(&x->e);
+	tb_free(&x->b);
+}
+
+/* The image bytes: opens, no corruption (no leak either unless crashed),
+ * the size is one of the two, the old content below both sizes, zeros in
+ * the grown part. NULL or what is wrong. */
+static const char *resize_verify(const struct resize_case *rc, const struct resize_run *x, const uint8_t *meta,
+				 size_t msize, bool crashed, char *why, size_t whylen)
+{
+	uint64_t size = get_be64(meta + 24);
+	uint8_t *out;
+	struct qcow2_check_result res;
+	int r;
+
+	if (size != rc->vsize && size != rc->new_size) {
+		snprintf(why, whylen, "size %" PRIu64 " is neither the old nor the new one", size);
+		return why;
+	}
+	out = malloc(size);
+	r = inspect(meta, msize, NULL, 0, &x->e, size, out, &res);
+	if (r)
+		snprintf(why, whylen, "does not open or read: %s (%.120s)", strerror(-r), last_msg);
+	else if (res.corruptions || res.check_errors || (!crashed && res.leaks))
+		snprintf(why, whylen, "%" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors (%.100s)",
+			 res.corruptions, res.leaks, res.check_errors, last_msg);
+	else if (memcmp(out, x->b.ref, MIN(size, rc->vsize)))
+		snprintf(why, whylen, "the content changed");
+	else
+		for (uint64_t i = rc->vsize; i < size; i++)
+			if (out[i]) {
+				snprintf(why, whylen, "the grown area reads %02x at %" PRIu64, out[i], i);
+				break;
+			}
+	free(out);
+	return r || why[0] ? why : NULL;
+}
+
+static void test_resize_case(const struct resize_case *rc)
+{
+	struct resize_run x;
+	char why[256] = "";
+	long nops;
+	int r, bad_crash = 0, crash_images = 0;
+
+	resize_build(rc, &x);
+	if (!x.w) {
+		CHECK(0, "resize: %s: writer opens (%s)", rc->name, last_msg);
+		resize_free(&x);
+		return;
+	}
+	r = qcow2_rw_resize(x.w, rc->new_size, !rc->no_shrink_flag);
+	nops = x.e.ops - x.ops_before;
+	if (r != rc->expect) {
+		CHECK(0, "resize: %s: returns %d, expected %d (%s)", rc->name, r, rc->expect, last_msg);
+		resize_free(&x);
+		return;
+	}
+	if (r) {
+		CHECK(get_be64(x.e.meta.cur + 24) == rc->vsize && nops == 0 &&
+		      !resize_verify(rc, &x, x.e.meta.cur, x.e.meta.size, false, why, sizeof(why)),
+		      "resize: %s: refused (%s), the image unchanged %s", rc->name, strerror(-r), why);
+		resize_free(&x);
+		return;
+	}
+	{
+		uint64_t per_l1 = (x.b.cs / (rc->ext ? 16 : 8)) << rc->cb, need = (rc->new_size + per_l1 - 1) / per_l1;
+		uint32_t l1 = get_be32(x.e.meta.cur + 36);
+		uint64_t l1_off = get_be64(x.e.meta.cur + 40);
+
+		CHECK(get_be64(x.e.meta.dur + 24) == rc->new_size && l1 >= need &&
+		      (rc->new_size < rc->vsize || need <= x.b.l1_size || l1_off != x.b.l1_off) &&
+		      !resize_verify(rc, &x, x.e.meta.dur, x.e.meta.dsize, false, why, sizeof(why)),
+		      "resize: %s: durable new size, L1 of %u entries (%" PRIu64 " needed), %ld writes and flushes %s",
+		      rc->name, l1, need, nops, why);
+	}
+	/* the writer goes on at the new size; a shrunk image grows back with
+	 * zeros where its old end was */
+	{
+		uint64_t g = rc->new_size - 4096;
+		uint8_t wbuf[4096], rbuf[4096];
+
+		fill_pattern(wbuf, sizeof(wbuf), 7);
+		r = qcow2_rw_write(x.w, wbuf, sizeof(wbuf), g);
+		if (!r)
+			r = qcow2_rw_read(x.w, rbuf, sizeof(rbuf), g);
+		if (!r && rc->new_size < rc->vsize) {
+			r = qcow2_rw_resize(x.w, rc->vsize, false);
+			if (!r)
+				r = qcow2_rw_read(x.w, rbuf + 0, 512, rc->new_size) || rbuf[0] || memcmp(rbuf, rbuf + 1, 511);
+			if (!r)
+				r = qcow2_rw_read(x.w, rbuf, sizeof(rbuf), g);
+		}
+		if (!r)
+			r = qcow2_rw_flush(x.w);
+		CHECK(r == 0 && !memcmp(wbuf, rbuf, sizeof(wbuf)), "resize: %s: written and read at the new end (%d)",
+		      rc->name, r);
+	}
+	resize_free(&x);
+	/* a failure at every write and flush of the resize */
+	for (long k = 1; rc->crash_runs && k <= nops; k++) {
+		resize_build(rc, &x);
+		x.e.crash_at = x.ops_before + k;
+		r = qcow2_rw_resize(x.w, rc->new_size, true);
+		if (r == 0) {
+			snprintf(why, sizeof(why), "resize succeeded with a failure at operation %ld", k);
+			bad_crash++;
+		}
+		for (int i = 0; i < 3 && !bad_crash; i++) {
+			size_t msize;
+			uint8_t *meta = mf_crash(&x.e.meta, &msize);
+
+			crash_images++;
+			why[0] = '\0';
+			if (resize_verify(rc, &x, meta, msize, true, why, sizeof(why)))
+				bad_crash++;
+			free(meta);
+		}
+		resize_free(&x);
+		if (bad_crash)
+			break;
+	}
+	if (rc->crash_runs)
+		CHECK(!bad_crash, "resize: %s: a failure at each of its %ld writes and flushes: %d crash images clean %s",
+		      rc->name, nops, crash_images, bad_crash ? why : "");
+}
+
+static void test_resize(void)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(resize_cases); i++)
+		test_resize_case(&resize_cases[i]);
+}
+
 static const struct scenario scenarios[] = {
 	{ .name = "64k plain", .cb = 16, .order = 4, .version = 3, .vsize = 8 << 20, .n_data = 20, .n_zero = 5,
 	  .n_zero_alloc = 5, .ops = 250, .max_write = 300 << 10, .crash_runs = 12 },
@@ -1759,6 +1960,8 @@ int main(int argc, char **argv)
 		test_rw_open_checks();
 		test_in_place_guard();
 	}
+	if (!only || !strcmp(only, "targeted") || !strcmp(only, "resize"))
+		test_resize();
 	for (size_t i = 0; i < ARRAY_SIZE(scenarios); i++) {
 		if (only && !strstr(scenarios[i].name, only))
 			continue;

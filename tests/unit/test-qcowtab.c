@@ -187,6 +187,73 @@ static void test_table(void)
 	qcowtab_free(&t);
 }
 
+/* Key sources beyond the key file: crypttab's keyfile-timeout=, headless=,
+ * password-echo=; systemd credentials; crypttab options ignored or refused. */
+static const char keysrc_text[] =
+	"a /a.qcow2 /run/key.sock keyfile-timeout=10s,headless,password-echo=masked\n"	/* 1 */
+	"b /b.qcow2 none credential=vm-b.key,headless=no,password-echo=no\n"		/* 2 */
+	"c /c.qcow2 - load-credential=c.key:/etc/keys/c,password-echo=yes,headless=yes\n"	/* 3 */
+	"d /d.qcow2 - load-credential-encrypted=qcow.d,keyfile-size=32\n"			/* 4 */
+	"e /e.qcow2 /k cipher=aes-xts-plain64,same-cpu-crypt,_netdev,luks\n"			/* 5: 3 warnings */
+	"f /f.qcow2 - keyfile-timeout=1min\n"						/* 6: warning */
+	"r1 /x.qcow2 - tpm2-device=auto\n"							/* 7: refused */
+	"r2 /x.qcow2 - swap\n"								/* 8 */
+	"r3 /x.qcow2 - header=/h\n"								/* 9 */
+	"r4 /x.qcow2 - password-echo=loud\n"							/* 10 */
+	"r5 /x.qcow2 - headless=maybe\n"							/* 11 */
+	"r6 /x.qcow2 - credential=a/b\n"							/* 12 */
+	"r7 /x.qcow2 - load-credential=x:relative\n"						/* 13 */
+	"r8 /x.qcow2 - credential=a:b\n"							/* 14 */
+	"r9 /x.qcow2 - keyfile-timeout=soon\n"						/* 15 */
+	"r10 /x.qcow2 - credential\n";							/* 16 */
+
+static void test_key_sources(void)
+{
+	struct reported rep = { 0 };
+	const struct qcowtab_entry *e;
+	unsigned int errors = 0;
+	struct qcowtab t;
+	int r;
+
+	r = qcowtab_parse(keysrc_text, sizeof(keysrc_text) - 1, collect, &rep, &t, &errors);
+	CHECK(r == 0 && t.count == 6 && errors == 10, "key sources: 6 entries, 10 refused (%zu, %u)", t.count, errors);
+	CHECK(rep.warnings == 4, "4 warnings: 3 crypttab options ignored, keyfile-timeout without a key file (%u)",
+	      rep.warnings);
+	CHECK(rep.last_line == 16, "the last report is line 16 (%u)", rep.last_line);
+
+	e = qcowtab_find(&t, "a");
+	CHECK(e && e->keyfile_optional && e->keyfile_timeout == 10 && e->headless &&
+	      e->password_echo == QCOWTAB_ECHO_MASKED && !e->credential,
+	      "a: keyfile-timeout=10s, headless, password-echo=masked");
+	e = qcowtab_find(&t, "b");
+	CHECK(e && !e->headless && e->password_echo == QCOWTAB_ECHO_NO && e->credential &&
+	      !strcmp(e->credential, "vm-b.key") && !e->credential_path && e->credential_load == QCOWTAB_CRED_GIVEN &&
+	      !e->keyfile_optional, "b: credential=vm-b.key, headless=no, password-echo=no");
+	e = qcowtab_find(&t, "c");
+	CHECK(e && e->headless && e->password_echo == QCOWTAB_ECHO_YES && e->credential &&
+	      !strcmp(e->credential, "c.key") && e->credential_path && !strcmp(e->credential_path, "/etc/keys/c") &&
+	      e->credential_load == QCOWTAB_CRED_LOAD, "c: load-credential=c.key:/etc/keys/c");
+	e = qcowtab_find(&t, "d");
+	CHECK(e && e->credential && !strcmp(e->credential, "qcow.d") && !e->credential_path &&
+	      e->credential_load == QCOWTAB_CRED_LOAD_ENCRYPTED && e->keyfile_size == 32 &&
+	      e->password_echo == QCOWTAB_ECHO_DEFAULT,
+	      "d: load-credential-encrypted=qcow.d, keyfile-size applies to the credential");
+	e = qcowtab_find(&t, "e");
+	CHECK(e && !e->readonly, "e: ignored crypttab options keep the entry");
+	CHECK(!qcowtab_find(&t, "r1") && !qcowtab_find(&t, "r10"), "refused lines are left out");
+	qcowtab_free(&t);
+
+	memset(&rep, 0, sizeof(rep));
+	r = qcowtab_parse("t /x.qcow2 - tpm2-device=auto\n", 30, collect, &rep, &t, NULL);
+	CHECK(r == 0 && t.count == 0 && strstr(rep.last, "tpm2-device refused") && strstr(rep.last, "no tokens"),
+	      "a refused crypttab option says why (%s)", rep.last);
+	qcowtab_free(&t);
+
+	CHECK(qcowtab_valid_credential("cryptsetup.passphrase") && !qcowtab_valid_credential("") &&
+	      !qcowtab_valid_credential("..") && !qcowtab_valid_credential("a%b") &&
+	      !qcowtab_valid_credential("a\nb"), "credential names");
+}
+
 static void test_names_and_escapes(void)
 {
 	char *s;
@@ -310,6 +377,7 @@ int main(void)
 {
 	test_locations();
 	test_table();
+	test_key_sources();
 	test_names_and_escapes();
 	test_cmdline();
 	test_unit_names();

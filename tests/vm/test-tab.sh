@@ -3,7 +3,9 @@
 # `qcowsetup open --tab` / `close --tab` (images on filesystems found by UUID
 # and mounted under /run/qcowsetup, read-only unless an entry maps
 # read-write, key files on another device,
-# same-passphrase, nofail, noauto, idempotence, --batch-mode), `qcowsetup
+# same-passphrase, nofail, noauto, idempotence, --batch-mode; key sources:
+# a key file that is an AF_UNIX socket (tests/vm/prog/key-server), a systemd
+# credential directory, keyfile-timeout=, headless=), `qcowsetup
 # probe --udev`, and the udev rules with systemd-udevd: a disk holding a qcow2
 # image appears (PCI rescan) and 60-qcowsetup.rules maps its qcowtab entry;
 # 11-dm-qcowsetup.rules links the top device by image id and hides the
@@ -19,6 +21,7 @@ udevadm=$(command -v udevadm || PATH=$PATH:/usr/bin:/bin command -v udevadm || t
 [ -n "$udevadm" ] || skip_test "udevadm not found"
 command -v mkfs.ext4 >/dev/null || PATH=$PATH:/usr/sbin:/sbin
 need_built "$qs"
+need_built "$builddir/tests/vm/prog/key-server"
 
 make_work
 cd "$work"
@@ -58,7 +61,7 @@ guest_script tab share
 printf '%s\n' "$PASS" > share/pass
 sed 's|@SBINDIR@|/usr/local/bin|g' "$top/udev/60-qcowsetup.rules.in" > share/60-qcowsetup.rules
 cp "$top/udev/11-dm-qcowsetup.rules" share/56-dm-qcowsetup.rules
-extras=(--extra "$udevadm=/usr/bin/udevadm")
+extras=(--extra "$udevadm=/usr/bin/udevadm" --extra "$builddir/tests/vm/prog/key-server")
 for r in 50-udev-default.rules 55-dm.rules 10-dm.rules 13-dm-disk.rules 60-persistent-storage.rules \
 	60-persistent-storage-dm.rules 95-dm-notify.rules; do
 	for d in /usr/lib/udev/rules.d /lib/udev/rules.d; do

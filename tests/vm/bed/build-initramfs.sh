@@ -126,7 +126,7 @@ mapfile -t module_files < <(printf '%s\n' "${module_files[@]}" | sort -u)
 search_path="$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 find_bin() { PATH=$search_path command -v "$1" 2>/dev/null || true; }
 bins_required="dmsetup losetup blkid md5sum"
-bins_optional="dash qemu-img qemu-io qemu-nbd fio mkfs.ext4 keyctl cryptsetup bash blockdev"
+bins_optional="dash qemu-img qemu-io qemu-nbd fio mkfs.ext4 resize2fs e2fsck keyctl cryptsetup bash blockdev"
 busybox=$(find_bin busybox)
 [ -n "$busybox" ] || die "busybox not found (apt-get install busybox-static)"
 binaries=()      # "SOURCE DEST" (DEST inside the image)

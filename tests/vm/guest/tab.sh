@@ -109,6 +109,63 @@ EOT
 	[ "$(dd if=/tmp/rw.raw bs=64k skip=16 count=4 2>/dev/null | md5sum)" = "$(md5sum < /tmp/w)" ]
 	rm -f /tmp/rw.raw /tmp/w
 }
+# Key sources: a socket key server (tests/vm/prog/key-server), a systemd
+# credential directory, keyfile-timeout=, headless=.
+t_socket_key() {
+	printf '%s' "$(cat "$here/pass")" > /tmp/a.pass
+	: > /tmp/peers
+	key-server /run/qs-key.sock /tmp/peers a=/tmp/a.pass &
+	ks=$!
+	i=0; while [ ! -S /run/qs-key.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+	cat > $T <<EOT
+a  UUID=$U:/images/a.qcow2  /run/qs-key.sock  readonly,headless
+EOT
+	rc=0
+	qs open --tab a </dev/null || rc=$?
+	kill $ks; wait $ks 2>/dev/null
+	cat /tmp/peers
+	[ $rc = 0 ]
+	expect_md5 a a
+	grep -Eqx 'peer @[0-9a-f]{16}/cryptsetup/a: sent [0-9]+' /tmp/peers
+	qs close --tab a
+	vm_assert_clean
+}
+t_credential() {
+	mkdir -p /tmp/creds
+	printf '%s' "$(cat "$here/pass")" > /tmp/creds/qcow-a.key
+	cat > $T <<EOT
+a  UUID=$U:/images/a.qcow2  /k/wrong.key:LABEL=qskeys  readonly,headless,load-credential-encrypted=qcow-a.key
+EOT
+	# the credential comes first (the wrong key file is never needed)
+	CREDENTIALS_DIRECTORY=/tmp/creds qs open --tab a </dev/null
+	expect_md5 a a
+	qs close --tab a
+	vm_assert_clean
+}
+t_keyfile_timeout() {
+	cat > $T <<EOT
+a  UUID=$U:/images/a.qcow2  /run/no-such.key  readonly,keyfile-timeout=1s
+EOT
+	qs open --tab a < "$here/pass" 2>/tmp/err
+	cat /tmp/err
+	grep -q 'keyfile-timeout' /tmp/err
+	expect_md5 a a
+	qs close --tab a
+	vm_assert_clean
+}
+t_headless_fails() {
+	cat > $T <<EOT
+a  UUID=$U:/images/a.qcow2  none  readonly,headless
+EOT
+	# a passphrase on stdin is there, and not read
+	rc=0
+	qs open --tab a < "$here/pass" 2>/tmp/err || rc=$?
+	cat /tmp/err
+	[ $rc = 2 ] && grep -q headless /tmp/err
+	[ ! -e /dev/mapper/a ]
+	! mounted "$M"
+	vm_assert_clean
+}
 t_unknown_name() {
 	: > $T
 	rc=0
@@ -166,6 +223,10 @@ vm_test "nofail: a failing entry does not fail the others nor the exit status" t
 vm_test "a failing entry: exit 2, --batch-mode asks nothing, nothing left mounted" t_failure_status
 vm_test "noauto: only when named" t_noauto
 vm_test "an entry without readonly: mapped read-write (holding filesystem mounted read-write), written, closed: qemu-img check clean, the data there" t_read_write
+vm_test "a key file that is an AF_UNIX socket: the server sees @RANDOM/cryptsetup/NAME and sends its key" t_socket_key
+vm_test "a systemd credential (\$CREDENTIALS_DIRECTORY) comes before the key file" t_credential
+vm_test "keyfile-timeout=: no key file after 1 s, the passphrase on stdin" t_keyfile_timeout
+vm_test "headless with no key: exit 2, nothing asked, nothing left" t_headless_fails
 vm_test "an unknown name: exit 1" t_unknown_name
 vm_test "probe --udev: ID_QCOW2_* for a qcow2 on a disk, exit 4 and silence for ext4" t_probe
 vm_test "udev: a disk holding a qcow2 appears: 60-qcowsetup.rules maps its qcowtab entry; links by image id" t_udev_disk_appears
