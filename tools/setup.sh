@@ -11,7 +11,8 @@ PKGS="build-essential autoconf automake libtool pkg-config
 libdevmapper-dev libcryptsetup-dev libblkid-dev libssl-dev zlib1g-dev libzstd-dev
 qemu-utils qemu-system-x86 linux-image-amd64 busybox-static dmsetup cryptsetup-bin
 keyutils e2fsprogs fio python3 jq valgrind clang time
-dracut-core systemd udev asciidoctor man-db bash-completion"
+dracut-core systemd udev asciidoctor man-db bash-completion
+clevis clevis-tpm2 tang swtpm swtpm-tools tpm2-tools jose socat curl"
 
 missing=""
 for p in $PKGS; do

@@ -22,6 +22,10 @@
 # once the root is unmounted, when the system goes back to the initramfs to
 # shut down.
 #
+# Entries with the clevis option: clevis, the pins their bindings use and
+# what those run (curl for tang, tpm2-tools and the TPM drivers for tpm2;
+# the network module for tang) are installed, and nothing of it otherwise.
+#
 # Environment (tests): QCOWSETUP_QCOWTAB, the qcowtab to take entries from
 # (default $dracutsysrootdir/etc/qcowtab); QCOWSETUP_BINARY, a qcowsetup
 # program to install as /usr/sbin/qcowsetup instead of the one in PATH;
@@ -57,6 +61,28 @@ _qcowsetup_initrd_entries() {
             done
         fi
     done < "$_tab"
+}
+
+# The clevis pins the initrd entries with the clevis option need, one a
+# line: those their images' bindings name (qcowsetup info --json, sss's
+# pins included) when the image is a file the host can read now, else all
+# the pins clevis has here. Nothing without such an entry.
+_qcowsetup_clevis_pins() {
+    local _name _image _key _options _pins _p
+    while read -r _name _image _key _options; do
+        [[ ,$_options, == *,clevis,* ]] || continue
+        _pins=
+        if [[ $_image == /* && -f $_image ]] && command -v jq > /dev/null; then
+            _pins=$("${QCOWSETUP_BINARY:-qcowsetup}" info --json "$_image" 2> /dev/null |
+                jq -r '.["backing-chain"][].encrypt.bindings[]? | .pin, (.config | fromjson? | .pins? // {} | keys[])')
+        fi
+        if [[ -z $_pins ]]; then
+            for _p in /usr/bin/clevis-decrypt-*; do
+                [[ -x $_p ]] && _pins+=" ${_p##*-}"
+            done
+        fi
+        printf '%s\n' $_pins
+    done <<< "$(_qcowsetup_initrd_entries)" | grep -vx null | sort -u
 }
 
 # The qcowsetup-daemon to install: QCOWSETUP_DAEMON_BINARY; else beside
@@ -123,6 +149,8 @@ check() {
 # called by dracut
 depends() {
     echo dm rootfs-block
+    # a tang binding is decrypted over the network
+    _qcowsetup_clevis_pins | grep -qx tang && echo network
     return 0
 }
 
@@ -143,7 +171,33 @@ installkernel() {
     else
         instmods "=crypto"
     fi
+    # the TPM for tpm2 bindings
+    _qcowsetup_clevis_pins | grep -qx tpm2 && hostonly='' instmods tpm_tis tpm_crb
     return 0
+}
+
+# clevis, its decrypt side for the pins needed, and their tools, only when
+# an entry asks for its bindings (the clevis option).
+_qcowsetup_install_clevis() {
+    local _pins _p
+    _pins=$(_qcowsetup_clevis_pins)
+    [[ $_pins ]] || return 0
+    if ! require_binaries clevis clevis-decrypt jose; then
+        dwarn "qcowsetup: an entry has the clevis option but clevis is not installed: it will ask for a passphrase"
+        return 0
+    fi
+    inst_multiple clevis clevis-decrypt jose
+    for _p in $_pins; do
+        inst_multiple -o "clevis-decrypt-$_p"
+        case $_p in
+            tang) inst_multiple -o curl ;;
+            tpm2)
+                inst_multiple -o tpm2_createprimary tpm2_flushcontext tpm2_load tpm2_unseal
+                # tpm2-tools load their TPM transport at run time
+                inst_libdir_file "libtss2-tcti-device.so*"
+                ;;
+        esac
+    done
 }
 
 # called by dracut
@@ -183,6 +237,8 @@ install() {
     else
         inst_script "$moddir/qcowsetup-ask.sh" /sbin/qcowsetup-ask
     fi
+
+    _qcowsetup_install_clevis
 
     _entries=$(_qcowsetup_initrd_entries)
     if [[ $_entries ]]; then

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cmd_keys.h"
 #include "json.h"
 #include "keys.h"
 #include "log.h"
@@ -100,6 +101,7 @@ static void encrypt_json(struct json *j, const struct image *img)
 			json_end_object(j);
 		}
 		json_end_array(j);
+		bindings_json(j, img, &li);
 	}
 	json_end_object(j);
 }
@@ -217,6 +219,10 @@ static void layer_human(struct image *img)
 		printf("%-22s", "key slots:");
 		for (int s = 0; s < LUKS_NUM_SLOTS; s++)
 			printf("%d:%s%s", s, li.slots[s].active ? "ENABLED" : "DISABLED", s + 1 < LUKS_NUM_SLOTS ? " " : "\n");
+		if (img->bindings || img->bindings_invalid) {
+			printf("bindings:\n");
+			bindings_human(img, &li, "    ");
+		}
 	}
 	if (img->backing_file)
 		printf("%-22s%s (actual path: %s)%s%s\n", "backing file:", img->backing_file, img->backing_path,

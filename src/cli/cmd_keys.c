@@ -23,6 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "binding.h"
 #include "cmd_keys.h"
 #include "fileio.h"
 #include "json.h"
@@ -31,17 +32,7 @@
 #include "qcow2_create.h"
 #include "qcowsetup.h"
 
-struct keyimg {
-	const char *path;
-	int fd;
-	struct img_io io;
-	struct image *img;
-	uint8_t *region;	/* what is on disk */
-	uint64_t off, len;
-	struct luks_info info;
-};
-
-static void keyimg_close(struct keyimg *k)
+void keyimg_close(struct keyimg *k)
 {
 	if (k->img)
 		image_free(k->img, &file_io_opener);
@@ -53,7 +44,7 @@ static void keyimg_close(struct keyimg *k)
 	k->fd = -1;
 }
 
-static int keyimg_open(const char *path, bool write, struct keyimg *k)
+int keyimg_open(const char *path, bool write, struct keyimg *k)
 {
 	struct image_open_opts oo = { .no_backing = true };
 	int r;
@@ -106,7 +97,7 @@ fail:
 }
 
 /* Write the edited region back and check what is on disk. */
-static int keyimg_store(struct keyimg *k, const uint8_t *new)
+int keyimg_store(struct keyimg *k, const uint8_t *new)
 {
 	uint8_t *back;
 	int r;
@@ -128,17 +119,7 @@ static int keyimg_store(struct keyimg *k, const uint8_t *new)
 	return r;
 }
 
-/* A key slot edit: the image, the volume key the existing passphrase
- * unlocked, the new passphrase, the header region as edited. */
-struct key_edit {
-	struct keyimg k;
-	struct volume_key *vk;
-	int slot;			/* the slot the existing passphrase opened */
-	struct passphrase *newpp;	/* add-key, change-key */
-	uint8_t *new;
-};
-
-static void key_edit_end(struct key_edit *e)
+void key_edit_end(struct key_edit *e)
 {
 	free(e->new);
 	passphrase_free(e->newpp);
@@ -150,7 +131,7 @@ static void key_edit_end(struct key_edit *e)
  * again on a terminal (--tries); keyfile_arg overrides --key-file. Then
  * the new passphrase (from new_file, with new_key), and a copy of the
  * region to edit. */
-static int key_edit_unlock(struct key_edit *e, const char *keyfile_arg, bool new_key, const char *new_file)
+int key_edit_unlock(struct key_edit *e, const char *keyfile_arg, bool new_key, const char *new_file)
 {
 	struct passphrase_opts po = {
 		.key_file = keyfile_arg ? keyfile_arg : opt.key_file,
@@ -307,6 +288,7 @@ int cmd_dump_keys(int argc, char **argv)
 			json_end_object(&j);
 		}
 		json_end_array(&j);
+		bindings_json(&j, k.img, in);
 		json_end_object(&j);
 		json_finish(&j);
 	} else {
@@ -331,6 +313,10 @@ int cmd_dump_keys(int argc, char **argv)
 			printf("\tIterations:         \t%u\n", s->iterations);
 			printf("\tKey material offset:\t%" PRIu64 "\n", s->key_offset / 512);
 			printf("\tAF stripes:         \t%u\n", s->stripes);
+		}
+		if (k.img->bindings || k.img->bindings_invalid) {
+			printf("\nBindings (clevis; qcow2 extension 0x%08x):\n", QCOW2_EXT_BINDINGS);
+			bindings_human(k.img, in, "\t");
 		}
 	}
 	keyimg_close(&k);

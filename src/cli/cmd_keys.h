@@ -64,6 +64,48 @@ void progress_start(struct progress *p, const char *label, uint64_t total);
 void progress_update(struct progress *p, uint64_t done);
 void progress_end(struct progress *p, bool ok);
 
+/* An image whose LUKS header is read (and edited): cmd_keys.c. */
+struct keyimg {
+	const char *path;
+	int fd;
+	struct img_io io;
+	struct image *img;
+	uint8_t *region;	/* what is on disk */
+	uint64_t off, len;
+	struct luks_info info;
+};
+
+/* Open path (write: locked as a writer; a mapped image is allowed), a
+ * LUKS qcow2, and read its header region. 0 or -errno, logged. */
+int keyimg_open(const char *path, bool write, struct keyimg *k);
+void keyimg_close(struct keyimg *k);
+/* Write the edited region new back in the crash-safe order and read it
+ * back. 0 or -errno, logged. */
+int keyimg_store(struct keyimg *k, const uint8_t *new);
+
+/* A key slot edit: the image, the volume key the existing passphrase
+ * unlocked, the new passphrase, the header region as edited. */
+struct key_edit {
+	struct keyimg k;
+	struct volume_key *vk;
+	int slot;			/* the slot the existing passphrase opened */
+	struct passphrase *newpp;	/* add-key, change-key */
+	uint8_t *new;
+};
+
+/* The volume key and the slot the existing passphrase opens (--key-file,
+ * keyfile_arg overriding it, or --tries questions); with new_key, the new
+ * passphrase (new_file or the prompt); e->new a copy of the region to
+ * edit. 0 or -errno. */
+int key_edit_unlock(struct key_edit *e, const char *keyfile_arg, bool new_key, const char *new_file);
+void key_edit_end(struct key_edit *e);
+
+/* The bindings of img as lines ("Key slot N: PIN CONFIG", indent first)
+ * or a "bindings" JSON array; li (may be NULL) marks disabled slots. */
+struct json;
+void bindings_human(const struct image *img, const struct luks_info *li, const char *indent);
+void bindings_json(struct json *j, const struct image *img, const struct luks_info *li);
+
 /* Commands */
 int cmd_format(int argc, char **argv);
 int cmd_add_key(int argc, char **argv);
@@ -71,5 +113,8 @@ int cmd_remove_key(int argc, char **argv);
 int cmd_change_key(int argc, char **argv);
 int cmd_dump_keys(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
+int cmd_bind(int argc, char **argv);
+int cmd_unbind(int argc, char **argv);
+int cmd_test_bindings(int argc, char **argv);
 
 #endif

@@ -40,6 +40,8 @@ static int map_entry(struct tab_run *t, const struct qcowtab_entry *e, const cha
 		.snapshot = e->snapshot,
 		.format = e->format,
 		.trust_names = e->trust_names,
+		.use_bindings = e->clevis,
+		.binding_timeout = e->token_timeout,
 		.allow_discards = e->discard,
 		/* an entry expects a key (a key file, or a question) */
 		.require_encryption = !e->allow_unencrypted,

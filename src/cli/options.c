@@ -46,8 +46,10 @@ struct option_spec {
 
 #define CMD(c)		(1U << CMD_##c)
 #define ALL		((1U << CMD_COUNT) - 1)
-#define KEY_READERS	(CMD(OPEN) | CMD(FORMAT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT))
+#define KEY_READERS	(CMD(OPEN) | CMD(FORMAT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | \
+			 CMD(BIND) | CMD(UNBIND))
 #define NEW_KEYS	(CMD(ADD_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT))
+#define NEW_SLOTS	(NEW_KEYS | CMD(BIND))
 #define IMAGE_READERS	(CMD(OPEN) | CMD(INFO) | CMD(MAP) | CMD(TABLE))
 #define FIELD(f)	.offset = offsetof(struct tools_opts, f), .size = sizeof(((struct tools_opts *)0)->f)
 #define FLAG(f)		.kind = ARG_NONE, FIELD(f)
@@ -59,7 +61,8 @@ static const struct option_spec options[] = {
 	{ "verbose", 'v', ALL, FLAG(verbose), .help = "more messages" },
 	{ "debug", 0, ALL, FLAG(debug), .help = "debug messages (never shows keys)" },
 	{ "batch-mode", 'q', ALL, FLAG(batch_mode), .help = "no questions" },
-	{ "json", 0, CMD(INFO) | CMD(MAP) | CMD(CHECK) | CMD(STATUS) | CMD(LIST) | CMD(DUMP_KEYS), FLAG(json),
+	{ "json", 0, CMD(INFO) | CMD(MAP) | CMD(CHECK) | CMD(STATUS) | CMD(LIST) | CMD(DUMP_KEYS) | CMD(TEST_BINDINGS),
+	  FLAG(json),
 	  .help = "machine-readable output" },
 	{ "readonly", 'r', CMD(OPEN), FLAG(readonly), .help = "map read-only" },
 	{ "deferred", 0, CMD(CLOSE) | CMD(CLOSE_TAB), FLAG(deferred),
@@ -72,7 +75,8 @@ static const struct option_spec options[] = {
 	  .help = "read the passphrase from FILE (- = stdin)" },
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },
 	{ "keyfile-size", 0, KEY_READERS, SIZE(keyfile_size, "N"), .help = "read at most N bytes of the key file" },
-	{ "tries", 'T', CMD(OPEN) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT),
+	{ "tries", 'T', CMD(OPEN) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) |
+	  CMD(UNBIND),
 	  NUMBER(tries, "N"), .min = 1, .max = 1000, .help = "passphrase attempts on a terminal (default 3)" },
 	{ "skip-key-check", 0, CMD(OPEN) | CMD(CONVERT), FLAG(skip_key_check),
 	  .help = "accept a legacy AES key that fails the plausibility check" },
@@ -100,9 +104,9 @@ static const struct option_spec options[] = {
 	  .rule = MULTIPLE_OF_8, .help = "volume key size (default 512 for xts, 256 otherwise)" },
 	{ "hash", 0, CMD(FORMAT) | CMD(CONVERT), STRING(hash, "HASH"),
 	  .help = "PBKDF2 hash of a new header (default sha256)" },
-	{ "iter-time", 0, CMD(FORMAT) | NEW_KEYS, NUMBER(iter_time, "MS"), .min = 1, .max = 3600000,
+	{ "iter-time", 0, CMD(FORMAT) | NEW_SLOTS, NUMBER(iter_time, "MS"), .min = 1, .max = 3600000,
 	  .help = "PBKDF2 time of new key slots (default 2000)" },
-	{ "pbkdf-force-iterations", 0, CMD(FORMAT) | NEW_KEYS, NUMBER(pbkdf_iterations, "N"), .min = 1000,
+	{ "pbkdf-force-iterations", 0, CMD(FORMAT) | NEW_SLOTS, NUMBER(pbkdf_iterations, "N"), .min = 1000,
 	  .help = "PBKDF2 iterations of new key slots, no benchmark" },
 	{ "cluster-size", 0, CMD(FORMAT) | CMD(CONVERT), SIZE(cluster_size, "SIZE"), .min = 512, .max = 2U << 20,
 	  .rule = POWER_OF_2, .help = "cluster size of a new image (default 64K)" },
@@ -111,14 +115,14 @@ static const struct option_spec options[] = {
 	{ "new-key-file", 0, NEW_KEYS, STRING(new_key_file, "FILE"), .help = "the new passphrase (- = stdin)" },
 	{ "new-keyfile-offset", 0, NEW_KEYS, SIZE(new_keyfile_offset, "N"), .help = "as --keyfile-offset" },
 	{ "new-keyfile-size", 0, NEW_KEYS, SIZE(new_keyfile_size, "N"), .help = "as --keyfile-size" },
-	{ "key-slot", 0, CMD(ADD_KEY) | CMD(REMOVE_KEY), NUMBER(key_slot, "N"), .max = LUKS_NUM_SLOTS - 1,
+	{ "key-slot", 0, CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(BIND), NUMBER(key_slot, "N"), .max = LUKS_NUM_SLOTS - 1,
 	  .help = "key slot to add, or to remove (as luksKillSlot)" },
 	{ "progress", 0, CMD(CONVERT), FLAG(progress), .help = "progress lines even when stderr is not a terminal" },
 	{ "quiet", 0, KEY_READERS | CMD(OPEN_TAB), FLAG(quiet),
 	  .help = "no progress bar, no warning about a key file others can read" },
 	{ "in-place", 0, CMD(CONVERT), FLAG(in_place), .help = "replace SRC, after verifying the new image" },
 	{ "flatten", 0, CMD(CONVERT), FLAG(flatten), .help = "copy the backing chain's data, no backing file" },
-	{ "force", 0, CMD(FORMAT) | CMD(REMOVE_KEY) | CMD(CONVERT), FLAG(force),
+	{ "force", 0, CMD(FORMAT) | CMD(REMOVE_KEY) | CMD(CONVERT) | CMD(UNBIND), FLAG(force),
 	  .help = "overwrite an existing destination; remove the last key slot" },
 	{ "shrink", 0, CMD(RESIZE), FLAG(shrink),
 	  .help = "allow a smaller size (only past unallocated space)" },

@@ -31,6 +31,9 @@ enum tools_cmd {
 	CMD_TABLE,
 	CMD_CHECK,
 	CMD_PROBE,
+	CMD_BIND,
+	CMD_UNBIND,
+	CMD_TEST_BINDINGS,
 	CMD_COUNT
 };
 

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "binding.h"
 #include "log.h"
 #include "qcow2.h"
 #include "util.h"
@@ -75,6 +76,9 @@ static void free_layer(struct image *img, const struct img_opener *opener)
 	for (size_t i = 0; img->unknown_extensions && img->unknown_extensions[i]; i++)
 		free(img->unknown_extensions[i]);
 	free(img->unknown_extensions);
+	if (img->bindings)
+		binding_set_free(img->bindings);
+	free(img->bindings);
 	free(img->snapshots);
 	free(img->bitmaps);
 	free(img->feature_names);

@@ -9,6 +9,8 @@
 #include "io.h"
 #include "runs.h"
 
+struct binding_set;
+
 #define IMG_MAX_CHAIN_DEPTH 16
 #define QCOW2_MAX_BACKING_NAME 1023
 
@@ -135,6 +137,8 @@ struct image {
 	char **unknown_extensions;	/* "0x%08x" strings, NULL-terminated: the
 					 * first QCOW2_MAX_UNKNOWN_EXTENSIONS (64) */
 	uint32_t nb_unknown_extensions;	/* all of them */
+	struct binding_set *bindings;	/* clevis bindings (binding.h), or NULL */
+	bool bindings_invalid;		/* a bindings extension that did not parse */
 
 	/* qcow v1 */
 	uint32_t mtime;

@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clevis.h"
 #include "control.h"
 #include "daemon_state.h"
 #include "dm.h"
@@ -165,13 +166,21 @@ static void release_file(struct held_file *h)
 	h->attached = false;
 }
 
-/* Unlock layer d: the passphrase that opened the layer above first, then
- * what the caller's ask() gives, until one opens it or ask() stops. */
+/* Unlock layer d: its clevis bindings (use_bindings), the passphrase that
+ * opened the layer above, then what the caller's ask() gives, until one
+ * opens it or ask() stops. */
 static int unlock_layer(struct open_ctx *c, unsigned int d, struct passphrase **shared)
 {
 	struct image *l = (struct image *)c->tl[d].img;
 	bool wrong = false;
 	int r;
+
+	if (c->p->use_bindings && l->crypt_method == IMG_CRYPT_LUKS && l->bindings) {
+		r = clevis_unlock(l, c->p->binding_timeout, &c->vk[d], NULL);
+		if (r == 0 || r == -ENOMEM)
+			return r;
+		log_std("%s: no binding unlocked it; asking for a passphrase.", l->path);
+	}
 
 	for (unsigned int attempt = 0;; attempt++) {
 		struct passphrase *pp = NULL;

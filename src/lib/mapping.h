@@ -37,6 +37,8 @@ struct mapping_params {
 	bool require_encryption;	/* refuse an unencrypted top (qcowtab) */
 	bool skip_key_check;		/* legacy AES: accept an implausible key */
 	uint64_t max_targets;		/* 0: 65536 */
+	bool use_bindings;		/* LUKS layers: their clevis bindings before ask() */
+	unsigned int binding_timeout;	/* seconds per clevis decrypt, 0: its default */
 	mapping_ask_fn ask;		/* NULL: encrypted images fail with -EPERM */
 	void *ask_opaque;
 	bool debug;			/* the daemon logs debug messages */

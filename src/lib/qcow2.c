@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "binding.h"
 #include "log.h"
 #include "qcow2.h"
 #include "util.h"
@@ -158,6 +159,40 @@ static int add_unknown_extension(struct image *img, uint32_t type)
 	return 0;
 }
 
+/* A bindings extension that does not parse is ignored (the image still
+ * opens with a passphrase), and said so; a second one is malformed too. */
+static int read_bindings(struct image *img, const uint8_t *d, uint32_t len)
+{
+	struct binding_set *s;
+	int r;
+
+	if (img->bindings || img->bindings_invalid) {
+		log_std("%s: more than one bindings extension: bindings ignored.", img->path);
+		if (img->bindings)
+			binding_set_free(img->bindings);
+		free(img->bindings);
+		img->bindings = NULL;
+		img->bindings_invalid = true;
+		return 0;
+	}
+	s = malloc(sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	r = binding_parse(d, len, s);
+	if (r == -ENOMEM) {
+		free(s);
+		return r;
+	}
+	if (r < 0) {
+		log_std("%s: the bindings extension is malformed: bindings ignored.", img->path);
+		free(s);
+		img->bindings_invalid = true;
+		return 0;
+	}
+	img->bindings = s;
+	return 0;
+}
+
 static int read_extensions(struct image *img, const uint8_t *hdr, uint64_t start, uint64_t end)
 {
 	uint64_t off = start;
@@ -233,6 +268,11 @@ static int read_extensions(struct image *img, const uint8_t *hdr, uint64_t start
 				log_err("%s: external data file name is empty or contains a NUL byte.", img->path);
 				return -EUCLEAN;
 			}
+			break;
+		case QCOW2_EXT_BINDINGS:
+			r = read_bindings(img, d, len);
+			if (r < 0)
+				return r;
 			break;
 		default:
 			r = add_unknown_extension(img, type);

@@ -530,3 +530,113 @@ out:
 	free(done);
 	return r;
 }
+
+/* ---- Header extensions ---- */
+
+int qcow2_header_set_extension(uint8_t *hdr, size_t size, uint32_t type, const void *data, uint32_t len,
+			       size_t *used)
+{
+	uint32_t version, hlen, backing_len;
+	uint64_t backing_off, end, off, old_end;
+	uint8_t *out = NULL;
+	size_t o;
+	int r = -EUCLEAN;
+
+	*used = 0;
+	if (size < QCOW2_HDR_V2_SIZE)
+		return -EUCLEAN;
+	version = get_be32(hdr + QCOW2_HDR_VERSION);
+	hlen = version >= 3 && size >= QCOW2_HDR_V3_SIZE ? get_be32(hdr + QCOW2_HDR_HEADER_LENGTH) : QCOW2_HDR_V2_SIZE;
+	backing_off = get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
+	backing_len = backing_off ? get_be32(hdr + QCOW2_HDR_BACKING_SIZE) : 0;
+	if (hlen < QCOW2_HDR_V2_SIZE || hlen > size || hlen % 8 ||
+	    (backing_off && (backing_off < hlen || backing_len > size || backing_off > size - backing_len)))
+		return -EUCLEAN;
+	end = backing_off ? backing_off : size;
+	old_end = backing_off ? backing_off + backing_len : hlen;
+	out = calloc(1, size);
+	if (!out)
+		return -ENOMEM;
+	memcpy(out, hdr, hlen);
+	o = hlen;
+	/* the extensions kept, in their order */
+	for (off = hlen; off < end;) {
+		uint32_t t, l;
+		uint64_t next;
+
+		if (end - off < QCOW2_EXT_HDR_SIZE)
+			goto out;
+		t = get_be32(hdr + off);
+		l = get_be32(hdr + off + 4);
+		if (t == QCOW2_EXT_END) {
+			old_end = MAX(old_end, off + QCOW2_EXT_HDR_SIZE);
+			break;
+		}
+		next = off + QCOW2_EXT_HDR_SIZE + round_up_pow2(l, 8);
+		if (l > end - off - QCOW2_EXT_HDR_SIZE || next > end)
+			goto out;
+		if (t != type) {
+			memcpy(out + o, hdr + off, (size_t)(next - off));
+			o += (size_t)(next - off);
+		}
+		off = next;
+		old_end = MAX(old_end, off);
+	}
+	r = -ENOSPC;
+	if (data) {
+		if ((uint64_t)len + 2 * QCOW2_EXT_HDR_SIZE + 8 > size - o)
+			goto out;
+		put_be32(out + o, type);
+		put_be32(out + o + 4, len);
+		memcpy(out + o + QCOW2_EXT_HDR_SIZE, data, len);
+		o += QCOW2_EXT_HDR_SIZE + (size_t)round_up_pow2(len, 8);
+	}
+	if (size - o < QCOW2_EXT_HDR_SIZE + (uint64_t)backing_len)
+		goto out;
+	o += QCOW2_EXT_HDR_SIZE;	/* the end marker: zeros */
+	if (backing_off) {
+		memcpy(out + o, hdr + backing_off, backing_len);
+		put_be64(out + QCOW2_HDR_BACKING_OFFSET, o);
+		o += backing_len;
+	}
+	memcpy(hdr, out, size);
+	*used = (size_t)MAX((uint64_t)o, old_end);
+	r = 0;
+out:
+	free(out);
+	return r;
+}
+
+int qcow2_update_header_extension(int fd, uint64_t limit, uint32_t type, const void *data, uint32_t len)
+{
+	uint8_t head[QCOW2_HDR_V3_SIZE], *hdr = NULL;
+	uint32_t bits;
+	size_t size, used;
+	ssize_t n;
+	int r;
+
+	n = pread(fd, head, sizeof(head), 0);
+	if (n < (ssize_t)QCOW2_HDR_V2_SIZE)
+		return n < 0 ? -errno : -EUCLEAN;
+	bits = get_be32(head + QCOW2_HDR_CLUSTER_BITS);
+	if (get_be32(head + QCOW2_HDR_MAGIC) != QCOW_MAGIC || get_be32(head + QCOW2_HDR_VERSION) < 2 || bits < 9 || bits > 21)
+		return -EUCLEAN;
+	size = (size_t)MIN((uint64_t)1 << bits, limit);
+	hdr = calloc(1, size);
+	if (!hdr)
+		return -ENOMEM;
+	n = pread(fd, hdr, size, 0);
+	if (n < 0) {
+		r = -errno;
+		goto out;
+	}
+	size = (size_t)n;
+	r = qcow2_header_set_extension(hdr, size, type, data, len, &used);
+	if (r == 0)
+		r = fd_pwrite_all(fd, hdr, used, 0);
+	if (r == 0)
+		r = sync_fd(fd, true);
+out:
+	free(hdr);
+	return r;
+}

@@ -70,4 +70,20 @@ int qcow2_create_finish(struct qcow2_create *w);
 int qcow2_update_crypt_header(int fd, uint64_t off, const uint8_t *old, const uint8_t *new,
 				     uint64_t len);
 
+/* Replace the header extension type (data NULL: remove it) in hdr, the
+ * first size bytes of the image (its header cluster, or less): the
+ * extensions after the header are rewritten in their order, the new one
+ * last, then the end marker and the backing file name (backing_file_offset
+ * updated). *used gets the bytes to write back, [0, *used): what the old
+ * layout used beyond the new one reads as zeros. Pure. Returns 0, -EUCLEAN
+ * (extensions or backing name out of bounds) or -ENOSPC (the result does
+ * not fit in size bytes). */
+int qcow2_header_set_extension(uint8_t *hdr, size_t size, uint32_t type, const void *data, uint32_t len,
+			       size_t *used);
+
+/* The same on the image on fd, in one write from offset 0 and an fsync,
+ * the header area ending before limit (the LUKS region's offset) and the
+ * header cluster. The header fields themselves are written back as read. */
+int qcow2_update_header_extension(int fd, uint64_t limit, uint32_t type, const void *data, uint32_t len);
+
 #endif

@@ -400,7 +400,6 @@ static const struct {
 	{ "no-write-workqueue", false, "dm-crypt runs with its default flags" },
 	{ "bypass-workqueues", false, "dm-crypt runs with its default flags" },
 	{ "_netdev", false, "the unit is ordered as a local one" },
-	{ "token-timeout", false, "a qcow2 image's LUKS1 header has no tokens" },
 	{ "tpm2-measure-pcr", false, "the volume key is not measured" },
 	{ "tpm2-measure-bank", false, "the volume key is not measured" },
 	{ "plain", true, "a qcow2 image is mapped as its header says, never as plain dm-crypt" },
@@ -481,8 +480,11 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 			e->allow_unencrypted = true;
 		else if (IS("trust-names"))
 			e->trust_names = true;
+		else if (IS("clevis"))
+			e->clevis = true;
 		else if (IS("tries") || IS("timeout") || IS("keyfile-offset") || IS("keyfile-size") ||
-			 IS("snapshot") || IS("format")) {
+			 IS("snapshot") || IS("format") ||
+			 IS("token-timeout")) {
 			report(fn, opaque, QCOWTAB_ERROR, e->line, "option %s needs a value (%s=...)", o, o);
 			return -EINVAL;
 		} else if (!strncmp(o, "x-", 2) || IS("auto") || IS("rw") || IS("luks"))
@@ -497,6 +499,9 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 		e->tries = (unsigned int)v;
 	} else if (IS("timeout")) {
 		if (parse_seconds(val, &e->timeout))
+			goto bad;
+	} else if (IS("token-timeout")) {
+		if (parse_seconds(val, &e->token_timeout))
 			goto bad;
 	} else if (IS("x-systemd.device-timeout")) {
 		if (parse_seconds(val, &e->device_timeout))

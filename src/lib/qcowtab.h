@@ -74,6 +74,8 @@ struct qcowtab_entry {
 	bool same_passphrase;
 	bool allow_unencrypted;		/* an unencrypted image is fine (else one is refused) */
 	bool trust_names;		/* --trust-names */
+	bool clevis;			/* the image's clevis bindings first, then the key file or prompt */
+	unsigned int token_timeout;	/* token-timeout=: seconds per clevis decrypt; 0 = default */
 	const char *format;		/* format=: "qcow2", "qcow", "raw" (static), or NULL: probe */
 	unsigned int tries;		/* passphrase attempts; 0 = until one works */
 	unsigned int timeout;		/* seconds to wait for a passphrase; 0 = no limit */

@@ -64,6 +64,9 @@ declare -A want=(
 	[table]="$G --allow-discards --max-targets $IMAGE"
 	[check]="$G --json --format --trust-names --data-file"
 	[probe]="$G --qcowtab --udev"
+	[bind]="$G $KEYFILE --tries $PBKDF --key-slot --quiet"
+	[unbind]="$G $KEYFILE --tries --quiet --force"
+	[test-bindings]="$G --json"
 )
 # a valid value for each option that takes one
 declare -A value=(

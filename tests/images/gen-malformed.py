@@ -57,6 +57,7 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPT = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+EXT_BINDINGS = 0x71736B62	# qcowsetup: clevis bindings (src/lib/binding.h)
 OFF_MASK = 0x00FFFFFFFFFFFE00
 
 
@@ -936,6 +937,22 @@ def gen_cases(c):
     q = B("base-plain")
     q.write_extensions(q.ext_list() + [(0x12345678, b"unknown extension")])
     c.add("unknown-extension", q, OK_CMDS, 0, "-", "an unknown header extension is ignored")
+    # clevis bindings (src/lib/binding.h): one valid entry, then malformed
+    # ones, which are ignored with a warning (the image opens all the same)
+    jwe = b"eyJhbGciOiJkaXIifQ..aXY.Y3Q.dGFn"
+    cfg = b'{"url":"http://127.0.0.1:1"}'
+    entry = struct.pack(">BBHI", 1, 4, len(cfg), len(jwe)) + b"tang" + cfg + jwe
+    q = B("base-plain")
+    q.write_extensions(q.ext_list() + [(EXT_BINDINGS, struct.pack(">II", 1, 1) + entry)])
+    c.add("bindings", q, OK_CMDS, 0, "-", "a bindings extension with one tang binding")
+    q = B("base-plain")
+    bad = struct.pack(">II", 1, 1) + struct.pack(">BBHI", 1, 4, len(cfg), 0xffffffff) + b"tang" + cfg + jwe
+    q.write_extensions(q.ext_list() + [(EXT_BINDINGS, bad)])
+    c.add("bindings-bad-length", q, OK_CMDS[:3], 0, "the bindings extension is malformed: bindings ignored",
+          "a binding whose JWE length runs past the extension: bindings ignored")
+    q = B("base-plain")
+    q.write_extensions(q.ext_list() + [(EXT_BINDINGS, struct.pack(">II", 1, 9))])
+    c.add("bindings-too-many", q, OK_CMDS[:3], 0, "the bindings extension is malformed", "a bindings extension counting 9 entries: bindings ignored")
     # CPU bound: `probe` parses every unknown block device (udev). A 2 MiB
     # header cluster holds 262,000 empty extensions; listing each in a
     # re-walked, reallocated array took 14-21 s. 5 s is 100 times what a

@@ -21,6 +21,7 @@
 #                    is followed to .libs/) and its libraries in the initramfs,
 #                    at DEST or /usr/local/bin/; $QCOWSETUP is added when set
 #   --env NAME=VAL   export NAME=VAL to SCRIPT (repeatable)
+#   --qemu-arg ARG   one more QEMU argument (repeatable; e.g. a TPM's -tpmdev)
 #   --append ARGS    more kernel command line
 #   --verbose        all kernel messages on the console
 #   --shell          no script: an interactive shell on the console
@@ -40,7 +41,7 @@ die() { echo "$me: error: $*" >&2; exit 125; }
 usage() { sed -n '3,4p' "$0" | sed 's/^#  *//' >&2; echo "see the head of $0" >&2; exit 2; }
 
 share=$top mem=1024 smp=2 tmo=600 verbose=0 shell=0 append=
-disks=() extras=() envs=()
+disks=() extras=() envs=() more_args=()
 [ -n "${QCOWSETUP:-}" ] && [ -f "$QCOWSETUP" ] && extras+=("$QCOWSETUP")
 # the slow-path daemon lives beside it (qcowsetup looks there first)
 [ -n "${QCOWSETUP:-}" ] && [ -f "$(dirname "$QCOWSETUP")/qcowsetup-daemon" ] &&
@@ -54,6 +55,7 @@ while [ $# -gt 0 ]; do
 	--disk) [ $# -ge 2 ] || usage; disks+=("$2"); shift 2 ;;
 	--extra) [ $# -ge 2 ] || usage; extras+=("$2"); shift 2 ;;
 	--env) [ $# -ge 2 ] || usage; envs+=("$2"); shift 2 ;;
+	--qemu-arg) [ $# -ge 2 ] || usage; more_args+=("$2"); shift 2 ;;
 	--append) [ $# -ge 2 ] || usage; append="$append $2"; shift 2 ;;
 	--verbose) verbose=1; shift ;;
 	--shell) shell=1; shift ;;
@@ -138,6 +140,7 @@ for d in "${disks[@]+"${disks[@]}"}"; do
 	[ -e "$f" ] || die "disk $f does not exist"
 	qemu_args+=(-drive "file=${f//,/,,},if=virtio,format=raw,cache=writeback$o")
 done
+qemu_args+=("${more_args[@]+"${more_args[@]}"}")
 
 if [ $shell = 1 ]; then
 	exec "$qemu" "${qemu_args[@]/#stdio/mon:stdio}"
