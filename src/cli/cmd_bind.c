@@ -106,7 +106,9 @@ int cmd_bind(int argc, char **argv)
 	r = keyimg_open(argv[0], true, &e.k);
 	if (r < 0)
 		return r;
-	r = refuse_invalid(&e.k);
+	r = keys_refuse_header_writer(e.k.fd, e.k.path);
+	if (r == 0)
+		r = refuse_invalid(&e.k);
 	if (r == 0 && e.k.info.active_slots >= LUKS_NUM_SLOTS) {
 		log_err("%s: all %d key slots are in use.", e.k.path, LUKS_NUM_SLOTS);
 		r = -ENOSPC;
@@ -163,6 +165,9 @@ int cmd_unbind(int argc, char **argv)
 	r = keyimg_open(argv[0], true, &e.k);
 	if (r < 0)
 		return r;
+	r = keys_refuse_header_writer(e.k.fd, e.k.path);
+	if (r < 0)
+		goto out;
 	if (e.k.img->bindings_invalid) {
 		if (opt.force) {
 			log_std("%s: dropping the malformed bindings extension.", e.k.path);

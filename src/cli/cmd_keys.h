@@ -31,6 +31,10 @@ void keys_pbkdf(struct luks_pbkdf *p);
  * -EBUSY and a message when QEMU or another program has it open, unless
  * path is mapped by qcowsetup (a loop device backs it) and allow_mapped. */
 int keys_lock_for_write(int fd, const char *path, bool allow_mapped);
+/* -EBUSY (with a message) when another user holds the write permission of
+ * the image (a read-write mapping's daemon, QEMU): the qcow2 header, unlike
+ * the LUKS header, is that writer's to rewrite. */
+int keys_refuse_header_writer(int fd, const char *path);
 /* Lock fd as a reader that refuses concurrent writers (QEMU read-only);
  * exclusive: refuse any other user (for a file about to be replaced). */
 int keys_lock_for_read(int fd, const char *path, bool exclusive);

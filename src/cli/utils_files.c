@@ -62,6 +62,24 @@ int keys_lock_for_write(int fd, const char *path, bool allow_mapped)
 	return lock_image(fd, true, path);
 }
 
+int keys_refuse_header_writer(int fd, const char *path)
+{
+	unsigned int others_use, others_unshare;
+	int r;
+
+	r = lock_image_query(fd, &others_use, &others_unshare);
+	if (r < 0) {
+		log_err("Cannot test the locks of %s: %s", path, strerror(-r));
+		return r;
+	}
+	if (others_use & LOCK_PERM_WRITE) {
+		log_err("%s is open for writing (mapped read-write, or by QEMU): its qcow2 header is the "
+			"writer's; close it first.", path);
+		return -EBUSY;
+	}
+	return 0;
+}
+
 int keys_lock_for_read(int fd, const char *path, bool exclusive)
 {
 	bool conflict = false;

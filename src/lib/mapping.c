@@ -1127,6 +1127,21 @@ static int remove_internal(const char *name, struct dev_list *all, const char *t
 	return r;
 }
 
+/* A read-write mapping whose every cluster has moved to the fast path names
+ * no slow-path device in its tables, yet its daemon serves on and holds the
+ * crypt layer: find it by its state file, if the NBD device is still its. */
+static void add_idle_daemon(const char *name, struct walk_ctx *w)
+{
+	pid_t pid = 0, sysfs = 0;
+	int nbd = -1;
+
+	if (w->nnbd || qs_state_read(name, &pid, &nbd, NULL) || pid <= 0 || nbd < 0 || process_gone(pid))
+		return;
+	if (nbd_device_pid(nbd, &sysfs) == 0 && sysfs > 0 && sysfs != pid)
+		return;	/* the NBD device serves another process now */
+	w->nbd[w->nnbd++] = nbd;
+}
+
 /* Close NAME: the top device, then its slow path, then the rest. */
 static int close_mapping(const char *name, bool deferred)
 {
@@ -1152,6 +1167,7 @@ static int close_mapping(const char *name, bool deferred)
 	w->all = &all;
 	w->name = name;
 	dm_get_table(name, walk_target, w);
+	add_idle_daemon(name, w);
 	for (unsigned int i = 0; i < w->nnbd; i++)
 		pids[i] = daemon_pid(name, w->nbd[i]);
 	r = dm_remove_device(name, deferred, true);

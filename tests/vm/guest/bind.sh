@@ -33,6 +33,25 @@ t_tang_no_question() {
 	qs close --tab t
 	vm_assert_clean
 }
+t_bind_refuses_rw_mapping() {
+	# tang is up (the test before); the image mapped read-write
+	sed "s|readonly,||" $T > /tmp/qcowtab.w
+	qcowsetup --qcowtab /tmp/qcowtab.w --batch-mode open --tab t </dev/null
+	img=$(awk '$1 == "/dev/vda" { print $2; exit }' /proc/mounts)/images/t.qcow2
+	head -c 65536 "$img" | md5sum > /tmp/hdr.md5
+	for c in "bind $img tang {\"url\":\"http://127.0.0.1:$PORT\"}" "unbind $img 1"; do
+		rc=0
+		# shellcheck disable=SC2086
+		qcowsetup --batch-mode --key-file "$here/pass" $c 2>/tmp/err || rc=$?
+		cat /tmp/err
+		[ "$rc" = 5 ] && grep -q 'open for writing' /tmp/err
+	done
+	head -c 65536 "$img" | md5sum | cmp - /tmp/hdr.md5
+	# every cluster of t is allocated: no slow-path device in its table,
+	# close finds the daemon by its state file
+	qcowsetup --qcowtab /tmp/qcowtab.w close --tab t
+	vm_assert_clean
+}
 t_tang_down_asks() {
 	tang_down
 	qs open --tab t < "$here/pass" 2>&1 | tee /tmp/out
@@ -70,6 +89,7 @@ t_tpm2_pcr_mismatch_asks() {
 
 vm_require curl socat jose clevis
 vm_test "clevis: open --tab unlocks by the tang binding, no question" t_tang_no_question
+vm_test "bind and unbind refuse an image mapped read-write (exit 5, header unchanged)" t_bind_refuses_rw_mapping
 vm_test "clevis: tang down: falls back to the passphrase (stdin)" t_tang_down_asks
 vm_test "clevis: tang down and --batch-mode: exit 2, nothing mapped" t_tang_down_batch_fails
 if [ -f "$here/tpm" ]; then
