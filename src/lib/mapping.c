@@ -39,6 +39,7 @@
 #include "qcow2_rw.h"
 #include "mapping.h"
 #include "stack.h"
+#include "sysutil.h"
 #include "trust.h"
 #include "util.h"
 
@@ -646,6 +647,7 @@ static int prepare(struct open_ctx *c)
 		log_err("Device %s already exists.", c->name);
 		return -EEXIST;
 	}
+	mapping_unmark_suspended(c->name);	/* of a mapping of that name removed by hand */
 	/* parsed, validated, locked, attached and served: one descriptor per
 	 * file, opened here once */
 	r = open_chain(c);
@@ -933,21 +935,11 @@ static int walk_slaves(struct walk_ctx *w, uint32_t major, uint32_t minor)
 		return -errno;
 	while (!r && (e = readdir(dir))) {
 		unsigned int maj, min;
-		ssize_t n;
-		int fd;
 
 		if (e->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "/sys/class/block/%s/dev", e->d_name);
-		fd = open(path, O_RDONLY | O_CLOEXEC);
-		if (fd < 0)
-			continue;
-		n = read(fd, buf, sizeof(buf) - 1);
-		close(fd);
-		if (n <= 0)
-			continue;
-		buf[n] = '\0';
-		if (sscanf(buf, "%u:%u", &maj, &min) == 2)
+		if (sys_read_small(path, buf, sizeof(buf)) > 0 && sscanf(buf, "%u:%u", &maj, &min) == 2)
 			r = walk_device(w, maj, min);
 	}
 	closedir(dir);
@@ -1207,7 +1199,12 @@ int mapping_close(const char *name, bool deferred)
 	lock = lock_mapping_name(name);
 	if (lock < 0)
 		return lock;
-	r = close_mapping(name, deferred);
+	if (mapping_is_marked_suspended(name)) {
+		log_err("%s is suspended: `qcowsetup resume %s` first.", name, name);
+		r = -EBUSY;
+	} else {
+		r = close_mapping(name, deferred);
+	}
 	qs_name_unlock(name, lock);
 	dm_release();
 	return r;
@@ -1255,6 +1252,7 @@ static int fill_status(struct mapping_status *st, const char *name, struct dev_l
 	snprintf(st->name, sizeof(st->name), "%s", name);
 	snprintf(st->uuid, sizeof(st->uuid), "%s", info->uuid);
 	st->read_only = info->read_only;
+	st->suspended = info->suspended || mapping_is_marked_suspended(name);
 	st->open_count = info->open_count;
 	st->targets = w->targets;
 	for (size_t i = 0; i < all->n; i++)
@@ -1315,18 +1313,15 @@ void mapping_release(void)
 
 /* ---- reattach: a new daemon for a mapping whose daemon died ---- */
 
-int mapping_reattach(const char *name, bool debug)
+int mapping_reattach_locked(const char *name, bool debug)
 {
 	struct dev_list all = { 0 };
 	struct dm_dev_info info;
 	struct walk_ctx *w = NULL;
 	struct daemon_args *a = NULL;
 	pid_t pid = 0, state_pid;
-	int nbd = -1, state_nbd, lock = -1, r;
+	int nbd = -1, state_nbd, r;
 
-	lock = lock_mapping_name(name);
-	if (lock < 0)
-		return lock;
 	r = find_mapping(name, &all, &info);
 	if (r)
 		goto out;
@@ -1367,6 +1362,22 @@ out:
 	free(a);
 	free(w);
 	free(all.v);
+	return r;
+}
+
+int mapping_reattach(const char *name, bool debug)
+{
+	int lock, r;
+
+	lock = lock_mapping_name(name);
+	if (lock < 0)
+		return lock;
+	if (mapping_is_marked_suspended(name)) {
+		log_err("%s is suspended: `qcowsetup resume %s` starts its daemon again.", name, name);
+		r = -EBUSY;
+	} else {
+		r = mapping_reattach_locked(name, debug);
+	}
 	qs_name_unlock(name, lock);
 	dm_release();
 	return r;
