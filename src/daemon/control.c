@@ -19,7 +19,6 @@
 #include "control.h"
 #include "daemon.h"
 #include "log.h"
-#include "sysutil.h"
 #include "util.h"
 
 #define CONTROL_READ_MS		1000	/* a client's time to send its line */
@@ -82,19 +81,6 @@ static int verb_resume(struct daemon *d, const struct control_request *req, char
 	return 0;
 }
 
-int daemon_slow_discards(struct daemon *d, bool on)
-{
-	unsigned int maj, min;
-	int r = -EINVAL;
-
-	if (sscanf(d->slow_ref, "%u:%u", &maj, &min) == 2)
-		r = sys_block_discard(maj, min, on);
-	if (r)
-		log_err("%s: cannot turn discards %s on nbd%d: %s.", d->o.name, on ? "on" : "off", d->nbd_index,
-			strerror(-r));
-	return r;
-}
-
 static int verb_refresh(struct daemon *d, const struct control_request *req, char *text, size_t size)
 {
 	bool on = !strcmp(req->args[0], "on"), was = d->o.allow_discards;
@@ -107,13 +93,9 @@ static int verb_refresh(struct daemon *d, const struct control_request *req, cha
 	if (d->suspended)
 		return -EBUSY;
 	d->o.allow_discards = on;
-	r = d->o.read_only ? 0 : daemon_slow_discards(d, on);
-	if (!r)
-		r = daemon_reload_top(d);
+	r = daemon_reload_top(d);
 	if (r) {
 		d->o.allow_discards = was;
-		if (!d->o.read_only)
-			daemon_slow_discards(d, was);
 		daemon_reload_top(d);
 		return r;
 	}

@@ -95,8 +95,5 @@ void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/
 int daemon_control_open(struct daemon *d);
 void daemon_control_poll(struct daemon *d);
 void daemon_control_close(struct daemon *d);
-/* Discards through the slow-path device on or off (before the tables over
- * it are loaded again). 0 or -errno (logged). */
-int daemon_slow_discards(struct daemon *d, bool on);
 
 #endif

@@ -347,7 +347,10 @@ static int connect_nbd(struct daemon *d)
 		.size = d->img->size & ~511ULL,
 		.block_size = 512,
 		.read_only = d->o.read_only,
-		.trim = !d->o.read_only,	/* (off below until allowed: refresh switches it) */
+		/* the slow path does nothing with a discard (allowed): whether the
+		 * device offers them is up to the fast path's devices, the loop
+		 * devices and dm-crypt's allow_discards (open, refresh) */
+		.trim = !d->o.read_only,
 		.timeout = d->o.nbd_timeout,
 		.dead_conn_timeout = 0,
 		.backend = d->backend,
@@ -376,11 +379,6 @@ static int connect_nbd(struct daemon *d)
 	}
 	snprintf(d->slow_ref, sizeof(d->slow_ref), "%u:%u", maj, min);
 	limit_requests(d);
-	if (!d->o.read_only && !d->o.allow_discards) {
-		r = daemon_slow_discards(d, false);
-		if (r)
-			return r;
-	}
 	log_verbose("%s: slow path on nbd%d (%s)", d->o.name, d->nbd_index, d->slow_ref);
 	return 0;
 }

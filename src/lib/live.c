@@ -30,8 +30,10 @@
  * Refresh: each crypt table is loaded again with "allow_discards" switched
  * (its key through the keyring, so it needs the passphrase as resume does),
  * and swapped in; then the top and its segments are reloaded as they are
- * (by the daemon, when there is one, which also switches the slow path's
- * discards), so that they take the new limits. */
+ * (by the daemon, when there is one), so that they take the new limits.
+ * What decides are the devices of the fast path: a read-write mapping's
+ * loop devices pass discards or not, and dm-crypt's allow_discards (the
+ * slow path takes discards always and does nothing with them). */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -758,7 +760,7 @@ static int switch_discards(const char *params, bool on, char *out, size_t size)
 	const char *p = params;
 	int pos, k;
 
-	for (int word = 0; word < 5; word++) {
+	for (int word = 0; word < 4; word++) {
 		p = strchr(p, ' ');
 		if (!p)
 			return -EINVAL;

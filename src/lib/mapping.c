@@ -1192,19 +1192,28 @@ static int lock_mapping_name(const char *name)
 	return lock;
 }
 
+/* The name lock of NAME, which `qcowsetup suspend` does not hold (close,
+ * reattach: resume first). */
+static int lock_active_mapping(const char *name)
+{
+	int lock = lock_mapping_name(name);
+
+	if (lock >= 0 && mapping_is_marked_suspended(name)) {
+		log_err("%s is suspended: `qcowsetup resume %s` first.", name, name);
+		qs_name_unlock(name, lock);
+		return -EBUSY;
+	}
+	return lock;
+}
+
 int mapping_close(const char *name, bool deferred)
 {
 	int lock, r;
 
-	lock = lock_mapping_name(name);
+	lock = lock_active_mapping(name);
 	if (lock < 0)
 		return lock;
-	if (mapping_is_marked_suspended(name)) {
-		log_err("%s is suspended: `qcowsetup resume %s` first.", name, name);
-		r = -EBUSY;
-	} else {
-		r = close_mapping(name, deferred);
-	}
+	r = close_mapping(name, deferred);
 	qs_name_unlock(name, lock);
 	dm_release();
 	return r;
@@ -1369,15 +1378,10 @@ int mapping_reattach(const char *name, bool debug)
 {
 	int lock, r;
 
-	lock = lock_mapping_name(name);
+	lock = lock_active_mapping(name);	/* (resume starts a daemon itself) */
 	if (lock < 0)
 		return lock;
-	if (mapping_is_marked_suspended(name)) {
-		log_err("%s is suspended: `qcowsetup resume %s` starts its daemon again.", name, name);
-		r = -EBUSY;
-	} else {
-		r = mapping_reattach_locked(name, debug);
-	}
+	r = mapping_reattach_locked(name, debug);
 	qs_name_unlock(name, lock);
 	dm_release();
 	return r;
