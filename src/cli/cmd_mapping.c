@@ -1,4 +1,5 @@
-/* qcowsetup open / close / status / list / reattach / resize: the command line over
+/* qcowsetup open / close / status / list / reattach / resize / suspend /
+ * resume / refresh: the command line over
  * the mapping lifecycle of lib/mapping.c (passphrases from --key-file or
  * the terminal, output as text or JSON). */
 #include <errno.h>
@@ -51,25 +52,73 @@ static void mapping_params_from_options(struct mapping_params *p, const char *im
 	};
 }
 
-int cmd_open(int argc, char **argv)
+/* volume: the mapping's name, what a key socket is told */
+static void ask_from_options(struct ask_ctx *a, const char *volume)
 {
-	struct ask_ctx a = {
+	*a = (struct ask_ctx){
 		.po = {
+			.volume = volume,
 			.key_file = opt.key_file,
 			.keyfile_offset = opt.keyfile_offset,
 			.keyfile_size = opt.keyfile_size,
 		},
 	};
-	struct mapping_params p;
+	a->interactive = tools_passphrase_interactive(&a->po);
+}
 
-	a.po.volume = argv[1];	/* what a key socket is told */
+int cmd_open(int argc, char **argv)
+{
+	struct ask_ctx a;
+	struct mapping_params p;
 
 	(void)argc;
 	mapping_params_from_options(&p, argv[0], argv[1]);
-	a.interactive = tools_passphrase_interactive(&a.po);
+	ask_from_options(&a, argv[1]);
 	p.ask = ask;
 	p.ask_opaque = &a;
 	return mapping_open(&p);
+}
+
+int cmd_suspend(int argc, char **argv)
+{
+	(void)argc;
+	return mapping_suspend(argv[0], opt.debug_fail_step);
+}
+
+static void live_params_from_options(struct mapping_live_params *p, struct ask_ctx *a, const char *name)
+{
+	ask_from_options(a, name);
+	*p = (struct mapping_live_params){
+		.ask = ask,
+		.ask_opaque = a,
+		.skip_key_check = opt.skip_key_check,
+		.debug = opt.debug,
+		.fail_step = opt.debug_fail_step,
+	};
+}
+
+int cmd_resume(int argc, char **argv)
+{
+	struct mapping_live_params p;
+	struct ask_ctx a;
+
+	(void)argc;
+	live_params_from_options(&p, &a, argv[0]);
+	return mapping_resume(argv[0], &p);
+}
+
+int cmd_refresh(int argc, char **argv)
+{
+	struct mapping_live_params p;
+	struct ask_ctx a;
+
+	(void)argc;
+	if (opt.allow_discards == opt.no_allow_discards) {
+		log_err("refresh takes one of --allow-discards and --no-allow-discards.");
+		return -EINVAL;
+	}
+	live_params_from_options(&p, &a, argv[0]);
+	return mapping_refresh(argv[0], opt.allow_discards, &p);
 }
 
 int cmd_close(int argc, char **argv)
@@ -123,6 +172,7 @@ static void print_json(struct json *j, const struct mapping_status *st)
 	json_string(j, "uuid", st->uuid);
 	json_string(j, "device", st->name);
 	json_bool(j, "read-only", st->read_only);
+	json_string(j, "state", st->suspended ? "suspended" : "active");
 	json_i64(j, "open-count", st->open_count);
 	json_u64(j, "targets", st->targets);
 	json_u64(j, "internal-devices", st->internal);
@@ -149,7 +199,8 @@ static void print_json(struct json *j, const struct mapping_status *st)
 
 static void print_text(const struct mapping_status *st)
 {
-	printf("/dev/mapper/%s is active%s.\n", st->name, st->open_count > 0 ? " and is in use" : "");
+	printf("/dev/mapper/%s is %s%s.\n", st->name, st->suspended ? "suspended" : "active",
+	       st->open_count > 0 ? " and is in use" : "");
 	printf("  uuid:      %s\n", st->uuid);
 	printf("  mode:      %s\n", st->read_only ? "read-only" : "read/write");
 	printf("  targets:   %u (top table)\n", st->targets);

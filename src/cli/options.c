@@ -46,8 +46,8 @@ struct option_spec {
 
 #define CMD(c)		(1U << CMD_##c)
 #define ALL		((1U << CMD_COUNT) - 1)
-#define KEY_READERS	(CMD(OPEN) | CMD(FORMAT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | \
-			 CMD(BIND) | CMD(UNBIND))
+#define KEY_READERS	(CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(FORMAT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | \
+			 CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND))
 #define NEW_KEYS	(CMD(ADD_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT))
 #define NEW_SLOTS	(NEW_KEYS | CMD(BIND))
 #define IMAGE_READERS	(CMD(OPEN) | CMD(INFO) | CMD(MAP) | CMD(TABLE))
@@ -67,18 +67,19 @@ static const struct option_spec options[] = {
 	{ "readonly", 'r', CMD(OPEN), FLAG(readonly), .help = "map read-only" },
 	{ "deferred", 0, CMD(CLOSE) | CMD(CLOSE_TAB), FLAG(deferred),
 	  .help = "remove on the last close of the device" },
-	{ "allow-discards", 0, CMD(OPEN) | CMD(TABLE), FLAG(allow_discards),
+	{ "allow-discards", 0, CMD(OPEN) | CMD(TABLE) | CMD(REFRESH), FLAG(allow_discards),
 	  .help = "pass discards through (read-write: punches holes)" },
+	{ "no-allow-discards", 0, CMD(REFRESH), FLAG(no_allow_discards), .help = "refresh: discards no longer pass" },
 	{ "max-targets", 0, CMD(OPEN) | CMD(OPEN_TAB) | CMD(TABLE), NUMBER(max_targets, "N"), .min = 2, .max = 1048576,
 	  .help = "targets per dm table before segments (default 65536)" },
 	{ "key-file", 'd', KEY_READERS, STRING(key_file, "FILE"),
 	  .help = "read the passphrase from FILE (- = stdin)" },
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },
 	{ "keyfile-size", 0, KEY_READERS, SIZE(keyfile_size, "N"), .help = "read at most N bytes of the key file" },
-	{ "tries", 'T', CMD(OPEN) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) |
-	  CMD(UNBIND),
+	{ "tries", 'T', CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) |
+	  CMD(CONVERT) | CMD(BIND) | CMD(UNBIND),
 	  NUMBER(tries, "N"), .min = 1, .max = 1000, .help = "passphrase attempts on a terminal (default 3)" },
-	{ "skip-key-check", 0, CMD(OPEN) | CMD(CONVERT), FLAG(skip_key_check),
+	{ "skip-key-check", 0, CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(CONVERT), FLAG(skip_key_check),
 	  .help = "accept a legacy AES key that fails the plausibility check" },
 	{ "snapshot", 0, IMAGE_READERS | CMD(CONVERT), STRING(snapshot, "ID|NAME"),
 	  .help = "use an internal snapshot (read-only)" },
@@ -126,7 +127,8 @@ static const struct option_spec options[] = {
 	  .help = "overwrite an existing destination; remove the last key slot" },
 	{ "shrink", 0, CMD(RESIZE), FLAG(shrink),
 	  .help = "allow a smaller size (only past unallocated space)" },
-	{ "debug-fail-step", 0, CMD(OPEN) | CMD(RESIZE), NUMBER(debug_fail_step, "K"), .max = 10000 },
+	{ "debug-fail-step", 0, CMD(OPEN) | CMD(RESIZE) | CMD(SUSPEND) | CMD(RESUME) | CMD(REFRESH),
+	  NUMBER(debug_fail_step, "K"), .max = 10000 },
 	{ "help", 'h', ALL, FLAG(help), .help = "this help; after a command, the command's" },
 	{ "version", 'V', ALL, FLAG(version), .help = "version" },
 };

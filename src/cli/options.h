@@ -20,6 +20,9 @@ enum tools_cmd {
 	CMD_LIST,
 	CMD_REATTACH,
 	CMD_RESIZE,
+	CMD_SUSPEND,
+	CMD_RESUME,
+	CMD_REFRESH,
 	CMD_FORMAT,
 	CMD_ADD_KEY,
 	CMD_REMOVE_KEY,
@@ -60,6 +63,7 @@ struct tools_opts {
 	bool batch_mode;
 	bool readonly;
 	bool allow_discards;
+	bool no_allow_discards;		/* refresh: discards off */
 	bool skip_key_check;
 	const char *key_file;
 	uint64_t keyfile_offset;
@@ -69,7 +73,8 @@ struct tools_opts {
 	const char *format;		/* --format: force the top image's format */
 	uint64_t max_targets;
 	bool deferred;
-	int debug_fail_step;		/* hidden: fail step K of open or resize (tests) */
+	int debug_fail_step;		/* hidden: fail step K of open, resize, suspend,
+					 * resume, refresh (tests) */
 	bool shrink;			/* resize: a smaller size is allowed */
 	bool tab;			/* --tab: open/close the entries of qcowtab */
 	const char *qcowtab;		/* --qcowtab FILE instead of /etc/qcowtab */

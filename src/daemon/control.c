@@ -97,6 +97,7 @@ static int verb_refresh(struct daemon *d, const struct control_request *req, cha
 	r = daemon_reload_top(d);
 	if (r) {
 		d->o.allow_discards = was;
+		daemon_reload_top(d);
 		return r;
 	}
 	r = qs_state_write(&d->o, getpid(), d->nbd_index);

@@ -350,7 +350,10 @@ static int connect_nbd(struct daemon *d)
 		.size = d->img->size & ~511ULL,
 		.block_size = 512,
 		.read_only = d->o.read_only,
-		.trim = d->o.allow_discards && !d->o.read_only,
+		/* the slow path does nothing with a discard (allowed): whether the
+		 * device offers them is up to the fast path's devices, the loop
+		 * devices and dm-crypt's allow_discards (open, refresh) */
+		.trim = !d->o.read_only,
 		.timeout = d->o.nbd_timeout,
 		.dead_conn_timeout = 0,
 		.backend = d->backend,

@@ -688,10 +688,13 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			break;
 		}
+		/* control requests between rounds, never during one */
+		pthread_mutex_unlock(&d->lock);
+		daemon_control_poll(d);
+		pthread_mutex_lock(&d->lock);
 		if (d->suspended) {
 			/* `qcowsetup suspend`: the queue waits for the resume */
 			pthread_mutex_unlock(&d->lock);
-			daemon_control_poll(d);
 			continue;
 		}
 		if (d->rw && !d->broken && qcow2_rw_has_pending(d->rw)) {
@@ -717,7 +720,6 @@ void daemon_remap_loop(struct daemon *d)
 			ticks = 0;
 			watch_top(d);
 		}
-		daemon_control_poll(d);
 		if ((!n && !rescan) || gave_up || !d->rw || d->top_gone)
 			continue;
 		r = remap_round(d, q, n, rescan);

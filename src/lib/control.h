@@ -32,8 +32,9 @@
  *                        swaps until resume: OK (qcowsetup then suspends the
  *                        devices and wipes the keys)
  *   resume               table swaps again: OK
- *   refresh on|off       discards passed through (on) or not (off), kept in
- *                        the daemon's state file; the top device and its
+ *   refresh on|off       discards allowed (on) or not (off), kept in the
+ *                        daemon's state file (qcowsetup has switched them
+ *                        on the devices below); the top device and its
  *                        segments reloaded with their tables as they are, so
  *                        that they take the new limits of the devices under
  *                        them: OK

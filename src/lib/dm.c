@@ -503,8 +503,9 @@ int dm_load_table(const char *name, bool read_only, const struct dm_table *table
 	return r;
 }
 
-/* A task without table nor uevent; ENXIO (no such device) becomes -ENODEV. */
-static int simple_task(int type, const char *name, const char *what, unsigned int flags)
+/* A task without table nor uevent (with a target message: sent to the
+ * target at sector 0); ENXIO (no such device) becomes -ENODEV. */
+static int message_task(int type, const char *name, const char *what, unsigned int flags, const char *message)
 {
 	struct dm_task *dmt;
 	int r = check_name(name);
@@ -515,7 +516,9 @@ static int simple_task(int type, const char *name, const char *what, unsigned in
 	if (!dmt)
 		return r;
 	if (((flags & DM_SUSPEND_NOFLUSH) && !dm_task_no_flush(dmt)) ||
-	    ((flags & DM_SUSPEND_SKIP_LOCKFS) && !dm_task_skip_lockfs(dmt))) {
+	    ((flags & DM_SUSPEND_SKIP_LOCKFS) && !dm_task_skip_lockfs(dmt)) ||
+	    (message && (!dm_task_set_sector(dmt, 0) || !dm_task_set_message(dmt, message) ||
+			 !dm_task_secure_data(dmt)))) {
 		r = -ENOMEM;
 		goto out;
 	}
@@ -528,6 +531,11 @@ static int simple_task(int type, const char *name, const char *what, unsigned in
 out:
 	dm_task_destroy(dmt);
 	return r;
+}
+
+static int simple_task(int type, const char *name, const char *what, unsigned int flags)
+{
+	return message_task(type, name, what, flags, NULL);
 }
 
 int dm_clear_table(const char *name)
@@ -557,6 +565,12 @@ int dm_resume(const char *name, bool hidden)
 		report_table_error("resume", name, NULL, r);
 	dm_task_destroy(dmt);
 	return r;
+}
+
+int dm_target_message(const char *name, const char *message)
+{
+	/* "key set" names a keyring key: no secret, but wiped all the same */
+	return message_task(DM_DEVICE_TARGET_MSG, name, "send a message to", 0, message);
 }
 
 int dm_device_info(const char *name, struct dm_dev_info *out)

@@ -123,6 +123,11 @@ int dm_clear_table(const char *name);
 int dm_suspend(const char *name, unsigned int flags);
 int dm_resume(const char *name, bool hidden);
 
+/* Send message to the first target of a live table (dm-crypt's "key wipe"
+ * and "key set :LEN:logon:DESC", which it takes only while suspended).
+ * 0, -ENODEV, -EINVAL (the target refused it), or -errno. */
+int dm_target_message(const char *name, const char *message);
+
 /* Remove a device. Open (mounted, used by another table, held by a process)
  * it is refused with -EBUSY and a message, unless deferred: then the kernel
  * removes it at the last close (0; without udev its /dev/mapper node goes at

@@ -41,6 +41,7 @@
 #include "qcow2_rw.h"
 #include "mapping.h"
 #include "stack.h"
+#include "sysutil.h"
 #include "trust.h"
 #include "util.h"
 
@@ -656,6 +657,7 @@ static int prepare(struct open_ctx *c)
 		log_err("Device %s already exists.", c->name);
 		return -EEXIST;
 	}
+	mapping_unmark_suspended(c->name);	/* of a mapping of that name removed by hand */
 	/* parsed, validated, locked, attached and served: one descriptor per
 	 * file, opened here once */
 	r = open_chain(c);
@@ -943,21 +945,11 @@ static int walk_slaves(struct walk_ctx *w, uint32_t major, uint32_t minor)
 		return -errno;
 	while (!r && (e = readdir(dir))) {
 		unsigned int maj, min;
-		ssize_t n;
-		int fd;
 
 		if (e->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "/sys/class/block/%s/dev", e->d_name);
-		fd = open(path, O_RDONLY | O_CLOEXEC);
-		if (fd < 0)
-			continue;
-		n = read(fd, buf, sizeof(buf) - 1);
-		close(fd);
-		if (n <= 0)
-			continue;
-		buf[n] = '\0';
-		if (sscanf(buf, "%u:%u", &maj, &min) == 2)
+		if (sys_read_small(path, buf, sizeof(buf)) > 0 && sscanf(buf, "%u:%u", &maj, &min) == 2)
 			r = walk_device(w, maj, min);
 	}
 	closedir(dir);
@@ -1226,11 +1218,25 @@ static int lock_mapping_name(const char *name)
 	return lock;
 }
 
+/* The name lock of NAME, which `qcowsetup suspend` does not hold (close,
+ * reattach: resume first). */
+static int lock_active_mapping(const char *name)
+{
+	int lock = lock_mapping_name(name);
+
+	if (lock >= 0 && mapping_is_marked_suspended(name)) {
+		log_err("%s is suspended: `qcowsetup resume %s` first.", name, name);
+		qs_name_unlock(name, lock);
+		return -EBUSY;
+	}
+	return lock;
+}
+
 int mapping_close(const char *name, bool deferred)
 {
 	int lock, r;
 
-	lock = lock_mapping_name(name);
+	lock = lock_active_mapping(name);
 	if (lock < 0)
 		return lock;
 	r = close_mapping(name, deferred);
@@ -1285,6 +1291,7 @@ static int fill_status(struct mapping_status *st, const char *name, struct dev_l
 	snprintf(st->name, sizeof(st->name), "%s", name);
 	snprintf(st->uuid, sizeof(st->uuid), "%s", info->uuid);
 	st->read_only = info->read_only;
+	st->suspended = info->suspended || mapping_is_marked_suspended(name);
 	st->open_count = info->open_count;
 	st->targets = w->targets;
 	for (size_t i = 0; i < all->n; i++)
@@ -1345,18 +1352,15 @@ void mapping_release(void)
 
 /* ---- reattach: a new daemon for a mapping whose daemon died ---- */
 
-int mapping_reattach(const char *name, bool debug)
+int mapping_reattach_locked(const char *name, bool debug)
 {
 	struct dev_list all = { 0 };
 	struct dm_dev_info info;
 	struct walk_ctx *w = NULL;
 	struct daemon_args *a = NULL;
 	pid_t pid = 0, state_pid;
-	int nbd = -1, state_nbd, lock = -1, r;
+	int nbd = -1, state_nbd, r;
 
-	lock = lock_mapping_name(name);
-	if (lock < 0)
-		return lock;
 	r = find_mapping(name, &all, &info);
 	if (r)
 		goto out;
@@ -1397,6 +1401,17 @@ out:
 	free(a);
 	free(w);
 	free(all.v);
+	return r;
+}
+
+int mapping_reattach(const char *name, bool debug)
+{
+	int lock, r;
+
+	lock = lock_active_mapping(name);	/* (resume starts a daemon itself) */
+	if (lock < 0)
+		return lock;
+	r = mapping_reattach_locked(name, debug);
 	qs_name_unlock(name, lock);
 	dm_release();
 	return r;

@@ -63,6 +63,44 @@ int mapping_close(const char *name, bool deferred);
  * runs), -EINVAL (no slow path, or no state), -errno. */
 int mapping_reattach(const char *name, bool debug);
 
+/* ---- live verbs (live.c): cryptsetup's luksSuspend, luksResume and
+ * refresh on a mapping. Each is all or nothing: a failure at any step
+ * undoes what was done (the mapping keeps working as before) — except that
+ * a key wiped by suspend cannot come back without the passphrase: a
+ * failure among the key wipes leaves the mapping suspended. ---- */
+
+struct mapping_live_params {
+	mapping_ask_fn ask;		/* resume, refresh of encrypted mappings */
+	void *ask_opaque;
+	bool skip_key_check;		/* legacy AES: accept an implausible key */
+	bool debug;			/* a daemon started by resume logs debug */
+	int fail_step;			/* tests: fail step K as if the kernel refused it */
+};
+
+/* Flush, hold the I/O of NAME (not failed) and wipe the volume keys of
+ * every crypt layer. 0, -ENODEV, -EBUSY (already suspended), -ENOTCONN
+ * (its daemon is not running: reattach first), -errno. */
+int mapping_suspend(const char *name, int fail_step);
+
+/* Check the passphrase against each encrypted layer's header, give the keys
+ * back to dm-crypt through the keyring and let the I/O go on; when the
+ * daemon died meanwhile, start a new one. 0, -EPERM (wrong passphrase:
+ * still suspended), -EINVAL (not suspended), -ENODEV, -errno. */
+int mapping_resume(const char *name, const struct mapping_live_params *p);
+
+/* Switch discards: the crypt layers' allow_discards (their tables loaded
+ * again: encrypted mappings need the passphrase), the slow path's, and the
+ * top reloaded. 0, -EPERM, -EBUSY (suspended), -ENOTCONN, -ENODEV, -errno. */
+int mapping_refresh(const char *name, bool allow_discards, const struct mapping_live_params *p);
+
+/* Whether `qcowsetup suspend` holds NAME (QS_RUN_DIR/NAME.suspended);
+ * forget it (open: the mark of a mapping of that name removed by hand). */
+bool mapping_is_marked_suspended(const char *name);
+void mapping_unmark_suspended(const char *name);
+
+/* mapping_reattach, the caller holding NAME's lock (resume). */
+int mapping_reattach_locked(const char *name, bool debug);
+
 #define MAPPING_MAX_FILES	(2 * 16)
 #define MAPPING_MAX_SLOW	8
 
@@ -71,6 +109,7 @@ struct mapping_status {
 	char name[128];
 	char uuid[129];
 	bool read_only;
+	bool suspended;			/* by `qcowsetup suspend` (or a table swap now) */
 	int open_count;
 	unsigned int targets;		/* of the top table */
 	unsigned int internal;		/* internal devices */

@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <spawn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -142,4 +143,56 @@ int fd_real_path(int fd, char *buf, size_t size)
 		return -ENAMETOOLONG;
 	buf[n] = '\0';
 	return 0;
+}
+
+int sys_read_small(const char *path, char *buf, size_t size)
+{
+	ssize_t n;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	n = read(fd, buf, size - 1);
+	if (n < 0)
+		n = -errno;
+	close(fd);
+	if (n <= 0)
+		return n ? (int)n : -EIO;
+	buf[n] = '\0';
+	return (int)n;
+}
+
+int sys_block_discard(unsigned int major, unsigned int minor, bool on)
+{
+	char path[96], val[32] = "0";
+	size_t n = 1;
+	int fd, r = 0;
+
+	if (on) {
+		snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_max_hw_bytes", major, minor);
+		r = sys_read_small(path, val, sizeof(val));
+		if (r < 0)
+			return r;
+		unsigned long long max = strtoull(val, NULL, 10), gran = 512;
+
+		if (!max)
+			return -EOPNOTSUPP;
+		/* the kernel takes a multiple of the granularity, in 32 bits of sectors */
+		snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_granularity", major, minor);
+		if (sys_read_small(path, val, sizeof(val)) > 0 && strtoull(val, NULL, 10) >= 512)
+			gran = strtoull(val, NULL, 10);
+		if (max > (unsigned long long)UINT32_MAX << 9)
+			max = (unsigned long long)UINT32_MAX << 9;
+		max -= max % gran;
+		n = (size_t)snprintf(val, sizeof(val), "%llu", max);
+		r = 0;
+	}
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_max_bytes", major, minor);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (write(fd, val, n) != (ssize_t)n)
+		r = -errno;
+	close(fd);
+	return r;
 }

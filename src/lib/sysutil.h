@@ -24,4 +24,14 @@ int sys_modprobe(const char *module);
  * opened, whatever its name is now). 0 or -errno. */
 int fd_real_path(int fd, char *buf, size_t size);
 
+/* The start of a small file (sysfs) into buf, NUL-terminated: its length,
+ * or -errno (-EIO: empty). */
+int sys_read_small(const char *path, char *buf, size_t size);
+
+/* Discards through block device MAJ:MIN on (its queue's discard_max_bytes
+ * back to discard_max_hw_bytes) or off (0); device-mapper tables loaded
+ * over it afterwards take that. 0, -EOPNOTSUPP (turning on a device without
+ * discards), or -errno. */
+int sys_block_discard(unsigned int major, unsigned int minor, bool on);
+
 #endif

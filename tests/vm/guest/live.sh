@@ -1,0 +1,300 @@
+#!/bin/sh
+# Runs in the VM (see test-live.sh): /dev/vda is an ext4 disk with the images
+# (luks.qcow2 with the passphrase in pass, plain.qcow2, chain.qcow2 over
+# mid.qcow2 over base.raw). suspend, resume and refresh on live mappings.
+. /host/lib.sh
+export PATH=/usr/local/bin:$PATH
+mkdir -p /mnt/m
+mount -t ext4 /dev/vda /mnt/m || { echo "cannot mount the image disk"; exit 1; }
+cd /mnt/m
+modprobe -q dm-crypt 2>/dev/null; modprobe -q nbd 2>/dev/null
+syslogd -O /tmp/messages 2>/dev/null || :
+sec="--object secret,id=s0,file=/mnt/m/pass"
+printf 'not the passphrase' >/mnt/m/wrong
+
+img_opts() {	# qemu-img arguments naming image $1
+	case $1 in
+	*luks*) echo "$sec --image-opts driver=qcow2,file.filename=$1,encrypt.key-secret=s0" ;;
+	*) echo "-f qcow2 $1" ;;
+	esac
+}
+key_opts() { case $1 in *luks*) echo "--key-file /mnt/m/pass" ;; esac; }
+to_raw() {	# image raw
+	# shellcheck disable=SC2046
+	qemu-img convert $(img_opts "$1") -O raw "$2"
+}
+qcompare() {	# image raw: the same guest content
+	case $1 in
+	*luks*) qemu-img compare $sec --image-opts "driver=qcow2,file.filename=$1,encrypt.key-secret=s0" \
+			"driver=raw,file.filename=$2" >/dev/null ;;
+	*) qemu-img compare -f qcow2 -F raw "$1" "$2" >/dev/null ;;
+	esac
+}
+qcheck() {	# image: neither errors nor leaks
+	# shellcheck disable=SC2046
+	qemu-img check $(img_opts "$1") >/tmp/check.out 2>&1 || { cat /tmp/check.out; return 1; }
+}
+
+# A copy of image $1 (a chain: its folder's files) in /mnt/m/w, as w/IMG.
+copy() {
+	rm -rf /mnt/m/w && mkdir /mnt/m/w
+	cp "$1" /mnt/m/w/
+	case $1 in chain*) cp mid.qcow2 base.raw /mnt/m/w/ ;; esac
+}
+
+state_of() {	# NAME: suspended or active, as status --json says
+	qcowsetup status --json "$1" | sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p'
+}
+
+# No volume key while suspended: every crypt table's key is wiped (zeros)
+# and no key of ours is in the keyring.
+no_keys() {
+	dmsetup table --showkeys >/tmp/tables
+	if awk '$3 == "crypt" && $5 !~ /^0+$/ { bad = 1; print } END { exit !bad }' /tmp/tables; then
+		echo "a crypt table holds a key while suspended"
+		return 1
+	fi
+	if grep -q qcowsetup /proc/keys 2>/dev/null; then
+		echo "a key in /proc/keys:"; grep qcowsetup /proc/keys
+		return 1
+	fi
+	[ "$(grep -c ' crypt ' /tmp/tables)" = "${1:-0}" ] || { echo "expected ${1:-0} crypt tables"; cat /tmp/tables; return 1; }
+}
+
+keys_back() {	# the crypt tables name keyring keys again
+	dmsetup table --showkeys | awk '$3 == "crypt" && $5 !~ /^:[0-9]+:logon:/ { bad = 1; print } END { exit bad }'
+}
+
+# ---- held I/O: issued while suspended, done after resume, right data
+held_io() {	# image [ro]
+	img=$1 mode=${2:-rw}
+	copy "$img"
+	w=/mnt/m/w/$img
+	to_raw "$w" /tmp/ref.raw
+	ncrypt=0
+	case $img in *luks*) ncrypt=1 ;; esac
+	if [ "$mode" = ro ]; then
+		# shellcheck disable=SC2046
+		qcowsetup open --readonly $(key_opts "$img") "$w" lv
+	else
+		# shellcheck disable=SC2046
+		qcowsetup open $(key_opts "$img") "$w" lv
+		rw-workload write --seed 11 --ops 30 --flush-every 5 /dev/mapper/lv /tmp/ref.raw >/dev/null
+	fi
+	qcowsetup suspend lv
+	[ "$(state_of lv)" = suspended ] || { echo "status does not say suspended"; qcowsetup status lv; return 1; }
+	qcowsetup status lv | grep -q 'is suspended'
+	no_keys $ncrypt
+	rc=0
+	qcowsetup suspend lv 2>/tmp/err || rc=$?
+	[ $rc = 5 ] || { echo "suspend of a suspended mapping: exit $rc"; return 1; }
+	# I/O while suspended: held, not failed
+	rm -f /tmp/held.rc /tmp/held.out
+	echo 3 >/proc/sys/vm/drop_caches
+	if [ "$mode" = ro ]; then
+		(md5sum </dev/mapper/lv >/tmp/held.out; echo $? >/tmp/held.rc) &
+	else
+		(rw-workload write --seed 12 --ops 20 --flush-every 4 /dev/mapper/lv /tmp/ref.raw >/tmp/held.out 2>&1
+		 echo $? >/tmp/held.rc) &
+	fi
+	sleep 2
+	[ ! -e /tmp/held.rc ] || { echo "I/O went through (or failed) while suspended: rc $(cat /tmp/held.rc)"; cat /tmp/held.out; return 1; }
+	if [ $ncrypt != 0 ]; then
+		rc=0
+		qcowsetup resume --key-file /mnt/m/wrong lv 2>/tmp/err || rc=$?
+		[ $rc = 2 ] || { cat /tmp/err; echo "wrong passphrase: exit $rc"; return 1; }
+		[ "$(state_of lv)" = suspended ] || { echo "not suspended after a wrong passphrase"; return 1; }
+		no_keys $ncrypt
+		[ ! -e /tmp/held.rc ] || { echo "I/O went on after a wrong passphrase"; return 1; }
+	fi
+	# shellcheck disable=SC2046
+	qcowsetup resume $(key_opts "$img") lv
+	wait
+	[ "$(cat /tmp/held.rc)" = 0 ] || { echo "held I/O failed"; cat /tmp/held.out; return 1; }
+	[ "$(state_of lv)" = active ]
+	keys_back
+	if [ "$mode" = ro ]; then
+		[ "$(cut -d' ' -f1 /tmp/held.out)" = "$(md5sum </tmp/ref.raw | cut -d' ' -f1)" ] || { echo "read while suspended: wrong data"; return 1; }
+	fi
+	cmp /dev/mapper/lv /tmp/ref.raw || { echo "content differs after resume"; return 1; }
+	rc=0
+	qcowsetup resume lv 2>/tmp/err || rc=$?
+	[ $rc = 1 ] || { echo "resume of an active mapping: exit $rc"; return 1; }
+	qcowsetup close lv
+	qcheck "$w"
+	qcompare "$w" /tmp/ref.raw
+	[ ! -e /run/qcowsetup/lv.suspended ] || { echo "marker left"; return 1; }
+	vm_assert_clean
+}
+
+# ---- the daemon killed while suspended
+daemon_dies() {	# image
+	img=$1
+	copy "$img"
+	w=/mnt/m/w/$img
+	to_raw "$w" /tmp/ref.raw
+	# shellcheck disable=SC2046
+	qcowsetup open $(key_opts "$img") "$w" lv
+	rw-workload write --seed 21 --ops 20 --flush-every 4 /dev/mapper/lv /tmp/ref.raw >/dev/null
+	pid=$(qcowsetup status lv | sed -n 's/.*daemon pid \([0-9]*\).*/\1/p')
+	qcowsetup suspend lv
+	rm -f /tmp/held.rc /tmp/held.out
+	(rw-workload write --seed 22 --ops 10 --flush-every 3 /dev/mapper/lv /tmp/ref.raw >/tmp/held.out 2>&1
+	 echo $? >/tmp/held.rc) &
+	sleep 1
+	kill -9 "$pid"
+	sleep 2
+	# the guardian leaves a suspended mapping suspended; reattach and close refuse
+	[ "$(state_of lv)" = suspended ] || { echo "no longer suspended after the daemon died"; return 1; }
+	dmsetup info lv | grep -q SUSPENDED || { echo "the guardian resumed the top device"; return 1; }
+	no_keys "$(case $img in *luks*) echo 1 ;; *) echo 0 ;; esac)"
+	[ ! -e /tmp/held.rc ] || { echo "held I/O ended: rc $(cat /tmp/held.rc)"; return 1; }
+	rc=0
+	qcowsetup reattach lv 2>/tmp/err || rc=$?
+	[ $rc = 5 ] || { cat /tmp/err; echo "reattach of a suspended mapping: exit $rc"; return 1; }
+	rc=0
+	qcowsetup close lv 2>/tmp/err || rc=$?
+	[ $rc = 5 ] || { cat /tmp/err; echo "close of a suspended mapping: exit $rc"; return 1; }
+	# resume starts a new daemon
+	# shellcheck disable=SC2046
+	qcowsetup resume $(key_opts "$img") lv
+	wait
+	[ "$(cat /tmp/held.rc)" = 0 ] || { echo "held I/O failed"; cat /tmp/held.out; return 1; }
+	qcowsetup status lv | grep -q 'daemon pid.*running' || { echo "no daemon after resume"; return 1; }
+	cmp /dev/mapper/lv /tmp/ref.raw || { echo "content differs"; return 1; }
+	qcowsetup close lv
+	qcheck "$w"
+	qcompare "$w" /tmp/ref.raw
+	vm_assert_clean
+}
+
+# ---- refresh: discards on and off, live
+discard_max() {
+	cat "/sys/block/dm-$(dmsetup info -c --noheadings -o minor lv | tr -d ' ')/queue/discard_max_bytes"
+}
+crypt_flag() {	# whether the crypt table has allow_discards
+	dmsetup table lv_crypt | grep -q allow_discards
+}
+refresh() {	# image [ro]
+	img=$1 mode=${2:-rw}
+	copy "$img"
+	w=/mnt/m/w/$img
+	to_raw "$w" /tmp/ref.raw
+	ro=
+	[ "$mode" = rw ] || ro=--readonly
+	# shellcheck disable=SC2046
+	qcowsetup open $ro $(key_opts "$img") "$w" lv
+	[ "$mode" = ro ] || [ "$(discard_max)" = 0 ] || { echo "discards without --allow-discards"; return 1; }
+	case $img in *luks*) ! crypt_flag ;; esac
+	# shellcheck disable=SC2046
+	qcowsetup refresh --allow-discards $(key_opts "$img") lv
+	case $img in *luks*) crypt_flag || { echo "no allow_discards in the crypt table"; dmsetup table lv_crypt; return 1; } ;; esac
+	if [ "$mode" = rw ]; then
+		[ "$(discard_max)" != 0 ] || { echo "no discards after refresh --allow-discards"; return 1; }
+		blkdiscard -o 0 -l 1048576 /dev/mapper/lv
+		dd if=/dev/zero of=/tmp/ref.raw bs=1M count=1 conv=notrunc 2>/dev/null
+		# (a discarded range may read back as before or as zeros: compare the rest)
+		cmp /dev/mapper/lv /tmp/ref.raw 1048576 1048576
+		rw-workload write --seed 31 --ops 10 --flush-every 3 /dev/mapper/lv /tmp/ref.raw >/dev/null
+	fi
+	# shellcheck disable=SC2046
+	qcowsetup refresh --no-allow-discards $(key_opts "$img") lv
+	case $img in *luks*) ! crypt_flag ;; esac
+	[ "$mode" = ro ] || [ "$(discard_max)" = 0 ] || { echo "discards after refresh --no-allow-discards"; return 1; }
+	cmp /dev/mapper/lv /tmp/ref.raw 1048576 1048576
+	qcowsetup close lv
+	qcheck "$w"
+	vm_assert_clean
+}
+
+# ---- atomic: a failure at each step of suspend, then of resume
+mapping_works() {	# still active, readable, keys in place, no marker
+	[ "$(state_of lv)" = active ] || { echo "not active"; return 1; }
+	dd if=/dev/mapper/lv of=/dev/null bs=64k count=16 iflag=direct 2>/dev/null
+	keys_back
+	[ ! -e /run/qcowsetup/lv.suspended ] || { echo "marker left"; return 1; }
+	dmsetup info | grep -q SUSPENDED && { echo "a device left suspended"; dmsetup info; return 1; }
+	return 0
+}
+still_suspended() {
+	[ "$(state_of lv)" = suspended ] || { echo "not suspended"; return 1; }
+	no_keys "$1"
+	[ -e /run/qcowsetup/lv.suspended ] || { echo "marker gone"; return 1; }
+}
+fault_steps() {	# image
+	img=$1
+	copy "$img"
+	w=/mnt/m/w/$img
+	to_raw "$w" /tmp/ref.raw
+	ncrypt=0
+	case $img in *luks*) ncrypt=1 ;; esac
+	# shellcheck disable=SC2046
+	qcowsetup open $(key_opts "$img") "$w" lv
+	rw-workload write --seed 41 --ops 10 --flush-every 3 /dev/mapper/lv /tmp/ref.raw >/dev/null
+	k=1
+	while :; do
+		rc=0
+		qcowsetup suspend --debug-fail-step $k lv 2>/tmp/err || rc=$?
+		[ $rc != 0 ] || break
+		grep -q "Injected failure at step $k" /tmp/err || { cat /tmp/err; return 1; }
+		if grep -q 'stays suspended' /tmp/err; then
+			# a key wipe failed after another: suspended, resume brings it back
+			still_suspended $ncrypt || { echo "after failing suspend step $k"; return 1; }
+			# shellcheck disable=SC2046
+			qcowsetup resume $(key_opts "$img") lv
+		fi
+		mapping_works || { echo "after failing suspend step $k"; return 1; }
+		k=$((k + 1))
+		[ $k -lt 40 ] || return 1
+	done
+	echo "suspend: $((k - 1)) steps failed in turn, each undone"
+	still_suspended $ncrypt
+	k=1
+	while :; do
+		rc=0
+		# shellcheck disable=SC2046
+		qcowsetup resume --debug-fail-step $k $(key_opts "$img") lv 2>/tmp/err || rc=$?
+		[ $rc != 0 ] || break
+		grep -q "Injected failure at step $k" /tmp/err || { cat /tmp/err; return 1; }
+		still_suspended $ncrypt || { echo "after failing resume step $k"; return 1; }
+		k=$((k + 1))
+		[ $k -lt 40 ] || return 1
+	done
+	echo "resume: $((k - 1)) steps failed in turn, each undone"
+	mapping_works
+	# refresh too: each failure leaves the tables as they were
+	k=1
+	while :; do
+		rc=0
+		# shellcheck disable=SC2046
+		qcowsetup refresh --allow-discards --debug-fail-step $k $(key_opts "$img") lv 2>/tmp/err || rc=$?
+		[ $rc != 0 ] || break
+		grep -q "Injected failure at step $k" /tmp/err || { cat /tmp/err; return 1; }
+		mapping_works || { echo "after failing refresh step $k"; return 1; }
+		[ "$(discard_max)" = 0 ] || { echo "discards on after failing refresh step $k"; return 1; }
+		k=$((k + 1))
+		[ $k -lt 40 ] || return 1
+	done
+	echo "refresh: $((k - 1)) steps failed in turn, each undone"
+	rw-workload write --seed 42 --ops 10 --flush-every 3 /dev/mapper/lv /tmp/ref.raw >/dev/null
+	cmp /dev/mapper/lv /tmp/ref.raw
+	qcowsetup close lv
+	qcheck "$w"
+	qcompare "$w" /tmp/ref.raw
+	ls /run/qcowsetup/ | grep -q '^lv\.' && { echo "files left:"; ls /run/qcowsetup; return 1; }
+	vm_assert_clean
+}
+
+vm_test "LUKS read-write: I/O held while suspended, keys wiped, wrong passphrase refused, right data after resume" held_io luks.qcow2
+vm_test "LUKS read-only: reads held while suspended, keys wiped, right data after resume" held_io luks.qcow2 ro
+vm_test "unencrypted read-write: I/O held while suspended, right data after resume" held_io plain.qcow2
+vm_test "backing chain read-write: I/O held while suspended, right data after resume" held_io chain.qcow2
+vm_test "LUKS: daemon killed while suspended stays suspended; resume starts a new daemon" daemon_dies luks.qcow2
+vm_test "refresh LUKS read-write: discards on and off in the crypt table and the top device" refresh luks.qcow2
+vm_test "refresh unencrypted read-write: discards on and off" refresh plain.qcow2
+vm_test "atomic suspend/resume/refresh (LUKS): a failure at each step is undone" fault_steps luks.qcow2
+if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
+	vm_test "refresh LUKS read-only: allow_discards in the crypt table" refresh luks.qcow2 ro
+	vm_test "atomic suspend/resume/refresh (chain): a failure at each step is undone" fault_steps chain.qcow2
+fi
+vm_summary

@@ -1,0 +1,53 @@
+#!/bin/bash
+# Automake test: live verbs on mapped images through the real kernel (the VM
+# test bed): suspend, resume and refresh. On the host: a LUKS image, an
+# unencrypted one and a backing chain, made by qemu-img and qemu-io, on an
+# ext4 disk. In the VM (tests/vm/guest/live.sh), for LUKS read-write, LUKS
+# read-only, unencrypted and chain mappings: I/O issued while suspended is
+# held and completes after resume with the right data; no key in
+# `dmsetup table --showkeys` or /proc/keys while suspended; a wrong
+# passphrase leaves it suspended; the daemon killed while suspended leaves it
+# suspended and resume starts a new one; refresh switches discards; a
+# failure injected at each step of suspend, resume and refresh
+# (--debug-fail-step) is undone; after close `qemu-img check` is clean and
+# the content equals the reference. QS_LIVE_FULL=1 adds the chain's fault
+# injection and refresh of a read-only LUKS mapping.
+# Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
+set -eu
+me=test-live
+. "$(cd "$(dirname "$0")/.." && pwd)/lib.sh"
+qs=${QCOWSETUP:-$builddir/qcowsetup}
+daemon=$builddir/qcowsetup-daemon
+workload=$builddir/tests/vm/prog/rw-workload
+
+need_vm
+need qemu-img qemu-io
+for f in "$qs" "$daemon" "$workload"; do need_built "$f"; done
+
+make_work
+mkdir "$work/m" "$work/share"
+guest_script live "$work/share"
+
+cd "$work/m"
+printf 'correct horse' >pass
+sec=(--object secret,id=s0,file=pass)
+retry 6 qemu-img create -q -f qcow2 "${sec[@]}" \
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 luks.qcow2 32M
+qemu-io "${sec[@]}" --image-opts -c 'write -P 0x31 0 4M' -c 'write -z 10M 1M' \
+	driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0 >/dev/null
+qemu-img create -q -f qcow2 plain.qcow2 32M
+qemu-io -f qcow2 -c 'write -P 0x11 0 4M' -c 'write -z 8M 1M' plain.qcow2 >/dev/null
+qemu-img create -q -f raw base.raw 24M
+qemu-io -f raw -c 'write -P 0x41 0 24M' base.raw >/dev/null
+qemu-img create -q -f qcow2 -b base.raw -F raw mid.qcow2 28M
+qemu-io -f qcow2 -c 'write -P 0x42 4M 4M' mid.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 chain.qcow2 32M
+qemu-io -f qcow2 -c 'write -P 0x43 6M 1M' chain.qcow2 >/dev/null
+cd "$work"
+mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 512M
+rm -rf "$work/m"
+
+"$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1024 \
+	--extra "$qs" --extra "$daemon" --extra "$workload" \
+	--timeout "${QS_LIVE_TIMEOUT:-600}" ${QS_VERBOSE:+--env QS_VERBOSE=1} \
+	${QS_LIVE_FULL:+--env QS_LIVE_FULL=$QS_LIVE_FULL} -- live.sh
