@@ -413,7 +413,7 @@ def make_bases(outdir, small=False):
     qemu_io(outdir, "qcow2", "base-snap.qcow2", "write -P 0x55 0 64k")
 
     create("base-luks.qcow2", "qcow2", "4M", "cluster_size=" + cs, "encrypt.format=luks",
-           "encrypt.key-secret=s0", "encrypt.iter-time=100", secret=True)
+           "encrypt.key-secret=s0", "encrypt.iter-time=10", secret=True)
     qemu_io(outdir, "qcow2", "base-luks.qcow2", "write -P 0x11 0 64k", "write -P 0x33 1M 64k", secret=True)
 
     create("base-backing.qcow2", "qcow2", "4M", "cluster_size=" + cs)

@@ -444,7 +444,7 @@ gen_chain_shorter() { # top shorter than its backing chain
 gen_luks() { # NAME CIPHER MODE IVGEN [IVHASH]
 	local name=$1 cs=$((64 * K)) size=$((32 * M)) opts
 	LOGNAME=$name
-	opts="encrypt.format=luks,encrypt.iter-time=100,encrypt.cipher-alg=$2,encrypt.cipher-mode=$3,encrypt.ivgen-alg=$4"
+	opts="encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-alg=$2,encrypt.cipher-mode=$3,encrypt.ivgen-alg=$4"
 	[ $# -ge 5 ] && opts="$opts,encrypt.ivgen-hash-alg=$5"
 	create_enc "$name.qcow2" qcow2 "$size" "$opts"
 	std_cmds "$cs" "$size"

@@ -11,7 +11,8 @@
 # failure injected at each step of suspend, resume and refresh
 # (--debug-fail-step) is undone; after close `qemu-img check` is clean and
 # the content equals the reference. QS_LIVE_FULL=1 adds the chain's fault
-# injection and refresh of a read-only LUKS mapping.
+# injection, refresh of a read-only LUKS mapping, and suspend/resume and
+# refresh of an unencrypted mapping (the chain's cases cover that path).
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
 set -eu
 me=test-live

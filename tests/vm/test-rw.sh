@@ -57,7 +57,7 @@ qemu-img create -q -f qcow2 plain.qcow2 64M
 mixed plain.qcow2
 # (PBKDF timing fails now and then on a loaded machine: "Unable to get accurate CPU usage")
 for try in 1 2 3 4 5 6; do
-	qemu-img create -q -f qcow2 "${sec[@]}" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 \
+	qemu-img create -q -f qcow2 "${sec[@]}" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 \
 		luks.qcow2 64M 2>/dev/null && break
 	[ $try = 6 ] && { echo "$me: error: cannot create a LUKS image" >&2; exit 99; }
 done

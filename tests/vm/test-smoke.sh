@@ -49,7 +49,7 @@ md5sum < plain.raw | cut -d' ' -f1 > plain.md5
 rm -f plain.raw
 
 retry 5 qemu-img create -q -f qcow2 --object "$secret" \
-	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100 luks.qcow2 64M ||
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 luks.qcow2 64M ||
 	hard_error "qemu-img create (LUKS) failed"
 qemu-io --object "$secret" --image-opts "$luks_opts" "${writes[@]}" > /dev/null ||
 	hard_error "qemu-io (LUKS) failed"

@@ -287,13 +287,13 @@ fault_steps() {	# image
 
 vm_test "LUKS read-write: I/O held while suspended, keys wiped, wrong passphrase refused, right data after resume" held_io luks.qcow2
 vm_test "LUKS read-only: reads held while suspended, keys wiped, right data after resume" held_io luks.qcow2 ro
-vm_test "unencrypted read-write: I/O held while suspended, right data after resume" held_io plain.qcow2
 vm_test "backing chain read-write: I/O held while suspended, right data after resume" held_io chain.qcow2
 vm_test "LUKS: daemon killed while suspended stays suspended; resume starts a new daemon" daemon_dies luks.qcow2
 vm_test "refresh LUKS read-write: discards on and off in the crypt table and the top device" refresh luks.qcow2
-vm_test "refresh unencrypted read-write: discards on and off" refresh plain.qcow2
 vm_test "atomic suspend/resume/refresh (LUKS): a failure at each step is undone" fault_steps luks.qcow2
 if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
+	vm_test "unencrypted read-write: I/O held while suspended, right data after resume" held_io plain.qcow2
+	vm_test "refresh unencrypted read-write: discards on and off" refresh plain.qcow2
 	vm_test "refresh LUKS read-only: allow_discards in the crypt table" refresh luks.qcow2 ro
 	vm_test "atomic suspend/resume/refresh (chain): a failure at each step is undone" fault_steps chain.qcow2
 fi
