@@ -84,6 +84,17 @@ vm_summary() {
 	return 0
 }
 
+# The image disk: /dev/vda (ext4) mounted on /mnt/m and made the working
+# folder, the modules a mapping needs loaded, the daemons' syslog kept in
+# /tmp/messages (a failed case shows what they said).
+vm_images_disk() {
+	mkdir -p /mnt/m
+	mount -t ext4 /dev/vda /mnt/m || { echo "cannot mount the image disk"; exit 1; }
+	cd /mnt/m || exit 1
+	for vm_mod in dm-crypt dm-zero nbd; do modprobe -q $vm_mod 2>/dev/null; done
+	syslogd -O /tmp/messages 2>/dev/null || :
+}
+
 # Names of the dm devices, one a line (empty when none).
 vm_dm_devices() {
 	dmsetup info -c --noheadings -o name 2>/dev/null | grep -v '^No devices found' || true

@@ -4,11 +4,7 @@
 # mid.qcow2 over base.raw). suspend, resume and refresh on live mappings.
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
-mkdir -p /mnt/m
-mount -t ext4 /dev/vda /mnt/m || { echo "cannot mount the image disk"; exit 1; }
-cd /mnt/m
-modprobe -q dm-crypt 2>/dev/null; modprobe -q nbd 2>/dev/null
-syslogd -O /tmp/messages 2>/dev/null || :
+vm_images_disk
 sec="--object secret,id=s0,file=/mnt/m/pass"
 printf 'not the passphrase' >/mnt/m/wrong
 

@@ -4,11 +4,8 @@
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
 vm_require qemu-img mkfs.ext4 resize2fs e2fsck blockdev
-mkdir -p /mnt/m /mnt/fs
-mount -t ext4 /dev/vda /mnt/m || { echo "cannot mount the image disk"; exit 1; }
-cd /mnt/m
-modprobe -q dm-crypt 2>/dev/null; modprobe -q nbd 2>/dev/null
-syslogd -O /tmp/messages 2>/dev/null || :
+mkdir -p /mnt/fs
+vm_images_disk
 sec="--object secret,id=s0,file=/mnt/m/pass"
 M=1048576
 

@@ -6,12 +6,7 @@
 #   rw.sh crash-verify        verify the last crash run
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
-mkdir -p /mnt/m
-mount -t ext4 /dev/vda /mnt/m || { echo "cannot mount the image disk"; exit 1; }
-cd /mnt/m
-modprobe -q dm-crypt 2>/dev/null; modprobe -q nbd 2>/dev/null
-# the daemons log to syslog: a failed case shows what they said
-syslogd -O /tmp/messages 2>/dev/null || :
+vm_images_disk
 sec="--object secret,id=s0,file=/mnt/m/pass"
 
 # qemu-img arguments naming image $1 (LUKS images need the secret)
