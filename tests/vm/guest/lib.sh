@@ -8,8 +8,9 @@
 #
 # vm_test NAME CMD [ARGS...]
 #   Runs CMD in a subshell with `set -e`, output captured. Prints, automake-like,
-#   "PASS: NAME", "FAIL: NAME" (followed by the captured output, indented) or
-#   "SKIP: NAME" (CMD exited 77; its last line is shown as the reason).
+#   "PASS: NAME (Ts)", "FAIL: NAME" (followed by the captured output, indented) or
+#   "SKIP: NAME" (CMD exited 77; its last line is shown as the reason); T is
+#   the case's seconds (guest clock), where a test's time goes.
 #   QS_VERBOSE=1 shows the output of passing tests too, QS_TRACE=1 runs CMD
 #   with `set -x`. Never exits the caller.
 # vm_summary
@@ -51,11 +52,8 @@ vm_test() {
 	case $vm_rc in
 	0)
 		vm_passed=$((vm_passed + 1))
-		echo "PASS: $vm_name"
-		if [ "${QS_VERBOSE:-0}" != 0 ]; then
-			sed 's/^/    | /' "$vm_out"
-			echo "    | (${vm_dt}s)"
-		fi
+		echo "PASS: $vm_name (${vm_dt}s)"
+		[ "${QS_VERBOSE:-0}" = 0 ] || sed 's/^/    | /' "$vm_out"
 		;;
 	77)
 		vm_skipped=$((vm_skipped + 1))
