@@ -9,14 +9,17 @@
 #            `qemu-img compare` identical and `qemu-img check` clean;
 #            compressed clusters read-only; interop with qemu-io both ways;
 #            QEMU-compatible locks both ways; corrupt bit, full filesystem
-#            (ENOSPC) and read-only file; the daemon killed (SIGKILL) and
-#            reattached;
+#            (ENOSPC) and read-only file; the daemon killed (SIGKILL) once
+#            and reattached;
 #   kill     QS_RW_KILL_RUNS (default 0) more daemon kills (SIGKILL under load)
-#   crash    QS_RW_CRASH_RUNS runs (default 3; QS_RW_SKIP_MATRIX=1 for crash
+#   crash    QS_RW_CRASH_RUNS runs (default 1; QS_RW_SKIP_MATRIX=1 for crash
 #            runs only): a writer logs what it saw
 #            flushed, the VM dies at a random moment (sysrq b); the next boot
 #            checks the image (`qemu-img check`: no corruption) and that every
 #            flushed write reads back.
+# QS_RW_FULL=1 adds what repeats the cases above with other random numbers:
+# a second seed of the plain and the LUKS workloads, 3 daemon kills in the
+# matrix instead of 1, 3 crash runs instead of 1 (each a VM boot).
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
 set -eu
 me=test-rw
@@ -24,7 +27,8 @@ me=test-rw
 qs=${QCOWSETUP:-$builddir/qcowsetup}
 daemon=$builddir/qcowsetup-daemon
 workload=$builddir/tests/vm/prog/rw-workload
-runs=${QS_RW_CRASH_RUNS:-3}
+runs=${QS_RW_CRASH_RUNS:-${QS_RW_FULL:+3}}
+runs=${runs:-1}
 
 need_vm
 need qemu-img qemu-io
@@ -100,7 +104,8 @@ vm() {	# timeout, guest args...
 	shift
 	"$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 \
 		--extra "$qs" --extra "$daemon" --extra "$workload" \
-		--timeout "$t" ${QS_VERBOSE:+--env QS_VERBOSE=1} -- rw.sh "$@"
+		--timeout "$t" ${QS_VERBOSE:+--env QS_VERBOSE=1} ${QS_RW_FULL:+--env QS_RW_FULL=1} \
+		-- rw.sh "$@"
 }
 
 rc=0
