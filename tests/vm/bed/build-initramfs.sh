@@ -3,7 +3,8 @@
 #
 #   tests/vm/bed/build-initramfs.sh OUTDIR [--kver KVER] [--extra FILE[=DEST]]...
 #
-# Writes OUTDIR/initramfs.cpio.gz holding: busybox (applets as symlinks), the
+# Writes OUTDIR/initramfs.cpio (not compressed: TCG would spend seconds of each
+# boot inflating it) holding: busybox (applets as symlinks), the
 # kernel modules the tests need with all their dependencies (from modules.dep of
 # the installed kernel, decompressed, re-indexed with depmod), the userspace
 # tools (dmsetup, util-linux losetup/blkid, qemu-img/io/nbd, fio, mkfs.ext4,
@@ -63,7 +64,7 @@ moddir=/usr/lib/modules/$kver
 
 mkdir -p "$outdir"
 outdir=$(cd "$outdir" && pwd)
-image=$outdir/initramfs.cpio.gz
+image=$outdir/initramfs.cpio
 stamp=$outdir/initramfs.stamp
 inputs_list=$outdir/initramfs.inputs
 if command -v flock >/dev/null; then
@@ -277,7 +278,7 @@ if command -v cpio >/dev/null; then
 else
 	cpio_create() { "$busybox" cpio -o -H newc -R 0:0; }
 fi
-find . -mindepth 1 | LC_ALL=C sort | cpio_create | gzip -6 > "$image.tmp"
+find . -mindepth 1 | LC_ALL=C sort | cpio_create > "$image.tmp"
 mv -f "$image.tmp" "$image"
 echo "$sum" > "$stamp"
 echo "$me: $(du -h "$image" | cut -f1) $image (${#load_list[@]} modules, ${#binaries[@]} programs, ${#libs[@]} libraries)" >&2

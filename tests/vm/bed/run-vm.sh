@@ -109,7 +109,7 @@ fi
 
 cache=${QS_VM_CACHE:-${top_builddir:-$top}/tests/vm/out}
 "$here/build-initramfs.sh" "$cache" --kver "$kver" ${extras[@]+--extra "${extras[@]}"} || die "cannot build the initramfs"
-initrd=$cache/initramfs.cpio.gz
+initrd=$cache/initramfs.cpio
 
 # Kernel command line. Arguments travel base64-encoded (any byte survives).
 cmdline="console=ttyS0 panic=-1 mitigations=off"
