@@ -29,11 +29,15 @@ cd "$top"
 [ ! stamp-h1 -nt config.h ] || touch -r config.h stamp-h1
 
 # the slowest tests, slowest first (tests/durations.txt of a full run on 2
-# cores: test-rw ~470 s, test-boot ~230 s, ... test-sys ~60 s)
+# cores: test-rw, test-boot, test-hostile, test-open, test-logwrites ~150-350 s
+# each under TCG; the image matrix and the malformed corpus spawn thousands
+# of qemu-img and suffer most on a loaded machine)
 slow_first="
 	tests/vm/test-rw.sh
 	tests/vm/test-boot.sh
+	tests/images/test-matrix.sh
 	tests/vm/test-hostile.sh
+	tests/images/test-malformed.sh
 	tests/vm/test-open.sh
 	tests/vm/test-logwrites.sh
 	tests/vm/test-live.sh
@@ -44,6 +48,12 @@ slow_first="
 	tests/vm/test-resize.sh
 	tests/vm/test-smoke.sh
 	tests/vm/test-sys.sh
+	tests/vm/test-scale.sh
+	tests/vm/test-bind.sh
+	tests/images/test-bind.sh
+	tests/admin/test-options.sh
+	tests/images/test-keys.sh
+	tests/unit/test-keys
 "
 all=$(make -s --no-print-directory -f Makefile -f - qs-print-tests <<'MK' | tail -n 1
 qs-print-tests:
@@ -54,7 +64,9 @@ ordered=
 for t in $slow_first; do
 	case " $all " in *" $t "*) ordered="$ordered $t" ;; esac
 done
-for t in $all; do
+# then the other VM tests (a new one is likely slower than a script on the
+# host), then the rest, each in make's order
+for t in $(printf '%s\n' $all | grep '^tests/vm/') $all; do
 	case " $ordered " in *" $t "*) ;; *) ordered="$ordered $t" ;; esac
 done
 
