@@ -41,6 +41,14 @@
 #   guest_script NAME DIR     the VM tests: tests/vm/guest/NAME.sh (what
 #                             tests/vm/test-NAME.sh runs in the VM) and
 #                             guest/lib.sh into DIR, the VM's share
+#   matrix_images DIR         the image matrix of tests/images/gen-matrix.sh
+#                             in DIR (a new folder), hard links to one made
+#                             once per build tree in $TMPDIR/qs-matrix-HASH
+#                             (the map oracles hold on that file system
+#                             only) and made again when gen-matrix.sh or
+#                             qemu-img changes: add files to DIR, replace
+#                             the others, never write into them. Prints what
+#                             gen-matrix.sh printed; its exit status.
 
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "${BASH_SOURCE[0]%/*}/.." && pwd)
@@ -130,4 +138,23 @@ retry() {
 
 guest_script() {
 	cp "$top/tests/vm/guest/lib.sh" "$top/tests/vm/guest/$1.sh" "$2/" && chmod +x "$2/$1.sh"
+}
+
+matrix_images() {
+	local cache key lock rc=0
+	cache=${TMPDIR:-/var/tmp}/qs-matrix-$(printf '%s' "$builddir" | sha256sum | cut -c1-12)
+	key=$({ cat "$top/tests/images/gen-matrix.sh"; qemu-img --version; } | sha256sum | cut -d' ' -f1)
+	exec {lock}>"$cache.lock"
+	flock "$lock"	# make check -j: one makes it, the others wait and link
+	if [ "$(cat "$cache/.key" 2>/dev/null)" != "$key" ]; then
+		rm -rf "$cache" "$cache.new"
+		"$top/tests/images/gen-matrix.sh" "$cache.new" || rc=$?
+		[ "$rc" != 0 ] || { echo "$key" >"$cache.new/.key" && mv "$cache.new" "$cache"; } || rc=99
+	else
+		echo "gen-matrix: the matrix of $cache (made $(date -r "$cache/.key" '+%F %T'))"
+	fi
+	[ "$rc" != 0 ] || cp -al "$cache" "$1" || rc=99
+	exec {lock}>&-
+	rm -f "$1/.key"
+	return "$rc"
 }

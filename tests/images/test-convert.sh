@@ -296,7 +296,7 @@ check "no --new-key-file: QEMU opens it with the source passphrase" \
 mx=${QS_MATRIX_DIR:-$WORK/matrix}
 if [ -n "${QS_CONVERT_NO_MATRIX:-}" ]; then
 	skipped "the engine's matrix (QS_CONVERT_NO_MATRIX)"
-elif [ -z "${QS_MATRIX_DIR:-}" ] && ! "$here/gen-matrix.sh" "$mx" >>log 2>&1; then
+elif [ -z "${QS_MATRIX_DIR:-}" ] && ! matrix_images "$mx" >>log 2>&1; then
 	fail "gen-matrix.sh"
 else
 	mkdir -p mconv

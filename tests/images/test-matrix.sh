@@ -75,7 +75,7 @@ command -v timeout >/dev/null 2>&1 && TIMEOUT="timeout 120"
 
 make_work --keep-on-failure
 
-if ! "$here/gen-matrix.sh" "$work/m" >"$work/gen.log" 2>&1; then
+if ! matrix_images "$work/m" >"$work/gen.log" 2>&1; then
 	sed 's/^/# /' "$work/gen.log"
 	echo "ERROR: gen-matrix.sh failed"
 	failed=1
