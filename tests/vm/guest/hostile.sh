@@ -10,7 +10,7 @@ export PATH=/usr/local/bin:$PATH
 H=/mnt/h
 I=$H/img
 PASS=$(cat "$here/pass")
-ROUNDS=${QS_HOSTILE_RACE_ROUNDS:-20}
+ROUNDS=${QS_HOSTILE_RACE_ROUNDS:-5}
 mkdir -p $H
 mount -t ext4 /dev/vda $H || { echo "cannot mount the image disk"; exit 1; }
 modprobe -q dm-crypt 2>/dev/null; modprobe -q nbd 2>/dev/null
