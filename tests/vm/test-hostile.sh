@@ -11,8 +11,9 @@
 # daemons, /run/qcowsetup/*.lock) and every file or device the image named
 # unchanged; plus races of two opens of one NAME (QS_HOSTILE_RACE_ROUNDS,
 # default 5; 20 with QS_HOSTILE_FULL=1) and of close with open, a symlink
-# swapped while open waits for its key, qcowtab's allow-unencrypted, and read-write entries asked
-# through the real systemd-ask-password answered by tests/vm/prog/ask-agent.
+# swapped while open waits for its key, qcowtab's allow-unencrypted, and
+# read-write entries asked through the real systemd-ask-password answered by
+# tests/vm/prog/ask-agent.
 # QS_HOSTILE_CASES="a e l" runs only those cases (letters).
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU, kernel, qemu-img, python3,
 # systemd-ask-password), 99 error.
