@@ -28,20 +28,25 @@ cd "$top"
 # test programs (all built from config.h) behind every test script
 [ ! stamp-h1 -nt config.h ] || touch -r config.h stamp-h1
 
-# the slowest tests, slowest first (tests/durations.txt of a full run on 2
-# cores: test-rw, test-boot, test-hostile, test-open, test-logwrites ~150-350 s
-# each under TCG; the image matrix and the malformed corpus spawn thousands
-# of qemu-img and suffer most on a loaded machine)
+# the slowest tests, slowest first, from tests/durations.txt (the VM tests
+# ~120-350 s each on 2 quiet cores; the image tests spawn thousands of
+# qemu-img and suffer most on a loaded machine: matrix, malformed, check,
+# write ~800-1,400 s there). test-matrix makes the image matrix that
+# test-open and test-convert link (tests/lib.sh matrix_images): they come
+# later, not to wait for it.
 slow_first="
 	tests/vm/test-rw.sh
 	tests/vm/test-boot.sh
 	tests/images/test-matrix.sh
 	tests/vm/test-hostile.sh
 	tests/images/test-malformed.sh
-	tests/vm/test-open.sh
+	tests/images/test-check.sh
 	tests/vm/test-logwrites.sh
+	tests/images/test-write.sh
+	tests/vm/test-open.sh
 	tests/vm/test-live.sh
 	tests/vm/test-faults.sh
+	tests/images/test-convert.sh
 	tests/unit/test-alloc
 	tests/vm/test-tab.sh
 	tests/vm/test-boot-rw.sh
@@ -54,6 +59,7 @@ slow_first="
 	tests/admin/test-options.sh
 	tests/images/test-keys.sh
 	tests/unit/test-keys
+	tests/images/test-resize.sh
 "
 all=$(make -s --no-print-directory -f Makefile -f - qs-print-tests <<'MK' | tail -n 1
 qs-print-tests:
