@@ -92,13 +92,7 @@ EOF
 	mkfs.ext4 -q -F -U "$HOLD_UUID" -L qshold -E root_owner=0:0 -d hold hold.img 64M
 	rm -rf root hold root.raw
 }
-make_images >images.log 2>&1 || true
-if [ ! -s hold.img ] ||
-   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
-	cat images.log
-	echo "$me: error: cannot make the images" >&2
-	exit 99
-fi
+boot_make_images make_images
 
 boot_initramfs
 echo "$me: images and initramfs ready in $(( $(date +%s) - t0 ))s"

@@ -13,6 +13,10 @@
 #   boot_make_root DIR MARKER < INIT    a root tree: static busybox, the
 #                                       /etc/marker MARKER, INIT as /sbin/init
 #   boot_luks_qcow2 RAW QCOW2 SECRET    qemu-img convert to a LUKS qcow2
+#   boot_make_images FUNCTION           runs FUNCTION (which makes hold.img),
+#                                       its output in images.log: exit 99
+#                                       unless it made hold.img and said
+#                                       nothing unexpected
 #   boot_initramfs                      builds (or finds) the initramfs: $initrd
 #   boot NAME APPEND [--hotplug] -- STEP...
 #                                       one boot, console.py STEPs; the disk is
@@ -77,6 +81,17 @@ boot_make_root() {  # DIR MARKER < INIT
 boot_luks_qcow2() {  # RAW QCOW2 SECRET-OBJECT-OPTS
 	retry 5 qemu-img convert -q -f raw -O qcow2 --object "secret,id=s0,$3" \
 		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536 "$1" "$2"
+}
+
+boot_make_images() {  # FUNCTION
+	"$1" >images.log 2>&1 || true
+	# (a failed command does not stop FUNCTION: check what it made)
+	if [ ! -s hold.img ] ||
+	   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
+		cat images.log
+		echo "$me: error: cannot make the images" >&2
+		exit 99
+	fi
 }
 
 # The qcowtab given to dracut: the hot-plugged disk of test-boot.sh
