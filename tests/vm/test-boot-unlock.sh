@@ -58,7 +58,7 @@ if [ -n "${QS_BOOT_FULL:-}" ]; then
 else
 	boots='tpm tangdown'
 fi
-# shellcheck disable=SC2317 # called by want
+# a boot of $boots that QS_BOOT_ONLY does not leave out
 wanted() { case " $boots " in *" $1 "*) want "$1" ;; *) return 1 ;; esac; }
 
 # ------------------------------------------------------------ the test module
@@ -146,13 +146,7 @@ EOF
 	mkfs.ext4 -q -F -U "$HOLD_UUID" -L qshold -E root_owner=0:0 -d hold hold.img 64M
 	rm -rf root hold root.raw plain.qcow2 pass.key
 }
-make_images >images.log 2>&1 || true
-if [ ! -s hold.img ] ||
-   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
-	cat images.log
-	echo "$me: error: cannot make the images" >&2
-	exit 99
-fi
+boot_make_images make_images
 
 # the qcowtab given to dracut: one entry with the clevis option
 boot_qcowtab() {
