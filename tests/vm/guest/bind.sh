@@ -53,26 +53,33 @@ t_bind_refuses_rw_mapping() {
 	vm_assert_clean
 }
 # plain open (no qcowtab): --token-only, --clevis, on the image's path
-hold_mount() { mkdir -p /tmp/hold && mount -o ro /dev/vda /tmp/hold; }
+# the image disk's filesystem where it is mounted (open --tab may have left
+# it), else mounted read-only on /tmp/hold
+hold_open() {
+	hold=$(awk '$1 == "/dev/vda" { print $2; exit }' /proc/mounts)
+	[ -n "$hold" ] && return 0
+	mkdir -p /tmp/hold && mount -o ro /dev/vda /tmp/hold && hold=/tmp/hold
+}
+hold_close() { [ "$hold" != /tmp/hold ] || umount /tmp/hold; }
 t_open_token_only() {
-	hold_mount
-	qcowsetup --batch-mode open --readonly --token-only /tmp/hold/images/t.qcow2 t </dev/null
+	hold_open
+	qcowsetup --batch-mode open --readonly --token-only "$hold/images/t.qcow2" t </dev/null
 	[ "$(md5_of t)" = "$(cat "$here/t.md5")" ]
 	qcowsetup close t
-	umount /tmp/hold
+	hold_close
 	vm_assert_clean
 }
 t_open_token_only_down() {
-	hold_mount
+	hold_open
 	rc=0
-	qcowsetup open --readonly --token-only /tmp/hold/images/t.qcow2 t < "$here/pass" 2>/tmp/err || rc=$?
+	qcowsetup open --readonly --token-only "$hold/images/t.qcow2" t < "$here/pass" 2>/tmp/err || rc=$?
 	cat /tmp/err
 	[ "$rc" = 2 ] && [ ! -e /dev/mapper/t ] && grep -q 'no binding unlocked it\.$' /tmp/err
-	qcowsetup open --readonly --clevis --token-timeout 10 /tmp/hold/images/t.qcow2 t < "$here/pass" 2>&1 | tee /tmp/out
+	qcowsetup open --readonly --clevis --token-timeout 10 "$hold/images/t.qcow2" t < "$here/pass" 2>&1 | tee /tmp/out
 	grep -q 'asking for a passphrase' /tmp/out
 	[ "$(md5_of t)" = "$(cat "$here/t.md5")" ]
 	qcowsetup close t
-	umount /tmp/hold
+	hold_close
 	vm_assert_clean
 }
 t_tang_down_asks() {
