@@ -110,9 +110,11 @@ _qcowsetup_daemon() {
 }
 
 # The files of the systemd credentials the entries on stdin load
-# (load-credential=ID[:PATH], load-credential-encrypted=ID[:PATH]): PATH, or
-# the credential store file systemd looks in without one. With systemd in the
-# initramfs the units load them from there (qcowtab(5)).
+# (load-credential=ID[:PATH], load-credential-encrypted=ID[:PATH]), one a
+# line "STORE FILE": STORE credstore or credstore.encrypted, FILE the PATH,
+# or the credential store file systemd looks in without one. With systemd in
+# the initramfs the units load them from there; without, qcowsetup-ask does
+# for the plain ones (qcowtab(5)).
 _qcowsetup_credential_files() {
     local _name _image _key _options _o _id _path _store
     while read -r _name _image _key _options; do
@@ -126,7 +128,7 @@ _qcowsetup_credential_files() {
             _id=${_o#*=}
             _path=
             [[ $_id == *:* ]] && _path=${_id#*:} _id=${_id%%:*}
-            echo "${_path:-/etc/$_store/$_id}"
+            echo "$_store ${_path:-/etc/$_store/$_id}"
         done
     done
 }
@@ -149,8 +151,16 @@ check() {
 # called by dracut
 depends() {
     echo dm rootfs-block
-    # a tang binding is decrypted over the network
-    _qcowsetup_clevis_pins | grep -qx tang && echo network
+    # a tang binding is decrypted over the network: dracut's network
+    # module when it is there (Debian: dracut-network), else the initramfs
+    # has only what rd.neednet or another module brings up
+    if _qcowsetup_clevis_pins | grep -qx tang; then
+        if compgen -G "${dracutbasedir:-/usr/lib/dracut}/modules.d/[0-9][0-9]network" > /dev/null; then
+            echo network
+        else
+            dwarn "qcowsetup: a tang binding needs the network in the initramfs, and dracut has no network module here"
+        fi
+    fi
     return 0
 }
 
@@ -192,7 +202,7 @@ _qcowsetup_install_clevis() {
         case $_p in
             tang) inst_multiple -o curl ;;
             tpm2)
-                inst_multiple -o tpm2_createprimary tpm2_flushcontext tpm2_load tpm2_unseal
+                inst_multiple -o tpm2_createprimary tpm2_flushcontext tpm2_load tpm2_unseal cat mktemp
                 # tpm2-tools load their TPM transport at run time
                 inst_libdir_file "libtss2-tcti-device.so*"
                 ;;
@@ -202,7 +212,7 @@ _qcowsetup_install_clevis() {
 
 # called by dracut
 install() {
-    local _entries _bin _daemon _cred
+    local _entries _bin _daemon _cred _store
     if [[ $QCOWSETUP_BINARY ]]; then
         _bin=/usr/sbin/qcowsetup
         inst_binary "$QCOWSETUP_BINARY" "$_bin"
@@ -245,9 +255,9 @@ install() {
         printf '%s\n' "$_entries" > "$initdir/etc/qcowtab"
         chmod 0644 "$initdir/etc/qcowtab"
         [[ $hostonly ]] && mark_hostonly /etc/qcowtab
-        while read -r _cred; do
-            if ! dracut_module_included "systemd"; then
-                dwarn "qcowsetup: $_cred: credentials need systemd in the initramfs; the entry will ask instead"
+        while read -r _store _cred; do
+            if [[ $_store == credstore.encrypted ]] && ! dracut_module_included "systemd"; then
+                dwarn "qcowsetup: $_cred: encrypted credentials need systemd in the initramfs; the entry will ask instead"
             elif [[ -f $dracutsysrootdir$_cred ]]; then
                 inst_simple "$dracutsysrootdir$_cred" "$_cred"
                 [[ $hostonly ]] && mark_hostonly "$_cred"

@@ -8,8 +8,10 @@
 # One question for the entries marked same-passphrase: all of them whose
 # devices are there are mapped by the same `qcowsetup open --tab`. The
 # passphrase is asked through plymouth when it runs, else by qcowsetup on the
-# console (tries= attempts, timeout=). An entry that is not nofail and stays
-# unmapped leads to dracut's emergency shell.
+# console (tries= attempts, timeout=). load-credential= credentials are
+# loaded for it as systemd's LoadCredential= would (qs_load_credentials). An
+# entry that is not nofail and stays unmapped leads to dracut's emergency
+# shell.
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 NEWROOT=${NEWROOT:-"/sysroot"}
@@ -63,6 +65,10 @@ for n in $names; do : >> "/tmp/qcowsetup-asked-$n"; done
 modprobe -q dm_zero
 
 info "qcowsetup: mapping $names"
+# the credentials of load-credential=, as a unit's LoadCredential= would
+creds=/run/qcowsetup/credentials/$name
+# shellcheck disable=SC2086
+qs_load_credentials "$creds" $names && export CREDENTIALS_DIRECTORY="$creds" && ask=no
 {
     flock -s 9
     # shellcheck disable=SC2086
@@ -73,6 +79,7 @@ info "qcowsetup: mapping $names"
         qcowsetup open --tab $names
     fi
 } 9> /.console_lock
+rm -rf "$creds"
 
 failed=''
 for n in $names; do

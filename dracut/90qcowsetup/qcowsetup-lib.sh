@@ -272,6 +272,38 @@ qs_option_value() {
     printf '%s\n' "$_v"
 }
 
+# Without systemd in the initramfs, what its LoadCredential= does for the
+# units: the credential file of each entry named in $2... with
+# load-credential=ID[:PATH] (PATH, else ID in systemd's credential stores)
+# copied to the directory $1 (made, 0700) as ID, for qcowsetup to read as
+# $CREDENTIALS_DIRECTORY/ID. load-credential-encrypted= needs systemd-creds
+# and systemd: not done here (the entry asks). Fails when nothing was loaded.
+qs_load_credentials() {
+    local _dir="$1" _n _id _path _d _loaded=1
+    shift
+    for _n in "$@"; do
+        qs_entry "$_n" || continue
+        _id=$(qs_option_value "$qs_options" load-credential '')
+        [ -n "$_id" ] || continue
+        _path=''
+        case $_id in
+            *:*) _path=${_id#*:} _id=${_id%%:*} ;;
+        esac
+        if [ -z "$_path" ]; then
+            for _d in /etc/credstore /run/credstore /usr/local/lib/credstore /usr/lib/credstore; do
+                [ -f "$_d/$_id" ] && _path=$_d/$_id && break
+            done
+        fi
+        if [ -z "$_path" ] || [ ! -f "$_path" ]; then
+            warn "qcowsetup: $_n: no credential $_id (${_path:-in no credential store})"
+            continue
+        fi
+        (umask 077 && mkdir -p "$_dir" && cp "$_path" "$_dir/$_id") || continue
+        _loaded=0
+    done
+    return $_loaded
+}
+
 # The TAG=VALUE part of a location ("TAG=VALUE:/path", "/path:TAG=VALUE",
 # "TAG=VALUE"), still escaped, or nothing.
 qs_location_tag() {

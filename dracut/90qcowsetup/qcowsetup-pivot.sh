@@ -16,7 +16,8 @@
 _qs_found=''
 for _qs_proc in /proc/[0-9]*; do
     _qs_arg0=''
-    read -r _qs_arg0 < "$_qs_proc/cmdline" 2> /dev/null
+    # (the process may be gone: the error of the redirection goes too)
+    read -r _qs_arg0 2> /dev/null < "$_qs_proc/cmdline"
     case $_qs_arg0 in
         @qcowsetup-daemon*)
             mkdir -p /run/sendsigs.omit.d

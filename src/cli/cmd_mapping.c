@@ -73,9 +73,17 @@ int cmd_open(int argc, char **argv)
 
 	(void)argc;
 	mapping_params_from_options(&p, argv[0], argv[1]);
+	if (opt.token_only && opt.key_file) {
+		log_err("--token-only unlocks by the bindings only: no --key-file with it.");
+		return -EINVAL;
+	}
+	p.use_bindings = opt.clevis || opt.token_only || opt.token_timeout;
+	p.binding_timeout = opt.token_timeout;
 	ask_from_options(&a, argv[1]);
-	p.ask = ask;
-	p.ask_opaque = &a;
+	if (!opt.token_only) {
+		p.ask = ask;
+		p.ask_opaque = &a;
+	}
 	return mapping_open(&p);
 }
 

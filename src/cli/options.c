@@ -79,6 +79,12 @@ static const struct option_spec options[] = {
 	{ "tries", 'T', CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) |
 	  CMD(CONVERT) | CMD(BIND) | CMD(UNBIND),
 	  NUMBER(tries, "N"), .min = 1, .max = 1000, .help = "passphrase attempts on a terminal (default 3)" },
+	{ "clevis", 0, CMD(OPEN), FLAG(clevis),
+	  .help = "try the image's clevis bindings first (qcowtab's clevis), then the key file or the question" },
+	{ "token-only", 0, CMD(OPEN), FLAG(token_only),
+	  .help = "unlock by the clevis bindings only: no key file, no question (cryptsetup's --token-only)" },
+	{ "token-timeout", 0, CMD(OPEN), NUMBER(token_timeout, "SECONDS"), .min = 1, .max = 86400,
+	  .help = "how long one binding may take (clevis decrypt), default 30" },
 	{ "skip-key-check", 0, CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(CONVERT), FLAG(skip_key_check),
 	  .help = "accept a legacy AES key that fails the plausibility check" },
 	{ "snapshot", 0, IMAGE_READERS | CMD(CONVERT), STRING(snapshot, "ID|NAME"),

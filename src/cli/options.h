@@ -65,6 +65,9 @@ struct tools_opts {
 	bool allow_discards;
 	bool no_allow_discards;		/* refresh: discards off */
 	bool skip_key_check;
+	bool clevis;			/* open: the image's clevis bindings first */
+	bool token_only;		/* open: the bindings only, no key file or question */
+	uint32_t token_timeout;		/* open: seconds per clevis decrypt; 0 = its default */
 	const char *key_file;
 	uint64_t keyfile_offset;
 	uint64_t keyfile_size;

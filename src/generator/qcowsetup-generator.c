@@ -13,7 +13,11 @@
  * with RequiresMountsFor= for images and key files on mounted filesystems,
  * ordered before cryptsetup.target and, when it needs no mount,
  * local-fs-pre.target; pulled in by cryptsetup.target (unless noauto; a
- * "wants" with nofail) and by /dev/mapper/NAME's device unit. The passphrase
+ * "wants" with nofail) and by /dev/mapper/NAME's device unit. An entry
+ * with _netdev (an image bound to a tang server) is ordered after
+ * network-online.target, which it wants, and before and pulled in by
+ * remote-cryptsetup.target instead, as systemd-cryptsetup-generator does:
+ * the generator reads qcowtab, not the images, so the option says it. The passphrase
  * is asked by qcowsetup through systemd-ask-password. An entry's systemd
  * credential (load-credential=, load-credential-encrypted=) becomes the
  * unit's LoadCredential=/LoadCredentialEncrypted=, which qcowsetup reads in
@@ -525,9 +529,15 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 	if (!e->initrd_attach)
 		/* an image attached in the initramfs may hold the root: it stays */
 		fprintf(f, "Conflicts=umount.target\nBefore=umount.target\n");
+	if (e->netdev)
+		/* a tang server, as systemd-cryptsetup-generator orders _netdev:
+		 * remote-cryptsetup.target, never cryptsetup.target or
+		 * local-fs-pre.target, which the network services come after */
+		fprintf(f, "After=remote-fs-pre.target network-online.target\n"
+			"Wants=network-online.target\n");
 	if (!e->nofail)
-		fprintf(f, "Before=cryptsetup.target\n");
-	if (!e->nofail && !needs_mount)
+		fprintf(f, "Before=%s\n", e->netdev ? "remote-cryptsetup.target" : "cryptsetup.target");
+	if (!e->nofail && !needs_mount && !e->netdev)
 		fprintf(f, "Before=local-fs-pre.target\n");
 	/* escaped unit names: [A-Za-z0-9:_.\\-] only, no quoting needed */
 	if (img_dev[0])
@@ -560,7 +570,10 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 		return -1;
 	}
 
-	if (!e->noauto && link_unit(dir, e->nofail ? "cryptsetup.target.wants" : "cryptsetup.target.requires", unit))
+	if (!fmt(path, sizeof(path), "%scryptsetup.target.%s", e->netdev ? "remote-" : "",
+		 e->nofail ? "wants" : "requires"))
+		return -1;
+	if (!e->noauto && link_unit(dir, path, unit))
 		return -1;
 	if (!fmt(path, sizeof(path), "%s.device.requires", mapper_esc))
 		return -1;

@@ -180,7 +180,8 @@ static int unlock_layer(struct open_ctx *c, unsigned int d, struct passphrase **
 		r = clevis_unlock(l, c->p->binding_timeout, &c->vk[d], NULL);
 		if (r == 0 || r == -ENOMEM)
 			return r;
-		log_std("%s: no binding unlocked it; asking for a passphrase.", l->path);
+		log_std(c->p->ask ? "%s: no binding unlocked it; asking for a passphrase." : "%s: no binding unlocked it.",
+			l->path);
 	}
 
 	for (unsigned int attempt = 0;; attempt++) {

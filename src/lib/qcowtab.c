@@ -399,7 +399,6 @@ static const struct {
 	{ "no-read-workqueue", false, "dm-crypt runs with its default flags" },
 	{ "no-write-workqueue", false, "dm-crypt runs with its default flags" },
 	{ "bypass-workqueues", false, "dm-crypt runs with its default flags" },
-	{ "_netdev", false, "the unit is ordered as a local one" },
 	{ "tpm2-measure-pcr", false, "the volume key is not measured" },
 	{ "tpm2-measure-bank", false, "the volume key is not measured" },
 	{ "plain", true, "a qcow2 image is mapped as its header says, never as plain dm-crypt" },
@@ -482,6 +481,8 @@ static int parse_option(struct qcowtab_entry *e, const char *o, qcowtab_report_f
 			e->trust_names = true;
 		else if (IS("clevis"))
 			e->clevis = true;
+		else if (IS("_netdev"))
+			e->netdev = true;
 		else if (IS("tries") || IS("timeout") || IS("keyfile-offset") || IS("keyfile-size") ||
 			 IS("snapshot") || IS("format") ||
 			 IS("token-timeout")) {

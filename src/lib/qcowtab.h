@@ -76,6 +76,7 @@ struct qcowtab_entry {
 	bool trust_names;		/* --trust-names */
 	bool clevis;			/* the image's clevis bindings first, then the key file or prompt */
 	unsigned int token_timeout;	/* token-timeout=: seconds per clevis decrypt; 0 = default */
+	bool netdev;			/* _netdev: needs the network (a tang binding) */
 	const char *format;		/* format=: "qcow2", "qcow", "raw" (static), or NULL: probe */
 	unsigned int tries;		/* passphrase attempts; 0 = until one works */
 	unsigned int timeout;		/* seconds to wait for a passphrase; 0 = no limit */

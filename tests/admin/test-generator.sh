@@ -114,6 +114,28 @@ if command -v systemd-escape >/dev/null; then
 	check "odd paths: a label's device unit: udev's link name (\\x25 \\x5c \\x22), systemd-escape'd" \
 		grep -qxF "BindsTo=$(systemd-escape --path '/dev/disk/by-label/50\x25\x5coff\x22x:y').device" "$out4/qcowsetup@lbl.service"
 fi
+# _netdev (an image bound to a tang server): ordered as
+# systemd-cryptsetup-generator orders such crypttab lines
+cat > "$tmp/netdev" <<'TAB'
+tang    /v/t.qcow2   none   clevis,_netdev
+tangnf  /v/n.qcow2   none   clevis,_netdev,nofail
+tpm     /dev/disk/by-id/virtio-qt   none   clevis
+TAB
+out6=$tmp/netdev.out
+mkdir "$out6"
+QCOWSETUP_QCOWTAB=$tmp/netdev QCOWSETUP_BIN=$qs SYSTEMD_IN_INITRD=0 "$gen" "$out6" "$out6" "$out6" 2>"$tmp/err6" ||
+	fail "_netdev: generator exit status $?"
+u=$out6/qcowsetup@tang.service
+check "_netdev: after and wanting network-online.target, after remote-fs-pre.target" \
+	eval "grep -qx 'After=remote-fs-pre.target network-online.target' '$u' && grep -qx 'Wants=network-online.target' '$u'"
+check "_netdev: before remote-cryptsetup.target and required by it, not cryptsetup.target or local-fs-pre.target" \
+	eval "grep -qx 'Before=remote-cryptsetup.target' '$u' && test -L '$out6/remote-cryptsetup.target.requires/qcowsetup@tang.service' &&
+		! grep -q -e '^Before=cryptsetup.target' -e local-fs-pre '$u' && ! ls '$out6'/cryptsetup.target.* 2>/dev/null | grep -q tang"
+check "_netdev,nofail: wanted by remote-cryptsetup.target" test -L "$out6/remote-cryptsetup.target.wants/qcowsetup@tangnf.service"
+check "clevis without _netdev (a tpm2 binding): no network, cryptsetup.target as before" \
+	eval "! grep -q network '$out6/qcowsetup@tpm.service' && test -L '$out6/cryptsetup.target.requires/qcowsetup@tpm.service' &&
+		grep -qx 'Before=local-fs-pre.target' '$out6/qcowsetup@tpm.service'"
+
 if command -v systemd-analyze >/dev/null; then
 	# systemd's own reading of what was written
 	( cd "$out4" && SYSTEMD_LOG_LEVEL=debug systemd-analyze verify --man=no ./qcowsetup@sp.service ) >"$tmp/dump" 2>&1
@@ -153,7 +175,7 @@ check "keyfile-timeout: no RequiresMountsFor= for the key file, the image's kept
 if command -v systemd-analyze >/dev/null; then
 	# (the program's path holds ' ', '%', '$' and UTF-8 in $out4: verify
 	# finds it only if ExecStart= was read back right)
-	for d in "$out" "$out2" "$out4" "$out5"; do
+	for d in "$out" "$out2" "$out4" "$out5" "$out6"; do
 		( cd "$d" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./qcowsetup@*.service ) >"$tmp/verify" 2>&1
 		if [ $? = 0 ] && [ ! -s "$tmp/verify" ]; then
 			pass "systemd-analyze verify: $(cd "$d" && ls qcowsetup@*.service | tr '\n' ' ')"

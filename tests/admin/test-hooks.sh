@@ -10,7 +10,8 @@
 # running anything, invalid names are refused, and its entries are the
 # generator's (qcowsetup's parser) for the same command line. The scripts
 # run with their absolute paths (/etc, /lib, /tmp) moved under a work folder
-# and dracut's functions stubbed.
+# and dracut's functions stubbed. qs_load_credentials loads the
+# load-credential= files of the entries it is given, and only those.
 #
 # udev: the shell of 11-dm-qcowsetup.rules prints an image id only when it
 # is hex digits and dashes (a LUKS UUID from an image can hold "\n" for sh's
@@ -162,6 +163,30 @@ QCOWSETUP_QCOWTAB=$tmp/qcowtab QCOWSETUP_BIN=/usr/sbin/qcowsetup SYSTEMD_IN_INIT
 for sh in $shells; do
 	check "$sh: the entries of qcowsetup-lib.sh are the generator's ($(tr '\n' ' ' < "$tmp/gen.names"))" \
 		cmp -s "$tmp/root-$sh/names" "$tmp/gen.names"
+done
+
+# qs_load_credentials (qcowsetup-ask without systemd): load-credential=ID:PATH
+# and load-credential=ID (the credential stores) copied into a 0700
+# directory as ID; an entry without one loads nothing
+for sh in $shells; do
+	run="$sh"
+	[ "$sh" = busybox ] && run="busybox sh"
+	root=$tmp/root-$sh
+	mkdir -p "$root/etc/credstore"
+	printf 'one' > "$root/k1.txt"
+	printf 'two' > "$root/etc/credstore/k2"
+	ccmd="rd.qcowsetup.image=/a.qcow2 rd.qcowsetup.name=ca rd.qcowsetup.options=load-credential=k1:$root/k1.txt"
+	ccmd="$ccmd rd.qcowsetup.image=/b.qcow2 rd.qcowsetup.name=cb rd.qcowsetup.options=readonly,load-credential=k2"
+	ccmd="$ccmd rd.qcowsetup.image=/c.qcow2 rd.qcowsetup.name=cc rd.qcowsetup.options=readonly"
+	( cd "$root" && export CMDLINE="$ccmd" && $run -c ". '$root/lib/dracut-lib.sh'; . '$root/lib/qcowsetup-lib.sh'
+		qs_load_credentials '$root/creds' ca cb cc; echo loaded=\$?
+		qs_load_credentials '$root/none' cc; echo none=\$?" ) > "$root/cred.out" 2>&1
+	check "$sh: qs_load_credentials: ID:PATH and ID from /etc/credstore, in a 0700 directory" eval \
+		"grep -qx loaded=0 '$root/cred.out' && [ \"\$(cat '$root/creds/k1')\" = one ] &&
+		 [ \"\$(cat '$root/creds/k2')\" = two ] && [ \"\$(stat -c %a '$root/creds')\" = 700 ] &&
+		 [ \"\$(ls '$root/creds' | tr '\n' ' ')\" = 'k1 k2 ' ]"
+	check "$sh: qs_load_credentials: nothing for an entry without load-credential=" eval \
+		"grep -qx none=1 '$root/cred.out' && [ ! -e '$root/none' ]"
 done
 
 # ---- udev -----------------------------------------------------------------

@@ -194,7 +194,7 @@ static const char keysrc_text[] =
 	"b /b.qcow2 none credential=vm-b.key,headless=no,password-echo=no\n"		/* 2 */
 	"c /c.qcow2 - load-credential=c.key:/etc/keys/c,password-echo=yes,headless=yes\n"	/* 3 */
 	"d /d.qcow2 - load-credential-encrypted=qcow.d,keyfile-size=32\n"			/* 4 */
-	"e /e.qcow2 /k cipher=aes-xts-plain64,same-cpu-crypt,_netdev,luks\n"			/* 5: 3 warnings */
+	"e /e.qcow2 /k cipher=aes-xts-plain64,same-cpu-crypt,no-read-workqueue,_netdev,luks\n"	/* 5: 3 warnings */
 	"f /f.qcow2 - keyfile-timeout=1min\n"						/* 6: warning */
 	"r1 /x.qcow2 - tpm2-device=auto\n"							/* 7: refused */
 	"r2 /x.qcow2 - swap\n"								/* 8 */
@@ -240,6 +240,7 @@ static void test_key_sources(void)
 	      "d: load-credential-encrypted=qcow.d, keyfile-size applies to the credential");
 	e = qcowtab_find(&t, "e");
 	CHECK(e && !e->readonly, "e: ignored crypttab options keep the entry");
+	CHECK(e && e->netdev && !qcowtab_find(&t, "a")->netdev, "e: _netdev (no warning), a: not");
 	CHECK(!qcowtab_find(&t, "r1") && !qcowtab_find(&t, "r10"), "refused lines are left out");
 	qcowtab_free(&t);
 

@@ -3,7 +3,9 @@
 # (tests/vm/bed/run-vm.sh): `qcowsetup open --tab` of an entry with the
 # clevis option maps a LUKS qcow2 through its tang binding with no question
 # asked (--batch-mode); with the tang server down it falls back to the
-# passphrase (a line of standard input), and --batch-mode then fails. The
+# passphrase (a line of standard input), and --batch-mode then fails; plain
+# `qcowsetup open --token-only` maps it by the binding alone (exit 2 with
+# tang down), `open --clevis` falls back to the passphrase. The
 # tang server runs in the guest on its loopback only (tangd behind socat),
 # with the keys the host bound the image with (on the host's loopback). The
 # guest part is tests/vm/guest/bind.sh.

@@ -92,13 +92,7 @@ EOF
 	mkfs.ext4 -q -F -U "$HOLD_UUID" -L qshold -E root_owner=0:0 -d hold hold.img 64M
 	rm -rf root hold root.raw
 }
-make_images >images.log 2>&1 || true
-if [ ! -s hold.img ] ||
-   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
-	cat images.log
-	echo "$me: error: cannot make the images" >&2
-	exit 99
-fi
+boot_make_images make_images
 
 boot_initramfs
 echo "$me: images and initramfs ready in $(( $(date +%s) - t0 ))s"
@@ -111,50 +105,6 @@ else
 	fail "initramfs: no qcowsetup-daemon, nbd module, pre-pivot or shutdown hook"
 fi
 
-# ------------------------------------------------------------ host checks
-# The image as the holding disk has it now (journal replayed on a copy),
-# `qemu-img check`, its content as raw ext4 (root.img).
-host_image() {  # NAME
-	local e=0
-	rm -f copy.img root.qcow2 root.img
-	cp hold.img copy.img
-	e2fsck -fy copy.img >"$1.e2fsck" 2>&1 || e=$?
-	if [ $e -ge 4 ]; then
-		fail "$1: the holding filesystem is damaged (e2fsck exit $e)"
-		sed 's/^/    | /' "$1.e2fsck"
-		return 1
-	fi
-	debugfs -R "dump /images/root.qcow2 root.qcow2" copy.img >/dev/null 2>&1
-	if qemu-img check --object "secret,id=s0,data=$PASS" \
-		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" >"$1.check" 2>&1 &&
-	   grep -q 'No errors were found' "$1.check" && ! grep -qi 'leak' "$1.check"; then
-		pass "$1: qemu-img check: no errors, no leaks"
-	else
-		fail "$1: qemu-img check"
-		sed 's/^/    | /' "$1.check"
-	fi
-	qemu-img convert --object "secret,id=s0,data=$PASS" \
-		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" -O raw root.img
-}
-# host_files NAME DESCRIPTION PATH=MD5...: after boot NAME, the image's
-# check, then its content: a clean ext4 holding each PATH with that md5
-host_files() {
-	local name=$1 desc=$2 e=0 ok=1 f
-	shift 2
-	host_image "$name" || return 0
-	e2fsck -fn root.img >"$name.fsck" 2>&1 || e=$?
-	for f in "$@"; do
-		[ "$(debugfs -R "cat ${f%%=*}" root.img 2>/dev/null | md5sum | cut -d' ' -f1)" = "${f#*=}" ] ||
-			{ ok=0; echo "$me: $name: ${f%%=*} is not as written" >>"$name.fsck"; }
-	done
-	if [ $e = 0 ] && [ $ok = 1 ]; then
-		pass "$name: $desc"
-	else
-		fail "$name: $desc (e2fsck -n exit $e)"
-		sed 's/^/    | /' "$name.fsck"
-	fi
-}
-md5_of() { printf '%s\n' "$1" | md5sum | cut -d' ' -f1; }
 # the md5 QS-ROOT-BIG printed in boot NAME's console
 guest_md5() {
 	sed -n 's/^QS-ROOT-BIG: \([0-9a-f]*\).*/\1/p' "$work/$1.out" | head -n 1
@@ -179,7 +129,7 @@ if [ -n "$md5_write" ] && [ "$again" = "$md5_write" ]; then
 else
 	fail "write: the new data read back differs ($md5_write, then $again)"
 fi
-host_files write "qemu-img convert gives the files written, on a clean ext4" \
+boot_host_files write /images/root.qcow2 "qemu-img convert gives the files written, on a clean ext4" \
 	"/written=$(md5_of "$token")" "/big=$md5_write"
 
 rc=0
@@ -189,7 +139,7 @@ boot verify "root=/dev/mapper/root rw $img qs.step=verify qs.token=$token-2" -- 
 	'expect:QS-ROOT-RO: /dev/mapper/root / ext4 ro' 'expect:QS-ROOT-POWEROFF' end \
 	'absent:I/O error' 'absent:EXT4-fs error' || rc=$?
 boot_check verify $rc "verify: the next boot sees what the first wrote"
-host_files verify "qemu-img convert gives the files of both boots, on a clean ext4" \
+boot_host_files verify /images/root.qcow2 "qemu-img convert gives the files of both boots, on a clean ext4" \
 	"/written=$(md5_of "$token")" "/big=$md5_write" "/written2=$(md5_of "$token-2")"
 
 size_open=$(stat -c %s root.qcow2)
@@ -212,7 +162,7 @@ else
 	fail "close: holding filesystem (e2fsck -n exit $e) or image file size ($size, $size_open at open)"
 	sed 's/^/    | /' close.e2fsck
 fi
-host_files close "after the close, qemu-img check and convert as before" \
+boot_host_files close /images/root.qcow2 "after the close, qemu-img check and convert as before" \
 	"/written=$(md5_of "$token")" "/big=$md5_write" "/written2=$(md5_of "$token-2")"
 
 boot_summary

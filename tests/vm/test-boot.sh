@@ -91,12 +91,6 @@ fi
 img_root="rd.qcowsetup.image=UUID=$HOLD_UUID:/images/root.qcow2 rd.qcowsetup.name=root"
 img_data="rd.qcowsetup.image=UUID=$HOLD_UUID:/images/data.qcow2 rd.qcowsetup.name=data"
 
-want() {
-	[ -z "${QS_BOOT_ONLY:-}" ] && return 0
-	case " $QS_BOOT_ONLY " in *" $1 "*) return 0 ;; esac
-	return 1
-}
-
 unchanged() {
 	if [ "$(md5sum < hold.img)" = "$md5_hold" ] && [ "$(md5sum < directdisk.img)" = "$md5_direct" ]; then
 		pass "$1: nothing written to the disks"

@@ -13,6 +13,10 @@
 #   boot_make_root DIR MARKER < INIT    a root tree: static busybox, the
 #                                       /etc/marker MARKER, INIT as /sbin/init
 #   boot_luks_qcow2 RAW QCOW2 SECRET    qemu-img convert to a LUKS qcow2
+#   boot_make_images FUNCTION           runs FUNCTION (which makes hold.img),
+#                                       its output in images.log: exit 99
+#                                       unless it made hold.img and said
+#                                       nothing unexpected
 #   boot_initramfs                      builds (or finds) the initramfs: $initrd
 #   boot NAME APPEND [--hotplug] -- STEP...
 #                                       one boot, console.py STEPs; the disk is
@@ -20,9 +24,19 @@
 #                                       $work/directdisk.img, plugged by QMP)
 #   boot_check NAME RC DESCRIPTION      PASS/FAIL of a boot (the console's end
 #                                       on failure)
+#   want NAME                           whether boot NAME is to run
+#                                       (QS_BOOT_ONLY="NAME...": only those)
+#   boot_host_files NAME IMAGE DESCRIPTION PATH=MD5...
+#                                       after boot NAME, the LUKS qcow2 IMAGE
+#                                       of the holding disk (passphrase $PASS):
+#                                       `qemu-img check` clean, its content a
+#                                       clean ext4 holding each PATH with MD5
+#   md5_of STRING                       the md5 of STRING and a newline
 #   pass/fail/skipped DESCRIPTION (tests/lib.sh), boot_summary (the closing
 #   line and exit)
-# Environment: QCOWSETUP (the program), QEMU, QS_VM_ACCEL, QS_BOOT_TIMEOUT.
+# boot_qemu_extra (an array): more QEMU arguments for the boots (a TPM).
+# Environment: QCOWSETUP (the program), QEMU, QS_VM_ACCEL, QS_BOOT_TIMEOUT,
+# QS_BOOT_ONLY.
 
 # shellcheck source=tests/lib.sh
 . "$(cd "${BASH_SOURCE[0]%/*}/../.." && pwd)/lib.sh"
@@ -69,6 +83,17 @@ boot_luks_qcow2() {  # RAW QCOW2 SECRET-OBJECT-OPTS
 		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=65536 "$1" "$2"
 }
 
+boot_make_images() {  # FUNCTION
+	"$1" >images.log 2>&1 || true
+	# (a failed command does not stop FUNCTION: check what it made)
+	if [ ! -s hold.img ] ||
+	   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
+		cat images.log
+		echo "$me: error: cannot make the images" >&2
+		exit 99
+	fi
+}
+
 # The qcowtab given to dracut: the hot-plugged disk of test-boot.sh
 # (x-initrd.attach, nofail: the other boots do without it), and an entry
 # that must stay out.
@@ -92,6 +117,14 @@ boot_initramfs() {
 	initrd=$cache/dracut.img
 }
 
+boot_qemu_extra=()
+
+want() {
+	[ -z "${QS_BOOT_ONLY:-}" ] && return 0
+	case " $QS_BOOT_ONLY " in *" $1 "*) return 0 ;; esac
+	return 1
+}
+
 # quiet and rd.info: dracut's info messages on the console, the kernel's not
 base_append="console=ttyS0 panic=-1 quiet rd.info rd.retry=40 rd.udev.log_level=err"
 
@@ -103,7 +136,8 @@ boot() {
 		-nographic -nodefaults -no-reboot -serial stdio
 		-kernel "$kernel" -initrd "$initrd" -append "$base_append $append"
 		-device virtio-rng-pci
-		-drive "file=$work/hold.img,if=virtio,format=raw,cache=writeback")
+		-drive "file=$work/hold.img,if=virtio,format=raw,cache=writeback"
+		"${boot_qemu_extra[@]}")
 	if [ "$1" = --hotplug ]; then hot=yes; shift; fi
 	shift
 	if [ $hot = yes ]; then
@@ -130,6 +164,51 @@ boot_check() {
 		tail -n 40 "$work/$name.out" | sed 's/^/    | /'
 	fi
 }
+
+# The image IMAGE as the holding disk has it now (journal replayed on a
+# copy), `qemu-img check`, its content as raw ext4 (root.img).
+boot_host_image() {  # NAME IMAGE
+	local e=0
+	rm -f copy.img root.qcow2 root.img
+	cp hold.img copy.img
+	e2fsck -fy copy.img >"$1.e2fsck" 2>&1 || e=$?
+	if [ $e -ge 4 ]; then
+		fail "$1: the holding filesystem is damaged (e2fsck exit $e)"
+		sed 's/^/    | /' "$1.e2fsck"
+		return 1
+	fi
+	debugfs -R "dump $2 root.qcow2" copy.img >/dev/null 2>&1
+	if qemu-img check --object "secret,id=s0,data=$PASS" \
+		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" >"$1.check" 2>&1 &&
+	   grep -q 'No errors were found' "$1.check" && ! grep -qi 'leak' "$1.check"; then
+		pass "$1: qemu-img check: no errors, no leaks"
+	else
+		fail "$1: qemu-img check"
+		sed 's/^/    | /' "$1.check"
+	fi
+	qemu-img convert --object "secret,id=s0,data=$PASS" \
+		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" -O raw root.img
+}
+
+# after boot NAME, IMAGE's check, then its content: a clean ext4 holding
+# each PATH with that md5
+boot_host_files() {  # NAME IMAGE DESCRIPTION PATH=MD5...
+	local name=$1 image=$2 desc=$3 e=0 ok=1 f
+	shift 3
+	boot_host_image "$name" "$image" || return 0
+	e2fsck -fn root.img >"$name.fsck" 2>&1 || e=$?
+	for f in "$@"; do
+		[ "$(debugfs -R "cat ${f%%=*}" root.img 2>/dev/null | md5sum | cut -d' ' -f1)" = "${f#*=}" ] ||
+			{ ok=0; echo "$me: $name: ${f%%=*} is not as written" >>"$name.fsck"; }
+	done
+	if [ $e = 0 ] && [ $ok = 1 ]; then
+		pass "$name: $desc"
+	else
+		fail "$name: $desc (e2fsck -n exit $e)"
+		sed 's/^/    | /' "$name.fsck"
+	fi
+}
+md5_of() { printf '%s\n' "$1" | md5sum | cut -d' ' -f1; }
 
 boot_summary() {
 	echo "$passed passed, $failed failed, $skipped skipped ($(( $(date +%s) - t0 ))s)"

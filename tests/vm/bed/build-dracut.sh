@@ -7,7 +7,8 @@
 #   tests/vm/bed/build-dracut.sh OUTDIR QCOWSETUP KVER QCOWTAB
 #
 # The slow-path daemon qcowsetup-daemon beside QCOWSETUP goes in too (the
-# module's QCOWSETUP_DAEMON_BINARY), when it is there.
+# module's QCOWSETUP_DAEMON_BINARY), when it is there. QS_DRACUT_TEST_MODULE=DIR:
+# a test-only dracut module (a directory NNname) added beside 90qcowsetup.
 #
 # Writes OUTDIR/dracut.img. Cached: OUTDIR/dracut.stamp holds the sha256 of
 # every input (the programs and their libraries' names, the module, the rules,
@@ -19,6 +20,7 @@ me=build-dracut
 [ $# = 4 ] || { sed -n '7p' "$0" | sed 's/^#  *//' >&2; exit 2; }
 outdir=$1 qs=$2 kver=$3 qcowtab=$4
 here=$(cd "$(dirname "$0")" && pwd)
+testmod=${QS_DRACUT_TEST_MODULE:-}
 top=$(cd "$here/../../.." && pwd)
 sysbase=/usr/lib/dracut
 command -v dracut >/dev/null || { echo "$me: dracut not found (apt-get install dracut-core)" >&2; exit 77; }
@@ -42,7 +44,7 @@ inputs() {
 	echo "kver=$kver $(dracut --version 2>&1 | head -1)"
 	ldd "$qs" ${daemon:+"$daemon"} 2>/dev/null | awk '{ print $1, $3 }'
 	for f in "$qs" ${daemon:+"$daemon"} "$0" "$qcowtab" "$top"/dracut/90qcowsetup/* "$top"/udev/60-qcowsetup.rules.in \
-		"$top"/udev/11-dm-qcowsetup.rules; do
+		"$top"/udev/11-dm-qcowsetup.rules $([ -z "$testmod" ] || find "$testmod" -type f | sort); do
 		echo "$(basename "$f") $(sha256sum < "$f")"
 	done
 }
@@ -59,6 +61,11 @@ for f in "$sysbase"/*; do
 done
 for m in "$sysbase"/modules.d/*; do ln -s "$m" "$base/modules.d/"; done
 cp -r "$top/dracut/90qcowsetup" "$base/modules.d/"
+extra_mod=''
+if [ -n "$testmod" ]; then
+	cp -r "$testmod" "$base/modules.d/"
+	extra_mod=" $(basename "$testmod" | sed 's/^[0-9]*//')"
+fi
 sed 's|@SBINDIR@|/usr/sbin|g' "$top/udev/60-qcowsetup.rules.in" > "$base/rules.d/60-qcowsetup.rules"
 # Debian's device-mapper rules are 55-dm.rules: ours run right after them
 cp "$top/udev/11-dm-qcowsetup.rules" "$base/rules.d/56-dm-qcowsetup.rules"
@@ -70,7 +77,7 @@ mkdir -p "$outdir/tmp"
 dracutbasedir=$base QCOWSETUP_BINARY=$qs QCOWSETUP_DAEMON_BINARY=$daemon QCOWSETUP_QCOWTAB=$qcowtab \
 dracut --force --quiet --no-hostonly --no-hostonly-cmdline --no-early-microcode \
 	--kver "$kver" --tmpdir "$outdir/tmp" \
-	--modules "bash base udev-rules dm rootfs-block fs-lib qcowsetup" \
+	--modules "bash base udev-rules dm rootfs-block fs-lib qcowsetup$extra_mod" \
 	--drivers "virtio_pci virtio_blk virtio_rng ext4 dm_mod dm_crypt dm_zero loop nbd" \
 	--no-compress \
 	"$outdir/dracut.img.new" >"$outdir/dracut.log" 2>&1 || {

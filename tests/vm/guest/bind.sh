@@ -52,6 +52,36 @@ t_bind_refuses_rw_mapping() {
 	qcowsetup --qcowtab /tmp/qcowtab.w close --tab t
 	vm_assert_clean
 }
+# plain open (no qcowtab): --token-only, --clevis, on the image's path
+# the image disk's filesystem where it is mounted (open --tab may have left
+# it), else mounted read-only on /tmp/hold
+hold_open() {
+	hold=$(awk '$1 == "/dev/vda" { print $2; exit }' /proc/mounts)
+	[ -n "$hold" ] && return 0
+	mkdir -p /tmp/hold && mount -o ro /dev/vda /tmp/hold && hold=/tmp/hold
+}
+hold_close() { [ "$hold" != /tmp/hold ] || umount /tmp/hold; }
+t_open_token_only() {
+	hold_open
+	qcowsetup --batch-mode open --readonly --token-only "$hold/images/t.qcow2" t </dev/null
+	[ "$(md5_of t)" = "$(cat "$here/t.md5")" ]
+	qcowsetup close t
+	hold_close
+	vm_assert_clean
+}
+t_open_token_only_down() {
+	hold_open
+	rc=0
+	qcowsetup open --readonly --token-only "$hold/images/t.qcow2" t < "$here/pass" 2>/tmp/err || rc=$?
+	cat /tmp/err
+	[ "$rc" = 2 ] && [ ! -e /dev/mapper/t ] && grep -q 'no binding unlocked it\.$' /tmp/err
+	qcowsetup open --readonly --clevis --token-timeout 10 "$hold/images/t.qcow2" t < "$here/pass" 2>&1 | tee /tmp/out
+	grep -q 'asking for a passphrase' /tmp/out
+	[ "$(md5_of t)" = "$(cat "$here/t.md5")" ]
+	qcowsetup close t
+	hold_close
+	vm_assert_clean
+}
 t_tang_down_asks() {
 	tang_down
 	qs open --tab t < "$here/pass" 2>&1 | tee /tmp/out
@@ -90,8 +120,10 @@ t_tpm2_pcr_mismatch_asks() {
 vm_require curl socat jose clevis
 vm_test "clevis: open --tab unlocks by the tang binding, no question" t_tang_no_question
 vm_test "bind and unbind refuse an image mapped read-write (exit 5, header unchanged)" t_bind_refuses_rw_mapping
+vm_test "open --token-only: the tang binding maps the image, no question" t_open_token_only
 vm_test "clevis: tang down: falls back to the passphrase (stdin)" t_tang_down_asks
 vm_test "clevis: tang down and --batch-mode: exit 2, nothing mapped" t_tang_down_batch_fails
+vm_test "open: tang down: --token-only exit 2, nothing mapped; --clevis then the passphrase" t_open_token_only_down
 if [ -f "$here/tpm" ]; then
 	vm_test "clevis: open --tab unlocks by the tpm2 binding (QEMU's tpm-tis, swtpm), no question" t_tpm2_no_question
 	vm_test "clevis: a PCR 0 policy that no longer matches: --batch-mode fails, then the passphrase" \
