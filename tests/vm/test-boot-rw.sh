@@ -60,23 +60,7 @@ for p in /proc/[0-9]*; do
 	esac
 done
 echo "QS-ROOT-OMIT: $(ls /run/sendsigs.omit.d 2>/dev/null | tr '\n' ' ')"
-case $step in
-write)
-	echo "$token" > /written
-	dd if=/dev/urandom of=/big bs=64k count=64 2>/dev/null
-	sync
-	echo "QS-ROOT-BIG: $(md5sum < /big)"
-	# the daemon moves the new clusters to the fast path: read them there
-	sleep 3
-	echo 3 > /proc/sys/vm/drop_caches
-	echo "QS-ROOT-BIG-AGAIN: $(md5sum < /big)"
-	;;
-verify)
-	echo "QS-ROOT-WRITTEN: $(cat /written)"
-	echo "QS-ROOT-BIG: $(md5sum < /big)"
-	echo "$token" > /written2
-	;;
-esac
+. /etc/qs-steps.sh
 # a system's shutdown: the root read-only (its journal and the image's
 # metadata reach the disk), then off
 sync
@@ -85,6 +69,7 @@ echo "QS-ROOT-POWEROFF"
 poweroff -f
 EOF
 	ln -s busybox root/bin/tr
+	boot_root_steps > root/etc/qs-steps.sh
 	mkdir -p hold/images hold/keys
 	mkfs.ext4 -q -F -d root root.raw 16M
 	printf '%s' "$PASS" > hold/keys/root.key
@@ -110,55 +95,6 @@ if echo "$content" | grep -q 'usr/sbin/qcowsetup-daemon$' && echo "$content" | g
 else
 	fail "initramfs: no qcowsetup-daemon, nbd module, pre-pivot or shutdown hook"
 fi
-
-# ------------------------------------------------------------ host checks
-# The image as the holding disk has it now (journal replayed on a copy),
-# `qemu-img check`, its content as raw ext4 (root.img).
-host_image() {  # NAME
-	local e=0
-	rm -f copy.img root.qcow2 root.img
-	cp hold.img copy.img
-	e2fsck -fy copy.img >"$1.e2fsck" 2>&1 || e=$?
-	if [ $e -ge 4 ]; then
-		fail "$1: the holding filesystem is damaged (e2fsck exit $e)"
-		sed 's/^/    | /' "$1.e2fsck"
-		return 1
-	fi
-	debugfs -R "dump /images/root.qcow2 root.qcow2" copy.img >/dev/null 2>&1
-	if qemu-img check --object "secret,id=s0,data=$PASS" \
-		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" >"$1.check" 2>&1 &&
-	   grep -q 'No errors were found' "$1.check" && ! grep -qi 'leak' "$1.check"; then
-		pass "$1: qemu-img check: no errors, no leaks"
-	else
-		fail "$1: qemu-img check"
-		sed 's/^/    | /' "$1.check"
-	fi
-	qemu-img convert --object "secret,id=s0,data=$PASS" \
-		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" -O raw root.img
-}
-# host_files NAME DESCRIPTION PATH=MD5...: after boot NAME, the image's
-# check, then its content: a clean ext4 holding each PATH with that md5
-host_files() {
-	local name=$1 desc=$2 e=0 ok=1 f
-	shift 2
-	host_image "$name" || return 0
-	e2fsck -fn root.img >"$name.fsck" 2>&1 || e=$?
-	for f in "$@"; do
-		[ "$(debugfs -R "cat ${f%%=*}" root.img 2>/dev/null | md5sum | cut -d' ' -f1)" = "${f#*=}" ] ||
-			{ ok=0; echo "$me: $name: ${f%%=*} is not as written" >>"$name.fsck"; }
-	done
-	if [ $e = 0 ] && [ $ok = 1 ]; then
-		pass "$name: $desc"
-	else
-		fail "$name: $desc (e2fsck -n exit $e)"
-		sed 's/^/    | /' "$name.fsck"
-	fi
-}
-md5_of() { printf '%s\n' "$1" | md5sum | cut -d' ' -f1; }
-# the md5 QS-ROOT-BIG printed in boot NAME's console
-guest_md5() {
-	sed -n 's/^QS-ROOT-BIG: \([0-9a-f]*\).*/\1/p' "$work/$1.out" | head -n 1
-}
 
 # ------------------------------------------------------------ boots
 img="rd.qcowsetup.image=UUID=$HOLD_UUID:/images/root.qcow2 rd.qcowsetup.name=root"

@@ -1,11 +1,13 @@
 # Shared part of the dracut boot tests (tests/vm/test-boot.sh,
-# tests/vm/test-boot-rw.sh): bash, sourced after `me` is set; it sources
+# tests/vm/test-boot-rw.sh, tests/vm/test-boot-systemd.sh): bash, sourced
+# after `me` is set; it sources
 # tests/lib.sh. Boots from an initramfs built by Debian's dracut with the
 # 90qcowsetup module of this tree (tests/vm/bed/build-dracut.sh, cached by
 # input hash in $QS_VM_CACHE/dracut, default
 # $top_builddir/tests/vm/out/dracut), under QEMU TCG, driving the serial
-# console with tests/vm/bed/console.py. Both tests give dracut the same
-# qcowtab (boot_qcowtab), so that they share one cached initramfs.
+# console with tests/vm/bed/console.py. The tests give dracut the same
+# qcowtab (boot_qcowtab), so that they share one cached initramfs (one of
+# each flavour: test-boot-systemd.sh's is run by systemd).
 #
 # Sourcing it checks what the boots need (skips with 77, 99 when qcowsetup
 # is not built), finds the kernel and makes the work directory ($work, the
@@ -13,13 +15,19 @@
 #   boot_make_root DIR MARKER < INIT    a root tree: static busybox, the
 #                                       /etc/marker MARKER, INIT as /sbin/init
 #   boot_luks_qcow2 RAW QCOW2 SECRET    qemu-img convert to a LUKS qcow2
-#   boot_initramfs                      builds (or finds) the initramfs: $initrd
+#   boot_initramfs [systemd]            builds (or finds) the initramfs: $initrd
+#                                       (systemd: run by systemd, its own cache)
 #   boot NAME APPEND [--hotplug] -- STEP...
 #                                       one boot, console.py STEPs; the disk is
 #                                       $work/hold.img (--hotplug: and
 #                                       $work/directdisk.img, plugged by QMP)
 #   boot_check NAME RC DESCRIPTION      PASS/FAIL of a boot (the console's end
 #                                       on failure)
+#   host_image NAME                     after boot NAME: the root image out of
+#                                       hold.img, `qemu-img check`, root.img
+#   host_files NAME DESC PATH=MD5...    and root.img a clean ext4 with those files
+#   md5_of TEXT, guest_md5 NAME         md5s: of a line, of QS-ROOT-BIG in NAME
+#   boot_root_steps                     the write and verify steps of a root's init
 #   pass/fail/skipped DESCRIPTION (tests/lib.sh), boot_summary (the closing
 #   line and exit)
 # Environment: QCOWSETUP (the program), QEMU, QS_VM_ACCEL, QS_BOOT_TIMEOUT.
@@ -80,10 +88,12 @@ notinrd  UUID=$HOLD_UUID:/images/data.qcow2 none                              re
 EOF
 }
 
-boot_initramfs() {
-	local cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut rc=0
-	boot_qcowtab > "$work/qcowtab"
-	"$here/bed/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" || rc=$?
+boot_initramfs() {  # [systemd]
+	local cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut${1:+-$1} rc=0
+	# (not test-boot.sh's disk in the systemd one: its unit would wait
+	# for it, 90 s, at every boot)
+	boot_qcowtab | if [ "${1:-}" = systemd ]; then grep -v '^direct '; else cat; fi > "$work/qcowtab"
+	"$here/bed/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" ${1:+"$1"} || rc=$?
 	if [ $rc != 0 ]; then
 		[ $rc = 77 ] && skip_test "dracut cannot build here"
 		echo "$me: error: dracut failed" >&2
@@ -129,6 +139,85 @@ boot_check() {
 		fail "$* (console.py exit $rc; the end of its output follows)"
 		tail -n 40 "$work/$name.out" | sed 's/^/    | /'
 	fi
+}
+
+# The steps of a read-write root's init, for its /etc/qs-steps.sh (the
+# init sources it with $step and $token from the kernel command line):
+#   write   a small file ($token) and 4 MiB of new data, read back after
+#           the daemon's remaps (QS-ROOT-BIG, QS-ROOT-BIG-AGAIN)
+#   verify  what write wrote (QS-ROOT-WRITTEN, QS-ROOT-BIG), and one more
+#           file (/written2)
+boot_root_steps() {
+	cat <<'EOF'
+case $step in
+write)
+	echo "$token" > /written
+	dd if=/dev/urandom of=/big bs=64k count=64 2>/dev/null
+	sync
+	echo "QS-ROOT-BIG: $(md5sum < /big)"
+	# the daemon moves the new clusters to the fast path: read them there
+	sleep 3
+	echo 3 > /proc/sys/vm/drop_caches
+	echo "QS-ROOT-BIG-AGAIN: $(md5sum < /big)"
+	;;
+verify)
+	echo "QS-ROOT-WRITTEN: $(cat /written)"
+	echo "QS-ROOT-BIG: $(md5sum < /big)"
+	echo "$token" > /written2
+	;;
+esac
+EOF
+}
+
+# ---- host checks of a root in a LUKS qcow2 on the holding disk
+# (/images/root.qcow2 on $work/hold.img, passphrase $PASS; test-boot-rw.sh,
+# test-boot-systemd.sh)
+# The image as the holding disk has it now (journal replayed on a copy),
+# `qemu-img check`, its content as raw ext4 (root.img).
+host_image() {  # NAME
+	local e=0
+	rm -f copy.img root.qcow2 root.img
+	cp hold.img copy.img
+	e2fsck -fy copy.img >"$1.e2fsck" 2>&1 || e=$?
+	if [ $e -ge 4 ]; then
+		fail "$1: the holding filesystem is damaged (e2fsck exit $e)"
+		sed 's/^/    | /' "$1.e2fsck"
+		return 1
+	fi
+	debugfs -R "dump /images/root.qcow2 root.qcow2" copy.img >/dev/null 2>&1
+	if qemu-img check --object "secret,id=s0,data=$PASS" \
+		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" >"$1.check" 2>&1 &&
+	   grep -q 'No errors were found' "$1.check" && ! grep -qi 'leak' "$1.check"; then
+		pass "$1: qemu-img check: no errors, no leaks"
+	else
+		fail "$1: qemu-img check"
+		sed 's/^/    | /' "$1.check"
+	fi
+	qemu-img convert --object "secret,id=s0,data=$PASS" \
+		--image-opts "driver=qcow2,file.filename=root.qcow2,encrypt.key-secret=s0" -O raw root.img
+}
+# host_files NAME DESCRIPTION PATH=MD5...: after boot NAME, the image's
+# check, then its content: a clean ext4 holding each PATH with that md5
+host_files() {
+	local name=$1 desc=$2 e=0 ok=1 f
+	shift 2
+	host_image "$name" || return 0
+	e2fsck -fn root.img >"$name.fsck" 2>&1 || e=$?
+	for f in "$@"; do
+		[ "$(debugfs -R "cat ${f%%=*}" root.img 2>/dev/null | md5sum | cut -d' ' -f1)" = "${f#*=}" ] ||
+			{ ok=0; echo "$me: $name: ${f%%=*} is not as written" >>"$name.fsck"; }
+	done
+	if [ $e = 0 ] && [ $ok = 1 ]; then
+		pass "$name: $desc"
+	else
+		fail "$name: $desc (e2fsck -n exit $e)"
+		sed 's/^/    | /' "$name.fsck"
+	fi
+}
+md5_of() { printf '%s\n' "$1" | md5sum | cut -d' ' -f1; }
+# the md5 QS-ROOT-BIG printed in boot NAME's console
+guest_md5() {
+	sed -n 's/^QS-ROOT-BIG: \([0-9a-f]*\).*/\1/p' "$work/$1.out" | head -n 1
 }
 
 boot_summary() {
