@@ -28,6 +28,8 @@
 #   host_files NAME DESC PATH=MD5...    and root.img a clean ext4 with those files
 #   md5_of TEXT, guest_md5 NAME         md5s: of a line, of QS-ROOT-BIG in NAME
 #   boot_root_steps                     the write and verify steps of a root's init
+#   boot_rw_images ROOT_SIZE HOLD_SIZE  hold.img with root/ in a LUKS qcow2
+#   boot_write_checks                   the checks after the write step's boot
 #   pass/fail/skipped DESCRIPTION (tests/lib.sh), boot_summary (the closing
 #   line and exit)
 # Environment: QCOWSETUP (the program), QEMU, QS_VM_ACCEL, QS_BOOT_TIMEOUT.
@@ -169,6 +171,27 @@ esac
 EOF
 }
 
+# boot_rw_images ROOT_SIZE HOLD_SIZE: the holding disk $work/hold.img of a
+# read-write root: the tree root/ as ext4 in /images/root.qcow2 (LUKS,
+# passphrase $PASS), its key file /keys/root.key (UUID $HOLD_UUID). Adds to
+# images.log; exits 99 when an image is missing or a tool complained there.
+boot_rw_images() {
+	{
+		mkdir -p hold/images hold/keys
+		mkfs.ext4 -q -F -d root root.raw "$1"
+		printf '%s' "$PASS" > hold/keys/root.key
+		boot_luks_qcow2 root.raw hold/images/root.qcow2 "data=$PASS"
+		mkfs.ext4 -q -F -U "$HOLD_UUID" -L qshold -E root_owner=0:0 -d hold hold.img "$2"
+		rm -rf root hold root.raw
+	} >>images.log 2>&1 || true
+	if [ ! -s hold.img ] ||
+	   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
+		cat images.log
+		echo "$me: error: cannot make the images" >&2
+		exit 99
+	fi
+}
+
 # ---- host checks of a root in a LUKS qcow2 on the holding disk
 # (/images/root.qcow2 on $work/hold.img, passphrase $PASS; test-boot-rw.sh,
 # test-boot-systemd.sh)
@@ -218,6 +241,23 @@ md5_of() { printf '%s\n' "$1" | md5sum | cut -d' ' -f1; }
 # the md5 QS-ROOT-BIG printed in boot NAME's console
 guest_md5() {
 	sed -n 's/^QS-ROOT-BIG: \([0-9a-f]*\).*/\1/p' "$work/$1.out" | head -n 1
+}
+
+# boot_write_checks: after the boot called write (boot_root_steps' write
+# step, token $token): the new data read back the same after the daemon's
+# remaps, and on the host the files are in the image (host_files). Sets
+# md5_write, the md5 of /big.
+boot_write_checks() {
+	local again
+	md5_write=$(guest_md5 write)
+	again=$(sed -n 's/^QS-ROOT-BIG-AGAIN: \([0-9a-f]*\).*/\1/p' "$work/write.out" | head -n 1)
+	if [ -n "$md5_write" ] && [ "$again" = "$md5_write" ]; then
+		pass "write: the new data reads back the same after the daemon's remaps"
+	else
+		fail "write: the new data read back differs ($md5_write, then $again)"
+	fi
+	host_files write "qemu-img convert gives the files written, on a clean ext4" \
+		"/written=$(md5_of "$token")" "/big=$md5_write"
 }
 
 boot_summary() {
