@@ -15,9 +15,12 @@
 # qcowsetup, where qcowsetup looks for it first. It outlives the initramfs:
 # nothing kills it before switch_root (dracut's shell init kills nothing;
 # systemd spares processes whose argv[0] starts with '@', as the daemon's
-# does), and qcowsetup-pivot.sh (pre-pivot hook) keeps /dev, /proc and /sys
-# in the emptied initramfs for it (its table reloads need them) and lists
-# its processes in /run/sendsigs.omit.d/ for sysvinit's shutdown.
+# does; with systemd, qcowsetup-generator's units start it through
+# systemd-run --scope, in a scope no unit stop reaches), and
+# qcowsetup-pivot.sh (pre-pivot hook) keeps /dev, /proc and /sys in the
+# emptied initramfs for it (its table reloads need them), lists its
+# processes in /run/sendsigs.omit.d/ for sysvinit's shutdown and asks for
+# the initramfs at shutdown (need_shutdown).
 # qcowsetup-shutdown.sh (shutdown hook, before 90dm's) closes the mappings
 # once the root is unmounted, when the system goes back to the initramfs to
 # shut down.
@@ -30,7 +33,8 @@
 # (default $dracutsysrootdir/etc/qcowtab); QCOWSETUP_BINARY, a qcowsetup
 # program to install as /usr/sbin/qcowsetup instead of the one in PATH;
 # QCOWSETUP_DAEMON_BINARY, the daemon to install beside it (default: the
-# qcowsetup-daemon beside QCOWSETUP_BINARY).
+# qcowsetup-daemon beside QCOWSETUP_BINARY); QCOWSETUP_GENERATOR_BINARY, a
+# qcowsetup-generator to install instead of the system's (with systemd).
 
 _qcowtab() {
     echo "${QCOWSETUP_QCOWTAB:-$dracutsysrootdir/etc/qcowtab}"
@@ -236,6 +240,8 @@ install() {
     inst_rules 60-qcowsetup.rules 11-dm-qcowsetup.rules 56-dm-qcowsetup.rules
 
     if dracut_module_included "systemd"; then
+        [[ $QCOWSETUP_GENERATOR_BINARY ]] &&
+            inst_binary "$QCOWSETUP_GENERATOR_BINARY" "$systemdutildir"/system-generators/qcowsetup-generator
         inst_multiple -o \
             "$systemdutildir"/system-generators/qcowsetup-generator \
             "$systemdsystemunitdir"/systemd-ask-password-console.path \
@@ -243,7 +249,7 @@ install() {
             "$systemdsystemunitdir"/cryptsetup.target \
             "$systemdsystemunitdir"/cryptsetup-pre.target \
             "$systemdsystemunitdir"/sysinit.target.wants/cryptsetup.target \
-            systemd-ask-password systemd-tty-ask-password-agent
+            systemd-ask-password systemd-tty-ask-password-agent systemd-run
     else
         inst_script "$moddir/qcowsetup-ask.sh" /sbin/qcowsetup-ask
     fi

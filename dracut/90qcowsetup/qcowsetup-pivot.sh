@@ -9,9 +9,12 @@
 # it): the daemons' state files there go stale.
 #
 # Nothing may stop the daemons before the root filesystem is unmounted:
-# systemd spares them at shutdown by their argv[0] ('@'); for sysvinit's
-# sendsigs, their process ids go to /run/sendsigs.omit.d/ (one file each;
-# /run moves into the new root).
+# systemd spares them at shutdown by their argv[0] ('@') (with systemd in
+# the initramfs, they are in scopes no unit stop reaches: qcowsetup-generator);
+# for sysvinit's sendsigs, their process ids go to /run/sendsigs.omit.d/
+# (one file each; /run moves into the new root). The mappings are closed by
+# the shutdown hook, in the initramfs systemd goes back to at shutdown:
+# need_shutdown asks dracut-shutdown.service to unpack it there.
 
 _qs_found=''
 for _qs_proc in /proc/[0-9]*; do
@@ -27,6 +30,8 @@ for _qs_proc in /proc/[0-9]*; do
     esac
 done
 if [ -n "$_qs_found" ]; then
+    # dracut-shutdown.service unpacks the initramfs for the shutdown hook
+    need_shutdown
     for _qs_fs in /dev /proc /sys; do
         mount --rbind "$_qs_fs" "$_qs_fs" || warn "qcowsetup: cannot keep $_qs_fs for the slow-path daemons"
     done

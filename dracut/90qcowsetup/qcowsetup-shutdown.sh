@@ -17,8 +17,15 @@ for _qs_name in $(qcowsetup list 2> /dev/null); do
     fi
     [ -b "/dev/mapper/$_qs_name" ] && _qs_ret=1
 done
-for _qs_dir in /run/qcowsetup/mnt/*; do
-    [ -d "$_qs_dir" ] || continue
-    umount "$_qs_dir" 2> /dev/null && rmdir "$_qs_dir"
-done
+# where they are mounted now: under /run/qcowsetup/mnt, or under the old
+# root's /run, which dracut's shutdown moves to /oldsys/run when systemd
+# went back to the initramfs (its /run then holds none of them)
+_qs_mounts=$(cat /proc/mounts)
+while read -r _qs_dev _qs_dir _qs_rest; do
+    case $_qs_dir in
+        */run/qcowsetup/mnt/*) umount "$_qs_dir" 2> /dev/null && rmdir "$_qs_dir" ;;
+    esac
+done << EOF_MOUNTS
+$_qs_mounts
+EOF_MOUNTS
 exit $_qs_ret

@@ -18,7 +18,10 @@
  * network-online.target, which it wants, and before and pulled in by
  * remote-cryptsetup.target instead, as systemd-cryptsetup-generator does:
  * the generator reads qcowtab, not the images, so the option says it. The passphrase
- * is asked by qcowsetup through systemd-ask-password. An entry's systemd
+ * is asked by qcowsetup through systemd-ask-password. In the initramfs,
+ * `qcowsetup open` runs in a scope of its own (systemd-run --scope), so that
+ * the slow-path daemon outlives the switch to the root filesystem's systemd
+ * (put_exec()). An entry's systemd
  * credential (load-credential=, load-credential-encrypted=) becomes the
  * unit's LoadCredential=/LoadCredentialEncrypted=, which qcowsetup reads in
  * $CREDENTIALS_DIRECTORY; with keyfile-timeout= the key file's device and
@@ -427,11 +430,30 @@ static int write_device_timeout(const char *dir, const char *dev_unit, unsigned 
 	return fclose(fp) ? -1 : 0;
 }
 
+/* KEY=BIN VERB --tab [--qcowtab TAB] NAME; with scope (the initramfs'
+ * ExecStart=), run by `systemd-run --scope` in that scope unit of its own,
+ * where the slow-path daemon it starts stays: a scope is kept when systemd
+ * isolates a target, and, transient, its unit lives in /run/systemd/transient,
+ * which switch-root carries over, whereas the service's own unit, generated,
+ * is gone in the root filesystem's systemd unless the root's qcowtab makes it
+ * again, and a unit without its file is stopped there. Without default
+ * dependencies, shutdown does not stop the scope either: the daemon ('@')
+ * lives until dracut's shutdown hook closes the mapping (qcowsetup-dracut(7)). */
 static void put_exec(FILE *f, const char *key, const char *bin, const char *verb, const char *tab_arg,
-		     const char *name)
+		     const char *name, const char *scope)
 {
+	char desc[1200];
+
 	fprintf(f, "%s=", key);
-	put_exec_word(f, bin, true);
+	if (scope) {
+		snprintf(desc, sizeof(desc), "--description=qcowsetup: the slow-path daemon of %s", name);
+		fputs("systemd-run --scope --quiet --property=DefaultDependencies=no ", f);
+		put_exec_word(f, scope, false);
+		fputc(' ', f);
+		put_exec_word(f, desc, false);
+		fputc(' ', f);
+	}
+	put_exec_word(f, bin, !scope);
 	fprintf(f, " %s --tab", verb);
 	if (tab_arg) {
 		fputs(" --qcowtab ", f);
@@ -476,9 +498,11 @@ static void put_credential(FILE *f, const struct qcowtab_entry *e)
 	fputc('\n', f);
 }
 
-static int write_unit(const char *dir, const struct qcowtab_entry *e, const char *tab_arg, const char *bin)
+static int write_unit(const char *dir, const struct qcowtab_entry *e, const char *tab_arg, const char *bin,
+		      bool initrd)
 {
-	char unit[QCOWTAB_UNIT_NAME_MAX + 1], path[8192], img_dev[QCOWTAB_UNIT_NAME_MAX + 1],
+	char unit[QCOWTAB_UNIT_NAME_MAX + 1], scope[QCOWTAB_UNIT_NAME_MAX + 16], path[8192],
+	     img_dev[QCOWTAB_UNIT_NAME_MAX + 1],
 	     key_dev[QCOWTAB_UNIT_NAME_MAX + 1], mapper[1200], mapper_esc[QCOWTAB_UNIT_NAME_MAX + 1];
 	const char *img_mount, *key_mount, *source = tab_arg ? tab_arg : QCOWTAB_PATH;
 	bool needs_mount;
@@ -493,6 +517,9 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 			    QCOWTAB_UNIT_NAME_MAX);
 		return -1;
 	}
+	/* --unit=qcowsetup-ESC.scope, ESC as in qcowsetup@ESC.service: shorter */
+	snprintf(scope, sizeof(scope), "--unit=qcowsetup-%.*s.scope",
+		 (int)(strlen(unit) - strlen("qcowsetup@") - strlen(".service")), unit + strlen("qcowsetup@"));
 	if (!location_units(e, &e->image, "image", img_dev, sizeof(img_dev), &img_mount) ||
 	    !location_units(e, &e->key, "key file", key_dev, sizeof(key_dev), &key_mount) ||
 	    !credential_ok(e))
@@ -563,8 +590,8 @@ static int write_unit(const char *dir, const struct qcowtab_entry *e, const char
 		"KeyringMode=shared\n"
 		"OOMScoreAdjust=500\n");
 	put_credential(f, e);
-	put_exec(f, "ExecStart", bin, "open", tab_arg, e->name);
-	put_exec(f, "ExecStop", bin, "close", tab_arg, e->name);
+	put_exec(f, "ExecStart", bin, "open", tab_arg, e->name, initrd ? scope : NULL);
+	put_exec(f, "ExecStop", bin, "close", tab_arg, e->name, NULL);
 	if (fclose(f)) {
 		logmsg("cannot write %s: %s", path, strerror(errno));
 		return -1;
@@ -647,7 +674,7 @@ int main(int argc, char **argv)
 	}
 	free(all);
 	for (size_t i = 0; i < tab.count; i++)
-		if (write_unit(dir, &tab.entries[i], tab_env && *tab_env ? tab_env : NULL, bin))
+		if (write_unit(dir, &tab.entries[i], tab_env && *tab_env ? tab_env : NULL, bin, initrd))
 			failures++;
 	qcowtab_free(&tab);
 	return failures ? 1 : 0;

@@ -25,6 +25,7 @@
 #define UUID_SIZE		DM_INFO_UUID_SIZE
 
 #define UDEV_CONTROL		"/run/udev/control"
+#define UNIX_FLAG_LISTENING	0x10000	/* __SO_ACCEPTCON in /proc/net/unix */
 #define UDEV_HIDDEN_FLAGS	(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | \
 				 DM_UDEV_DISABLE_DISK_RULES_FLAG | \
 				 DM_UDEV_DISABLE_OTHER_RULES_FLAG)
@@ -77,6 +78,29 @@ static void dm_init(void)
 
 static bool control_present(void);
 
+/* Whether udevd listens on its control socket (a listening socket bound
+ * there in /proc/net/unix; without /proc, whether the socket file is
+ * there). The file alone is not enough: it outlives a udevd killed at
+ * shutdown (in the initramfs systemd goes back to, where the shutdown hook
+ * closes the mappings), and a udev cookie would then be waited for
+ * forever. Nothing is sent to udevd. */
+static bool udev_listens(void)
+{
+	FILE *f = fopen("/proc/net/unix", "re");
+	char line[512], path[256];
+	unsigned long flags;
+	bool found = false;
+
+	if (!f)
+		return access(UDEV_CONTROL, F_OK) == 0;
+	/* Num RefCount Protocol Flags Type St Inode Path */
+	while (!found && fgets(line, sizeof(line), f))
+		found = sscanf(line, "%*s %*s %*s %lx %*s %*s %*s %255s", &flags, path) == 2 &&
+			(flags & UNIX_FLAG_LISTENING) && !strcmp(path, UDEV_CONTROL);
+	fclose(f);
+	return found;
+}
+
 /* Decided once, when device-mapper is known to work (libdevmapper asks the
  * kernel whether it supports cookies). */
 static void udev_init(void)
@@ -96,7 +120,7 @@ static void udev_init(void)
 	done = true;
 	/* Without udev, libdevmapper must make the /dev/mapper nodes itself:
 	 * no sync, no DM_UDEV_DISABLE_LIBRARY_FALLBACK. */
-	if (access(UDEV_CONTROL, F_OK) != 0)
+	if (!udev_listens())
 		dm_udev_set_sync_support(0);
 	use_udev = dm_udev_get_sync_support();
 	quiet--;
@@ -268,6 +292,12 @@ static int run_with_cookie(struct dm_task *dmt, bool hidden, int fallback)
 	int r = 0;
 
 	udev_init();
+	/* a daemon outlives udevd at shutdown: from then on, no waiting */
+	if (use_udev && !udev_listens()) {
+		log_dbg("device-mapper: udev stopped: the library creates the device nodes");
+		dm_udev_set_sync_support(0);
+		use_udev = false;
+	}
 	if (!dm_task_set_cookie(dmt, &cookie, udev_flags(hidden)))
 		return -ENOMEM;
 	if (!task_run(dmt))

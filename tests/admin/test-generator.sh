@@ -61,6 +61,10 @@ QCOWSETUP_QCOWTAB=$tmp/none QCOWSETUP_BIN=$qs SYSTEMD_IN_INITRD=1 \
 	"$gen" "$out2" "$out2" "$out2" 2>"$tmp/err2"
 check "initramfs: rd.qcowsetup.* entries (named and default qcow-2)" \
 	eval "test -f '$out2/qcowsetup@croot.service' && test -f '$out2/qcowsetup@qcow\\x2d2.service'"
+u2="$out2/qcowsetup@qcow\\x2d2.service"
+check "initramfs: open runs in a scope of its own (systemd-run --scope)" grep -qxF \
+	"ExecStart=systemd-run --scope --quiet --property=DefaultDependencies=no \"--unit=qcowsetup-qcow\\\\x2d2.scope\" \"--description=qcowsetup: the slow-path daemon of qcow-2\" $qs open --tab --qcowtab $tmp/none qcow-2" "$u2"
+check "initramfs: close as it is" grep -qxF "ExecStop=$qs close --tab --qcowtab $tmp/none qcow-2" "$u2"
 out3=$tmp/off
 mkdir "$out3"
 QCOWSETUP_QCOWTAB=$tmp/qcowtab SYSTEMD_IN_INITRD=1 SYSTEMD_PROC_CMDLINE='rd.qcowsetup=0 rd.qcowsetup.image=PARTUUID=99' \

@@ -1,11 +1,13 @@
 # Shared part of the dracut boot tests (tests/vm/test-boot.sh,
-# tests/vm/test-boot-rw.sh): bash, sourced after `me` is set; it sources
+# tests/vm/test-boot-rw.sh, tests/vm/test-boot-systemd.sh): bash, sourced
+# after `me` is set; it sources
 # tests/lib.sh. Boots from an initramfs built by Debian's dracut with the
 # 90qcowsetup module of this tree (tests/vm/bed/build-dracut.sh, cached by
 # input hash in $QS_VM_CACHE/dracut, default
 # $top_builddir/tests/vm/out/dracut), under QEMU TCG, driving the serial
-# console with tests/vm/bed/console.py. Both tests give dracut the same
-# qcowtab (boot_qcowtab), so that they share one cached initramfs.
+# console with tests/vm/bed/console.py. The tests give dracut the same
+# qcowtab (boot_qcowtab), so that they share one cached initramfs (one of
+# each flavour: test-boot-systemd.sh's is run by systemd).
 #
 # Sourcing it checks what the boots need (skips with 77, 99 when qcowsetup
 # is not built), finds the kernel and makes the work directory ($work, the
@@ -17,7 +19,8 @@
 #                                       its output in images.log: exit 99
 #                                       unless it made hold.img and said
 #                                       nothing unexpected
-#   boot_initramfs                      builds (or finds) the initramfs: $initrd
+#   boot_initramfs [systemd]            builds (or finds) the initramfs: $initrd
+#                                       (systemd: run by systemd, its own cache)
 #   boot NAME APPEND [--hotplug] -- STEP...
 #                                       one boot, console.py STEPs; the disk is
 #                                       $work/hold.img (--hotplug: and
@@ -32,6 +35,10 @@
 #                                       `qemu-img check` clean, its content a
 #                                       clean ext4 holding each PATH with MD5
 #   md5_of STRING                       the md5 of STRING and a newline
+#   guest_md5 NAME                      the md5 QS-ROOT-BIG printed in NAME
+#   boot_root_steps                     the write and verify steps of a root's init
+#   boot_rw_images ROOT_SIZE HOLD_SIZE  hold.img with root/ in a LUKS qcow2
+#   boot_write_checks                   the checks after the write step's boot
 #   pass/fail/skipped DESCRIPTION (tests/lib.sh), boot_summary (the closing
 #   line and exit)
 # boot_qemu_extra (an array): more QEMU arguments for the boots (a TPM).
@@ -86,6 +93,11 @@ boot_luks_qcow2() {  # RAW QCOW2 SECRET-OBJECT-OPTS
 boot_make_images() {  # FUNCTION
 	"$1" >images.log 2>&1 || true
 	# (a failed command does not stop FUNCTION: check what it made)
+	boot_images_made
+}
+
+# exit 99 unless hold.img was made and images.log says nothing unexpected
+boot_images_made() {
 	if [ ! -s hold.img ] ||
 	   [ -n "$(grep -v -e '^Creating regular file' -e 'Unable to get accurate CPU usage' images.log)" ]; then
 		cat images.log
@@ -105,10 +117,12 @@ notinrd  UUID=$HOLD_UUID:/images/data.qcow2 none                              re
 EOF
 }
 
-boot_initramfs() {
-	local cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut rc=0
-	boot_qcowtab > "$work/qcowtab"
-	"$here/bed/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" || rc=$?
+boot_initramfs() {  # [systemd]
+	local cache=${QS_VM_CACHE:-$builddir/tests/vm/out}/dracut${1:+-$1} rc=0
+	# (not test-boot.sh's disk in the systemd one: its unit would wait
+	# for it, 90 s, at every boot)
+	boot_qcowtab | if [ "${1:-}" = systemd ]; then grep -v '^direct '; else cat; fi > "$work/qcowtab"
+	"$here/bed/build-dracut.sh" "$cache" "$qs" "$kver" "$work/qcowtab" ${1:+"$1"} || rc=$?
 	if [ $rc != 0 ]; then
 		[ $rc = 77 ] && skip_test "dracut cannot build here"
 		echo "$me: error: dracut failed" >&2
@@ -165,6 +179,52 @@ boot_check() {
 	fi
 }
 
+# The steps of a read-write root's init, for its /etc/qs-steps.sh (the
+# init sources it with $step and $token from the kernel command line):
+#   write   a small file ($token) and 4 MiB of new data, read back after
+#           the daemon's remaps (QS-ROOT-BIG, QS-ROOT-BIG-AGAIN)
+#   verify  what write wrote (QS-ROOT-WRITTEN, QS-ROOT-BIG), and one more
+#           file (/written2)
+boot_root_steps() {
+	cat <<'EOF'
+case $step in
+write)
+	echo "$token" > /written
+	dd if=/dev/urandom of=/big bs=64k count=64 2>/dev/null
+	sync
+	echo "QS-ROOT-BIG: $(md5sum < /big)"
+	# the daemon moves the new clusters to the fast path: read them there
+	sleep 3
+	echo 3 > /proc/sys/vm/drop_caches
+	echo "QS-ROOT-BIG-AGAIN: $(md5sum < /big)"
+	;;
+verify)
+	echo "QS-ROOT-WRITTEN: $(cat /written)"
+	echo "QS-ROOT-BIG: $(md5sum < /big)"
+	echo "$token" > /written2
+	;;
+esac
+EOF
+}
+
+# boot_rw_images ROOT_SIZE HOLD_SIZE: the holding disk $work/hold.img of a
+# read-write root: the tree root/ as ext4 in /images/root.qcow2 (LUKS,
+# passphrase $PASS), its key file /keys/root.key (UUID $HOLD_UUID). Adds to
+# images.log; exits 99 when an image is missing or a tool complained there.
+boot_rw_images() {
+	{
+		mkdir -p hold/images hold/keys
+		mkfs.ext4 -q -F -d root root.raw "$1"
+		printf '%s' "$PASS" > hold/keys/root.key
+		boot_luks_qcow2 root.raw hold/images/root.qcow2 "data=$PASS"
+		mkfs.ext4 -q -F -U "$HOLD_UUID" -L qshold -E root_owner=0:0 -d hold hold.img "$2"
+		rm -rf root hold root.raw
+	} >>images.log 2>&1 || true
+	boot_images_made
+}
+
+# ---- host checks of a root in a LUKS qcow2 on the holding disk
+# (passphrase $PASS; test-boot-rw.sh, test-boot-systemd.sh, test-boot-unlock.sh)
 # The image IMAGE as the holding disk has it now (journal replayed on a
 # copy), `qemu-img check`, its content as raw ext4 (root.img).
 boot_host_image() {  # NAME IMAGE
@@ -209,6 +269,27 @@ boot_host_files() {  # NAME IMAGE DESCRIPTION PATH=MD5...
 	fi
 }
 md5_of() { printf '%s\n' "$1" | md5sum | cut -d' ' -f1; }
+# the md5 QS-ROOT-BIG printed in boot NAME's console
+guest_md5() {
+	sed -n 's/^QS-ROOT-BIG: \([0-9a-f]*\).*/\1/p' "$work/$1.out" | head -n 1
+}
+
+# boot_write_checks: after the boot called write (boot_root_steps' write
+# step, token $token): the new data read back the same after the daemon's
+# remaps, and on the host the files are in the image (boot_host_files). Sets
+# md5_write, the md5 of /big.
+boot_write_checks() {
+	local again
+	md5_write=$(guest_md5 write)
+	again=$(sed -n 's/^QS-ROOT-BIG-AGAIN: \([0-9a-f]*\).*/\1/p' "$work/write.out" | head -n 1)
+	if [ -n "$md5_write" ] && [ "$again" = "$md5_write" ]; then
+		pass "write: the new data reads back the same after the daemon's remaps"
+	else
+		fail "write: the new data read back differs ($md5_write, then $again)"
+	fi
+	boot_host_files write /images/root.qcow2 "qemu-img convert gives the files written, on a clean ext4" \
+		"/written=$(md5_of "$token")" "/big=$md5_write"
+}
 
 boot_summary() {
 	echo "$passed passed, $failed failed, $skipped skipped ($(( $(date +%s) - t0 ))s)"

@@ -4,11 +4,16 @@
 # directory holds symlinks to the system's dracut plus this module and the
 # udev rules).
 #
-#   tests/vm/bed/build-dracut.sh OUTDIR QCOWSETUP KVER QCOWTAB
+#   tests/vm/bed/build-dracut.sh OUTDIR QCOWSETUP KVER QCOWTAB [systemd]
 #
 # The slow-path daemon qcowsetup-daemon beside QCOWSETUP goes in too (the
 # module's QCOWSETUP_DAEMON_BINARY), when it is there. QS_DRACUT_TEST_MODULE=DIR:
 # a test-only dracut module (a directory NNname) added beside 90qcowsetup.
+# With "systemd": an initramfs run by systemd (dracut's systemd, systemd-initrd and
+# dracut-systemd modules, as Fedora's and RHEL's), with qcowsetup-generator
+# beside QCOWSETUP (the module's QCOWSETUP_GENERATOR_BINARY) and dracut's
+# shutdown module (the initramfs unpacked to /run/initramfs, where systemd
+# goes back to at shutdown).
 #
 # Writes OUTDIR/dracut.img. Cached: OUTDIR/dracut.stamp holds the sha256 of
 # every input (the programs and their libraries' names, the module, the rules,
@@ -17,8 +22,8 @@
 # minutes. Safe to run concurrently (flock).
 set -eu
 me=build-dracut
-[ $# = 4 ] || { sed -n '7p' "$0" | sed 's/^#  *//' >&2; exit 2; }
-outdir=$1 qs=$2 kver=$3 qcowtab=$4
+[ $# = 4 ] || [ $# = 5 ] && [ "${5:-systemd}" = systemd ] || { sed -n '7p' "$0" | sed 's/^#  *//' >&2; exit 2; }
+outdir=$1 qs=$2 kver=$3 qcowtab=$4 flavour=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 testmod=${QS_DRACUT_TEST_MODULE:-}
 top=$(cd "$here/../../.." && pwd)
@@ -35,15 +40,23 @@ if [ -f "$daemon" ] && ! head -c 4 "$daemon" | grep -q ELF && [ -f "$(dirname "$
 	daemon=$(dirname "$daemon")/.libs/qcowsetup-daemon
 fi
 [ -f "$daemon" ] || daemon=''
+generator='' modules="bash base udev-rules dm rootfs-block fs-lib qcowsetup"
+if [ "$flavour" = systemd ]; then
+	[ -x /usr/lib/systemd/systemd ] || { echo "$me: no systemd here" >&2; exit 77; }
+	generator=$(dirname "$qs")/qcowsetup-generator
+	[ -f "$generator" ] || generator=$(dirname "$2")/qcowsetup-generator
+	[ -f "$generator" ] || { echo "$me: no qcowsetup-generator beside $2" >&2; exit 1; }
+	modules="$modules systemd systemd-initrd dracut-systemd systemd-ask-password shutdown"
+fi
 mkdir -p "$outdir"
 outdir=$(cd "$outdir" && pwd)
 exec 9>"$outdir/.dracut.lock"
 flock 9
 
 inputs() {
-	echo "kver=$kver $(dracut --version 2>&1 | head -1)"
+	echo "kver=$kver $(dracut --version 2>&1 | head -1) $flavour"
 	ldd "$qs" ${daemon:+"$daemon"} 2>/dev/null | awk '{ print $1, $3 }'
-	for f in "$qs" ${daemon:+"$daemon"} "$0" "$qcowtab" "$top"/dracut/90qcowsetup/* "$top"/udev/60-qcowsetup.rules.in \
+	for f in "$qs" ${daemon:+"$daemon"} ${generator:+"$generator"} "$0" "$qcowtab" "$top"/dracut/90qcowsetup/* "$top"/udev/60-qcowsetup.rules.in \
 		"$top"/udev/11-dm-qcowsetup.rules $([ -z "$testmod" ] || find "$testmod" -type f | sort); do
 		echo "$(basename "$f") $(sha256sum < "$f")"
 	done
@@ -69,17 +82,30 @@ fi
 sed 's|@SBINDIR@|/usr/sbin|g' "$top/udev/60-qcowsetup.rules.in" > "$base/rules.d/60-qcowsetup.rules"
 # Debian's device-mapper rules are 55-dm.rules: ours run right after them
 cp "$top/udev/11-dm-qcowsetup.rules" "$base/rules.d/56-dm-qcowsetup.rules"
+# the generator's units run qcowsetup where this build installs it (its
+# sbindir): there a link to the one the module installed
+include=()
+if [ -n "$generator" ]; then
+	rm -rf "$outdir/include"
+	sbin=$(tr '\0' '\n' < "$generator" | grep -m 1 '^/[A-Za-z0-9_./-]*/qcowsetup$' || true)
+	if [ -n "$sbin" ] && [ "$sbin" != /usr/sbin/qcowsetup ]; then
+		mkdir -p "$outdir/include${sbin%/*}"
+		ln -s /usr/sbin/qcowsetup "$outdir/include$sbin"
+		include=(--include "$outdir/include" /)
+	fi
+fi
 
 echo "$me: building $outdir/dracut.img for kernel $kver (dracut, 1-2 minutes)" >&2
 t0=$(date +%s)
 rm -rf "$outdir/tmp"
 mkdir -p "$outdir/tmp"
 dracutbasedir=$base QCOWSETUP_BINARY=$qs QCOWSETUP_DAEMON_BINARY=$daemon QCOWSETUP_QCOWTAB=$qcowtab \
+QCOWSETUP_GENERATOR_BINARY=$generator \
 dracut --force --quiet --no-hostonly --no-hostonly-cmdline --no-early-microcode \
 	--kver "$kver" --tmpdir "$outdir/tmp" \
-	--modules "bash base udev-rules dm rootfs-block fs-lib qcowsetup$extra_mod" \
+	--modules "$modules$extra_mod" \
 	--drivers "virtio_pci virtio_blk virtio_rng ext4 dm_mod dm_crypt dm_zero loop nbd" \
-	--no-compress \
+	--no-compress "${include[@]}" \
 	"$outdir/dracut.img.new" >"$outdir/dracut.log" 2>&1 || {
 	echo "$me: dracut failed:" >&2; tail -30 "$outdir/dracut.log" >&2; exit 1; }
 mv -f "$outdir/dracut.img.new" "$outdir/dracut.img"
