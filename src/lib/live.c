@@ -33,7 +33,12 @@
  * (by the daemon, when there is one), so that they take the new limits.
  * What decides are the devices of the fast path: a read-write mapping's
  * loop devices pass discards or not, and dm-crypt's allow_discards (the
- * slow path takes discards always and does nothing with them). */
+ * slow path takes discards always and does nothing with them).
+ *
+ * Resize (the daemon resizes, mapping.c asks it): a LUKS image grown past
+ * the room its crypt device covers needs that device larger, its key
+ * through the keyring as refresh loads it; the passphrase is checked
+ * against the header first, as resume does. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -79,6 +84,7 @@ struct live_ctx {
 	const char *verb;
 	int fail_step, step;
 	int lock;
+	bool lock_held;		/* by the caller (resize): not ours to take */
 	struct dm_dev_info top;
 	bool top_suspended;
 	char segs[LIVE_MAX_SEGMENTS][128];
@@ -281,8 +287,8 @@ static int live_prepare(struct live_ctx *c)
 	r = dm_check_control();
 	if (r)
 		return r;
-	c->lock = qs_name_lock(c->name);
-	if (c->lock < 0) {
+	c->lock = c->lock_held ? -1 : qs_name_lock(c->name);
+	if (c->lock < 0 && !c->lock_held) {
 		r = c->lock;
 		log_err("Cannot lock the name %s: %s.", c->name, strerror(-r));
 		return r;
@@ -327,8 +333,9 @@ static int live_prepare(struct live_ctx *c)
 	return 0;
 }
 
-/* The context of verb on NAME, prepared (*r 0), or NULL (*r -ENOMEM). */
-static struct live_ctx *live_begin(const char *name, const char *verb, int fail_step, int *r)
+/* The context of verb on NAME, prepared (*r 0), or NULL (*r -ENOMEM).
+ * lock_held: the caller holds NAME's lock. */
+static struct live_ctx *live_begin_as(const char *name, const char *verb, int fail_step, bool lock_held, int *r)
 {
 	struct live_ctx *c = calloc(1, sizeof(*c));
 
@@ -338,8 +345,14 @@ static struct live_ctx *live_begin(const char *name, const char *verb, int fail_
 	c->name = name;
 	c->verb = verb;
 	c->fail_step = fail_step;
+	c->lock_held = lock_held;
 	*r = live_prepare(c);
 	return c;
+}
+
+static struct live_ctx *live_begin(const char *name, const char *verb, int fail_step, int *r)
+{
+	return live_begin_as(name, verb, fail_step, false, r);
 }
 
 static int live_end(struct live_ctx *c, int r)
@@ -348,7 +361,8 @@ static int live_end(struct live_ctx *c, int r)
 		return r;
 	for (unsigned int i = 0; i < c->ncrypt; i++)
 		volume_key_free(c->crypt[i].vk);
-	qs_name_unlock(c->name, c->lock);
+	if (!c->lock_held)
+		qs_name_unlock(c->name, c->lock);
 	dm_release();
 	free(c);
 	return r;
@@ -616,14 +630,15 @@ static int try_passphrase(struct live_crypt *lc, struct image *img, const struct
 	return r;
 }
 
-/* The volume key of each encrypted layer: the passphrase that opened the
- * layer above first, then what ask() gives (as open). */
-static int unlock_layers(struct live_ctx *c, const struct mapping_live_params *p)
+/* The volume key of the first n encrypted layers (from the top): the
+ * passphrase that opened the layer above first, then what ask() gives (as
+ * open). */
+static int unlock_layers(struct live_ctx *c, const struct mapping_live_params *p, unsigned int n)
 {
 	struct passphrase *shared = NULL;
 	int r = 0;
 
-	for (unsigned int i = 0; !r && i < c->ncrypt; i++) {
+	for (unsigned int i = 0; !r && i < n && i < c->ncrypt; i++) {
 		struct live_crypt *lc = &c->crypt[i];
 		struct image_open_opts o = { .no_backing = true, .no_data_file = true };
 		struct image *img = NULL;
@@ -705,7 +720,7 @@ int mapping_resume(const char *name, const struct mapping_live_params *p)
 		log_err("Device %s is not suspended.", name);
 		return live_end(c, -EINVAL);
 	}
-	r = unlock_layers(c, p);
+	r = unlock_layers(c, p, c->ncrypt);
 	if (r)
 		return live_end(c, r);
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++)
@@ -861,21 +876,15 @@ static int reload_as_is(struct live_ctx *c, const char *name, bool hidden, bool 
 	return r;
 }
 
-/* The crypt device lc with allow_discards on or off: a new table (its key
- * through the keyring), swapped in. */
-static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
+/* The crypt device lc with a new table of one crypt target (params, its
+ * key named by reference: the key goes through the keyring), swapped in. */
+static int reload_crypt_table(struct live_ctx *c, struct live_crypt *lc, const char *params, uint64_t sectors)
 {
-	char params[DM_TABLE_PARAMS_SIZE];
-	struct dm_table_target tt = { .start = 0, .length = lc->sectors, .type = "crypt", .params = params };
+	struct dm_table_target tt = { .start = 0, .length = sectors, .type = "crypt", .params = params };
 	struct dm_table t = { .count = 1, .targets = &tt };
 	int32_t serial = 0;
 	int r;
 
-	r = switch_discards(lc->params, on, params, sizeof(params));
-	if (r) {
-		log_err("%s: cannot read its table.", lc->name);
-		return r;
-	}
 	r = live_step(c, "reload", lc->name);
 	if (!r)
 		r = keyring_add_logon(lc->key_desc, lc->vk->key, lc->vk->size, &serial);
@@ -893,6 +902,20 @@ static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
 		dm_clear_table(lc->name);
 	}
 	return r;
+}
+
+/* The crypt device lc with allow_discards on or off. */
+static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
+{
+	char params[DM_TABLE_PARAMS_SIZE];
+	int r;
+
+	r = switch_discards(lc->params, on, params, sizeof(params));
+	if (r) {
+		log_err("%s: cannot read its table.", lc->name);
+		return r;
+	}
+	return reload_crypt_table(c, lc, params, lc->sectors);
 }
 
 /* The writable loop devices under the mapping (sysfs slaves, from the top
@@ -969,7 +992,7 @@ int mapping_refresh(const char *name, bool allow_discards, const struct mapping_
 	}
 	r = need_daemon(c);
 	if (!r && c->ncrypt)
-		r = unlock_layers(c, p);
+		r = unlock_layers(c, p, c->ncrypt);
 	if (!r && !c->top.read_only)
 		r = top_loop_discards(c, allow_discards);
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++) {
@@ -997,5 +1020,37 @@ int mapping_refresh(const char *name, bool allow_discards, const struct mapping_
 	} else {
 		log_verbose("%s: discards %s.", name, allow_discards ? "allowed" : "not allowed");
 	}
+	return live_end(c, r);
+}
+
+/* ---- resize: the top layer's crypt device made larger ---- */
+
+int mapping_grow_crypt_locked(const char *name, uint64_t bytes, const struct mapping_live_params *p, int steps_done)
+{
+	struct live_crypt *lc;
+	int r;
+	struct live_ctx *c = live_begin_as(name, "resize", p->fail_step, true, &r);
+
+	if (r)
+		return live_end(c, r);
+	c->step = steps_done;
+	lc = c->ncrypt && c->crypt[0].depth == 0 ? &c->crypt[0] : NULL;
+	if (!lc) {
+		log_err("%s: the crypt device of its image is missing.", name);
+		return live_end(c, -ENODEV);
+	}
+	if (c->top_suspended || mapping_is_marked_suspended(name)) {
+		log_err("Device %s is suspended: `qcowsetup resume %s` first.", name, name);
+		return live_end(c, -EBUSY);
+	}
+	if (lc->sectors >= bytes >> 9)
+		return live_end(c, 0);
+	log_verbose("%s: %s covers %" PRIu64 " bytes, the new size needs %" PRIu64 ": its key is needed.", name,
+		    lc->name, lc->sectors << 9, bytes);
+	r = unlock_layers(c, p, 1);
+	if (!r)
+		r = reload_crypt_table(c, lc, lc->params, bytes >> 9);
+	if (!r)
+		log_verbose("%s: %s covers %" PRIu64 " bytes.", name, lc->name, bytes & ~(uint64_t)511);
 	return live_end(c, r);
 }
