@@ -285,6 +285,12 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = dm_device_info(dev->name, &info);
 		if (r)
 			break;
+		if (!dm_is_top_device(dev) && !info.exists && dev->role == DM_ROLE_HOLD) {
+			/* (a mapping opened without one) */
+			r = create(next, i);
+			created[i] = r == 0;
+			continue;
+		}
 		if (!dm_is_top_device(dev)) {
 			if (!info.exists) {
 				log_err("Device %s is missing (`qcowsetup open` creates it).", dev->name);
