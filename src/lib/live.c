@@ -368,6 +368,32 @@ static int live_end(struct live_ctx *c, int r)
 	return r;
 }
 
+/* Whether `qcowsetup suspend` holds NAME: its mark, or a suspended top
+ * that no daemon swaps (a running daemon's table swap suspends the top for
+ * a moment, which is no suspend). */
+static bool held_by_suspend(const struct live_ctx *c)
+{
+	return mapping_is_marked_suspended(c->name) || (c->top_suspended && !c->daemon_running);
+}
+
+/* The state of the top and its segments again, once the daemon makes no
+ * more table swaps (one may have been under way when they were read). */
+static int reread_top(struct live_ctx *c)
+{
+	struct dm_dev_info info;
+	int r;
+
+	r = dm_device_info(c->name, &info);
+	if (!r)
+		c->top_suspended = info.suspended;
+	for (unsigned int i = 0; !r && i < c->nsegs; i++) {
+		r = dm_device_info(c->segs[i], &info);
+		if (!r)
+			c->seg_suspended[i] = info.suspended;
+	}
+	return r;
+}
+
 /* suspend and refresh talk to a running daemon */
 static int need_daemon(const struct live_ctx *c)
 {
@@ -513,7 +539,7 @@ int mapping_suspend(const char *name, int fail_step)
 
 	if (r)
 		return live_end(c, r);
-	if (c->top_suspended || mapping_is_marked_suspended(name)) {
+	if (held_by_suspend(c)) {
 		log_err("Device %s is already suspended.", name);
 		return live_end(c, -EBUSY);
 	}
@@ -521,6 +547,13 @@ int mapping_suspend(const char *name, int fail_step)
 	if (!r && c->has_daemon) {
 		r = daemon_say(c, "suspend");
 		c->daemon_held = r == 0;
+		if (!r)
+			r = reread_top(c);
+		if (!r && c->top_suspended) {
+			log_err("Device %s is suspended (not by qcowsetup suspend).", name);
+			control_call(name, "resume", NULL, 0);
+			return live_end(c, -EBUSY);
+		}
 	}
 	if (!r)
 		r = live_step(c, "mark", name);
@@ -716,7 +749,7 @@ int mapping_resume(const char *name, const struct mapping_live_params *p)
 	marked = mapping_is_marked_suspended(name);
 	c->marked = marked;
 	c->daemon_held = c->has_daemon && c->daemon_running;
-	if (!c->top_suspended && !marked) {
+	if (!held_by_suspend(c)) {
 		log_err("Device %s is not suspended.", name);
 		return live_end(c, -EINVAL);
 	}
@@ -986,7 +1019,7 @@ int mapping_refresh(const char *name, bool allow_discards, const struct mapping_
 	if (r)
 		return live_end(c, r);
 	snprintf(block_name, sizeof(block_name), "dm-%u", c->top.minor);
-	if (c->top_suspended || mapping_is_marked_suspended(name)) {
+	if (held_by_suspend(c)) {
 		log_err("Device %s is suspended: `qcowsetup resume %s` first.", name, name);
 		return live_end(c, -EBUSY);
 	}
@@ -1039,7 +1072,7 @@ int mapping_grow_crypt_locked(const char *name, uint64_t bytes, const struct map
 		log_err("%s: the crypt device of its image is missing.", name);
 		return live_end(c, -ENODEV);
 	}
-	if (c->top_suspended || mapping_is_marked_suspended(name)) {
+	if (held_by_suspend(c)) {
 		log_err("Device %s is suspended: `qcowsetup resume %s` first.", name, name);
 		return live_end(c, -EBUSY);
 	}

@@ -268,6 +268,16 @@ fio_job() {	# file offset size [more fio args]: sequential 64k writes with crc32
 		--verify=crc32c --verify_fatal=1 --do_verify=1 --eta=never --output=/tmp/fio.out "$@" ||
 		{ cat /tmp/fio.out; return 1; }
 }
+# fio writes and verifies the first 8M again and again (seed 1, 2, ...)
+# until /tmp/fio.stop exists; the last seed in /tmp/fio.last
+fio_loop() {	# device
+	i=0
+	while [ ! -e /tmp/fio.stop ]; do
+		i=$((i + 1))
+		fio_job "$1" 0 8M --randseed=$i || { echo "$i" >/tmp/fio.fail; return 1; }
+		echo "$i" >/tmp/fio.last
+	done
+}
 fio_verbs() {
 	rounds=1
 	[ "$full" = 0 ] || rounds=4
@@ -275,33 +285,33 @@ fio_verbs() {
 	# shellcheck disable=SC2086
 	qcowsetup open $key $img $name
 	size=$(size_of $name)
-	# writes paced to outlast the verbs (8 MiB at 448 KiB/s: 18 s)
-	rm -f /tmp/fio.rc
-	(fio_job /dev/mapper/$name 0 8M --rate=,$((448 / rounds))k; echo $? >/tmp/fio.rc) &
+	rm -f /tmp/fio.stop /tmp/fio.fail /tmp/fio.last
+	fio_loop /dev/mapper/$name &
 	sleep 2
 	t0=$(vm_uptime)
-	i=0
+	i=0 on=--allow-discards
 	while [ $i -lt $rounds ]; do
 		# shellcheck disable=SC2086
 		{
 			qcowsetup suspend $name
 			sleep 1
 			qcowsetup resume $key $name
-			qcowsetup refresh --allow-discards $key $name
+			qcowsetup refresh $on $key $name
 			qcowsetup resize $key $name +4M
-			qcowsetup refresh --no-allow-discards $key $name
 		}
+		[ $on = --allow-discards ] && on=--no-allow-discards || on=--allow-discards
 		i=$((i + 1))
 	done
 	t1=$(vm_uptime)
-	[ ! -e /tmp/fio.rc ] || { echo "fio ended before the verbs (rc $(cat /tmp/fio.rc))"; return 1; }
+	touch /tmp/fio.stop
 	wait
-	[ "$(cat /tmp/fio.rc)" = 0 ] || { echo "fio failed across the verbs"; return 1; }
+	[ ! -e /tmp/fio.fail ] || { echo "fio run $(cat /tmp/fio.fail) failed across the verbs"; return 1; }
+	last=$(cat /tmp/fio.last)
 	new=$(size_of $name)
 	[ "$new" = $((size + rounds * 4 * M)) ] || { echo "device shows $new bytes"; return 1; }
-	# the new area too, then everything verified again
+	# the new area too, then the last run verified again
 	fio_job /dev/mapper/$name "$size" $((rounds * 4))M
-	fio_job /dev/mapper/$name 0 8M --verify_only
+	fio_job /dev/mapper/$name 0 8M --randseed="$last" --verify_only
 	md5=$(md5sum </dev/mapper/$name | cut -d' ' -f1)
 	qcowsetup close $name
 	vm_assert_clean
@@ -310,10 +320,10 @@ fio_verbs() {
 	# shellcheck disable=SC2046
 	qemu-img convert $(img_opts $img) -O raw /mnt/m/conv.raw
 	[ "$(md5sum </mnt/m/conv.raw | cut -d' ' -f1)" = "$md5" ] || { echo "qemu-img convert differs from the device"; return 1; }
-	fio_job /mnt/m/conv.raw 0 8M --verify_only
+	fio_job /mnt/m/conv.raw 0 8M --randseed="$last" --verify_only
 	fio_job /mnt/m/conv.raw "$size" $((rounds * 4))M --verify_only
 	rm -f /mnt/m/conv.raw
-	echo "$rounds round(s) of suspend/resume, refresh, resize in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s under fio; $size -> $new bytes"
+	echo "$rounds round(s) of suspend/resume, refresh, resize in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s under $last fio runs; $size -> $new bytes"
 }
 
 vm_test "unencrypted: grown to 40M while mounted, resize2fs" grow_mounted plain 40M $((40 * M)) 24
