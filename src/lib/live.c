@@ -11,8 +11,10 @@
  * QS_RUN_DIR/NAME.suspended marks the mapping (the daemon's guardian leaves
  * a marked mapping suspended); the top device is suspended with a flush
  * and a filesystem freeze (the guest's I/O is held, not failed), then its
- * segments and the crypt devices; the daemon flushes again; last, every
- * crypt device wipes its key ("key wipe"). Until that last step a failure
+ * segments; the daemon flushes again, what it wrote meanwhile (its data
+ * goes through the crypt devices, still active: a flush to a suspended one
+ * would wait for the resume); then the crypt devices; last, every crypt
+ * device wipes its key ("key wipe"). Until that last step a failure
  * undoes everything; a key wiped cannot come back without a passphrase, so
  * a failure among the wipes wipes the rest and leaves the mapping suspended
  * (resume brings it back).
@@ -477,18 +479,32 @@ static int set_key(struct live_ctx *c, struct live_crypt *lc)
 	return r;
 }
 
-/* Suspend the top, its segments and the crypt devices (the top with a
- * flush and a filesystem freeze: what the guest wrote gets down). */
-static int hold_devices(struct live_ctx *c)
+/* Suspend the top and its segments (the top with a flush and a filesystem
+ * freeze: what the guest wrote gets down). */
+static int hold_top(struct live_ctx *c)
 {
 	int r;
 
 	r = suspend_dev(c, c->name, 0, &c->top_suspended);
 	for (unsigned int i = 0; !r && i < c->nsegs; i++)
 		r = suspend_dev(c, c->segs[i], DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS, &c->seg_suspended[i]);
+	return r;
+}
+
+static int hold_crypt(struct live_ctx *c)
+{
+	int r = 0;
+
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++)
 		r = suspend_dev(c, c->crypt[i].name, DM_SUSPEND_SKIP_LOCKFS, &c->crypt[i].suspended);
 	return r;
+}
+
+static int hold_devices(struct live_ctx *c)
+{
+	int r = hold_top(c);
+
+	return r ? r : hold_crypt(c);
 }
 
 /* The other way: crypt devices (the deepest first), segments, top. */
@@ -560,9 +576,11 @@ int mapping_suspend(const char *name, int fail_step)
 	if (!r)
 		r = mark(c);
 	if (!r)
-		r = hold_devices(c);
+		r = hold_top(c);
 	if (!r && c->has_daemon)
 		r = daemon_say(c, "suspend");	/* what was written meanwhile */
+	if (!r)
+		r = hold_crypt(c);
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++) {
 		r = wipe_key(c, &c->crypt[i]);
 		wiped = wiped || !c->crypt[i].has_key;
