@@ -151,10 +151,14 @@ int cmd_resize(int argc, char **argv)
 		.fail_step = opt.debug_fail_step,
 	};
 	const char *s = argv[1];
+	struct ask_ctx a;
 	uint64_t new_size;
 	int r;
 
 	(void)argc;
+	ask_from_options(&a, p.name);
+	p.ask = ask;
+	p.ask_opaque = &a;
 	if (*s == '+' || *s == '-')
 		p.relative = *s++ == '+' ? 1 : -1;
 	if (parse_u64(s, PARSE_SIZE, &p.size) < 0 || !p.size || p.size % 512) {

@@ -47,7 +47,7 @@ struct option_spec {
 #define CMD(c)		(1U << CMD_##c)
 #define ALL		((1U << CMD_COUNT) - 1)
 #define KEY_READERS	(CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(FORMAT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | \
-			 CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND))
+			 CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND) | CMD(RESIZE))
 #define NEW_KEYS	(CMD(ADD_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT))
 #define NEW_SLOTS	(NEW_KEYS | CMD(BIND))
 #define IMAGE_READERS	(CMD(OPEN) | CMD(INFO) | CMD(MAP) | CMD(TABLE))
@@ -77,7 +77,7 @@ static const struct option_spec options[] = {
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },
 	{ "keyfile-size", 0, KEY_READERS, SIZE(keyfile_size, "N"), .help = "read at most N bytes of the key file" },
 	{ "tries", 'T', CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | CMD(CHANGE_KEY) |
-	  CMD(CONVERT) | CMD(BIND) | CMD(UNBIND),
+	  CMD(CONVERT) | CMD(BIND) | CMD(UNBIND) | CMD(RESIZE),
 	  NUMBER(tries, "N"), .min = 1, .max = 1000, .help = "passphrase attempts on a terminal (default 3)" },
 	{ "clevis", 0, CMD(OPEN), FLAG(clevis),
 	  .help = "try the image's clevis bindings first (qcowtab's clevis), then the key file or the question" },

@@ -125,7 +125,7 @@ static int verb_resize(struct daemon *d, const struct control_request *req, char
 			return -EINVAL;
 	}
 	r = daemon_resize(d, req->args[0], shrink, fail_step, &new_size);
-	if (!r)
+	if (!r || r == -ENOKEY)
 		snprintf(text, size, "%" PRIu64, new_size);
 	else if (r == -ENOTEMPTY)
 		snprintf(text, size, "clusters past the new size are allocated (shrink the filesystem first)");

@@ -125,7 +125,9 @@ void daemon_control_close(struct daemon *d);
 /* resize.c: resize the mapping to size_arg (bytes; +N, -N relative),
  * smaller only with shrink; fail_step K > 0: step K fails (tests). 0 with
  * the size in *new_size, or -errno (logged): -EROFS read-only mapping,
- * -EBUSY suspended, -EINVAL, and qcow2_rw_resize's. Main thread only. */
+ * -EBUSY suspended, -EINVAL, -ENOKEY (LUKS: the crypt device must first
+ * cover *new_size bytes, which takes its key), and qcow2_rw_resize's.
+ * Main thread only. */
 int daemon_resize(struct daemon *d, const char *size_arg, bool shrink, int fail_step, uint64_t *new_size);
 
 #endif

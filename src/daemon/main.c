@@ -313,10 +313,11 @@ static int open_engine(struct daemon *d)
 	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
 		uint64_t dev_size = 0;
 
-		/* the crypt device covers the file as it was at open */
-		if (fstat(d->f.meta_fd, &st) == 0)
-			dev_size = (S_ISBLK(st.st_mode) ? d->img->io.size : (uint64_t)st.st_size) & ~511ULL;
-		o.file_limit = dev_size;
+		/* inside the crypt device: it covers the file as it was at open,
+		 * or as `qcowsetup resize` grew it (the file may be larger) */
+		if (fd_size(d->f.data_fd, &dev_size))
+			dev_size = 0;
+		o.file_limit = dev_size & ~511ULL;
 	}
 	return qcow2_rw_open(d->img, &ops, &o, &d->rw);
 }

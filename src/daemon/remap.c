@@ -12,7 +12,8 @@
  * segments stay as they are: a segment keeps its name when the split moves,
  * and swapping one under its live parent would show the parent other data;
  * once a round would change a segment, new clusters stay on the slow path
- * (correct, slower) until the next open.
+ * (correct, slower) until the next open. A resize changes segments with
+ * the top device held meanwhile (apply_held).
  *
  * Why a reload never deadlocks on the I/O the daemon serves:
  *   - a suspend, noflush or not, waits for the bios in flight on the device
@@ -134,7 +135,7 @@ static int create(struct dm_stack *s, size_t i)
 	return dm_stack_set_ref(s, i, ref);
 }
 
-static int load(struct dm_stack *s, size_t i)
+static int load(const struct dm_stack *s, size_t i)
 {
 	const struct dm_device *dev = &s->devices[i];
 	struct dm_stack_table_iter it;
@@ -284,6 +285,12 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = dm_device_info(dev->name, &info);
 		if (r)
 			break;
+		if (!dm_is_top_device(dev) && !info.exists && dev->role == DM_ROLE_HOLD) {
+			/* (a mapping opened without one) */
+			r = create(next, i);
+			created[i] = r == 0;
+			continue;
+		}
 		if (!dm_is_top_device(dev)) {
 			if (!info.exists) {
 				log_err("Device %s is missing (`qcowsetup open` creates it).", dev->name);
@@ -366,6 +373,84 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 	remove_stale(d, next);
 out:
 	free(changed);
+	free(created);
+	return r;
+}
+
+/* Resize: the split into segments moves with the size, so segments change.
+ * The top device is suspended first (noflush: its I/O waits, and nothing
+ * else goes through the segments), then each segment in the stack's order
+ * (the deepest level first: a table is loaded only once the devices it
+ * names have their new sizes) is created, or loaded and swapped at once;
+ * the top's new table last, whose resume lets the I/O go. A failure puts
+ * the old tables back into the segments swapped so far, removes the ones
+ * created, and resumes the top with its old table. */
+static int apply_held(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
+{
+	const struct dm_device *top = NULL;
+	bool *swapped = calloc(next->count ? next->count : 1, sizeof(*swapped));
+	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
+	size_t top_i = 0;
+	int r = 0;
+
+	for (size_t i = 0; i < next->count; i++)
+		if (next->devices[i].role == DM_ROLE_TOP) {
+			top = &next->devices[i];
+			top_i = i;
+		}
+	if (!swapped || !created || !top) {
+		r = swapped && created ? -EINVAL : -ENOMEM;
+		goto out;
+	}
+	r = dm_suspend(top->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS);
+	if (r) {
+		log_err("Cannot suspend %s: %s.", top->name, strerror(-r));
+		goto out;
+	}
+	for (size_t i = 0; i < next->count && !r; i++) {
+		const struct dm_device *dev = &next->devices[i], *old;
+		struct dm_dev_info info;
+
+		if (dev->role != DM_ROLE_SEGMENT)
+			continue;
+		r = dm_device_info(dev->name, &info);
+		if (!r && !info.exists) {
+			r = create(next, i);
+			created[i] = r == 0;
+			continue;
+		}
+		old = find_device(cur, dev->name);
+		if (r || (old && same_table(cur, old, next, dev)))
+			continue;
+		r = load(next, i);
+		if (!r) {
+			r = swap(d, dev);
+			swapped[i] = r == 0;
+		}
+	}
+	if (!r)
+		r = load(next, top_i);
+	if (r) {
+		for (size_t i = next->count; i-- > 0;) {
+			const struct dm_device *old = swapped[i] ? find_device(cur, next->devices[i].name) : NULL;
+
+			if (old && (load(cur, (size_t)(old - cur->devices)) || swap(d, old)))
+				log_err("%s keeps a table of the new size.", old->name);
+		}
+	}
+	/* the top resumes in any case: a suspended top would hold the guest */
+	if (dm_resume(top->name, false)) {
+		log_err("Cannot resume %s.", top->name);
+		r = r ? r : -EIO;
+	}
+	d->reloads++;
+	if (!r)
+		remove_stale(d, next);
+	for (size_t i = next->count; r && i-- > 0;)
+		if (created[i])
+			dm_remove_device(next->devices[i].name, false, true);
+out:
+	free(swapped);
 	free(created);
 	return r;
 }
@@ -491,8 +576,9 @@ void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
 	d->queue[d->nqueue++] = (struct remap){ .guest = guest, .len = len, .host = host };
 }
 
-/* One round: new runs, the stack rebuilt and applied. */
-static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
+/* One round: new runs, the stack rebuilt and applied (resize: segments
+ * may change, with the top held meanwhile). */
+static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan, bool resize)
 {
 	uint64_t t0 = now_us();
 	struct run_list next;
@@ -525,8 +611,11 @@ static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
 	}
 	if (!r)
 		r = build(d, &top, &next, &s);
-	if (!r)
+	if (!r) {
 		r = apply(d, s, d->stack);
+		if (r == -ERANGE && resize)
+			r = apply_held(d, s, d->stack);
+	}
 	if (r) {
 		dm_stack_free(s);
 		run_list_free(&next);
@@ -543,7 +632,7 @@ static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
 
 int daemon_reload_all(struct daemon *d)
 {
-	return remap_round(d, NULL, 0, true);
+	return remap_round(d, NULL, 0, true, true);
 }
 
 /* The top device gone without us (`close --deferred`: removed at its last
@@ -722,7 +811,7 @@ void daemon_remap_loop(struct daemon *d)
 		}
 		if ((!n && !rescan) || gave_up || !d->rw || d->top_gone)
 			continue;
-		r = remap_round(d, q, n, rescan);
+		r = remap_round(d, q, n, rescan, false);
 		if (r == -ENODEV || r == -ENXIO) {
 			log_verbose("%s: the mapping is going away: no more remapping", d->o.name);
 			gave_up = true;

@@ -6,9 +6,12 @@
  *   1. growing: room for the new clusters: the image file grows by what the
  *      new guest space may need (qcow2_file_reserve) and its loop device
  *      takes the new size (LOOP_SET_CAPACITY); the writer may allocate up
- *      to there. A LUKS image's crypt device keeps its size (its key is no
- *      longer in the keyring): new clusters go on into the room reserved at
- *      open;
+ *      to there. A LUKS image's new clusters must stay inside its crypt
+ *      device, whose key the daemon does not have: when the room it covers
+ *      is short, the file and its loop device grow and the request ends
+ *      with -ENOKEY and the size the crypt device must cover; qcowsetup
+ *      loads the crypt table larger (src/lib/live.c, with the passphrase)
+ *      and asks again, and step 1 then finds the room;
  *   2. growing: the NBD device (the slow path, guest offsets 1:1) takes the
  *      new size;
  *   3. the image: qcow2_rw_resize (qcow2_rw.h: the L1 table and the header
@@ -32,6 +35,7 @@
 #include "log.h"
 #include "loop.h"
 #include "nbd.h"
+#include "sysutil.h"
 #include "util.h"
 
 struct resize_ctx {
@@ -69,13 +73,73 @@ static int top_loop_fd(struct daemon *d)
 	return -ENODEV;
 }
 
-static int grow_room(struct daemon *d, uint64_t old, uint64_t new_size)
+/* The image file grown to target bytes (when smaller) and its loop device
+ * given the new size. */
+static int grow_file(struct daemon *d, uint64_t target)
+{
+	struct stat st;
+	int fd, r;
+
+	if (fstat(d->f.meta_fd, &st) < 0)
+		return -errno;
+	if ((uint64_t)st.st_size < target && ftruncate(d->f.meta_fd, (off_t)target) < 0) {
+		r = -errno;
+		log_err("%s: cannot grow the image file to %" PRIu64 " bytes: %s.", d->o.image, target, strerror(-r));
+		return r;
+	}
+	fd = top_loop_fd(d);
+	r = fd < 0 ? fd : loop_set_capacity(fd);
+	if (r)
+		log_err("%s: cannot give the loop device of %s its new size: %s.", d->o.name, d->o.image, strerror(-r));
+	return r;
+}
+
+/* LUKS: new clusters must stay inside the crypt device, which covers the
+ * file as open reserved it for the old size. The room the new size needs
+ * (qcow2_file_reserve over what the file held before open) is either
+ * there, or the file and its loop device grow and -ENOKEY asks qcowsetup
+ * to load the crypt table larger (it has the key) and to ask again. */
+static int crypt_room(struct daemon *d, uint64_t new_size, uint64_t *need)
+{
+	struct image tmp;
+	uint64_t have = 0;
+	int r;
+
+	pthread_mutex_lock(&d->lock);
+	tmp = *d->img;
+	pthread_mutex_unlock(&d->lock);
+	tmp.size = new_size;
+	if (qcow2_file_reserve(&tmp, d->o.keep_size, need))
+		return -EFBIG;
+	r = fd_size(d->f.data_fd, &have);
+	if (r)
+		return r;
+	have &= ~511ULL;
+	if (have >= *need) {
+		pthread_mutex_lock(&d->lock);
+		qcow2_rw_file_grown(d->rw, have);
+		pthread_mutex_unlock(&d->lock);
+		log_verbose("%s: the crypt device (%" PRIu64 " bytes) has room for %" PRIu64 " bytes", d->o.name, have,
+			    new_size);
+		return 0;
+	}
+	r = grow_file(d, *need);
+	if (r)
+		return r;
+	log_verbose("%s: the crypt device covers %" PRIu64 " bytes, %" PRIu64 " bytes needs %" PRIu64 ": its key is needed",
+		    d->o.name, have, new_size, *need);
+	return -ENOKEY;
+}
+
+static int grow_room(struct daemon *d, uint64_t old, uint64_t new_size, uint64_t *need)
 {
 	struct image tmp;
 	uint64_t r_old, r_new, target;
 	struct stat st;
-	int fd, r;
+	int r;
 
+	if (d->img->crypt_method == IMG_CRYPT_LUKS && !d->img->has_data_file)
+		return crypt_room(d, new_size, need);
 	if (d->img->crypt_method == IMG_CRYPT_LUKS) {
 		log_verbose("%s: the crypt device keeps its size: new clusters use the room reserved at open",
 			    d->o.name);
@@ -95,17 +159,9 @@ static int grow_room(struct daemon *d, uint64_t old, uint64_t new_size)
 		r = qcow2_file_reserve(&tmp, 0, &r_new);
 	if (r || uadd64_overflow((uint64_t)st.st_size, r_new - r_old, &target))
 		return -EFBIG;
-	if (ftruncate(d->f.meta_fd, (off_t)target) < 0) {
-		r = -errno;
-		log_err("%s: cannot grow the image file to %" PRIu64 " bytes: %s.", d->o.image, target, strerror(-r));
+	r = grow_file(d, target);
+	if (r)
 		return r;
-	}
-	fd = top_loop_fd(d);
-	r = fd < 0 ? fd : loop_set_capacity(fd);
-	if (r) {
-		log_err("%s: cannot give the loop device of %s its new size: %s.", d->o.name, d->o.image, strerror(-r));
-		return r;
-	}
 	pthread_mutex_lock(&d->lock);
 	qcow2_rw_file_grown(d->rw, target);
 	pthread_mutex_unlock(&d->lock);
@@ -186,7 +242,7 @@ int daemon_resize(struct daemon *d, const char *size_arg, bool shrink, int fail_
 	if (size > old) {
 		r = step_at(&c, "room for new clusters");
 		if (!r)
-			r = grow_room(d, old, size);
+			r = grow_room(d, old, size, new_size);
 		if (!r)
 			r = step_at(&c, "the slow-path device's size");
 		if (!r)

@@ -204,10 +204,12 @@ int control_call(const char *name, const char *request, char *text, size_t size)
 	log_dbg("control %s: < %s", name, r == -EPROTO ? "(garbage)" : line);
 	if (r == -EPROTO)
 		log_err("The slow-path daemon of %s answered something else than OK or ERR.", name);
+	else if (r == -ENOKEY)
+		log_verbose("The slow-path daemon of %s needs a key for \"%s\" (%s).", name, check.verb, reply_text);
 	else if (r < 0)
 		log_err("The slow-path daemon of %s refused \"%s\": %s%s%s.", name, check.verb, strerror(-r),
 			reply_text[0] ? ": " : "", reply_text);
-	if (r == 0 && text && size)
+	if ((r == 0 || r == -ENOKEY) && text && size)
 		snprintf(text, size, "%s", reply_text);
 out:
 	close(fd);

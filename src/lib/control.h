@@ -43,7 +43,11 @@
  *                        top device resized (src/daemon/resize.c; smaller
  *                        only with shrink; K > 0: step K fails, tests):
  *                        OK NEW_SIZE; ERR EROFS for a read-only mapping,
- *                        ERR ENOTEMPTY past allocated clusters
+ *                        ERR ENOTEMPTY past allocated clusters, ERR ENOKEY
+ *                        BYTES when a LUKS image's crypt device must first
+ *                        cover BYTES (the file and its loop device have
+ *                        grown; qcowsetup reloads the crypt table, which
+ *                        takes the key, and sends the request again)
  * An unknown verb: ERR EOPNOTSUPP; a bad line or argument count: ERR EINVAL. */
 #ifndef QS_CONTROL_H
 #define QS_CONTROL_H
@@ -81,8 +85,9 @@ int control_parse_reply(const char *line, size_t len, char *text, size_t size);
 
 /* Send request (a line without its '\n') to the daemon of NAME and wait for
  * the reply (CONTROL_TIMEOUT_MS): 0 with the reply's text, the reply's
- * -errno (its text logged), -ENOENT/-ECONNREFUSED (no daemon listening),
- * -ETIMEDOUT, -EPROTO, or another -errno. */
+ * -errno (its text logged; -ENOKEY, a key the caller must provide, is no
+ * failure: its text is returned as OK's), -ENOENT/-ECONNREFUSED (no daemon
+ * listening), -ETIMEDOUT, -EPROTO, or another -errno. */
 int control_call(const char *name, const char *request, char *text, size_t size);
 
 #endif

@@ -546,6 +546,36 @@ static int build_legacy_layer(struct build *b, unsigned int d)
 	return add_device(b, suffix, DM_ROLE_CRYPT, (int)d, 0, &tb, &l->crypt_dev);
 }
 
+/* Read-write (with a slow path, which serves what the top table does not
+ * map: backing runs, unallocated space): a read-only one-sector device
+ * over each unencrypted layer's host device, so that a table holds its
+ * loop device (and with it the file's locks) whatever the top maps, also
+ * while no daemon runs (one died: a new one finds the files held).
+ * Encrypted layers are held by their crypt devices. */
+static int build_hold(struct build *b, unsigned int d)
+{
+	const struct dm_stack_layer *l = &b->s->layers[d];
+	struct table tb = { 0 };
+	char prefix[16], suffix[32];
+	uint32_t index;
+	int r;
+
+	if (!b->p->slow_dev || b->p->read_only || l->crypt_method != IMG_CRYPT_NONE || !l->host_ref ||
+	    !(l->file_size >> DM_SECTOR_SHIFT))
+		return 0;
+	layer_prefix(d, prefix, sizeof(prefix));
+	snprintf(suffix, sizeof(suffix), "%shold", prefix);
+	r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_HOST | d, 0, 1);
+	if (r) {
+		table_free(&tb);
+		return r;
+	}
+	r = add_device(b, suffix, DM_ROLE_HOLD, (int)d, 0, &tb, &index);
+	if (!r)
+		b->s->devices[index].read_only = true;
+	return r;
+}
+
 /* The top table: guest space, every layer flattened into it. */
 static int build_top(struct build *b)
 {
@@ -666,6 +696,8 @@ int dm_stack_build(const struct dm_stack_params *p, const struct image *top,
 			r = build_luks_layer(&b, d);
 		else if (b.s->layers[d].crypt_method == IMG_CRYPT_AES)
 			r = build_legacy_layer(&b, d);
+		else
+			r = build_hold(&b, d);
 	}
 	if (!r)
 		r = build_top(&b);

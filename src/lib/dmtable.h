@@ -14,6 +14,10 @@
  *   NAME<L>_crypt         LUKS (crypt_method 2): one crypt target over the whole
  *                         host device (IV = host sector); legacy AES: one crypt
  *                         target over NAME<L>_cipher (IV = guest sector) (hidden)
+ *   NAME<L>_hold          read-write mappings with a slow path, unencrypted
+ *                         layers: the first sector of the host device
+ *                         (read-only, hidden), so that a table holds the
+ *                         layer's loop device however little the top maps
  *   NAME_s<k>             segments of the top table when it would exceed
  *                         max_targets (hidden), k = position in the split table
  *                         (balanced sizes; a one-target segment is not made a
@@ -28,7 +32,7 @@
  *
  * where <L> is empty for the image itself (layer 0) and "_L<d>" for backing
  * layer d: vm_crypt, vm_L1_crypt, vm_L2_cipher, vm_s0, vm_L1_cipher_s3.
- * Unencrypted layers have no device of their own.
+ * Unencrypted layers have no device of their own but the hold device.
  *
  * DM UUIDs: "QCOW2-<id>-NAME" for the top device, "QCOW2-INT-<id>-<device name>"
  * for internal ones (QCOW2-INT-<id>-NAME_crypt, ..._L1_cipher, ..._s3), so
@@ -125,6 +129,7 @@ enum dm_device_role {
 	DM_ROLE_CIPHER,		/* legacy AES: guest space onto host ciphertext */
 	DM_ROLE_CIPHER_SEGMENT,	/* part of a cipher table */
 	DM_ROLE_CRYPT,
+	DM_ROLE_HOLD,		/* read-write: one sector of an unencrypted layer's host device */
 };
 
 struct dm_device {

@@ -11,8 +11,10 @@
  * QS_RUN_DIR/NAME.suspended marks the mapping (the daemon's guardian leaves
  * a marked mapping suspended); the top device is suspended with a flush
  * and a filesystem freeze (the guest's I/O is held, not failed), then its
- * segments and the crypt devices; the daemon flushes again; last, every
- * crypt device wipes its key ("key wipe"). Until that last step a failure
+ * segments; the daemon flushes again, what it wrote meanwhile (its data
+ * goes through the crypt devices, still active: a flush to a suspended one
+ * would wait for the resume); then the crypt devices; last, every crypt
+ * device wipes its key ("key wipe"). Until that last step a failure
  * undoes everything; a key wiped cannot come back without a passphrase, so
  * a failure among the wipes wipes the rest and leaves the mapping suspended
  * (resume brings it back).
@@ -33,7 +35,12 @@
  * (by the daemon, when there is one), so that they take the new limits.
  * What decides are the devices of the fast path: a read-write mapping's
  * loop devices pass discards or not, and dm-crypt's allow_discards (the
- * slow path takes discards always and does nothing with them). */
+ * slow path takes discards always and does nothing with them).
+ *
+ * Resize (the daemon resizes, mapping.c asks it): a LUKS image grown past
+ * the room its crypt device covers needs that device larger, its key
+ * through the keyring as refresh loads it; the passphrase is checked
+ * against the header first, as resume does. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -79,6 +86,7 @@ struct live_ctx {
 	const char *verb;
 	int fail_step, step;
 	int lock;
+	bool lock_held;		/* by the caller (resize): not ours to take */
 	struct dm_dev_info top;
 	bool top_suspended;
 	char segs[LIVE_MAX_SEGMENTS][128];
@@ -281,8 +289,8 @@ static int live_prepare(struct live_ctx *c)
 	r = dm_check_control();
 	if (r)
 		return r;
-	c->lock = qs_name_lock(c->name);
-	if (c->lock < 0) {
+	c->lock = c->lock_held ? -1 : qs_name_lock(c->name);
+	if (c->lock < 0 && !c->lock_held) {
 		r = c->lock;
 		log_err("Cannot lock the name %s: %s.", c->name, strerror(-r));
 		return r;
@@ -327,8 +335,9 @@ static int live_prepare(struct live_ctx *c)
 	return 0;
 }
 
-/* The context of verb on NAME, prepared (*r 0), or NULL (*r -ENOMEM). */
-static struct live_ctx *live_begin(const char *name, const char *verb, int fail_step, int *r)
+/* The context of verb on NAME, prepared (*r 0), or NULL (*r -ENOMEM).
+ * lock_held: the caller holds NAME's lock. */
+static struct live_ctx *live_begin_as(const char *name, const char *verb, int fail_step, bool lock_held, int *r)
 {
 	struct live_ctx *c = calloc(1, sizeof(*c));
 
@@ -338,8 +347,14 @@ static struct live_ctx *live_begin(const char *name, const char *verb, int fail_
 	c->name = name;
 	c->verb = verb;
 	c->fail_step = fail_step;
+	c->lock_held = lock_held;
 	*r = live_prepare(c);
 	return c;
+}
+
+static struct live_ctx *live_begin(const char *name, const char *verb, int fail_step, int *r)
+{
+	return live_begin_as(name, verb, fail_step, false, r);
 }
 
 static int live_end(struct live_ctx *c, int r)
@@ -348,9 +363,36 @@ static int live_end(struct live_ctx *c, int r)
 		return r;
 	for (unsigned int i = 0; i < c->ncrypt; i++)
 		volume_key_free(c->crypt[i].vk);
-	qs_name_unlock(c->name, c->lock);
+	if (!c->lock_held)
+		qs_name_unlock(c->name, c->lock);
 	dm_release();
 	free(c);
+	return r;
+}
+
+/* Whether `qcowsetup suspend` holds NAME: its mark, or a suspended top
+ * that no daemon swaps (a running daemon's table swap suspends the top for
+ * a moment, which is no suspend). */
+static bool held_by_suspend(const struct live_ctx *c)
+{
+	return mapping_is_marked_suspended(c->name) || (c->top_suspended && !c->daemon_running);
+}
+
+/* The state of the top and its segments again, once the daemon makes no
+ * more table swaps (one may have been under way when they were read). */
+static int reread_top(struct live_ctx *c)
+{
+	struct dm_dev_info info;
+	int r;
+
+	r = dm_device_info(c->name, &info);
+	if (!r)
+		c->top_suspended = info.suspended;
+	for (unsigned int i = 0; !r && i < c->nsegs; i++) {
+		r = dm_device_info(c->segs[i], &info);
+		if (!r)
+			c->seg_suspended[i] = info.suspended;
+	}
 	return r;
 }
 
@@ -437,18 +479,32 @@ static int set_key(struct live_ctx *c, struct live_crypt *lc)
 	return r;
 }
 
-/* Suspend the top, its segments and the crypt devices (the top with a
- * flush and a filesystem freeze: what the guest wrote gets down). */
-static int hold_devices(struct live_ctx *c)
+/* Suspend the top and its segments (the top with a flush and a filesystem
+ * freeze: what the guest wrote gets down). */
+static int hold_top(struct live_ctx *c)
 {
 	int r;
 
 	r = suspend_dev(c, c->name, 0, &c->top_suspended);
 	for (unsigned int i = 0; !r && i < c->nsegs; i++)
 		r = suspend_dev(c, c->segs[i], DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS, &c->seg_suspended[i]);
+	return r;
+}
+
+static int hold_crypt(struct live_ctx *c)
+{
+	int r = 0;
+
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++)
 		r = suspend_dev(c, c->crypt[i].name, DM_SUSPEND_SKIP_LOCKFS, &c->crypt[i].suspended);
 	return r;
+}
+
+static int hold_devices(struct live_ctx *c)
+{
+	int r = hold_top(c);
+
+	return r ? r : hold_crypt(c);
 }
 
 /* The other way: crypt devices (the deepest first), segments, top. */
@@ -499,7 +555,7 @@ int mapping_suspend(const char *name, int fail_step)
 
 	if (r)
 		return live_end(c, r);
-	if (c->top_suspended || mapping_is_marked_suspended(name)) {
+	if (held_by_suspend(c)) {
 		log_err("Device %s is already suspended.", name);
 		return live_end(c, -EBUSY);
 	}
@@ -507,15 +563,24 @@ int mapping_suspend(const char *name, int fail_step)
 	if (!r && c->has_daemon) {
 		r = daemon_say(c, "suspend");
 		c->daemon_held = r == 0;
+		if (!r)
+			r = reread_top(c);
+		if (!r && c->top_suspended) {
+			log_err("Device %s is suspended (not by qcowsetup suspend).", name);
+			control_call(name, "resume", NULL, 0);
+			return live_end(c, -EBUSY);
+		}
 	}
 	if (!r)
 		r = live_step(c, "mark", name);
 	if (!r)
 		r = mark(c);
 	if (!r)
-		r = hold_devices(c);
+		r = hold_top(c);
 	if (!r && c->has_daemon)
 		r = daemon_say(c, "suspend");	/* what was written meanwhile */
+	if (!r)
+		r = hold_crypt(c);
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++) {
 		r = wipe_key(c, &c->crypt[i]);
 		wiped = wiped || !c->crypt[i].has_key;
@@ -616,14 +681,15 @@ static int try_passphrase(struct live_crypt *lc, struct image *img, const struct
 	return r;
 }
 
-/* The volume key of each encrypted layer: the passphrase that opened the
- * layer above first, then what ask() gives (as open). */
-static int unlock_layers(struct live_ctx *c, const struct mapping_live_params *p)
+/* The volume key of the first n encrypted layers (from the top): the
+ * passphrase that opened the layer above first, then what ask() gives (as
+ * open). */
+static int unlock_layers(struct live_ctx *c, const struct mapping_live_params *p, unsigned int n)
 {
 	struct passphrase *shared = NULL;
 	int r = 0;
 
-	for (unsigned int i = 0; !r && i < c->ncrypt; i++) {
+	for (unsigned int i = 0; !r && i < n && i < c->ncrypt; i++) {
 		struct live_crypt *lc = &c->crypt[i];
 		struct image_open_opts o = { .no_backing = true, .no_data_file = true };
 		struct image *img = NULL;
@@ -701,11 +767,11 @@ int mapping_resume(const char *name, const struct mapping_live_params *p)
 	marked = mapping_is_marked_suspended(name);
 	c->marked = marked;
 	c->daemon_held = c->has_daemon && c->daemon_running;
-	if (!c->top_suspended && !marked) {
+	if (!held_by_suspend(c)) {
 		log_err("Device %s is not suspended.", name);
 		return live_end(c, -EINVAL);
 	}
-	r = unlock_layers(c, p);
+	r = unlock_layers(c, p, c->ncrypt);
 	if (r)
 		return live_end(c, r);
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++)
@@ -861,21 +927,15 @@ static int reload_as_is(struct live_ctx *c, const char *name, bool hidden, bool 
 	return r;
 }
 
-/* The crypt device lc with allow_discards on or off: a new table (its key
- * through the keyring), swapped in. */
-static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
+/* The crypt device lc with a new table of one crypt target (params, its
+ * key named by reference: the key goes through the keyring), swapped in. */
+static int reload_crypt_table(struct live_ctx *c, struct live_crypt *lc, const char *params, uint64_t sectors)
 {
-	char params[DM_TABLE_PARAMS_SIZE];
-	struct dm_table_target tt = { .start = 0, .length = lc->sectors, .type = "crypt", .params = params };
+	struct dm_table_target tt = { .start = 0, .length = sectors, .type = "crypt", .params = params };
 	struct dm_table t = { .count = 1, .targets = &tt };
 	int32_t serial = 0;
 	int r;
 
-	r = switch_discards(lc->params, on, params, sizeof(params));
-	if (r) {
-		log_err("%s: cannot read its table.", lc->name);
-		return r;
-	}
 	r = live_step(c, "reload", lc->name);
 	if (!r)
 		r = keyring_add_logon(lc->key_desc, lc->vk->key, lc->vk->size, &serial);
@@ -893,6 +953,20 @@ static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
 		dm_clear_table(lc->name);
 	}
 	return r;
+}
+
+/* The crypt device lc with allow_discards on or off. */
+static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
+{
+	char params[DM_TABLE_PARAMS_SIZE];
+	int r;
+
+	r = switch_discards(lc->params, on, params, sizeof(params));
+	if (r) {
+		log_err("%s: cannot read its table.", lc->name);
+		return r;
+	}
+	return reload_crypt_table(c, lc, params, lc->sectors);
 }
 
 /* The writable loop devices under the mapping (sysfs slaves, from the top
@@ -963,13 +1037,13 @@ int mapping_refresh(const char *name, bool allow_discards, const struct mapping_
 	if (r)
 		return live_end(c, r);
 	snprintf(block_name, sizeof(block_name), "dm-%u", c->top.minor);
-	if (c->top_suspended || mapping_is_marked_suspended(name)) {
+	if (held_by_suspend(c)) {
 		log_err("Device %s is suspended: `qcowsetup resume %s` first.", name, name);
 		return live_end(c, -EBUSY);
 	}
 	r = need_daemon(c);
 	if (!r && c->ncrypt)
-		r = unlock_layers(c, p);
+		r = unlock_layers(c, p, c->ncrypt);
 	if (!r && !c->top.read_only)
 		r = top_loop_discards(c, allow_discards);
 	for (unsigned int i = 0; !r && i < c->ncrypt; i++) {
@@ -997,5 +1071,37 @@ int mapping_refresh(const char *name, bool allow_discards, const struct mapping_
 	} else {
 		log_verbose("%s: discards %s.", name, allow_discards ? "allowed" : "not allowed");
 	}
+	return live_end(c, r);
+}
+
+/* ---- resize: the top layer's crypt device made larger ---- */
+
+int mapping_grow_crypt_locked(const char *name, uint64_t bytes, const struct mapping_live_params *p, int steps_done)
+{
+	struct live_crypt *lc;
+	int r;
+	struct live_ctx *c = live_begin_as(name, "resize", p->fail_step, true, &r);
+
+	if (r)
+		return live_end(c, r);
+	c->step = steps_done;
+	lc = c->ncrypt && c->crypt[0].depth == 0 ? &c->crypt[0] : NULL;
+	if (!lc) {
+		log_err("%s: the crypt device of its image is missing.", name);
+		return live_end(c, -ENODEV);
+	}
+	if (held_by_suspend(c)) {
+		log_err("Device %s is suspended: `qcowsetup resume %s` first.", name, name);
+		return live_end(c, -EBUSY);
+	}
+	if (lc->sectors >= bytes >> 9)
+		return live_end(c, 0);
+	log_verbose("%s: %s covers %" PRIu64 " bytes, the new size needs %" PRIu64 ": its key is needed.", name,
+		    lc->name, lc->sectors << 9, bytes);
+	r = unlock_layers(c, p, 1);
+	if (!r)
+		r = reload_crypt_table(c, lc, lc->params, bytes >> 9);
+	if (!r)
+		log_verbose("%s: %s covers %" PRIu64 " bytes.", name, lc->name, bytes & ~(uint64_t)511);
 	return live_end(c, r);
 }

@@ -1420,11 +1420,44 @@ int mapping_reattach(const char *name, bool debug)
 
 /* ---- resize: the daemon of a read-write mapping resizes its image ---- */
 
+/* One resize request to the daemon; fail_step 0: none. */
+static int resize_request(const struct mapping_resize_params *p, int fail_step, char *text, size_t size)
+{
+	char req[CONTROL_LINE_MAX];
+
+	snprintf(req, sizeof(req), "resize %s%" PRIu64 "%s", p->relative > 0 ? "+" : p->relative < 0 ? "-" : "",
+		 p->size, p->shrink ? " shrink" : "");
+	if (fail_step > 0)
+		snprintf(req + strlen(req), sizeof(req) - strlen(req), " fail-step=%d", fail_step);
+	return control_call(p->name, req, text, size);
+}
+
+/* The daemon's -ENOKEY: the crypt device must cover the bytes in text
+ * first (fail step 2 of a LUKS resize past its room), then the request
+ * again (its daemon's steps from 3). */
+static int resize_with_key(const struct mapping_resize_params *p, char *text, size_t size)
+{
+	struct mapping_live_params lp = { .ask = p->ask, .ask_opaque = p->ask_opaque, .fail_step = p->fail_step };
+	uint64_t bytes;
+	int r;
+
+	if (parse_u64(text, 0, &bytes) < 0)
+		return -EPROTO;
+	r = mapping_grow_crypt_locked(p->name, bytes, &lp, 1);
+	if (!r)
+		r = resize_request(p, p->fail_step > 2 ? p->fail_step - 2 : 0, text, size);
+	if (r == -ENOKEY) {
+		log_err("%s: the crypt device is still too small for the new size.", p->name);
+		r = -EIO;
+	}
+	return r;
+}
+
 int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size)
 {
 	struct dev_list all = { 0 };
 	struct dm_dev_info info;
-	char req[CONTROL_LINE_MAX], text[CONTROL_LINE_MAX] = "";
+	char text[CONTROL_LINE_MAX] = "";
 	int lock, r;
 
 	*new_size = 0;
@@ -1438,11 +1471,9 @@ int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size)
 	}
 	if (r)
 		goto out;
-	snprintf(req, sizeof(req), "resize %s%" PRIu64 "%s", p->relative > 0 ? "+" : p->relative < 0 ? "-" : "",
-		 p->size, p->shrink ? " shrink" : "");
-	if (p->fail_step)
-		snprintf(req + strlen(req), sizeof(req) - strlen(req), " fail-step=%d", p->fail_step);
-	r = control_call(p->name, req, text, sizeof(text));
+	r = resize_request(p, p->fail_step, text, sizeof(text));
+	if (r == -ENOKEY)
+		r = resize_with_key(p, text, sizeof(text));
 	switch (r) {
 	case 0:
 		if (parse_u64(text, 0, new_size) < 0)

@@ -101,6 +101,14 @@ void mapping_unmark_suspended(const char *name);
 /* mapping_reattach, the caller holding NAME's lock (resume). */
 int mapping_reattach_locked(const char *name, bool debug);
 
+/* resize's (live.c), the caller holding NAME's lock: the crypt device of
+ * NAME's top layer made to cover bytes, its key from p->ask (checked
+ * against the header) through the keyring; steps_done: the fail steps
+ * counted before. 0 (also when it covers them already), -EPERM (wrong
+ * passphrase), -EBUSY (suspended), -ENODEV, -errno. */
+int mapping_grow_crypt_locked(const char *name, uint64_t bytes, const struct mapping_live_params *p,
+			      int steps_done);
+
 #define MAPPING_MAX_FILES	(2 * 16)
 #define MAPPING_MAX_SLOW	8
 
@@ -140,15 +148,21 @@ struct mapping_resize_params {
 	uint64_t size;			/* bytes */
 	int relative;			/* 0: size; +1: grow by size; -1: shrink by size */
 	bool shrink;			/* a smaller size is allowed */
-	int fail_step;			/* tests: the daemon's step K fails */
+	mapping_ask_fn ask;		/* LUKS grown past its crypt device's room */
+	void *ask_opaque;
+	int fail_step;			/* tests: step K fails */
 };
 
 /* Resize the read-write mapping p->name and its image while mapped: its
  * daemon resizes the image (qcow2_rw_resize) and reloads the top device,
- * which shows the new size (src/daemon/resize.c). 0 with the size in
- * *new_size, or -errno with one line logged:
+ * which shows the new size (src/daemon/resize.c). A LUKS image grown past
+ * the room its crypt device covers: the passphrase (ask), checked against
+ * the header, and the crypt table loaded larger first (live.c). 0 with the
+ * size in *new_size, or -errno with one line logged:
  *   -EINVAL  read-only mapping, size not a multiple of 512, smaller without
  *            shrink, a shrink past allocated clusters (nothing changed),
+ *   -EPERM   wrong passphrase (LUKS grown past its room; nothing changed
+ *            but the file's size),
  *   -ENODEV  no such mapping, or no daemon answers,
  *   -EBUSY   suspended, or another transaction on NAME,
  *   -ENOTSUP/-EFBIG/-ENOSPC/-EIO  from the image or the devices. */

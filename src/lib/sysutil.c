@@ -4,12 +4,30 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <linux/fs.h>
 #include <unistd.h>
 
 #include "sysutil.h"
 
 extern char **environ;
+
+int fd_size(int fd, uint64_t *size)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (S_ISREG(st.st_mode)) {
+		*size = (uint64_t)st.st_size;
+		return 0;
+	}
+	if (!S_ISBLK(st.st_mode))
+		return -ENODEV;
+	return ioctl(fd, BLKGETSIZE64, size) < 0 ? -errno : 0;
+}
 
 /* pad: past the end of the file, zeros rather than -EIO */
 static int pread_loop(int fd, void *buf, size_t len, uint64_t off, bool pad)

@@ -16,6 +16,9 @@ int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off);
 int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /* img_io's extent(): what SEEK_DATA/SEEK_HOLE say at off */
 int fd_extent(int fd, uint64_t off, uint64_t *len, bool *is_data);
+/* The size of the regular file or block device open on fd: 0 or -errno
+ * (-ENODEV: neither). */
+int fd_size(int fd, uint64_t *size);
 /* /sbin/modprobe -q MODULE without a shell (posix_spawn: no copy of a big or
  * memory-locked address space). 0 when it succeeded, -ENOENT when not. */
 int sys_modprobe(const char *module);

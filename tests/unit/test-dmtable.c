@@ -911,6 +911,51 @@ static void test_large(void)
 	run_list_free(&runs);
 }
 
+/* Read-write with a slow path: a one-sector read-only device holds each
+ * unencrypted layer's host device (the encrypted one's crypt device holds
+ * it); read-only or without a slow path: none. */
+static void test_hold(void)
+{
+	static const struct layer_spec spec[] = {
+		{ IMG_FMT_QCOW2, IMG_CRYPT_NONE, 1 * MiB, 1 * MiB, "/img/top.qcow2" },
+		{ IMG_FMT_QCOW2, IMG_CRYPT_LUKS, 1 * MiB, 1 * MiB, "/img/mid.qcow2" },
+		{ IMG_FMT_RAW, IMG_CRYPT_NONE, 1 * MiB, 1 * MiB, "/img/base.raw" },
+	};
+	static const char *const want[] = { "vm_L2_hold", "vm_L1_crypt", "vm_hold", "vm" };
+	struct run run = R(0, 1 * MiB, 0, RUN_UNALLOC, 0, 0);
+	struct dm_stack_params p = { .name = "vm", .id = "ID", .slow_dev = "{nbd}" };
+	struct dm_stack *s = NULL;
+	struct run_list runs;
+	struct chain c;
+	bool ok;
+	int r;
+
+	chain_init(&c, spec, 3);
+	p.layers = c.lp;
+	p.nlayers = c.n;
+	runs_set(&runs, &run, 1);
+	r = dm_stack_build(&p, &c.img[0], &runs, &s);
+	ok = r == 0 && s->count == ARRAY_SIZE(want);
+	for (size_t i = 0; ok && i < ARRAY_SIZE(want); i++)
+		ok = !strcmp(s->devices[i].name, want[i]);
+	CHECK(ok, "read-write: a hold device under each unencrypted layer");
+	if (ok) {
+		char params[DM_PARAMS_MAX];
+		const struct dm_device *h = &s->devices[2];
+
+		CHECK(h->role == DM_ROLE_HOLD && h->read_only && h->hidden && h->sectors == 1 && h->count == 1 &&
+		      dm_target_params(s, h, &h->targets[0], params, sizeof(params)) > 0 &&
+		      !strcmp(params, "{loop:/img/top.qcow2} 0"), "the hold device: one read-only sector, hidden");
+	}
+	dm_stack_free(s);
+	s = NULL;
+	p.read_only = true;
+	r = dm_stack_build(&p, &c.img[0], &runs, &s);
+	CHECK(r == 0 && s->count == 2, "read-only: no hold device");
+	dm_stack_free(s);
+	run_list_free(&runs);
+}
+
 static void test_segment_names(void)
 {
 	CHECK(dm_is_segment_name("vm1_s0", "vm1") && dm_is_segment_name("vm1_s12", "vm1") &&
@@ -929,6 +974,7 @@ int main(void)
 	test_params();
 	test_segments();
 	test_large();
+	test_hold();
 	test_segment_names();
 	return tap_done();
 }

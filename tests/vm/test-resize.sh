@@ -1,16 +1,25 @@
 #!/bin/bash
 # Automake test: `qcowsetup resize` on live read-write mappings through the
 # real kernel (the VM test bed). On the host: images made by qemu-img (an
-# unencrypted one, a LUKS one, an overlay smaller than its backing file, a
-# small one for the shrinks) on an ext4 disk. In the VM
+# unencrypted one, LUKS ones, an overlay smaller than its backing file, small
+# ones for the shrinks, a fragmented one) on an ext4 disk. In the VM
 # (tests/vm/guest/resize.sh): each is mapped with a mounted ext4 on it,
-# resized while mounted and the filesystem grown with resize2fs; the new
-# area over a backing file reads zeros; shrinks are refused past allocated
-# clusters (exit 1, one line) and done past unallocated space; a read-only
-# mapping is refused; a failure injected at each step of the daemon's resize
-# leaves the mapping working at its old size; after close `qemu-img info`
-# shows the new size, `qemu-img check` is clean and `qemu-img convert` reads
-# what the device showed.
+# resized while mounted and the filesystem grown with resize2fs (LUKS: to
+# three times its size and filled past the room its crypt device covered,
+# which takes the passphrase; a wrong one is refused with exit 2, a failed
+# crypt table reload is undone); the new area over a backing file reads zeros; shrinks are
+# refused past allocated clusters (exit 1, one line) and done past
+# unallocated space; a read-only mapping is refused; a mapping split into
+# segment devices (--max-targets 16) grows and shrinks; the overlay's daemon
+# killed while suspended: its backing file's loop device and lock stay,
+# resume and reattach bring daemons back; fio --verify runs on a LUKS
+# mapping across suspend/resume, refresh --allow-discards and resize, and
+# verifies the image's content after close; a failure injected at each
+# step of the daemon's resize leaves the mapping working at its old size.
+# After each close `qemu-img info` shows the new size, `qemu-img check` is
+# clean and `qemu-img convert` reads what the device showed.
+# QS_LIVE_FULL=1: a failure at each step of a LUKS grow past its room and
+# of a shrink, four rounds of the verbs under fio.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
 set -eu
 me=test-resize
@@ -43,10 +52,19 @@ qemu-img create -q -f qcow2 small.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x51 0 1M' -c 'write -P 0x52 15M 64k' small.qcow2 >/dev/null
 qemu-img create -q -f qcow2 small2.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x53 0 1M' small2.qcow2 >/dev/null
+cp small2.qcow2 small3.qcow2
+cp luks.qcow2 luks-fio.qcow2
+cp luks.qcow2 luks-fault.qcow2
+# every other cluster of the first 4M: ~64 targets, segments at 16
+qemu-img create -q -f qcow2 seg.qcow2 16M
+args=()
+for ((i = 0; i < 64; i += 2)); do args+=(-c "write -P $((0x60 + i)) $((i * 64))k 64k"); done
+qemu-io -f qcow2 "${args[@]}" seg.qcow2 >/dev/null
 cd "$work"
-mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 256M
+mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 512M
 rm -rf "$work/m"
 
 "$here/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1024 \
 	--extra "$qs" --extra "$daemon" \
-	--timeout "${QS_RESIZE_TIMEOUT:-900}" ${QS_VERBOSE:+--env QS_VERBOSE=1} -- resize.sh
+	--timeout "${QS_RESIZE_TIMEOUT:-900}" ${QS_VERBOSE:+--env QS_VERBOSE=1} \
+	${QS_LIVE_FULL:+--env QS_LIVE_FULL=$QS_LIVE_FULL} -- resize.sh
