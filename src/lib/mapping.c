@@ -1465,3 +1465,15 @@ out:
 	qs_name_unlock(p->name, lock);
 	return r;
 }
+
+/* ---- for commit.c: a daemon started and stopped as open and close do ---- */
+
+int mapping_start_daemon(struct daemon_args *a, pid_t *pid, int *nbd_index)
+{
+	return start_daemon(a, pid, nbd_index);
+}
+
+int mapping_stop_daemon(const char *name, int nbd, pid_t pid)
+{
+	return stop_daemons(name, &nbd, 1, &pid);
+}
