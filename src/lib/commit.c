@@ -108,16 +108,9 @@ struct commit_ctx {
 	bool switched;
 };
 
-/* Fault injection for the atomicity tests (--debug-fail-step K), as open. */
 static int commit_step(struct commit_ctx *c, const char *what)
 {
-	c->step++;
-	log_dbg("commit step %d: %s", c->step, what);
-	if (c->p->fail_step && c->step == c->p->fail_step) {
-		log_err("Injected failure at step %d (%s).", c->step, what);
-		return -EIO;
-	}
-	return 0;
+	return fault_step(&c->step, c->p->fail_step, "commit", what);
 }
 
 /* ---- what the mapping is ---- */
@@ -208,18 +201,12 @@ static int prepare(struct commit_ctx *c)
 	char text[CONTROL_LINE_MAX];
 	int r;
 
-	if (!dm_mapping_name_valid(c->name)) {
-		log_err("Device %s is not a qcowsetup mapping.", c->name);
-		return -ENODEV;
-	}
 	r = dm_check_control();
 	if (r)
 		return r;
-	c->lock = qs_name_lock(c->name);
-	if (c->lock < 0) {
-		log_err("Cannot lock the name %s: %s.", c->name, strerror(-c->lock));
+	c->lock = mapping_lock_name(c->name);
+	if (c->lock < 0)
 		return c->lock;
-	}
 	r = dm_device_info(c->name, &c->top);
 	if (r)
 		return r;

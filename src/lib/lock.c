@@ -220,6 +220,22 @@ static void report_lock_error(const char *path, int byte, int r)
 		log_err("%s: cannot lock the image (byte %d): %s", path, byte, strerror(-r));
 }
 
+/* Taking the locks failed at byte with r (1: a conflict found by a test):
+ * say why, release them all. -EBUSY for a conflict, else r. */
+static int lock_failed(int fd, const char *path, int byte, int r)
+{
+	/* A read lock refused (EAGAIN) means someone holds a write lock on the
+	 * byte: a conflict as well. */
+	if (r == 1 || r == -EAGAIN || r == -EACCES) {
+		report_conflict(fd, path, byte);
+		r = -EBUSY;
+	} else {
+		report_lock_error(path, byte, r);
+	}
+	(void)lock_image_release(fd);
+	return r;
+}
+
 int lock_image(int fd, bool write, const char *path)
 {
 	unsigned int used = write ? PERM_USED_RW : PERM_USED_RO;
@@ -271,16 +287,7 @@ int lock_image(int fd, bool write, const char *path)
 	return 0;
 
 fail:
-	/* A read lock refused (EAGAIN) means someone holds a write lock on the
-	 * byte: a conflict as well. */
-	if (r == 1 || r == -EAGAIN || r == -EACCES) {
-		report_conflict(fd, path, byte);
-		r = -EBUSY;
-	} else {
-		report_lock_error(path, byte, r);
-	}
-	(void)lock_image_release(fd);
-	return r;
+	return lock_failed(fd, path, byte, r);
 }
 
 /* How many OFD locks cover byte of the file of fd (/proc/locks: "1: OFDLCK
@@ -338,18 +345,10 @@ int lock_image_upgrade(int fd, const char *path)
 		if (r >= 0)
 			r = r > 2;
 	}
-	if (!r) {
-		log_dbg("%s: locked for read-write (QEMU lock bytes, upgraded)", path);
-		return 0;
-	}
-	if (r == 1 || r == -EAGAIN || r == -EACCES) {
-		report_conflict(fd, path, byte);
-		r = -EBUSY;
-	} else {
-		report_lock_error(path, byte, r);
-	}
-	(void)lock_image_release(fd);
-	return r;
+	if (r)
+		return lock_failed(fd, path, byte, r);
+	log_dbg("%s: locked for read-write (QEMU lock bytes, upgraded)", path);
+	return 0;
 }
 
 int lock_image_replaceable(const char *path)

@@ -1202,9 +1202,7 @@ static int teardown(const char *name)
 	return close_mapping(name, false);
 }
 
-/* The name lock of an existing mapping NAME (close, reattach): its fd, or
- * -ENODEV (not a name of ours) or the locking error. */
-static int lock_mapping_name(const char *name)
+int mapping_lock_name(const char *name)
 {
 	int lock;
 
@@ -1222,7 +1220,7 @@ static int lock_mapping_name(const char *name)
  * reattach: resume first). */
 static int lock_active_mapping(const char *name)
 {
-	int lock = lock_mapping_name(name);
+	int lock = mapping_lock_name(name);
 
 	if (lock >= 0 && mapping_is_marked_suspended(name)) {
 		log_err("%s is suspended: `qcowsetup resume %s` first.", name, name);
@@ -1427,7 +1425,7 @@ int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size)
 	int lock, r;
 
 	*new_size = 0;
-	lock = lock_mapping_name(p->name);
+	lock = mapping_lock_name(p->name);
 	if (lock < 0)
 		return lock;
 	r = find_mapping(p->name, &all, &info);

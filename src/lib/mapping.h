@@ -188,6 +188,9 @@ int mapping_commit(const char *name, const struct mapping_commit_params *p);
 /* The daemon started (its ready_fd set here) and waited for; stopped by
  * disconnecting its NBD device (commit.c: as open and close do). */
 struct daemon_args;
+/* The name lock of an existing mapping NAME (close, reattach, commit): its
+ * fd, or -ENODEV (not a name of ours) or the locking error, logged. */
+int mapping_lock_name(const char *name);
 int mapping_start_daemon(struct daemon_args *a, pid_t *pid, int *nbd_index);
 int mapping_stop_daemon(const char *name, int nbd, pid_t pid);
 

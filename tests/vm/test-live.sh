@@ -45,23 +45,23 @@ qemu-io -f qcow2 -c 'write -P 0x42 4M 4M' mid.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 chain.qcow2 32M
 qemu-io -f qcow2 -c 'write -P 0x43 6M 1M' chain.qcow2 >/dev/null
 # commit: overlays over a raw, a LUKS qcow2 and an unencrypted qcow2 base
-qemu-img create -q -f raw cbase.raw 32M
-qemu-io -f raw -c 'write -P 0x51 0 32M' cbase.raw >/dev/null
+qemu-img create -q -f raw cbase.raw 16M
+qemu-io -f raw -c 'write -P 0x51 0 16M' cbase.raw >/dev/null
 retry 6 qemu-img create -q -f qcow2 "${sec[@]}" \
-	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 cbase-luks.qcow2 32M
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 cbase-luks.qcow2 16M
 qemu-io "${sec[@]}" --image-opts -c 'write -P 0x52 0 8M' -c 'write -z 12M 1M' \
 	driver=qcow2,file.filename=cbase-luks.qcow2,encrypt.key-secret=s0 >/dev/null
-qemu-img create -q -f qcow2 cbase-plain.qcow2 32M
+qemu-img create -q -f qcow2 cbase-plain.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x53 0 8M' cbase-plain.qcow2 >/dev/null
 for pair in cluks-over-raw:cbase.raw:raw cluks-over-plain:cbase-plain.qcow2:qcow2; do
 	IFS=: read -r ov base fmt <<<"$pair"
 	retry 6 qemu-img create -q -f qcow2 "${sec[@]}" -b "$base" -F "$fmt" \
-		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$ov.qcow2" 32M
+		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$ov.qcow2" 16M
 	qemu-io "${sec[@]}" --image-opts -c 'write -P 0x61 2M 2M' -c 'write -z 6M 1M' \
 		"driver=qcow2,file.filename=$ov.qcow2,encrypt.key-secret=s0" >/dev/null
 done
-qemu-img create -q -f qcow2 -b cbase-luks.qcow2 -F qcow2 cplain-over-luks.qcow2 32M 2>/dev/null
-qemu-img create -q -f qcow2 -b cbase-plain.qcow2 -F qcow2 cplain-over-plain.qcow2 32M
+qemu-img create -q -f qcow2 -b cbase-luks.qcow2 -F qcow2 cplain-over-luks.qcow2 16M 2>/dev/null
+qemu-img create -q -f qcow2 -b cbase-plain.qcow2 -F qcow2 cplain-over-plain.qcow2 16M
 qemu-io "${sec[@]}" --image-opts -c 'write -P 0x62 2M 2M' -c 'write -z 6M 1M' \
 	driver=qcow2,file.filename=cplain-over-luks.qcow2,backing.encrypt.key-secret=s0 >/dev/null
 qemu-io -f qcow2 -c 'write -P 0x62 2M 2M' -c 'write -z 6M 1M' cplain-over-plain.qcow2 >/dev/null
