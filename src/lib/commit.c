@@ -207,13 +207,9 @@ static int prepare(struct commit_ctx *c)
 	c->lock = mapping_lock_name(c->name);
 	if (c->lock < 0)
 		return c->lock;
-	r = dm_device_info(c->name, &c->top);
+	r = mapping_find_top(c->name, &c->top);
 	if (r)
 		return r;
-	if (!c->top.exists || !dm_uuid_is_top(c->top.uuid)) {
-		log_err(c->top.exists ? "Device %s is not a qcowsetup mapping." : "Device %s does not exist.", c->name);
-		return -ENODEV;
-	}
 	if (c->top.suspended || mapping_is_marked_suspended(c->name)) {
 		log_err("Device %s is suspended: `qcowsetup resume %s` first.", c->name, c->name);
 		return -EBUSY;
@@ -370,16 +366,11 @@ static int build_base_stack(struct commit_ctx *c, const char *slow_dev)
  * the keyring, gone from here once dm-crypt has it). */
 static int create_crypt(struct commit_ctx *c)
 {
-	char desc[DM_KEY_DESC_MAX], ref[32];
+	char desc[DM_KEY_DESC_MAX];
 	int r;
 
 	for (size_t i = 0; i < c->stack->count; i++) {
-		const struct dm_device *dev = &c->stack->devices[i];
-		struct dm_stack_table_iter it;
-		struct dm_table t;
-		uint32_t maj, min;
-
-		if (dev->role != DM_ROLE_CRYPT)
+		if (c->stack->devices[i].role != DM_ROLE_CRYPT)
 			continue;
 		r = commit_step(c, "add the key to the kernel keyring");
 		if (!r)
@@ -387,20 +378,11 @@ static int create_crypt(struct commit_ctx *c)
 		if (!r)
 			r = keyring_add_logon(desc, c->vk->key, c->vk->size, &c->key_serial);
 		if (!r)
-			r = commit_step(c, dev->name);
-		if (r)
-			return r;
-		dm_stack_table(c->stack, dev, &it, &t);
-		r = dm_create_device(dev->name, dev->uuid, false, true, &t, &maj, &min);
+			r = commit_step(c, c->stack->devices[i].name);
+		if (!r)
+			r = stack_create_device(c->stack, i, &c->crypt_created);
 		keyring_remove(c->key_serial);
 		c->key_serial = 0;
-		if (r) {
-			log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
-			return r;
-		}
-		c->crypt_created = true;
-		snprintf(ref, sizeof(ref), "%u:%u", maj, min);
-		r = dm_stack_set_ref(c->stack, i, ref);
 		if (r)
 			return r;
 	}

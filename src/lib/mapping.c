@@ -857,9 +857,15 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 	int r;
 
 	r = dm_check_control();
-	if (r)
-		return r;
-	r = dm_device_info(name, info);
+	if (!r)
+		r = mapping_find_top(name, info);
+	return r ? r : dm_list_devices(collect_dev, all);
+}
+
+int mapping_find_top(const char *name, struct dm_dev_info *info)
+{
+	int r = dm_device_info(name, info);
+
 	if (r)
 		return r;
 	if (!info->exists) {
@@ -870,7 +876,7 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 		log_err("Device %s is not a qcowsetup mapping.", name);
 		return -ENODEV;
 	}
-	return dm_list_devices(collect_dev, all);
+	return 0;
 }
 
 /* The loop devices (and so the files) under a device, following tables. */

@@ -188,6 +188,10 @@ int mapping_commit(const char *name, const struct mapping_commit_params *p);
 /* The daemon started (its ready_fd set here) and waited for; stopped by
  * disconnecting its NBD device (commit.c: as open and close do). */
 struct daemon_args;
+struct dm_dev_info;
+/* The top device NAME (dm_device_info): 0, -ENODEV (none, or not a
+ * qcowsetup mapping: logged) or -errno. */
+int mapping_find_top(const char *name, struct dm_dev_info *info);
 /* The name lock of an existing mapping NAME (close, reattach, commit): its
  * fd, or -ENODEV (not a name of ours) or the locking error, logged. */
 int mapping_lock_name(const char *name);
