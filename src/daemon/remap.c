@@ -301,8 +301,9 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			created[i] = r == 0;
 			continue;
 		}
-		if (!cur && d->o.reattach < 0) {
-			/* a new mapping only makes devices: another's is never taken over */
+		if (!cur && d->o.reattach < 0 && !(d->o.take_over && dev->role == DM_ROLE_TOP)) {
+			/* a new mapping only makes devices: another's is never taken
+			 * over (but a snapshot's top, held by qcowsetup for it) */
 			log_err("Device %s already exists.", dev->name);
 			r = -EEXIST;
 			break;

@@ -44,6 +44,10 @@
  *                        only with shrink; K > 0: step K fails, tests):
  *                        OK NEW_SIZE; ERR EROFS for a read-only mapping,
  *                        ERR ENOTEMPTY past allocated clusters
+ *   detach               metadata written back and flushed, the NBD socket
+ *                        shut down: OK; the daemon then closes the image
+ *                        as at a close and exits, leaving the top device
+ *                        (qcowsetup snapshot holds it suspended)
  * An unknown verb: ERR EOPNOTSUPP; a bad line or argument count: ERR EINVAL. */
 #ifndef QS_CONTROL_H
 #define QS_CONTROL_H

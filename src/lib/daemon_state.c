@@ -132,6 +132,7 @@ static const struct daemon_arg {
 	{ "--ready-fd", ARG_FD, FIELD(ready_fd), false },
 	{ "--reattach", ARG_FD, FIELD(reattach), false },
 	{ "--guard", ARG_FD, FIELD(guard_fd), false },
+	{ "--take-over", ARG_FLAG, FIELD(take_over), false },
 	{ "--fd", ARG_GIVEN, FIELD(given), false },
 };
 

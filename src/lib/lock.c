@@ -220,7 +220,7 @@ static void report_lock_error(const char *path, int byte, int r)
 		log_err("%s: cannot lock the image (byte %d): %s", path, byte, strerror(-r));
 }
 
-int lock_image(int fd, bool write, const char *path)
+static int lock_image_checked(int fd, bool write, const char *path, bool check)
 {
 	unsigned int used = write ? PERM_USED_RW : PERM_USED_RO;
 	unsigned int shared = PERM_SHARED;
@@ -251,7 +251,7 @@ int lock_image(int fd, bool write, const char *path)
 
 	/* ... then check (raw_check_lock_bytes): nobody refuses to share what
 	 * we use, nobody uses what we do not share. */
-	for (i = 0; i < LOCK_PERM_BITS; i++) {
+	for (i = 0; check && i < LOCK_PERM_BITS; i++) {
 		if (used & (1u << i)) {
 			byte = LOCK_SHARED_BASE + i;
 			r = ofd_test(fd, byte);
@@ -259,7 +259,7 @@ int lock_image(int fd, bool write, const char *path)
 				goto fail;
 		}
 	}
-	for (i = 0; i < LOCK_PERM_BITS; i++) {
+	for (i = 0; check && i < LOCK_PERM_BITS; i++) {
 		if (!(shared & (1u << i))) {
 			byte = LOCK_PERM_BASE + i;
 			r = ofd_test(fd, byte);
@@ -281,6 +281,16 @@ fail:
 	}
 	(void)lock_image_release(fd);
 	return r;
+}
+
+int lock_image(int fd, bool write, const char *path)
+{
+	return lock_image_checked(fd, write, path, true);
+}
+
+int lock_image_unchecked(int fd, bool write, const char *path)
+{
+	return lock_image_checked(fd, write, path, false);
 }
 
 int lock_image_replaceable(const char *path)
