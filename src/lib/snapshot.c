@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "control.h"
@@ -70,7 +71,16 @@ struct snap_ctx {
 	unsigned int nrenamed;
 	bool daemon_held, top_suspended, detached;
 	uint64_t old_size;		/* of the old image's file, before the detach */
+	struct timespec held_at;	/* when the top was suspended */
 };
+
+static double ms_since(const struct timespec *t0)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)(t.tv_sec - t0->tv_sec) * 1e3 + (double)(t.tv_nsec - t0->tv_nsec) / 1e6;
+}
 
 static int snap_step(struct snap_ctx *c, const char *what, const char *arg)
 {
@@ -280,8 +290,10 @@ static int hold_and_detach(struct snap_ctx *c)
 		r = snap_step(c, "suspend", c->name);
 	if (!r)
 		r = dm_suspend(c->name, 0);	/* a flush and a filesystem freeze */
-	if (!r)
+	if (!r) {
 		c->top_suspended = true;
+		clock_gettime(CLOCK_MONOTONIC, &c->held_at);
+	}
 	if (!r)
 		r = snap_step(c, "tell the daemon", "detach");
 	if (!r && stat(c->args->image, &st) < 0) {
@@ -426,7 +438,8 @@ int mapping_snapshot(const struct mapping_snapshot_params *p)
 	if (r && c->lock >= 0)
 		snap_undo(c);
 	if (!r)
-		log_verbose("%s runs on %s now; %s is its read-only backing file.", c->name, p->image, c->args->image);
+		log_verbose("%s runs on %s now (I/O held %.0f ms); %s is its read-only backing file.", c->name,
+			    p->image, ms_since(&c->held_at), c->args->image);
 	mapping_chain_keys_free(&c->keys);
 	volume_key_free(c->new_vk);
 	passphrase_free(p->new_passphrase);

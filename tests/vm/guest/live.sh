@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs in the VM (see test-live.sh): /dev/vda is an ext4 disk with the images
 # (luks.qcow2 with the passphrase in pass, plain.qcow2, chain.qcow2 over
-# mid.qcow2 over base.raw). suspend, resume and refresh on live mappings.
+# mid.qcow2 over base.raw). suspend, resume, refresh and snapshot on live
+# mappings.
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
 vm_images_disk
@@ -281,16 +282,145 @@ fault_steps() {	# image
 	vm_assert_clean
 }
 
+# ---- snapshot: a live external snapshot under a mounted filesystem
+over_opts() {	# overlay over an image named by $2: qemu-img arguments
+	case $2 in
+	*luks*) echo "$sec --image-opts driver=qcow2,file.filename=$1,encrypt.key-secret=s0,backing.encrypt.key-secret=s0" ;;
+	*) echo "-f qcow2 $1" ;;
+	esac
+}
+lv_loops() {	# the files of the loop devices, "FILE:ro|rw" a line, sorted
+	for l in /sys/block/loop*; do
+		[ -s "$l/loop/backing_file" ] || continue
+		echo "$(cat "$l/loop/backing_file"):$(case $(cat "$l/ro") in 1) echo ro ;; *) echo rw ;; esac)"
+	done | sort | tr '\n' ' '
+}
+fs_open() {	# image: mapped as lv, ext4 mounted on /mnt/lv with a file "before"
+	copy "$1"
+	w=/mnt/m/w/$1
+	# shellcheck disable=SC2046
+	qcowsetup open $(key_opts "$1") "$w" lv
+	mkfs.ext4 -q -F -E nodiscard /dev/mapper/lv
+	mkdir -p /mnt/lv /mnt/old
+	mount /dev/mapper/lv /mnt/lv
+	head -c 3000000 /dev/urandom >/mnt/lv/before
+	sync
+	sum_before=$(md5sum </mnt/lv/before)
+}
+fs_has() {	# raw file...: a clean ext4 whose "before" (and "after") are right
+	raw=$1
+	e2fsck -fn "$raw" >/tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; return 1; }
+	mount -o ro,loop "$raw" /mnt/old
+	rc=0
+	[ "$(md5sum </mnt/old/before)" = "$sum_before" ] || { echo "$raw: before differs"; rc=1; }
+	[ -z "${sum_after:-}" ] || [ "$(md5sum </mnt/old/after)" = "$sum_after" ] || { echo "$raw: after differs"; rc=1; }
+	umount /mnt/old
+	return $rc
+}
+snapshot_live() {	# image: fio with verify running across the snapshot
+	fs_open "$1"
+	ov=/mnt/m/w/over-$1
+	sum_after=
+	(fio --name=v --directory=/mnt/lv --size=4M --rw=randwrite --bs=4k --ioengine=psync --fsync=32 \
+		--verify=crc32c --verify_fatal=1 --loops=12 >/tmp/fio.out 2>&1; echo $? >/tmp/fio.rc) &
+	sleep 3
+	rm -f /tmp/fio.rc
+	t0=$(vm_uptime)
+	# shellcheck disable=SC2046
+	qcowsetup snapshot -v --iter-time 10 $(key_opts "$1") lv "$ov"
+	echo "snapshot took $(awk -v a="$t0" -v b="$(vm_uptime)" 'BEGIN { printf "%.2f", b - a }') s$([ -e /tmp/fio.rc ] || echo ', fio still running')"
+	# the stack open builds for the overlay: its crypt device NAME_crypt, the
+	# old image's NAME_L1_crypt, every internal device with a UUID
+	case $1 in
+	chain*) want="/mnt/m/w/base.raw:ro /mnt/m/w/chain.qcow2:ro /mnt/m/w/mid.qcow2:ro $ov:rw " ;;
+	*) want="$w:ro $ov:rw " ;;
+	esac
+	[ "$(lv_loops)" = "$want" ] || { echo "loop devices: $(lv_loops), not $want"; return 1; }
+	dmsetup info -c --noheadings -o name,uuid | sort >/tmp/devs
+	if grep -q '\.old' /tmp/devs || awk -F: '$2 == "" { bad = 1 } END { exit !bad }' /tmp/devs; then
+		echo "old or UUID-less devices:"; cat /tmp/devs; return 1
+	fi
+	case $1 in *luks*)
+		grep -q '^lv_crypt:QCOW2-INT-.*-lv_crypt$' /tmp/devs && grep -q '^lv_L1_crypt:QCOW2-INT-.*-lv_L1_crypt$' /tmp/devs ||
+			{ echo "crypt devices:"; cat /tmp/devs; return 1; }
+		qemu-img info -U "$ov" | grep -q 'encrypted: yes' || { echo "the overlay is not encrypted"; qemu-img info -U "$ov"; return 1; } ;;
+	esac
+	keys_back
+	# the old image while mapped: read-only locks (QEMU reads it, cannot write it)
+	qcheck "$w"
+	# shellcheck disable=SC2046
+	if qemu-io $(img_opts "$w") -c 'write 0 512' >/tmp/io.out 2>&1; then
+		echo "QEMU could write the old image"; return 1
+	fi
+	grep -q 'lock' /tmp/io.out || { cat /tmp/io.out; return 1; }
+	to_raw "$w" /tmp/old.raw
+	fs_has /tmp/old.raw
+	rm -f /tmp/old.raw
+	wait
+	[ "$(cat /tmp/fio.rc)" = 0 ] || { echo "fio failed:"; cat /tmp/fio.out; return 1; }
+	head -c 1000000 /dev/urandom >/mnt/lv/after
+	sync
+	sum_after=$(md5sum </mnt/lv/after)
+	umount /mnt/lv
+	qcowsetup close lv
+	# shellcheck disable=SC2046
+	qemu-img check $(over_opts "$ov" "$1") >/tmp/check.out 2>&1 || { cat /tmp/check.out; return 1; }
+	qcheck "$w"
+	# shellcheck disable=SC2046
+	qemu-img convert $(over_opts "$ov" "$1") -O raw /tmp/new.raw
+	fs_has /tmp/new.raw
+	rm -f /tmp/new.raw
+	vm_assert_clean
+}
+snapshot_faults() {	# image [all]: one failure (all: each step in turn, then success)
+	fs_open "$1"
+	ov=/mnt/m/w/over-$1
+	dmsetup table | sort >/tmp/tables.before
+	k=${2:+1}
+	k=${k:-12}
+	while :; do
+		rc=0
+		# shellcheck disable=SC2046
+		qcowsetup snapshot --iter-time 10 --debug-fail-step $k $(key_opts "$1") lv "$ov" 2>/tmp/err || rc=$?
+		[ $rc != 0 ] || break
+		grep -q "Injected failure at step $k" /tmp/err || { cat /tmp/err; return 1; }
+		# the mapping goes on, on the old image, as it was; nothing left
+		dmsetup table | sort | cmp -s - /tmp/tables.before || { echo "tables differ after step $k:"; dmsetup table; return 1; }
+		[ ! -e "$ov" ] || { echo "overlay left after step $k"; return 1; }
+		qcowsetup status lv | grep -q 'daemon pid.*running' || { echo "no daemon after step $k"; return 1; }
+		[ "$(ps -o args | grep -c '^@qcowsetup-daemon')" = 2 ] || { sleep 1; [ "$(ps -o args | grep -c '^@qcowsetup-daemon')" = 2 ]; } ||
+			{ echo "daemons after step $k:"; ps -o pid,args | grep qcowsetup; return 1; }
+		mapping_works || { echo "after failing snapshot step $k"; return 1; }
+		head -c 500000 /dev/urandom >/mnt/lv/during
+		sync
+		[ -n "${2:-}" ] || break
+		k=$((k + 1))
+		[ $k -lt 60 ] || return 1
+	done
+	[ -z "${2:-}" ] || echo "snapshot: $((k - 1)) steps failed in turn, each undone"
+	[ -z "${2:-}" ] || [ -e "$ov" ] || { echo "no overlay after the last step"; return 1; }
+	umount /mnt/lv
+	qcowsetup close lv
+	qcheck "$w"
+	vm_assert_clean
+}
+
 vm_test "LUKS read-write: I/O held while suspended, keys wiped, wrong passphrase refused, right data after resume" held_io luks.qcow2
 vm_test "LUKS read-only: reads held while suspended, keys wiped, right data after resume" held_io luks.qcow2 ro
 vm_test "backing chain read-write: I/O held while suspended, right data after resume" held_io chain.qcow2
 vm_test "LUKS: daemon killed while suspended stays suspended; resume starts a new daemon" daemon_dies luks.qcow2
 vm_test "refresh LUKS read-write: discards on and off in the crypt table and the top device" refresh luks.qcow2
 vm_test "atomic suspend/resume/refresh (LUKS): a failure at each step is undone" fault_steps luks.qcow2
+vm_test "snapshot LUKS under mounted ext4 and fio: overlay encrypted, old image clean and read-only" snapshot_live luks.qcow2
+vm_test "snapshot LUKS: an injected failure is undone, nothing left" snapshot_faults luks.qcow2
 if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
 	vm_test "unencrypted read-write: I/O held while suspended, right data after resume" held_io plain.qcow2
 	vm_test "refresh unencrypted read-write: discards on and off" refresh plain.qcow2
 	vm_test "refresh LUKS read-only: allow_discards in the crypt table" refresh luks.qcow2 ro
 	vm_test "atomic suspend/resume/refresh (chain): a failure at each step is undone" fault_steps chain.qcow2
+	vm_test "snapshot unencrypted under mounted ext4 and fio" snapshot_live plain.qcow2
+	vm_test "snapshot of a backing chain under mounted ext4 and fio" snapshot_live chain.qcow2
+	vm_test "atomic snapshot (LUKS): a failure at each step is undone" snapshot_faults luks.qcow2 all
+	vm_test "atomic snapshot (chain): a failure at each step is undone" snapshot_faults chain.qcow2 all
 fi
 vm_summary
