@@ -1,4 +1,5 @@
-/* What mapping.c lends snapshot.c (not a front end's API: mapping.h is):
+/* What mapping.c and live.c lend snapshot.c (not a front end's API:
+ * mapping.h is):
  * the open of a chain under a top device that exists, and the pieces of
  * open and reattach that a live snapshot repeats.
  *
@@ -22,6 +23,7 @@
 #include <sys/types.h>
 
 #include "daemon_state.h"
+#include "dm.h"
 #include "keys.h"
 #include "mapping.h"
 
@@ -52,6 +54,10 @@ struct mapping_chain_keys {
 };
 int mapping_read_chain_keys(const struct mapping_params *p, struct mapping_chain_keys *k);
 void mapping_chain_keys_free(struct mapping_chain_keys *k);
+
+/* live.c: NAME locked (*lock, -1 when not) and its top device found into
+ * *top. 0, -ENODEV (no such qcowsetup mapping, logged), -errno. */
+int mapping_lock_existing(const char *name, int *lock, struct dm_dev_info *top);
 
 /* Start the daemon of a as a reattach to nbd (the old daemon back after a
  * failed snapshot): it reloads the top device and resumes it. 0 or -errno. */

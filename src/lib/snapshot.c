@@ -6,7 +6,8 @@
  *   1. NAME locked; the old daemon's arguments from its state file; the
  *      chain parsed read-only and its volume keys unlocked (passphrases
  *      asked as open asks them, before anything is held);
- *   2. the overlay written (qcow2, the old image as its backing file,
+ *   2. the overlay written (qcow2, the old image as its backing file (its
+ *      file name when both are in one folder, as the trust rules want),
  *      LUKS with the old image's cipher and the same or a new passphrase
  *      when the old image is LUKS-encrypted);
  *   3. the mapping's devices under the top (not its segments) renamed
@@ -100,27 +101,9 @@ static int snap_prepare(struct snap_ctx *c)
 	char text[CONTROL_LINE_MAX];
 	int r;
 
-	c->lock = -1;
-	if (!dm_mapping_name_valid(c->name)) {
-		log_err("Device %s is not a qcowsetup mapping.", c->name);
-		return -ENODEV;
-	}
-	r = dm_check_control();
+	r = mapping_lock_existing(c->name, &c->lock, &c->top);
 	if (r)
 		return r;
-	c->lock = qs_name_lock(c->name);
-	if (c->lock < 0) {
-		r = c->lock;
-		log_err("Cannot lock the name %s: %s.", c->name, strerror(-r));
-		return r;
-	}
-	r = dm_device_info(c->name, &c->top);
-	if (r)
-		return r;
-	if (!c->top.exists || !dm_uuid_is_top(c->top.uuid)) {
-		log_err(c->top.exists ? "Device %s is not a qcowsetup mapping." : "Device %s does not exist.", c->name);
-		return -ENODEV;
-	}
 	if (c->top.suspended || mapping_is_marked_suspended(c->name)) {
 		log_err("%s is suspended: `qcowsetup resume %s` first.", c->name, c->name);
 		return -EBUSY;
@@ -157,14 +140,61 @@ static int snap_prepare(struct snap_ctx *c)
 	return r;
 }
 
+/* The overlay names the old image as QEMU would follow it: by its file
+ * name when both are in the same folder (as named, or as they really are:
+ * the trust rules' "folder of the top image"), else (--trust-names only)
+ * by its absolute name. */
+static int backing_name(struct snap_ctx *c, char *buf, size_t size)
+{
+	char over[PATH_MAX], old[PATH_MAX], *slash;
+	const char *image = c->p->image, *base;
+	size_t dirlen;
+
+	slash = strrchr(image, '/');
+	if (slash)
+		snprintf(over, sizeof(over), "%.*s", (int)(slash - image), image);
+	else if (!getcwd(over, sizeof(over)))
+		return -errno;
+	base = strrchr(c->args->image, '/') + 1;	/* (absolute) */
+	dirlen = (size_t)(base - 1 - c->args->image);
+	snprintf(old, sizeof(old), "%.*s", (int)dirlen, c->args->image);
+	if (!over[0])
+		snprintf(over, sizeof(over), "/");
+	if (!old[0])
+		snprintf(old, sizeof(old), "/");
+	if (!strcmp(over, old)) {
+		snprintf(buf, size, "%s", base);
+		return 0;
+	}
+	{
+		char *ro = realpath(over, NULL), *rd = realpath(old, NULL);
+		bool same = ro && rd && !strcmp(ro, rd);
+
+		free(ro);
+		free(rd);
+		if (same) {
+			snprintf(buf, size, "%s", base);
+			return 0;
+		}
+	}
+	if (!c->args->trust_names) {
+		log_err("%s is not in the folder of %s: the overlay's backing file would be refused (map it with --trust-names, or put the overlay beside the image).",
+			image, c->args->image);
+		return -EACCES;
+	}
+	snprintf(buf, size, "%s", c->args->image);
+	return 0;
+}
+
 /* Step 2: the overlay, LUKS like the old image. */
 static int create_overlay(struct snap_ctx *c)
 {
 	const struct mapping_snapshot_params *p = c->p;
+	char name[PATH_MAX];
 	struct qcow2_create_params wp = {
 		.size = c->keys.size,
 		.cluster_bits = c->keys.cluster_bits,
-		.backing_file = c->args->image,
+		.backing_file = name,
 		.backing_format = "qcow2",
 	};
 	struct qcow2_create *w = NULL;
@@ -172,7 +202,9 @@ static int create_overlay(struct snap_ctx *c)
 	uint64_t region_len = 0, cs = 1ULL << wp.cluster_bits;
 	int fd = -1, r;
 
-	r = snap_step(c, "create the overlay", p->image);
+	r = backing_name(c, name, sizeof(name));
+	if (!r)
+		r = snap_step(c, "create the overlay", p->image);
 	if (r)
 		return r;
 	if (c->keys.luks) {
@@ -357,7 +389,6 @@ static int switch_stack(struct snap_ctx *c)
 	struct mapping_params np = {
 		.image = c->p->image,
 		.name = c->name,
-		.backing_file = c->args->image,	/* (as written in the overlay: trusted) */
 		.trust_names = c->args->trust_names,
 		.allow_discards = c->args->allow_discards,
 		.max_targets = c->args->max_targets,
