@@ -18,7 +18,8 @@
  *      swaps), the top device suspended with a flush (the I/O is held);
  *   5. the old daemon told "detach": it closes the image as at a close
  *      (flushed, dirty bit cleared, the file given back its size) and
- *      exits, leaving the top device and its NBD device;
+ *      exits, leaving the top device and its NBD device (the loop devices
+ *      it held are held here until the end);
  *   6. the overlay's stack built as open builds it (mapping_swap.h): its
  *      loop devices, the old image read-only with QEMU's read-only locks,
  *      the crypt devices, and a new daemon, which loads the top's new table
@@ -46,6 +47,7 @@
 #include "dm.h"
 #include "dmtable.h"
 #include "log.h"
+#include "loop.h"
 #include "mapping.h"
 #include "mapping_swap.h"
 #include "nbd.h"
@@ -73,7 +75,36 @@ struct snap_ctx {
 	bool daemon_held, top_suspended, detached;
 	uint64_t old_size;		/* of the old image's file, before the detach */
 	struct timespec held_at;	/* when the top was suspended */
+	int hold_fd[DAEMON_MAX_HOLDS];	/* the old daemon's loop devices, kept */
 };
+
+/* The loop devices the old daemon holds, held here too until the end: a
+ * backing layer whose data goes through the slow path only is held by
+ * nothing else, and would go with the old daemon (autoclear) before a
+ * restarted one finds it again. */
+static void keep_loops(struct snap_ctx *c)
+{
+	for (unsigned int i = 0; i < c->args->nholds && i < DAEMON_MAX_HOLDS; i++) {
+		unsigned int maj, min;
+		char path[32];
+
+		if (sscanf(c->args->holds[i], "%u:%u", &maj, &min) != 2 || maj != LOOP_DEV_MAJOR)
+			continue;
+		snprintf(path, sizeof(path), "/dev/loop%u", min);
+		c->hold_fd[i] = open(path, O_RDONLY | O_CLOEXEC);
+		if (c->hold_fd[i] < 0)
+			log_dbg("cannot hold %s open: %s", path, strerror(errno));
+	}
+}
+
+static void release_loops(struct snap_ctx *c)
+{
+	for (unsigned int i = 0; i < DAEMON_MAX_HOLDS; i++)
+		if (c->hold_fd[i] >= 0) {
+			close(c->hold_fd[i]);
+			c->hold_fd[i] = -1;
+		}
+}
 
 static double ms_since(const struct timespec *t0)
 {
@@ -335,6 +366,7 @@ static int hold_and_detach(struct snap_ctx *c)
 	if (r)
 		return r;
 	c->old_size = (uint64_t)st.st_size;
+	keep_loops(c);
 	r = control_call(c->name, "detach", NULL, 0);
 	if (r)
 		return r;
@@ -453,6 +485,8 @@ int mapping_snapshot(const struct mapping_snapshot_params *p)
 	}
 	c->p = p;
 	c->name = p->name;
+	for (unsigned int i = 0; i < DAEMON_MAX_HOLDS; i++)
+		c->hold_fd[i] = -1;
 	r = snap_prepare(c);
 	if (!r && access(p->image, F_OK) == 0) {
 		log_err("%s exists.", p->image);
@@ -471,6 +505,7 @@ int mapping_snapshot(const struct mapping_snapshot_params *p)
 	if (!r)
 		log_verbose("%s runs on %s now (I/O held %.0f ms); %s is its read-only backing file.", c->name,
 			    p->image, ms_since(&c->held_at), c->args->image);
+	release_loops(c);	/* (after the switch: the old loop devices go) */
 	mapping_chain_keys_free(&c->keys);
 	volume_key_free(c->new_vk);
 	passphrase_free(p->new_passphrase);
