@@ -410,10 +410,10 @@ snapshot_faults() {	# image: a failure at each step in turn, each undone, then t
 	dmsetup table | sort >/tmp/tables.before
 	k=1
 	while :; do
-		rc=0
-		snap_fails "$1" "$ov" $k || rc=$?
-		[ $rc != 2 ] || break
-		[ $rc = 0 ] || return 1
+		st=0
+		snap_fails "$1" "$ov" $k || st=$?
+		[ $st != 2 ] || break
+		[ $st = 0 ] || return 1
 		k=$((k + 1))
 		[ $k -lt 60 ] || return 1
 	done
