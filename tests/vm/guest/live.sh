@@ -319,6 +319,8 @@ fs_has() {	# raw file...: a clean ext4 whose "before" (and "after") are right
 }
 daemons_of_lv() { ps -o pid,args | grep -c '[@]qcowsetup-daemon --name lv '; }
 snap_fails() {	# image overlay k: snapshot step k fails; everything as it was
+	sleep 1	# (the daemon's last remap round)
+	dmsetup table | sort >/tmp/tables.before
 	rc=0
 	# shellcheck disable=SC2046
 	qcowsetup snapshot --iter-time 10 --debug-fail-step "$3" $(key_opts "$1") lv "$2" 2>/tmp/err || rc=$?
@@ -339,7 +341,6 @@ snapshot_live() {	# image: one failure undone, then fio with verify running acro
 	fs_open "$1"
 	ov=/mnt/m/w/over-$1
 	sum_after=
-	dmsetup table | sort >/tmp/tables.before
 	# the new daemon's start (LUKS), the overlay held (else): after the old daemon left
 	case $1 in *luks*) k=12 ;; *) k=5 ;; esac
 	snap_fails "$1" "$ov" $k
@@ -407,7 +408,6 @@ snapshot_live() {	# image: one failure undone, then fio with verify running acro
 snapshot_faults() {	# image: a failure at each step in turn, each undone, then the snapshot
 	fs_open "$1"
 	ov=/mnt/m/w/over-$1
-	dmsetup table | sort >/tmp/tables.before
 	k=1
 	while :; do
 		st=0
