@@ -300,7 +300,8 @@ fs_open() {	# image: mapped as lv, ext4 mounted on /mnt/lv with a file "before"
 	w=/mnt/m/w/$1
 	# shellcheck disable=SC2046
 	qcowsetup open $(key_opts "$1") "$w" lv
-	mkfs.ext4 -q -F -E nodiscard /dev/mapper/lv
+	# (no lazy init: its background writes would move the top table)
+	mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/lv
 	mkdir -p /mnt/lv /mnt/old
 	mount /dev/mapper/lv /mnt/lv
 	head -c 3000000 /dev/urandom >/mnt/lv/before
