@@ -1256,13 +1256,30 @@ static bool step(struct state *s, bool crash_checks)
 	}
 }
 
+/* The image as written now opens, is clean (no leak either) and reads as
+ * the reference; false (failed) otherwise. */
+static bool image_checks(struct state *s, const char *what)
+{
+	struct qcow2_check_result res;
+	int64_t bad = -1;
+	int r;
+
+	r = inspect(s->e.meta.cur, s->e.meta.size, s->e.data.cur, s->e.data.size, &s->e, s->sc->vsize, s->rbuf, &res);
+	if (r)
+		fail(s, "%s image does not open: %s (%s)", what, strerror(-r), last_msg);
+	else if (res.corruptions || res.leaks || res.check_errors)
+		fail(s, "%s image: %" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors (%s)", what,
+		     res.corruptions, res.leaks, res.check_errors, last_msg);
+	else if ((bad = compare(s, s->rbuf, s->ref, 0, s->sc->vsize, false)) >= 0)
+		fail(s, "%s image read afresh differs at guest offset %" PRId64, what, bad);
+	return r == 0 && !res.corruptions && !res.leaks && !res.check_errors && bad < 0;
+}
+
 /* The fast path gone, what was mapped ahead and still reads zeros is freed:
  * the content stays, nothing leaks. */
 static void release_checks(struct state *s)
 {
-	struct qcow2_check_result res;
 	struct qcow2_rw_stats st;
-	int64_t bad;
 	int r;
 
 	r = qcow2_rw_release_ahead(s->w);
@@ -1273,21 +1290,14 @@ static void release_checks(struct state *s)
 		return;
 	}
 	qcow2_rw_get_stats(s->w, &st);
-	r = inspect(s->e.meta.cur, s->e.meta.size, s->e.data.cur, s->e.data.size, &s->e, s->sc->vsize, s->rbuf, &res);
-	if (r)
-		fail(s, "released image does not open: %s (%s)", strerror(-r), last_msg);
-	else if (res.corruptions || res.leaks || res.check_errors)
-		fail(s, "released image: %" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors (%s)",
-		     res.corruptions, res.leaks, res.check_errors, last_msg);
-	else if ((bad = compare(s, s->rbuf, s->ref, 0, s->sc->vsize, false)) >= 0)
-		fail(s, "released image differs at guest offset %" PRId64, bad);
-	else if (st.ahead_released > st.ahead_clusters)
+	if (!image_checks(s, "released"))
+		return;
+	if (st.ahead_released > st.ahead_clusters)
 		fail(s, "%" PRIu64 " clusters released, %" PRIu64 " mapped ahead", st.ahead_released, st.ahead_clusters);
 }
 
 static void final_checks(struct state *s)
 {
-	struct qcow2_check_result res;
 	uint64_t used_end;
 	int64_t bad;
 	int r;
@@ -1302,14 +1312,7 @@ static void final_checks(struct state *s)
 		fail(s, "final read through the writer differs (%d)", r);
 		return;
 	}
-	r = inspect(s->e.meta.cur, s->e.meta.size, s->e.data.cur, s->e.data.size, &s->e, s->sc->vsize, s->rbuf, &res);
-	if (r)
-		fail(s, "flushed image does not open: %s (%s)", strerror(-r), last_msg);
-	else if (res.corruptions || res.leaks || res.check_errors)
-		fail(s, "flushed image: %" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors (%s)",
-		     res.corruptions, res.leaks, res.check_errors, last_msg);
-	else if ((bad = compare(s, s->rbuf, s->ref, 0, s->sc->vsize, false)) >= 0)
-		fail(s, "flushed image read afresh differs at guest offset %" PRId64, bad);
+	image_checks(s, "flushed");
 	if (s->e.mapped_bad)
 		fail(s, "a mapping was announced misaligned or empty");
 	check_mappings(s);
