@@ -68,6 +68,7 @@ struct plan {
 	uint32_t ws, we;	/* written bytes inside the cluster */
 	uint32_t wlo, whi;	/* range mode: bytes written (512-aligned) */
 	bool range;		/* write [wlo, whi) instead of to_write subclusters */
+	bool zero_first;	/* a new cluster made to read zeros (data_zero), then range */
 	bool alloc;		/* host is a new cluster (refcounted) */
 	bool update;		/* the L2 entry changes */
 	const uint8_t *src;	/* cluster-relative content (the written parts valid) */
@@ -273,6 +274,7 @@ static int cache_find(struct cache *c, uint64_t off)
 }
 
 static int writeback(struct qcow2_rw *w);
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len);
 
 /* The slot of the table or block at off, loaded (fill) or zeroed. L2
  * tables: evicting a dirty one takes a writeback; refcount blocks are
@@ -1115,6 +1117,14 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 	if (!w->extended || entry_compressed(p->old_entry)) {
 		p->to_write = all;
 		p->new_bitmap = w->extended ? L2_BITMAP_ALL_ALLOC : 0;
+		/* nothing to copy around a partial write over zeros: a hole
+		 * (cheap), then the written sectors only */
+		if (!w->extended && p->alloc && w->ops.data_zero && (p->ws || p->we < w->cs) &&
+		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && !w->ops.backing_pread))) {
+			p->zero_first = p->range = true;
+			p->wlo = p->ws & ~511U;
+			p->whi = (uint32_t)MIN(round_up_pow2(p->we, 512), w->cs);
+		}
 	} else {
 		p->to_write = (has ? alloc : 0) | p->touched;
 		p->new_bitmap = ((uint64_t)(zero & ~p->touched) << 32) | p->to_write;
@@ -1331,7 +1341,9 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	for (size_t k = 0; k < n; k++) {
 		struct plan *p = &w->plan[k];
 
-		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
+		r = p->zero_first ? zero_data(w, p->host, w->cs) : 0;
+		if (r == 0)
+			r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
 		if (r < 0) {
 			undo_chunk(w, w->plan, n);
 			return r;
@@ -2083,7 +2095,7 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		r = -ENOMEM;
 		goto fail;
 	}
-	if (opts->ahead_max && !opts->read_only) {
+	if ((opts->ahead_max || ops->data_zero) && !opts->read_only) {
 		w->zero_len = ZERO_BUF_MAX;
 		w->zero_buf = alloc_aligned(w->zero_len);
 		if (!w->zero_buf) {

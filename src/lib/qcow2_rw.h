@@ -31,7 +31,9 @@
  * unallocated or zero subclusters of an allocated cluster (those take no
  * new cluster, only their bitmap bits). Copy-on-write reads the current
  * guest content of the cluster: the old cluster, the backing chain
- * (backing_pread), zeros, or the decompressed cluster. With extended L2
+ * (backing_pread), zeros, or the decompressed cluster; a write that covers
+ * whole clusters reads nothing, and a partial write into a new cluster over
+ * zeros writes its sectors only, after data_zero (when there is one). With extended L2
  * entries only the touched subclusters (and, for a shared cluster, its
  * allocated ones) are written, as QEMU does.
  *

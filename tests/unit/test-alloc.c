@@ -1405,6 +1405,13 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 
 /* ---- targeted checks ---- */
 
+static int open_writer_on_env(struct env *e, struct qcow2_rw **w)
+{
+	struct qcow2_rw_opts o = { 0 };
+
+	return env_writer(e, &o, w);
+}
+
 static int open_writer_on(struct tb *b, struct env *e, bool read_only, struct qcow2_rw **w)
 {
 	struct qcow2_rw_opts o = { .read_only = read_only };
@@ -2002,6 +2009,41 @@ static bool buf_zero(const uint8_t *p, size_t len)
 	return true;
 }
 
+/* A partial write into a new cluster over zeros (no backing file) with
+ * data_zero: a hole, then the written sectors only, no cluster of zeros
+ * copied; the rest reads zeros. */
+static void test_zero_first(void)
+{
+	struct qcow2_rw *w = NULL;
+	struct tb b;
+	struct env e;
+	uint8_t data[4096], rd[65536], want[65536];
+	size_t biggest = 0;
+	int r;
+
+	tb_init(&b, 16, 4, false, 4 << 20, 3, false, 0, 0);
+	env_init(&e, &b);
+	e.punch = true;
+	r = open_writer_on_env(&e, &w);
+	memset(data, 0x5a, sizeof(data));
+	if (!r)
+		r = qcow2_rw_write(w, data, 1000, 65536 + 8192 + 100);
+	for (size_t i = 0; i < e.meta.nlog; i++)
+		if (!buf_zero(e.meta.log[i].data, e.meta.log[i].len))
+			biggest = MAX(biggest, e.meta.log[i].len);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	if (!r)
+		r = qcow2_rw_read(w, rd, sizeof(rd), 65536);
+	memset(want, 0, sizeof(want));
+	memcpy(want + 8192 + 100, data, 1000);
+	CHECK(r == 0 && biggest == 3 * 512 && !memcmp(rd, want, sizeof(want)),
+	      "a partial write over zeros writes its sectors only (%zu bytes) and reads back (%d)", biggest, r);
+	qcow2_rw_free(w);
+	env_free(&e);
+	tb_free(&b);
+}
+
 /* Where guest cluster g is mapped (announced), or 0. */
 static uint64_t announced_host(const struct env *e, uint64_t g)
 {
@@ -2191,6 +2233,7 @@ int main(int argc, char **argv)
 		test_cow_order();
 		test_rw_open_checks();
 		test_in_place_guard();
+		test_zero_first();
 		test_alloc_ahead(false);
 		test_alloc_ahead(true);
 	}
