@@ -24,7 +24,7 @@
 #define DAEMON_CACHE_BYTES	(1U << 20)	/* L2 tables and refcount blocks (at least 8 clusters) */
 #define DAEMON_STACK_SIZE	(256U << 10)	/* the server thread's, locked */
 /* Largest window of clusters mapped ahead of a sequential writer
- * (qcow2_rw_opts.ahead_max) */
+ * (qcow2_rw_opts.ahead_max; unencrypted images in one file only) */
 #define DAEMON_AHEAD_MAX	(32ULL << 20)
 
 struct remap {
