@@ -38,19 +38,21 @@ slow_first="
 	tests/vm/test-rw.sh
 	tests/vm/test-boot.sh
 	tests/images/test-matrix.sh
+	tests/vm/test-live.sh
 	tests/vm/test-hostile.sh
 	tests/images/test-malformed.sh
 	tests/images/test-check.sh
+	tests/vm/test-resize.sh
+	tests/vm/test-boot-unlock.sh
+	tests/vm/test-boot-systemd.sh
 	tests/vm/test-logwrites.sh
 	tests/images/test-write.sh
 	tests/vm/test-open.sh
-	tests/vm/test-live.sh
 	tests/vm/test-faults.sh
 	tests/images/test-convert.sh
 	tests/unit/test-alloc
 	tests/vm/test-tab.sh
 	tests/vm/test-boot-rw.sh
-	tests/vm/test-resize.sh
 	tests/vm/test-smoke.sh
 	tests/vm/test-sys.sh
 	tests/vm/test-scale.sh

@@ -13,9 +13,9 @@
 # sss), tpm2-tools and the TPM drivers; each boot names its root with
 # rd.qcowsetup.* options. Boots:
 #   tpm        a tpm2 binding (no PCR policy): no question
+# with QS_BOOT_FULL=1 also:
 #   tangdown   a tang binding, no tang server: the passphrase is asked,
 #              typed, and the root boots
-# with QS_BOOT_FULL=1 also:
 #   tang       the same tang binding, tangd in the initramfs: no question
 #   pcr        a tpm2 binding to PCR 0 as it was before the firmware
 #              measured itself into it: the passphrase is asked, typed
@@ -56,7 +56,7 @@ token=unlock-$$-$RANDOM
 if [ -n "${QS_BOOT_FULL:-}" ]; then
 	boots='tpm tangdown tang pcr credential socket'
 else
-	boots='tpm tangdown'
+	boots='tpm'
 fi
 # a boot of $boots that QS_BOOT_ONLY does not leave out
 wanted() { case " $boots " in *" $1 "*) want "$1" ;; *) return 1 ;; esac; }

@@ -9,8 +9,7 @@
 # which takes the passphrase; a wrong one is refused with exit 2, a failed
 # crypt table reload is undone); the new area over a backing file reads zeros; shrinks are
 # refused past allocated clusters (exit 1, one line) and done past
-# unallocated space; a read-only mapping is refused; a mapping split into
-# segment devices (--max-targets 16) grows and shrinks; the overlay's daemon
+# unallocated space; a read-only mapping is refused; the overlay's daemon
 # killed while suspended: its backing file's loop device and lock stay,
 # resume and reattach bring daemons back; fio --verify runs on a LUKS
 # mapping across suspend/resume, refresh --allow-discards and resize, and
@@ -19,7 +18,8 @@
 # After each close `qemu-img info` shows the new size, `qemu-img check` is
 # clean and `qemu-img convert` reads what the device showed.
 # QS_LIVE_FULL=1: a failure at each step of a LUKS grow past its room and
-# of a shrink, four rounds of the verbs under fio.
+# of a shrink, a mapping split into segment devices (--max-targets 16)
+# grown and shrunk, four rounds of the verbs under fio.
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
 set -eu
 me=test-resize

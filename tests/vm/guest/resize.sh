@@ -336,8 +336,8 @@ vm_test "a failure at each step of a grow leaves the mapping working and the ima
 if [ "$full" != 0 ]; then
 	vm_test "LUKS grown past its room: a failure at each step (the crypt table's reload too) is undone" fault_injection luks-fault +32M
 	vm_test "shrink: a failure at each step is undone" fault_injection small3 8M shrink
+	vm_test "segment devices (--max-targets 16): grown and shrunk live" segmented
 fi
-vm_test "segment devices (--max-targets 16): grown and shrunk live" segmented
 vm_test "the overlay's daemon killed while suspended: loop devices and locks stay, resume and reattach bring daemons back" chain_daemon_dies
 if command -v fio >/dev/null 2>&1; then
 	vm_test "fio --verify across suspend/resume, refresh and resize (LUKS); the image is what fio wrote" fio_verbs
