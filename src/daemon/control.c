@@ -153,12 +153,9 @@ static int verb_detach(struct daemon *d, const struct control_request *req, char
 		return r;
 	d->quit = true;
 	d->detached = true;
-	for (unsigned int i = 0; i < d->nlinks; i++) {
-		if (d->links[i].sock >= 0 && shutdown(d->links[i].sock, SHUT_RDWR) < 0 && !r)
-			r = -errno;
-	}
-	if (r) {
-		/* (a link shut down ends its server: the end anyway) */
+	if (shutdown(d->sock, SHUT_RDWR) < 0) {
+		r = -errno;
+		d->quit = d->detached = false;
 		log_err("%s: cannot detach: %s.", d->o.name, strerror(-r));
 		return r;
 	}
