@@ -191,8 +191,12 @@ pins_for() {
 	QCOWSETUP_QCOWTAB=$WORK/tab QCOWSETUP_BINARY=$QCOWSETUP bash -c \
 		". '$top/dracut/90qcowsetup/module-setup.sh'; _qcowsetup_clevis_pins | tr '\n' ' '; depends | grep -c network"
 }
-want_pins="tang 1"
-[ "$have_tpm" = 1 ] && want_pins="sss tang tpm2 1"
+# dracut's network module for tang, when this dracut has one (Debian's
+# dracut-core has none: then the module warns and leaves it out)
+net=0
+! compgen -G "/usr/lib/dracut/modules.d/[0-9][0-9]network" >/dev/null || net=1
+want_pins="tang $net"
+[ "$have_tpm" = 1 ] && want_pins="sss tang tpm2 $net"
 check "dracut: the pins of the bindings (and the network for tang)" test "$(pins_for clevis,x-initrd.attach)" = "$want_pins"
 check "dracut: nothing of clevis without the option" test "$(pins_for x-initrd.attach)" = 0
 
