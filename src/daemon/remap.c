@@ -52,6 +52,7 @@
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
+#include "stack.h"
 #include "util.h"
 
 /* ---- the stack ---- */
@@ -116,26 +117,11 @@ static const struct dm_device *find_device(const struct dm_stack *s, const char 
 	return NULL;
 }
 
-/* (its own, not stack.c's stack_create_device: with that one linked in,
- * the daemons of tests/vm/test-scale.sh had 3.5 MB more RSS each and died
- * at their first remap round; why is not known yet) */
 static int create(struct dm_stack *s, size_t i)
 {
-	const struct dm_device *dev = &s->devices[i];
-	struct dm_stack_table_iter it;
-	struct dm_table t;
-	uint32_t maj, min;
-	char ref[32];
-	int r;
+	bool made;
 
-	dm_stack_table(s, dev, &it, &t);
-	r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
-	if (r) {
-		log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
-		return r;
-	}
-	snprintf(ref, sizeof(ref), "%u:%u", maj, min);
-	return dm_stack_set_ref(s, i, ref);
+	return stack_create_device(s, i, &made);
 }
 
 static int load(const struct dm_stack *s, size_t i)
