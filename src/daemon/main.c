@@ -16,9 +16,7 @@
  *   - remaps newly allocated clusters to the fast path with batched table
  *     reloads (remap.c),
  *   - on NBD_CMD_DISC (`qcowsetup close`) flushes, clears the dirty bit of
- *     a lazy-refcounts image, gives the file back its size and exits; so
- *     it does on "detach" (`qcowsetup snapshot`, control.c), leaving the
- *     top device, which a new daemon takes over (--take-over).
+ *     a lazy-refcounts image, gives the file back its size and exits.
  * Read-only mappings of images with compressed clusters use it too, to
  * serve those clusters.
  *
