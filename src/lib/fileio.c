@@ -4,10 +4,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <linux/fs.h>
 
 #include "fileio.h"
 #include "sysutil.h"
@@ -33,21 +31,17 @@ int file_io_from_fd(int fd, const char *path, struct img_io *io)
 {
 	struct file_ctx *f;
 	struct stat st;
-	uint64_t sz;
+	int r;
 
 	memset(io, 0, sizeof(*io));
 	if (fstat(fd, &st) < 0)
 		return -errno;
-	if (S_ISBLK(st.st_mode)) {
-		if (ioctl(fd, BLKGETSIZE64, &sz) < 0)
-			return -errno;
-		io->size = sz;
-	} else if (S_ISREG(st.st_mode)) {
-		io->size = (uint64_t)st.st_size;
+	r = fd_size(fd, &io->size);
+	if (r)
+		return r;
+	if (S_ISREG(st.st_mode)) {
 		io->allocated = (uint64_t)st.st_blocks * 512;
 		io->extent = file_extent;
-	} else {
-		return -ENODEV;
 	}
 	f = calloc(1, sizeof(*f));
 	if (!f)
