@@ -1,5 +1,5 @@
 /* qcowsetup open / close / status / list / reattach / resize / suspend /
- * resume / refresh: the command line over
+ * resume / refresh / commit: the command line over
  * the mapping lifecycle of lib/mapping.c (passphrases from --key-file or
  * the terminal, output as text or JSON). */
 #include <errno.h>
@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cmd_keys.h"
 #include "json.h"
 #include "log.h"
 #include "mapping.h"
@@ -127,6 +128,41 @@ int cmd_refresh(int argc, char **argv)
 	}
 	live_params_from_options(&p, &a, argv[0]);
 	return mapping_refresh(argv[0], opt.allow_discards, &p);
+}
+
+static void on_progress_start(void *opaque, const char *label, uint64_t total)
+{
+	progress_start(opaque, label, total);
+}
+
+static void on_progress_update(void *opaque, uint64_t done)
+{
+	progress_update(opaque, done);
+}
+
+static void on_progress_end(void *opaque, bool ok)
+{
+	progress_end(opaque, ok);
+}
+
+int cmd_commit(int argc, char **argv)
+{
+	struct progress prog;
+	struct ask_ctx a;
+	struct mapping_commit_params p = {
+		.ask = ask,
+		.ask_opaque = &a,
+		.debug = opt.debug,
+		.fail_step = opt.debug_fail_step,
+		.progress_start = on_progress_start,
+		.progress_update = on_progress_update,
+		.progress_end = on_progress_end,
+		.progress_opaque = &prog,
+	};
+
+	(void)argc;
+	ask_from_options(&a, argv[0]);
+	return mapping_commit(argv[0], &p);
 }
 
 int cmd_close(int argc, char **argv)

@@ -37,6 +37,7 @@ enum tools_cmd {
 	CMD_BIND,
 	CMD_UNBIND,
 	CMD_TEST_BINDINGS,
+	CMD_COMMIT,
 	CMD_COUNT
 };
 

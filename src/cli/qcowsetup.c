@@ -30,6 +30,8 @@ static const struct command commands[] = {
 	  "check the passphrase, give the keys back and let the I/O of NAME go on" },
 	{ "refresh", CMD_REFRESH, false, cmd_refresh, 1, 1, "NAME",
 	  "reload NAME's tables with discards switched (--allow-discards / --no-allow-discards)" },
+	{ "commit", CMD_COMMIT, false, cmd_commit, 1, 1, "NAME",
+	  "merge the overlay of NAME into its backing image while mapped; NAME then maps that image" },
 	{ "format", CMD_FORMAT, false, cmd_format, 1, 2, "IMAGE [SIZE]", "create a LUKS-encrypted qcow2 image" },
 	{ "add-key", CMD_ADD_KEY, false, cmd_add_key, 1, 2, "IMAGE [NEW_KEY_FILE]",
 	  "add a passphrase to a free LUKS key slot" },

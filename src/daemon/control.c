@@ -150,6 +150,7 @@ static const struct verb verbs[] = {
 int daemon_control_open(struct daemon *d)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
 	mode_t old;
 	int fd, r;
 
@@ -173,18 +174,22 @@ int daemon_control_open(struct daemon *d)
 		return r;
 	}
 	d->ctl_fd = fd;
+	if (stat(sa.sun_path, &st) == 0)
+		d->ctl_ino = st.st_ino;
 	return 0;
 }
 
 void daemon_control_close(struct daemon *d)
 {
 	char path[108];
+	struct stat st;
 
 	if (d->ctl_fd < 0)
 		return;
 	close(d->ctl_fd);
 	d->ctl_fd = -1;
-	if (control_socket_path(path, sizeof(path), d->o.name) == 0)
+	if (control_socket_path(path, sizeof(path), d->o.name) == 0 && stat(path, &st) == 0 &&
+	    st.st_ino == d->ctl_ino)
 		unlink(path);
 }
 

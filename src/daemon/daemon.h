@@ -52,6 +52,7 @@ struct daemon {
 				 * flushes or remaps (daemon_check_broken) */
 	bool suspended;		/* `qcowsetup suspend`: no table swaps (main thread) */
 	int ctl_fd;		/* the control socket (control.c), -1: none */
+	ino_t ctl_ino;		/* its file (another daemon's after a commit) */
 
 	/* the stack (remap thread, after setup) */
 	struct dm_stack *stack;

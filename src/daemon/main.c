@@ -41,7 +41,7 @@
  *       --layer HOST[,CIPHER,KEYSIZE]...  (one per layer, top first)
  *       [--hold MAJ:MIN]... [--readonly] [--allow-discards] [--max-targets N]
  *       [--trust-names] [--backing-file PATH] [--data-file PATH]
- *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX]
+ *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX] [--take-over]
  *       [--nbd-timeout S] [--flush-interval MS] [--debug]
  */
 #include <errno.h>
@@ -427,7 +427,12 @@ static void write_omit(struct daemon *d)
 static void remove_state(struct daemon *d)
 {
 	char path[256];
+	pid_t pid = 0;
+	int nbd;
 
+	/* after a commit the files are the new daemon's */
+	if (qs_state_read(d->o.name, &pid, &nbd, NULL) == 0 && pid != getpid())
+		return;
 	qs_state_remove(d->o.name);
 	for (int i = 0; i < 2; i++) {
 		omit_path(d, i, path, sizeof(path));

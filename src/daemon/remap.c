@@ -52,6 +52,7 @@
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
+#include "stack.h"
 #include "util.h"
 
 /* ---- the stack ---- */
@@ -118,21 +119,9 @@ static const struct dm_device *find_device(const struct dm_stack *s, const char 
 
 static int create(struct dm_stack *s, size_t i)
 {
-	const struct dm_device *dev = &s->devices[i];
-	struct dm_stack_table_iter it;
-	struct dm_table t;
-	uint32_t maj, min;
-	char ref[32];
-	int r;
+	bool made;
 
-	dm_stack_table(s, dev, &it, &t);
-	r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
-	if (r) {
-		log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
-		return r;
-	}
-	snprintf(ref, sizeof(ref), "%u:%u", maj, min);
-	return dm_stack_set_ref(s, i, ref);
+	return stack_create_device(s, i, &made);
 }
 
 static int load(const struct dm_stack *s, size_t i)
@@ -308,8 +297,9 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			created[i] = r == 0;
 			continue;
 		}
-		if (!cur && d->o.reattach < 0) {
-			/* a new mapping only makes devices: another's is never taken over */
+		if (!cur && d->o.reattach < 0 && !d->o.take_over) {
+			/* a new mapping only makes devices: another's is never taken over
+			 * (but by commit, which holds it suspended meanwhile) */
 			log_err("Device %s already exists.", dev->name);
 			r = -EEXIST;
 			break;

@@ -131,6 +131,7 @@ static const struct daemon_arg {
 	{ "--debug", ARG_FLAG, FIELD(debug), false },
 	{ "--ready-fd", ARG_FD, FIELD(ready_fd), false },
 	{ "--reattach", ARG_FD, FIELD(reattach), false },
+	{ "--take-over", ARG_FLAG, FIELD(take_over), false },
 	{ "--guard", ARG_FD, FIELD(guard_fd), false },
 	{ "--fd", ARG_GIVEN, FIELD(given), false },
 };

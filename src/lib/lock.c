@@ -220,6 +220,22 @@ static void report_lock_error(const char *path, int byte, int r)
 		log_err("%s: cannot lock the image (byte %d): %s", path, byte, strerror(-r));
 }
 
+/* Taking the locks failed at byte with r (1: a conflict found by a test):
+ * say why, release them all. -EBUSY for a conflict, else r. */
+static int lock_failed(int fd, const char *path, int byte, int r)
+{
+	/* A read lock refused (EAGAIN) means someone holds a write lock on the
+	 * byte: a conflict as well. */
+	if (r == 1 || r == -EAGAIN || r == -EACCES) {
+		report_conflict(fd, path, byte);
+		r = -EBUSY;
+	} else {
+		report_lock_error(path, byte, r);
+	}
+	(void)lock_image_release(fd);
+	return r;
+}
+
 int lock_image(int fd, bool write, const char *path)
 {
 	unsigned int used = write ? PERM_USED_RW : PERM_USED_RO;
@@ -271,16 +287,68 @@ int lock_image(int fd, bool write, const char *path)
 	return 0;
 
 fail:
-	/* A read lock refused (EAGAIN) means someone holds a write lock on the
-	 * byte: a conflict as well. */
-	if (r == 1 || r == -EAGAIN || r == -EACCES) {
-		report_conflict(fd, path, byte);
-		r = -EBUSY;
-	} else {
-		report_lock_error(path, byte, r);
+	return lock_failed(fd, path, byte, r);
+}
+
+/* How many OFD locks cover byte of the file of fd (/proc/locks: "1: OFDLCK
+ * ADVISORY  READ -1 fe:00:123 201 201"), or -errno. */
+static int count_lock_holders(int fd, int byte)
+{
+	char line[256], want[64];
+	struct stat st;
+	int n = 0;
+	FILE *f;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	snprintf(want, sizeof(want), "%02x:%02x:%llu ", major(st.st_dev), minor(st.st_dev),
+		 (unsigned long long)st.st_ino);
+	f = fopen("/proc/locks", "re");
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long start;
+		char end[32];
+		char *p = strstr(line, want);
+
+		if (!p || !strstr(line, "OFDLCK") || sscanf(p + strlen(want), "%llu %31s", &start, end) != 2)
+			continue;
+		if (start <= (unsigned long long)byte &&
+		    (!strcmp(end, "EOF") || strtoull(end, NULL, 10) >= (unsigned long long)byte))
+			n++;
 	}
-	(void)lock_image_release(fd);
-	return r;
+	fclose(f);
+	return n;
+}
+
+int lock_image_upgrade(int fd, const char *path)
+{
+	static const int mine_too[] = { LOCK_SHARED_BASE + 1, LOCK_SHARED_BASE + 3 };
+	static const int others[] = { LOCK_SHARED_BASE + 0, LOCK_SHARED_BASE + 2, LOCK_PERM_BASE + 1,
+				      LOCK_PERM_BASE + 3 };
+	int byte = 0, r = 0;
+
+	if (fd < 0)
+		return -EBADF;
+	for (int i = 0; i < LOCK_PERM_BITS && !r; i++) {
+		if (PERM_USED_RW & (1u << i))
+			r = ofd_lock(fd, byte = LOCK_PERM_BASE + i, F_RDLCK);
+		if (!r && !(PERM_SHARED & (1u << i)))
+			r = ofd_lock(fd, byte = LOCK_SHARED_BASE + i, F_RDLCK);
+	}
+	/* the mapping's read-only description holds none of these */
+	for (size_t i = 0; !r && i < ARRAY_SIZE(others); i++)
+		r = ofd_test(fd, byte = others[i]);
+	/* these it holds, and so does fd now: a third is someone else */
+	for (size_t i = 0; !r && i < ARRAY_SIZE(mine_too); i++) {
+		r = count_lock_holders(fd, byte = mine_too[i]);
+		if (r >= 0)
+			r = r > 2;
+	}
+	if (r)
+		return lock_failed(fd, path, byte, r);
+	log_dbg("%s: locked for read-write (QEMU lock bytes, upgraded)", path);
+	return 0;
 }
 
 int lock_image_replaceable(const char *path)

@@ -54,6 +54,15 @@ enum lock_perm {
  *   -EBADF. */
 int lock_image(int fd, bool write, const char *path);
 
+/* Lock fd, a new descriptor of an image that one mapping of ours holds
+ * read-only (its loop device's description: 100, 201, 203), for writing
+ * (100, 101, 103, 201, 203), as QEMU upgrades a backing file it commits
+ * into: applied, then tested; the bytes that mapping does not share (201,
+ * 203) count as a conflict only when a third description holds them too
+ * (/proc/locks). The mapping's own description then goes with its loop
+ * device. 0, or as lock_image (-EBUSY with the holders named). */
+int lock_image_upgrade(int fd, const char *path);
+
 /* Drop every lock byte (100..103, 200..203) of the description of fd.
  * 0 or -errno. */
 int lock_image_release(int fd);

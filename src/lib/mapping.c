@@ -858,9 +858,15 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 	int r;
 
 	r = dm_check_control();
-	if (r)
-		return r;
-	r = dm_device_info(name, info);
+	if (!r)
+		r = mapping_find_top(name, info);
+	return r ? r : dm_list_devices(collect_dev, all);
+}
+
+int mapping_find_top(const char *name, struct dm_dev_info *info)
+{
+	int r = dm_device_info(name, info);
+
 	if (r)
 		return r;
 	if (!info->exists) {
@@ -871,7 +877,7 @@ static int find_mapping(const char *name, struct dev_list *all, struct dm_dev_in
 		log_err("Device %s is not a qcowsetup mapping.", name);
 		return -ENODEV;
 	}
-	return dm_list_devices(collect_dev, all);
+	return 0;
 }
 
 /* The loop devices (and so the files) under a device, following tables. */
@@ -1203,9 +1209,7 @@ static int teardown(const char *name)
 	return close_mapping(name, false);
 }
 
-/* The name lock of an existing mapping NAME (close, reattach): its fd, or
- * -ENODEV (not a name of ours) or the locking error. */
-static int lock_mapping_name(const char *name)
+int mapping_lock_name(const char *name)
 {
 	int lock;
 
@@ -1223,7 +1227,7 @@ static int lock_mapping_name(const char *name)
  * reattach: resume first). */
 static int lock_active_mapping(const char *name)
 {
-	int lock = lock_mapping_name(name);
+	int lock = mapping_lock_name(name);
 
 	if (lock >= 0 && mapping_is_marked_suspended(name)) {
 		log_err("%s is suspended: `qcowsetup resume %s` first.", name, name);
@@ -1461,7 +1465,7 @@ int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size)
 	int lock, r;
 
 	*new_size = 0;
-	lock = lock_mapping_name(p->name);
+	lock = mapping_lock_name(p->name);
 	if (lock < 0)
 		return lock;
 	r = find_mapping(p->name, &all, &info);
@@ -1496,4 +1500,16 @@ out:
 	free(all.v);
 	qs_name_unlock(p->name, lock);
 	return r;
+}
+
+/* ---- for commit.c: a daemon started and stopped as open and close do ---- */
+
+int mapping_start_daemon(struct daemon_args *a, pid_t *pid, int *nbd_index)
+{
+	return start_daemon(a, pid, nbd_index);
+}
+
+int mapping_stop_daemon(const char *name, int nbd, pid_t pid)
+{
+	return stop_daemons(name, &nbd, 1, &pid);
 }

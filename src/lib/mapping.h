@@ -168,6 +168,50 @@ struct mapping_resize_params {
  *   -ENOTSUP/-EFBIG/-ENOSPC/-EIO  from the image or the devices. */
 int mapping_resize(const struct mapping_resize_params *p, uint64_t *new_size);
 
+/* ---- commit (commit.c): QEMU's block-commit on a mapping ---- */
+
+struct mapping_commit_params {
+	mapping_ask_fn ask;		/* an encrypted backing image's passphrase */
+	void *ask_opaque;
+	bool debug;			/* the new daemon logs debug messages */
+	int fail_step;			/* tests: fail step K as if the kernel refused it */
+	/* Optional progress of the copy, in guest bytes. */
+	void (*progress_start)(void *opaque, const char *label, uint64_t total);
+	void (*progress_update)(void *opaque, uint64_t done);
+	void (*progress_end)(void *opaque, bool ok);
+	void *progress_opaque;
+};
+
+/* Merge the active overlay of the read-write mapping NAME into its backing
+ * image and move NAME onto that image, read-write (its own daemon when it is
+ * qcow2), while mapped: the guest's I/O is held (not failed) while the
+ * clusters of the overlay are copied and the tables switched. Each cluster
+ * goes into the backing image in its own form (plaintext, or encrypted with
+ * its own key). The overlay file is left as it is, and unlocked.
+ * All or nothing: on a failure NAME stays on the overlay and the backing
+ * image is consistent (what was copied is shadowed by the overlay).
+ * 0, or -errno with one line logged:
+ *   -ENODEV  no such mapping,     -EBUSY  suspended, or the backing image
+ *            is in use elsewhere (QEMU, another mapping),
+ *   -EINVAL  read-only mapping, no backing image,
+ *   -ENOTCONN its daemon is not running,
+ *   -EPERM   wrong passphrase of the backing image,
+ *   -ENOTSUP a chain or format commit does not handle, -errno. */
+int mapping_commit(const char *name, const struct mapping_commit_params *p);
+
+/* The daemon started (its ready_fd set here) and waited for; stopped by
+ * disconnecting its NBD device (commit.c: as open and close do). */
+struct daemon_args;
+struct dm_dev_info;
+/* The top device NAME (dm_device_info): 0, -ENODEV (none, or not a
+ * qcowsetup mapping: logged) or -errno. */
+int mapping_find_top(const char *name, struct dm_dev_info *info);
+/* The name lock of an existing mapping NAME (close, reattach, commit): its
+ * fd, or -ENODEV (not a name of ours) or the locking error, logged. */
+int mapping_lock_name(const char *name);
+int mapping_start_daemon(struct daemon_args *a, pid_t *pid, int *nbd_index);
+int mapping_stop_daemon(const char *name, int nbd, pid_t pid);
+
 /* Let go of libdevmapper's state (at the end of a command). */
 void mapping_release(void);
 

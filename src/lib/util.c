@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "log.h"
 #include "util.h"
 
 int parse_u64(const char *s, unsigned int flags, uint64_t *v)
@@ -39,5 +40,16 @@ int parse_u64(const char *s, unsigned int flags, uint64_t *v)
 	if (shift && r > (UINT64_MAX >> shift))
 		return -ERANGE;
 	*v = r << shift;
+	return 0;
+}
+
+int fault_step(int *step, int fail_at, const char *verb, const char *what)
+{
+	++*step;
+	log_dbg("%s step %d: %s", verb, *step, what);
+	if (fail_at && *step == fail_at) {
+		log_err("Injected failure at step %d (%s).", *step, what);
+		return -EIO;
+	}
 	return 0;
 }

@@ -8,6 +8,11 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Fault injection for the atomicity tests (--debug-fail-step K): count
+ * step *step of verb (logged at debug level) and fail it (-EIO, logged)
+ * when it is the K-th (fail_at; 0: never). */
+int fault_step(int *step, int fail_at, const char *verb, const char *what);
+
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))

@@ -10,7 +10,14 @@
 # suspended and resume starts a new one; refresh switches discards; a
 # failure injected at each step of suspend, resume and refresh
 # (--debug-fail-step) is undone; after close `qemu-img check` is clean and
-# the content equals the reference. QS_LIVE_FULL=1 adds the chain's fault
+# the content equals the reference. commit: a LUKS overlay over a raw base
+# committed while an ext4 on it is written (first a commit failed halfway
+# through the copy: undone, the mapping on the overlay), an unencrypted
+# overlay into a LUKS qcow2 base; the base alone converts to what the guest
+# saw, `qemu-img check` clean, the overlay unlocked and clean; a base
+# mapped elsewhere refuses the commit (exit 5). QS_LIVE_FULL=1 adds the
+# other pairs (LUKS and unencrypted overlays over an unencrypted qcow2
+# base) and a failure at every step of commit, for each pair; the chain's fault
 # injection, refresh of a read-only LUKS mapping, and suspend/resume and
 # refresh of an unencrypted mapping (the chain's cases cover that path).
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).
@@ -44,6 +51,27 @@ qemu-img create -q -f qcow2 -b base.raw -F raw mid.qcow2 28M
 qemu-io -f qcow2 -c 'write -P 0x42 4M 4M' mid.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 chain.qcow2 32M
 qemu-io -f qcow2 -c 'write -P 0x43 6M 1M' chain.qcow2 >/dev/null
+# commit: overlays over a raw, a LUKS qcow2 and an unencrypted qcow2 base
+qemu-img create -q -f raw cbase.raw 16M
+qemu-io -f raw -c 'write -P 0x51 0 16M' cbase.raw >/dev/null
+retry 6 qemu-img create -q -f qcow2 "${sec[@]}" \
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 cbase-luks.qcow2 16M
+qemu-io "${sec[@]}" --image-opts -c 'write -P 0x52 0 8M' -c 'write -z 12M 1M' \
+	driver=qcow2,file.filename=cbase-luks.qcow2,encrypt.key-secret=s0 >/dev/null
+qemu-img create -q -f qcow2 cbase-plain.qcow2 16M
+qemu-io -f qcow2 -c 'write -P 0x53 0 8M' cbase-plain.qcow2 >/dev/null
+for pair in cluks-over-raw:cbase.raw:raw cluks-over-plain:cbase-plain.qcow2:qcow2; do
+	IFS=: read -r ov base fmt <<<"$pair"
+	retry 6 qemu-img create -q -f qcow2 "${sec[@]}" -b "$base" -F "$fmt" \
+		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$ov.qcow2" 16M
+	qemu-io "${sec[@]}" --image-opts -c 'write -P 0x61 2M 2M' -c 'write -z 6M 1M' \
+		"driver=qcow2,file.filename=$ov.qcow2,encrypt.key-secret=s0" >/dev/null
+done
+qemu-img create -q -f qcow2 -b cbase-luks.qcow2 -F qcow2 cplain-over-luks.qcow2 16M 2>/dev/null
+qemu-img create -q -f qcow2 -b cbase-plain.qcow2 -F qcow2 cplain-over-plain.qcow2 16M
+qemu-io "${sec[@]}" --image-opts -c 'write -P 0x62 2M 2M' -c 'write -z 6M 1M' \
+	driver=qcow2,file.filename=cplain-over-luks.qcow2,backing.encrypt.key-secret=s0 >/dev/null
+qemu-io -f qcow2 -c 'write -P 0x62 2M 2M' -c 'write -z 6M 1M' cplain-over-plain.qcow2 >/dev/null
 cd "$work"
 mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 512M
 rm -rf "$work/m"

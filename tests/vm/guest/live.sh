@@ -281,6 +281,126 @@ fault_steps() {	# image
 	vm_assert_clean
 }
 
+# ---- commit: the overlay merged into its backing image while mapped
+base_of() {	# overlay: its backing image (the host made them in pairs)
+	case $1 in
+	cluks-over-raw.qcow2) echo cbase.raw ;;
+	cplain-over-luks.qcow2) echo cbase-luks.qcow2 ;;
+	cluks-over-plain.qcow2) echo cbase-plain.qcow2 ;;
+	cplain-over-plain.qcow2) echo cbase-plain.qcow2 ;;
+	esac
+}
+base_to_raw() {	# base raw: what the base alone holds
+	case $1 in
+	*.raw) cp "$1" "$2" ;;
+	*) to_raw "$1" "$2" ;;
+	esac
+}
+held_files() {	# the image files NAME lv maps, one a line
+	qcowsetup status --json lv | tr ',' '\n' | sed -n 's|.*"\(/mnt/m/w/[^"]*\)".*|\1|p' | sort -u
+}
+locked() {	# file: whether an OFD lock is on it
+	ino=$(stat -c %i "$1")
+	grep -q ":$ino " /proc/locks
+}
+# A failing commit leaves NAME lv on the overlay, working, with the same
+# content (/tmp/ref.raw), the same devices ($ndev), the base clean.
+commit_undone() {	# step
+	grep -q "Injected failure at step $1" /tmp/err || { cat /tmp/err; return 1; }
+	mapping_works || { echo "after failing commit step $1"; return 1; }
+	held_files | grep -qx "$w" || { echo "not on the overlay after failing step $1"; held_files; return 1; }
+	[ "$(vm_dm_devices | wc -l)" = "$ndev" ] || { echo "devices left after step $1:"; dmsetup ls; return 1; }
+	cmp /dev/mapper/lv /tmp/ref.raw || { echo "content changed after failing step $1"; return 1; }
+	case $b in *.qcow2) qcheck "$b" || { echo "base not clean after failing step $1"; return 1; } ;; esac
+}
+commit_case() {	# overlay [fail-at-step|all]
+	ov=$1 faults=${2:-}
+	base=$(base_of "$ov")
+	! grep -q ' /mnt/c ' /proc/mounts || umount -l /mnt/c	# (of a failed case)
+	rm -rf /mnt/m/w && mkdir /mnt/m/w
+	cp "$ov" "$base" /mnt/m/w/
+	w=/mnt/m/w/$ov b=/mnt/m/w/$base
+	qcowsetup open --key-file /mnt/m/pass "$w" lv
+	mkfs.ext4 -q /dev/mapper/lv
+	mkdir -p /mnt/c
+	mount /dev/mapper/lv /mnt/c
+	dd if=/dev/urandom of=/mnt/c/before bs=64k count=8 2>/dev/null
+	umount /mnt/c	# (a mounted ext4 writes on its own)
+	ndev=$(vm_dm_devices | wc -l)
+	dd if=/dev/mapper/lv of=/tmp/ref.raw bs=1M iflag=direct 2>/dev/null
+	case $faults in
+	all)
+		k=1
+		while :; do
+			rc=0
+			qcowsetup commit --key-file /mnt/m/pass --debug-fail-step $k lv 2>/tmp/err || rc=$?
+			[ $rc != 0 ] || break
+			commit_undone $k
+			! grep -q 'copy (half' /tmp/err || half=$k
+			k=$((k + 1))
+			[ $k -lt 40 ] || return 1
+		done
+		echo "commit: $((k - 1)) steps failed in turn, each undone (the copy cut halfway at step ${half:-?})"
+		[ -n "${half:-}" ]
+		mount /dev/mapper/lv /mnt/c
+		;;
+	*)
+		if [ -n "$faults" ]; then
+			# the copy cut halfway
+			rc=0
+			qcowsetup commit --key-file /mnt/m/pass --debug-fail-step "$faults" lv 2>/tmp/err || rc=$?
+			[ $rc != 0 ] && grep -q "copy (half" /tmp/err || { cat /tmp/err; echo "exit $rc"; return 1; }
+			commit_undone "$faults"
+		fi
+		# someone else holding the base (another mapping, read-only): refused, exit 5
+		qcowsetup open --readonly --key-file /mnt/m/pass "$b" lv2
+		rc=0
+		qcowsetup commit --key-file /mnt/m/pass lv 2>/tmp/err || rc=$?
+		qcowsetup close lv2
+		[ $rc = 5 ] || { cat /tmp/err; echo "commit with the base open elsewhere: exit $rc"; return 1; }
+		grep -q 'lock byte 20[13]' /tmp/err || { cat /tmp/err; return 1; }
+		mapping_works
+		# written while committed
+		mount /dev/mapper/lv /mnt/c
+		(i=0; while [ ! -e /tmp/stop ]; do
+			dd if=/dev/urandom of=/mnt/c/during$i bs=64k count=2 conv=fsync 2>/dev/null; i=$((i + 1)); done) &
+		sleep 1
+		qcowsetup commit --verbose --key-file /mnt/m/pass lv
+		sleep 1
+		touch /tmp/stop
+		wait
+		rm -f /tmp/stop
+		;;
+	esac
+	dd if=/dev/urandom of=/mnt/c/after bs=64k count=8 2>/dev/null
+	sync
+	umount /mnt/c
+	[ "$(held_files)" = "$b" ] || { echo "the mapping is not on the base alone:"; held_files; return 1; }
+	! locked "$w" || { echo "the overlay is still locked"; return 1; }
+	dd if=/dev/mapper/lv of=/tmp/guest.raw bs=1M iflag=direct 2>/dev/null
+	qcowsetup close lv
+	base_to_raw "$b" /tmp/base.raw
+	cmp /tmp/guest.raw /tmp/base.raw || { echo "the base alone differs from what the guest saw"; return 1; }
+	case $b in *.qcow2) qcheck "$b" ;; esac
+	# the overlay is left as it is: clean
+	enc=
+	case $ov in cluks-*) enc=', "encrypt": {"key-secret": "s0"}' ;; esac
+	# shellcheck disable=SC2086
+	qemu-img check $sec "json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"$w\"}, \"backing\": null$enc}" >/dev/null
+	e2fsck -fn /tmp/base.raw >/dev/null
+	vm_assert_clean
+}
+
+# (step 8 of a LUKS overlay over a raw base: half the copy)
+vm_test "commit a LUKS overlay into a raw base while an ext4 on it is written (a copy cut halfway undone first): the base alone holds what the guest saw" commit_case cluks-over-raw.qcow2 8
+vm_test "commit an unencrypted overlay into a LUKS qcow2 base: re-encrypted, the base alone holds what the guest saw" commit_case cplain-over-luks.qcow2
+if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
+	vm_test "commit a LUKS overlay into an unencrypted qcow2 base" commit_case cluks-over-plain.qcow2
+	vm_test "commit an unencrypted overlay into an unencrypted qcow2 base" commit_case cplain-over-plain.qcow2
+	for ov in cluks-over-raw.qcow2 cplain-over-luks.qcow2 cluks-over-plain.qcow2 cplain-over-plain.qcow2; do
+		vm_test "atomic commit ($ov): a failure at each step is undone" commit_case $ov all
+	done
+fi
 vm_test "LUKS read-write: I/O held while suspended, keys wiped, wrong passphrase refused, right data after resume" held_io luks.qcow2
 vm_test "LUKS read-only: reads held while suspended, keys wiped, right data after resume" held_io luks.qcow2 ro
 vm_test "backing chain read-write: I/O held while suspended, right data after resume" held_io chain.qcow2
