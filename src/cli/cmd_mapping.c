@@ -1,5 +1,5 @@
 /* qcowsetup open / close / status / list / reattach / resize / suspend /
- * resume / refresh / commit: the command line over
+ * resume / refresh / snapshot / commit: the command line over
  * the mapping lifecycle of lib/mapping.c (passphrases from --key-file or
  * the terminal, output as text or JSON). */
 #include <errno.h>
@@ -163,6 +163,33 @@ int cmd_commit(int argc, char **argv)
 	(void)argc;
 	ask_from_options(&a, argv[0]);
 	return mapping_commit(argv[0], &p);
+}
+
+/* The overlay's passphrase: --new-key-file, else the one that opens the
+ * image (the library keeps it from the unlock). */
+int cmd_snapshot(int argc, char **argv)
+{
+	struct mapping_snapshot_params p = {
+		.name = argv[0],
+		.image = argv[1],
+		.debug = opt.debug,
+		.fail_step = opt.debug_fail_step,
+	};
+	struct ask_ctx a;
+	int r = 0;
+
+	(void)argc;
+	ask_from_options(&a, argv[0]);
+	p.ask = ask;
+	p.ask_opaque = &a;
+	keys_pbkdf(&p.pbkdf);
+	if (opt.new_key_file)
+		r = keys_read_new_passphrase(opt.new_key_file, argv[1], &p.new_passphrase);
+	if (r == 0)
+		r = mapping_snapshot(&p);
+	else
+		mapping_release();
+	return r;
 }
 
 int cmd_close(int argc, char **argv)

@@ -46,9 +46,9 @@ struct option_spec {
 
 #define CMD(c)		(1U << CMD_##c)
 #define ALL		((1U << CMD_COUNT) - 1)
-#define KEY_READERS	(CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(FORMAT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) | \
-			 CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND) | CMD(RESIZE) | CMD(COMMIT))
-#define NEW_KEYS	(CMD(ADD_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT))
+#define KEY_READERS	(CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(SNAPSHOT) | CMD(FORMAT) | CMD(ADD_KEY) | \
+			 CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND) | CMD(RESIZE) | CMD(COMMIT))
+#define NEW_KEYS	(CMD(ADD_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(SNAPSHOT))
 #define NEW_SLOTS	(NEW_KEYS | CMD(BIND))
 #define IMAGE_READERS	(CMD(OPEN) | CMD(INFO) | CMD(MAP) | CMD(TABLE))
 #define FIELD(f)	.offset = offsetof(struct tools_opts, f), .size = sizeof(((struct tools_opts *)0)->f)
@@ -76,8 +76,8 @@ static const struct option_spec options[] = {
 	  .help = "read the passphrase from FILE (- = stdin)" },
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },
 	{ "keyfile-size", 0, KEY_READERS, SIZE(keyfile_size, "N"), .help = "read at most N bytes of the key file" },
-	{ "tries", 'T', CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(COMMIT) | CMD(ADD_KEY) | CMD(REMOVE_KEY) |
-	  CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND) | CMD(RESIZE),
+	{ "tries", 'T', CMD(OPEN) | CMD(RESUME) | CMD(REFRESH) | CMD(SNAPSHOT) | CMD(COMMIT) | CMD(ADD_KEY) |
+	  CMD(REMOVE_KEY) | CMD(CHANGE_KEY) | CMD(CONVERT) | CMD(BIND) | CMD(UNBIND) | CMD(RESIZE),
 	  NUMBER(tries, "N"), .min = 1, .max = 1000, .help = "passphrase attempts on a terminal (default 3)" },
 	{ "clevis", 0, CMD(OPEN), FLAG(clevis),
 	  .help = "try the image's clevis bindings first (qcowtab's clevis), then the key file or the question" },
@@ -133,7 +133,8 @@ static const struct option_spec options[] = {
 	  .help = "overwrite an existing destination; remove the last key slot" },
 	{ "shrink", 0, CMD(RESIZE), FLAG(shrink),
 	  .help = "allow a smaller size (only past unallocated space)" },
-	{ "debug-fail-step", 0, CMD(OPEN) | CMD(RESIZE) | CMD(SUSPEND) | CMD(RESUME) | CMD(REFRESH) | CMD(COMMIT),
+	{ "debug-fail-step", 0, CMD(OPEN) | CMD(RESIZE) | CMD(SUSPEND) | CMD(RESUME) | CMD(REFRESH) | CMD(SNAPSHOT) |
+	  CMD(COMMIT),
 	  NUMBER(debug_fail_step, "K"), .max = 10000 },
 	{ "help", 'h', ALL, FLAG(help), .help = "this help; after a command, the command's" },
 	{ "version", 'V', ALL, FLAG(version), .help = "version" },

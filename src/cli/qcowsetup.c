@@ -32,6 +32,8 @@ static const struct command commands[] = {
 	  "reload NAME's tables with discards switched (--allow-discards / --no-allow-discards)" },
 	{ "commit", CMD_COMMIT, false, cmd_commit, 1, 1, "NAME",
 	  "merge the overlay of NAME into its backing image while mapped; NAME then maps that image" },
+	{ "snapshot", CMD_SNAPSHOT, false, cmd_snapshot, 2, 2, "NAME OVERLAY",
+	  "live external snapshot: NAME moves onto a new OVERLAY backed by its image" },
 	{ "format", CMD_FORMAT, false, cmd_format, 1, 2, "IMAGE [SIZE]", "create a LUKS-encrypted qcow2 image" },
 	{ "add-key", CMD_ADD_KEY, false, cmd_add_key, 1, 2, "IMAGE [NEW_KEY_FILE]",
 	  "add a passphrase to a free LUKS key slot" },

@@ -44,6 +44,7 @@ int cmd_suspend(int argc, char **argv);
 int cmd_resume(int argc, char **argv);
 int cmd_refresh(int argc, char **argv);
 int cmd_commit(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
 int cmd_open_tab(int argc, char **argv);	/* cmd_tab.c */
 int cmd_close_tab(int argc, char **argv);
 int cmd_probe(int argc, char **argv);		/* cmd_probe.c */

@@ -138,6 +138,31 @@ static int verb_resize(struct daemon *d, const struct control_request *req, char
 	return r;
 }
 
+/* The end of this daemon's session while the top device stays (snapshot:
+ * qcowsetup holds it suspended, and a new daemon takes it over): what a
+ * flush makes durable written now, then the NBD socket shut down; the
+ * server ends, and the daemon closes the image as at a close (dirty bit
+ * cleared, the file given back its size) and exits. The NBD device stays,
+ * without a server, for qcowsetup to disconnect (or a reattach). */
+static int verb_detach(struct daemon *d, const struct control_request *req, char *text, size_t size)
+{
+	int r;
+
+	r = verb_suspend(d, req, text, size);
+	if (r)
+		return r;
+	d->quit = true;
+	d->detached = true;
+	if (shutdown(d->sock, SHUT_RDWR) < 0) {
+		r = -errno;
+		d->quit = d->detached = false;
+		log_err("%s: cannot detach: %s.", d->o.name, strerror(-r));
+		return r;
+	}
+	log_std("%s: detaching (snapshot)", d->o.name);
+	return 0;
+}
+
 static const struct verb verbs[] = {
 	{ "ping", 0, 0, verb_ping },
 	{ "state", 0, 0, verb_state },
@@ -145,6 +170,7 @@ static const struct verb verbs[] = {
 	{ "resume", 0, 0, verb_resume },
 	{ "refresh", 1, 1, verb_refresh },
 	{ "resize", 1, 3, verb_resize },
+	{ "detach", 0, 0, verb_detach },
 };
 
 int daemon_control_open(struct daemon *d)

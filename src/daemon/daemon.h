@@ -47,6 +47,7 @@ struct daemon {
 	bool queue_overflow;
 	bool stopping;
 	volatile bool quit;	/* setup failed: the server must not reconnect */
+	volatile bool detached;	/* "detach": the socket shut down, a clean end */
 	bool top_gone;		/* the top device went away (deferred close) */
 	bool broken;		/* the metadata writer failed: no more writes,
 				 * flushes or remaps (daemon_check_broken) */

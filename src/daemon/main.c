@@ -16,7 +16,9 @@
  *   - remaps newly allocated clusters to the fast path with batched table
  *     reloads (remap.c),
  *   - on NBD_CMD_DISC (`qcowsetup close`) flushes, clears the dirty bit of
- *     a lazy-refcounts image, gives the file back its size and exits.
+ *     a lazy-refcounts image, gives the file back its size and exits; so
+ *     it does on "detach" (`qcowsetup snapshot`, control.c), leaving the
+ *     top device, which a new daemon takes over (--take-over).
  * Read-only mappings of images with compressed clusters use it too, to
  * serve those clusters.
  *

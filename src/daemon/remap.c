@@ -299,7 +299,7 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		}
 		if (!cur && d->o.reattach < 0 && !d->o.take_over) {
 			/* a new mapping only makes devices: another's is never taken over
-			 * (but by commit, which holds it suspended meanwhile) */
+			 * (but by snapshot and commit, which hold it suspended meanwhile) */
 			log_err("Device %s already exists.", dev->name);
 			r = -EEXIST;
 			break;

@@ -214,6 +214,10 @@ int daemon_serve(struct daemon *d)
 		if (r == 0)
 			continue;
 		/* the socket is gone: a timeout (reconnect) or the end */
+		if (d->detached) {
+			log_verbose("%s: detached from nbd%d", d->o.name, d->nbd_index);
+			return 0;
+		}
 		log_verbose("%s: NBD socket: %s", d->o.name, strerror(-r));
 		if (!d->quit && reconnect(d) == 0)
 			continue;

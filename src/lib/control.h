@@ -48,6 +48,10 @@
  *                        cover BYTES (the file and its loop device have
  *                        grown; qcowsetup reloads the crypt table, which
  *                        takes the key, and sends the request again)
+ *   detach               metadata written back and flushed, the NBD socket
+ *                        shut down: OK; the daemon then closes the image
+ *                        as at a close and exits, leaving the top device
+ *                        (qcowsetup snapshot holds it suspended)
  * An unknown verb: ERR EOPNOTSUPP; a bad line or argument count: ERR EINVAL. */
 #ifndef QS_CONTROL_H
 #define QS_CONTROL_H

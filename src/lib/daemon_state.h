@@ -77,8 +77,9 @@ struct daemon_args {
 	unsigned int ngiven;
 	int ready_fd;			/* "READY nbdN" or "ERROR errno" goes there; -1: none */
 	int reattach;			/* NBD index to take over; -1: connect a new one */
-	bool take_over;			/* load the tables of a top device that exists
-					 * (commit: NAME moves onto this image) */
+	bool take_over;			/* load the tables of a top device that exists and
+					 * resume it (snapshot, commit: NAME moves onto
+					 * this image) */
 	int guard_fd;			/* >= 0: run as the guardian, reading this pipe */
 };
 

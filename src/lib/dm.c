@@ -704,6 +704,43 @@ out:
 	return r;
 }
 
+/* DM_DEVICE_RENAME: a new name (new_name) or, for a device that has none,
+ * its UUID (new_uuid). */
+static int rename_task(const char *name, const char *new_name, const char *new_uuid, bool hidden)
+{
+	struct dm_task *dmt;
+	int r = check_name(name);
+
+	if (!r && new_name)
+		r = check_name(new_name);
+	if (r)
+		return r;
+	dmt = task_create(DM_DEVICE_RENAME, name, &r);
+	if (!dmt)
+		return r;
+	if (new_name ? !dm_task_set_newname(dmt, new_name) : !dm_task_set_newuuid(dmt, new_uuid))
+		r = -ENOMEM;
+	if (!r)
+		r = run_with_cookie(dmt, hidden, -EIO);
+	if (r == -ENXIO)
+		r = -ENODEV;
+	if (r)
+		log_err("cannot %s device %s%s%s: %s", new_name ? "rename" : "set the UUID of", name,
+			new_name ? " to " : "", new_name ? new_name : "", strerror(-r));
+	dm_task_destroy(dmt);
+	return r;
+}
+
+int dm_rename_device(const char *name, const char *new_name, bool hidden)
+{
+	return rename_task(name, new_name, NULL, hidden);
+}
+
+int dm_set_uuid(const char *name, const char *uuid, bool hidden)
+{
+	return rename_task(name, NULL, uuid, hidden);
+}
+
 /* Mask the key of a crypt table line ("cipher key iv_offset dev offset
  * ...") with '0's unless it is a keyring reference (":size:type:desc"). */
 static void mask_crypt_key(char *params)

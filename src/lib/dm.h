@@ -136,6 +136,13 @@ int dm_target_message(const char *name, const char *message);
  * (no such device), -EBUSY, or -errno. */
 int dm_remove_device(const char *name, bool deferred, bool retry);
 
+/* Rename device name to new_name; give a device created without a UUID
+ * its uuid (the kernel never changes a UUID once set). hidden: as
+ * dm_resume. 0, -ENODEV, -EBUSY (the name or UUID is taken), -EINVAL
+ * (a UUID already set) or -errno. */
+int dm_rename_device(const char *name, const char *new_name, bool hidden);
+int dm_set_uuid(const char *name, const char *uuid, bool hidden);
+
 /* State of a device: info->exists is false (and 0 returned) when there is
  * no such device. 0 or -errno. */
 int dm_device_info(const char *name, struct dm_dev_info *info);

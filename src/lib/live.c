@@ -62,6 +62,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mapping.h"
+#include "mapping_swap.h"
 #include "nbd.h"
 #include "sysutil.h"
 #include "util.h"
@@ -275,6 +276,34 @@ static bool has_slave(const char *block, const char *prefix, int depth)
 	return found;
 }
 
+int mapping_lock_existing(const char *name, int *lock, struct dm_dev_info *top)
+{
+	int r;
+
+	if (lock)
+		*lock = -1;
+	if (!dm_mapping_name_valid(name)) {
+		log_err("Device %s is not a qcowsetup mapping.", name);
+		return -ENODEV;
+	}
+	r = dm_check_control();
+	if (r)
+		return r;
+	if (lock && (*lock = qs_name_lock(name)) < 0) {
+		r = *lock;
+		log_err("Cannot lock the name %s: %s.", name, strerror(-r));
+		return r;
+	}
+	r = dm_device_info(name, top);
+	if (r)
+		return r;
+	if (!top->exists || !dm_uuid_is_top(top->uuid)) {
+		log_err(top->exists ? "Device %s is not a qcowsetup mapping." : "Device %s does not exist.", name);
+		return -ENODEV;
+	}
+	return 0;
+}
+
 /* NAME locked, its devices found, the daemon asked whether it runs. */
 static int live_prepare(struct live_ctx *c)
 {
@@ -282,26 +311,9 @@ static int live_prepare(struct live_ctx *c)
 	int r;
 
 	c->lock = -1;
-	if (!dm_mapping_name_valid(c->name)) {
-		log_err("Device %s is not a qcowsetup mapping.", c->name);
-		return -ENODEV;
-	}
-	r = dm_check_control();
+	r = mapping_lock_existing(c->name, c->lock_held ? NULL : &c->lock, &c->top);
 	if (r)
 		return r;
-	c->lock = c->lock_held ? -1 : qs_name_lock(c->name);
-	if (c->lock < 0 && !c->lock_held) {
-		r = c->lock;
-		log_err("Cannot lock the name %s: %s.", c->name, strerror(-r));
-		return r;
-	}
-	r = dm_device_info(c->name, &c->top);
-	if (r)
-		return r;
-	if (!c->top.exists || !dm_uuid_is_top(c->top.uuid)) {
-		log_err(c->top.exists ? "Device %s is not a qcowsetup mapping." : "Device %s does not exist.", c->name);
-		return -ENODEV;
-	}
 	c->top_suspended = c->top.suspended;
 	r = dm_list_devices(collect, c);
 	if (r)

@@ -236,7 +236,7 @@ static int lock_failed(int fd, const char *path, int byte, int r)
 	return r;
 }
 
-int lock_image(int fd, bool write, const char *path)
+static int lock_image_checked(int fd, bool write, const char *path, bool check)
 {
 	unsigned int used = write ? PERM_USED_RW : PERM_USED_RO;
 	unsigned int shared = PERM_SHARED;
@@ -267,7 +267,7 @@ int lock_image(int fd, bool write, const char *path)
 
 	/* ... then check (raw_check_lock_bytes): nobody refuses to share what
 	 * we use, nobody uses what we do not share. */
-	for (i = 0; i < LOCK_PERM_BITS; i++) {
+	for (i = 0; check && i < LOCK_PERM_BITS; i++) {
 		if (used & (1u << i)) {
 			byte = LOCK_SHARED_BASE + i;
 			r = ofd_test(fd, byte);
@@ -275,7 +275,7 @@ int lock_image(int fd, bool write, const char *path)
 				goto fail;
 		}
 	}
-	for (i = 0; i < LOCK_PERM_BITS; i++) {
+	for (i = 0; check && i < LOCK_PERM_BITS; i++) {
 		if (!(shared & (1u << i))) {
 			byte = LOCK_PERM_BASE + i;
 			r = ofd_test(fd, byte);
@@ -349,6 +349,16 @@ int lock_image_upgrade(int fd, const char *path)
 		return lock_failed(fd, path, byte, r);
 	log_dbg("%s: locked for read-write (QEMU lock bytes, upgraded)", path);
 	return 0;
+}
+
+int lock_image(int fd, bool write, const char *path)
+{
+	return lock_image_checked(fd, write, path, true);
+}
+
+int lock_image_unchecked(int fd, bool write, const char *path)
+{
+	return lock_image_checked(fd, write, path, false);
 }
 
 int lock_image_replaceable(const char *path)

@@ -63,6 +63,12 @@ int lock_image(int fd, bool write, const char *path);
  * device. 0, or as lock_image (-EBUSY with the holders named). */
 int lock_image_upgrade(int fd, const char *path);
 
+/* lock_image without the test for conflicts: for a file the caller holds
+ * itself in another mode through another description that is about to go
+ * (snapshot: the image a mapping wrote becomes its read-only backing while
+ * the old read-write loop device still holds it). 0 or -errno. */
+int lock_image_unchecked(int fd, bool write, const char *path);
+
 /* Drop every lock byte (100..103, 200..203) of the description of fd.
  * 0 or -errno. */
 int lock_image_release(int fd);

@@ -40,6 +40,7 @@
 #include "nbd.h"
 #include "qcow2_rw.h"
 #include "mapping.h"
+#include "mapping_swap.h"
 #include "stack.h"
 #include "sysutil.h"
 #include "trust.h"
@@ -84,6 +85,8 @@ struct open_ctx {
 	char id[DM_IMAGE_ID_MAX];	/* image identifier of the UUIDs */
 	pid_t daemon_pid;	/* 0: none started */
 	bool daemon_ready;	/* it created the top device */
+	struct mapping_swap *swap;	/* snapshot: the stack goes under an existing top */
+	struct passphrase **keep_pp;	/* unlock() gives the passphrase of layer 0 here */
 };
 
 /* Fault injection for the atomicity tests: --debug-fail-step K makes the
@@ -117,7 +120,10 @@ static int hold_file(struct open_ctx *c, const struct img_io *io, struct held_fi
 	h->path = path;
 	if (h->fd < 0)
 		return -EBADF;
-	r = lock_image(h->fd, write, path);
+	if (c->swap && (h == &c->data[1] || h == &c->meta[1]))
+		r = lock_image_unchecked(h->fd, write, path);	/* (the old loop device still holds it) */
+	else
+		r = lock_image(h->fd, write, path);
 	if (r == 0 && extend_to && fstat(h->fd, &st) == 0 && S_ISREG(st.st_mode)) {
 		if (old_size)
 			*old_size = (uint64_t)st.st_size;
@@ -282,7 +288,9 @@ static int create_devices(struct open_ctx *c)
 		if (r)
 			return r;
 		dm_stack_table(c->stack, dev, &it, &t);
-		r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
+		/* (snapshot: the old devices of these names still have the UUIDs) */
+		r = dm_create_device(dev->name, c->swap ? NULL : dev->uuid, dev->read_only, dev->hidden, &t, &maj,
+				     &min);
 		if (r) {
 			log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
 			return r;
@@ -368,6 +376,7 @@ static int build_stack(struct open_ctx *c, const char *slow_dev)
 		.allow_discards = c->p->allow_discards,
 		.max_targets = c->p->max_targets,
 		.slow_dev = slow_dev,
+		.id = c->swap ? c->swap->id : NULL,
 	};
 
 	return stack_build(c->img, c->tl, c->nlayers, &c->runs, &o, c->id, sizeof(c->id), &c->stack);
@@ -602,6 +611,7 @@ static int spawn_daemon(struct open_ctx *c)
 	if (c->p->nbd_timeout)
 		a->nbd_timeout = c->p->nbd_timeout;
 	a->debug = c->p->debug;
+	a->take_over = c->swap != NULL;
 	r = start_daemon(a, &c->daemon_pid, &nbd);
 	if (r)
 		log_verbose("The slow-path daemon failed: %s.", strerror(-r));
@@ -631,21 +641,12 @@ static int open_chain(struct open_ctx *c)
 
 static int teardown(const char *name);
 
-/* Phase 1: NAME free and locked, the chain parsed and fit for the mode. */
-static int prepare(struct open_ctx *c)
+/* NAME locked, and free. */
+static int claim_name(struct open_ctx *c)
 {
 	struct dm_dev_info info;
 	int r;
 
-	if (!dm_mapping_name_valid(c->name)) {
-		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most %d).", c->name,
-			DM_MAPPING_NAME_MAX);
-		return -EINVAL;
-	}
-	c->rw = !c->p->read_only && !c->p->snapshot;
-	r = dm_check_control();
-	if (r)
-		return r;
 	/* one open, close or reattach of NAME at a time, from here to the end */
 	c->name_lock = qs_name_lock(c->name);
 	if (c->name_lock < 0) {
@@ -659,6 +660,26 @@ static int prepare(struct open_ctx *c)
 		return -EEXIST;
 	}
 	mapping_unmark_suspended(c->name);	/* of a mapping of that name removed by hand */
+	return r;
+}
+
+/* Phase 1: NAME free and locked (a snapshot holds it already), the chain
+ * parsed and fit for the mode. */
+static int prepare(struct open_ctx *c)
+{
+	int r;
+
+	if (!dm_mapping_name_valid(c->name)) {
+		log_err("Invalid device name \"%s\": use letters, digits and - _ . + (at most %d).", c->name,
+			DM_MAPPING_NAME_MAX);
+		return -EINVAL;
+	}
+	c->rw = !c->p->read_only && !c->p->snapshot;
+	r = dm_check_control();
+	if (!r && !c->swap)
+		r = claim_name(c);
+	if (r)
+		return r;
 	/* parsed, validated, locked, attached and served: one descriptor per
 	 * file, opened here once */
 	r = open_chain(c);
@@ -695,9 +716,18 @@ static int unlock(struct open_ctx *c)
 	struct passphrase *shared = NULL;
 	int r = 0;
 
-	for (unsigned int d = 0; !r && d < c->nlayers; d++)
-		if (c->tl[d].img->crypt_method != IMG_CRYPT_NONE)
-			r = unlock_layer(c, d, &shared);
+	for (unsigned int d = 0; !r && d < c->nlayers; d++) {
+		if (c->tl[d].img->crypt_method == IMG_CRYPT_NONE)
+			continue;
+		if (c->swap && c->swap->vk[d]) {
+			c->vk[d] = c->swap->vk[d];
+			c->swap->vk[d] = NULL;
+			continue;
+		}
+		r = unlock_layer(c, d, &shared);
+		if (!r && d == 0 && c->keep_pp && shared)
+			r = passphrase_from_buffer(shared->data, shared->len, c->keep_pp);
+	}
 	passphrase_free(shared);
 	if (!r)
 		r = dm_check_target("linear");
@@ -788,7 +818,8 @@ static int do_open(struct open_ctx *c)
 		r = hold_files(c);
 	if (!r)
 		r = create_stack(c);
-	if (!r)
+	/* (a snapshot: the daemon's READY was the switch, nothing fails after) */
+	if (!r && !c->swap)
 		r = fail_step_at(c, "finish");
 	if (r && c->daemon_ready) {
 		/* the daemon made the top device: undo as close does */
@@ -1512,4 +1543,86 @@ int mapping_start_daemon(struct daemon_args *a, pid_t *pid, int *nbd_index)
 int mapping_stop_daemon(const char *name, int nbd, pid_t pid)
 {
 	return stop_daemons(name, &nbd, 1, &pid);
+}
+
+/* ---- for a live snapshot (mapping_swap.h) ---- */
+
+int mapping_open_swap(const struct mapping_params *p, struct mapping_swap *s)
+{
+	struct open_ctx c = { .p = p, .image_path = p->image, .name = p->name, .name_lock = -1, .swap = s };
+	int r;
+
+	run_list_init(&c.runs);
+	c.step = s->step;
+	r = do_open(&c);
+	s->step = c.step;
+	if (r == 0) {
+		if (s->switched)
+			s->switched(s->opaque);
+		/* the old devices gone, their UUIDs are free */
+		for (size_t i = 0; i < c.created; i++) {
+			const struct dm_device *dev = &c.stack->devices[i];
+
+			if (dm_set_uuid(dev->name, dev->uuid, dev->hidden))
+				log_std("%s keeps no UUID: `qcowsetup close %s` will not find it (dmsetup remove %s).",
+					dev->name, c.name, dev->name);
+		}
+	}
+	open_ctx_free(&c);
+	return r;
+}
+
+int mapping_read_chain_keys(const struct mapping_params *p, struct mapping_chain_keys *k)
+{
+	struct open_ctx c = { .p = p, .image_path = p->image, .name = p->name, .name_lock = -1, .keep_pp = &k->pp };
+	int r;
+
+	run_list_init(&c.runs);
+	r = open_chain(&c);	/* (c.rw false: read-only) */
+	if (!r) {
+		c.tl = calloc(IMG_MAX_CHAIN_DEPTH, sizeof(*c.tl));
+		r = c.tl ? stack_layers_read(c.img, c.tl, &c.nlayers) : -ENOMEM;
+	}
+	if (!r)
+		r = unlock(&c);
+	if (!r) {
+		k->size = c.img->size;
+		k->cluster_bits = c.img->cluster_bits;
+		k->luks = c.img->crypt_method == IMG_CRYPT_LUKS;
+		if (k->luks)
+			k->luks0 = c.tl[0].luks;
+		for (unsigned int d = 0; d < c.nlayers; d++) {
+			k->legacy_aes = k->legacy_aes || c.tl[d].img->crypt_method == IMG_CRYPT_AES;
+			k->vk[d] = c.vk[d];
+			c.vk[d] = NULL;
+		}
+	}
+	open_ctx_free(&c);
+	return r;
+}
+
+void mapping_chain_keys_free(struct mapping_chain_keys *k)
+{
+	for (unsigned int d = 0; d < IMG_MAX_CHAIN_DEPTH; d++) {
+		volume_key_free(k->vk[d]);
+		k->vk[d] = NULL;
+	}
+	passphrase_free(k->pp);
+	k->pp = NULL;
+}
+
+int mapping_restart_daemon(struct daemon_args *a, int nbd)
+{
+	pid_t pid = 0;
+	int index = -1;
+
+	a->reattach = nbd;
+	a->take_over = false;
+	a->ngiven = 0;
+	return start_daemon(a, &pid, &index);
+}
+
+int mapping_wait_daemon_exit(pid_t pid)
+{
+	return wait_gone(pid, DAEMON_EXIT_TIMEOUT_MS);
 }

@@ -109,6 +109,37 @@ int mapping_reattach_locked(const char *name, bool debug);
 int mapping_grow_crypt_locked(const char *name, uint64_t bytes, const struct mapping_live_params *p,
 			      int steps_done);
 
+/* ---- snapshot (snapshot.c): a live external snapshot ---- */
+
+struct mapping_snapshot_params {
+	const char *name;		/* the read-write mapping NAME */
+	const char *image;		/* the new overlay (must not exist) */
+	mapping_ask_fn ask;		/* passphrases of the mapping's encrypted layers */
+	void *ask_opaque;
+	/* the overlay's passphrase when the mapping is LUKS-encrypted: NULL
+	 * for the one that opened the image (taken: the library frees it) */
+	struct passphrase *new_passphrase;
+	struct luks_pbkdf pbkdf;	/* of the overlay's key slot */
+	bool debug;			/* the new daemon logs debug */
+	int fail_step;			/* tests: fail step K as if the kernel refused it */
+};
+
+/* Create p->image, a qcow2 overlay whose backing file is the image that
+ * NAME has open (LUKS-encrypted like it, same cipher, when it is), and
+ * move NAME onto it without closing /dev/mapper/NAME: its I/O is held
+ * (not failed) while the old daemon writes the image back and exits, the
+ * overlay's stack is built under the top device (as `open IMAGE NAME`
+ * builds it, the old image a read-only backing layer with QEMU's
+ * read-only locks), and a new daemon takes the top over. All or nothing:
+ * on a failure the mapping goes on, on the old image, and nothing is
+ * left. 0, or -errno with one line logged:
+ *   -ENODEV  no such mapping,     -EBUSY  suspended, or another command on it,
+ *   -EINVAL  read-only mapping (no daemon), -EEXIST the overlay exists,
+ *   -ENOTCONN its daemon is not running,   -EPERM  wrong passphrase,
+ *   -ENOTSUP legacy AES layers, a mapping opened with --backing-file or
+ *            --data-file, -errno. */
+int mapping_snapshot(const struct mapping_snapshot_params *p);
+
 #define MAPPING_MAX_FILES	(2 * 16)
 #define MAPPING_MAX_SLOW	8
 

@@ -83,7 +83,10 @@ int stack_build(const struct image *img, const struct stack_layer *tl, unsigned 
 	}
 	if (file_io_real_path(&img->io, real, sizeof(real)))
 		snprintf(real, sizeof(real), "%s", img->path);
-	r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, real, id, idsize);
+	if (o->id)
+		r = snprintf(id, idsize, "%s", o->id) < (int)idsize ? 0 : -ENOSPC;
+	else
+		r = dm_image_id(img->crypt_method == IMG_CRYPT_LUKS ? tl[0].luks.uuid : NULL, real, id, idsize);
 	if (r) {
 		log_err("%s: no usable identifier for the device UUIDs.", img->path);
 		return r;

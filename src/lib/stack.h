@@ -35,11 +35,13 @@ struct stack_options {
 	bool allow_discards;
 	uint64_t max_targets;
 	const char *slow_dev;		/* the slow-path device, or NULL */
+	const char *id;			/* the image identifier, NULL: the image's (a
+					 * snapshot keeps the top device's) */
 };
 
 /* The stack of the chain img (layers tl with hosts filled, chain runs)
- * into *out, its image identifier into id (dm_image_id: the top's LUKS
- * UUID, else a hash of the file's real path). 0, -EINVAL (NAME too long
+ * into *out, its image identifier into id (o->id, else dm_image_id: the
+ * top's LUKS UUID, else a hash of the file's real path). 0, -EINVAL (NAME too long
  * or invalid), -errno. */
 int stack_build(const struct image *img, const struct stack_layer *tl, unsigned int n, const struct run_list *runs,
 		const struct stack_options *o, char *id, size_t idsize, struct dm_stack **out);

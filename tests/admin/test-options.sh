@@ -56,6 +56,7 @@ declare -A want=(
 	[suspend]="$G"
 	[resume]="$G $KEYFILE --tries --skip-key-check --quiet"
 	[refresh]="$G --allow-discards --no-allow-discards $KEYFILE --tries --skip-key-check --quiet"
+	[snapshot]="$G $KEYFILE --tries $PBKDF $NEWKEY --quiet"
 	[commit]="$G $KEYFILE --tries --progress --quiet"
 	[format]="$G $KEYFILE --backing-file $NEWHDR --backing-format --quiet --force"
 	[add-key]="$G $KEYFILE --tries $PBKDF $NEWKEY --key-slot --quiet"

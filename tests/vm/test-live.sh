@@ -10,14 +10,21 @@
 # suspended and resume starts a new one; refresh switches discards; a
 # failure injected at each step of suspend, resume and refresh
 # (--debug-fail-step) is undone; after close `qemu-img check` is clean and
-# the content equals the reference. commit: a LUKS overlay over a raw base
-# committed while an ext4 on it is written (first a commit failed halfway
-# through the copy: undone, the mapping on the overlay), an unencrypted
-# overlay into a LUKS qcow2 base; the base alone converts to what the guest
-# saw, `qemu-img check` clean, the overlay unlocked and clean; a base
-# mapped elsewhere refuses the commit (exit 5). QS_LIVE_FULL=1 adds the
-# other pairs (LUKS and unencrypted overlays over an unencrypted qcow2
-# base) and a failure at every step of commit, for each pair; the chain's fault
+# the content equals the reference. snapshot of a LUKS mapping under a
+# mounted ext4 with fio writing and verifying across it: one failure
+# injected after the old daemon left is undone (tables as before, no
+# overlay); then the overlay is LUKS, the stack is what open builds, the
+# old image is clean, read-only to QEMU and holds the filesystem as it was;
+# after close both images check clean with the right files. commit: a LUKS
+# overlay over a raw base committed while an ext4 on it is written (first
+# a commit failed halfway through the copy: undone, the mapping on the
+# overlay), an unencrypted overlay into a LUKS qcow2 base; the base alone
+# converts to what the guest saw, `qemu-img check` clean, the overlay
+# unlocked and clean; a base mapped elsewhere refuses the commit (exit 5).
+# QS_LIVE_FULL=1 adds snapshots of unencrypted and chain mappings and a
+# failure at each step of snapshot (LUKS, chain), the other commit pairs
+# (LUKS and unencrypted overlays over an unencrypted qcow2 base) and a
+# failure at every step of commit for each pair, and the chain's fault
 # injection, refresh of a read-only LUKS mapping, and suspend/resume and
 # refresh of an unencrypted mapping (the chain's cases cover that path).
 # Exit: 0 pass, 1 fail, 77 skip (no QEMU system emulator, kernel, qemu-img).

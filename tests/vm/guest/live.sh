@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs in the VM (see test-live.sh): /dev/vda is an ext4 disk with the images
 # (luks.qcow2 with the passphrase in pass, plain.qcow2, chain.qcow2 over
-# mid.qcow2 over base.raw). suspend, resume and refresh on live mappings.
+# mid.qcow2 over base.raw). suspend, resume, refresh and snapshot on live
+# mappings.
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
 vm_images_disk
@@ -401,16 +402,166 @@ if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
 		vm_test "atomic commit ($ov): a failure at each step is undone" commit_case $ov all
 	done
 fi
+
+# ---- snapshot: a live external snapshot under a mounted filesystem
+over_opts() {	# overlay over an image named by $2: qemu-img arguments
+	case $2 in
+	*luks*) echo "$sec --image-opts driver=qcow2,file.filename=$1,encrypt.key-secret=s0,backing.encrypt.key-secret=s0" ;;
+	*) echo "-f qcow2 $1" ;;
+	esac
+}
+lv_loops() {	# the files of the loop devices, "FILE:ro|rw" a line, sorted
+	for l in /sys/block/loop*; do
+		[ -s "$l/loop/backing_file" ] || continue
+		echo "$(cat "$l/loop/backing_file"):$(case $(cat "$l/ro") in 1) echo ro ;; *) echo rw ;; esac)"
+	done | sort | tr '\n' ' '
+}
+fs_open() {	# image: mapped as lv, ext4 mounted on /mnt/lv with a file "before"
+	copy "$1"
+	w=/mnt/m/w/$1
+	# shellcheck disable=SC2046
+	qcowsetup open $(key_opts "$1") "$w" lv
+	# (no lazy init: its background writes would move the top table)
+	mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/lv
+	mkdir -p /mnt/lv /mnt/old
+	mount /dev/mapper/lv /mnt/lv
+	head -c 3000000 /dev/urandom >/mnt/lv/before
+	sync
+	sum_before=$(md5sum </mnt/lv/before)
+}
+fs_has() {	# raw file...: a clean ext4 whose "before" (and "after") are right
+	raw=$1
+	e2fsck -fn "$raw" >/tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; return 1; }
+	mount -o ro,loop "$raw" /mnt/old
+	rc=0
+	[ "$(md5sum </mnt/old/before)" = "$sum_before" ] || { echo "$raw: before differs"; rc=1; }
+	[ -z "${sum_after:-}" ] || [ "$(md5sum </mnt/old/after)" = "$sum_after" ] || { echo "$raw: after differs"; rc=1; }
+	umount /mnt/old
+	return $rc
+}
+daemons_of_lv() { ps -o pid,args | grep -c '[@]qcowsetup-daemon --name lv '; }
+snap_fails() {	# image overlay k: snapshot step k fails; everything as it was
+	sleep 1	# (the daemon's last remap round)
+	dmsetup table | sort >/tmp/tables.before
+	rc=0
+	# shellcheck disable=SC2046
+	qcowsetup snapshot --iter-time 10 --debug-fail-step "$3" $(key_opts "$1") lv "$2" 2>/tmp/err || rc=$?
+	[ $rc != 0 ] || return 2
+	grep -q "Injected failure at step $3" /tmp/err || { cat /tmp/err; return 1; }
+	# the mapping goes on, on the old image, as it was; nothing left
+	dmsetup table | sort | cmp -s - /tmp/tables.before || { echo "tables differ after step $3:"; dmsetup table; return 1; }
+	[ ! -e "$2" ] || { echo "overlay left after step $3"; return 1; }
+	qcowsetup status lv | grep -q 'daemon pid.*running' || { echo "no daemon after step $3"; return 1; }
+	# (a daemon and its guardian; an old guardian is allowed a moment)
+	[ "$(daemons_of_lv)" = 2 ] || { sleep 1; [ "$(daemons_of_lv)" = 2 ]; } ||
+		{ echo "daemons after step $3:"; ps -o pid,args | grep '[q]cowsetup'; return 1; }
+	mapping_works || { echo "after failing snapshot step $3"; return 1; }
+	head -c 500000 /dev/urandom >/mnt/lv/during
+	sync
+}
+snapshot_live() {	# image: one failure undone, then fio with verify running across the snapshot
+	fs_open "$1"
+	ov=/mnt/m/w/over-$1
+	sum_after=
+	# the new daemon's start (LUKS), the overlay held (else): after the old daemon left
+	case $1 in *luks*) k=12 ;; *) k=5 ;; esac
+	snap_fails "$1" "$ov" $k
+	# fio writes and verifies, again and again, until the snapshot is done
+	rm -f /tmp/fio.stop /tmp/fio.rc
+	(n=0; while [ ! -e /tmp/fio.stop ]; do
+		fio --name=v$n --directory=/mnt/lv --size=1M --rw=randwrite --bs=4k --ioengine=psync --fsync=16 \
+			--verify=crc32c --verify_fatal=1 >/tmp/fio.out 2>&1 || { echo $n >/tmp/fio.rc; exit; }
+		n=$((n + 1))
+	done; echo 0 >/tmp/fio.rc; echo "$n fio runs" >/tmp/fio.runs) &
+	sleep 2
+	t0=$(vm_uptime)
+	# shellcheck disable=SC2046
+	qcowsetup snapshot -v --iter-time 10 $(key_opts "$1") lv "$ov"
+	echo "snapshot took $(awk -v a="$t0" -v b="$(vm_uptime)" 'BEGIN { printf "%.2f", b - a }') s$([ -e /tmp/fio.rc ] && echo ', fio had stopped')"
+	[ ! -e /tmp/fio.rc ] || { echo "fio failed in run $(cat /tmp/fio.rc):"; cat /tmp/fio.out; return 1; }
+	sleep 2
+	touch /tmp/fio.stop
+	wait
+	[ "$(cat /tmp/fio.rc)" = 0 ] || { echo "fio failed in run $(cat /tmp/fio.rc):"; cat /tmp/fio.out; return 1; }
+	cat /tmp/fio.runs
+	# the stack open builds for the overlay: its crypt device NAME_crypt, the
+	# old image's NAME_L1_crypt, every internal device with a UUID
+	case $1 in
+	chain*) want="/mnt/m/w/base.raw:ro /mnt/m/w/chain.qcow2:ro /mnt/m/w/mid.qcow2:ro $ov:rw " ;;
+	*) want="$w:ro $ov:rw " ;;
+	esac
+	want=$(echo "$want" | tr ' ' '\n' | grep . | sort | tr '\n' ' ')
+	[ "$(lv_loops)" = "$want" ] || { echo "loop devices: $(lv_loops), not $want"; return 1; }
+	dmsetup info -c --noheadings -o name,uuid | sort >/tmp/devs
+	if grep -q '\.old' /tmp/devs || awk -F: '$2 == "" { bad = 1 } END { exit !bad }' /tmp/devs; then
+		echo "old or UUID-less devices:"; cat /tmp/devs; return 1
+	fi
+	case $1 in *luks*)
+		grep -q '^lv_crypt:QCOW2-INT-.*-lv_crypt$' /tmp/devs && grep -q '^lv_L1_crypt:QCOW2-INT-.*-lv_L1_crypt$' /tmp/devs ||
+			{ echo "crypt devices:"; cat /tmp/devs; return 1; }
+		qemu-img info -U "$ov" | grep -q 'encrypted: yes' || { echo "the overlay is not encrypted"; qemu-img info -U "$ov"; return 1; } ;;
+	esac
+	keys_back
+	[ "$(daemons_of_lv)" = 2 ] || { sleep 1; [ "$(daemons_of_lv)" = 2 ]; } || { echo "daemons:"; ps -o pid,args | grep '[q]cowsetup'; return 1; }
+	# the old image while mapped: read-only locks (QEMU reads it, cannot write it)
+	qcheck "$w"
+	# shellcheck disable=SC2046
+	if qemu-io $(img_opts "$w") -c 'write 0 512' >/tmp/io.out 2>&1; then
+		echo "QEMU could write the old image"; return 1
+	fi
+	grep -q 'lock' /tmp/io.out || { cat /tmp/io.out; return 1; }
+	to_raw "$w" /tmp/old.raw
+	fs_has /tmp/old.raw
+	rm -f /tmp/old.raw
+	head -c 1000000 /dev/urandom >/mnt/lv/after
+	sync
+	sum_after=$(md5sum </mnt/lv/after)
+	umount /mnt/lv
+	qcowsetup close lv
+	# shellcheck disable=SC2046
+	qemu-img check $(over_opts "$ov" "$1") >/tmp/check.out 2>&1 || { cat /tmp/check.out; return 1; }
+	qcheck "$w"
+	# shellcheck disable=SC2046
+	qemu-img convert $(over_opts "$ov" "$1") -O raw /tmp/new.raw
+	fs_has /tmp/new.raw
+	rm -f /tmp/new.raw
+	vm_assert_clean
+}
+snapshot_faults() {	# image: a failure at each step in turn, each undone, then the snapshot
+	fs_open "$1"
+	ov=/mnt/m/w/over-$1
+	k=1
+	while :; do
+		st=0
+		snap_fails "$1" "$ov" $k || st=$?
+		[ $st != 2 ] || break
+		[ $st = 0 ] || return 1
+		k=$((k + 1))
+		[ $k -lt 60 ] || return 1
+	done
+	echo "snapshot: $((k - 1)) steps failed in turn, each undone"
+	[ -e "$ov" ] || { echo "no overlay after the last step"; return 1; }
+	umount /mnt/lv
+	qcowsetup close lv
+	qcheck "$w"
+	vm_assert_clean
+}
+
 vm_test "LUKS read-write: I/O held while suspended, keys wiped, wrong passphrase refused, right data after resume" held_io luks.qcow2
 vm_test "LUKS read-only: reads held while suspended, keys wiped, right data after resume" held_io luks.qcow2 ro
 vm_test "backing chain read-write: I/O held while suspended, right data after resume" held_io chain.qcow2
 vm_test "LUKS: daemon killed while suspended stays suspended; resume starts a new daemon" daemon_dies luks.qcow2
 vm_test "refresh LUKS read-write: discards on and off in the crypt table and the top device" refresh luks.qcow2
 vm_test "atomic suspend/resume/refresh (LUKS): a failure at each step is undone" fault_steps luks.qcow2
+vm_test "snapshot LUKS under mounted ext4 and fio: a failure undone; overlay encrypted, old image clean and read-only" snapshot_live luks.qcow2
 if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
 	vm_test "unencrypted read-write: I/O held while suspended, right data after resume" held_io plain.qcow2
 	vm_test "refresh unencrypted read-write: discards on and off" refresh plain.qcow2
 	vm_test "refresh LUKS read-only: allow_discards in the crypt table" refresh luks.qcow2 ro
 	vm_test "atomic suspend/resume/refresh (chain): a failure at each step is undone" fault_steps chain.qcow2
+	vm_test "snapshot unencrypted under mounted ext4 and fio" snapshot_live plain.qcow2
+	vm_test "snapshot of a backing chain under mounted ext4 and fio" snapshot_live chain.qcow2
+	vm_test "atomic snapshot (LUKS): a failure at each step is undone" snapshot_faults luks.qcow2
+	vm_test "atomic snapshot (chain): a failure at each step is undone" snapshot_faults chain.qcow2
 fi
 vm_summary
