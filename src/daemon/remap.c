@@ -52,7 +52,6 @@
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
-#include "stack.h"
 #include "util.h"
 
 /* ---- the stack ---- */
@@ -119,9 +118,7 @@ static const struct dm_device *find_device(const struct dm_stack *s, const char 
 
 static int create(struct dm_stack *s, size_t i)
 {
-	bool made;
-
-	return stack_create_device(s, i, &made);
+	return dm_create_stack_device(s, i, true, NULL);
 }
 
 static int load(const struct dm_stack *s, size_t i)

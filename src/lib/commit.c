@@ -380,7 +380,7 @@ static int create_crypt(struct commit_ctx *c)
 		if (!r)
 			r = commit_step(c, c->stack->devices[i].name);
 		if (!r)
-			r = stack_create_device(c->stack, i, &c->crypt_created);
+			r = dm_create_stack_device(c->stack, i, true, &c->crypt_created);
 		keyring_remove(c->key_serial);
 		c->key_serial = 0;
 		if (r)

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "dm.h"
+#include "dmtable.h"
 #include "log.h"
 #include "sysutil.h"
 
@@ -515,6 +516,27 @@ int dm_create_device(const char *name, const char *uuid, bool read_only, bool hi
 revert:
 	revert_create(name);
 	return r;
+}
+
+int dm_create_stack_device(struct dm_stack *s, size_t i, bool with_uuid, bool *created)
+{
+	const struct dm_device *dev = &s->devices[i];
+	struct dm_stack_table_iter it;
+	struct dm_table t;
+	uint32_t maj, min;
+	char ref[32];
+	int r;
+
+	dm_stack_table(s, dev, &it, &t);
+	r = dm_create_device(dev->name, with_uuid ? dev->uuid : NULL, dev->read_only, dev->hidden, &t, &maj, &min);
+	if (created)
+		*created = r == 0;
+	if (r) {
+		log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
+		return r;
+	}
+	snprintf(ref, sizeof(ref), "%u:%u", maj, min);
+	return dm_stack_set_ref(s, i, ref);
 }
 
 int dm_load_table(const char *name, bool read_only, const struct dm_table *table)

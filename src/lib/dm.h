@@ -110,6 +110,14 @@ bool dm_udev_in_use(void);
 int dm_create_device(const char *name, const char *uuid, bool read_only, bool hidden,
 		     const struct dm_table *table, uint32_t *major, uint32_t *minor);
 
+/* Create device i of stack s (dmtable.h) with its table and udev flags,
+ * with its UUID or none (with_uuid false: a device that takes the UUID of
+ * one still present later), and tell s how later tables refer to it.
+ * *created (may be NULL) says whether the device exists now. Errors as
+ * dm_create_device, logged. */
+struct dm_stack;
+int dm_create_stack_device(struct dm_stack *s, size_t i, bool with_uuid, bool *created);
+
 /* Load table into the inactive slot of an existing device (the live table
  * goes on serving I/O); dm_suspend + dm_resume swap it in, dm_clear_table
  * drops it. Errors as dm_create_device, and -ENODEV when there is no such

@@ -273,31 +273,21 @@ static void remove_keys(struct open_ctx *c)
  * below the top table (the daemon creates the top device and segments). */
 static int create_devices(struct open_ctx *c)
 {
-	char ref[32];
 	int r;
 
 	for (size_t i = 0; i < c->stack->count; i++) {
 		const struct dm_device *dev = &c->stack->devices[i];
-		struct dm_stack_table_iter it;
-		struct dm_table t;
-		uint32_t maj, min;
+		bool made;
 
 		if (c->use_daemon && dm_is_top_device(dev))
 			break;
 		r = fail_step_at(c, dev->name);
 		if (r)
 			return r;
-		dm_stack_table(c->stack, dev, &it, &t);
 		/* (snapshot: the old devices of these names still have the UUIDs) */
-		r = dm_create_device(dev->name, c->swap ? NULL : dev->uuid, dev->read_only, dev->hidden, &t, &maj,
-				     &min);
-		if (r) {
-			log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
-			return r;
-		}
-		c->created = i + 1;
-		snprintf(ref, sizeof(ref), "%u:%u", maj, min);
-		r = dm_stack_set_ref(c->stack, i, ref);
+		r = dm_create_stack_device(c->stack, i, !c->swap, &made);
+		if (made)
+			c->created = i + 1;
 		if (r)
 			return r;
 	}

@@ -4,7 +4,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dm.h"
 #include "fileio.h"
 #include "log.h"
 #include "stack.h"
@@ -111,24 +110,4 @@ size_t stack_count_compressed(const struct run_list *runs)
 	for (size_t i = 0; i < runs->count; i++)
 		n += runs->runs[i].kind == RUN_COMPRESSED;
 	return n;
-}
-
-int stack_create_device(struct dm_stack *s, size_t i, bool *created)
-{
-	const struct dm_device *dev = &s->devices[i];
-	struct dm_stack_table_iter it;
-	struct dm_table t;
-	uint32_t maj, min;
-	char ref[32];
-	int r;
-
-	dm_stack_table(s, dev, &it, &t);
-	r = dm_create_device(dev->name, dev->uuid, dev->read_only, dev->hidden, &t, &maj, &min);
-	*created = r == 0;
-	if (r) {
-		log_err("Cannot create device %s: %s.", dev->name, strerror(-r));
-		return r;
-	}
-	snprintf(ref, sizeof(ref), "%u:%u", maj, min);
-	return dm_stack_set_ref(s, i, ref);
 }

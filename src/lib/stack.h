@@ -46,11 +46,6 @@ struct stack_options {
 int stack_build(const struct image *img, const struct stack_layer *tl, unsigned int n, const struct run_list *runs,
 		const struct stack_options *o, char *id, size_t idsize, struct dm_stack **out);
 
-/* Create device i of s (its table, its udev flags) and tell s how later
- * tables refer to it. 0 or -errno, logged; *created says whether the
- * device exists (it may, with the reference not set). */
-int stack_create_device(struct dm_stack *s, size_t i, bool *created);
-
 /* Count of compressed clusters in runs (mapping them needs the daemon). */
 size_t stack_count_compressed(const struct run_list *runs);
 
