@@ -210,7 +210,9 @@ static int prepare(struct commit_ctx *c)
 	r = mapping_find_top(c->name, &c->top);
 	if (r)
 		return r;
-	if (c->top.suspended || mapping_is_marked_suspended(c->name)) {
+	/* (the top device itself is suspended for a moment in each of the
+	 * daemon's table swaps: only `qcowsetup suspend` counts) */
+	if (mapping_is_marked_suspended(c->name)) {
 		log_err("Device %s is suspended: `qcowsetup resume %s` first.", c->name, c->name);
 		return -EBUSY;
 	}

@@ -135,7 +135,8 @@ static int snap_prepare(struct snap_ctx *c)
 	r = mapping_lock_existing(c->name, &c->lock, &c->top);
 	if (r)
 		return r;
-	if (c->top.suspended || mapping_is_marked_suspended(c->name)) {
+	/* (not c->top.suspended: the daemon's table swaps suspend it briefly) */
+	if (mapping_is_marked_suspended(c->name)) {
 		log_err("%s is suspended: `qcowsetup resume %s` first.", c->name, c->name);
 		return -EBUSY;
 	}

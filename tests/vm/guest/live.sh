@@ -364,7 +364,7 @@ commit_case() {	# overlay [fail-at-step|all]
 		# written while committed
 		mount /dev/mapper/lv /mnt/c
 		(i=0; while [ ! -e /tmp/stop ]; do
-			dd if=/dev/urandom of=/mnt/c/during$i bs=64k count=2 conv=fsync 2>/dev/null; i=$((i + 1)); done) &
+			dd if=/dev/urandom of=/mnt/c/during$((i % 16)) bs=64k count=2 conv=fsync 2>/dev/null; i=$((i + 1)); done) &
 		sleep 1
 		qcowsetup commit --verbose --key-file /mnt/m/pass lv
 		sleep 1
