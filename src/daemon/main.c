@@ -57,7 +57,6 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
-#include <sys/xattr.h>
 #include <syslog.h>
 #include <unistd.h>
 
@@ -608,10 +607,6 @@ static int finish(struct daemon *d)
 			else
 				log_dbg("%s: file truncated to %" PRIu64 " bytes", d->o.image, size);
 		}
-		/* given back: nothing left for the next session to give back */
-		if (fstat(d->f.meta_fd, &st) == 0 && (uint64_t)st.st_size <= size &&
-		    fremovexattr(d->f.meta_fd, QS_XATTR_SIZE_BEFORE) && errno != ENODATA && errno != ENOTSUP)
-			log_dbg("%s: %s: %s", d->o.image, QS_XATTR_SIZE_BEFORE, strerror(errno));
 	}
 	log_verbose("%s: closed cleanly", d->o.image);
 	return 0;

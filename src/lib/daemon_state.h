@@ -21,12 +21,6 @@
 
 #define QS_RUN_DIR "/run/qcowsetup"
 
-/* An extended attribute of a top image file while a read-write session has
- * it grown: the file's size before (decimal). A session that never closed
- * (the machine went down with the mapping open) leaves it, so that the next
- * session gives back that room too; a clean close removes it. */
-#define QS_XATTR_SIZE_BEFORE "user.qcowsetup.size-before"
-
 enum qs_state_file {
 	QS_STATE_DAEMON,
 	QS_STATE_STATS,

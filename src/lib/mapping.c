@@ -25,7 +25,6 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
-#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,7 +59,6 @@ struct held_file {
 	const char *path;	/* its name, for messages */
 	bool attached;
 	bool extended;		/* hold_file grew the file from old_size */
-	bool marked;		/* and set QS_XATTR_SIZE_BEFORE */
 	uint64_t old_size;
 };
 
@@ -101,34 +99,6 @@ static int fail_step_at(struct open_ctx *c, const char *what)
 	return 0;
 }
 
-/* The size of the image file fd (now size) before a read-write session
- * grew it: a session that never closed left its size before in
- * QS_XATTR_SIZE_BEFORE (the room beyond holds no cluster in use: the
- * daemon's close gives it back); else size. */
-static uint64_t size_before(int fd, uint64_t size)
-{
-	char buf[24];
-	ssize_t n = fgetxattr(fd, QS_XATTR_SIZE_BEFORE, buf, sizeof(buf) - 1);
-	uint64_t v;
-
-	if (n <= 0)
-		return size;
-	buf[n] = '\0';
-	if (parse_u64(buf, 0, &v) || v >= size)
-		return size;
-	return v;
-}
-
-/* Record the size before (size_before): whether it was recorded (not on a
- * filesystem without user extended attributes). */
-static bool mark_size_before(int fd, uint64_t size)
-{
-	char buf[24];
-	int n = snprintf(buf, sizeof(buf), "%" PRIu64, size);
-
-	return fsetxattr(fd, QS_XATTR_SIZE_BEFORE, buf, (size_t)n, 0) == 0;
-}
-
 /* Lock and attach one file of the chain, through the descriptor it was
  * parsed from (io): read-only, or (write) with QEMU's write locks. loop_rw:
  * the loop device is writable too (io was opened read-write). extend_to:
@@ -149,17 +119,14 @@ static int hold_file(struct open_ctx *c, const struct img_io *io, struct held_fi
 		return -EBADF;
 	r = lock_image(h->fd, write, path);
 	if (r == 0 && extend_to && fstat(h->fd, &st) == 0 && S_ISREG(st.st_mode)) {
-		uint64_t before = size_before(h->fd, (uint64_t)st.st_size);
-
 		if (old_size)
-			*old_size = before;
+			*old_size = (uint64_t)st.st_size;
 		if ((uint64_t)st.st_size < extend_to && ftruncate(h->fd, (off_t)extend_to) < 0)
 			log_std("%s: cannot reserve room for new clusters (%s): writes will stop at %" PRIu64 " bytes of file.",
 				path, strerror(errno), (uint64_t)st.st_size);
 		else if ((uint64_t)st.st_size < extend_to) {
 			h->extended = true;
 			h->old_size = (uint64_t)st.st_size;
-			h->marked = before == h->old_size && mark_size_before(h->fd, before);
 		}
 	}
 	if (r == 0) {
@@ -187,9 +154,7 @@ static void restore_size(struct held_file *h)
 	if (ftruncate(h->fd, (off_t)h->old_size) < 0)
 		log_std("%s: cannot give the file back its size (%" PRIu64 " bytes): %s.", h->path, h->old_size,
 			strerror(errno));
-	else if (h->marked)
-		fremovexattr(h->fd, QS_XATTR_SIZE_BEFORE);
-	h->extended = h->marked = false;
+	h->extended = false;
 }
 
 static void release_file(struct held_file *h)
