@@ -231,7 +231,7 @@ install() {
     else
         dwarn "qcowsetup: no qcowsetup-daemon found: read-write images cannot be mapped in the initramfs"
     fi
-    inst_multiple -o flock
+    inst_multiple -o flock rmdir
     inst_hook cmdline 30 "$moddir/parse-qcowsetup.sh"
     inst_hook pre-pivot 90 "$moddir/qcowsetup-pivot.sh"
     inst_hook shutdown 20 "$moddir/qcowsetup-shutdown.sh"

@@ -23,9 +23,15 @@
 #              systemd: qcowsetup-ask loads it as LoadCredential= would
 #   socket     the key file is an AF_UNIX socket (tests/vm/prog/key-server,
 #              answering for the volume "root"): no question
-# Each boot's root writes a token to /written, remounts itself read-only
-# and powers off; then, on the host: `qemu-img check` of its image is clean
-# and its content is a clean ext4 holding the token.
+#   sdtpm      tpm's binding, from an initramfs run by systemd (dracut's
+#              systemd modules, the module's qcowsetup-generator units; the
+#              same qcowtab and test module): no question, and the
+#              slow-path daemon serves the read-write root after switch_root
+#   sdtang     tang's binding, tangd in that initramfs: the same
+# Each boot's root (busybox; init=/sbin/init for systemd's switch-root)
+# writes a token to /written, remounts itself read-only and powers off;
+# then, on the host: `qemu-img check` of its image is clean and its content
+# is a clean ext4 holding the token.
 #
 # The tang server's keys, the passphrase and the key server go into the
 # initramfs (cached by input hash in $QS_VM_CACHE/unlock): the keys
@@ -54,7 +60,7 @@ PASS='qcow2 unlock secret'
 QS_BOOT_TIMEOUT=${QS_BOOT_TIMEOUT:-600}
 token=unlock-$$-$RANDOM
 if [ -n "${QS_BOOT_FULL:-}" ]; then
-	boots='tpm tangdown tang pcr credential socket'
+	boots='tpm tangdown tang pcr credential socket sdtpm sdtang'
 else
 	boots='tpm'
 fi
@@ -103,12 +109,19 @@ for w in $(cat /proc/cmdline); do
 done
 echo "QS-ROOT-INIT: $(cat /etc/marker)"
 echo "QS-ROOT-MOUNT: $(grep ' / ' /proc/mounts | head -n 1)"
+for p in /proc/[0-9]*; do
+	a=''
+	read -r a 2>/dev/null < "$p/cmdline"
+	case $a in @qcowsetup-daemon*) echo "QS-ROOT-DAEMON: ${p#/proc/}" ;; esac
+done
 echo "$token" > /written
 sync
 mount -o remount,ro / && echo "QS-ROOT-RO: $(grep ' / ' /proc/mounts | head -n 1)"
 echo "QS-ROOT-POWEROFF"
 poweroff -f
 EOF
+	# (systemd's switch-root wants an OS tree)
+	printf 'NAME=qcowsetup-test\nID=qcowsetup-test\n' > root/etc/os-release
 	mkdir -p hold/images
 	mkfs.ext4 -q -F -d root root.raw 16M
 	(umask 077 && printf '%s' "$PASS" > pass.key)
@@ -153,19 +166,32 @@ boot_qcowtab() {
 	echo "clevis  UUID=$HOLD_UUID:/images/tpm.qcow2  none  clevis,noauto,x-initrd.attach"
 }
 export QS_VM_CACHE=$cache QS_DRACUT_TEST_MODULE=$testmod
+# the initramfs $initrd holds what the clevis entry and the test module put
+# in, and each FILE (a pattern); DESCRIPTION: its flavour, for the case name
+check_initramfs() {  # DESCRIPTION FILE...
+	local desc=$1 content missing='' f
+	shift
+	content=$(lsinitrd "$initrd" 2>/dev/null || true)
+	for f in usr/bin/clevis-decrypt-tang usr/bin/clevis-decrypt-tpm2 usr/bin/tpm2_unseal usr/bin/curl \
+		'libtss2-tcti-device\.so' usr/libexec/tangd hooks/cmdline/20-qsunlock-start.sh "$@"; do
+		echo "$content" | grep -q "$f" || missing="$missing $f"
+	done
+	if [ -z "$missing" ]; then
+		pass "initramfs$desc: clevis with its tang and tpm2 pins, tpm2-tools and its device TCTI; the test's tangd"
+	else
+		fail "initramfs$desc: missing$missing"
+	fi
+}
+sd_initrd=''
+if wanted sdtpm || wanted sdtang; then
+	boot_initramfs systemd
+	sd_initrd=$initrd
+	check_initramfs " run by systemd" 'system-generators/qcowsetup-generator$' 'usr/bin/systemd-run$'
+fi
 boot_initramfs
 echo "$me: images and initramfs ready in $(( $(date +%s) - t0 ))s"
-content=$(lsinitrd "$initrd" 2>/dev/null || true)
-missing=''
-for f in usr/bin/clevis-decrypt-tang usr/bin/clevis-decrypt-tpm2 usr/bin/tpm2_unseal usr/bin/curl \
-	'libtss2-tcti-device\.so' usr/libexec/tangd hooks/cmdline/20-qsunlock-start.sh; do
-	echo "$content" | grep -q "$f" || missing="$missing $f"
-done
-if [ -z "$missing" ]; then
-	pass "initramfs: clevis with its tang and tpm2 pins, tpm2-tools and its device TCTI; the test's tangd"
-else
-	fail "initramfs: missing$missing"
-fi
+check_initramfs ''
+rd_initrd=$initrd
 
 # ------------------------------------------------------------ boots
 # the VM's TPM: swtpm over the state the binds used, for one boot
@@ -186,12 +212,17 @@ root_of() {  # IMAGE [KEY [OPTIONS]]
 up=('expect:QS-ROOT-INIT: root-unlock' 'expect:QS-ROOT-MOUNT: /dev/mapper/root / ext4 rw'
 	'expect:QS-ROOT-RO: /dev/mapper/root / ext4 ro' 'expect:QS-ROOT-POWEROFF' end
 	'absent:I/O error' 'absent:EXT4-fs error')
+# systemd in the initramfs: the daemon there in the root too; no question
+# (systemd-ask-password's "Please enter passphrase for" neither)
+sd_up=('expect:QS-ROOT-INIT: root-unlock' 'expect:QS-ROOT-MOUNT: /dev/mapper/root / ext4 rw'
+	'expect:QS-ROOT-DAEMON: [0-9]+' "${up[@]:2}" 'absent:nter passphrase for')
 typed=('expect:Enter passphrase for root: ' sleep:0.5 "send:$PASS\\n")
 
 # one_boot NAME IMAGE DESCRIPTION APPEND -- STEP...
 one_boot() {
 	local name=$1 image=$2 desc=$3 append=$4 rc=0
 	shift 5
+	case $name in sd*) initrd=$sd_initrd ;; *) initrd=$rd_initrd ;; esac
 	boot "$name" "$append qs.token=$token-$name" -- "$@" || rc=$?
 	stop_daemons
 	boot_qemu_extra=()
@@ -203,7 +234,7 @@ one_boot() {
 for b in $boots; do
 	wanted "$b" || continue
 	case $b in
-	tpm | pcr)
+	tpm | pcr | sdtpm)
 		if [ $have_tpm = 0 ]; then
 			skipped "$b: no swtpm, tpm2-tools or clevis' tpm2 pin"
 			continue
@@ -229,6 +260,12 @@ for b in $boots; do
 		one_boot credential credential.qcow2 "load-credential=ID:PATH without systemd in the initramfs: no question" \
 			"$(root_of credential.qcow2 none load-credential=qsroot:/etc/qstest/pass)" -- \
 			"${up[@]}" 'absent:Enter passphrase' ;;
+	sdtpm)
+		one_boot sdtpm tpm.qcow2 "systemd in the initramfs: a tpm2 binding unlocks the read-write root, no question; its daemon serves it after switch_root" \
+			"$(root_of tpm.qcow2) init=/sbin/init" -- "${sd_up[@]}" ;;
+	sdtang)
+		one_boot sdtang tang.qcow2 "systemd in the initramfs: a tang binding, tangd on its loopback, unlocks the read-write root, no question; its daemon serves it after switch_root" \
+			"$(root_of tang.qcow2) init=/sbin/init qstest.tang=1 qstest.tang.port=$PORT" -- "${sd_up[@]}" ;;
 	socket)
 		one_boot socket socket.qcow2 "the key file an AF_UNIX socket (a key server in the initramfs): no question" \
 			"$(root_of socket.qcow2 /run/qstest/key.sock tries=3) qstest.keyserver=1 qstest.keyserver.name=root" -- \
