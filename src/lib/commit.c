@@ -38,8 +38,13 @@
  * writer's safe order, then its close): the overlay still shadows every
  * cluster that was copied.
  *
- * Not handled (-ENOTSUP): both images LUKS (the two crypt devices would
- * both be NAME_crypt), a backing image with a backing file of its own,
+ * Both images LUKS (a snapshot of a LUKS mapping, committed back): the two
+ * crypt devices would both be NAME_crypt. The overlay's is renamed aside
+ * (NAME_crypt.old; the copy reads through it, the tables refer to it by
+ * number) before the backing image's is created without a UUID; that one
+ * gets the UUID once the old stack is gone, and a failure renames it back.
+ *
+ * Not handled (-ENOTSUP): a backing image with a backing file of its own,
  * external data files, legacy AES, an overlay of another size. */
 #include <errno.h>
 #include <fcntl.h>
@@ -63,6 +68,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mapping.h"
+#include "mapping_swap.h"
 #include "qcow2_rw.h"
 #include "stack.h"
 #include "sysutil.h"
@@ -102,6 +108,7 @@ struct commit_ctx {
 	bool attached;
 	struct dm_stack *stack;		/* the backing image's stack */
 	bool crypt_created;
+	bool crypt_renamed;		/* the overlay's NAME_crypt is NAME_crypt.old */
 
 	/* the guest's I/O held */
 	bool daemon_held, marked, top_suspended;
@@ -185,10 +192,6 @@ static int check_chain(struct commit_ctx *c)
 	c->over_luks = o->crypt_method == IMG_CRYPT_LUKS;
 	c->base_luks = b->crypt_method == IMG_CRYPT_LUKS;
 	c->base_qcow2 = b->format == IMG_FMT_QCOW2;
-	if (c->over_luks && c->base_luks) {
-		log_err("%s: committing a LUKS overlay into a LUKS backing image is not supported yet.", c->name);
-		return -ENOTSUP;
-	}
 	return 0;
 }
 
@@ -364,6 +367,30 @@ static int build_base_stack(struct commit_ctx *c, const char *slow_dev)
 	return r;
 }
 
+/* NAME_crypt, or (old) the overlay's renamed aside */
+static void crypt_name(const struct commit_ctx *c, bool old, char *buf, size_t size)
+{
+	snprintf(buf, size, "%s_crypt%s", c->name, old ? MAPPING_OLD_SUFFIX : "");
+}
+
+/* A LUKS overlay over a LUKS backing image: the overlay's NAME_crypt
+ * renamed aside (back: the reverse). */
+static int rename_over_crypt(struct commit_ctx *c, bool back)
+{
+	char cur[160], old[160];
+	int r;
+
+	crypt_name(c, false, cur, sizeof(cur));
+	crypt_name(c, true, old, sizeof(old));
+	if (back)
+		return dm_rename_device(old, cur, true);
+	r = commit_step(c, "rename the overlay's crypt device aside");
+	if (!r)
+		r = dm_rename_device(cur, old, true);
+	c->crypt_renamed = r == 0;
+	return r;
+}
+
 /* LUKS: NAME_crypt, read-write over the new loop device (its key through
  * the keyring, gone from here once dm-crypt has it). */
 static int create_crypt(struct commit_ctx *c)
@@ -374,6 +401,11 @@ static int create_crypt(struct commit_ctx *c)
 	for (size_t i = 0; i < c->stack->count; i++) {
 		if (c->stack->devices[i].role != DM_ROLE_CRYPT)
 			continue;
+		if (c->over_luks) {
+			r = rename_over_crypt(c, false);
+			if (r)
+				return r;
+		}
 		r = commit_step(c, "add the key to the kernel keyring");
 		if (!r)
 			r = dm_key_description(c->name, 0, desc, sizeof(desc));
@@ -382,7 +414,7 @@ static int create_crypt(struct commit_ctx *c)
 		if (!r)
 			r = commit_step(c, c->stack->devices[i].name);
 		if (!r)
-			r = dm_create_stack_device(c->stack, i, true, &c->crypt_created);
+			r = dm_create_stack_device(c->stack, i, !c->crypt_renamed, &c->crypt_created);
 		keyring_remove(c->key_serial);
 		c->key_serial = 0;
 		if (r)
@@ -488,8 +520,10 @@ static int copy_open(struct copy *k)
 		r = image_map_chain(k->ov, &k->runs);
 	if (r)
 		return r;
-	if (c->over_luks)
-		snprintf(path, sizeof(path), "/dev/mapper/%s_crypt", c->name);
+	if (c->over_luks) {
+		strcpy(path, "/dev/mapper/");
+		crypt_name(c, c->crypt_renamed, path + strlen(path), sizeof(path) - strlen(path));
+	}
 	k->ov_fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
 	if (k->ov_fd < 0) {
 		r = -errno;
@@ -738,6 +772,12 @@ static void remove_old_stack(struct commit_ctx *c)
 			log_std("%s: the device %s of the overlay is still in use; remove it by hand.", c->name,
 				o->names[i]);
 	free(o);
+	/* the backing image's crypt device made without its UUID */
+	for (size_t i = 0; c->crypt_renamed && i < c->stack->count; i++)
+		if (c->stack->devices[i].role == DM_ROLE_CRYPT &&
+		    dm_set_uuid(c->stack->devices[i].name, c->stack->devices[i].uuid, true))
+			log_std("%s: %s keeps no UUID (`qcowsetup close` will not find it).", c->name,
+				c->stack->devices[i].name);
 }
 
 static void let_overlay_go(struct commit_ctx *c)
@@ -768,6 +808,9 @@ static void undo(struct commit_ctx *c)
 			    dm_remove_device(c->stack->devices[i].name, false, true))
 				log_err("Cannot remove %s while undoing the commit.", c->stack->devices[i].name);
 	}
+	if (c->crypt_renamed && rename_over_crypt(c, true))
+		log_err("Cannot rename %s_crypt%s back: the mapping's daemon will not find it.", c->name,
+			MAPPING_OLD_SUFFIX);
 	if (c->key_serial)
 		keyring_remove(c->key_serial);
 	if (c->attached)

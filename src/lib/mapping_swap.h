@@ -27,6 +27,9 @@
 #include "keys.h"
 #include "mapping.h"
 
+/* The suffix of a device renamed aside while its replacement is built */
+#define MAPPING_OLD_SUFFIX	".old"
+
 struct mapping_swap {
 	const char *id;			/* the top device's image identifier */
 	struct volume_key *vk[IMG_MAX_CHAIN_DEPTH];	/* by depth; taken (set NULL) */

@@ -55,7 +55,6 @@
 #include "util.h"
 
 #define SNAP_MAX_RENAMED	64
-#define SNAP_OLD_SUFFIX		".old"
 
 struct snap_ctx {
 	const struct mapping_snapshot_params *p;
@@ -294,7 +293,7 @@ static int collect_internal(void *opaque, const char *name, const char *uuid, ui
 	(void)minor;
 	if (!uuid || !dm_uuid_is_internal_of(uuid, k->c->top.uuid) || dm_is_segment_name(name, k->c->name))
 		return 0;
-	if (k->n == SNAP_MAX_RENAMED || strlen(name) + strlen(SNAP_OLD_SUFFIX) > DM_NAME_MAX)
+	if (k->n == SNAP_MAX_RENAMED || strlen(name) + strlen(MAPPING_OLD_SUFFIX) > DM_NAME_MAX)
 		return -E2BIG;
 	snprintf(k->names[k->n++], sizeof(k->names[0]), "%s", name);
 	return 0;
@@ -302,7 +301,7 @@ static int collect_internal(void *opaque, const char *name, const char *uuid, ui
 
 static void old_name(const char *name, char *buf, size_t size)
 {
-	snprintf(buf, size, "%s%s", name, SNAP_OLD_SUFFIX);
+	snprintf(buf, size, "%s%s", name, MAPPING_OLD_SUFFIX);
 }
 
 static int rename_aside(struct snap_ctx *c)
@@ -410,7 +409,7 @@ static void remove_old(void *opaque)
 	for (unsigned int i = 0; i < c->nrenamed; i++)
 		if (c->renamed[i][0])
 			log_err("The old device %s%s of %s is still in use: remove it by hand.", c->renamed[i],
-				SNAP_OLD_SUFFIX, c->name);
+				MAPPING_OLD_SUFFIX, c->name);
 	c->nrenamed = 0;
 	if (nbd_disconnect(c->old_nbd))
 		log_verbose("nbd%d (the old slow path) did not disconnect.", c->old_nbd);

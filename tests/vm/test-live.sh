@@ -67,12 +67,15 @@ qemu-io "${sec[@]}" --image-opts -c 'write -P 0x52 0 8M' -c 'write -z 12M 1M' \
 	driver=qcow2,file.filename=cbase-luks.qcow2,encrypt.key-secret=s0 >/dev/null
 qemu-img create -q -f qcow2 cbase-plain.qcow2 16M
 qemu-io -f qcow2 -c 'write -P 0x53 0 8M' cbase-plain.qcow2 >/dev/null
-for pair in cluks-over-raw:cbase.raw:raw cluks-over-plain:cbase-plain.qcow2:qcow2; do
+for pair in cluks-over-raw:cbase.raw:raw cluks-over-plain:cbase-plain.qcow2:qcow2 \
+	cluks-over-luks:cbase-luks.qcow2:qcow2; do
 	IFS=: read -r ov base fmt <<<"$pair"
 	retry 6 qemu-img create -q -f qcow2 "${sec[@]}" -b "$base" -F "$fmt" \
-		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$ov.qcow2" 16M
+		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$ov.qcow2" 16M 2>/dev/null
+	bsec=
+	case $base in *luks*) bsec=,backing.encrypt.key-secret=s0 ;; esac
 	qemu-io "${sec[@]}" --image-opts -c 'write -P 0x61 2M 2M' -c 'write -z 6M 1M' \
-		"driver=qcow2,file.filename=$ov.qcow2,encrypt.key-secret=s0" >/dev/null
+		"driver=qcow2,file.filename=$ov.qcow2,encrypt.key-secret=s0$bsec" >/dev/null
 done
 qemu-img create -q -f qcow2 -b cbase-luks.qcow2 -F qcow2 cplain-over-luks.qcow2 16M 2>/dev/null
 qemu-img create -q -f qcow2 -b cbase-plain.qcow2 -F qcow2 cplain-over-plain.qcow2 16M

@@ -289,6 +289,7 @@ base_of() {	# overlay: its backing image (the host made them in pairs)
 	cplain-over-luks.qcow2) echo cbase-luks.qcow2 ;;
 	cluks-over-plain.qcow2) echo cbase-plain.qcow2 ;;
 	cplain-over-plain.qcow2) echo cbase-plain.qcow2 ;;
+	cluks-over-luks.qcow2) echo cbase-luks.qcow2 ;;
 	esac
 }
 base_to_raw() {	# base raw: what the base alone holds
@@ -398,7 +399,9 @@ vm_test "commit an unencrypted overlay into a LUKS qcow2 base: re-encrypted, the
 if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
 	vm_test "commit a LUKS overlay into an unencrypted qcow2 base" commit_case cluks-over-plain.qcow2
 	vm_test "commit an unencrypted overlay into an unencrypted qcow2 base" commit_case cplain-over-plain.qcow2
-	for ov in cluks-over-raw.qcow2 cplain-over-luks.qcow2 cluks-over-plain.qcow2 cplain-over-plain.qcow2; do
+	vm_test "commit a LUKS overlay into a LUKS qcow2 base" commit_case cluks-over-luks.qcow2
+	for ov in cluks-over-raw.qcow2 cplain-over-luks.qcow2 cluks-over-plain.qcow2 cplain-over-plain.qcow2 \
+		cluks-over-luks.qcow2; do
 		vm_test "atomic commit ($ov): a failure at each step is undone" commit_case $ov all
 	done
 fi

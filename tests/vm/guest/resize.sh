@@ -259,7 +259,8 @@ chain_daemon_dies() {
 }
 
 # fio --verify on a LUKS mapping while suspend/resume, refresh
-# --allow-discards and resize run under it; then fio verifies again, and
+# --allow-discards, resize, a live snapshot and its commit back (a LUKS
+# overlay into the LUKS image) run under it; then fio verifies again, and
 # the image after close (qemu-img convert) is what fio wrote
 fio_job() {	# file offset size [more fio args]: sequential 64k writes with crc32c headers
 	f=$1 o=$2 z=$3
@@ -302,6 +303,12 @@ fio_verbs() {
 		[ $on = --allow-discards ] && on=--no-allow-discards || on=--allow-discards
 		i=$((i + 1))
 	done
+	rm -f fio-snap.qcow2
+	# shellcheck disable=SC2086
+	qcowsetup snapshot --iter-time 10 $key $name fio-snap.qcow2
+	sleep 1
+	# shellcheck disable=SC2086
+	qcowsetup commit $key $name
 	t1=$(vm_uptime)
 	touch /tmp/fio.stop
 	wait
@@ -323,7 +330,9 @@ fio_verbs() {
 	fio_job /mnt/m/conv.raw 0 8M --randseed="$last" --verify_only
 	fio_job /mnt/m/conv.raw "$size" $((rounds * 4))M --verify_only
 	rm -f /mnt/m/conv.raw
-	echo "$rounds round(s) of suspend/resume, refresh, resize in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s under $last fio runs; $size -> $new bytes"
+	qemu-img info fio-snap.qcow2 | grep -q '^encrypted: yes' || { echo "the snapshot's overlay is not encrypted"; return 1; }
+	rm -f fio-snap.qcow2
+	echo "$rounds round(s) of suspend/resume, refresh, resize, then snapshot and commit in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s under $last fio runs; $size -> $new bytes"
 }
 
 vm_test "unencrypted: grown to 40M while mounted, resize2fs" grow_mounted plain 40M $((40 * M)) 24
@@ -340,7 +349,7 @@ if [ "$full" != 0 ]; then
 fi
 vm_test "the overlay's daemon killed while suspended: loop devices and locks stay, resume and reattach bring daemons back" chain_daemon_dies
 if command -v fio >/dev/null 2>&1; then
-	vm_test "fio --verify across suspend/resume, refresh and resize (LUKS); the image is what fio wrote" fio_verbs
+	vm_test "fio --verify across suspend/resume, refresh, resize, snapshot and commit (LUKS over LUKS); the image is what fio wrote" fio_verbs
 fi
 vm_test "nothing left" vm_assert_clean
 vm_summary
