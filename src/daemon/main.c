@@ -4,8 +4,9 @@
  * storage-daemon convention, so that it survives the killing of processes at
  * switch_root and shutdown) once the loop and crypt devices exist. It
  *   - opens the image (the top layer read-write) and its backing chain,
- *   - connects a kernel NBD device to one end of a socketpair and serves it
- *     (server.c): guest offsets 1:1; reads of zero, unallocated, backing,
+ *   - connects a kernel NBD device to one end of --nbd-connections
+ *     socketpairs and serves them (server.c, several threads): guest
+ *     offsets 1:1; reads of zero, unallocated, backing,
  *     compressed and shared clusters; writes with allocation and
  *     copy-on-write through the metadata writer (src/lib/qcow2_rw.c),
  *     the data through the crypt device for LUKS images; flush and FUA make
