@@ -65,6 +65,27 @@ workload() {	# name seed
 	rm -f "w-$n.qcow2" "w-$n.raw" w-datafile.data
 }
 
+connections() {	# 3 NBD connections; fio from 2 jobs at QD16, verified: copy-on-write
+	# from a backing chain, in-place writes and reads in parallel
+	cp chain.qcow2 mc.qcow2
+	to_raw mc.qcow2 /tmp/mc.raw
+	qcowsetup open --nbd-connections 3 mc.qcow2 mc
+	nbd=$(qcowsetup status mc | sed -n 's|.*slow path: /dev/\(nbd[0-9]*\).*|\1|p')
+	q=$(find "/sys/block/$nbd/mq/" -mindepth 1 -maxdepth 1 | wc -l)
+	[ "$q" = 3 ] || { echo "${nbd:-no NBD device} has $q hardware queues, not 3"; return 1; }
+	fio --name=mc --filename=/dev/mapper/mc --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
+		--size=2M --numjobs=2 --offset_increment=24M --verify=crc32c --verify_fatal=1 >/tmp/fio.out 2>&1 ||
+		{ cat /tmp/fio.out; return 1; }
+	part() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum; }
+	[ "$(part /dev/mapper/mc 2 22)" = "$(part /tmp/mc.raw 2 22)" ] &&
+		[ "$(part /dev/mapper/mc 26 38)" = "$(part /tmp/mc.raw 26 38)" ] ||
+		{ echo "data outside fio's ranges changed"; return 1; }
+	qcowsetup close mc
+	qcheck mc.qcow2
+	rm -f mc.qcow2 /tmp/mc.raw
+	vm_assert_clean
+}
+
 segments() {	# a table split into segment devices at open, then written to
 	# every other 64 KiB cluster of the first 4 MiB allocated: the fast path
 	# alternates with the slow path, 128 targets
@@ -307,6 +328,7 @@ matrix)
 		vm_test "plain: a second seed" workload plain 2
 		vm_test "luks: a second seed" workload luks 2
 	fi
+	vm_test "chain: 3 NBD connections, fio from 2 jobs verified, the rest unchanged, check clean" connections
 	vm_test "segments (--max-targets 4): writes through a split table, then consistent" segments
 	vm_test "compressed clusters mapped read-only through the daemon" compressed_ro
 	vm_test "interop with QEMU both ways, locks both ways" interop
