@@ -24,6 +24,7 @@
  * server waits for it (see remap.c for the whole argument). */
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -135,20 +136,40 @@ void daemon_check_broken(struct daemon *d)
 		d->o.name, d->o.image);
 }
 
+/* Whether the kernel kept the other end of our socket (we closed our copy
+ * of it): a reconfigure finding no dead connection to replace drops the
+ * socket and still succeeds. */
+static bool kernel_holds(int sock)
+{
+	struct pollfd p = { .fd = sock, .events = POLLRDHUP };
+
+	return poll(&p, 1, 0) == 0;
+}
+
 /* A new socket for the link after the kernel shut ours down (a request
- * timed out), rx held. Fails when the device is being disconnected. */
+ * timed out), rx held. Fails when the device is being disconnected, or
+ * when the kernel has no dead connection to replace for a while (it marks
+ * them dead asynchronously). */
 static int reconnect(struct daemon *d, struct daemon_link *l)
 {
-	int sv[2], old, r;
+	int sv[2], old, r = 0;
 
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-		return -errno;
-	r = nbd_reconnect(d->nbd_index, &sv[1], 1, d->backend);
-	close(sv[1]);
-	if (r) {
+	for (int tries = 0; !d->quit && tries < 20; tries++) {
+		if (tries)
+			usleep(100000);
+		if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+			return -errno;
+		r = nbd_reconnect(d->nbd_index, &sv[1], 1, d->backend);
+		close(sv[1]);
+		if (r == 0 && kernel_holds(sv[0]))
+			break;
 		close(sv[0]);
-		return r;
+		if (r)
+			return r;
+		r = -ENOSPC;
 	}
+	if (r || d->quit)
+		return r ? r : -ECONNRESET;
 	pthread_mutex_lock(&l->tx);
 	old = l->sock;
 	l->sock = sv[0];

@@ -267,6 +267,10 @@ int nbd_connect(const int *socks, unsigned int nsocks, const struct nbd_params *
 		flags |= NBD_FLAG_READ_ONLY;
 	if (p->trim)
 		flags |= NBD_FLAG_SEND_TRIM;
+	/* a flush on one connection covers the writes completed on all (the
+	 * kernel refuses several connections without it) */
+	if (nsocks > 1)
+		flags |= NBD_FLAG_CAN_MULTI_CONN;
 	msg_init(&m, family, NBD_CMD_CONNECT, NBD_GENL_VERSION);
 	r = put_u64(&m, NBD_ATTR_SIZE_BYTES, p->size);
 	if (!r)
