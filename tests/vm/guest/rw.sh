@@ -4,6 +4,7 @@
 #   rw.sh crash RUN DELAY     verify the previous crash run (if any),
 #                             then write and die after DELAY/10 s
 #   rw.sh crash-verify        verify the last crash run
+#   rw.sh connections         the case of several NBD connections alone
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
 vm_images_disk
@@ -352,6 +353,10 @@ daemon-kill)
 	export QCOWSETUP_NBD_TIMEOUT=5
 	vm_test "daemon killed (SIGKILL) ${2:-30} times under load: image consistent, flushed data intact; reattach" daemon_kill "${2:-30}"
 	[ ! -f /tmp/kill.summary ] || cat /tmp/kill.summary
+	vm_summary
+	;;
+connections)	# that case alone
+	vm_test "chain: 3 NBD connections, fio from 2 jobs verified, the rest unchanged, check clean" connections
 	vm_summary
 	;;
 crash-verify)
