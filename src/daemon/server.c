@@ -297,8 +297,8 @@ static void handle(struct daemon_server *s, const struct nbd_req *req, uint8_t *
 static int next_request(struct daemon_server *s, struct nbd_req *req, uint8_t **buf, bool *big)
 {
 	struct daemon *d = s->d;
-	uint64_t size = d->img->size & ~511ULL;
 	uint8_t hdr[NBD_REQUEST_SIZE];
+	uint64_t size;
 	bool in_range;
 	int r, refuse = 0;
 
@@ -312,6 +312,10 @@ static int next_request(struct daemon_server *s, struct nbd_req *req, uint8_t **
 		log_err("%s: garbage on the NBD socket.", d->o.name);
 		return -EPROTO;
 	}
+	/* the size now, not when the wait for the header began: a resize may
+	 * have grown the device meanwhile (the writer checks it again under
+	 * the lock, for a shrink) */
+	size = __atomic_load_n(&d->img->size, __ATOMIC_RELAXED) & ~511ULL;
 	in_range = req->from <= size && req->len <= size - req->from;
 	switch (req->command) {
 	case NBD_REQ_DISC:
