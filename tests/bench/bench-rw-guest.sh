@@ -57,11 +57,12 @@ first_write_nbd() {	# round test
 # /usr/local/before/) against this one: fio on unencrypted images
 #   S ROUND before|after first|cow|backing-read KIB_S IOPS
 slow_job() {	# round which test
-	local qs=qcowsetup rw=randwrite img=empty-plain.qcow2 bw iops
+	local qs=qcowsetup rw=randwrite img=empty-plain.qcow2 bw iops conn=()
 	[ "$2" = before ] && qs=/usr/local/before/qcowsetup
+	[ "$2" = before ] || [ -z "${BENCH_CONNECTIONS:-}" ] || conn=(--nbd-connections "$BENCH_CONNECTIONS")
 	case $3 in cow) img=ov.qcow2 ;; backing-read) img=ov.qcow2 rw=randread ;; esac
 	cp "$img" t-slow.qcow2; sync; echo 3 >/proc/sys/vm/drop_caches
-	$qs open t-slow.qcow2 bs || { echo "ERROR open ($2 $3)"; return 1; }
+	$qs open ${conn[@]+"${conn[@]}"} t-slow.qcow2 bs || { echo "ERROR open ($2 $3)"; return 1; }
 	read -r bw iops <<< "$(fio_job /dev/mapper/bs $rw 4k 16)"
 	echo "S $1 $2 $3 $bw $iops"
 	$qs close bs

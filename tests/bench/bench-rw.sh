@@ -16,7 +16,8 @@
 # branch: its qcowsetup and qcowsetup-daemon), first the slow path alone,
 # that build against this one in the same VM: random 4 KiB QD16 first writes
 # into an empty image, copy-on-write into an overlay, reads of backing
-# clusters (BENCH_SLOW_ONLY=1: only that; BENCH_SMP: guest CPUs, default 1).
+# clusters (BENCH_SLOW_ONLY=1: only that; BENCH_SMP: guest CPUs, default 1;
+# BENCH_CONNECTIONS=N: this build opens with --nbd-connections N).
 # Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
 # (default 3), QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
@@ -63,7 +64,7 @@ fi
 "$top/tests/vm/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
 	--extra "$qs" --extra "$daemon" ${before[@]+"${before[@]}"} --timeout 3000 \
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
-	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" \
+	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
 tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
 [ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
