@@ -48,6 +48,7 @@ static void mapping_params_from_options(struct mapping_params *p, const char *im
 		.allow_discards = opt.allow_discards,
 		.skip_key_check = opt.skip_key_check,
 		.max_targets = opt.max_targets,
+		.nbd_connections = (unsigned int)opt.nbd_connections,
 		.debug = opt.debug,
 		.fail_step = opt.debug_fail_step,
 	};

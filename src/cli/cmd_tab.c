@@ -46,6 +46,7 @@ static int map_entry(struct tab_run *t, const struct qcowtab_entry *e, const cha
 		/* an entry expects a key (a key file, or a question) */
 		.require_encryption = !e->allow_unencrypted,
 		.max_targets = opt.max_targets,
+		.nbd_connections = (unsigned int)opt.nbd_connections,
 		.ask = tab_entry_passphrase,
 		.ask_opaque = &k,
 		.debug = opt.debug,

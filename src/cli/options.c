@@ -72,6 +72,8 @@ static const struct option_spec options[] = {
 	{ "no-allow-discards", 0, CMD(REFRESH), FLAG(no_allow_discards), .help = "refresh: discards no longer pass" },
 	{ "max-targets", 0, CMD(OPEN) | CMD(OPEN_TAB) | CMD(TABLE), NUMBER(max_targets, "N"), .min = 2, .max = 1048576,
 	  .help = "targets per dm table before segments (default 65536)" },
+	{ "nbd-connections", 0, CMD(OPEN) | CMD(OPEN_TAB), NUMBER(nbd_connections, "N"), .min = 1, .max = 16,
+	  .help = "connections of the slow path's NBD device (default 1)" },
 	{ "key-file", 'd', KEY_READERS, STRING(key_file, "FILE"),
 	  .help = "read the passphrase from FILE (- = stdin)" },
 	{ "keyfile-offset", 0, KEY_READERS, SIZE(keyfile_offset, "N"), .help = "skip N bytes of the key file" },

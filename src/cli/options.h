@@ -77,6 +77,7 @@ struct tools_opts {
 	const char *snapshot;
 	const char *format;		/* --format: force the top image's format */
 	uint64_t max_targets;
+	uint64_t nbd_connections;	/* 0: the default */
 	bool deferred;
 	int debug_fail_step;		/* hidden: fail step K of open, resize, suspend,
 					 * resume, refresh (tests) */

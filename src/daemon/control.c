@@ -140,12 +140,13 @@ static int verb_resize(struct daemon *d, const struct control_request *req, char
 
 /* The end of this daemon's session while the top device stays (snapshot:
  * qcowsetup holds it suspended, and a new daemon takes it over): what a
- * flush makes durable written now, then the NBD socket shut down; the
+ * flush makes durable written now, then the NBD sockets shut down; the
  * server ends, and the daemon closes the image as at a close (dirty bit
  * cleared, the file given back its size) and exits. The NBD device stays,
  * without a server, for qcowsetup to disconnect (or a reattach). */
 static int verb_detach(struct daemon *d, const struct control_request *req, char *text, size_t size)
 {
+	unsigned int shut = 0;
 	int r;
 
 	r = verb_suspend(d, req, text, size);
@@ -153,9 +154,19 @@ static int verb_detach(struct daemon *d, const struct control_request *req, char
 		return r;
 	d->quit = true;
 	d->detached = true;
-	if (shutdown(d->sock, SHUT_RDWR) < 0) {
-		r = -errno;
-		d->quit = d->detached = false;
+	for (unsigned int i = 0; i < d->nlinks; i++) {
+		struct daemon_link *l = &d->links[i];
+
+		pthread_mutex_lock(&l->tx);
+		if (shutdown(l->sock, SHUT_RDWR) == 0)
+			shut++;
+		else if (!r)
+			r = -errno;
+		pthread_mutex_unlock(&l->tx);
+	}
+	if (r) {
+		if (!shut)	/* nothing changed: the daemon serves on */
+			d->quit = d->detached = false;
 		log_err("%s: cannot detach: %s.", d->o.name, strerror(-r));
 		return r;
 	}

@@ -22,10 +22,38 @@
  * the smallest limit below it, and a loop device allows 1280 KiB anyway) */
 #define DAEMON_BUF_SIZE		(1U << 20)
 #define DAEMON_CACHE_BYTES	(1U << 20)	/* L2 tables and refcount blocks (at least 8 clusters) */
-#define DAEMON_STACK_SIZE	(256U << 10)	/* the server thread's, locked */
+/* Each server thread's stack, locked (its deepest path, a logged error
+ * from the writer, takes a few KiB), and its own buffer: requests larger
+ * than that take turns with the one of DAEMON_BUF_SIZE. Two threads cost
+ * what the one thread with a 256 KiB stack did, plus 128 KiB. */
+#define DAEMON_STACK_SIZE	(128U << 10)
+#define DAEMON_SERVER_BUF	(64U << 10)
+#define DAEMON_MAX_LINKS	16	/* NBD connections (--nbd-connections) */
+#define DAEMON_MAX_SERVERS	DAEMON_MAX_LINKS
 
 struct remap {
 	uint64_t guest, len, host;
+};
+
+/* One connection of the NBD device (a socketpair, one hardware queue). */
+struct daemon_link {
+	int sock;		/* our end */
+	pthread_mutex_t rx;	/* reading a request (and replacing sock) */
+	pthread_mutex_t tx;	/* writing a reply (and replacing sock) */
+	unsigned int gen;	/* sock replaced so often: a reply to a request
+				 * of an older socket is dropped */
+	bool done;		/* disconnected (result 0) or lost for good */
+	int result;
+};
+
+/* One server thread: serves requests of its link, one at a time. */
+struct daemon_server {
+	struct daemon *d;
+	struct daemon_link *link;
+	uint8_t *buf;
+	size_t buf_size;
+	pthread_t thread;
+	bool started;
 };
 
 struct daemon {
@@ -37,9 +65,11 @@ struct daemon {
 	int layer_fd[IMG_MAX_CHAIN_DEPTH];	/* backing layers' plaintext readers */
 	int hold_fd[DAEMON_MAX_HOLDS];
 	struct qcow2_rw *rw;	/* read-write: the top layer's metadata */
+	struct qcow2_rw_ops ops;	/* rw's: the data moved outside the lock */
 	struct chain_layer_io lio[IMG_MAX_CHAIN_DEPTH];
 
-	/* everything below the engine lock: rw, chain, the remap queue */
+	/* everything below the engine lock: rw, chain (but chain_read_direct),
+	 * the remap queue, nrunning */
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	struct remap *queue, *queue_spare;
@@ -59,9 +89,8 @@ struct daemon {
 	struct dm_stack *stack;
 	struct run_list runs;
 	char slow_ref[32];
-	pthread_t server_thread;
-	bool server_started;
-	int serve_result;	/* daemon_serve's, once stopping is set */
+	unsigned int nrunning;	/* server threads still serving */
+	int serve_result;	/* the servers', once stopping is set */
 	uint64_t reloads, remapped_bytes;
 	bool broken_shown;	/* the stats file says broken */
 	/* how long I/O was held: suspend to resume of each device swapped, and
@@ -70,10 +99,14 @@ struct daemon {
 	uint64_t nswap, nround;
 
 	int nbd_index;
-	int sock;		/* our end of the socketpair */
+	struct daemon_link links[DAEMON_MAX_LINKS];
+	unsigned int nlinks;
+	struct daemon_server servers[DAEMON_MAX_SERVERS];
+	unsigned int nservers;
 	int guard_pipe;		/* to the guardian: "B" on a clean exit; -1: none */
 	pid_t guard_pid;
-	uint8_t *buf;
+	pthread_mutex_t buf_lock;	/* buf: requests larger than a server's own */
+	uint8_t *buf;		/* DAEMON_BUF_SIZE */
 	char backend[DM_MAPPING_NAME_MAX + 16];	/* "qcowsetup:NAME" */
 };
 
@@ -92,9 +125,14 @@ int daemon_lock_guardian(void);
 void *daemon_alloc_stack(size_t size);
 void daemon_prefault_stack(size_t depth);
 
-/* server.c: serve the socket until NBD_CMD_DISC (0), or the connection is
- * lost and cannot be restored (-ECONNRESET). */
-int daemon_serve(struct daemon *d);
+/* server.c: the server threads (max(nlinks, 2), their buffers and
+ * stacks), serving every link until NBD_CMD_DISC, or until it is lost and
+ * cannot be restored; the last one to end sets stopping and serve_result
+ * (0: a disconnect, -ECONNRESET). start: 0 or -errno (some may run: stop
+ * them). stop: make them end (setup failed) and join them; join: wait. */
+int daemon_servers_start(struct daemon *d);
+void daemon_servers_stop(struct daemon *d);
+void daemon_servers_join(struct daemon *d);
 /* With the engine lock held, after the writer worked: set broken (and log
  * it, once) when a metadata write or flush failed. */
 void daemon_check_broken(struct daemon *d);

@@ -4,8 +4,9 @@
  * storage-daemon convention, so that it survives the killing of processes at
  * switch_root and shutdown) once the loop and crypt devices exist. It
  *   - opens the image (the top layer read-write) and its backing chain,
- *   - connects a kernel NBD device to one end of a socketpair and serves it
- *     (server.c): guest offsets 1:1; reads of zero, unallocated, backing,
+ *   - connects a kernel NBD device to one end of --nbd-connections
+ *     socketpairs and serves them (server.c, several threads): guest
+ *     offsets 1:1; reads of zero, unallocated, backing,
  *     compressed and shared clusters; writes with allocation and
  *     copy-on-write through the metadata writer (src/lib/qcow2_rw.c),
  *     the data through the crypt device for LUKS images; flush and FUA make
@@ -44,7 +45,7 @@
  *       [--hold MAJ:MIN]... [--readonly] [--allow-discards] [--max-targets N]
  *       [--trust-names] [--backing-file PATH] [--data-file PATH]
  *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX] [--take-over]
- *       [--nbd-timeout S] [--flush-interval MS] [--debug]
+ *       [--nbd-timeout S] [--flush-interval MS] [--nbd-connections N] [--debug]
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -305,6 +306,7 @@ static int open_engine(struct daemon *d)
 	d->f.mapped = daemon_mapped;
 	d->f.mapped_opaque = d;
 	file_rw_ops(&d->f, &ops);
+	d->ops = ops;
 	o.cache_bytes = DAEMON_CACHE_BYTES;
 	/* new clusters stay inside the file as extended at open, or inside
 	 * the block device the image is written on (its size is no st_size) */
@@ -361,23 +363,32 @@ static int connect_nbd(struct daemon *d)
 		.dead_conn_timeout = 0,
 		.backend = d->backend,
 	};
+	int kernel_end[DAEMON_MAX_LINKS];
 	uint32_t maj, min;
-	int sv[2], r;
+	int r = 0;
 
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-		return -errno;
-	if (d->o.reattach >= 0) {
+	d->nlinks = MIN(MAX(d->o.nbd_connections, 1U), (unsigned int)DAEMON_MAX_LINKS);
+	for (unsigned int i = 0; i < d->nlinks && !r; i++) {
+		int sv[2];
+
+		if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+			r = -errno;
+			d->nlinks = i;
+			break;
+		}
+		d->links[i].sock = sv[0];
+		kernel_end[i] = sv[1];
+	}
+	if (!r && d->o.reattach >= 0) {
 		d->nbd_index = d->o.reattach;
-		r = nbd_reconnect(d->nbd_index, sv[1], d->backend);
-	} else {
-		r = nbd_connect(sv[1], &p, &d->nbd_index);
+		r = nbd_reconnect(d->nbd_index, kernel_end, d->nlinks, d->backend);
+	} else if (!r) {
+		r = nbd_connect(kernel_end, d->nlinks, &p, &d->nbd_index);
 	}
-	close(sv[1]);
-	if (r) {
-		close(sv[0]);
+	for (unsigned int i = 0; i < d->nlinks; i++)
+		close(kernel_end[i]);
+	if (r)
 		return r;
-	}
-	d->sock = sv[0];
 	r = nbd_device_number(d->nbd_index, &maj, &min);
 	if (r) {
 		log_err("Cannot find the device number of nbd%d: %s.", d->nbd_index, strerror(-r));
@@ -385,7 +396,8 @@ static int connect_nbd(struct daemon *d)
 	}
 	snprintf(d->slow_ref, sizeof(d->slow_ref), "%u:%u", maj, min);
 	limit_requests(d);
-	log_verbose("%s: slow path on nbd%d (%s)", d->o.name, d->nbd_index, d->slow_ref);
+	log_verbose("%s: slow path on nbd%d (%s), %u connection%s", d->o.name, d->nbd_index, d->slow_ref, d->nlinks,
+		    d->nlinks == 1 ? "" : "s");
 	return 0;
 }
 
@@ -458,40 +470,6 @@ static void report(struct daemon *d, const char *fmt, ...)
 		log_dbg("cannot report to qcowsetup: %s", strerror(errno));
 	close(d->o.ready_fd);
 	d->o.ready_fd = -1;
-}
-
-static void *server_main(void *arg)
-{
-	struct daemon *d = arg;
-	int r = daemon_serve(d);
-
-	pthread_mutex_lock(&d->lock);
-	d->serve_result = r;
-	d->stopping = true;
-	pthread_cond_broadcast(&d->cond);
-	pthread_mutex_unlock(&d->lock);
-	return NULL;
-}
-
-static int start_server(struct daemon *d)
-{
-	void *stack = daemon_alloc_stack(DAEMON_STACK_SIZE);
-	pthread_attr_t attr;
-	int r;
-
-	if (!stack)
-		return -ENOMEM;
-	pthread_attr_init(&attr);
-	r = pthread_attr_setstack(&attr, stack, DAEMON_STACK_SIZE);
-	if (!r)
-		r = pthread_create(&d->server_thread, &attr, server_main, d);
-	pthread_attr_destroy(&attr);
-	if (r) {
-		log_err("Cannot start the server thread: %s.", strerror(r));
-		return -r;
-	}
-	d->server_started = true;
-	return 0;
 }
 
 /* The guardian: a process of its own (exec'd while the daemon has no other
@@ -654,8 +632,14 @@ static void cleanup(struct daemon *d)
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
 		if (d->layer_fd[i] >= 0)
 			close(d->layer_fd[i]);
-	if (d->sock >= 0)
-		close(d->sock);
+	for (unsigned int i = 0; i < DAEMON_MAX_LINKS; i++) {
+		if (d->links[i].sock >= 0)
+			close(d->links[i].sock);
+		pthread_mutex_destroy(&d->links[i].rx);
+		pthread_mutex_destroy(&d->links[i].tx);
+	}
+	for (unsigned int i = 0; i < d->nservers; i++)
+		free(d->servers[i].buf);
 	free(d->queue);
 	free(d->queue_spare);
 	free(d->buf);
@@ -668,14 +652,21 @@ static void cleanup(struct daemon *d)
 
 static void init_daemon(struct daemon *d)
 {
-	d->f.meta_fd = d->f.data_fd = d->sock = d->guard_pipe = d->ctl_fd = -1;
+	d->f.meta_fd = d->f.data_fd = d->guard_pipe = d->ctl_fd = -1;
 	d->nbd_index = -1;
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
 		d->layer_fd[i] = -1;
 	for (unsigned int i = 0; i < DAEMON_MAX_HOLDS; i++)
 		d->hold_fd[i] = -1;
+	for (unsigned int i = 0; i < DAEMON_MAX_LINKS; i++) {
+		d->links[i].sock = -1;
+		d->links[i].result = -ECONNRESET;
+		pthread_mutex_init(&d->links[i].rx, NULL);
+		pthread_mutex_init(&d->links[i].tx, NULL);
+	}
 	run_list_init(&d->runs);
 	pthread_mutex_init(&d->lock, NULL);
+	pthread_mutex_init(&d->buf_lock, NULL);
 	pthread_cond_init(&d->cond, NULL);
 }
 
@@ -731,7 +722,7 @@ static int bring_up(struct daemon *d)
 	 * partition table at the first open (the table load below), udev
 	 * probes it */
 	if (!r)
-		r = start_server(d);
+		r = daemon_servers_start(d);
 	if (!r)
 		r = daemon_stack_setup(d);
 	return r;
@@ -743,11 +734,7 @@ static void abandon(struct daemon *d, int r)
 	report(d, "ERROR %d\n", -r);
 	if (d->nbd_index >= 0 && d->o.reattach < 0)
 		nbd_disconnect(d->nbd_index);
-	if (d->server_started) {
-		d->quit = true;
-		shutdown(d->sock, SHUT_RDWR);
-		pthread_join(d->server_thread, NULL);
-	}
+	daemon_servers_stop(d);
 	if (d->rw) {
 		/* nothing was written: undo the header changes */
 		qcow2_rw_close(d->rw, NULL);
@@ -777,8 +764,7 @@ static int serve(struct daemon *d)
 	}
 	daemon_remap_loop(d);	/* until the server stops */
 	daemon_control_close(d);
-	pthread_join(d->server_thread, NULL);
-	d->server_started = false;
+	daemon_servers_join(d);
 	r = d->serve_result;
 	if (r == 0)
 		r = finish(d);

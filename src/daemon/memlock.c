@@ -2,7 +2,7 @@
  *
  * The danger: the daemon serves the slow path of a device and suspends and
  * resumes its tables. While the top device is suspended, or while a request
- * of the device is in flight to the server thread, neither thread may wait
+ * of the device is in flight to a server thread, no thread may wait
  * for I/O that needs that device: a page fault on a page of the binary or a
  * library whose file lives on the mapping itself (the root filesystem on a
  * qcowsetup image, the daemon reattached from it), or a swap-in from a swap
@@ -13,9 +13,9 @@
  *
  * What daemon_lock_resident locks instead, once the mapping is up:
  *   - every anonymous page present (pagemap: present and not a file page):
- *     the I/O buffer, the metadata caches and cluster buffers, the remap
+ *     the I/O buffers, the metadata caches and cluster buffers, the remap
  *     queues (all written once at the start), the heap, the main stack and
- *     the server thread's fixed 256 KiB stack, the libraries' relocated data;
+ *     the server threads' fixed 128 KiB stacks, the libraries' relocated data;
  *     and, with mlockall(MCL_FUTURE | MCL_ONFAULT), what is mapped later, as
  *     it is touched. Anonymous memory can only come back from swap, and swap
  *     may be a file on the mapping: all of it stays resident;
@@ -32,7 +32,7 @@
  * after the paths have run) was weighed: fault-around maps 64 KiB windows,
  * so "present" is nearly all of libc (1.4 MiB) anyway, and MCL_ONFAULT
  * counts every library's full size as locked (VmLck, RLIMIT_MEMLOCK).
- * glibc's arenas: one (M_ARENA_MAX 1: the server thread allocates nothing
+ * glibc's arenas: one (M_ARENA_MAX 1: the server threads allocate nothing
  * on its I/O path), a fixed mmap threshold so that the large buffers of the
  * open (tables of big images) go back to the system when freed, and a trim
  * before the lock. */

@@ -18,10 +18,12 @@
  * Why a reload never deadlocks on the I/O the daemon serves:
  *   - a suspend, noflush or not, waits for the bios in flight on the device
  *     to complete (dm __dm_suspend -> dm_wait_for_completion); some of them
- *     are NBD requests that only this daemon completes. The server thread
- *     keeps serving them during the suspend: it never waits for the remap
+ *     are NBD requests that only this daemon completes. The server threads
+ *     keep serving them during the suspend: they never wait for the remap
  *     thread except on the engine lock, which the remap thread never holds
- *     across a device-mapper call. New I/O to the suspended device queues
+ *     across a device-mapper call (among themselves, on the locks of a
+ *     connection and of the large buffer, held only by servers that wait
+ *     for nothing else but the engine lock). New I/O to the suspended device queues
  *     inside device-mapper and goes on after the resume;
  *   - noflush + skip lockfs: no filesystem freeze (whose writeback would go
  *     through the suspended device) and no pushback of I/O;
@@ -33,7 +35,7 @@
  *     suspended; libdevmapper's own buffers are allocated before the
  *     suspend (the table is loaded first);
  *   - with udev, the resume waits for udev's event processing, which may
- *     read the device: those reads reach the server thread, which is free.
+ *     read the device: those reads reach the server threads, which are free.
  * Every intermediate state is correct: a cluster that has just become
  * writable reads the same through the NBD device (the daemon reads the
  * new cluster) as through the fast path, so devices may switch in any

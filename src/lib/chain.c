@@ -131,7 +131,9 @@ static int read_compressed(struct chain_reader *cr, const struct run *ru)
 	return 0;
 }
 
-int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
+/* shared: compressed clusters allowed (cbuf, zbuf and cached change);
+ * else -EAGAIN on the first one, before anything is read */
+static int read_runs(struct chain_reader *cr, void *buf, size_t len, uint64_t guest, bool shared)
 {
 	uint64_t size = chain_reader_size(cr);
 	uint8_t *p = buf;
@@ -165,6 +167,8 @@ int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
 			break;
 		}
 		case RUN_COMPRESSED:
+			if (!shared)
+				return -EAGAIN;
 			r = read_compressed(cr, ru);
 			if (r < 0)
 				return r;
@@ -179,6 +183,23 @@ int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
 		len -= n;
 	}
 	return 0;
+}
+
+int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
+{
+	return read_runs(cr, buf, len, guest, true);
+}
+
+int chain_read_direct(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
+{
+	for (uint64_t at = guest; cr->runs.count && at < guest + len && at < chain_reader_size(cr);) {
+		const struct run *ru = &cr->runs.runs[find_run(cr, at)];
+
+		if (ru->kind == RUN_COMPRESSED)
+			return -EAGAIN;
+		at = ru->guest + ru->len;
+	}
+	return read_runs(cr, buf, len, guest, false);
 }
 
 const struct run_list *chain_reader_runs(const struct chain_reader *cr)

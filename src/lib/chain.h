@@ -6,7 +6,8 @@
  *
  * Used by the read-write path for copy-on-write and for reads of clusters
  * the top layer does not have, and by the slow path to serve compressed
- * clusters. No memory is allocated by chain_read(). Not thread-safe. */
+ * clusters. No memory is allocated by chain_read(). Not thread-safe, but
+ * for chain_read_direct(). */
 #ifndef QS_CHAIN_H
 #define QS_CHAIN_H
 
@@ -45,6 +46,12 @@ uint64_t chain_reader_size(const struct chain_reader *cr);
 /* Read [guest, guest + len) of the chain; past its size: zeros. 0 or
  * -errno (-EIO for a corrupt compressed cluster). */
 int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest);
+
+/* The same where no compressed cluster is in the way (those share the
+ * reader's buffers), from any number of threads at once, also while
+ * another runs chain_read(): -EAGAIN (nothing read) when a compressed
+ * cluster is in the range. */
+int chain_read_direct(struct chain_reader *cr, void *buf, size_t len, uint64_t guest);
 
 /* The runs it reads (the writer fuzzer compares guest views with them). */
 const struct run_list *chain_reader_runs(const struct chain_reader *cr);

@@ -674,6 +674,7 @@ static int start_base_daemon(struct commit_ctx *c)
 	a->max_targets = c->a->max_targets;
 	a->keep_size = c->old_size;
 	a->nbd_timeout = c->a->nbd_timeout;
+	a->nbd_connections = c->a->nbd_connections;
 	a->flush_interval_ms = c->a->flush_interval_ms;
 	a->debug = c->p->debug;
 	a->take_over = true;

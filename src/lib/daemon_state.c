@@ -128,6 +128,7 @@ static const struct daemon_arg {
 	{ "--keep-size", ARG_U64, FIELD(keep_size), true },
 	{ "--nbd-timeout", ARG_UINT, FIELD(nbd_timeout), true },
 	{ "--flush-interval", ARG_UINT, FIELD(flush_interval_ms), true },
+	{ "--nbd-connections", ARG_UINT, FIELD(nbd_connections), true },
 	{ "--debug", ARG_FLAG, FIELD(debug), false },
 	{ "--ready-fd", ARG_FD, FIELD(ready_fd), false },
 	{ "--reattach", ARG_FD, FIELD(reattach), false },
@@ -142,6 +143,7 @@ void daemon_args_init(struct daemon_args *a)
 	a->ready_fd = a->reattach = a->guard_fd = -1;
 	a->nbd_timeout = 30;
 	a->flush_interval_ms = 200;
+	a->nbd_connections = 1;	/* a state file without it: a device of one */
 	a->max_targets = 65536;
 }
 
@@ -333,6 +335,8 @@ int daemon_args_parse(int argc, char **argv, struct daemon_args *a)
 		return -EINVAL;
 	if (a->flush_interval_ms < 10)
 		a->flush_interval_ms = 10;
+	if (a->nbd_connections < 1 || a->nbd_connections > 16)
+		return -EINVAL;
 	return 0;
 }
 

@@ -71,6 +71,7 @@ struct daemon_args {
 	uint64_t keep_size;		/* never truncate the image file below this */
 	unsigned int nbd_timeout;	/* seconds */
 	unsigned int flush_interval_ms;	/* write back metadata (and remap) this often */
+	unsigned int nbd_connections;	/* of the NBD device (reattach: as many as it has) */
 	bool debug;
 	/* this start only */
 	struct file_given given[DAEMON_MAX_HOLDS];	/* the chain's files, open */

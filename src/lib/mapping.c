@@ -600,6 +600,12 @@ static int spawn_daemon(struct open_ctx *c)
 	a->keep_size = c->keep_size;
 	if (c->p->nbd_timeout)
 		a->nbd_timeout = c->p->nbd_timeout;
+	/* one by default: on Linux 6.1 each connection's receiver is a work
+	 * item that never ends, on a workqueue whose rescuer runs them one
+	 * after the other when kernel workers are slow to start (memory
+	 * pressure, a loaded host): a second connection's replies then go
+	 * unread until the request timeout (qcowsetup(8), Connections) */
+	a->nbd_connections = c->p->nbd_connections ? c->p->nbd_connections : 1;
 	a->debug = c->p->debug;
 	a->take_over = c->swap != NULL;
 	r = start_daemon(a, &c->daemon_pid, &nbd);

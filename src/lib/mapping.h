@@ -43,6 +43,7 @@ struct mapping_params {
 	void *ask_opaque;
 	bool debug;			/* the daemon logs debug messages */
 	unsigned int nbd_timeout;	/* seconds, 0: the daemon's default */
+	unsigned int nbd_connections;	/* of the slow path, 0: one */
 	int fail_step;			/* tests: fail step K as if the kernel refused it */
 };
 

@@ -237,17 +237,22 @@ int nbd_check(void)
 	return r;
 }
 
-static int put_sockets(struct nlmsg *m, int sock)
+static int put_sockets(struct nlmsg *m, const int *socks, unsigned int n)
 {
-	size_t socks = nest_start(m, NBD_ATTR_SOCKETS), item = nest_start(m, NBD_SOCK_ITEM);
-	int r = put_u32(m, NBD_SOCK_FD, (uint32_t)sock);
+	size_t list = nest_start(m, NBD_ATTR_SOCKETS);
+	int r = 0;
 
-	nest_end(m, item);
-	nest_end(m, socks);
+	for (unsigned int i = 0; i < n && !r; i++) {
+		size_t item = nest_start(m, NBD_SOCK_ITEM);
+
+		r = put_u32(m, NBD_SOCK_FD, (uint32_t)socks[i]);
+		nest_end(m, item);
+	}
+	nest_end(m, list);
 	return r;
 }
 
-int nbd_connect(int sock, const struct nbd_params *p, int *index)
+int nbd_connect(const int *socks, unsigned int nsocks, const struct nbd_params *p, int *index)
 {
 	struct nlmsg m, reply;
 	const struct nlattr *a;
@@ -262,6 +267,10 @@ int nbd_connect(int sock, const struct nbd_params *p, int *index)
 		flags |= NBD_FLAG_READ_ONLY;
 	if (p->trim)
 		flags |= NBD_FLAG_SEND_TRIM;
+	/* a flush on one connection covers the writes completed on all (the
+	 * kernel refuses several connections without it) */
+	if (nsocks > 1)
+		flags |= NBD_FLAG_CAN_MULTI_CONN;
 	msg_init(&m, family, NBD_CMD_CONNECT, NBD_GENL_VERSION);
 	r = put_u64(&m, NBD_ATTR_SIZE_BYTES, p->size);
 	if (!r)
@@ -277,7 +286,7 @@ int nbd_connect(int sock, const struct nbd_params *p, int *index)
 	if (!r && p->backend)
 		r = put_str(&m, NBD_ATTR_BACKEND_IDENTIFIER, p->backend);
 	if (!r)
-		r = put_sockets(&m, sock);
+		r = put_sockets(&m, socks, nsocks);
 	if (r) {
 		close(fd);
 		return r;
@@ -299,14 +308,16 @@ int nbd_connect(int sock, const struct nbd_params *p, int *index)
 		memcpy(&v, (const uint8_t *)a + NLA_HDRLEN, sizeof(v));
 		*index = (int)v;
 	}
-	log_dbg("nbd%d connected (%" PRIu64 " bytes%s)", *index, p->size, p->read_only ? ", read-only" : "");
+	log_dbg("nbd%d connected (%" PRIu64 " bytes%s, %u connection%s)", *index, p->size,
+		p->read_only ? ", read-only" : "", nsocks, nsocks == 1 ? "" : "s");
 	return 0;
 }
 
-/* A command to device index, with a new server when sock >= 0 (and a
+/* A command to device index, with new server sockets when nsocks > 0 (and a
  * backend name, if any), a new size when size > 0; on failure "Cannot
  * <what>: <error>." */
-static int device_command(int index, uint8_t cmd, int sock, const char *backend, uint64_t size, const char *what)
+static int device_command(int index, uint8_t cmd, const int *socks, unsigned int nsocks, const char *backend,
+			  uint64_t size, const char *what)
 {
 	struct nlmsg m;
 	uint16_t family;
@@ -319,8 +330,8 @@ static int device_command(int index, uint8_t cmd, int sock, const char *backend,
 	r = put_u32(&m, NBD_ATTR_INDEX, (uint32_t)index);
 	if (!r && backend)
 		r = put_str(&m, NBD_ATTR_BACKEND_IDENTIFIER, backend);
-	if (!r && sock >= 0)
-		r = put_sockets(&m, sock);
+	if (!r && nsocks)
+		r = put_sockets(&m, socks, nsocks);
 	if (!r && size)
 		r = put_u64(&m, NBD_ATTR_SIZE_BYTES, size);
 	if (!r)
@@ -331,12 +342,12 @@ static int device_command(int index, uint8_t cmd, int sock, const char *backend,
 	return r;
 }
 
-int nbd_reconnect(int index, int sock, const char *backend)
+int nbd_reconnect(int index, const int *socks, unsigned int nsocks, const char *backend)
 {
 	char what[64];
 
 	snprintf(what, sizeof(what), "give nbd%d a new server", index);
-	return device_command(index, NBD_CMD_RECONFIGURE, sock, backend, 0, what);
+	return device_command(index, NBD_CMD_RECONFIGURE, socks, nsocks, backend, 0, what);
 }
 
 int nbd_set_size(int index, uint64_t size, const char *backend)
@@ -344,7 +355,7 @@ int nbd_set_size(int index, uint64_t size, const char *backend)
 	char what[80];
 
 	snprintf(what, sizeof(what), "give nbd%d a size of %" PRIu64 " bytes", index, size);
-	return device_command(index, NBD_CMD_RECONFIGURE, -1, backend, size, what);
+	return device_command(index, NBD_CMD_RECONFIGURE, NULL, 0, backend, size, what);
 }
 
 int nbd_disconnect(int index)
@@ -352,7 +363,7 @@ int nbd_disconnect(int index)
 	char what[32];
 
 	snprintf(what, sizeof(what), "disconnect nbd%d", index);
-	return device_command(index, NBD_CMD_DISCONNECT, -1, NULL, 0, what);
+	return device_command(index, NBD_CMD_DISCONNECT, NULL, 0, NULL, 0, what);
 }
 
 static int read_sysfs(const char *path, char *buf, size_t size)

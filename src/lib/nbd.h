@@ -41,15 +41,20 @@ struct nbd_params {
  * with a message. */
 int nbd_check(void);
 
-/* Connect the kernel end of a socketpair (sock, which the kernel takes a
- * reference to: the caller closes its copy afterwards) to a free NBD device;
- * *index is the device (nbdN). The request works in the calling process's
- * name: /sys/block/nbdN/pid shows it. */
-int nbd_connect(int sock, const struct nbd_params *p, int *index);
+/* Connect the kernel ends of nsocks socketpairs (socks, which the kernel
+ * takes references to: the caller closes its copies afterwards) to a free
+ * NBD device; *index is the device (nbdN). Several sockets are several
+ * connections: the kernel gives the device as many hardware queues and
+ * sends each request on the connection of the queue of the CPU that
+ * submitted it (a dead connection's requests go to a live one). The request
+ * works in the calling process's name: /sys/block/nbdN/pid shows it. */
+int nbd_connect(const int *socks, unsigned int nsocks, const struct nbd_params *p, int *index);
 
-/* Give device index a new server socket after its server died (the backend
- * identifier must match the one of nbd_connect). */
-int nbd_reconnect(int index, int sock, const char *backend);
+/* Give device index new server sockets for dead connections (each socket
+ * replaces one; the backend identifier must match the one of nbd_connect):
+ * after a restart of its server, or one connection shut down by a timeout.
+ * The number of connections was fixed by nbd_connect. */
+int nbd_reconnect(int index, const int *socks, unsigned int nsocks, const char *backend);
 
 /* A new size for a connected device (NBD_CMD_RECONFIGURE with a size,
  * Linux >= 5.3), backend as given to nbd_connect. */

@@ -1010,6 +1010,75 @@ int qcow2_rw_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t guest)
 	return 0;
 }
 
+/* The kind of guest cluster gci for qcow2_rw_extent, and its host cluster. */
+static int cluster_kind(struct qcow2_rw *w, uint64_t gci, bool write, enum qcow2_rw_extent_kind *kind, uint64_t *host)
+{
+	uint64_t e, bm, rc = 1;
+	uint32_t alloc, zero;
+	int r;
+
+	*kind = QCOW2_EXTENT_ENGINE;
+	r = get_entry(w, gci, &e, &bm);
+	if (r < 0)
+		return r;
+	entry_bits(w, e, bm, &alloc, &zero);
+	if (entry_compressed(e))
+		return 0;
+	if (entry_host(w, e, host)) {
+		if (alloc != all_subclusters(w) || zero || !(e & QCOW2_OFLAG_COPIED) || !is_aligned(*host, w->cs))
+			return 0;
+		/* ours alone (as plan_cluster checks it): never freed while open */
+		if (!w->data_file && ((r = refcount_read(w, *host >> w->cb, &rc)) < 0 || rc != 1))
+			return r < 0 ? r : 0;
+		*kind = QCOW2_EXTENT_DATA;
+		return 0;
+	}
+	if (write)
+		return 0;
+	if (zero == all_subclusters(w) || (!zero && !w->ops.backing_pread))
+		*kind = QCOW2_EXTENT_ZERO;
+	else if (!zero)
+		*kind = QCOW2_EXTENT_BACKING;
+	return 0;
+}
+
+int qcow2_rw_extent(struct qcow2_rw *w, uint64_t guest, uint64_t len, bool write, struct qcow2_rw_extent *x)
+{
+	uint64_t gci = guest >> w->cb, off = guest & (w->cs - 1), host = 0, next_host;
+	int r;
+
+	x->kind = QCOW2_EXTENT_ENGINE;
+	x->len = len;
+	x->host = 0;
+	if (guest > w->img->size || len > w->img->size - guest)
+		return -EINVAL;
+	if (!len || (write && (w->opts.read_only || w->broken)))
+		return 0;
+	r = cluster_kind(w, gci, write, &x->kind, &host);
+	if (r < 0)
+		return r;
+	x->host = host + off;
+	x->len = MIN(len, w->cs - off);
+	next_host = host + w->cs;
+	while (x->len < len) {
+		enum qcow2_rw_extent_kind k;
+
+		r = cluster_kind(w, ++gci, write, &k, &host);
+		if (r < 0)
+			return r;
+		if (k != x->kind || (k == QCOW2_EXTENT_DATA && host != next_host))
+			break;
+		x->len += MIN(len - x->len, w->cs);
+		next_host = host + w->cs;
+	}
+	return 0;
+}
+
+void qcow2_rw_data_written(struct qcow2_rw *w)
+{
+	w->data_unflushed = true;
+}
+
 /* ---- writes ---- */
 
 static uint32_t sc_mask(const struct qcow2_rw *w, uint64_t from, uint64_t to)

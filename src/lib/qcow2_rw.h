@@ -38,7 +38,8 @@
  * External data files: data clusters live at their guest offset (as QEMU
  * allocates them) and have no refcounts.
  *
- * Not thread-safe: one caller at a time (the daemon holds a mutex). No
+ * Not thread-safe: one caller at a time (the daemon holds a mutex; its
+ * threads move data outside it through qcow2_rw_extent). No
  * memory is allocated on the I/O path after qcow2_rw_open(), except when
  * the refcount table grows.
  *
@@ -132,6 +133,40 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
  * writer refuses further writes (-EIO) but still reads. */
 int qcow2_rw_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t guest);
 int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest);
+
+/* What the guest range [guest, guest + len) is from its start, so that a
+ * caller may move the data itself, outside the lock it holds around the
+ * writer (several threads serving requests): x->len bytes (whole clusters
+ * but for the ends) of one kind:
+ *   DATA     a cluster of the layer with refcount 1 (OFLAG_COPIED), every
+ *            subcluster allocated, at host x->host onwards (data_pread /
+ *            data_pwrite): written in place, and never freed or reused
+ *            while the writer is open, so the I/O needs no lock;
+ *   BACKING  (reads) nothing in the layer: the guest reads the backing
+ *            chain (backing_pread; a backing file never changes);
+ *   ZERO     (reads) zero clusters, or no backing file;
+ *   ENGINE   anything else (compressed, a mix of subclusters, clusters to
+ *            allocate or copy, a broken writer): qcow2_rw_read/write.
+ * A write that allocates, or copies, runs whole under the caller's lock, so
+ * two writes never allocate the same cluster; a read that looked up BACKING
+ * and races a write of the same cluster returns the old or the new data, as
+ * the block layer allows for requests in flight together. After data_pwrite
+ * of a DATA extent completed (not before: a flush in between would miss
+ * it), qcow2_rw_data_written() under the lock: the next flush then flushes
+ * the data. 0 or -errno (-EINVAL outside the size, a metadata read's). */
+enum qcow2_rw_extent_kind {
+	QCOW2_EXTENT_ENGINE,
+	QCOW2_EXTENT_DATA,
+	QCOW2_EXTENT_BACKING,
+	QCOW2_EXTENT_ZERO,
+};
+struct qcow2_rw_extent {
+	enum qcow2_rw_extent_kind kind;
+	uint64_t len;
+	uint64_t host;		/* DATA: where the range starts */
+};
+int qcow2_rw_extent(struct qcow2_rw *w, uint64_t guest, uint64_t len, bool write, struct qcow2_rw_extent *x);
+void qcow2_rw_data_written(struct qcow2_rw *w);
 
 /* Write the cached metadata in the safe order; what it maps becomes
  * durable and is announced through ops->mapped. */

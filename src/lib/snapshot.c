@@ -425,6 +425,7 @@ static int switch_stack(struct snap_ctx *c)
 		.allow_discards = c->args->allow_discards,
 		.max_targets = c->args->max_targets,
 		.nbd_timeout = c->args->nbd_timeout,
+		.nbd_connections = c->args->nbd_connections,
 		.debug = c->p->debug,
 		.fail_step = c->p->fail_step,
 	};

@@ -45,8 +45,8 @@ PBKDF="--iter-time --pbkdf-force-iterations"
 NEWHDR="--cipher --key-size --hash $PBKDF --cluster-size"
 IMAGE="--snapshot --format --trust-names --backing-file --data-file"
 declare -A want=(
-	[open]="$G --tab --readonly --allow-discards --max-targets $KEYFILE --tries --skip-key-check --clevis --token-only --token-timeout $IMAGE --quiet"
-	[open --tab]="$G --max-targets --tab --qcowtab --quiet"
+	[open]="$G --tab --readonly --allow-discards --max-targets --nbd-connections $KEYFILE --tries --skip-key-check --clevis --token-only --token-timeout $IMAGE --quiet"
+	[open --tab]="$G --max-targets --nbd-connections --tab --qcowtab --quiet"
 	[close]="$G --tab --deferred"
 	[close --tab]="$G --deferred --tab --qcowtab"
 	[status]="$G --json"
@@ -75,7 +75,7 @@ declare -A want=(
 )
 # a valid value for each option that takes one
 declare -A value=(
-	[--max-targets]=4 [--keyfile-offset]=0 [--keyfile-size]=64 [--tries]=3 [--key-size]=256 [--token-timeout]=30
+	[--max-targets]=4 [--nbd-connections]=2 [--keyfile-offset]=0 [--keyfile-size]=64 [--tries]=3 [--key-size]=256 [--token-timeout]=30
 	[--iter-time]=10 [--pbkdf-force-iterations]=1000 [--cluster-size]=64K [--new-keyfile-offset]=0
 	[--new-keyfile-size]=64 [--key-slot]=1
 )

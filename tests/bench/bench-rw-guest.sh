@@ -5,8 +5,10 @@
 #   R ROUND first-write|allocated DEVICE seq|rand KIB_S IOPS
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
 #   TARGETS N SLOW                         (the allocated image's top table)
+#   S ROUND before|after first|cow|backing-read KIB_S IOPS  (BENCH_BEFORE)
 # Environment: BENCH_RUNTIME (seconds per job, default 15), BENCH_ROUNDS
-# (default 3; even rounds run the devices in reverse order).
+# (default 3; even rounds run the devices in reverse order), BENCH_SLOW_ONLY=1
+# (the slow path's comparison only).
 set -u
 rt=${BENCH_RUNTIME:-15}
 rounds=${BENCH_ROUNDS:-3}
@@ -20,7 +22,7 @@ sec="--object secret,id=s0,file=$mnt/key"
 fio_job() {	# dev rw bs iodepth -> "KiB/s IOPS"
 	fio --name=j --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --direct=1 --ioengine=libaio \
 		--time_based --runtime="$rt" --size=400M --randrepeat=0 --norandommap \
-		--output-format=terse --terse-version=3 2>/dev/null | awk -F';' '{ print $48, $49 }'
+		--output-format=terse --terse-version=3 2>/dev/null | awk -F';' '{ print $7 + $48, $8 + $49 }'
 }
 job_args() {	# seq|rand -> "rw bs qd"
 	case $1 in seq) echo "write 1M 4" ;; rand) echo "randwrite 4k 16" ;; esac
@@ -51,7 +53,40 @@ first_write_nbd() {	# round test
 	qemu-nbd -d /dev/nbd15 >/dev/null
 }
 
-echo "KERNEL $(uname -r)"
+# ---- the slow path alone, the build before (BENCH_BEFORE: its qcowsetup in
+# /usr/local/before/) against this one: fio on unencrypted images
+#   S ROUND before|after first|cow|backing-read KIB_S IOPS
+slow_job() {	# round which test
+	local qs=qcowsetup rw=randwrite img=empty-plain.qcow2 bw iops conn=()
+	[ "$2" = before ] && qs=/usr/local/before/qcowsetup
+	[ "$2" = before ] || [ -z "${BENCH_CONNECTIONS:-}" ] || conn=(--nbd-connections "$BENCH_CONNECTIONS")
+	case $3 in cow) img=ov.qcow2 ;; backing-read) img=ov.qcow2 rw=randread ;; esac
+	cp "$img" t-slow.qcow2; sync; echo 3 >/proc/sys/vm/drop_caches
+	$qs open ${conn[@]+"${conn[@]}"} t-slow.qcow2 bs || { echo "ERROR open ($2 $3)"; return 1; }
+	read -r bw iops <<< "$(fio_job /dev/mapper/bs $rw 4k 16)"
+	echo "S $1 $2 $3 $bw $iops"
+	$qs close bs
+}
+slow_path() {
+	local round which test
+	[ -x /usr/local/before/qcowsetup ] || return 0
+	qemu-img create -q -f qcow2 empty-plain.qcow2 512M
+	[ -f base.qcow2 ] || qemu-img create -q -f qcow2 -o preallocation=falloc base.qcow2 512M
+	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 ov.qcow2 512M
+	for round in $(seq 1 "$rounds"); do
+		for test in first cow backing-read; do
+			for which in before after; do
+				[ $((round % 2)) = 1 ] || which=$([ $which = before ] && echo after || echo before)
+				slow_job "$round" $which $test
+			done
+		done
+	done
+	rm -f t-slow.qcow2
+}
+
+echo "KERNEL $(uname -r) CPUS $(nproc)"
+slow_path
+[ "${BENCH_SLOW_ONLY:-0}" = 1 ] && exit 0
 # ---- first writes into an empty image: qcowsetup vs qemu-nbd
 for round in $(seq 1 "$rounds"); do
 	for test in seq rand; do

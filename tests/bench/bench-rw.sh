@@ -12,6 +12,12 @@
 #     held (p99, max) and how long a reload took.
 # Ratios are medians of the per-round ratios (rounds alternate the order).
 #   tests/bench/bench-rw.sh
+# With BENCH_BEFORE=DIR (a build tree of another version, e.g. the main
+# branch: its qcowsetup and qcowsetup-daemon), first the slow path alone,
+# that build against this one in the same VM: random 4 KiB QD16 first writes
+# into an empty image, copy-on-write into an overlay, reads of backing
+# clusters (BENCH_SLOW_ONLY=1: only that; BENCH_SMP: guest CPUs, default 1;
+# BENCH_CONNECTIONS=N: this build opens with --nbd-connections N).
 # Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
 # (default 3), QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
@@ -48,12 +54,45 @@ mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 3G
 rm -rf "$work/m"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 rc=0
+before=()
+if [ -n "${BENCH_BEFORE:-}" ]; then
+	[ -x "$BENCH_BEFORE/qcowsetup" ] && [ -x "$BENCH_BEFORE/qcowsetup-daemon" ] ||
+		{ echo "$me: error: no qcowsetup and qcowsetup-daemon in $BENCH_BEFORE" >&2; exit 1; }
+	before=(--extra "$BENCH_BEFORE/qcowsetup=/usr/local/before/qcowsetup"
+		--extra "$BENCH_BEFORE/qcowsetup-daemon=/usr/local/before/qcowsetup-daemon")
+fi
 "$top/tests/vm/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
-	--extra "$qs" --extra "$daemon" --timeout 3000 \
+	--extra "$qs" --extra "$daemon" ${before[@]+"${before[@]}"} --timeout 3000 \
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
+	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
-tr -d '\r' <"$work/out" | grep -E '^(R|RELOAD|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
+tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
 [ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
+if grep -q '^S ' "$work/res"; then
+	echo
+	echo "== the slow path, $BENCH_BEFORE (before) against this build (after): $(sed -n 's/^KERNEL //p' "$work/res")"
+	echo "   unencrypted 512 MiB images, fio 4k QD16 libaio direct=1, ${BENCH_RUNTIME:-15}s per job, median of ${BENCH_ROUNDS:-3} rounds (IOPS)"
+	awk '
+		function median(n, a,   i, j, t) {
+			for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+			return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+		}
+		$1 == "S" { n[$3, $4]++; v[$3, $4, n[$3, $4]] = $6 }
+		END {
+			printf "  %-44s %10s %10s %8s\n", "", "before", "after", "ratio"
+			split("first cow backing-read", t, " ")
+			split("random first writes into an empty image|copy-on-write into an overlay (random writes)|reads of backing clusters (random)", label, "|")
+			for (i = 1; i <= 3; i++) {
+				for (w = 0; w < 2; w++) {
+					which = w ? "after" : "before"; k = 0; delete a
+					for (j = 1; j <= n[which, t[i]]; j++) a[++k] = v[which, t[i], j]
+					m[w] = k ? median(k, a) : 0
+				}
+				printf "  %-44s %10.0f %10.0f %7.2fx\n", label[i], m[0], m[1], m[0] ? m[1] / m[0] : 0
+			}
+		}' "$work/res"
+fi
+[ "${BENCH_SLOW_ONLY:-0}" = 1 ] && exit 0
 
 echo
 echo "== qcowsetup write benchmark: one VM run (TCG, 1 vCPU), $(sed -n 's/^KERNEL //p' "$work/res")"

@@ -1116,6 +1116,63 @@ static void random_write_range(struct state *s, uint64_t *off, uint64_t *len)
 	*len = l;
 }
 
+/* The daemon's way (src/daemon/server.c) for whole sectors: what
+ * qcow2_rw_extent allows moved outside the writer (in-place writes, then
+ * qcow2_rw_data_written; reads of the layer's clusters, the backing file,
+ * zeros), the rest through it. */
+static bool split_io(uint64_t off, uint64_t len)
+{
+	return !((off | len) % SECTOR) && ((off + len) / SECTOR) % 2;
+}
+
+static int split_write(struct state *s, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+	int r = 0;
+
+	while (len && !r) {
+		struct qcow2_rw_extent x;
+
+		r = qcow2_rw_extent(s->w, off, len, true, &x);
+		if (r)
+			break;
+		if (x.kind == QCOW2_EXTENT_DATA) {
+			r = op_data_pwrite(&s->e, buf, x.len, x.host);
+			qcow2_rw_data_written(s->w);
+		} else {
+			r = qcow2_rw_write(s->w, buf, x.len, off);
+		}
+		buf += x.len;
+		off += x.len;
+		len -= x.len;
+	}
+	return r;
+}
+
+static int split_read(struct state *s, uint8_t *buf, uint64_t len, uint64_t off)
+{
+	int r = 0;
+
+	while (len && !r) {
+		struct qcow2_rw_extent x;
+
+		r = qcow2_rw_extent(s->w, off, len, false, &x);
+		if (r)
+			break;
+		if (x.kind == QCOW2_EXTENT_DATA)
+			r = op_data_pread(&s->e, buf, x.len, x.host);
+		else if (x.kind == QCOW2_EXTENT_BACKING)
+			r = op_backing_pread(&s->e, buf, x.len, off);
+		else if (x.kind == QCOW2_EXTENT_ZERO)
+			memset(buf, 0, x.len);
+		else
+			r = qcow2_rw_read(s->w, buf, x.len, off);
+		buf += x.len;
+		off += x.len;
+		len -= x.len;
+	}
+	return r;
+}
+
 /* One operation; returns false once the writer failed (crash injected). */
 static bool step(struct state *s, bool crash_checks)
 {
@@ -1129,7 +1186,7 @@ static bool step(struct state *s, bool crash_checks)
 		fill_pattern(s->buf, len, rnd());
 		for (uint64_t sec = off / SECTOR; sec <= (off + len - 1) / SECTOR; sec++)
 			s->dirty[sec] = 1;
-		r = qcow2_rw_write(s->w, s->buf, len, off);
+		r = split_io(off, len) ? split_write(s, s->buf, len, off) : qcow2_rw_write(s->w, s->buf, len, off);
 		if (r == -ENOSPC && s->sc->limit_extra) {
 			s->enospc++;
 			for (uint64_t sec = off / SECTOR; sec <= (off + len - 1) / SECTOR; sec++)
@@ -1149,7 +1206,7 @@ static bool step(struct state *s, bool crash_checks)
 	case 0:
 	case 1:
 		random_write_range(s, &off, &len);
-		r = qcow2_rw_read(s->w, s->rbuf, len, off);
+		r = split_io(off, len) ? split_read(s, s->rbuf, len, off) : qcow2_rw_read(s->w, s->rbuf, len, off);
 		if (r && s->e.crashed)
 			return false;	/* reads may write back a full cache */
 		if (r)

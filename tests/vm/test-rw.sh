@@ -7,6 +7,7 @@
 #   matrix   seeded random writes (512 B .. 4 MiB, aligned and not) to
 #            /dev/mapper/NAME and to a raw reference; after close
 #            `qemu-img compare` identical and `qemu-img check` clean;
+#            3 NBD connections under fio (2 jobs, QD16, verified);
 #            compressed clusters read-only; interop with qemu-io both ways;
 #            QEMU-compatible locks both ways; corrupt bit, full filesystem
 #            (ENOSPC) and read-only file; the daemon killed (SIGKILL) once

@@ -4,6 +4,7 @@
 #   rw.sh crash RUN DELAY     verify the previous crash run (if any),
 #                             then write and die after DELAY/10 s
 #   rw.sh crash-verify        verify the last crash run
+#   rw.sh connections         the case of several NBD connections alone
 . /host/lib.sh
 export PATH=/usr/local/bin:$PATH
 vm_images_disk
@@ -63,6 +64,29 @@ workload() {	# name seed
 		rm -f /mnt/m/s1-before.raw /mnt/m/s1-after.raw
 	fi
 	rm -f "w-$n.qcow2" "w-$n.raw" w-datafile.data
+}
+
+connections() {	# 3 NBD connections; fio from 2 jobs at QD16, verified: copy-on-write
+	# from a backing chain, in-place writes and reads in parallel
+	cp chain.qcow2 mc.qcow2
+	to_raw mc.qcow2 /tmp/mc.raw
+	qcowsetup open --nbd-connections 3 mc.qcow2 mc
+	nbd=$(qcowsetup status mc | sed -n 's|.*slow path: /dev/\(nbd[0-9]*\).*|\1|p')
+	# (blk-mq gives it a hardware queue per connection, at most one per CPU)
+	want=$(nproc) && [ "$want" -le 3 ] || want=3
+	q=$(find "/sys/block/$nbd/mq/" -mindepth 1 -maxdepth 1 | wc -l)
+	[ "$q" = "$want" ] || { echo "${nbd:-no NBD device} has $q hardware queues, not $want"; qcowsetup close mc; return 1; }
+	fio --name=mc --filename=/dev/mapper/mc --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 \
+		--size=2M --numjobs=2 --offset_increment=24M --verify=crc32c --verify_fatal=1 >/tmp/fio.out 2>&1 ||
+		{ cat /tmp/fio.out; qcowsetup close mc; return 1; }
+	part() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum; }
+	[ "$(part /dev/mapper/mc 2 22)" = "$(part /tmp/mc.raw 2 22)" ] &&
+		[ "$(part /dev/mapper/mc 26 38)" = "$(part /tmp/mc.raw 26 38)" ] ||
+		{ echo "data outside fio's ranges changed"; return 1; }
+	qcowsetup close mc
+	qcheck mc.qcow2
+	rm -f mc.qcow2 /tmp/mc.raw
+	vm_assert_clean
 }
 
 segments() {	# a table split into segment devices at open, then written to
@@ -307,6 +331,7 @@ matrix)
 		vm_test "plain: a second seed" workload plain 2
 		vm_test "luks: a second seed" workload luks 2
 	fi
+	vm_test "chain: 3 NBD connections, fio from 2 jobs verified, the rest unchanged, check clean" connections
 	vm_test "segments (--max-targets 4): writes through a split table, then consistent" segments
 	vm_test "compressed clusters mapped read-only through the daemon" compressed_ro
 	vm_test "interop with QEMU both ways, locks both ways" interop
@@ -328,6 +353,10 @@ daemon-kill)
 	export QCOWSETUP_NBD_TIMEOUT=5
 	vm_test "daemon killed (SIGKILL) ${2:-30} times under load: image consistent, flushed data intact; reattach" daemon_kill "${2:-30}"
 	[ ! -f /tmp/kill.summary ] || cat /tmp/kill.summary
+	vm_summary
+	;;
+connections)	# that case alone
+	vm_test "chain: 3 NBD connections, fio from 2 jobs verified, the rest unchanged, check clean" connections
 	vm_summary
 	;;
 crash-verify)
