@@ -422,8 +422,8 @@ lv_loops() {	# the files of the loop devices, "FILE:ro|rw" a line, sorted
 fs_open() {	# image: mapped as lv, ext4 mounted on /mnt/lv with a file "before"
 	copy "$1"
 	w=/mnt/m/w/$1
-	# shellcheck disable=SC2046
-	qcowsetup open $(key_opts "$1") "$w" lv
+	# shellcheck disable=SC2046,SC2086
+	qcowsetup open $(key_opts "$1") ${open_opts:-} "$w" lv
 	# (no lazy init: its background writes would move the top table)
 	mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/lv
 	mkdir -p /mnt/lv /mnt/old
@@ -564,6 +564,7 @@ if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
 	vm_test "atomic suspend/resume/refresh (chain): a failure at each step is undone" fault_steps chain.qcow2
 	vm_test "snapshot unencrypted under mounted ext4 and fio" snapshot_live plain.qcow2
 	vm_test "snapshot of a backing chain under mounted ext4 and fio" snapshot_live chain.qcow2
+	open_opts="--nbd-connections 2" vm_test "snapshot of a LUKS mapping over 2 NBD connections" snapshot_live luks.qcow2
 	vm_test "atomic snapshot (LUKS): a failure at each step is undone" snapshot_faults luks.qcow2
 	vm_test "atomic snapshot (chain): a failure at each step is undone" snapshot_faults chain.qcow2
 fi
