@@ -23,6 +23,9 @@
 #define DAEMON_BUF_SIZE		(1U << 20)
 #define DAEMON_CACHE_BYTES	(1U << 20)	/* L2 tables and refcount blocks (at least 8 clusters) */
 #define DAEMON_STACK_SIZE	(256U << 10)	/* the server thread's, locked */
+/* Largest window of clusters mapped ahead of a sequential writer
+ * (qcow2_rw_opts.ahead_max; unencrypted images in one file only) */
+#define DAEMON_AHEAD_MAX	(32ULL << 20)
 
 struct remap {
 	uint64_t guest, len, host;
@@ -114,6 +117,7 @@ int daemon_reload_top(struct daemon *d);
  * (-ERANGE: segments would change). */
 int daemon_reload_all(struct daemon *d);
 void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
+void daemon_kick(void *opaque);	/* qcow2_rw_ops.kick: a round now */
 
 /* control.c: the control socket (src/lib/control.h), main thread only.
  * open: 0 or -errno (logged; the daemon serves without it). poll: answer

@@ -175,6 +175,22 @@ static int rw_data_flush(void *opaque)
 	return fdatasync(((struct file_rw *)opaque)->data_fd) ? -errno : 0;
 }
 
+/* A hole (a block device zeroes the range): reads zeros, costs no write. */
+static int rw_data_zero(void *opaque, uint64_t len, uint64_t off)
+{
+	if (fallocate(((struct file_rw *)opaque)->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+		      (off_t)len) == 0)
+		return 0;
+	return errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL ? -EOPNOTSUPP : -errno;
+}
+
+static void rw_kick(void *opaque)
+{
+	struct file_rw *f = opaque;
+
+	f->kick(f->mapped_opaque);
+}
+
 static int rw_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
 {
 	return chain_read(((struct file_rw *)opaque)->chain, buf, len, guest);
@@ -197,6 +213,9 @@ void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops)
 		.data_flush = f->data_separate ? rw_data_flush : NULL,
 		.backing_pread = f->chain ? rw_backing_pread : NULL,
 		.mapped = f->mapped ? rw_mapped : NULL,
+		/* the image itself: holes; the crypt device or a data file: zeros written */
+		.data_zero = f->data_separate ? NULL : rw_data_zero,
+		.kick = f->kick ? rw_kick : NULL,
 		.opaque = f,
 	};
 }

@@ -29,6 +29,9 @@
 #define MAPS_MAX		4096	/* queued mappings before a writeback */
 #define DIRTY_L1_MAX		256
 #define BUF_ALIGN		4096
+#define AHEAD_FIRST		(1ULL << 20)	/* first window of allocation ahead */
+#define AHEAD_TRACK		16		/* windows remembered for release_ahead */
+#define ZERO_BUF_MAX		(256U << 10)
 
 
 struct slot {
@@ -65,6 +68,7 @@ struct plan {
 	uint32_t ws, we;	/* written bytes inside the cluster */
 	uint32_t wlo, whi;	/* range mode: bytes written (512-aligned) */
 	bool range;		/* write [wlo, whi) instead of to_write subclusters */
+	bool zero_first;	/* a new cluster made to read zeros (data_zero), then range */
 	bool alloc;		/* host is a new cluster (refcounted) */
 	bool update;		/* the L2 entry changes */
 	const uint8_t *src;	/* cluster-relative content (the written parts valid) */
@@ -105,6 +109,14 @@ struct qcow2_rw {
 	uint8_t *cbuf;		/* decompressed cluster */
 	uint64_t cbuf_entry;	/* L2 entry it was decompressed from; 0: none */
 	uint8_t *zbuf;		/* compressed bytes */
+	/* allocation ahead of a sequential writer */
+	uint64_t seq_next;	/* guest end of the last write */
+	uint64_t ahead_start, ahead_end;	/* the current window (guest) */
+	uint64_t ahead_window;	/* bytes of the next window */
+	struct extent ahead[AHEAD_TRACK];	/* guest ranges mapped ahead (ring) */
+	size_t n_ahead, ahead_pos;
+	uint8_t *zero_buf;	/* zeros to write (no data_zero) */
+	size_t zero_len;
 	struct qcow2_rw_stats st;
 };
 
@@ -118,6 +130,11 @@ static void *alloc_aligned(size_t size)
 		return NULL;
 	memset(p, 0, size);
 	return p;
+}
+
+static bool buf_is_zero(const uint8_t *p, size_t len)
+{
+	return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
 }
 
 static int meta_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t off)
@@ -257,6 +274,7 @@ static int cache_find(struct cache *c, uint64_t off)
 }
 
 static int writeback(struct qcow2_rw *w);
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len);
 
 /* The slot of the table or block at off, loaded (fill) or zeroed. L2
  * tables: evicting a dirty one takes a writeback; refcount blocks are
@@ -1099,6 +1117,14 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 	if (!w->extended || entry_compressed(p->old_entry)) {
 		p->to_write = all;
 		p->new_bitmap = w->extended ? L2_BITMAP_ALL_ALLOC : 0;
+		/* nothing to copy around a partial write over zeros: a hole
+		 * (cheap), then the written sectors only */
+		if (!w->extended && p->alloc && w->ops.data_zero && (p->ws || p->we < w->cs) &&
+		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && !w->ops.backing_pread))) {
+			p->zero_first = p->range = true;
+			p->wlo = p->ws & ~511U;
+			p->whi = (uint32_t)MIN(round_up_pow2(p->we, 512), w->cs);
+		}
 	} else {
 		p->to_write = (has ? alloc : 0) | p->touched;
 		p->new_bitmap = ((uint64_t)(zero & ~p->touched) << 32) | p->to_write;
@@ -1315,7 +1341,9 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	for (size_t k = 0; k < n; k++) {
 		struct plan *p = &w->plan[k];
 
-		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
+		r = p->zero_first ? zero_data(w, p->host, w->cs) : 0;
+		if (r == 0)
+			r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
 		if (r < 0) {
 			undo_chunk(w, w->plan, n);
 			return r;
@@ -1333,10 +1361,202 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	return r;
 }
 
+/* ---- allocation ahead ---- */
+
+/* Make [host, host + len) of the data read zeros. */
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len)
+{
+	int r = -EOPNOTSUPP;
+
+	if (w->ops.data_zero)
+		r = w->ops.data_zero(w->ops.opaque, len, host);
+	while (r == -EOPNOTSUPP && len) {
+		size_t n = (size_t)MIN(len, (uint64_t)w->zero_len);
+		int q = w->ops.data_pwrite(w->ops.opaque, w->zero_buf, n, host);
+
+		if (q < 0)
+			r = q;
+		host += n;
+		len -= n;
+	}
+	if (r == -EOPNOTSUPP)
+		r = 0;
+	if (r < 0)
+		log_err("%s: cannot zero data at host offset 0x%" PRIx64 ": %s.", w->img->path, host, strerror(-r));
+	else
+		w->data_unflushed = true;
+	return r;
+}
+
+static void track_ahead(struct qcow2_rw *w, uint64_t guest, uint64_t len)
+{
+	struct extent *last = w->n_ahead ? &w->ahead[(w->ahead_pos + AHEAD_TRACK - 1) % AHEAD_TRACK] : NULL;
+
+	if (last && last->off + last->len == guest) {
+		last->len += len;
+		return;
+	}
+	/* a full ring forgets the oldest window: it stays mapped (zeros) */
+	w->ahead[w->ahead_pos] = (struct extent){ .off = guest, .len = len };
+	w->ahead_pos = (w->ahead_pos + 1) % AHEAD_TRACK;
+	if (w->n_ahead < AHEAD_TRACK)
+		w->n_ahead++;
+}
+
+/* Map up to n unallocated clusters from guest cluster gci on (inside one L2
+ * table) to new zeroed clusters, as a write of zeros would (allocation,
+ * zeros, then the entries): stops at the first cluster that is not
+ * unallocated. *done: clusters mapped. */
+static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t *done)
+{
+	uint64_t l1i = gci >> w->l2_bits, j0 = gci & (w->l2_entries - 1), host, k;
+	struct slot *s;
+	int r;
+
+	*done = 0;
+	n = MIN(n, w->l2_entries - j0);
+	r = l2_slot_write(w, l1i, &s);
+	if (r < 0)
+		return r;
+	for (k = 0; k < n; k++) {
+		const uint8_t *e = s->buf + (j0 + k) * w->l2_esz;
+
+		if (get_be64(e) || (w->extended && get_be64(e + 8)))
+			break;
+	}
+	n = k;
+	if (!n)
+		return 0;
+	r = alloc_clusters(w, n, &host);
+	if (r < 0)
+		return r;
+	r = zero_data(w, host, n << w->cb);
+	if (r == 0)
+		r = l2_slot_for_update(w, l1i, 0, &s);
+	if (r < 0) {
+		for (k = 0; k < n; k++)
+			if (refcount_change(w, (host >> w->cb) + k, -1) < 0)
+				w->broken = true;
+		return r;
+	}
+	for (k = 0; k < n; k++) {
+		uint64_t j = j0 + k;
+
+		put_be64(s->buf + j * w->l2_esz, (host + (k << w->cb)) | QCOW2_OFLAG_COPIED);
+		if (w->extended)
+			put_be64(s->buf + j * w->l2_esz + 8, L2_BITMAP_ALL_ALLOC);
+	}
+	slot_mark(s, (uint32_t)(j0 * w->l2_esz), (uint32_t)((j0 + n) * w->l2_esz));
+	r = add_map(w, gci << w->cb, n << w->cb, host);
+	if (r < 0) {
+		w->broken = true;
+		return r;
+	}
+	w->st.ahead_clusters += n;
+	track_ahead(w, gci << w->cb, n << w->cb);
+	*done = n;
+	return 0;
+}
+
+/* Map the clusters of guest [from, to) ahead of the writer, up to the
+ * first one that is allocated; the window ends there. */
+static void map_ahead(struct qcow2_rw *w, uint64_t from, uint64_t to)
+{
+	uint64_t gci = from >> w->cb, end = round_up_pow2(MIN(to, w->img->size), w->cs) >> w->cb, done = 0;
+	int r = 0;
+
+	while (gci < end) {
+		r = map_ahead_run(w, gci, end - gci, &done);
+		if (r < 0 || !done)
+			break;
+		gci += done;
+	}
+	if (r < 0)
+		log_dbg("%s: no allocation ahead at guest offset 0x%" PRIx64 ": %s", w->img->path, gci << w->cb,
+			strerror(-r));
+	if ((gci << w->cb) > from && w->ops.kick)
+		w->ops.kick(w->ops.opaque);
+	w->ahead_end = gci << w->cb;
+}
+
+/* After a write of guest [guest, end) (allocated: it took new clusters):
+ * keep a window of mapped clusters ahead of a sequential writer. The
+ * writer is sequential when it goes on where its last write ended, or at
+ * the end of the window (its writes inside went to the fast path, unseen
+ * here): then the window doubles. */
+static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, bool allocated)
+{
+	bool frontier = w->ahead_end && guest == w->ahead_end;
+	bool seq = guest == w->seq_next || frontier;
+	bool inside = guest >= w->ahead_start && guest < w->ahead_end;
+	uint64_t next = round_up_pow2(end, w->cs), first = MAX(AHEAD_FIRST, w->cs);
+
+	w->seq_next = end;
+	if (!w->opts.ahead_max || w->data_file || w->ops.backing_pread || w->broken || !seq)
+		return;
+	if (frontier && allocated) {
+		w->ahead_window = MIN(w->ahead_window * 2, MAX(w->opts.ahead_max, first));
+		w->ahead_start = guest;
+		w->ahead_end = next;
+	} else if (allocated && !inside) {
+		/* a new sequential writer */
+		w->ahead_window = MIN(first, MAX(w->opts.ahead_max, w->cs));
+		w->ahead_start = w->ahead_end = next;
+	} else if (!inside) {
+		return;
+	}
+	/* enough left ahead of it */
+	if (w->ahead_end > next && w->ahead_end - next >= w->ahead_window / 2)
+		return;
+	map_ahead(w, MAX(w->ahead_end, next), next + w->ahead_window);
+}
+
+int qcow2_rw_release_ahead(struct qcow2_rw *w)
+{
+	int r = 0;
+
+	if (w->opts.read_only)
+		return 0;
+	if (w->broken)
+		return -EIO;
+	for (size_t i = 0; i < w->n_ahead && r == 0; i++) {
+		struct extent *x = &w->ahead[i];
+
+		for (uint64_t g = x->off; g < x->off + x->len && r == 0; g += w->cs) {
+			uint64_t gci = g >> w->cb, e, bm, host, j = gci & (w->l2_entries - 1);
+			struct slot *s;
+
+			r = get_entry(w, gci, &e, &bm);
+			/* still as mapped ahead (whatever was written in it) */
+			if (r < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) || !entry_host(w, e, &host) ||
+			    !host || (w->extended && bm != L2_BITMAP_ALL_ALLOC))
+				continue;
+			/* unreadable: left mapped, as it is */
+			if (w->ops.data_pread(w->ops.opaque, w->head_buf, w->cs, host) < 0 ||
+			    !buf_is_zero(w->head_buf, w->cs))
+				continue;
+			r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
+			if (r < 0)
+				break;
+			put_be64(s->buf + j * w->l2_esz, 0);
+			if (w->extended)
+				put_be64(s->buf + j * w->l2_esz + 8, 0);
+			slot_mark(s, (uint32_t)(j * w->l2_esz), (uint32_t)((j + 1) * w->l2_esz));
+			w->deferred[w->n_deferred++] = (struct extent){ .off = host, .len = w->cs };
+			w->st.ahead_released++;
+		}
+	}
+	w->n_ahead = w->ahead_pos = 0;
+	w->ahead_start = w->ahead_end = 0;
+	if (r < 0)
+		log_err("%s: cannot release the clusters mapped ahead: %s.", w->img->path, strerror(-r));
+	return r;
+}
+
 int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest)
 {
 	const uint8_t *p = buf;
-	uint64_t end;
+	uint64_t end, start = guest, allocated = w->st.clusters_allocated;
 	int r = 0;
 
 	if (w->opts.read_only)
@@ -1356,6 +1576,7 @@ int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t gue
 		p += chunk_end - guest;
 		guest = chunk_end;
 	}
+	ahead_after_write(w, start, end, w->st.clusters_allocated != allocated);
 	if (w->opts.write_through)
 		r = writeback(w);
 	return r;
@@ -1818,6 +2039,7 @@ void qcow2_rw_free(struct qcow2_rw *w)
 	free(w->tail_buf);
 	free(w->cbuf);
 	free(w->zbuf);
+	free(w->zero_buf);
 	free(w);
 }
 
@@ -1872,6 +2094,14 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 	if (!w->head_buf || !w->tail_buf || !w->cbuf || !w->zbuf) {
 		r = -ENOMEM;
 		goto fail;
+	}
+	if ((opts->ahead_max || ops->data_zero) && !opts->read_only) {
+		w->zero_len = ZERO_BUF_MAX;
+		w->zero_buf = alloc_aligned(w->zero_len);
+		if (!w->zero_buf) {
+			r = -ENOMEM;
+			goto fail;
+		}
 	}
 	w->reftable_entries = ((uint64_t)img->refcount_table_clusters << w->cb) / 8;
 	r = qcow2_read_table(img, img->refcount_table_offset, w->reftable_entries, QCOW2_MAX_REFTABLE_BYTES,
