@@ -305,7 +305,7 @@ static int open_engine(struct daemon *d)
 	d->f.mapped_opaque = d;
 	file_rw_ops(&d->f, &ops);
 	o.cache_bytes = DAEMON_CACHE_BYTES;
-	/* ahead only where zeros are holes: through the cipher (LUKS) every
+	/* ahead only where zeros cost no write: through the cipher (LUKS) every
 	 * cluster would be encrypted twice, zeros then data (tests/bench
 	 * bench-rw.sh under TCG: 0.4x the sequential first writes) */
 	o.ahead_max = d->f.data_separate ? 0 : DAEMON_AHEAD_MAX;

@@ -56,7 +56,8 @@ void file_opener_init(struct file_opener *fo, bool write, const struct trust_rul
 /* qcow2_rw_ops over descriptors: metadata to meta_fd (fdatasync), data
  * clusters to data_fd (the image itself, the external data file, or the
  * crypt device over the image; reads past its end are zeros), backing reads
- * from chain. Zeros in the image itself are holes punched (data_zero). */
+ * from chain. Zeros in the image itself are unwritten extents (data_zero:
+ * FALLOC_FL_ZERO_RANGE where the file has blocks, holes left as they are). */
 struct file_rw {
 	int meta_fd;
 	int data_fd;

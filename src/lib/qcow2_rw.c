@@ -274,7 +274,7 @@ static int cache_find(struct cache *c, uint64_t off)
 }
 
 static int writeback(struct qcow2_rw *w);
-static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len);
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len, bool cheap_only);
 
 /* The slot of the table or block at off, loaded (fill) or zeroed. L2
  * tables: evicting a dirty one takes a writeback; refcount blocks are
@@ -486,8 +486,8 @@ static int refcount_read(struct qcow2_rw *w, uint64_t ci, uint64_t *v)
 }
 
 /* First cluster at or after start with refcount 0 (clusters of ranges
- * without a refcount block are free). */
-static int find_free(struct qcow2_rw *w, uint64_t start, uint64_t *out)
+ * without a refcount block are free). quiet: no message at the limit. */
+static int find_free(struct qcow2_rw *w, uint64_t start, bool quiet, uint64_t *out)
 {
 	uint64_t ci = start, per = 1ULL << w->rb_bits, limit = w->opts.file_limit;
 	int r;
@@ -497,7 +497,8 @@ static int find_free(struct qcow2_rw *w, uint64_t start, uint64_t *out)
 		struct slot *s;
 
 		if (limit && (ci + 1) << w->cb > limit) {
-			log_err("%s: no room for a new cluster below %" PRIu64 " bytes.", w->img->path, limit);
+			if (!quiet)
+				log_err("%s: no room for a new cluster below %" PRIu64 " bytes.", w->img->path, limit);
 			return -ENOSPC;
 		}
 		if ((ci << w->cb) >> w->cb != ci || ci << w->cb > (1ULL << 56)) {
@@ -665,8 +666,10 @@ out:
 /* n contiguous new clusters, refcount 1 each (cached): the first run of
  * free clusters at or after the hint whose refcount blocks exist (made on
  * the way, which may take clusters of a candidate run: the search starts
- * over). */
-static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
+ * over). grow false: nothing but the cached refcounts changes, no message:
+ * a run that would need a refcount block, a larger refcount table or room
+ * past the file limit is -ENOSPC (allocation ahead). */
+static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *off)
 {
 	uint64_t start = w->free_hint, ci, v;
 	bool dense = true;	/* nothing free between the hint and ci */
@@ -676,10 +679,12 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 		uint64_t k, c = 0;
 		bool again = false;
 
-		r = find_free(w, start, &ci);
+		r = find_free(w, start, !grow, &ci);
 		if (r < 0)
 			return r;
 		if (w->opts.file_limit && (ci + n) << w->cb > w->opts.file_limit) {
+			if (!grow)
+				return -ENOSPC;
 			log_err("%s: no room for %" PRIu64 " new clusters below %" PRIu64 " bytes.", w->img->path, n,
 				w->opts.file_limit);
 			return -ENOSPC;
@@ -689,6 +694,8 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 
 			c = ci + k;
 			ti = c >> w->rb_bits;
+			if (!grow && (ti >= w->reftable_entries || !(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK)))
+				return -ENOSPC;
 			if (ti >= w->reftable_entries)
 				r = grow_reftable(w, ti + 1), again = true;
 			else if (!(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK))
@@ -719,7 +726,7 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 /* One new cluster, refcount 1 (cached). */
 static int alloc_cluster(struct qcow2_rw *w, uint64_t *off)
 {
-	return alloc_clusters(w, 1, off);
+	return alloc_clusters(w, 1, true, off);
 }
 
 static int apply_deferred(struct qcow2_rw *w)
@@ -1341,9 +1348,10 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	for (size_t k = 0; k < n; k++) {
 		struct plan *p = &w->plan[k];
 
-		r = p->zero_first ? zero_data(w, p->host, w->cs) : 0;
-		if (r == 0)
-			r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
+		/* no cheap zeros there: the whole cluster written, as without */
+		if (p->zero_first && zero_data(w, p->host, w->cs, true) < 0)
+			p->zero_first = p->range = false;
+		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
 		if (r < 0) {
 			undo_chunk(w, w->plan, n);
 			return r;
@@ -1363,14 +1371,16 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 
 /* ---- allocation ahead ---- */
 
-/* Make [host, host + len) of the data read zeros. */
-static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len)
+/* Make [host, host + len) of the data read zeros: data_zero, or (unless
+ * cheap_only) zeros written. No message: the callers fall back (a failed
+ * zeroing only costs the optimisation that needed it). */
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len, bool cheap_only)
 {
 	int r = -EOPNOTSUPP;
 
 	if (w->ops.data_zero)
 		r = w->ops.data_zero(w->ops.opaque, len, host);
-	while (r == -EOPNOTSUPP && len) {
+	while (r == -EOPNOTSUPP && len && !cheap_only) {
 		size_t n = (size_t)MIN(len, (uint64_t)w->zero_len);
 		int q = w->ops.data_pwrite(w->ops.opaque, w->zero_buf, n, host);
 
@@ -1379,11 +1389,9 @@ static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len)
 		host += n;
 		len -= n;
 	}
-	if (r == -EOPNOTSUPP)
+	if (r == -EOPNOTSUPP && !cheap_only)
 		r = 0;
-	if (r < 0)
-		log_err("%s: cannot zero data at host offset 0x%" PRIx64 ": %s.", w->img->path, host, strerror(-r));
-	else
+	if (r == 0)
 		w->data_unflushed = true;
 	return r;
 }
@@ -1406,7 +1414,11 @@ static void track_ahead(struct qcow2_rw *w, uint64_t guest, uint64_t len)
 /* Map up to n unallocated clusters from guest cluster gci on (inside one L2
  * table) to new zeroed clusters, as a write of zeros would (allocation,
  * zeros, then the entries): stops at the first cluster that is not
- * unallocated. *done: clusters mapped. */
+ * unallocated. Only what needs no new metadata cluster: an L2 table of
+ * its own already there, refcount blocks already there (the writer's own
+ * writes make those, and only they may fail for them); a failed zeroing
+ * gives the clusters back before anything refers to them. *done: clusters
+ * mapped. */
 static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t *done)
 {
 	uint64_t l1i = gci >> w->l2_bits, j0 = gci & (w->l2_entries - 1), host, k;
@@ -1415,8 +1427,10 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t 
 
 	*done = 0;
 	n = MIN(n, w->l2_entries - j0);
-	r = l2_slot_write(w, l1i, &s);
-	if (r < 0)
+	if (l1i >= w->img->l1_size || !(w->img->l1[l1i] & QCOW2_OFLAG_COPIED))
+		return 0;
+	r = l2_slot_read(w, l1i, &s);
+	if (r < 0 || !s)
 		return r;
 	for (k = 0; k < n; k++) {
 		const uint8_t *e = s->buf + (j0 + k) * w->l2_esz;
@@ -1427,10 +1441,13 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t 
 	n = k;
 	if (!n)
 		return 0;
-	r = alloc_clusters(w, n, &host);
+	/* as many as fit before a refcount block to make or the file limit */
+	do
+		r = alloc_clusters(w, n, false, &host);
+	while (r == -ENOSPC && (n /= 2));
 	if (r < 0)
 		return r;
-	r = zero_data(w, host, n << w->cb);
+	r = zero_data(w, host, n << w->cb, false);
 	if (r == 0)
 		r = l2_slot_for_update(w, l1i, 0, &s);
 	if (r < 0) {
@@ -1704,7 +1721,7 @@ static int grow_l1(struct qcow2_rw *w, uint64_t new_l1)
 		r = -ENOMEM;
 		goto out;
 	}
-	r = alloc_clusters(w, nc, &off);
+	r = alloc_clusters(w, nc, true, &off);
 	if (r < 0)
 		goto out;
 	r = cache_write_all(w, &w->rbc);
@@ -2043,6 +2060,25 @@ void qcow2_rw_free(struct qcow2_rw *w)
 	free(w);
 }
 
+/* Whether clusters mapped ahead can never take the room of a later write:
+ * below the file limit there is room for every guest cluster once besides
+ * what is in use (qcow2_file_reserve, as the file is extended at open). A
+ * smaller limit (an image on a small block device) would run out sooner
+ * with clusters nobody may ever write. */
+static bool ahead_has_room(struct qcow2_rw *w)
+{
+	uint64_t used, need;
+
+	if (!w->opts.ahead_max || !w->opts.file_limit)
+		return true;
+	if (qcow2_used_end(w->img, &used) == 0 && qcow2_file_reserve(w->img, used, &need) == 0 &&
+	    w->opts.file_limit >= need)
+		return true;
+	log_dbg("%s: no allocation ahead: the file limit (%" PRIu64 " bytes) does not cover every cluster",
+		w->img->path, w->opts.file_limit);
+	return false;
+}
+
 int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		      const struct qcow2_rw_opts *opts, struct qcow2_rw **out)
 {
@@ -2095,7 +2131,7 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		r = -ENOMEM;
 		goto fail;
 	}
-	if ((opts->ahead_max || ops->data_zero) && !opts->read_only) {
+	if (opts->ahead_max && !opts->read_only) {
 		w->zero_len = ZERO_BUF_MAX;
 		w->zero_buf = alloc_aligned(w->zero_len);
 		if (!w->zero_buf) {
@@ -2113,6 +2149,8 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		if (r)
 			goto fail;
 	}
+	if (!ahead_has_room(w))
+		w->opts.ahead_max = 0;
 	*out = w;
 	return 0;
 fail:

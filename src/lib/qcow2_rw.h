@@ -91,9 +91,13 @@ struct qcow2_rw_ops {
 	 * Called from qcow2_rw_writeback() (and so flush). May be NULL. */
 	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);
 	/* Make [host, host + len) of the data read zeros without writing them
-	 * (a hole punched in a plain image file). NULL, or -EOPNOTSUPP: the
-	 * zeros are written with data_pwrite (through the cipher for LUKS).
-	 * Made durable by data_flush (meta_flush when NULL). */
+	 * and without freeing space a later write would need (unwritten
+	 * extents in a plain image file, never a punched hole). NULL, or
+	 * -EOPNOTSUPP: the zeros are written with data_pwrite (through the
+	 * cipher for LUKS) where that is worth it. Another error (-ENOSPC,
+	 * -EIO...): the optimisation that asked is dropped, the write is
+	 * served without it. Made durable by data_flush (meta_flush when
+	 * NULL). */
 	int (*data_zero)(void *opaque, uint64_t len, uint64_t host);
 	/* Clusters were mapped ahead of a sequential writer: a writeback soon
 	 * moves them to the fast path before the writer gets there. Called
@@ -130,7 +134,11 @@ struct qcow2_rw_opts {
 	 * bytes; a writer that jumps around gets nothing ahead. Each window is
 	 * an ordinary allocation (zeros durable before the L2 entries), so a
 	 * crash leaves mapped clusters that read zeros, or leaks.
-	 * qcow2_rw_release_ahead() frees what was never written. 0: off. */
+	 * qcow2_rw_release_ahead() frees what was never written. It never
+	 * costs a write: only clusters whose L2 table and refcount blocks
+	 * exist (nothing of it can break the writer), a failed zeroing gives
+	 * them back unreferenced, and with a file_limit short of every guest
+	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
 	uint64_t ahead_max;
 };
 

@@ -182,6 +182,7 @@ struct env {
 	struct memfile meta, data;
 	bool separate_data;		/* external data file */
 	bool punch;			/* data_zero (holes), else zeros are written */
+	int zero_error;			/* what data_zero returns (a full file system) */
 	uint8_t *backing;
 	uint64_t backing_size;
 	long ops, crash_at;		/* fault injection: the crash_at-th write/flush fails and all after */
@@ -282,6 +283,8 @@ static int op_data_zero(void *opaque, uint64_t len, uint64_t host)
 		return r;
 	if ((host | len) % SECTOR)
 		return -EINVAL;
+	if (e->zero_error)
+		return e->zero_error;
 	z = calloc(1, len);
 	mf_write(data_file(e), z, len, host);
 	free(z);
@@ -2149,6 +2152,127 @@ static void test_alloc_ahead(bool ext)
 	free(want);
 }
 
+/* A sequential fill of the image in writes of wlen, each flushed (and one
+ * partial write into a new cluster at the end), with allocation ahead and
+ * data_zero, or (baseline) with neither; the file limit is the initial size
+ * plus limit_extra (0: none); data_zero fails with zero_error (0: works). */
+struct fill {
+	unsigned int cb, order;
+	uint64_t vsize, wlen, limit_extra;
+	int zero_error;
+	bool baseline;
+	/* results */
+	uint64_t written;		/* bytes of the writes that succeeded, in order */
+	int first_error;
+	struct qcow2_rw_stats st;
+	bool clean;			/* closed; no corruption, no leak, the content written */
+};
+
+static void sequential_fill(struct fill *f)
+{
+	struct qcow2_rw_opts o = { .ahead_max = f->baseline ? 0 : 4 << 20 };
+	struct qcow2_check_result res;
+	struct qcow2_rw *w = NULL;
+	struct tb b;
+	struct env e;
+	uint8_t *buf = malloc(f->wlen), *rd = malloc(f->vsize), *want = calloc(1, f->vsize);
+	uint64_t g = 0;
+	int r;
+
+	tb_init(&b, f->cb, f->order, false, f->vsize, 3, false, 0, 0);
+	env_init(&e, &b);
+	e.punch = !f->baseline;
+	e.zero_error = f->zero_error;
+	if (f->limit_extra)
+		o.file_limit = round_up_pow2(e.meta.size, b.cs) + f->limit_extra;
+	f->first_error = 0;
+	r = env_writer(&e, &o, &w);
+	/* two clusters left for the partial write */
+	for (; !r && g + f->wlen + 2 * b.cs <= f->vsize; g += f->wlen) {
+		fill_pattern(buf, f->wlen, g);
+		r = qcow2_rw_write(w, buf, f->wlen, g);
+		if (!r)
+			r = qcow2_rw_flush(w);
+		if (!r)
+			memcpy(want + g, buf, f->wlen);
+	}
+	f->written = g;
+	/* a partial write into a new cluster past the fill */
+	if (!r) {
+		fill_pattern(buf, 1000, 7);
+		r = qcow2_rw_write(w, buf, 1000, g + b.cs + 100);
+		if (!r)
+			memcpy(want + g + b.cs + 100, buf, 1000);
+	}
+	f->first_error = r;
+	if (w) {
+		qcow2_rw_get_stats(w, &f->st);
+		r = qcow2_rw_release_ahead(w);
+		if (!r)
+			r = qcow2_rw_close(w, NULL);
+		else
+			qcow2_rw_free(w);
+	}
+	if (!r)
+		r = inspect(e.meta.cur, e.meta.size, NULL, 0, &e, f->vsize, rd, &res);
+	f->clean = r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, f->vsize);
+	env_free(&e);
+	tb_free(&b);
+	free(buf);
+	free(rd);
+	free(want);
+}
+
+/* Allocation ahead and cheap zeros never cost a write: when zeroing fails
+ * (a full file system) the writes succeed as without them (the partial
+ * write too) and nothing is mapped ahead; ahead makes no L2 table,
+ * refcount block or larger refcount table (only the writer's own writes
+ * do, as without it); and with a file limit short of every cluster (an
+ * image on a small block device) the writes that fail are the same as
+ * without it. Each image closed clean, with the content written. */
+static void test_ahead_costs_nothing(void)
+{
+	static const struct fill cases[] = {
+		{ .cb = 16, .order = 4, .vsize = 8 << 20, .wlen = 65536, .zero_error = -ENOSPC },
+		{ .cb = 16, .order = 4, .vsize = 8 << 20, .wlen = 65536, .zero_error = -EIO },
+		/* 512-byte clusters, 64-bit refcounts: an L2 table per 32 KiB
+		 * of guest, a refcount block per 32 KiB of file, the refcount
+		 * table grows at 2 MiB */
+		{ .cb = 9, .order = 6, .vsize = 3 << 20, .wlen = 4096 },
+		{ .cb = 9, .order = 6, .vsize = 4 << 20, .wlen = 262144, .limit_extra = 2 << 20 },
+		{ .cb = 16, .order = 4, .vsize = 16 << 20, .wlen = 65536, .limit_extra = 40 << 16 },
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct fill with = cases[i], without = cases[i];
+		char what[96];
+
+		without.baseline = true;
+		sequential_fill(&with);
+		sequential_fill(&without);
+		snprintf(what, sizeof(what), "%u-byte clusters, %s%s", 1U << with.cb,
+			 with.zero_error ? "zeroing fails: " : "", with.limit_extra ? "a file limit: " : "");
+		CHECK(with.written == without.written && with.first_error == without.first_error && with.clean &&
+		      without.clean, "%sahead, the writes as without: %" PRIu64 " bytes (%" PRIu64 "), then %s (%s), clean: %d %d",
+		      what, with.written, without.written, strerror(-with.first_error), strerror(-without.first_error),
+		      with.clean, without.clean);
+		CHECK(with.st.l2_tables_allocated == without.st.l2_tables_allocated &&
+		      with.st.refblocks_allocated == without.st.refblocks_allocated &&
+		      with.st.reftable_growths == without.st.reftable_growths,
+		      "%sahead makes no metadata cluster: %" PRIu64 "/%" PRIu64 " L2 tables, %" PRIu64 "/%" PRIu64
+		      " refcount blocks, %" PRIu64 "/%" PRIu64 " growths", what, with.st.l2_tables_allocated,
+		      without.st.l2_tables_allocated, with.st.refblocks_allocated, without.st.refblocks_allocated,
+		      with.st.reftable_growths, without.st.reftable_growths);
+		if (with.zero_error || with.limit_extra)
+			CHECK(with.st.ahead_clusters == 0, "%snothing mapped ahead (%" PRIu64 ")", what,
+			      with.st.ahead_clusters);
+		else
+			CHECK(with.st.ahead_clusters > 0 && with.st.reftable_growths > 0,
+			      "%sclusters mapped ahead (%" PRIu64 "), the refcount table grown by the writes",
+			      what, with.st.ahead_clusters);
+	}
+}
+
 static const struct scenario scenarios[] = {
 	{ .name = "64k plain", .cb = 16, .order = 4, .version = 3, .vsize = 8 << 20, .n_data = 20, .n_zero = 5,
 	  .n_zero_alloc = 5, .ops = 250, .max_write = 300 << 10, .crash_runs = 12 },
@@ -2206,6 +2330,8 @@ static const struct scenario scenarios[] = {
 	{ .name = "16k sequential ahead extended L2", .cb = 14, .order = 4, .ext = true, .version = 3,
 	  .vsize = 8 << 20, .n_data = 8, .n_sub = 8, .ops = 300, .max_write = 64 << 10, .crash_runs = 8,
 	  .ahead = 1 << 20, .cache_bytes = 64 << 10 },
+	/* a limit short of every cluster: ahead stays off, the writes fail as
+	 * without it (test_ahead_costs_nothing compares) */
 	{ .name = "ENOSPC sequential ahead", .cb = 16, .order = 4, .version = 3, .vsize = 16 << 20, .n_data = 4,
 	  .ops = 200, .max_write = 1 << 20, .limit_extra = 40 << 16, .crash_runs = 6, .ahead = 4 << 20 },
 	{ .name = "tiny cache", .cb = 12, .order = 4, .ext = false, .version = 3, .vsize = 16 << 20,
@@ -2236,6 +2362,7 @@ int main(int argc, char **argv)
 		test_zero_first();
 		test_alloc_ahead(false);
 		test_alloc_ahead(true);
+		test_ahead_costs_nothing();
 	}
 	if (!only || !strcmp(only, "targeted") || !strcmp(only, "resize"))
 		test_resize();
