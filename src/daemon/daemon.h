@@ -30,6 +30,9 @@
 #define DAEMON_SERVER_BUF	(64U << 10)
 #define DAEMON_MAX_LINKS	16	/* NBD connections (--nbd-connections) */
 #define DAEMON_MAX_SERVERS	DAEMON_MAX_LINKS
+/* Largest window of clusters mapped ahead of a sequential writer
+ * (qcow2_rw_opts.ahead_max; unencrypted images in one file only) */
+#define DAEMON_AHEAD_MAX	(32ULL << 20)
 
 struct remap {
 	uint64_t guest, len, host;
@@ -154,6 +157,7 @@ int daemon_reload_top(struct daemon *d);
  * (-ERANGE: segments would change). */
 int daemon_reload_all(struct daemon *d);
 void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
+void daemon_kick(void *opaque);	/* qcow2_rw_ops.kick: a round now */
 
 /* control.c: the control socket (src/lib/control.h), main thread only.
  * open: 0 or -errno (logged; the daemon serves without it). poll: answer

@@ -565,6 +565,13 @@ void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
 	d->queue[d->nqueue++] = (struct remap){ .guest = guest, .len = len, .host = host };
 }
 
+void daemon_kick(void *opaque)
+{
+	struct daemon *d = opaque;	/* called with the engine lock held */
+
+	pthread_cond_signal(&d->cond);
+}
+
 /* One round: new runs, the stack rebuilt and applied (resize: segments
  * may change, with the top held meanwhile). */
 static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan, bool resize)

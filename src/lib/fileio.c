@@ -175,6 +175,44 @@ static int rw_data_flush(void *opaque)
 	return fdatasync(((struct file_rw *)opaque)->data_fd) ? -errno : 0;
 }
 
+/* Make [off, off + len) read zeros without writing them and without
+ * giving up a block: what the file holds there becomes unwritten extents
+ * (FALLOC_FL_ZERO_RANGE), holes stay holes (nothing reserved that a write
+ * would not take anyway). Never a punched hole: a preallocated file, or one
+ * on a full file system, would need its blocks back for the next write. A
+ * block device (all data to lseek) zeroes the range keeping it provisioned. */
+static int rw_data_zero(void *opaque, uint64_t len, uint64_t off)
+{
+	int fd = ((struct file_rw *)opaque)->data_fd;
+	uint64_t end = off + len;
+
+	while (off < end) {
+		off_t data = lseek(fd, (off_t)off, SEEK_DATA), hole = (off_t)end;
+
+		if (data < 0 && errno == ENXIO)
+			return 0;	/* holes up to the end of the file */
+		if (data < 0)
+			data = (off_t)off;	/* no SEEK_DATA: all of it */
+		else if ((uint64_t)data >= end)
+			return 0;
+		else
+			hole = lseek(fd, data, SEEK_HOLE);
+		if (hole < 0 || (uint64_t)hole > end)
+			hole = (off_t)end;
+		if (fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, data, hole - data) < 0)
+			return errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL ? -EOPNOTSUPP : -errno;
+		off = (uint64_t)hole;
+	}
+	return 0;
+}
+
+static void rw_kick(void *opaque)
+{
+	struct file_rw *f = opaque;
+
+	f->kick(f->mapped_opaque);
+}
+
 static int rw_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
 {
 	return chain_read(((struct file_rw *)opaque)->chain, buf, len, guest);
@@ -197,6 +235,9 @@ void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops)
 		.data_flush = f->data_separate ? rw_data_flush : NULL,
 		.backing_pread = f->chain ? rw_backing_pread : NULL,
 		.mapped = f->mapped ? rw_mapped : NULL,
+		/* the image itself: holes; the crypt device or a data file: zeros written */
+		.data_zero = f->data_separate ? NULL : rw_data_zero,
+		.kick = f->kick ? rw_kick : NULL,
 		.opaque = f,
 	};
 }

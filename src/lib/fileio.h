@@ -56,13 +56,15 @@ void file_opener_init(struct file_opener *fo, bool write, const struct trust_rul
 /* qcow2_rw_ops over descriptors: metadata to meta_fd (fdatasync), data
  * clusters to data_fd (the image itself, the external data file, or the
  * crypt device over the image; reads past its end are zeros), backing reads
- * from chain. */
+ * from chain. Zeros in the image itself are unwritten extents (data_zero:
+ * FALLOC_FL_ZERO_RANGE where the file has blocks, holes left as they are). */
 struct file_rw {
 	int meta_fd;
 	int data_fd;
 	bool data_separate;		/* data_fd needs a flush of its own */
 	struct chain_reader *chain;	/* NULL: no backing file */
 	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);
+	void (*kick)(void *opaque);	/* qcow2_rw_ops.kick, with mapped_opaque; may be NULL */
 	void *mapped_opaque;
 };
 void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops);

@@ -29,6 +29,9 @@
 #define MAPS_MAX		4096	/* queued mappings before a writeback */
 #define DIRTY_L1_MAX		256
 #define BUF_ALIGN		4096
+#define AHEAD_FIRST		(1ULL << 20)	/* first window of allocation ahead */
+#define AHEAD_TRACK		16		/* windows remembered for release_ahead */
+#define ZERO_BUF_MAX		(256U << 10)
 
 
 struct slot {
@@ -65,6 +68,7 @@ struct plan {
 	uint32_t ws, we;	/* written bytes inside the cluster */
 	uint32_t wlo, whi;	/* range mode: bytes written (512-aligned) */
 	bool range;		/* write [wlo, whi) instead of to_write subclusters */
+	bool zero_first;	/* a new cluster made to read zeros (data_zero), then range */
 	bool alloc;		/* host is a new cluster (refcounted) */
 	bool update;		/* the L2 entry changes */
 	const uint8_t *src;	/* cluster-relative content (the written parts valid) */
@@ -105,6 +109,14 @@ struct qcow2_rw {
 	uint8_t *cbuf;		/* decompressed cluster */
 	uint64_t cbuf_entry;	/* L2 entry it was decompressed from; 0: none */
 	uint8_t *zbuf;		/* compressed bytes */
+	/* allocation ahead of a sequential writer */
+	uint64_t seq_next;	/* guest end of the last write */
+	uint64_t ahead_start, ahead_end;	/* the current window (guest) */
+	uint64_t ahead_window;	/* bytes of the next window */
+	struct extent ahead[AHEAD_TRACK];	/* guest ranges mapped ahead (ring) */
+	size_t n_ahead, ahead_pos;
+	uint8_t *zero_buf;	/* zeros to write (no data_zero) */
+	size_t zero_len;
 	struct qcow2_rw_stats st;
 };
 
@@ -118,6 +130,11 @@ static void *alloc_aligned(size_t size)
 		return NULL;
 	memset(p, 0, size);
 	return p;
+}
+
+static bool buf_is_zero(const uint8_t *p, size_t len)
+{
+	return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
 }
 
 static int meta_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t off)
@@ -257,6 +274,7 @@ static int cache_find(struct cache *c, uint64_t off)
 }
 
 static int writeback(struct qcow2_rw *w);
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len, bool cheap_only);
 
 /* The slot of the table or block at off, loaded (fill) or zeroed. L2
  * tables: evicting a dirty one takes a writeback; refcount blocks are
@@ -468,8 +486,8 @@ static int refcount_read(struct qcow2_rw *w, uint64_t ci, uint64_t *v)
 }
 
 /* First cluster at or after start with refcount 0 (clusters of ranges
- * without a refcount block are free). */
-static int find_free(struct qcow2_rw *w, uint64_t start, uint64_t *out)
+ * without a refcount block are free). quiet: no message at the limit. */
+static int find_free(struct qcow2_rw *w, uint64_t start, bool quiet, uint64_t *out)
 {
 	uint64_t ci = start, per = 1ULL << w->rb_bits, limit = w->opts.file_limit;
 	int r;
@@ -479,7 +497,8 @@ static int find_free(struct qcow2_rw *w, uint64_t start, uint64_t *out)
 		struct slot *s;
 
 		if (limit && (ci + 1) << w->cb > limit) {
-			log_err("%s: no room for a new cluster below %" PRIu64 " bytes.", w->img->path, limit);
+			if (!quiet)
+				log_err("%s: no room for a new cluster below %" PRIu64 " bytes.", w->img->path, limit);
 			return -ENOSPC;
 		}
 		if ((ci << w->cb) >> w->cb != ci || ci << w->cb > (1ULL << 56)) {
@@ -647,8 +666,10 @@ out:
 /* n contiguous new clusters, refcount 1 each (cached): the first run of
  * free clusters at or after the hint whose refcount blocks exist (made on
  * the way, which may take clusters of a candidate run: the search starts
- * over). */
-static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
+ * over). grow false: nothing but the cached refcounts changes, no message:
+ * a run that would need a refcount block, a larger refcount table or room
+ * past the file limit is -ENOSPC (allocation ahead). */
+static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *off)
 {
 	uint64_t start = w->free_hint, ci, v;
 	bool dense = true;	/* nothing free between the hint and ci */
@@ -658,10 +679,12 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 		uint64_t k, c = 0;
 		bool again = false;
 
-		r = find_free(w, start, &ci);
+		r = find_free(w, start, !grow, &ci);
 		if (r < 0)
 			return r;
 		if (w->opts.file_limit && (ci + n) << w->cb > w->opts.file_limit) {
+			if (!grow)
+				return -ENOSPC;
 			log_err("%s: no room for %" PRIu64 " new clusters below %" PRIu64 " bytes.", w->img->path, n,
 				w->opts.file_limit);
 			return -ENOSPC;
@@ -671,6 +694,8 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 
 			c = ci + k;
 			ti = c >> w->rb_bits;
+			if (!grow && (ti >= w->reftable_entries || !(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK)))
+				return -ENOSPC;
 			if (ti >= w->reftable_entries)
 				r = grow_reftable(w, ti + 1), again = true;
 			else if (!(w->reftable[ti] & QCOW2_REFT_OFFSET_MASK))
@@ -701,7 +726,7 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, uint64_t *off)
 /* One new cluster, refcount 1 (cached). */
 static int alloc_cluster(struct qcow2_rw *w, uint64_t *off)
 {
-	return alloc_clusters(w, 1, off);
+	return alloc_clusters(w, 1, true, off);
 }
 
 static int apply_deferred(struct qcow2_rw *w)
@@ -1168,6 +1193,14 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 	if (!w->extended || entry_compressed(p->old_entry)) {
 		p->to_write = all;
 		p->new_bitmap = w->extended ? L2_BITMAP_ALL_ALLOC : 0;
+		/* nothing to copy around a partial write over zeros: a hole
+		 * (cheap), then the written sectors only */
+		if (!w->extended && p->alloc && w->ops.data_zero && (p->ws || p->we < w->cs) &&
+		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && !w->ops.backing_pread))) {
+			p->zero_first = p->range = true;
+			p->wlo = p->ws & ~511U;
+			p->whi = (uint32_t)MIN(round_up_pow2(p->we, 512), w->cs);
+		}
 	} else {
 		p->to_write = (has ? alloc : 0) | p->touched;
 		p->new_bitmap = ((uint64_t)(zero & ~p->touched) << 32) | p->to_write;
@@ -1384,6 +1417,9 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	for (size_t k = 0; k < n; k++) {
 		struct plan *p = &w->plan[k];
 
+		/* no cheap zeros there: the whole cluster written, as without */
+		if (p->zero_first && zero_data(w, p->host, w->cs, true) < 0)
+			p->zero_first = p->range = false;
 		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
 		if (r < 0) {
 			undo_chunk(w, w->plan, n);
@@ -1402,10 +1438,211 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	return r;
 }
 
+/* ---- allocation ahead ---- */
+
+/* Make [host, host + len) of the data read zeros: data_zero, or (unless
+ * cheap_only) zeros written. No message: the callers fall back (a failed
+ * zeroing only costs the optimisation that needed it). */
+static int zero_data(struct qcow2_rw *w, uint64_t host, uint64_t len, bool cheap_only)
+{
+	int r = -EOPNOTSUPP;
+
+	if (w->ops.data_zero)
+		r = w->ops.data_zero(w->ops.opaque, len, host);
+	while (r == -EOPNOTSUPP && len && !cheap_only) {
+		size_t n = (size_t)MIN(len, (uint64_t)w->zero_len);
+		int q = w->ops.data_pwrite(w->ops.opaque, w->zero_buf, n, host);
+
+		if (q < 0)
+			r = q;
+		host += n;
+		len -= n;
+	}
+	if (r == -EOPNOTSUPP && !cheap_only)
+		r = 0;
+	if (r == 0)
+		w->data_unflushed = true;
+	return r;
+}
+
+static void track_ahead(struct qcow2_rw *w, uint64_t guest, uint64_t len)
+{
+	struct extent *last = w->n_ahead ? &w->ahead[(w->ahead_pos + AHEAD_TRACK - 1) % AHEAD_TRACK] : NULL;
+
+	if (last && last->off + last->len == guest) {
+		last->len += len;
+		return;
+	}
+	/* a full ring forgets the oldest window: it stays mapped (zeros) */
+	w->ahead[w->ahead_pos] = (struct extent){ .off = guest, .len = len };
+	w->ahead_pos = (w->ahead_pos + 1) % AHEAD_TRACK;
+	if (w->n_ahead < AHEAD_TRACK)
+		w->n_ahead++;
+}
+
+/* Map up to n unallocated clusters from guest cluster gci on (inside one L2
+ * table) to new zeroed clusters, as a write of zeros would (allocation,
+ * zeros, then the entries): stops at the first cluster that is not
+ * unallocated. Only what needs no new metadata cluster: an L2 table of
+ * its own already there, refcount blocks already there (the writer's own
+ * writes make those, and only they may fail for them); a failed zeroing
+ * gives the clusters back before anything refers to them. *done: clusters
+ * mapped. */
+static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t *done)
+{
+	uint64_t l1i = gci >> w->l2_bits, j0 = gci & (w->l2_entries - 1), host, k;
+	struct slot *s;
+	int r;
+
+	*done = 0;
+	n = MIN(n, w->l2_entries - j0);
+	if (l1i >= w->img->l1_size || !(w->img->l1[l1i] & QCOW2_OFLAG_COPIED))
+		return 0;
+	r = l2_slot_read(w, l1i, &s);
+	if (r < 0 || !s)
+		return r;
+	for (k = 0; k < n; k++) {
+		const uint8_t *e = s->buf + (j0 + k) * w->l2_esz;
+
+		if (get_be64(e) || (w->extended && get_be64(e + 8)))
+			break;
+	}
+	n = k;
+	if (!n)
+		return 0;
+	/* as many as fit before a refcount block to make or the file limit */
+	do
+		r = alloc_clusters(w, n, false, &host);
+	while (r == -ENOSPC && (n /= 2));
+	if (r < 0)
+		return r;
+	r = zero_data(w, host, n << w->cb, false);
+	if (r == 0)
+		r = l2_slot_for_update(w, l1i, 0, &s);
+	if (r < 0) {
+		for (k = 0; k < n; k++)
+			if (refcount_change(w, (host >> w->cb) + k, -1) < 0)
+				w->broken = true;
+		return r;
+	}
+	for (k = 0; k < n; k++) {
+		uint64_t j = j0 + k;
+
+		put_be64(s->buf + j * w->l2_esz, (host + (k << w->cb)) | QCOW2_OFLAG_COPIED);
+		if (w->extended)
+			put_be64(s->buf + j * w->l2_esz + 8, L2_BITMAP_ALL_ALLOC);
+	}
+	slot_mark(s, (uint32_t)(j0 * w->l2_esz), (uint32_t)((j0 + n) * w->l2_esz));
+	r = add_map(w, gci << w->cb, n << w->cb, host);
+	if (r < 0) {
+		w->broken = true;
+		return r;
+	}
+	w->st.ahead_clusters += n;
+	track_ahead(w, gci << w->cb, n << w->cb);
+	*done = n;
+	return 0;
+}
+
+/* Map the clusters of guest [from, to) ahead of the writer, up to the
+ * first one that is allocated; the window ends there. */
+static void map_ahead(struct qcow2_rw *w, uint64_t from, uint64_t to)
+{
+	uint64_t gci = from >> w->cb, end = round_up_pow2(MIN(to, w->img->size), w->cs) >> w->cb, done = 0;
+	int r = 0;
+
+	while (gci < end) {
+		r = map_ahead_run(w, gci, end - gci, &done);
+		if (r < 0 || !done)
+			break;
+		gci += done;
+	}
+	if (r < 0)
+		log_dbg("%s: no allocation ahead at guest offset 0x%" PRIx64 ": %s", w->img->path, gci << w->cb,
+			strerror(-r));
+	if ((gci << w->cb) > from && w->ops.kick)
+		w->ops.kick(w->ops.opaque);
+	w->ahead_end = gci << w->cb;
+}
+
+/* After a write of guest [guest, end) (allocated: it took new clusters):
+ * keep a window of mapped clusters ahead of a sequential writer. The
+ * writer is sequential when it goes on where its last write ended, or at
+ * the end of the window (its writes inside went to the fast path, unseen
+ * here): then the window doubles. */
+static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, bool allocated)
+{
+	bool frontier = w->ahead_end && guest == w->ahead_end;
+	bool seq = guest == w->seq_next || frontier;
+	bool inside = guest >= w->ahead_start && guest < w->ahead_end;
+	uint64_t next = round_up_pow2(end, w->cs), first = MAX(AHEAD_FIRST, w->cs);
+
+	w->seq_next = end;
+	if (!w->opts.ahead_max || w->data_file || w->ops.backing_pread || w->broken || !seq)
+		return;
+	if (frontier && allocated) {
+		w->ahead_window = MIN(w->ahead_window * 2, MAX(w->opts.ahead_max, first));
+		w->ahead_start = guest;
+		w->ahead_end = next;
+	} else if (allocated && !inside) {
+		/* a new sequential writer */
+		w->ahead_window = MIN(first, MAX(w->opts.ahead_max, w->cs));
+		w->ahead_start = w->ahead_end = next;
+	} else if (!inside) {
+		return;
+	}
+	/* enough left ahead of it */
+	if (w->ahead_end > next && w->ahead_end - next >= w->ahead_window / 2)
+		return;
+	map_ahead(w, MAX(w->ahead_end, next), next + w->ahead_window);
+}
+
+int qcow2_rw_release_ahead(struct qcow2_rw *w)
+{
+	int r = 0;
+
+	if (w->opts.read_only)
+		return 0;
+	if (w->broken)
+		return -EIO;
+	for (size_t i = 0; i < w->n_ahead && r == 0; i++) {
+		struct extent *x = &w->ahead[i];
+
+		for (uint64_t g = x->off; g < x->off + x->len && r == 0; g += w->cs) {
+			uint64_t gci = g >> w->cb, e, bm, host, j = gci & (w->l2_entries - 1);
+			struct slot *s;
+
+			r = get_entry(w, gci, &e, &bm);
+			/* still as mapped ahead (whatever was written in it) */
+			if (r < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) || !entry_host(w, e, &host) ||
+			    !host || (w->extended && bm != L2_BITMAP_ALL_ALLOC))
+				continue;
+			/* unreadable: left mapped, as it is */
+			if (w->ops.data_pread(w->ops.opaque, w->head_buf, w->cs, host) < 0 ||
+			    !buf_is_zero(w->head_buf, w->cs))
+				continue;
+			r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
+			if (r < 0)
+				break;
+			put_be64(s->buf + j * w->l2_esz, 0);
+			if (w->extended)
+				put_be64(s->buf + j * w->l2_esz + 8, 0);
+			slot_mark(s, (uint32_t)(j * w->l2_esz), (uint32_t)((j + 1) * w->l2_esz));
+			w->deferred[w->n_deferred++] = (struct extent){ .off = host, .len = w->cs };
+			w->st.ahead_released++;
+		}
+	}
+	w->n_ahead = w->ahead_pos = 0;
+	w->ahead_start = w->ahead_end = 0;
+	if (r < 0)
+		log_err("%s: cannot release the clusters mapped ahead: %s.", w->img->path, strerror(-r));
+	return r;
+}
+
 int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest)
 {
 	const uint8_t *p = buf;
-	uint64_t end;
+	uint64_t end, start = guest, allocated = w->st.clusters_allocated;
 	int r = 0;
 
 	if (w->opts.read_only)
@@ -1425,6 +1662,7 @@ int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t gue
 		p += chunk_end - guest;
 		guest = chunk_end;
 	}
+	ahead_after_write(w, start, end, w->st.clusters_allocated != allocated);
 	if (w->opts.write_through)
 		r = writeback(w);
 	return r;
@@ -1552,7 +1790,7 @@ static int grow_l1(struct qcow2_rw *w, uint64_t new_l1)
 		r = -ENOMEM;
 		goto out;
 	}
-	r = alloc_clusters(w, nc, &off);
+	r = alloc_clusters(w, nc, true, &off);
 	if (r < 0)
 		goto out;
 	r = cache_write_all(w, &w->rbc);
@@ -1887,7 +2125,27 @@ void qcow2_rw_free(struct qcow2_rw *w)
 	free(w->tail_buf);
 	free(w->cbuf);
 	free(w->zbuf);
+	free(w->zero_buf);
 	free(w);
+}
+
+/* Whether clusters mapped ahead can never take the room of a later write:
+ * below the file limit there is room for every guest cluster once besides
+ * what is in use (qcow2_file_reserve, as the file is extended at open). A
+ * smaller limit (an image on a small block device) would run out sooner
+ * with clusters nobody may ever write. */
+static bool ahead_has_room(struct qcow2_rw *w)
+{
+	uint64_t used, need;
+
+	if (!w->opts.ahead_max || !w->opts.file_limit)
+		return true;
+	if (qcow2_used_end(w->img, &used) == 0 && qcow2_file_reserve(w->img, used, &need) == 0 &&
+	    w->opts.file_limit >= need)
+		return true;
+	log_dbg("%s: no allocation ahead: the file limit (%" PRIu64 " bytes) does not cover every cluster",
+		w->img->path, w->opts.file_limit);
+	return false;
 }
 
 int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
@@ -1942,6 +2200,14 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		r = -ENOMEM;
 		goto fail;
 	}
+	if (opts->ahead_max && !opts->read_only) {
+		w->zero_len = ZERO_BUF_MAX;
+		w->zero_buf = alloc_aligned(w->zero_len);
+		if (!w->zero_buf) {
+			r = -ENOMEM;
+			goto fail;
+		}
+	}
 	w->reftable_entries = ((uint64_t)img->refcount_table_clusters << w->cb) / 8;
 	r = qcow2_read_table(img, img->refcount_table_offset, w->reftable_entries, QCOW2_MAX_REFTABLE_BYTES,
 			     "refcount table", &w->reftable);
@@ -1952,6 +2218,8 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		if (r)
 			goto fail;
 	}
+	if (!ahead_has_room(w))
+		w->opts.ahead_max = 0;
 	*out = w;
 	return 0;
 fail:

@@ -31,7 +31,9 @@
  * unallocated or zero subclusters of an allocated cluster (those take no
  * new cluster, only their bitmap bits). Copy-on-write reads the current
  * guest content of the cluster: the old cluster, the backing chain
- * (backing_pread), zeros, or the decompressed cluster. With extended L2
+ * (backing_pread), zeros, or the decompressed cluster; a write that covers
+ * whole clusters reads nothing, and a partial write into a new cluster over
+ * zeros writes its sectors only, after data_zero (when there is one). With extended L2
  * entries only the touched subclusters (and, for a shared cluster, its
  * allocated ones) are written, as QEMU does.
  *
@@ -89,6 +91,19 @@ struct qcow2_rw_ops {
 	 * whose metadata is durable: writes may go there directly from now on.
 	 * Called from qcow2_rw_writeback() (and so flush). May be NULL. */
 	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);
+	/* Make [host, host + len) of the data read zeros without writing them
+	 * and without freeing space a later write would need (unwritten
+	 * extents in a plain image file, never a punched hole). NULL, or
+	 * -EOPNOTSUPP: the zeros are written with data_pwrite (through the
+	 * cipher for LUKS) where that is worth it. Another error (-ENOSPC,
+	 * -EIO...): the optimisation that asked is dropped, the write is
+	 * served without it. Made durable by data_flush (meta_flush when
+	 * NULL). */
+	int (*data_zero)(void *opaque, uint64_t len, uint64_t host);
+	/* Clusters were mapped ahead of a sequential writer: a writeback soon
+	 * moves them to the fast path before the writer gets there. Called
+	 * from qcow2_rw_write(). May be NULL. */
+	void (*kick)(void *opaque);
 	void *opaque;
 };
 
@@ -112,6 +127,20 @@ struct qcow2_rw_opts {
 	/* Guest size of the backing chain when img->backing is not set but
 	 * backing_pread is (tests); 0: as large as any (resize). */
 	uint64_t backing_size;
+	/* Allocation ahead of a sequential writer: when writes allocate
+	 * clusters in guest order, the clusters after them (unallocated, with
+	 * no backing file) are allocated, zeroed (data_zero, or zeros written)
+	 * and mapped before they are written, in a window that starts at 1 MiB
+	 * and doubles each time the writer reaches its end, up to ahead_max
+	 * bytes; a writer that jumps around gets nothing ahead. Each window is
+	 * an ordinary allocation (zeros durable before the L2 entries), so a
+	 * crash leaves mapped clusters that read zeros, or leaks.
+	 * qcow2_rw_release_ahead() frees what was never written. It never
+	 * costs a write: only clusters whose L2 table and refcount blocks
+	 * exist (nothing of it can break the writer), a failed zeroing gives
+	 * them back unreferenced, and with a file_limit short of every guest
+	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
+	uint64_t ahead_max;
 };
 
 struct qcow2_rw;
@@ -181,6 +210,14 @@ bool qcow2_rw_has_pending(const struct qcow2_rw *w);
  * reads go on. */
 bool qcow2_rw_is_broken(const struct qcow2_rw *w);
 
+/* Unmap and free the clusters mapped ahead of a sequential writer (the last
+ * windows) that still read zeros: the guest reads zeros there either way,
+ * and the image does not keep clusters nobody wrote. Only once nothing
+ * else writes to them (the fast path is gone: before the close). The L2
+ * entries are written back before the refcounts drop (a crash in between
+ * leaks them). 0 or -errno (-EIO: a broken writer). */
+int qcow2_rw_release_ahead(struct qcow2_rw *w);
+
 /* Flush and end the read-write session: the dirty bit set for lazy
  * refcounts is cleared. *used_end (may be NULL): end of the last cluster
  * in use (for truncating the file). The writer is freed in any case. */
@@ -236,6 +273,8 @@ struct qcow2_rw_stats {
 	uint64_t refblocks_allocated;
 	uint64_t reftable_growths;
 	uint64_t cow_clusters;		/* copied from a shared, compressed or backing cluster */
+	uint64_t ahead_clusters;	/* allocated ahead of a sequential writer */
+	uint64_t ahead_released;	/* of those, freed unwritten (release_ahead) */
 	uint64_t writebacks;
 	uint64_t flushes;
 };

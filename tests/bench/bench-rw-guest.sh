@@ -1,8 +1,11 @@
 #!/bin/bash
 # Guest side of tests/bench/bench-rw.sh (runs in the VM test bed; /dev/vda is
 # an ext4 disk with key, empty.qcow2 (LUKS, nothing allocated), full.qcow2
-# (LUKS, every cluster allocated) and full.raw). Prints one line per fio job:
-#   R ROUND first-write|allocated DEVICE seq|rand KIB_S IOPS
+# (LUKS, every cluster allocated), full.raw, and with BENCH_PLAIN=1
+# empty-plain.qcow2 (unencrypted, nothing allocated)). A second build of
+# qcowsetup in /usr/local/base/ (BENCH_BASE on the host) runs the first
+# writes too, as qcowsetup-base. Prints one line per fio job:
+#   R ROUND first-write|first-write-plain|allocated DEVICE seq|rand KIB_S IOPS
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
 #   TARGETS N SLOW                         (the allocated image's top table)
 #   S ROUND before|after first|cow|backing-read KIB_S IOPS  (BENCH_BEFORE)
@@ -27,30 +30,60 @@ fio_job() {	# dev rw bs iodepth -> "KiB/s IOPS"
 job_args() {	# seq|rand -> "rw bs qd"
 	case $1 in seq) echo "write 1M 4" ;; rand) echo "randwrite 4k 16" ;; esac
 }
-fresh() { cp empty.qcow2 t.qcow2; sync; echo 3 >/proc/sys/vm/drop_caches; }
+base=/usr/local/base/qcowsetup
+[ -x $base ] || base=
+kind=first-write	# or first-write-plain: the image and its options
+fresh() {
+	if [ $kind = first-write ]; then cp empty.qcow2 t.qcow2; else cp empty-plain.qcow2 t.qcow2; fi
+	sync; echo 3 >/proc/sys/vm/drop_caches
+}
+image_opts() {	# the image for qemu-img and qemu-nbd
+	if [ $kind = first-write ]; then
+		echo "driver=qcow2,file.filename=$mnt/t.qcow2,encrypt.key-secret=s0"
+	else
+		echo "driver=qcow2,file.filename=$mnt/t.qcow2"
+	fi
+}
 
-first_write_qcowsetup() {	# round test
-	local rw bs qd bw iops
+first_write_qcowsetup() {	# round test [binary label]
+	local rw bs qd bw iops qs=${3:-qcowsetup} label=${4:-qcowsetup}
 	read -r rw bs qd <<< "$(job_args "$2")"
 	fresh
-	qcowsetup open --key-file key t.qcow2 bq || { echo "ERROR open"; return 1; }
+	if [ $kind = first-write ]; then
+		$qs open --key-file key t.qcow2 bq || { echo "ERROR open"; return 1; }
+	else
+		$qs open t.qcow2 bq || { echo "ERROR open"; return 1; }
+	fi
 	read -r bw iops <<< "$(fio_job /dev/mapper/bq "$rw" "$bs" "$qd")"
-	echo "R $1 first-write qcowsetup $2 $bw $iops"
-	echo "RELOAD $1 $2 $(qcowsetup status bq | sed -n 's/^ *remapped: *//p')"
-	qcowsetup close bq
-	qemu-img check $sec --image-opts "driver=qcow2,file.filename=t.qcow2,encrypt.key-secret=s0" >/dev/null ||
-		echo "ERROR qemu-img check after the qcowsetup run"
+	echo "R $1 $kind $label $2 $bw $iops"
+	echo "RELOAD $1 $2 $kind $label $($qs status bq | sed -n 's/^ *remapped: *//p')"
+	$qs close bq
+	qemu-img check $sec --image-opts "$(image_opts)" >/dev/null ||
+		echo "ERROR qemu-img check after the $label run"
+	echo "SIZE $1 $2 $kind $label $(du -k t.qcow2 | cut -f1)"
 }
 first_write_nbd() {	# round test
 	local rw bs qd bw iops
 	read -r rw bs qd <<< "$(job_args "$2")"
 	fresh
-	qemu-nbd $sec --image-opts "driver=qcow2,file.filename=$mnt/t.qcow2,encrypt.key-secret=s0" \
-		--cache=none --aio=native -c /dev/nbd15 || { echo "ERROR qemu-nbd"; return 1; }
+	qemu-nbd $sec --image-opts "$(image_opts)" --cache=none --aio=native -c /dev/nbd15 ||
+		{ echo "ERROR qemu-nbd"; return 1; }
 	sleep 1
 	read -r bw iops <<< "$(fio_job /dev/nbd15 "$rw" "$bs" "$qd")"
-	echo "R $1 first-write qemu-nbd $2 $bw $iops"
+	echo "R $1 $kind qemu-nbd $2 $bw $iops"
 	qemu-nbd -d /dev/nbd15 >/dev/null
+	echo "SIZE $1 $2 $kind qemu-nbd $(du -k t.qcow2 | cut -f1)"
+}
+first_write_all() {	# round test: every device, in reverse order on even rounds
+	local devs="qcowsetup ${base:+base} nbd" dev
+	[ $(($1 % 2)) = 1 ] || devs="nbd ${base:+base} qcowsetup"
+	for dev in $devs; do
+		case $dev in
+		qcowsetup) first_write_qcowsetup "$1" "$2" ;;
+		base) first_write_qcowsetup "$1" "$2" $base qcowsetup-base ;;
+		nbd) first_write_nbd "$1" "$2" ;;
+		esac
+	done
 }
 
 # ---- the slow path alone, the build before (BENCH_BEFORE: its qcowsetup in
@@ -87,14 +120,14 @@ slow_path() {
 echo "KERNEL $(uname -r) CPUS $(nproc)"
 slow_path
 [ "${BENCH_SLOW_ONLY:-0}" = 1 ] && exit 0
-# ---- first writes into an empty image: qcowsetup vs qemu-nbd
+# ---- first writes into an empty image: qcowsetup (and its base) vs qemu-nbd
+kinds=first-write
+[ -f empty-plain.qcow2 ] && kinds="$kinds first-write-plain"
 for round in $(seq 1 "$rounds"); do
-	for test in seq rand; do
-		if [ $((round % 2)) = 1 ]; then
-			first_write_qcowsetup "$round" $test; first_write_nbd "$round" $test
-		else
-			first_write_nbd "$round" $test; first_write_qcowsetup "$round" $test
-		fi
+	for kind in $kinds; do
+		for test in seq rand; do
+			first_write_all "$round" $test
+		done
 	done
 done
 

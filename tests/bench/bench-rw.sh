@@ -19,7 +19,10 @@
 # clusters (BENCH_SLOW_ONLY=1: only that; BENCH_SMP: guest CPUs, default 1;
 # BENCH_CONNECTIONS=N: this build opens with --nbd-connections N).
 # Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
-# (default 3), QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
+# (default 3), BENCH_BASE (a build directory of another qcowsetup, e.g. the
+# main branch: its first writes run beside, as qcowsetup-base, for a before
+# and after in one run), BENCH_PLAIN=1 (the first writes on an unencrypted
+# image too), QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
 me=bench-rw
@@ -48,6 +51,14 @@ luks() {	# name [options]: qemu-img's PBKDF timing fails now and then on a loade
 }
 luks empty.qcow2
 luks full.qcow2 preallocation=falloc
+[ "${BENCH_PLAIN:-0}" = 1 ] && qemu-img create -q -f qcow2 empty-plain.qcow2 512M
+base_args=()
+if [ -n "${BENCH_BASE:-}" ]; then
+	for b in qcowsetup qcowsetup-daemon; do
+		[ -x "$BENCH_BASE/$b" ] || { echo "$me: error: no $BENCH_BASE/$b" >&2; exit 1; }
+		base_args+=(--extra "$BENCH_BASE/$b=/usr/local/base/$b")
+	done
+fi
 fallocate -l 512M full.raw
 cd "$work"
 mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 3G
@@ -62,11 +73,11 @@ if [ -n "${BENCH_BEFORE:-}" ]; then
 		--extra "$BENCH_BEFORE/qcowsetup-daemon=/usr/local/before/qcowsetup-daemon")
 fi
 "$top/tests/vm/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
-	--extra "$qs" --extra "$daemon" ${before[@]+"${before[@]}"} --timeout 3000 \
+	--extra "$qs" --extra "$daemon" ${before[@]+"${before[@]}"} ${base_args[@]+"${base_args[@]}"} --timeout 3000 \
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
 	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
-tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
+tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
 [ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
 if grep -q '^S ' "$work/res"; then
 	echo
@@ -106,6 +117,7 @@ awk '
 	# R ROUND KIND DEV TEST KIB_S IOPS: MiB/s for seq, IOPS for rand
 	$1 == "R" { v[$2, $3, $4, $5] = ($5 == "seq") ? $6 / 1024 : $7; if ($2 > nr) nr = $2 }
 	$1 == "RELOAD" { rl[++nrl] = $0 }
+	$1 == "SIZE" { sz[$4, $5, $3] = $6 }
 	$1 == "TARGETS" { targets = $2; slow = $3 }
 	function val(kind, dev, test,   r, n, a) {
 		n = 0
@@ -132,14 +144,38 @@ awk '
 		printf "\n  %-34s %18s %15s\n", "device", "seq 1M QD4", "rand 4k QD16"
 		print "  first writes into an empty image (allocation)"
 		row("qcowsetup", "first-write", "qcowsetup")
+		if (val("first-write", "qcowsetup-base", "seq") >= 0) row("qcowsetup-base (before)", "first-write", "qcowsetup-base")
 		row("qemu-nbd", "first-write", "qemu-nbd")
+		if (val("first-write-plain", "qemu-nbd", "seq") >= 0) {
+			print "  the same, unencrypted image"
+			row("qcowsetup", "first-write-plain", "qcowsetup")
+			if (val("first-write-plain", "qcowsetup-base", "seq") >= 0)
+				row("qcowsetup-base (before)", "first-write-plain", "qcowsetup-base")
+			row("qemu-nbd", "first-write-plain", "qemu-nbd")
+		}
 		print "  writes to allocated clusters"
 		row("qcowsetup (fast path)", "allocated", "bf")
 		row("raw dm-crypt over loop (the limit)", "allocated", "braw")
 		printf "\n  %-34s %15s %15s\n", "ratio", "seq", "rand"
 		ratio("first writes: qcowsetup / qemu-nbd", "first-write", "qcowsetup", "qemu-nbd", 1)
+		if (val("first-write", "qcowsetup-base", "seq") >= 0) {
+			ratio("  before: qcowsetup-base / qemu-nbd", "first-write", "qcowsetup-base", "qemu-nbd", 1)
+			ratio("  qcowsetup / qcowsetup-base", "first-write", "qcowsetup", "qcowsetup-base", 1)
+		}
+		if (val("first-write-plain", "qemu-nbd", "seq") >= 0) {
+			ratio("unencrypted: qcowsetup / qemu-nbd", "first-write-plain", "qcowsetup", "qemu-nbd", 1)
+			if (val("first-write-plain", "qcowsetup-base", "seq") >= 0) {
+				ratio("  before: qcowsetup-base / qemu-nbd", "first-write-plain", "qcowsetup-base", "qemu-nbd", 1)
+				ratio("  qcowsetup / qcowsetup-base", "first-write-plain", "qcowsetup", "qcowsetup-base", 1)
+			}
+		}
 		ratio("allocated: qcowsetup / dm-crypt", "allocated", "bf", "braw", 0.95)
 		printf "\n  allocated image: %d target(s) in the top table, %d on the slow path\n", targets, slow
 		print "  table swaps while the empty image filled (from `qcowsetup status`):"
-		for (i = 1; i <= nrl; i++) { $0 = rl[i]; printf "    round %s %-4s ", $2, $3; $1 = $2 = $3 = ""; sub(/^ +/, ""); print }
+		for (i = 1; i <= nrl; i++) {
+			$0 = rl[i]; printf "    round %s %-4s %-17s %-14s ", $2, $3, $4, $5
+			$1 = $2 = $3 = $4 = $5 = ""; sub(/^ +/, ""); print
+		}
+		print "  image file after the job of the last round (KiB used; each ran for the same time):"
+		for (k in sz) { split(k, p, SUBSEP); printf "    %-4s %-17s %-14s %8d\n", p[3], p[1], p[2], sz[k] }
 	}' "$work/res"

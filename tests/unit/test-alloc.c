@@ -181,6 +181,8 @@ static uint8_t *mf_crash(const struct memfile *f, size_t *size)
 struct env {
 	struct memfile meta, data;
 	bool separate_data;		/* external data file */
+	bool punch;			/* data_zero (holes), else zeros are written */
+	int zero_error;			/* what data_zero returns (a full file system) */
 	uint8_t *backing;
 	uint64_t backing_size;
 	long ops, crash_at;		/* fault injection: the crash_at-th write/flush fails and all after */
@@ -268,6 +270,24 @@ static int op_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t ho
 		return -EINVAL;
 	}
 	mf_write(data_file(e), buf, len, host);
+	return 0;
+}
+
+static int op_data_zero(void *opaque, uint64_t len, uint64_t host)
+{
+	struct env *e = opaque;
+	uint8_t *z;
+	int r = count_op(e);
+
+	if (r)
+		return r;
+	if ((host | len) % SECTOR)
+		return -EINVAL;
+	if (e->zero_error)
+		return e->zero_error;
+	z = calloc(1, len);
+	mf_write(data_file(e), z, len, host);
+	free(z);
 	return 0;
 }
 
@@ -773,6 +793,7 @@ static int env_writer(struct env *e, const struct qcow2_rw_opts *opts, struct qc
 		.data_flush = e->separate_data ? op_data_flush : NULL,
 		.backing_pread = e->backing ? op_backing_pread : NULL,
 		.mapped = op_mapped,
+		.data_zero = e->punch ? op_data_zero : NULL,
 		.opaque = e,
 	};
 	int r;
@@ -839,6 +860,8 @@ struct scenario {
 	uint64_t limit_extra;	/* file limit: the initial size plus this (ENOSPC) */
 	int crash_runs;
 	size_t cache_bytes;
+	uint64_t ahead;		/* allocation ahead (ahead_max); sequential writes and
+				 * writes through the announced mappings (the fast path) */
 };
 
 struct state {
@@ -854,6 +877,7 @@ struct state {
 	char why[512];
 	int enospc;
 	uint64_t crash_checks;
+	uint64_t seq_end;	/* where the sequential writer goes on */
 };
 
 static void fail(struct state *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -1173,6 +1197,50 @@ static int split_read(struct state *s, uint8_t *buf, uint64_t len, uint64_t off)
 	return r;
 }
 
+/* The next piece of a writer that fills the image in order (4 KiB to 4
+ * clusters), from the start again at the end. */
+static void sequential_write_range(struct state *s, uint64_t *off, uint64_t *len)
+{
+	uint64_t vs = s->sc->vsize, l = 4096;
+
+	if (rnd_below(2))
+		l = s->b.cs * (1 + rnd_below(4));
+
+	l = MIN(l, s->sc->max_write);
+	if (s->seq_end + l > vs)
+		s->seq_end = 0;
+	*off = s->seq_end;
+	*len = MIN(l, vs - s->seq_end);
+	s->seq_end += *len;
+}
+
+/* A write that the fast path takes: into a mapping announced (durable, in
+ * place), straight to the data file, unseen by the writer. */
+static void fast_path_write(struct state *s)
+{
+	uint64_t g, h, len, off, n;
+
+	if (!s->e.nmaps || s->e.crashed)
+		return;
+	{
+		size_t i = (size_t)rnd_below(s->e.nmaps);
+
+		g = s->e.maps[i].guest;
+		h = s->e.maps[i].host;
+		len = s->e.maps[i].len;
+	}
+	off = rnd_below(len / SECTOR) * SECTOR;
+	n = SECTOR * (1 + rnd_below(64));	/* not inside MIN: evaluated twice */
+	len = MIN(len - off, n);
+	fill_pattern(s->buf, len, rnd());
+	mf_write(data_file(&s->e), s->buf, len, h + off);
+	memcpy(s->ref + g + off, s->buf, len);
+	for (uint64_t sec = (g + off) / SECTOR; sec < (g + off + len) / SECTOR; sec++) {
+		s->dirty[sec] = 1;
+		s->poison[sec] = 0;
+	}
+}
+
 /* One operation; returns false once the writer failed (crash injected). */
 static bool step(struct state *s, bool crash_checks)
 {
@@ -1180,9 +1248,18 @@ static bool step(struct state *s, bool crash_checks)
 	int64_t bad;
 	int r;
 
-	switch (rnd_below(20)) {
+	unsigned int op = (unsigned int)rnd_below(20);
+
+	if (s->sc->ahead && (op == 6 || op == 7)) {
+		fast_path_write(s);
+		return true;
+	}
+	switch (op) {
 	default:
-		random_write_range(s, &off, &len);
+		if (s->sc->ahead && rnd_below(3))
+			sequential_write_range(s, &off, &len);
+		else
+			random_write_range(s, &off, &len);
 		fill_pattern(s->buf, len, rnd());
 		for (uint64_t sec = off / SECTOR; sec <= (off + len - 1) / SECTOR; sec++)
 			s->dirty[sec] = 1;
@@ -1222,6 +1299,8 @@ static bool step(struct state *s, bool crash_checks)
 				fail(s, "flush: %s (%s)", strerror(-r), last_msg);
 			return false;
 		}
+		/* the kernel flushes the fast path too */
+		mf_flush(data_file(&s->e));
 		memcpy(s->flushed, s->ref, s->sc->vsize);
 		memset(s->dirty, 0, s->nsect);
 		return true;
@@ -1237,9 +1316,48 @@ static bool step(struct state *s, bool crash_checks)
 	}
 }
 
-static void final_checks(struct state *s)
+/* The image as written now opens, is clean (no leak either) and reads as
+ * the reference; false (failed) otherwise. */
+static bool image_checks(struct state *s, const char *what)
 {
 	struct qcow2_check_result res;
+	int64_t bad = -1;
+	int r;
+
+	r = inspect(s->e.meta.cur, s->e.meta.size, s->e.data.cur, s->e.data.size, &s->e, s->sc->vsize, s->rbuf, &res);
+	if (r)
+		fail(s, "%s image does not open: %s (%s)", what, strerror(-r), last_msg);
+	else if (res.corruptions || res.leaks || res.check_errors)
+		fail(s, "%s image: %" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors (%s)", what,
+		     res.corruptions, res.leaks, res.check_errors, last_msg);
+	else if ((bad = compare(s, s->rbuf, s->ref, 0, s->sc->vsize, false)) >= 0)
+		fail(s, "%s image read afresh differs at guest offset %" PRId64, what, bad);
+	return r == 0 && !res.corruptions && !res.leaks && !res.check_errors && bad < 0;
+}
+
+/* The fast path gone, what was mapped ahead and still reads zeros is freed:
+ * the content stays, nothing leaks. */
+static void release_checks(struct state *s)
+{
+	struct qcow2_rw_stats st;
+	int r;
+
+	r = qcow2_rw_release_ahead(s->w);
+	if (!r)
+		r = qcow2_rw_flush(s->w);
+	if (r) {
+		fail(s, "release_ahead: %s (%s)", strerror(-r), last_msg);
+		return;
+	}
+	qcow2_rw_get_stats(s->w, &st);
+	if (!image_checks(s, "released"))
+		return;
+	if (st.ahead_released > st.ahead_clusters)
+		fail(s, "%" PRIu64 " clusters released, %" PRIu64 " mapped ahead", st.ahead_released, st.ahead_clusters);
+}
+
+static void final_checks(struct state *s)
+{
 	uint64_t used_end;
 	int64_t bad;
 	int r;
@@ -1254,14 +1372,7 @@ static void final_checks(struct state *s)
 		fail(s, "final read through the writer differs (%d)", r);
 		return;
 	}
-	r = inspect(s->e.meta.cur, s->e.meta.size, s->e.data.cur, s->e.data.size, &s->e, s->sc->vsize, s->rbuf, &res);
-	if (r)
-		fail(s, "flushed image does not open: %s (%s)", strerror(-r), last_msg);
-	else if (res.corruptions || res.leaks || res.check_errors)
-		fail(s, "flushed image: %" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors (%s)",
-		     res.corruptions, res.leaks, res.check_errors, last_msg);
-	else if ((bad = compare(s, s->rbuf, s->ref, 0, s->sc->vsize, false)) >= 0)
-		fail(s, "flushed image read afresh differs at guest offset %" PRId64, bad);
+	image_checks(s, "flushed");
 	if (s->e.mapped_bad)
 		fail(s, "a mapping was announced misaligned or empty");
 	check_mappings(s);
@@ -1271,6 +1382,8 @@ static void final_checks(struct state *s)
 		if (i == 0)
 			check_snapshot(s, id);
 	}
+	if (s->sc->ahead)
+		release_checks(s);
 	r = qcow2_rw_close(s->w, &used_end);
 	s->w = NULL;
 	if (r)
@@ -1285,13 +1398,14 @@ static void final_checks(struct state *s)
  * with a failure injected at a random write or flush of the files. */
 static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int index)
 {
-	struct qcow2_rw_opts o = { .cache_bytes = sc->cache_bytes };
+	struct qcow2_rw_opts o = { .cache_bytes = sc->cache_bytes, .ahead_max = sc->ahead };
 	struct qcow2_rw_stats st;
 	struct state s;
 	long total_ops;
 	int r;
 
 	state_init(&s, sc, seed);
+	s.e.punch = seed & 1;
 	/* write-through and write-back alternate over scenarios and seeds */
 	o.write_through = (seed + index) & 1;
 	if (sc->limit_extra)
@@ -1312,9 +1426,9 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 		final_checks(&s);
 	CHECK(!s.failures, "%s seed %" PRIu64 " (%s): %d ops, %" PRIu64 " crash images clean; %" PRIu64
 	      " clusters, %" PRIu64 " L2 tables, %" PRIu64 " refblocks, %" PRIu64 " reftable growths, %" PRIu64
-	      " COW%s%s%s", sc->name, seed, o.write_through ? "write-through" : "write-back", sc->ops,
-	      s.crash_checks, st.clusters_allocated, st.l2_tables_allocated, st.refblocks_allocated,
-	      st.reftable_growths, st.cow_clusters, s.enospc ? ", ENOSPC seen" : "", s.failures ? ": " : "",
+	      " COW, %" PRIu64 " ahead%s%s%s", sc->name, seed, o.write_through ? "write-through" : "write-back",
+	      sc->ops, s.crash_checks, st.clusters_allocated, st.l2_tables_allocated, st.refblocks_allocated,
+	      st.reftable_growths, st.cow_clusters, st.ahead_clusters, s.enospc ? ", ENOSPC seen" : "", s.failures ? ": " : "",
 	      s.why);
 	if (sc->limit_extra)
 		CHECK(s.enospc > 0, "%s seed %" PRIu64 ": the file limit was reached (%d ENOSPC)", sc->name, seed,
@@ -1327,6 +1441,7 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 		bool alive = true;
 
 		state_init(&s, sc, seed);
+		s.e.punch = seed & 1;
 		rng_state = rseed;
 		o.write_through = (rseed + index) & 1;
 		s.e.crash_at = 1 + (long)rnd_below((uint64_t)(total_ops > 0 ? total_ops : 1));
@@ -1349,6 +1464,13 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 }
 
 /* ---- targeted checks ---- */
+
+static int open_writer_on_env(struct env *e, struct qcow2_rw **w)
+{
+	struct qcow2_rw_opts o = { 0 };
+
+	return env_writer(e, &o, w);
+}
 
 static int open_writer_on(struct tb *b, struct env *e, bool read_only, struct qcow2_rw **w)
 {
@@ -1939,6 +2061,275 @@ static void test_resize(void)
 		test_resize_case(&resize_cases[i]);
 }
 
+static bool buf_zero(const uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/* A partial write into a new cluster over zeros (no backing file) with
+ * data_zero: a hole, then the written sectors only, no cluster of zeros
+ * copied; the rest reads zeros. */
+static void test_zero_first(void)
+{
+	struct qcow2_rw *w = NULL;
+	struct tb b;
+	struct env e;
+	uint8_t data[4096], rd[65536], want[65536];
+	size_t biggest = 0;
+	int r;
+
+	tb_init(&b, 16, 4, false, 4 << 20, 3, false, 0, 0);
+	env_init(&e, &b);
+	e.punch = true;
+	r = open_writer_on_env(&e, &w);
+	memset(data, 0x5a, sizeof(data));
+	if (!r)
+		r = qcow2_rw_write(w, data, 1000, 65536 + 8192 + 100);
+	for (size_t i = 0; i < e.meta.nlog; i++)
+		if (!buf_zero(e.meta.log[i].data, e.meta.log[i].len))
+			biggest = MAX(biggest, e.meta.log[i].len);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	if (!r)
+		r = qcow2_rw_read(w, rd, sizeof(rd), 65536);
+	memset(want, 0, sizeof(want));
+	memcpy(want + 8192 + 100, data, 1000);
+	CHECK(r == 0 && biggest == 3 * 512 && !memcmp(rd, want, sizeof(want)),
+	      "a partial write over zeros writes its sectors only (%zu bytes) and reads back (%d)", biggest, r);
+	qcow2_rw_free(w);
+	env_free(&e);
+	tb_free(&b);
+}
+
+/* Where guest cluster g is mapped (announced), or 0. */
+static uint64_t announced_host(const struct env *e, uint64_t g)
+{
+	for (size_t i = 0; i < e->nmaps; i++)
+		if (e->maps[i].guest <= g && g < e->maps[i].guest + e->maps[i].len)
+			return e->maps[i].host + (g - e->maps[i].guest);
+	return 0;
+}
+
+/* Allocation ahead: a sequential writer gets the clusters after it mapped
+ * (reading zeros) in a window that doubles each time it reaches the end;
+ * a random writer gets nothing more; release_ahead frees what still reads
+ * zeros and keeps what the fast path wrote. Both ways of zeroing: holes
+ * (data_zero) and zeros written (LUKS), the second on extended L2. */
+static void test_alloc_ahead(bool ext)
+{
+	const uint64_t cs = 65536, vsize = 16 << 20;
+	struct qcow2_rw_opts o = { .ahead_max = 4 << 20 };
+	struct qcow2_rw *w = NULL;
+	struct qcow2_check_result res;
+	struct qcow2_rw_stats st;
+	struct tb b;
+	struct env e;
+	uint8_t *buf = malloc(cs), *rd = malloc(vsize), *want = calloc(1, vsize);
+	uint64_t h;
+	const char *how = ext ? "zeros written, extended L2" : "holes";
+	int r;
+
+	tb_init(&b, 16, 4, ext, vsize, 3, false, 0, 0);
+	env_init(&e, &b);
+	e.punch = !ext;
+	r = env_writer(&e, &o, &w);
+	memset(buf, 0x11, cs);
+	if (!r)
+		r = qcow2_rw_write(w, buf, cs, 0);
+	memcpy(want, buf, cs);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_clusters == 16 && announced_host(&e, 16 * cs) && !announced_host(&e, 17 * cs),
+	      "%s: the first write in order maps 1 MiB ahead (%" PRIu64 " clusters)", how, st.ahead_clusters);
+	if (!r)
+		r = qcow2_rw_read(w, rd, vsize, 0);
+	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: what is mapped ahead reads zeros", how);
+	/* the fast path fills the window, unseen; the writer sees the write
+	 * after it: the window doubles */
+	memset(buf, 0x22, cs);
+	for (uint64_t g = cs; g <= 16 * cs; g += cs) {
+		h = announced_host(&e, g);
+		if (h)
+			mf_write(&e.meta, buf, cs, h);
+		memcpy(want + g, buf, cs);
+	}
+	if (!r)
+		r = qcow2_rw_write(w, buf, 4096, 17 * cs);
+	memcpy(want + 17 * cs, buf, 4096);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_clusters == 16 + 32 && announced_host(&e, 49 * cs) && !announced_host(&e, 50 * cs),
+	      "%s: at the end of the window, the next one is twice as large (%" PRIu64 " clusters)", how,
+	      st.ahead_clusters);
+	/* one cluster of the new window written by the fast path, in part */
+	h = announced_host(&e, 30 * cs);
+	if (h)
+		mf_write(&e.meta, buf, 4096, h + 8192);
+	memcpy(want + 30 * cs + 8192, buf, 4096);
+	/* a writer jumping around gets nothing ahead */
+	memset(buf, 0x33, cs);
+	for (uint64_t g = 200; !r && g < 240; g += 7) {
+		r = qcow2_rw_write(w, buf, 4096, g * cs);
+		memcpy(want + g * cs, buf, 4096);
+	}
+	if (!r)
+		r = qcow2_rw_flush(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_clusters == 48, "%s: random writes map nothing ahead (%" PRIu64 ")", how,
+	      st.ahead_clusters);
+	if (ext && (h = announced_host(&e, 40 * cs))) {
+		uint64_t l2 = get_be64(e.meta.cur + b.l1_off) & QCOW2_L1E_OFFSET_MASK;
+
+		CHECK(get_be64(e.meta.cur + l2 + 40 * 16 + 8) == 0xffffffffULL && buf_zero(e.meta.cur + h, cs),
+		      "%s: a cluster mapped ahead has every subcluster allocated, and zeros", how);
+	}
+	/* the fast path is gone */
+	if (!r)
+		r = qcow2_rw_release_ahead(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_released == 31, "%s: the 31 clusters mapped ahead that nobody wrote are freed (%" PRIu64
+	      ")", how, st.ahead_released);
+	if (!r)
+		r = qcow2_rw_close(w, NULL);
+	else
+		qcow2_rw_free(w);
+	w = NULL;
+	r = r ? r : inspect(e.meta.cur, e.meta.size, NULL, 0, &e, vsize, rd, &res);
+	CHECK(r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, vsize),
+	      "%s: released, closed: no leak, the same content (%d)", how, r);
+	env_free(&e);
+	tb_free(&b);
+	free(buf);
+	free(rd);
+	free(want);
+}
+
+/* A sequential fill of the image in writes of wlen, each flushed (and one
+ * partial write into a new cluster at the end), with allocation ahead and
+ * data_zero, or (baseline) with neither; the file limit is the initial size
+ * plus limit_extra (0: none); data_zero fails with zero_error (0: works). */
+struct fill {
+	unsigned int cb, order;
+	uint64_t vsize, wlen, limit_extra;
+	int zero_error;
+	bool baseline;
+	/* results */
+	uint64_t written;		/* bytes of the writes that succeeded, in order */
+	int first_error;
+	struct qcow2_rw_stats st;
+	bool clean;			/* closed; no corruption, no leak, the content written */
+};
+
+static void sequential_fill(struct fill *f)
+{
+	struct qcow2_rw_opts o = { .ahead_max = f->baseline ? 0 : 4 << 20 };
+	struct qcow2_check_result res;
+	struct qcow2_rw *w = NULL;
+	struct tb b;
+	struct env e;
+	uint8_t *buf = malloc(f->wlen), *rd = malloc(f->vsize), *want = calloc(1, f->vsize);
+	uint64_t g = 0;
+	int r;
+
+	tb_init(&b, f->cb, f->order, false, f->vsize, 3, false, 0, 0);
+	env_init(&e, &b);
+	e.punch = !f->baseline;
+	e.zero_error = f->zero_error;
+	if (f->limit_extra)
+		o.file_limit = round_up_pow2(e.meta.size, b.cs) + f->limit_extra;
+	f->first_error = 0;
+	r = env_writer(&e, &o, &w);
+	/* two clusters left for the partial write */
+	for (; !r && g + f->wlen + 2 * b.cs <= f->vsize; g += f->wlen) {
+		fill_pattern(buf, f->wlen, g);
+		r = qcow2_rw_write(w, buf, f->wlen, g);
+		if (!r)
+			r = qcow2_rw_flush(w);
+		if (!r)
+			memcpy(want + g, buf, f->wlen);
+	}
+	f->written = g;
+	/* a partial write into a new cluster past the fill */
+	if (!r) {
+		fill_pattern(buf, 1000, 7);
+		r = qcow2_rw_write(w, buf, 1000, g + b.cs + 100);
+		if (!r)
+			memcpy(want + g + b.cs + 100, buf, 1000);
+	}
+	f->first_error = r;
+	if (w) {
+		qcow2_rw_get_stats(w, &f->st);
+		r = qcow2_rw_release_ahead(w);
+		if (!r)
+			r = qcow2_rw_close(w, NULL);
+		else
+			qcow2_rw_free(w);
+	}
+	if (!r)
+		r = inspect(e.meta.cur, e.meta.size, NULL, 0, &e, f->vsize, rd, &res);
+	f->clean = r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, f->vsize);
+	env_free(&e);
+	tb_free(&b);
+	free(buf);
+	free(rd);
+	free(want);
+}
+
+/* Allocation ahead and cheap zeros never cost a write: when zeroing fails
+ * (a full file system) the writes succeed as without them (the partial
+ * write too) and nothing is mapped ahead; ahead makes no L2 table,
+ * refcount block or larger refcount table (only the writer's own writes
+ * do, as without it); and with a file limit short of every cluster (an
+ * image on a small block device) the writes that fail are the same as
+ * without it. Each image closed clean, with the content written. */
+static void test_ahead_costs_nothing(void)
+{
+	static const struct fill cases[] = {
+		{ .cb = 16, .order = 4, .vsize = 8 << 20, .wlen = 65536, .zero_error = -ENOSPC },
+		{ .cb = 16, .order = 4, .vsize = 8 << 20, .wlen = 65536, .zero_error = -EIO },
+		/* 512-byte clusters, 64-bit refcounts: an L2 table per 32 KiB
+		 * of guest, a refcount block per 32 KiB of file, the refcount
+		 * table grows at 2 MiB */
+		{ .cb = 9, .order = 6, .vsize = 3 << 20, .wlen = 4096 },
+		{ .cb = 9, .order = 6, .vsize = 4 << 20, .wlen = 262144, .limit_extra = 2 << 20 },
+		{ .cb = 16, .order = 4, .vsize = 16 << 20, .wlen = 65536, .limit_extra = 40 << 16 },
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct fill with = cases[i], without = cases[i];
+		char what[96];
+
+		without.baseline = true;
+		sequential_fill(&with);
+		sequential_fill(&without);
+		snprintf(what, sizeof(what), "%u-byte clusters, %s%s", 1U << with.cb,
+			 with.zero_error ? "zeroing fails: " : "", with.limit_extra ? "a file limit: " : "");
+		CHECK(with.written == without.written && with.first_error == without.first_error && with.clean &&
+		      without.clean, "%sahead, the writes as without: %" PRIu64 " bytes (%" PRIu64 "), then %s (%s), clean: %d %d",
+		      what, with.written, without.written, strerror(-with.first_error), strerror(-without.first_error),
+		      with.clean, without.clean);
+		CHECK(with.st.l2_tables_allocated == without.st.l2_tables_allocated &&
+		      with.st.refblocks_allocated == without.st.refblocks_allocated &&
+		      with.st.reftable_growths == without.st.reftable_growths,
+		      "%sahead makes no metadata cluster: %" PRIu64 "/%" PRIu64 " L2 tables, %" PRIu64 "/%" PRIu64
+		      " refcount blocks, %" PRIu64 "/%" PRIu64 " growths", what, with.st.l2_tables_allocated,
+		      without.st.l2_tables_allocated, with.st.refblocks_allocated, without.st.refblocks_allocated,
+		      with.st.reftable_growths, without.st.reftable_growths);
+		if (with.zero_error || with.limit_extra)
+			CHECK(with.st.ahead_clusters == 0, "%snothing mapped ahead (%" PRIu64 ")", what,
+			      with.st.ahead_clusters);
+		else
+			CHECK(with.st.ahead_clusters > 0 && with.st.reftable_growths > 0,
+			      "%sclusters mapped ahead (%" PRIu64 "), the refcount table grown by the writes",
+			      what, with.st.ahead_clusters);
+	}
+}
+
 static const struct scenario scenarios[] = {
 	{ .name = "64k plain", .cb = 16, .order = 4, .version = 3, .vsize = 8 << 20, .n_data = 20, .n_zero = 5,
 	  .n_zero_alloc = 5, .ops = 250, .max_write = 300 << 10, .crash_runs = 12 },
@@ -1991,6 +2382,15 @@ static const struct scenario scenarios[] = {
 	  .ops = 200, .max_write = 1 << 20, .limit_extra = 40 << 16, .crash_runs = 6 },
 	{ .name = "ENOSPC 512 B", .cb = 9, .order = 4, .version = 3, .vsize = 16 << 20, .n_data = 4, .ops = 200,
 	  .max_write = 256 << 10, .limit_extra = 2 << 20, .crash_runs = 6 },
+	{ .name = "64k sequential ahead", .cb = 16, .order = 4, .version = 3, .vsize = 16 << 20, .n_data = 6,
+	  .n_zero = 4, .ops = 300, .max_write = 300 << 10, .crash_runs = 12, .ahead = 2 << 20 },
+	{ .name = "16k sequential ahead extended L2", .cb = 14, .order = 4, .ext = true, .version = 3,
+	  .vsize = 8 << 20, .n_data = 8, .n_sub = 8, .ops = 300, .max_write = 64 << 10, .crash_runs = 8,
+	  .ahead = 1 << 20, .cache_bytes = 64 << 10 },
+	/* a limit short of every cluster: ahead stays off, the writes fail as
+	 * without it (test_ahead_costs_nothing compares) */
+	{ .name = "ENOSPC sequential ahead", .cb = 16, .order = 4, .version = 3, .vsize = 16 << 20, .n_data = 4,
+	  .ops = 200, .max_write = 1 << 20, .limit_extra = 40 << 16, .crash_runs = 6, .ahead = 4 << 20 },
 	{ .name = "tiny cache", .cb = 12, .order = 4, .ext = false, .version = 3, .vsize = 16 << 20,
 	  .backing_size = 16 << 20, .n_data = 30, .snapshots = 1, .ops = 250, .max_write = 512 << 10,
 	  .crash_runs = 8, .cache_bytes = 1 },
@@ -2016,6 +2416,10 @@ int main(int argc, char **argv)
 		test_cow_order();
 		test_rw_open_checks();
 		test_in_place_guard();
+		test_zero_first();
+		test_alloc_ahead(false);
+		test_alloc_ahead(true);
+		test_ahead_costs_nothing();
 	}
 	if (!only || !strcmp(only, "targeted") || !strcmp(only, "resize"))
 		test_resize();

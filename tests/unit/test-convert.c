@@ -4,7 +4,8 @@
  * again here, decrypted with its new passphrase and compared with what the
  * source holds; then the failures: a wrong source passphrase, a short read,
  * a full disk, an existing destination, the source as destination. A failed
- * conversion leaves no file behind. */
+ * conversion leaves no file behind. Also the writer's data_zero over a file
+ * (fileio.c): zeros read back, no block given up, no hole filled. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -452,6 +453,47 @@ static void test_failures(void)
 	      "destination in the source chain: -EINVAL, even with force");
 }
 
+/* data_zero of file_rw_ops on a file that has its blocks (written) and a
+ * hole after them: the range reads zeros, the blocks stay the file's (a
+ * punched hole would have to be found again by the next write, on a full
+ * file system or in a preallocated image), the hole stays a hole. */
+static void test_data_zero(void)
+{
+	char path[PATH_MAX];
+	struct qcow2_rw_ops ops;
+	struct file_rw f = { 0 };
+	uint8_t *buf = malloc(SIZE);
+	struct stat before, after;
+	int fd, r;
+
+	snprintf(path, sizeof(path), "%s/zero.img", tmpdir);
+	fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	memset(buf, 0xa5, SIZE);
+	if (fd < 0 || pwrite(fd, buf, SIZE, 0) != (ssize_t)SIZE || fsync(fd) || ftruncate(fd, 2 * SIZE) ||
+	    fstat(fd, &before)) {
+		CHECK(0, "data_zero: test file: %s", strerror(errno));
+		goto out;
+	}
+	f.meta_fd = f.data_fd = fd;
+	file_rw_ops(&f, &ops);
+	r = ops.data_zero(ops.opaque, SIZE, SIZE / 2);
+	if (r == -EOPNOTSUPP) {
+		printf("# data_zero: no FALLOC_FL_ZERO_RANGE here (the writer writes zeros)\n");
+		goto out;
+	}
+	fsync(fd);
+	/* (SEEK_HOLE tells nothing: ext4 counts unwritten extents as holes) */
+	CHECK(r == 0 && pread(fd, buf, SIZE, SIZE / 2) == (ssize_t)SIZE && buf[0] == 0 &&
+	      !memcmp(buf, buf + 1, SIZE - 1) && fstat(fd, &after) == 0 && after.st_blocks == before.st_blocks &&
+	      after.st_size == before.st_size,
+	      "data_zero: over written blocks and a hole: zeros, %lld blocks before and after (%lld) (%d)",
+	      (long long)before.st_blocks, (long long)after.st_blocks, r);
+out:
+	if (fd >= 0)
+		close(fd);
+	free(buf);
+}
+
 int main(void)
 {
 	qs_log_set_callback(log_to_stdout, NULL);
@@ -465,6 +507,7 @@ int main(void)
 	test_luks_source();
 	test_chain();
 	test_failures();
+	test_data_zero();
 	if (!tap_failures) {
 		char cmd[PATH_MAX + 16];
 

@@ -311,7 +311,11 @@ crash_start() {	# run delay
 	printf 'run=%s\ndelay=%s\n' "$1" "$2" >crash.state
 	sync
 	qcowsetup open crash-run.qcow2 cr
-	rw-workload write --seed "$1" --ops 100000 --max 1048576 --flush-every 5 --log /mnt/m/crash.log /dev/mapper/cr >/dev/null 2>&1 &
+	# even runs: a writer in order (clusters mapped ahead of it)
+	seq=
+	[ $(($1 % 2)) = 1 ] || seq=--sequential
+	rw-workload write --seed "$1" --ops 100000 --max 1048576 --flush-every 5 --log /mnt/m/crash.log $seq \
+		/dev/mapper/cr >/dev/null 2>&1 &
 	d=$2
 	# (the console loses what is printed right before the reboot)
 	echo "QS-CRASHING in $((d / 10)).$((d % 10))s"

@@ -2,11 +2,12 @@
  *
  *   rw-workload write [--seed N] [--ops N] [--max BYTES] [--flush-every K]
  *                     [--log FILE] [--region OFF:LEN]... [--after-flush CMD]
- *                     DEV [REF]
+ *                     [--sequential] DEV [REF]
  *       Seeded random writes of 512 B to --max (4 MiB) bytes, sector
  *       aligned or not (buffered, through the page cache of DEV), to DEV and
  *       (same bytes) to the raw reference REF; an fsync of DEV every K
- *       writes. --region: offsets are drawn from these areas (else the whole
+ *       writes. --sequential: each write where the last one ended (from
+ *       the start again at the end), the lengths as random. --region: offsets are drawn from these areas (else the whole
  *       device). With --log, every write is logged (and the log made
  *       durable) before it is issued, and "flushed N" after each successful
  *       fsync of DEV: what a crash test needs. --after-flush: "CMD N" runs
@@ -96,7 +97,8 @@ struct region {
 
 static int do_write(int argc, char **argv)
 {
-	uint64_t seed = 1, ops = 100, max = 4 << 20, flush_every = 8, size;
+	uint64_t seed = 1, ops = 100, max = 4 << 20, flush_every = 8, size, next = 0;
+	bool sequential = false;
 	struct region regions[32];
 	unsigned int nregions = 0;
 	const char *log_path = NULL, *after_flush = NULL;
@@ -117,6 +119,8 @@ static int do_write(int argc, char **argv)
 			log_path = argv[++i];
 		else if (!strcmp(argv[i], "--after-flush") && i + 1 < argc)
 			after_flush = argv[++i];
+		else if (!strcmp(argv[i], "--sequential"))
+			sequential = true;
 		else if (!strcmp(argv[i], "--region") && i + 1 < argc && nregions < 32) {
 			char *c;
 
@@ -182,6 +186,12 @@ static int do_write(int argc, char **argv)
 		}
 		if (off < lo)
 			off = lo;
+		if (sequential) {
+			off = next < lo || next >= hi ? lo : next;
+			if (len > hi - off)
+				len = hi - off;
+			next = off + len;
+		}
 		if (off + len > size)
 			len = size - off;
 		fill(buf, seed, n, off, len);
