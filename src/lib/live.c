@@ -981,12 +981,33 @@ static int reload_crypt(struct live_ctx *c, struct live_crypt *lc, bool on)
 	return reload_crypt_table(c, lc, params, lc->sectors);
 }
 
+/* Loop device /dev/loopname, when writable, passes discards or not. */
+static int one_loop_discards(const char *loopname, bool on)
+{
+	char path[PATH_MAX], buf[32];
+	unsigned int maj, min;
+	int r = 0;
+
+	snprintf(path, sizeof(path), "/sys/class/block/%s/ro", loopname);
+	if (sys_read_small(path, buf, sizeof(buf)) <= 0 || buf[0] != '0')
+		return 0;	/* (read-only: no discard reaches it) */
+	snprintf(path, sizeof(path), "/sys/class/block/%s/dev", loopname);
+	if (sys_read_small(path, buf, sizeof(buf)) > 0 && sscanf(buf, "%u:%u", &maj, &min) == 2) {
+		r = sys_block_discard(maj, min, on);
+		if (r == -EOPNOTSUPP && on)
+			r = 0;	/* (a file system without holes: nothing to pass) */
+		if (r)
+			log_err("/dev/%s: cannot turn discards %s: %s.", loopname, on ? "on" : "off", strerror(-r));
+	}
+	return r;
+}
+
 /* The writable loop devices under the mapping (sysfs slaves, from the top
  * down) pass discards or not: read-write mappings without discards have
  * them off (open), else the file's holes would be punched. */
 static int loop_discards(const char *block, bool on, int depth)
 {
-	char path[PATH_MAX], buf[32];
+	char path[PATH_MAX];
 	struct dirent *e;
 	DIR *dir;
 	int r = 0;
@@ -998,38 +1019,47 @@ static int loop_discards(const char *block, bool on, int depth)
 	if (!dir)
 		return 0;
 	while (!r && (e = readdir(dir))) {
-		unsigned int maj, min;
-
 		if (e->d_name[0] == '.')
 			continue;
-		if (strncmp(e->d_name, "loop", 4)) {
+		if (strncmp(e->d_name, "loop", 4))
 			r = loop_discards(e->d_name, on, depth + 1);
-			continue;
-		}
-		snprintf(path, sizeof(path), "/sys/class/block/%s/ro", e->d_name);
-		if (sys_read_small(path, buf, sizeof(buf)) <= 0 || buf[0] != '0')
-			continue;	/* (read-only: no discard reaches it) */
-		snprintf(path, sizeof(path), "/sys/class/block/%s/dev", e->d_name);
-		if (sys_read_small(path, buf, sizeof(buf)) > 0 && sscanf(buf, "%u:%u", &maj, &min) == 2) {
-			r = sys_block_discard(maj, min, on);
-			if (r == -EOPNOTSUPP && on)
-				r = 0;	/* (a file system without holes: nothing to pass) */
-			if (r)
-				log_err("/dev/%s: cannot turn discards %s: %s.", e->d_name, on ? "on" : "off",
-					strerror(-r));
-		}
+		else
+			r = one_loop_discards(e->d_name, on);
 	}
 	closedir(dir);
 	return r;
 }
 
+/* The loop devices under the top table, and those the daemon's layers sit
+ * on: a table that maps nothing to a layer yet (an empty image, all of it
+ * on the slow path) does not name its loop device, which the daemon maps
+ * later. */
 static int top_loop_discards(struct live_ctx *c, bool on)
 {
+	struct daemon_args *a;
 	char block[32];
-	int r = live_step(c, "switch the discards of the loop devices of", c->name);
+	pid_t pid;
+	int nbd, r = live_step(c, "switch the discards of the loop devices of", c->name);
 
 	snprintf(block, sizeof(block), "dm-%u", c->top.minor);
-	return r ? r : loop_discards(block, on, 0);
+	if (!r)
+		r = loop_discards(block, on, 0);
+	if (r || !c->has_daemon)
+		return r;
+	a = malloc(sizeof(*a));
+	if (!a)
+		return -ENOMEM;
+	if (qs_state_read(c->name, &pid, &nbd, a) == 0)
+		for (unsigned int i = 0; !r && i < a->nlayers; i++) {
+			unsigned int maj, min;
+
+			if (sscanf(a->layers[i].host, "%u:%u", &maj, &min) == 2 && maj == LOOP_DEV_MAJOR) {
+				snprintf(block, sizeof(block), "loop%u", min);
+				r = one_loop_discards(block, on);
+			}
+		}
+	free(a);
+	return r;
 }
 
 static bool crypt_has_discards(const struct live_crypt *lc)
@@ -1042,13 +1072,11 @@ static bool crypt_has_discards(const struct live_crypt *lc)
 int mapping_refresh(const char *name, bool allow_discards, const struct mapping_live_params *p)
 {
 	bool done[IMG_MAX_CHAIN_DEPTH] = { false };
-	char block_name[32];
 	int r;
 	struct live_ctx *c = live_begin(name, "refresh", p->fail_step, &r);
 
 	if (r)
 		return live_end(c, r);
-	snprintf(block_name, sizeof(block_name), "dm-%u", c->top.minor);
 	if (held_by_suspend(c)) {
 		log_err("Device %s is suspended: `qcowsetup resume %s` first.", name, name);
 		return live_end(c, -EBUSY);
@@ -1079,7 +1107,7 @@ int mapping_refresh(const char *name, bool allow_discards, const struct mapping_
 			if (done[i])
 				reload_crypt(c, &c->crypt[i], !allow_discards);
 		if (!c->top.read_only)
-			loop_discards(block_name, !allow_discards, 0);
+			top_loop_discards(c, !allow_discards);
 	} else {
 		log_verbose("%s: discards %s.", name, allow_discards ? "allowed" : "not allowed");
 	}

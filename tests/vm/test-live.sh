@@ -51,6 +51,7 @@ retry 6 qemu-img create -q -f qcow2 "${sec[@]}" \
 qemu-io "${sec[@]}" --image-opts -c 'write -P 0x31 0 4M' -c 'write -z 10M 1M' \
 	driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0 >/dev/null
 qemu-img create -q -f qcow2 plain.qcow2 32M
+qemu-img create -q -f qcow2 empty.qcow2 32M
 qemu-io -f qcow2 -c 'write -P 0x11 0 4M' -c 'write -z 8M 1M' plain.qcow2 >/dev/null
 qemu-img create -q -f raw base.raw 24M
 qemu-io -f raw -c 'write -P 0x41 0 24M' base.raw >/dev/null

@@ -169,6 +169,13 @@ daemon_dies() {	# image
 discard_max() {
 	cat "/sys/block/dm-$(dmsetup info -c --noheadings -o minor lv | tr -d ' ')/queue/discard_max_bytes"
 }
+loop_discard_max() {	# file: discard_max_bytes of the read-write loop device over it
+	for l in /sys/block/loop*; do
+		[ "$(cat "$l/loop/backing_file" 2>/dev/null)" = "$1" ] && [ "$(cat "$l/ro")" = 0 ] &&
+			cat "$l/queue/discard_max_bytes" && return
+	done
+	echo none
+}
 crypt_flag() {	# whether the crypt table has allow_discards
 	dmsetup table lv_crypt | grep -q allow_discards
 }
@@ -193,11 +200,14 @@ refresh() {	# image [ro]
 		# (a discarded range may read back as before or as zeros: compare the rest)
 		cmp /dev/mapper/lv /tmp/ref.raw 1048576 1048576
 		rw-workload write --seed 31 --ops 10 --flush-every 3 /dev/mapper/lv /tmp/ref.raw >/dev/null
+		# (also when the top table mapped nothing to it at the refresh)
+		[ "$(loop_discard_max "$w")" != 0 ] || { echo "the image's loop device passes no discards"; return 1; }
 	fi
 	# shellcheck disable=SC2046
 	qcowsetup refresh --no-allow-discards $(key_opts "$img") lv
 	case $img in *luks*) ! crypt_flag ;; esac
 	[ "$mode" = ro ] || [ "$(discard_max)" = 0 ] || { echo "discards after refresh --no-allow-discards"; return 1; }
+	[ "$mode" = ro ] || [ "$(loop_discard_max "$w")" = 0 ] || { echo "the loop device passes discards still"; return 1; }
 	cmp /dev/mapper/lv /tmp/ref.raw 1048576 1048576
 	qcowsetup close lv
 	qcheck "$w"
@@ -560,6 +570,7 @@ vm_test "snapshot LUKS under mounted ext4 and fio: a failure undone; overlay enc
 if [ "${QS_LIVE_FULL:-0}" != 0 ]; then
 	vm_test "unencrypted read-write: I/O held while suspended, right data after resume" held_io plain.qcow2
 	vm_test "refresh unencrypted read-write: discards on and off" refresh plain.qcow2
+	vm_test "refresh of an empty image (all on the slow path): its loop device too" refresh empty.qcow2
 	vm_test "refresh LUKS read-only: allow_discards in the crypt table" refresh luks.qcow2 ro
 	vm_test "atomic suspend/resume/refresh (chain): a failure at each step is undone" fault_steps chain.qcow2
 	vm_test "snapshot unencrypted under mounted ext4 and fio" snapshot_live plain.qcow2
