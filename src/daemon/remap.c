@@ -320,9 +320,13 @@ static void remove_stale(struct daemon *d, const struct dm_stack *next)
 
 	snprintf(prefix, sizeof(prefix), "%s%s-", DM_UUID_PREFIX_INTERNAL, d->o.id);
 	if (dm_list_devices(collect_stale, &c) == 0)
-		for (size_t i = 0; i < c.n; i++)
-			if (dm_remove_device(c.names[i], false, true))
+		for (size_t i = 0; i < c.n; i++) {
+			int r = dm_remove_device(c.names[i], false, true);
+
+			/* (-ENODEV: removed meanwhile, by a close) */
+			if (r && r != -ENODEV)
 				log_std("Cannot remove the unused segment %s.", c.names[i]);
+		}
 }
 
 /* Make the live devices what `next` says: create the new ones, reload the

@@ -684,7 +684,8 @@ int dm_remove_device(const char *name, bool deferred, bool retry)
 	if (r)
 		return r;
 	if (!info.exists) {
-		log_err("cannot remove device %s: no such device", name);
+		/* (the caller says so if it matters: gone meanwhile is often fine) */
+		log_dbg("cannot remove device %s: no such device", name);
 		return -ENODEV;
 	}
 	/* A real user of the device is refused with a clear message; with
@@ -712,7 +713,7 @@ int dm_remove_device(const char *name, bool deferred, bool retry)
 	r = run_with_cookie(dmt, false, -EIO);
 	if (r == -ENXIO) {
 		r = -ENODEV;
-		log_err("cannot remove device %s: no such device", name);
+		log_dbg("cannot remove device %s: no such device", name);
 	} else if (r == -EBUSY) {
 		log_err("cannot remove device %s: it is in use (mounted, held by a "
 			"process or another device)", name);

@@ -141,7 +141,8 @@ int dm_target_message(const char *name, const char *message);
  * removes it at the last close (0; without udev its /dev/mapper node goes at
  * once). retry: give short-lived openers (udev's probes) 2 seconds and let
  * libdevmapper retry the removal (use it whenever udev may run). 0, -ENODEV
- * (no such device), -EBUSY, or -errno. */
+ * (no such device: not logged, the caller knows whether that matters),
+ * -EBUSY, or -errno (logged). */
 int dm_remove_device(const char *name, bool deferred, bool retry);
 
 /* Rename device name to new_name; give a device created without a UUID
