@@ -1975,6 +1975,13 @@ static int write_size(struct qcow2_rw *w, uint64_t size)
 	return r;
 }
 
+/* The guest size, which the daemon's request readers load without the
+ * writer's lock (atomically: a resize may run meanwhile). */
+static void set_size(struct image *img, uint64_t size)
+{
+	__atomic_store_n(&img->size, size, __ATOMIC_RELAXED);
+}
+
 int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink)
 {
 	struct image *img = w->img;
@@ -2025,7 +2032,8 @@ int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink)
 			r = write_size(w, new_size);
 		if (r < 0)
 			return r;
-		img->size = img->map_size = new_size;
+		set_size(img, new_size);
+		img->map_size = new_size;
 		if (new_l1 < img->l1_size)
 			r = shrink_l1(w, new_l1);
 		if (!r)
@@ -2043,7 +2051,7 @@ int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink)
 		if (r < 0)
 			return r;
 	}
-	img->size = new_size;
+	set_size(img, new_size);
 	r = zero_head(w, old, new_size, backing_size);
 	if (!r && backing_size > old && round_up_pow2(old, w->scs) < new_size)
 		r = zero_area(w, round_up_pow2(old, w->scs), new_size);
@@ -2052,7 +2060,7 @@ int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink)
 	if (!r)
 		r = write_size(w, new_size);
 	if (r < 0) {
-		img->size = old;
+		set_size(img, old);
 		return r;
 	}
 	img->map_size = new_size;
