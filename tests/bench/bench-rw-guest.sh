@@ -3,7 +3,7 @@
 # an ext4 disk with key, empty.qcow2 (LUKS, nothing allocated), full.qcow2
 # (LUKS, every cluster allocated), full.raw, and with BENCH_PLAIN=1
 # empty-plain.qcow2 (unencrypted, nothing allocated)). A second build of
-# qcowsetup in /usr/local/base/ (BENCH_BASE on the host) runs the first
+# qcowsetup in /usr/local/before/ (BENCH_BEFORE on the host) runs the first
 # writes too, as qcowsetup-base. Prints one line per fio job:
 #   R ROUND first-write|first-write-plain|allocated DEVICE seq|rand KIB_S IOPS
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
@@ -30,7 +30,7 @@ fio_job() {	# dev rw bs iodepth -> "KiB/s IOPS"
 job_args() {	# seq|rand -> "rw bs qd"
 	case $1 in seq) echo "write 1M 4" ;; rand) echo "randwrite 4k 16" ;; esac
 }
-base=/usr/local/base/qcowsetup
+base=/usr/local/before/qcowsetup
 [ -x $base ] || base=
 kind=first-write	# or first-write-plain: the image and its options
 fresh() {

@@ -13,16 +13,16 @@
 # Ratios are medians of the per-round ratios (rounds alternate the order).
 #   tests/bench/bench-rw.sh
 # With BENCH_BEFORE=DIR (a build tree of another version, e.g. the main
-# branch: its qcowsetup and qcowsetup-daemon), first the slow path alone,
-# that build against this one in the same VM: random 4 KiB QD16 first writes
-# into an empty image, copy-on-write into an overlay, reads of backing
-# clusters (BENCH_SLOW_ONLY=1: only that; BENCH_SMP: guest CPUs, default 1;
-# BENCH_CONNECTIONS=N: this build opens with --nbd-connections N).
+# branch: its qcowsetup and qcowsetup-daemon; BENCH_BASE is the same), a
+# before and after in one run: first the slow path alone, that build against
+# this one: random 4 KiB QD16 first writes into an empty image,
+# copy-on-write into an overlay, reads of backing clusters (BENCH_SLOW_ONLY=1:
+# only that; BENCH_SMP: guest CPUs, default 1; BENCH_CONNECTIONS=N: this
+# build opens with --nbd-connections N); then its first writes beside this
+# build's, as qcowsetup-base.
 # Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
-# (default 3), BENCH_BASE (a build directory of another qcowsetup, e.g. the
-# main branch: its first writes run beside, as qcowsetup-base, for a before
-# and after in one run), BENCH_PLAIN=1 (the first writes on an unencrypted
-# image too), QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
+# (default 3), BENCH_PLAIN=1 (the first writes on an unencrypted image too),
+# QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
 me=bench-rw
@@ -52,13 +52,7 @@ luks() {	# name [options]: qemu-img's PBKDF timing fails now and then on a loade
 luks empty.qcow2
 luks full.qcow2 preallocation=falloc
 [ "${BENCH_PLAIN:-0}" = 1 ] && qemu-img create -q -f qcow2 empty-plain.qcow2 512M
-base_args=()
-if [ -n "${BENCH_BASE:-}" ]; then
-	for b in qcowsetup qcowsetup-daemon; do
-		[ -x "$BENCH_BASE/$b" ] || { echo "$me: error: no $BENCH_BASE/$b" >&2; exit 1; }
-		base_args+=(--extra "$BENCH_BASE/$b=/usr/local/base/$b")
-	done
-fi
+BENCH_BEFORE=${BENCH_BEFORE:-${BENCH_BASE:-}}
 fallocate -l 512M full.raw
 cd "$work"
 mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 3G
@@ -73,7 +67,7 @@ if [ -n "${BENCH_BEFORE:-}" ]; then
 		--extra "$BENCH_BEFORE/qcowsetup-daemon=/usr/local/before/qcowsetup-daemon")
 fi
 "$top/tests/vm/bed/run-vm.sh" --share "$work/share" --disk "$work/disk.img" --mem 1536 --smp "${BENCH_SMP:-1}" \
-	--extra "$qs" --extra "$daemon" ${before[@]+"${before[@]}"} ${base_args[@]+"${base_args[@]}"} --timeout 3000 \
+	--extra "$qs" --extra "$daemon" ${before[@]+"${before[@]}"} --timeout 3000 \
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
 	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
