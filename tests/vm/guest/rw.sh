@@ -354,7 +354,6 @@ crash)
 	crash_start "$2" "$3"
 	;;
 daemon-kill)
-	export QCOWSETUP_NBD_TIMEOUT=5
 	vm_test "daemon killed (SIGKILL) ${2:-30} times under load: image consistent, flushed data intact; reattach" daemon_kill "${2:-30}"
 	[ ! -f /tmp/kill.summary ] || cat /tmp/kill.summary
 	vm_summary
