@@ -146,7 +146,7 @@ static int verb_resize(struct daemon *d, const struct control_request *req, char
  * without a server, for qcowsetup to disconnect (or a reattach). */
 static int verb_detach(struct daemon *d, const struct control_request *req, char *text, size_t size)
 {
-	unsigned int shut = 0;
+	unsigned int shut;
 	int r;
 
 	r = verb_suspend(d, req, text, size);
@@ -154,16 +154,7 @@ static int verb_detach(struct daemon *d, const struct control_request *req, char
 		return r;
 	d->quit = true;
 	d->detached = true;
-	for (unsigned int i = 0; i < d->nlinks; i++) {
-		struct daemon_link *l = &d->links[i];
-
-		pthread_mutex_lock(&l->tx);
-		if (shutdown(l->sock, SHUT_RDWR) == 0)
-			shut++;
-		else if (!r)
-			r = -errno;
-		pthread_mutex_unlock(&l->tx);
-	}
+	shut = daemon_links_shutdown(d, &r);
 	if (r) {
 		if (!shut)	/* nothing changed: the daemon serves on */
 			d->quit = d->detached = false;

@@ -134,6 +134,9 @@ void daemon_prefault_stack(size_t depth);
  * (0: a disconnect, -ECONNRESET). start: 0 or -errno (some may run: stop
  * them). stop: make them end (setup failed) and join them; join: wait. */
 int daemon_servers_start(struct daemon *d);
+/* Shut every link's socket down (its server's read ends): how many were,
+ * *err the first failure (0: none). */
+unsigned int daemon_links_shutdown(struct daemon *d, int *err);
 void daemon_servers_stop(struct daemon *d);
 void daemon_servers_join(struct daemon *d);
 /* With the engine lock held, after the writer worked: set broken (and log

@@ -464,11 +464,29 @@ void daemon_servers_join(struct daemon *d)
 	}
 }
 
+unsigned int daemon_links_shutdown(struct daemon *d, int *err)
+{
+	unsigned int shut = 0;
+
+	*err = 0;
+	for (unsigned int i = 0; i < d->nlinks; i++) {
+		struct daemon_link *l = &d->links[i];
+
+		pthread_mutex_lock(&l->tx);	/* (reconnect replaces sock under it) */
+		if (l->sock >= 0 && shutdown(l->sock, SHUT_RDWR) == 0)
+			shut++;
+		else if (!*err)
+			*err = l->sock >= 0 ? -errno : -EBADF;
+		pthread_mutex_unlock(&l->tx);
+	}
+	return shut;
+}
+
 void daemon_servers_stop(struct daemon *d)
 {
+	int err;
+
 	d->quit = true;
-	for (unsigned int i = 0; i < d->nlinks; i++)
-		if (d->links[i].sock >= 0)
-			shutdown(d->links[i].sock, SHUT_RDWR);
+	daemon_links_shutdown(d, &err);
 	daemon_servers_join(d);
 }
