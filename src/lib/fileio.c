@@ -10,6 +10,7 @@
 #include "fileio.h"
 #include "sysutil.h"
 #include "trust.h"
+#include "util.h"
 
 struct file_ctx {
 	int fd;
@@ -187,21 +188,18 @@ static int rw_data_zero(void *opaque, uint64_t len, uint64_t off)
 	uint64_t end = off + len;
 
 	while (off < end) {
-		off_t data = lseek(fd, (off_t)off, SEEK_DATA), hole = (off_t)end;
+		uint64_t n;
+		bool is_data;
+		int r = fd_extent(fd, off, &n, &is_data);
 
-		if (data < 0 && errno == ENXIO)
+		if (r == -ENXIO)
 			return 0;	/* holes up to the end of the file */
-		if (data < 0)
-			data = (off_t)off;	/* no SEEK_DATA: all of it */
-		else if ((uint64_t)data >= end)
-			return 0;
-		else
-			hole = lseek(fd, data, SEEK_HOLE);
-		if (hole < 0 || (uint64_t)hole > end)
-			hole = (off_t)end;
-		if (fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, data, hole - data) < 0)
+		if (r)
+			is_data = true, n = end - off;	/* no SEEK_DATA: all of it */
+		n = MIN(n, end - off);
+		if (is_data && fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)n) < 0)
 			return errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL ? -EOPNOTSUPP : -errno;
-		off = (uint64_t)hole;
+		off += n;
 	}
 	return 0;
 }
