@@ -683,10 +683,9 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *o
 		if (r < 0)
 			return r;
 		if (w->opts.file_limit && (ci + n) << w->cb > w->opts.file_limit) {
-			if (!grow)
-				return -ENOSPC;
-			log_err("%s: no room for %" PRIu64 " new clusters below %" PRIu64 " bytes.", w->img->path, n,
-				w->opts.file_limit);
+			if (grow)
+				log_err("%s: no room for %" PRIu64 " new clusters below %" PRIu64 " bytes.", w->img->path,
+					n, w->opts.file_limit);
 			return -ENOSPC;
 		}
 		for (k = 0; k < n && !again; k++) {
@@ -2208,7 +2207,10 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		r = -ENOMEM;
 		goto fail;
 	}
-	if (opts->ahead_max && !opts->read_only) {
+	/* (before its buffer: a daemon locks what the writer holds) */
+	if (opts->read_only || !ahead_has_room(w))
+		w->opts.ahead_max = 0;
+	if (w->opts.ahead_max) {
 		w->zero_len = ZERO_BUF_MAX;
 		w->zero_buf = alloc_aligned(w->zero_len);
 		if (!w->zero_buf) {
@@ -2226,8 +2228,6 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		if (r)
 			goto fail;
 	}
-	if (!ahead_has_room(w))
-		w->opts.ahead_max = 0;
 	*out = w;
 	return 0;
 fail:
