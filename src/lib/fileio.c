@@ -204,6 +204,11 @@ static int rw_data_zero(void *opaque, uint64_t len, uint64_t off)
 	return 0;
 }
 
+static int rw_data_extent(void *opaque, uint64_t host, uint64_t *len, bool *is_data)
+{
+	return fd_extent(((struct file_rw *)opaque)->data_fd, host, len, is_data);
+}
+
 static void rw_kick(void *opaque)
 {
 	struct file_rw *f = opaque;
@@ -235,6 +240,7 @@ void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops)
 		.mapped = f->mapped ? rw_mapped : NULL,
 		/* the image itself: holes; the crypt device or a data file: zeros written */
 		.data_zero = f->data_separate ? NULL : rw_data_zero,
+		.data_extent = f->data_separate ? NULL : rw_data_extent,
 		.kick = f->kick ? rw_kick : NULL,
 		.opaque = f,
 	};
