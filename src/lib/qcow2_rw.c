@@ -1152,6 +1152,13 @@ static int add_map(struct qcow2_rw *w, uint64_t guest, uint64_t len, uint64_t ho
 	return 0;
 }
 
+/* Whether the backing chain reads zeros at [guest, guest + len) (none: zeros),
+ * as far as it can tell without reading. */
+static bool backing_is_zero(struct qcow2_rw *w, uint64_t guest, uint64_t len)
+{
+	return !w->ops.backing_pread || (w->ops.backing_zero && w->ops.backing_zero(w->ops.opaque, guest, len));
+}
+
 /* Plan cluster p of a write of [ws, we) inside it: in place, or a new
  * cluster (allocated here). */
 static int plan_cluster(struct qcow2_rw *w, struct plan *p)
@@ -1214,7 +1221,7 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 		/* nothing to copy around a partial write over zeros: a hole
 		 * (cheap), then the written sectors only */
 		if (!w->extended && p->alloc && w->ops.data_zero && (p->ws || p->we < w->cs) &&
-		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && !w->ops.backing_pread))) {
+		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && backing_is_zero(w, p->guest, w->cs)))) {
 			p->zero_first = p->range = true;
 			p->wlo = p->ws & ~511U;
 			p->whi = (uint32_t)MIN(round_up_pow2(p->we, 512), w->cs);
@@ -1662,12 +1669,13 @@ static void ahead_sparse(struct qcow2_rw *w, uint64_t guest)
 	bool mapped = false;
 	int r = 0;
 
-	if (!w->opts.ahead_sparse || !w->opts.ahead_max || w->data_file || w->ops.backing_pread || w->broken ||
+	if (!w->opts.ahead_sparse || !w->opts.ahead_max || w->data_file || w->broken ||
 	    w->fresh_from == UINT64_MAX || (w->free_hint << w->cb) < w->fresh_from || guest == w->seq_next ||
 	    (w->ahead_end && guest == w->ahead_end))
 		return;
 	/* enough remembered: no more */
-	if (w->n_sparse == AHEAD_SPARSE_MAX || get_entry(w, guest >> w->cb, &e, &bm) < 0 || e || bm)
+	if (w->n_sparse == AHEAD_SPARSE_MAX || get_entry(w, guest >> w->cb, &e, &bm) < 0 || e || bm ||
+	    !backing_is_zero(w, from, win))
 		return;
 	for (gci = from >> w->cb; gci < end && r == 0; gci += done ? done : 1) {
 		r = map_ahead_run(w, gci, end - gci, true, &done);

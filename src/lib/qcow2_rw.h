@@ -87,6 +87,10 @@ struct qcow2_rw_ops {
 	/* Guest content of the backing chain, only called inside the layer's
 	 * guest size; NULL: no backing file (zeros). */
 	int (*backing_pread)(void *opaque, void *buf, size_t len, uint64_t guest);
+	/* Whether [guest, guest + len) of the backing chain is known to read
+	 * zeros, cheaply (chain_is_zero): a copy-on-write there needs no copy.
+	 * May be NULL (never known). */
+	bool (*backing_zero)(void *opaque, uint64_t guest, uint64_t len);
 	/* [guest, guest + len) now maps to host in a cluster with refcount 1
 	 * whose metadata is durable: writes may go there directly from now on.
 	 * Called from qcow2_rw_writeback() (and so flush). May be NULL. */
@@ -148,7 +152,8 @@ struct qcow2_rw_opts {
 	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
 	uint64_t ahead_max;
 	/* Allocation ahead of random writers too, where it costs nothing but
-	 * metadata: a write into unallocated clusters (no backing file) while
+	 * metadata: a write into unallocated clusters (with no backing file,
+	 * or where the backing chain is known to read zeros) while
 	 * every new cluster comes from where the file was never written (holes:
 	 * no zeroing at all, data_extent tells at open) gets the aligned
 	 * window of AHEAD_SPARSE bytes around it (at most ahead_max) mapped,
