@@ -735,13 +735,14 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *o
 		w->free_hint = ci + n;
 	*off = ci << w->cb;
 	if (fresh)
-		*fresh = w->fresh_from != UINT64_MAX && *off >= w->fresh_from;
+		*fresh = w->fresh_from != UINT64_MAX && *off >= w->fresh_from && (ci + n) << w->cb <= w->meta_size;
 	touch_file(w, (ci + n) << w->cb);
 	return 0;
 }
 
 /* One new cluster, refcount 1 (cached); *fresh (may be NULL): whether it
- * was never written (a hole of the image file). */
+ * was never written, a hole inside the image file (past its end, a
+ * reference is an error to qemu-img check: zeroing extends the file). */
 static int alloc_cluster(struct qcow2_rw *w, uint64_t *off, bool *fresh)
 {
 	return alloc_clusters(w, 1, true, off, fresh);
@@ -1670,7 +1671,8 @@ static void ahead_sparse(struct qcow2_rw *w, uint64_t guest)
 	int r = 0;
 
 	if (!w->opts.ahead_sparse || !w->opts.ahead_max || w->data_file || w->broken ||
-	    w->fresh_from == UINT64_MAX || (w->free_hint << w->cb) < w->fresh_from || guest == w->seq_next ||
+	    w->fresh_from == UINT64_MAX || (w->free_hint << w->cb) < w->fresh_from ||
+	    (w->free_hint << w->cb) + win > w->meta_size || guest == w->seq_next ||
 	    (w->ahead_end && guest == w->ahead_end))
 		return;
 	/* enough remembered: no more */
