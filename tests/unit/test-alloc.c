@@ -82,6 +82,7 @@ struct memfile {
 	size_t dsize;
 	struct wlog *log;	/* writes since the last flush */
 	size_t nlog, alog;
+	uint64_t written;	/* end of what was ever written: holes past it */
 };
 
 struct env;
@@ -104,6 +105,17 @@ static void mf_init(struct memfile *f, const uint8_t *data, size_t size)
 	f->size = size;
 	f->dur = malloc(size ? size : 1);
 	memcpy(f->dur, data, size);
+	f->dsize = size;
+	f->written = size;
+}
+
+/* The file extended to size (durable): holes, as a truncate makes. */
+static void mf_extend(struct memfile *f, size_t size)
+{
+	mf_reserve(&f->cur, &f->alloc, size);
+	f->size = size;
+	f->dur = realloc(f->dur, size);
+	memset(f->dur + f->dsize, 0, size - f->dsize);
 	f->dsize = size;
 }
 
@@ -129,6 +141,7 @@ static void mf_write(struct memfile *f, const void *buf, size_t len, uint64_t of
 	memcpy(f->cur + off, buf, len);
 	if (off + len > f->size)
 		f->size = off + len;
+	f->written = MAX(f->written, off + len);
 	if (f->nlog == f->alog) {
 		f->alog = f->alog ? f->alog * 2 : 64;
 		f->log = realloc(f->log, f->alog * sizeof(*f->log));
@@ -322,15 +335,15 @@ static bool buf_zero(const uint8_t *p, size_t len)
 	return true;
 }
 
-/* The data file holds data up to its end, holes past it. */
+/* The data file holds data up to where it was ever written, holes past it. */
 static int op_data_extent(void *opaque, uint64_t host, uint64_t *len, bool *is_data)
 {
 	struct memfile *f = data_file(opaque);
 
-	if (host >= f->size)
+	if (host >= f->written)
 		return -ENXIO;
 	*is_data = true;
-	*len = f->size - host;
+	*len = f->written - host;
 	return 0;
 }
 
@@ -1439,6 +1452,8 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 	/* random writers get windows ahead where the file has holes (and
 	 * the backing file zeros) on every other pair of seeds */
 	s.e.extents = o.ahead_sparse = seed & 2;
+	if (s.e.extents)
+		mf_extend(&s.e.meta, s.e.meta.size + 2 * sc->vsize);
 	/* write-through and write-back alternate over scenarios and seeds */
 	o.write_through = (seed + index) & 1;
 	if (sc->limit_extra)
@@ -1476,6 +1491,8 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 		state_init(&s, sc, seed);
 		s.e.punch = seed & 1;
 		s.e.extents = seed & 2;
+		if (s.e.extents)
+			mf_extend(&s.e.meta, s.e.meta.size + 2 * sc->vsize);
 		rng_state = rseed;
 		o.write_through = (rseed + index) & 1;
 		s.e.crash_at = 1 + (long)rnd_below((uint64_t)(total_ops > 0 ? total_ops : 1));
@@ -2162,6 +2179,8 @@ static void test_alloc_sparse(bool backing)
 	tb_init(&b, 16, 4, false, vsize, 3, false, 0, backing ? 4 << 20 : 0);
 	env_init(&e, &b);
 	e.punch = e.extents = true;
+	/* room for every cluster, as the daemon extends the file at open */
+	mf_extend(&e.meta, e.meta.size + 2 * vsize);
 	if (backing) {
 		/* one cluster of zeros in the backing file: no copy there */
 		memset(b.backing + 40 * cs, 0, cs);
