@@ -2156,6 +2156,27 @@ static uint64_t announced_host(const struct env *e, uint64_t g)
 	return 0;
 }
 
+/* The end of an allocation ahead test: close (after r == 0), the image
+ * checked and read afresh, everything freed. */
+static void ahead_test_end(struct qcow2_rw *w, int r, struct env *e, struct tb *b, uint64_t vsize, uint8_t *buf,
+			   uint8_t *rd, uint8_t *want, const char *how)
+{
+	struct qcow2_check_result res;
+
+	if (!r)
+		r = qcow2_rw_close(w, NULL);
+	else
+		qcow2_rw_free(w);
+	r = r ? r : inspect(e->meta.cur, e->meta.size, NULL, 0, e, vsize, rd, &res);
+	CHECK(r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, vsize),
+	      "%s: released, closed: no leak, the same content (%d)", how, r);
+	env_free(e);
+	tb_free(b);
+	free(buf);
+	free(rd);
+	free(want);
+}
+
 /* Allocation ahead of random writers where new clusters are holes
  * (ahead_sparse): a write into unallocated clusters gets the aligned 2 MiB
  * around it mapped in one host run, without zeroing anything; not where the
@@ -2166,7 +2187,6 @@ static void test_alloc_sparse(bool backing)
 	const uint64_t cs = 65536, vsize = 16 << 20, win = 32;
 	struct qcow2_rw_opts o = { .ahead_max = 4 << 20, .ahead_sparse = true };
 	struct qcow2_rw *w = NULL;
-	struct qcow2_check_result res;
 	struct qcow2_rw_stats st;
 	struct tb b;
 	struct env e;
@@ -2220,18 +2240,7 @@ static void test_alloc_sparse(bool backing)
 	CHECK(r == 0 && st.ahead_released == st.ahead_clusters - (backing ? 4 : 5),
 	      "%s: what nobody wrote is freed (%" PRIu64 " of %" PRIu64 ")", how, st.ahead_released,
 	      st.ahead_clusters);
-	if (!r)
-		r = qcow2_rw_close(w, NULL);
-	else
-		qcow2_rw_free(w);
-	r = r ? r : inspect(e.meta.cur, e.meta.size, NULL, 0, &e, vsize, rd, &res);
-	CHECK(r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, vsize),
-	      "%s: released, closed: no leak, the same content (%d)", how, r);
-	env_free(&e);
-	tb_free(&b);
-	free(buf);
-	free(rd);
-	free(want);
+	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
 }
 
 /* Allocation ahead: a sequential writer gets the clusters after it mapped
@@ -2244,7 +2253,6 @@ static void test_alloc_ahead(bool ext)
 	const uint64_t cs = 65536, vsize = 16 << 20;
 	struct qcow2_rw_opts o = { .ahead_max = 4 << 20 };
 	struct qcow2_rw *w = NULL;
-	struct qcow2_check_result res;
 	struct qcow2_rw_stats st;
 	struct tb b;
 	struct env e;
@@ -2315,19 +2323,7 @@ static void test_alloc_ahead(bool ext)
 	qcow2_rw_get_stats(w, &st);
 	CHECK(r == 0 && st.ahead_released == 31, "%s: the 31 clusters mapped ahead that nobody wrote are freed (%" PRIu64
 	      ")", how, st.ahead_released);
-	if (!r)
-		r = qcow2_rw_close(w, NULL);
-	else
-		qcow2_rw_free(w);
-	w = NULL;
-	r = r ? r : inspect(e.meta.cur, e.meta.size, NULL, 0, &e, vsize, rd, &res);
-	CHECK(r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, vsize),
-	      "%s: released, closed: no leak, the same content (%d)", how, r);
-	env_free(&e);
-	tb_free(&b);
-	free(buf);
-	free(rd);
-	free(want);
+	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
 }
 
 /* A sequential fill of the image in writes of wlen, each flushed (and one
