@@ -313,6 +313,8 @@ static int open_engine(struct daemon *d)
 	 * cluster would be encrypted twice, zeros then data (tests/bench
 	 * bench-rw.sh under TCG: 0.4x the sequential first writes) */
 	o.ahead_max = d->f.data_separate ? 0 : DAEMON_AHEAD_MAX;
+	/* and around random writes where new clusters are holes: metadata only */
+	o.ahead_sparse = !d->f.data_separate;
 	/* new clusters stay inside the file as extended at open, or inside
 	 * the block device the image is written on (its size is no st_size) */
 	if (fstat(d->f.meta_fd, &st) == 0 && !d->img->has_data_file)

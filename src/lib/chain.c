@@ -185,6 +185,37 @@ static int read_runs(struct chain_reader *cr, void *buf, size_t len, uint64_t gu
 	return 0;
 }
 
+/* Whether the layer's file has a hole at [off, off + len) (a data run). */
+static bool layer_hole(const struct image *l, uint64_t off, uint64_t len)
+{
+	uint64_t n;
+	bool is_data;
+	int r;
+
+	if (!l || l->crypt_method != IMG_CRYPT_NONE || l->has_data_file || !l->io.extent)
+		return false;
+	if (off >= l->io.size)
+		return true;	/* zeros past its end */
+	r = l->io.extent(l->io.opaque, off, &n, &is_data);
+	return r == -ENXIO || (r == 0 && !is_data && n >= len);
+}
+
+bool chain_is_zero(const struct chain_reader *cr, uint64_t guest, uint64_t len)
+{
+	uint64_t end = MIN(guest + len, chain_reader_size(cr));
+
+	while (guest < end && cr->runs.count) {
+		const struct run *ru = &cr->runs.runs[find_run(cr, guest)];
+		uint64_t in = guest - ru->guest, n = MIN(end - guest, ru->len - in);
+
+		if (ru->kind == RUN_COMPRESSED || (ru->kind == RUN_DATA &&
+						   (cr->io[ru->depth].by_guest || !layer_hole(cr->layers[ru->depth], ru->host + in, n))))
+			return false;
+		guest += n;
+	}
+	return true;
+}
+
 int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest)
 {
 	return read_runs(cr, buf, len, guest, true);

@@ -53,6 +53,12 @@ int chain_read(struct chain_reader *cr, void *buf, size_t len, uint64_t guest);
  * cluster is in the range. */
 int chain_read_direct(struct chain_reader *cr, void *buf, size_t len, uint64_t guest);
 
+/* Whether [guest, guest + len) of the chain is known to read zeros without
+ * reading it: zero or unallocated clusters, past the chain's size, or data
+ * of an unencrypted layer whose file has a hole there (img_io's extent). A
+ * cheap answer, never a read: false also when it cannot tell. */
+bool chain_is_zero(const struct chain_reader *cr, uint64_t guest, uint64_t len);
+
 /* The runs it reads (the writer fuzzer compares guest views with them). */
 const struct run_list *chain_reader_runs(const struct chain_reader *cr);
 

@@ -204,6 +204,11 @@ static int rw_data_zero(void *opaque, uint64_t len, uint64_t off)
 	return 0;
 }
 
+static int rw_data_extent(void *opaque, uint64_t host, uint64_t *len, bool *is_data)
+{
+	return fd_extent(((struct file_rw *)opaque)->data_fd, host, len, is_data);
+}
+
 static void rw_kick(void *opaque)
 {
 	struct file_rw *f = opaque;
@@ -214,6 +219,11 @@ static void rw_kick(void *opaque)
 static int rw_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
 {
 	return chain_read(((struct file_rw *)opaque)->chain, buf, len, guest);
+}
+
+static bool rw_backing_zero(void *opaque, uint64_t guest, uint64_t len)
+{
+	return chain_is_zero(((struct file_rw *)opaque)->chain, guest, len);
 }
 
 static void rw_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
@@ -232,9 +242,11 @@ void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops)
 		.data_pwrite = rw_data_pwrite,
 		.data_flush = f->data_separate ? rw_data_flush : NULL,
 		.backing_pread = f->chain ? rw_backing_pread : NULL,
+		.backing_zero = f->chain ? rw_backing_zero : NULL,
 		.mapped = f->mapped ? rw_mapped : NULL,
 		/* the image itself: holes; the crypt device or a data file: zeros written */
 		.data_zero = f->data_separate ? NULL : rw_data_zero,
+		.data_extent = f->data_separate ? NULL : rw_data_extent,
 		.kick = f->kick ? rw_kick : NULL,
 		.opaque = f,
 	};

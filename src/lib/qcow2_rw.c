@@ -31,6 +31,8 @@
 #define BUF_ALIGN		4096
 #define AHEAD_FIRST		(1ULL << 20)	/* first window of allocation ahead */
 #define AHEAD_TRACK		16		/* windows remembered for release_ahead */
+#define AHEAD_SPARSE		(2ULL << 20)	/* window around a random write (ahead_sparse) */
+#define AHEAD_SPARSE_MAX	4096		/* such windows remembered; then no more */
 #define ZERO_BUF_MAX		(256U << 10)
 
 
@@ -70,6 +72,7 @@ struct plan {
 	bool range;		/* write [wlo, whi) instead of to_write subclusters */
 	bool zero_first;	/* a new cluster made to read zeros (data_zero), then range */
 	bool alloc;		/* host is a new cluster (refcounted) */
+	bool fresh;		/* that cluster was never written: a hole, reads zeros */
 	bool update;		/* the L2 entry changes */
 	const uint8_t *src;	/* cluster-relative content (the written parts valid) */
 };
@@ -94,6 +97,8 @@ struct qcow2_rw {
 	uint64_t reftable_entries;
 	uint64_t meta_size;	/* size of the image file as written */
 	uint64_t free_hint;	/* cluster index: nothing below is free */
+	uint64_t fresh_from;	/* host offset: nothing at or past it was ever
+				 * written nor handed out (holes); UINT64_MAX: unknown */
 	struct cache l2c, rbc;
 	uint32_t dirty_l1[DIRTY_L1_MAX];
 	size_t n_dirty_l1;
@@ -115,6 +120,8 @@ struct qcow2_rw {
 	uint64_t ahead_window;	/* bytes of the next window */
 	struct extent ahead[AHEAD_TRACK];	/* guest ranges mapped ahead (ring) */
 	size_t n_ahead, ahead_pos;
+	struct extent *sparse;	/* windows mapped around random writes (ahead_sparse) */
+	size_t n_sparse, sparse_cap;
 	uint8_t *zero_buf;	/* zeros to write (no data_zero) */
 	size_t zero_len;
 	struct qcow2_rw_stats st;
@@ -137,6 +144,13 @@ static bool buf_is_zero(const uint8_t *p, size_t len)
 	return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
 }
 
+/* The image file was written, or handed out to be written, up to end. */
+static void touch_file(struct qcow2_rw *w, uint64_t end)
+{
+	if (w->fresh_from != UINT64_MAX && end > w->fresh_from)
+		w->fresh_from = end;
+}
+
 static int meta_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t off)
 {
 	int r = w->ops.meta_pwrite(w->ops.opaque, buf, len, off);
@@ -147,6 +161,7 @@ static int meta_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t 
 		return r;
 	}
 	w->meta_unflushed = true;
+	touch_file(w, off + len);
 	if (off + len > w->meta_size) {
 		w->meta_size = off + len;
 		w->img->io.size = w->meta_size;
@@ -669,7 +684,7 @@ out:
  * over). grow false: nothing but the cached refcounts changes, no message:
  * a run that would need a refcount block, a larger refcount table or room
  * past the file limit is -ENOSPC (allocation ahead). */
-static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *off)
+static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *off, bool *fresh)
 {
 	uint64_t start = w->free_hint, ci, v;
 	bool dense = true;	/* nothing free between the hint and ci */
@@ -719,13 +734,18 @@ static int alloc_clusters(struct qcow2_rw *w, uint64_t n, bool grow, uint64_t *o
 	if (dense)
 		w->free_hint = ci + n;
 	*off = ci << w->cb;
+	if (fresh)
+		*fresh = w->fresh_from != UINT64_MAX && *off >= w->fresh_from && (ci + n) << w->cb <= w->meta_size;
+	touch_file(w, (ci + n) << w->cb);
 	return 0;
 }
 
-/* One new cluster, refcount 1 (cached). */
-static int alloc_cluster(struct qcow2_rw *w, uint64_t *off)
+/* One new cluster, refcount 1 (cached); *fresh (may be NULL): whether it
+ * was never written, a hole inside the image file (past its end, a
+ * reference is an error to qemu-img check: zeroing extends the file). */
+static int alloc_cluster(struct qcow2_rw *w, uint64_t *off, bool *fresh)
 {
-	return alloc_clusters(w, 1, true, off);
+	return alloc_clusters(w, 1, true, off, fresh);
 }
 
 static int apply_deferred(struct qcow2_rw *w)
@@ -845,7 +865,7 @@ static int l2_slot_write(struct qcow2_rw *w, uint64_t l1i, struct slot **out)
 		if (r < 0)
 			return r;
 	}
-	r = alloc_cluster(w, &off);
+	r = alloc_cluster(w, &off, NULL);
 	if (r < 0)
 		return r;
 	r = cache_get(w, &w->l2c, off, false, &s);
@@ -1133,6 +1153,13 @@ static int add_map(struct qcow2_rw *w, uint64_t guest, uint64_t len, uint64_t ho
 	return 0;
 }
 
+/* Whether the backing chain reads zeros at [guest, guest + len) (none: zeros),
+ * as far as it can tell without reading. */
+static bool backing_is_zero(struct qcow2_rw *w, uint64_t guest, uint64_t len)
+{
+	return !w->ops.backing_pread || (w->ops.backing_zero && w->ops.backing_zero(w->ops.opaque, guest, len));
+}
+
 /* Plan cluster p of a write of [ws, we) inside it: in place, or a new
  * cluster (allocated here). */
 static int plan_cluster(struct qcow2_rw *w, struct plan *p)
@@ -1184,7 +1211,7 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 			return -ENOSPC;
 		}
 	} else {
-		r = alloc_cluster(w, &p->host);
+		r = alloc_cluster(w, &p->host, &p->fresh);
 		if (r < 0)
 			return r;
 		p->alloc = true;
@@ -1195,7 +1222,7 @@ static int plan_cluster(struct qcow2_rw *w, struct plan *p)
 		/* nothing to copy around a partial write over zeros: a hole
 		 * (cheap), then the written sectors only */
 		if (!w->extended && p->alloc && w->ops.data_zero && (p->ws || p->we < w->cs) &&
-		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && !w->ops.backing_pread))) {
+		    (p->old_entry == QCOW2_OFLAG_ZERO || (!p->old_entry && backing_is_zero(w, p->guest, w->cs)))) {
 			p->zero_first = p->range = true;
 			p->wlo = p->ws & ~511U;
 			p->whi = (uint32_t)MIN(round_up_pow2(p->we, 512), w->cs);
@@ -1416,8 +1443,11 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 	for (size_t k = 0; k < n; k++) {
 		struct plan *p = &w->plan[k];
 
-		/* no cheap zeros there: the whole cluster written, as without */
-		if (p->zero_first && zero_data(w, p->host, w->cs, true) < 0)
+		/* no cheap zeros there: the whole cluster written, as without;
+		 * a hole never written reads zeros already */
+		if (p->zero_first && p->fresh)
+			w->st.zero_skipped++;
+		else if (p->zero_first && zero_data(w, p->host, w->cs, true) < 0)
 			p->zero_first = p->range = false;
 		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
 		if (r < 0) {
@@ -1479,6 +1509,29 @@ static void track_ahead(struct qcow2_rw *w, uint64_t guest, uint64_t len)
 		w->n_ahead++;
 }
 
+/* Remember a window mapped around a random write; with no room (memory,
+ * AHEAD_SPARSE_MAX) it is forgotten, as a full ring forgets: it stays
+ * mapped (zeros). */
+static void track_sparse(struct qcow2_rw *w, uint64_t guest, uint64_t len)
+{
+	struct extent *last = w->n_sparse ? &w->sparse[w->n_sparse - 1] : NULL;
+
+	if (last && last->off + last->len == guest) {
+		last->len += len;
+		return;
+	}
+	if (w->n_sparse == w->sparse_cap) {
+		size_t cap = MIN(MAX(2 * w->sparse_cap, (size_t)64), (size_t)AHEAD_SPARSE_MAX);
+		struct extent *x = cap > w->sparse_cap ? realloc(w->sparse, cap * sizeof(*x)) : NULL;
+
+		if (!x)
+			return;
+		w->sparse = x;
+		w->sparse_cap = cap;
+	}
+	w->sparse[w->n_sparse++] = (struct extent){ .off = guest, .len = len };
+}
+
 /* Map up to n unallocated clusters from guest cluster gci on (inside one L2
  * table) to new zeroed clusters, as a write of zeros would (allocation,
  * zeros, then the entries): stops at the first cluster that is not
@@ -1487,10 +1540,11 @@ static void track_ahead(struct qcow2_rw *w, uint64_t guest, uint64_t len)
  * writes make those, and only they may fail for them); a failed zeroing
  * gives the clusters back before anything refers to them. *done: clusters
  * mapped. */
-static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t *done)
+static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, bool sparse, uint64_t *done)
 {
 	uint64_t l1i = gci >> w->l2_bits, j0 = gci & (w->l2_entries - 1), host, k;
 	struct slot *s;
+	bool fresh = false;
 	int r;
 
 	*done = 0;
@@ -1511,11 +1565,14 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t 
 		return 0;
 	/* as many as fit before a refcount block to make or the file limit */
 	do
-		r = alloc_clusters(w, n, false, &host);
+		r = alloc_clusters(w, n, false, &host, &fresh);
 	while (r == -ENOSPC && (n /= 2));
 	if (r < 0)
 		return r;
-	r = zero_data(w, host, n << w->cb, false);
+	if (fresh)
+		w->st.zero_skipped += n;
+	else
+		r = zero_data(w, host, n << w->cb, false);
 	if (r == 0)
 		r = l2_slot_for_update(w, l1i, 0, &s);
 	if (r < 0) {
@@ -1538,7 +1595,10 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, uint64_t 
 		return r;
 	}
 	w->st.ahead_clusters += n;
-	track_ahead(w, gci << w->cb, n << w->cb);
+	if (sparse)
+		track_sparse(w, gci << w->cb, n << w->cb);
+	else
+		track_ahead(w, gci << w->cb, n << w->cb);
 	*done = n;
 	return 0;
 }
@@ -1551,7 +1611,7 @@ static void map_ahead(struct qcow2_rw *w, uint64_t from, uint64_t to)
 	int r = 0;
 
 	while (gci < end) {
-		r = map_ahead_run(w, gci, end - gci, &done);
+		r = map_ahead_run(w, gci, end - gci, false, &done);
 		if (r < 0 || !done)
 			break;
 		gci += done;
@@ -1596,6 +1656,86 @@ static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, 
 	map_ahead(w, MAX(w->ahead_end, next), next + w->ahead_window);
 }
 
+/* Before a write of guest [guest, end) that does not go on where the last
+ * one ended (ahead_sparse): when its first cluster is unallocated and new
+ * clusters cost no zeroing (the free space starts where the file was never
+ * written), map the unallocated clusters of the aligned window around it,
+ * the write's own included, in one host run where they are contiguous.
+ * The window counts as the current one: a writer that reaches its end
+ * goes on as a sequential one. */
+static void ahead_sparse(struct qcow2_rw *w, uint64_t guest)
+{
+	uint64_t win = MAX(MIN(AHEAD_SPARSE, w->opts.ahead_max), w->cs), from = guest / win * win;
+	uint64_t end = round_up_pow2(MIN(from + win, w->img->size), w->cs) >> w->cb, gci, e, bm, done;
+	bool mapped = false;
+	int r = 0;
+
+	if (!w->opts.ahead_sparse || !w->opts.ahead_max || w->data_file || w->broken ||
+	    w->fresh_from == UINT64_MAX || (w->free_hint << w->cb) < w->fresh_from ||
+	    (w->free_hint << w->cb) + win > w->meta_size || guest == w->seq_next ||
+	    (w->ahead_end && guest == w->ahead_end))
+		return;
+	/* enough remembered: no more */
+	if (w->n_sparse == AHEAD_SPARSE_MAX || get_entry(w, guest >> w->cb, &e, &bm) < 0 || e || bm ||
+	    !backing_is_zero(w, from, win))
+		return;
+	for (gci = from >> w->cb; gci < end && r == 0; gci += done ? done : 1) {
+		r = map_ahead_run(w, gci, end - gci, true, &done);
+		mapped |= done > 0;
+	}
+	if (r < 0)
+		log_dbg("%s: no allocation ahead at guest offset 0x%" PRIx64 ": %s", w->img->path, gci << w->cb,
+			strerror(-r));
+	if (!mapped)
+		return;
+	w->st.ahead_sparse_windows++;
+	w->ahead_start = from;
+	w->ahead_end = end << w->cb;
+	w->ahead_window = win;
+	if (w->ops.kick)
+		w->ops.kick(w->ops.opaque);
+}
+
+/* Whether the cluster at host reads zeros: a hole, or zeros read. */
+static bool cluster_is_zero(struct qcow2_rw *w, uint64_t host)
+{
+	uint64_t len;
+	bool is_data;
+	int r = w->ops.data_extent ? w->ops.data_extent(w->ops.opaque, host, &len, &is_data) : -EOPNOTSUPP;
+
+	if (r == -ENXIO || (r == 0 && !is_data && len >= w->cs))
+		return true;
+	/* unreadable: left mapped, as it is */
+	return w->ops.data_pread(w->ops.opaque, w->head_buf, w->cs, host) == 0 && buf_is_zero(w->head_buf, w->cs);
+}
+
+/* release_ahead for the guest range x. */
+static int release_range(struct qcow2_rw *w, const struct extent *x)
+{
+	int r = 0;
+
+	for (uint64_t g = x->off; g < x->off + x->len && r == 0; g += w->cs) {
+		uint64_t gci = g >> w->cb, e, bm, host, j = gci & (w->l2_entries - 1);
+		struct slot *s;
+
+		r = get_entry(w, gci, &e, &bm);
+		/* still as mapped ahead (whatever was written in it) */
+		if (r < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) || !entry_host(w, e, &host) || !host ||
+		    (w->extended && bm != L2_BITMAP_ALL_ALLOC) || !cluster_is_zero(w, host))
+			continue;
+		r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
+		if (r < 0)
+			break;
+		put_be64(s->buf + j * w->l2_esz, 0);
+		if (w->extended)
+			put_be64(s->buf + j * w->l2_esz + 8, 0);
+		slot_mark(s, (uint32_t)(j * w->l2_esz), (uint32_t)((j + 1) * w->l2_esz));
+		w->deferred[w->n_deferred++] = (struct extent){ .off = host, .len = w->cs };
+		w->st.ahead_released++;
+	}
+	return r;
+}
+
 int qcow2_rw_release_ahead(struct qcow2_rw *w)
 {
 	int r = 0;
@@ -1604,34 +1744,11 @@ int qcow2_rw_release_ahead(struct qcow2_rw *w)
 		return 0;
 	if (w->broken)
 		return -EIO;
-	for (size_t i = 0; i < w->n_ahead && r == 0; i++) {
-		struct extent *x = &w->ahead[i];
-
-		for (uint64_t g = x->off; g < x->off + x->len && r == 0; g += w->cs) {
-			uint64_t gci = g >> w->cb, e, bm, host, j = gci & (w->l2_entries - 1);
-			struct slot *s;
-
-			r = get_entry(w, gci, &e, &bm);
-			/* still as mapped ahead (whatever was written in it) */
-			if (r < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) || !entry_host(w, e, &host) ||
-			    !host || (w->extended && bm != L2_BITMAP_ALL_ALLOC))
-				continue;
-			/* unreadable: left mapped, as it is */
-			if (w->ops.data_pread(w->ops.opaque, w->head_buf, w->cs, host) < 0 ||
-			    !buf_is_zero(w->head_buf, w->cs))
-				continue;
-			r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
-			if (r < 0)
-				break;
-			put_be64(s->buf + j * w->l2_esz, 0);
-			if (w->extended)
-				put_be64(s->buf + j * w->l2_esz + 8, 0);
-			slot_mark(s, (uint32_t)(j * w->l2_esz), (uint32_t)((j + 1) * w->l2_esz));
-			w->deferred[w->n_deferred++] = (struct extent){ .off = host, .len = w->cs };
-			w->st.ahead_released++;
-		}
-	}
-	w->n_ahead = w->ahead_pos = 0;
+	for (size_t i = 0; i < w->n_ahead && r == 0; i++)
+		r = release_range(w, &w->ahead[i]);
+	for (size_t i = 0; i < w->n_sparse && r == 0; i++)
+		r = release_range(w, &w->sparse[i]);
+	w->n_ahead = w->ahead_pos = w->n_sparse = 0;
 	w->ahead_start = w->ahead_end = 0;
 	if (r < 0)
 		log_err("%s: cannot release the clusters mapped ahead: %s.", w->img->path, strerror(-r));
@@ -1651,6 +1768,7 @@ int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t gue
 	if (guest > w->img->size || len > w->img->size - guest)
 		return -EINVAL;
 	end = guest + len;
+	ahead_sparse(w, guest);
 	while (guest < end) {
 		/* chunks end on cluster boundaries */
 		uint64_t chunk_end = MIN(end, ((guest >> w->cb) + PLAN_MAX) << w->cb);
@@ -1789,7 +1907,7 @@ static int grow_l1(struct qcow2_rw *w, uint64_t new_l1)
 		r = -ENOMEM;
 		goto out;
 	}
-	r = alloc_clusters(w, nc, true, &off);
+	r = alloc_clusters(w, nc, true, &off, NULL);
 	if (r < 0)
 		goto out;
 	r = cache_write_all(w, &w->rbc);
@@ -2133,6 +2251,7 @@ void qcow2_rw_free(struct qcow2_rw *w)
 	free(w->cbuf);
 	free(w->zbuf);
 	free(w->zero_buf);
+	free(w->sparse);
 	free(w);
 }
 
@@ -2153,6 +2272,22 @@ static bool ahead_has_room(struct qcow2_rw *w)
 	log_dbg("%s: no allocation ahead: the file limit (%" PRIu64 " bytes) does not cover every cluster",
 		w->img->path, w->opts.file_limit);
 	return false;
+}
+
+/* Where the image file was never written (fresh_from): from the end of
+ * the clusters in use, when the file holds no data past it (a writer that
+ * died may have left some). Unknown without data_extent. */
+static void find_fresh(struct qcow2_rw *w)
+{
+	uint64_t used, len;
+	bool is_data;
+
+	if (!w->ops.data_extent || w->data_file || qcow2_used_end(w->img, &used) < 0)
+		return;
+	if (w->ops.data_extent(w->ops.opaque, used, &len, &is_data) == -ENXIO)
+		w->fresh_from = used;
+	else
+		log_dbg("%s: data past the clusters in use: every new cluster is zeroed", w->img->path);
 }
 
 int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
@@ -2192,6 +2327,7 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 	w->rc_max = w->order == 6 ? UINT64_MAX : (1ULL << (1U << w->order)) - 1;
 	w->meta_size = img->io.size;
 	w->free_hint = 1;
+	w->fresh_from = UINT64_MAX;
 	cache_bytes = opts->cache_bytes ? opts->cache_bytes : 8U << 20;
 	nslots = (unsigned int)MAX((uint64_t)4, cache_bytes / 2 / w->cs);
 	r = cache_init(&w->l2c, nslots, w->cs);
@@ -2227,6 +2363,7 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 		r = header_duties(w);
 		if (r)
 			goto fail;
+		find_fresh(w);
 	}
 	*out = w;
 	return 0;

@@ -87,6 +87,10 @@ struct qcow2_rw_ops {
 	/* Guest content of the backing chain, only called inside the layer's
 	 * guest size; NULL: no backing file (zeros). */
 	int (*backing_pread)(void *opaque, void *buf, size_t len, uint64_t guest);
+	/* Whether [guest, guest + len) of the backing chain is known to read
+	 * zeros, cheaply (chain_is_zero): a copy-on-write there needs no copy.
+	 * May be NULL (never known). */
+	bool (*backing_zero)(void *opaque, uint64_t guest, uint64_t len);
 	/* [guest, guest + len) now maps to host in a cluster with refcount 1
 	 * whose metadata is durable: writes may go there directly from now on.
 	 * Called from qcow2_rw_writeback() (and so flush). May be NULL. */
@@ -100,6 +104,12 @@ struct qcow2_rw_ops {
 	 * served without it. Made durable by data_flush (meta_flush when
 	 * NULL). */
 	int (*data_zero)(void *opaque, uint64_t len, uint64_t host);
+	/* Where the data at host is (as img_io's extent: *len bytes of data or
+	 * of a hole from host; -ENXIO: holes to the end of the file), for data
+	 * kept in the image file itself. May be NULL: the writer then never
+	 * counts on holes (allocation ahead of random writers stays off, every
+	 * new cluster is zeroed). */
+	int (*data_extent)(void *opaque, uint64_t host, uint64_t *len, bool *is_data);
 	/* Clusters were mapped ahead of a sequential writer: a writeback soon
 	 * moves them to the fast path before the writer gets there. Called
 	 * from qcow2_rw_write(). May be NULL. */
@@ -141,6 +151,16 @@ struct qcow2_rw_opts {
 	 * them back unreferenced, and with a file_limit short of every guest
 	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
 	uint64_t ahead_max;
+	/* Allocation ahead of random writers too, where it costs nothing but
+	 * metadata: a write into unallocated clusters (with no backing file,
+	 * or where the backing chain is known to read zeros) while
+	 * every new cluster comes from where the file was never written (holes:
+	 * no zeroing at all, data_extent tells at open) gets the aligned
+	 * window of AHEAD_SPARSE bytes around it (at most ahead_max) mapped,
+	 * so that its neighbours' first writes take the fast path. Released
+	 * like the sequential windows (every one of them is remembered, up to
+	 * a bound beyond which it stops). Needs ahead_max and data_extent. */
+	bool ahead_sparse;
 };
 
 struct qcow2_rw;
@@ -210,8 +230,8 @@ bool qcow2_rw_has_pending(const struct qcow2_rw *w);
  * reads go on. */
 bool qcow2_rw_is_broken(const struct qcow2_rw *w);
 
-/* Unmap and free the clusters mapped ahead of a sequential writer (the last
- * windows) that still read zeros: the guest reads zeros there either way,
+/* Unmap and free the clusters mapped ahead of a writer (the last windows of
+ * a sequential one, every window of random ones) that still read zeros: the guest reads zeros there either way,
  * and the image does not keep clusters nobody wrote. Only once nothing
  * else writes to them (the fast path is gone: before the close). The L2
  * entries are written back before the refcounts drop (a crash in between
@@ -273,7 +293,9 @@ struct qcow2_rw_stats {
 	uint64_t refblocks_allocated;
 	uint64_t reftable_growths;
 	uint64_t cow_clusters;		/* copied from a shared, compressed or backing cluster */
-	uint64_t ahead_clusters;	/* allocated ahead of a sequential writer */
+	uint64_t ahead_clusters;	/* allocated ahead of a writer */
+	uint64_t ahead_sparse_windows;	/* of those, windows around random writes */
+	uint64_t zero_skipped;		/* new clusters not zeroed: holes never written */
 	uint64_t ahead_released;	/* of those, freed unwritten (release_ahead) */
 	uint64_t writebacks;
 	uint64_t flushes;

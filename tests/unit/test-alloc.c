@@ -82,6 +82,7 @@ struct memfile {
 	size_t dsize;
 	struct wlog *log;	/* writes since the last flush */
 	size_t nlog, alog;
+	uint64_t written;	/* end of what was ever written: holes past it */
 };
 
 struct env;
@@ -104,6 +105,17 @@ static void mf_init(struct memfile *f, const uint8_t *data, size_t size)
 	f->size = size;
 	f->dur = malloc(size ? size : 1);
 	memcpy(f->dur, data, size);
+	f->dsize = size;
+	f->written = size;
+}
+
+/* The file extended to size (durable): holes, as a truncate makes. */
+static void mf_extend(struct memfile *f, size_t size)
+{
+	mf_reserve(&f->cur, &f->alloc, size);
+	f->size = size;
+	f->dur = realloc(f->dur, size);
+	memset(f->dur + f->dsize, 0, size - f->dsize);
 	f->dsize = size;
 }
 
@@ -129,6 +141,7 @@ static void mf_write(struct memfile *f, const void *buf, size_t len, uint64_t of
 	memcpy(f->cur + off, buf, len);
 	if (off + len > f->size)
 		f->size = off + len;
+	f->written = MAX(f->written, off + len);
 	if (f->nlog == f->alog) {
 		f->alog = f->alog ? f->alog * 2 : 64;
 		f->log = realloc(f->log, f->alog * sizeof(*f->log));
@@ -183,6 +196,7 @@ struct env {
 	bool separate_data;		/* external data file */
 	bool punch;			/* data_zero (holes), else zeros are written */
 	int zero_error;			/* what data_zero returns (a full file system) */
+	bool extents;			/* data_extent (holes past the file's end) and backing_zero */
 	uint8_t *backing;
 	uint64_t backing_size;
 	long ops, crash_at;		/* fault injection: the crash_at-th write/flush fails and all after */
@@ -311,6 +325,33 @@ static int op_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
 		memcpy(buf, e->backing + guest, n);
 	memset((uint8_t *)buf + n, 0, len - n);
 	return 0;
+}
+
+static bool buf_zero(const uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/* The data file holds data up to where it was ever written, holes past it. */
+static int op_data_extent(void *opaque, uint64_t host, uint64_t *len, bool *is_data)
+{
+	struct memfile *f = data_file(opaque);
+
+	if (host >= f->written)
+		return -ENXIO;
+	*is_data = true;
+	*len = f->written - host;
+	return 0;
+}
+
+static bool op_backing_zero(void *opaque, uint64_t guest, uint64_t len)
+{
+	struct env *e = opaque;
+
+	return guest >= e->backing_size || buf_zero(e->backing + guest, MIN(len, e->backing_size - guest));
 }
 
 static void op_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
@@ -794,6 +835,8 @@ static int env_writer(struct env *e, const struct qcow2_rw_opts *opts, struct qc
 		.backing_pread = e->backing ? op_backing_pread : NULL,
 		.mapped = op_mapped,
 		.data_zero = e->punch ? op_data_zero : NULL,
+		.data_extent = e->extents ? op_data_extent : NULL,
+		.backing_zero = e->extents && e->backing ? op_backing_zero : NULL,
 		.opaque = e,
 	};
 	int r;
@@ -1406,6 +1449,13 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 
 	state_init(&s, sc, seed);
 	s.e.punch = seed & 1;
+	/* random writers get windows ahead where the file has holes (and
+	 * the backing file zeros) on every other pair of seeds */
+	s.e.extents = o.ahead_sparse = seed & 2;
+	/* room for every cluster, as the daemon extends the file at open
+	 * (not where the scenario is about the file limit) */
+	if (s.e.extents && !sc->limit_extra)
+		mf_extend(&s.e.meta, s.e.meta.size + 2 * sc->vsize);
 	/* write-through and write-back alternate over scenarios and seeds */
 	o.write_through = (seed + index) & 1;
 	if (sc->limit_extra)
@@ -1442,6 +1492,9 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 
 		state_init(&s, sc, seed);
 		s.e.punch = seed & 1;
+		s.e.extents = seed & 2;
+		if (s.e.extents && !sc->limit_extra)
+			mf_extend(&s.e.meta, s.e.meta.size + 2 * sc->vsize);
 		rng_state = rseed;
 		o.write_through = (rseed + index) & 1;
 		s.e.crash_at = 1 + (long)rnd_below((uint64_t)(total_ops > 0 ? total_ops : 1));
@@ -2061,14 +2114,6 @@ static void test_resize(void)
 		test_resize_case(&resize_cases[i]);
 }
 
-static bool buf_zero(const uint8_t *p, size_t len)
-{
-	for (size_t i = 0; i < len; i++)
-		if (p[i])
-			return false;
-	return true;
-}
-
 /* A partial write into a new cluster over zeros (no backing file) with
  * data_zero: a hole, then the written sectors only, no cluster of zeros
  * copied; the rest reads zeros. */
@@ -2113,6 +2158,93 @@ static uint64_t announced_host(const struct env *e, uint64_t g)
 	return 0;
 }
 
+/* The end of an allocation ahead test: close (after r == 0), the image
+ * checked and read afresh, everything freed. */
+static void ahead_test_end(struct qcow2_rw *w, int r, struct env *e, struct tb *b, uint64_t vsize, uint8_t *buf,
+			   uint8_t *rd, uint8_t *want, const char *how)
+{
+	struct qcow2_check_result res;
+
+	if (!r)
+		r = qcow2_rw_close(w, NULL);
+	else
+		qcow2_rw_free(w);
+	r = r ? r : inspect(e->meta.cur, e->meta.size, NULL, 0, e, vsize, rd, &res);
+	CHECK(r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, vsize),
+	      "%s: released, closed: no leak, the same content (%d)", how, r);
+	env_free(e);
+	tb_free(b);
+	free(buf);
+	free(rd);
+	free(want);
+}
+
+/* Allocation ahead of random writers where new clusters are holes
+ * (ahead_sparse): a write into unallocated clusters gets the aligned 2 MiB
+ * around it mapped in one host run, without zeroing anything; not where the
+ * backing file has data (copy-on-write as before), but where it reads
+ * zeros; release_ahead frees what nobody wrote. */
+static void test_alloc_sparse(bool backing)
+{
+	const uint64_t cs = 65536, vsize = 16 << 20, win = 32;
+	struct qcow2_rw_opts o = { .ahead_max = 4 << 20, .ahead_sparse = true };
+	struct qcow2_rw *w = NULL;
+	struct qcow2_rw_stats st;
+	struct tb b;
+	struct env e;
+	uint8_t *buf = malloc(cs), *rd = malloc(vsize), *want = calloc(1, vsize);
+	const uint64_t at[] = { 5, 100, 200, 101, 40 };
+	const char *how = backing ? "over a backing file of 4 MiB" : "no backing file";
+	uint64_t h, cow = backing ? 1 : 0, windows = backing ? 2 : 3;
+	int r = 0;
+
+	tb_init(&b, 16, 4, false, vsize, 3, false, 0, backing ? 4 << 20 : 0);
+	env_init(&e, &b);
+	e.punch = e.extents = true;
+	/* room for every cluster, as the daemon extends the file at open */
+	mf_extend(&e.meta, e.meta.size + 2 * vsize);
+	if (backing) {
+		/* one cluster of zeros in the backing file: no copy there */
+		memset(b.backing + 40 * cs, 0, cs);
+		memcpy(want, b.backing, 4 << 20);
+	}
+	r = env_writer(&e, &o, &w);
+	memset(buf, 0x11, cs);
+	/* the first write makes the L2 table (nothing ahead); then two
+	 * windows, a write inside the first one, and one beside the backing
+	 * file's data (a window without it) */
+	for (size_t i = 0; i < sizeof(at) / sizeof(at[0]) && !r; i++) {
+		r = qcow2_rw_write(w, buf, 4096, at[i] * cs + 512);
+		memcpy(want + at[i] * cs + 512, buf, 4096);
+	}
+	if (!r)
+		r = qcow2_rw_flush(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_sparse_windows == windows && st.ahead_clusters == windows * win &&
+	      st.cow_clusters == cow && st.zero_skipped == st.ahead_clusters + 1,
+	      "%s: random writes map their windows, nothing zeroed (%" PRIu64 " windows, %" PRIu64
+	      " clusters, %" PRIu64 " copied, %" PRIu64 " not zeroed)", how, st.ahead_sparse_windows,
+	      st.ahead_clusters, st.cow_clusters, st.zero_skipped);
+	h = announced_host(&e, 96 * cs);
+	CHECK(h && announced_host(&e, 127 * cs) == h + 31 * cs && !announced_host(&e, 128 * cs),
+	      "%s: a window is one host run", how);
+	/* the fast path writes a cluster of the window */
+	memset(buf, 0x22, cs);
+	if ((h = announced_host(&e, 97 * cs)))
+		mf_write(&e.meta, buf, cs, h);
+	memcpy(want + 97 * cs, buf, cs);
+	if (!r)
+		r = qcow2_rw_read(w, rd, vsize, 0);
+	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: the windows read zeros, the writes their data", how);
+	if (!r)
+		r = qcow2_rw_release_ahead(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_released == st.ahead_clusters - (backing ? 4 : 5),
+	      "%s: what nobody wrote is freed (%" PRIu64 " of %" PRIu64 ")", how, st.ahead_released,
+	      st.ahead_clusters);
+	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
+}
+
 /* Allocation ahead: a sequential writer gets the clusters after it mapped
  * (reading zeros) in a window that doubles each time it reaches the end;
  * a random writer gets nothing more; release_ahead frees what still reads
@@ -2123,7 +2255,6 @@ static void test_alloc_ahead(bool ext)
 	const uint64_t cs = 65536, vsize = 16 << 20;
 	struct qcow2_rw_opts o = { .ahead_max = 4 << 20 };
 	struct qcow2_rw *w = NULL;
-	struct qcow2_check_result res;
 	struct qcow2_rw_stats st;
 	struct tb b;
 	struct env e;
@@ -2194,19 +2325,7 @@ static void test_alloc_ahead(bool ext)
 	qcow2_rw_get_stats(w, &st);
 	CHECK(r == 0 && st.ahead_released == 31, "%s: the 31 clusters mapped ahead that nobody wrote are freed (%" PRIu64
 	      ")", how, st.ahead_released);
-	if (!r)
-		r = qcow2_rw_close(w, NULL);
-	else
-		qcow2_rw_free(w);
-	w = NULL;
-	r = r ? r : inspect(e.meta.cur, e.meta.size, NULL, 0, &e, vsize, rd, &res);
-	CHECK(r == 0 && !res.corruptions && !res.leaks && !res.check_errors && !memcmp(rd, want, vsize),
-	      "%s: released, closed: no leak, the same content (%d)", how, r);
-	env_free(&e);
-	tb_free(&b);
-	free(buf);
-	free(rd);
-	free(want);
+	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
 }
 
 /* A sequential fill of the image in writes of wlen, each flushed (and one
@@ -2419,6 +2538,8 @@ int main(int argc, char **argv)
 		test_zero_first();
 		test_alloc_ahead(false);
 		test_alloc_ahead(true);
+		test_alloc_sparse(false);
+		test_alloc_sparse(true);
 		test_ahead_costs_nothing();
 	}
 	if (!only || !strcmp(only, "targeted") || !strcmp(only, "resize"))
