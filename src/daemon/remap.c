@@ -43,6 +43,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,20 +173,36 @@ static void percentiles(const uint32_t *v, uint64_t n, double *p50, double *p99,
 /* /run/qcowsetup/NAME.stats: what `qcowsetup status` shows of the daemon */
 static void write_stats(struct daemon *d)
 {
+	static const struct {
+		const char *key;
+		size_t off;
+		double unit;
+	} series[] = {
+		{ "held_ms", offsetof(struct daemon, swap_us), 1 },
+		{ "round_ms", offsetof(struct daemon, round_us), 1 },
+		{ "suspend_ms", offsetof(struct daemon, suspend_us), 1 },
+		{ "udev_wait_ms", offsetof(struct daemon, udev_us), 1 },
+		{ "busy_at_suspend", offsetof(struct daemon, busy_at), 1000 },
+		{ "queued_kib_at_suspend", offsetof(struct daemon, queued_at), 1000.0 / 1024 },
+		{ "served_in_hold", offsetof(struct daemon, served_in), 1000 },
+	};
 	char path[256], tmp[280];
-	double s50, s99, smax, r50, r99, rmax;
 	FILE *f;
 
-	percentiles(d->swap_us, d->nswap, &s50, &s99, &smax);
-	percentiles(d->round_us, d->nround, &r50, &r99, &rmax);
 	qs_state_path(path, sizeof(path), d->o.name, QS_STATE_STATS);
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "we");
 	if (!f)
 		return;
 	fprintf(f, "reloads=%" PRIu64 "\nremapped_bytes=%" PRIu64 "\n", d->reloads, d->remapped_bytes);
-	fprintf(f, "held_ms_p50=%.2f\nheld_ms_p99=%.2f\nheld_ms_max=%.2f\n", s50, s99, smax);
-	fprintf(f, "round_ms_p50=%.2f\nround_ms_p99=%.2f\nround_ms_max=%.2f\n", r50, r99, rmax);
+	for (size_t i = 0; i < ARRAY_SIZE(series); i++) {
+		const uint32_t *v = (const uint32_t *)((const char *)d + series[i].off);
+		double p50, p99, max;
+
+		percentiles(v, v == d->round_us ? d->nround : d->nswap, &p50, &p99, &max);
+		fprintf(f, "%s_p50=%.2f\n%s_p99=%.2f\n%s_max=%.2f\n", series[i].key, p50 * series[i].unit,
+			series[i].key, p99 * series[i].unit, series[i].key, max * series[i].unit);
+	}
 	if (d->broken_shown)
 		fprintf(f, "broken=1\n");
 	if (fclose(f) == 0)
@@ -194,18 +211,45 @@ static void write_stats(struct daemon *d)
 		unlink(tmp);
 }
 
+struct swap_clock {
+	struct daemon *d;
+	uint64_t resumed_us, served;
+};
+
+static void resumed(void *arg)
+{
+	struct swap_clock *c = arg;
+
+	c->resumed_us = now_us();
+	daemon_servers_busy(c->d, &c->served);
+}
+
+/* Swap the inactive table of dev in. I/O is held from the start of the
+ * suspend to the end of the resume ioctl; udev's processing of the change
+ * event, waited for after that, holds only this thread. */
 static int swap(struct daemon *d, const struct dm_device *dev)
 {
-	uint64_t t0 = now_us();
-	int r = dm_suspend(dev->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS), r2;
+	struct swap_clock c = { .d = d };
+	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
+	int r, r2;
 
+	d->queued_at[k] = daemon_links_queued(d);
+	d->busy_at[k] = daemon_servers_busy(d, &served0);
+	t0 = now_us();
+	r = dm_suspend(dev->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS);
+	t1 = now_us();
 	if (r)
 		log_err("Cannot suspend %s: %s.", dev->name, strerror(-r));
 	/* resume in any case: a suspended top device would hold the guest */
-	r2 = dm_resume(dev->name, dev->hidden);
+	r2 = dm_resume_then(dev->name, dev->hidden, resumed, &c);
 	if (r2)
 		log_err("Cannot resume %s: %s.", dev->name, strerror(-r2));
-	d->swap_us[d->nswap++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	if (!c.resumed_us)	/* (not asked) */
+		resumed(&c);
+	d->swap_us[k] = (uint32_t)MIN(c.resumed_us - t0, (uint64_t)UINT32_MAX);
+	d->suspend_us[k] = (uint32_t)MIN(t1 - t0, (uint64_t)UINT32_MAX);
+	d->udev_us[k] = (uint32_t)MIN(now_us() - c.resumed_us, (uint64_t)UINT32_MAX);
+	d->served_in[k] = (uint32_t)MIN(c.served - served0, (uint64_t)UINT32_MAX);
 	return r ? r : r2;
 }
 

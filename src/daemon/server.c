@@ -27,6 +27,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -394,8 +395,12 @@ static void serve_link(struct daemon_server *s)
 				l->done = true;
 		}
 		pthread_mutex_unlock(&l->rx);
-		if (r == 1 && req.command != NBD_REQ_DISC)
+		if (r == 1 && req.command != NBD_REQ_DISC) {
+			__atomic_store_n(&s->busy, 1, __ATOMIC_RELAXED);
 			handle(s, &req, buf, gen);
+			__atomic_store_n(&s->busy, 0, __ATOMIC_RELAXED);
+			__atomic_fetch_add(&s->served, 1, __ATOMIC_RELAXED);
+		}
 		if (r == 1 && big)
 			pthread_mutex_unlock(&d->buf_lock);
 	}
@@ -489,4 +494,32 @@ void daemon_servers_stop(struct daemon *d)
 	d->quit = true;
 	daemon_links_shutdown(d, &err);
 	daemon_servers_join(d);
+}
+
+unsigned int daemon_servers_busy(struct daemon *d, uint64_t *served)
+{
+	unsigned int busy = 0;
+
+	*served = 0;
+	for (unsigned int i = 0; i < d->nservers; i++) {
+		busy += __atomic_load_n(&d->servers[i].busy, __ATOMIC_RELAXED);
+		*served += __atomic_load_n(&d->servers[i].served, __ATOMIC_RELAXED);
+	}
+	return busy;
+}
+
+uint32_t daemon_links_queued(struct daemon *d)
+{
+	uint32_t queued = 0;
+
+	for (unsigned int i = 0; i < d->nlinks; i++) {
+		struct daemon_link *l = &d->links[i];
+		int n = 0;
+
+		pthread_mutex_lock(&l->tx);	/* (reconnect replaces sock under it) */
+		if (l->sock >= 0 && ioctl(l->sock, FIONREAD, &n) == 0 && n > 0)
+			queued += (uint32_t)n;
+		pthread_mutex_unlock(&l->tx);
+	}
+	return queued;
 }
