@@ -80,6 +80,7 @@ struct daemon {
 	struct remap *queue, *queue_spare;
 	size_t nqueue;
 	bool queue_overflow;
+	bool kicked;		/* the writer asked for a round (daemon_kick) */
 	bool stopping;
 	volatile bool quit;	/* setup failed: the server must not reconnect */
 	volatile bool detached;	/* "detach": the socket shut down, a clean end */
@@ -107,6 +108,13 @@ struct daemon {
 	uint32_t swap_us[1024], round_us[1024];
 	uint32_t suspend_us[1024], udev_us[1024], busy_at[1024], queued_at[1024], served_in[1024];
 	uint64_t nswap, nround;
+	/* when rounds are made (remap.c, round_due): pieces of the layer's own
+	 * clusters the servers read or wrote in place (atomic: traffic the fast
+	 * path takes once those clusters are remapped), and of the remap
+	 * thread: when the ranges waiting were first queued, the end and
+	 * length of the last swap, the counters at the last round */
+	uint64_t slow_data;
+	uint64_t queued_since_us, swap_end_us, last_held_us, data_mark, served_mark;
 
 	int nbd_index;
 	struct daemon_link links[DAEMON_MAX_LINKS];

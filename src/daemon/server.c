@@ -208,8 +208,10 @@ static int read_data(struct daemon *d, uint8_t *buf, uint32_t len, uint64_t from
 		pthread_mutex_unlock(&d->lock);
 		if (r)
 			break;
-		if (x.kind == QCOW2_EXTENT_DATA)
+		if (x.kind == QCOW2_EXTENT_DATA) {
+			__atomic_fetch_add(&d->slow_data, 1, __ATOMIC_RELAXED);
 			r = d->ops.data_pread(d->ops.opaque, buf, x.len, x.host);
+		}
 		else if (x.kind == QCOW2_EXTENT_ZERO)
 			memset(buf, 0, x.len);
 		else if (x.kind == QCOW2_EXTENT_BACKING && (r = chain_read_direct(d->f.chain, buf, x.len, from)) == -EAGAIN) {
@@ -240,6 +242,7 @@ static int write_data(struct daemon *d, const uint8_t *buf, uint32_t len, uint64
 		daemon_check_broken(d);
 		pthread_mutex_unlock(&d->lock);
 		if (r == 0 && x.kind == QCOW2_EXTENT_DATA) {
+			__atomic_fetch_add(&d->slow_data, 1, __ATOMIC_RELAXED);
 			r = d->ops.data_pwrite(d->ops.opaque, buf, x.len, x.host);
 			pthread_mutex_lock(&d->lock);
 			qcow2_rw_data_written(d->rw);	/* written or not: flush it */
