@@ -839,6 +839,19 @@ void daemon_resume_suspended(const char *name, const char *id)
 	dm_release();
 }
 
+/* With the engine lock held: what new clusters need becomes durable. */
+static void writeback(struct daemon *d)
+{
+	int r;
+
+	if (!d->rw || d->broken || !qcow2_rw_has_pending(d->rw))
+		return;
+	r = qcow2_rw_writeback(d->rw);
+	if (r)
+		log_err("%s: metadata writeback failed: %s.", d->o.name, strerror(-r));
+	daemon_check_broken(d);
+}
+
 /* Whether the ranges queued (pending) are worth a round now; see the
  * head of this file. */
 static bool round_due(struct daemon *d, bool pending, bool kicked, bool nearly_full)
@@ -893,12 +906,7 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			continue;
 		}
-		if (d->rw && !d->broken && qcow2_rw_has_pending(d->rw)) {
-			r = qcow2_rw_writeback(d->rw);
-			if (r)
-				log_err("%s: metadata writeback failed: %s.", d->o.name, strerror(-r));
-			daemon_check_broken(d);
-		}
+		writeback(d);
 		broken = d->broken;
 		pending = d->nqueue || d->queue_overflow;
 		nearly_full = d->queue_overflow || d->nqueue >= DAEMON_REMAP_QUEUE / 4 * 3;
@@ -916,8 +924,10 @@ void daemon_remap_loop(struct daemon *d)
 		drop = gave_up || !d->rw || d->top_gone;
 		if (!drop && !round_due(d, pending, kicked, nearly_full))
 			continue;
-		/* the ranges queued until now (the later ones wait for the next) */
+		/* the ranges queued until now, their metadata written back (the
+		 * later ones wait for the next round) */
 		pthread_mutex_lock(&d->lock);
+		writeback(d);
 		q = d->queue;
 		n = d->nqueue;
 		rescan = d->queue_overflow;
