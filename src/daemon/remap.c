@@ -11,7 +11,7 @@
  * ms), or when it pays for its hold: the writer asks for one (clusters
  * mapped ahead of a sequential writer), the slow path serves clusters it
  * would move to the fast path (at most every second, and at most 5% of the
- * time held), the queue fills up, or a range waited 10 s. Ranges written
+ * time held), the queue fills up, or a range waited 30 s. Ranges written
  * once and never again (a guest filling an image) wait for an idle moment,
  * where a swap drains little. Each swap too waits a few ms for an idle slow
  * path before its suspend. A round, without the lock, takes the queue,
@@ -231,7 +231,7 @@ static void write_stats(struct daemon *d)
 #define DEMAND_HELD_X	20		/* ... and 20x the last hold: at most 5% of the time held */
 #define DEMAND_MIN	16		/* pieces of traffic a round would move ... */
 #define DEMAND_SHARE	8		/* ... at least 1/8 of the requests served */
-#define MAX_AGE_US	10000000	/* a range waits at most that long */
+#define MAX_AGE_US	30000000	/* a range waits at most that long */
 
 /* Whether no request is in service or waiting on the sockets, waiting for
  * that at most max_us: a suspend then drains only fast-path I/O. */
