@@ -57,6 +57,8 @@ struct daemon_server {
 	size_t buf_size;
 	pthread_t thread;
 	bool started;
+	unsigned int busy;	/* serving a request now (atomic) */
+	uint64_t served;	/* requests served (atomic) */
 };
 
 struct daemon {
@@ -78,6 +80,7 @@ struct daemon {
 	struct remap *queue, *queue_spare;
 	size_t nqueue;
 	bool queue_overflow;
+	bool kicked;		/* the writer asked for a round (daemon_kick) */
 	bool stopping;
 	volatile bool quit;	/* setup failed: the server must not reconnect */
 	volatile bool detached;	/* "detach": the socket shut down, a clean end */
@@ -97,9 +100,21 @@ struct daemon {
 	uint64_t reloads, remapped_bytes;
 	bool broken_shown;	/* the stats file says broken */
 	/* how long I/O was held: suspend to resume of each device swapped, and
-	 * whole reload rounds, in microseconds (the last 1024 of each) */
+	 * whole reload rounds, in microseconds (the last 1024 of each); of each
+	 * swap: the suspend alone (the drain of the I/O in flight), the wait
+	 * for udev after the resume (I/O goes on), the requests the servers
+	 * were serving and the bytes waiting on the sockets when it began, the
+	 * requests served while the device was suspended */
 	uint32_t swap_us[1024], round_us[1024];
+	uint32_t suspend_us[1024], udev_us[1024], busy_at[1024], queued_at[1024], served_in[1024];
 	uint64_t nswap, nround;
+	/* when rounds are made (remap.c, round_due): pieces of the layer's own
+	 * clusters the servers read or wrote in place (atomic: traffic the fast
+	 * path takes once those clusters are remapped), and of the remap
+	 * thread: when the ranges waiting were first queued, the end and
+	 * length of the last swap, the counters at the last round */
+	uint64_t slow_data;
+	uint64_t queued_since_us, swap_end_us, last_held_us, data_mark, served_mark;
 
 	int nbd_index;
 	struct daemon_link links[DAEMON_MAX_LINKS];
@@ -138,6 +153,10 @@ int daemon_servers_start(struct daemon *d);
  * *err the first failure (0: none). */
 unsigned int daemon_links_shutdown(struct daemon *d, int *err);
 void daemon_servers_stop(struct daemon *d);
+/* Requests the servers are serving now, and (served) all they served. */
+unsigned int daemon_servers_busy(struct daemon *d, uint64_t *served);
+/* Bytes of requests waiting on the links' sockets, not read yet. */
+uint32_t daemon_links_queued(struct daemon *d);
 void daemon_servers_join(struct daemon *d);
 /* With the engine lock held, after the writer worked: set broken (and log
  * it, once) when a metadata write or flush failed. */

@@ -3,8 +3,19 @@
  *
  * Every flush_interval the remap thread, holding the engine lock, writes the
  * cached metadata back (qcow2_rw_writeback: what a new cluster needs becomes
- * durable) and collects the guest ranges that became writable in place. Then,
- * without the lock, it patches its copy of the runs, rebuilds the stack
+ * durable); the guest ranges that became writable in place wait in a queue
+ * for a round. A swap holds the device's new I/O until every request in
+ * flight completed, slow-path requests too, which the servers serve one
+ * after the other: so a round is made (round_due) when the slow path is
+ * idle (no request in service or waiting on the sockets, waited for a few
+ * ms), or when it pays for its hold: the writer asks for one (clusters
+ * mapped ahead of a sequential writer), the slow path serves clusters it
+ * would move to the fast path (at most every second, and at most 5% of the
+ * time held), the queue fills up, or a range waited 30 s. Ranges written
+ * once and never again (a guest filling an image) wait for an idle moment,
+ * where a swap drains little. Each swap too waits a few ms for an idle slow
+ * path before its suspend. A round, without the lock, takes the queue,
+ * patches its copy of the runs, rebuilds the stack
  * (dm_stack_build, the same function as `open`), and when the top table
  * changed: loads it into the inactive slot (the live table keeps serving),
  * then suspends (noflush, no filesystem freeze) and resumes it. A table
@@ -43,6 +54,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,20 +184,36 @@ static void percentiles(const uint32_t *v, uint64_t n, double *p50, double *p99,
 /* /run/qcowsetup/NAME.stats: what `qcowsetup status` shows of the daemon */
 static void write_stats(struct daemon *d)
 {
+	static const struct {
+		const char *key;
+		size_t off;
+		double unit;
+	} series[] = {
+		{ "held_ms", offsetof(struct daemon, swap_us), 1 },
+		{ "round_ms", offsetof(struct daemon, round_us), 1 },
+		{ "suspend_ms", offsetof(struct daemon, suspend_us), 1 },
+		{ "udev_wait_ms", offsetof(struct daemon, udev_us), 1 },
+		{ "busy_at_suspend", offsetof(struct daemon, busy_at), 1000 },
+		{ "queued_kib_at_suspend", offsetof(struct daemon, queued_at), 1000.0 / 1024 },
+		{ "served_in_hold", offsetof(struct daemon, served_in), 1000 },
+	};
 	char path[256], tmp[280];
-	double s50, s99, smax, r50, r99, rmax;
 	FILE *f;
 
-	percentiles(d->swap_us, d->nswap, &s50, &s99, &smax);
-	percentiles(d->round_us, d->nround, &r50, &r99, &rmax);
 	qs_state_path(path, sizeof(path), d->o.name, QS_STATE_STATS);
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "we");
 	if (!f)
 		return;
 	fprintf(f, "reloads=%" PRIu64 "\nremapped_bytes=%" PRIu64 "\n", d->reloads, d->remapped_bytes);
-	fprintf(f, "held_ms_p50=%.2f\nheld_ms_p99=%.2f\nheld_ms_max=%.2f\n", s50, s99, smax);
-	fprintf(f, "round_ms_p50=%.2f\nround_ms_p99=%.2f\nround_ms_max=%.2f\n", r50, r99, rmax);
+	for (size_t i = 0; i < ARRAY_SIZE(series); i++) {
+		const uint32_t *v = (const uint32_t *)((const char *)d + series[i].off);
+		double p50, p99, max;
+
+		percentiles(v, v == d->round_us ? d->nround : d->nswap, &p50, &p99, &max);
+		fprintf(f, "%s_p50=%.2f\n%s_p99=%.2f\n%s_max=%.2f\n", series[i].key, p50 * series[i].unit,
+			series[i].key, p99 * series[i].unit, series[i].key, max * series[i].unit);
+	}
 	if (d->broken_shown)
 		fprintf(f, "broken=1\n");
 	if (fclose(f) == 0)
@@ -194,18 +222,74 @@ static void write_stats(struct daemon *d)
 		unlink(tmp);
 }
 
+/* When rounds are made (round_due), in microseconds: a suspend waits for
+ * every request in flight on the device, and those of the slow path are
+ * served one after the other (allocations, copy-on-write: ~10 ms each
+ * under TCG, so a queue of 16 random writes held I/O 180 ms). */
+#define QUIET_WAIT_US	5000		/* for a slow path idle before a suspend */
+#define DEMAND_MIN_US	1000000		/* between rounds made for the traffic they move */
+#define DEMAND_HELD_X	20		/* ... and 20x the last hold: at most 5% of the time held */
+#define DEMAND_MIN	16		/* pieces of traffic a round would move ... */
+#define DEMAND_SHARE	8		/* ... at least 1/8 of the requests served */
+#define MAX_AGE_US	30000000	/* a range waits at most that long */
+
+/* Whether no request is in service or waiting on the sockets, waiting for
+ * that at most max_us: a suspend then drains only fast-path I/O. */
+static bool slow_path_quiet(struct daemon *d, uint64_t max_us)
+{
+	uint64_t end = now_us() + max_us, served;
+
+	for (;;) {
+		if (!daemon_servers_busy(d, &served) && !daemon_links_queued(d))
+			return true;
+		if (now_us() >= end)
+			return false;
+		usleep(250);
+	}
+}
+
+struct swap_clock {
+	struct daemon *d;
+	uint64_t resumed_us, served;
+};
+
+static void resumed(void *arg)
+{
+	struct swap_clock *c = arg;
+
+	c->resumed_us = now_us();
+	daemon_servers_busy(c->d, &c->served);
+}
+
+/* Swap the inactive table of dev in. I/O is held from the start of the
+ * suspend to the end of the resume ioctl; udev's processing of the change
+ * event, waited for after that, holds only this thread. */
 static int swap(struct daemon *d, const struct dm_device *dev)
 {
-	uint64_t t0 = now_us();
-	int r = dm_suspend(dev->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS), r2;
+	struct swap_clock c = { .d = d };
+	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
+	int r, r2;
 
+	slow_path_quiet(d, QUIET_WAIT_US);
+	d->queued_at[k] = daemon_links_queued(d);
+	d->busy_at[k] = daemon_servers_busy(d, &served0);
+	t0 = now_us();
+	r = dm_suspend(dev->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS);
+	t1 = now_us();
 	if (r)
 		log_err("Cannot suspend %s: %s.", dev->name, strerror(-r));
 	/* resume in any case: a suspended top device would hold the guest */
-	r2 = dm_resume(dev->name, dev->hidden);
+	r2 = dm_resume_then(dev->name, dev->hidden, resumed, &c);
 	if (r2)
 		log_err("Cannot resume %s: %s.", dev->name, strerror(-r2));
-	d->swap_us[d->nswap++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	if (!c.resumed_us)	/* (not asked) */
+		resumed(&c);
+	d->swap_us[k] = (uint32_t)MIN(c.resumed_us - t0, (uint64_t)UINT32_MAX);
+	d->suspend_us[k] = (uint32_t)MIN(t1 - t0, (uint64_t)UINT32_MAX);
+	d->udev_us[k] = (uint32_t)MIN(now_us() - c.resumed_us, (uint64_t)UINT32_MAX);
+	d->served_in[k] = (uint32_t)MIN(c.served - served0, (uint64_t)UINT32_MAX);
+	d->swap_end_us = c.resumed_us;
+	d->last_held_us = c.resumed_us - t0;
 	return r ? r : r2;
 }
 
@@ -573,6 +657,7 @@ void daemon_kick(void *opaque)
 {
 	struct daemon *d = opaque;	/* called with the engine lock held */
 
+	d->kicked = true;
 	pthread_cond_signal(&d->cond);
 }
 
@@ -754,6 +839,41 @@ void daemon_resume_suspended(const char *name, const char *id)
 	dm_release();
 }
 
+/* With the engine lock held: what new clusters need becomes durable. */
+static void writeback(struct daemon *d)
+{
+	int r;
+
+	if (!d->rw || d->broken || !qcow2_rw_has_pending(d->rw))
+		return;
+	r = qcow2_rw_writeback(d->rw);
+	if (r)
+		log_err("%s: metadata writeback failed: %s.", d->o.name, strerror(-r));
+	daemon_check_broken(d);
+}
+
+/* Whether the ranges queued (pending) are worth a round now; see the
+ * head of this file. */
+static bool round_due(struct daemon *d, bool pending, bool kicked, bool nearly_full)
+{
+	uint64_t now = now_us(), served, data, gap;
+
+	if (!pending) {
+		d->queued_since_us = 0;
+		return false;
+	}
+	if (!d->queued_since_us)
+		d->queued_since_us = now;
+	daemon_servers_busy(d, &served);
+	data = __atomic_load_n(&d->slow_data, __ATOMIC_RELAXED) - d->data_mark;
+	served -= d->served_mark;
+	gap = MAX((uint64_t)DEMAND_MIN_US, DEMAND_HELD_X * d->last_held_us);
+	if (kicked || nearly_full || now - d->queued_since_us >= MAX_AGE_US ||
+	    (data >= DEMAND_MIN && data * DEMAND_SHARE >= served && now - d->swap_end_us >= gap))
+		return true;
+	return slow_path_quiet(d, QUIET_WAIT_US);
+}
+
 void daemon_remap_loop(struct daemon *d)
 {
 	bool gave_up = false;
@@ -763,7 +883,7 @@ void daemon_remap_loop(struct daemon *d)
 		struct timespec ts;
 		struct remap *q;
 		size_t n;
-		bool rescan, broken;
+		bool rescan, broken, pending, nearly_full, kicked, drop;
 		int r;
 
 		clock_gettime(CLOCK_REALTIME, &ts);
@@ -786,20 +906,12 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			continue;
 		}
-		if (d->rw && !d->broken && qcow2_rw_has_pending(d->rw)) {
-			r = qcow2_rw_writeback(d->rw);
-			if (r)
-				log_err("%s: metadata writeback failed: %s.", d->o.name, strerror(-r));
-			daemon_check_broken(d);
-		}
+		writeback(d);
 		broken = d->broken;
-		q = d->queue;
-		n = d->nqueue;
-		rescan = d->queue_overflow;
-		d->queue = d->queue_spare;
-		d->queue_spare = q;
-		d->nqueue = 0;
-		d->queue_overflow = false;
+		pending = d->nqueue || d->queue_overflow;
+		nearly_full = d->queue_overflow || d->nqueue >= DAEMON_REMAP_QUEUE / 4 * 3;
+		kicked = d->kicked;
+		d->kicked = false;
 		pthread_mutex_unlock(&d->lock);
 		if (broken && !d->broken_shown) {
 			d->broken_shown = true;
@@ -809,7 +921,25 @@ void daemon_remap_loop(struct daemon *d)
 			ticks = 0;
 			watch_top(d);
 		}
-		if ((!n && !rescan) || gave_up || !d->rw || d->top_gone)
+		drop = gave_up || !d->rw || d->top_gone;
+		if (!drop && !round_due(d, pending, kicked, nearly_full))
+			continue;
+		/* the ranges queued until now, their metadata written back (the
+		 * later ones wait for the next round) */
+		pthread_mutex_lock(&d->lock);
+		writeback(d);
+		q = d->queue;
+		n = d->nqueue;
+		rescan = d->queue_overflow;
+		d->queue = d->queue_spare;
+		d->queue_spare = q;
+		d->nqueue = 0;
+		d->queue_overflow = false;
+		d->queued_since_us = 0;
+		d->data_mark = __atomic_load_n(&d->slow_data, __ATOMIC_RELAXED);
+		daemon_servers_busy(d, &d->served_mark);
+		pthread_mutex_unlock(&d->lock);
+		if ((!n && !rescan) || drop)
 			continue;
 		r = remap_round(d, q, n, rescan, false);
 		if (r == -ENODEV || r == -ENXIO) {

@@ -27,6 +27,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -207,8 +208,10 @@ static int read_data(struct daemon *d, uint8_t *buf, uint32_t len, uint64_t from
 		pthread_mutex_unlock(&d->lock);
 		if (r)
 			break;
-		if (x.kind == QCOW2_EXTENT_DATA)
+		if (x.kind == QCOW2_EXTENT_DATA) {
+			__atomic_fetch_add(&d->slow_data, 1, __ATOMIC_RELAXED);
 			r = d->ops.data_pread(d->ops.opaque, buf, x.len, x.host);
+		}
 		else if (x.kind == QCOW2_EXTENT_ZERO)
 			memset(buf, 0, x.len);
 		else if (x.kind == QCOW2_EXTENT_BACKING && (r = chain_read_direct(d->f.chain, buf, x.len, from)) == -EAGAIN) {
@@ -239,6 +242,7 @@ static int write_data(struct daemon *d, const uint8_t *buf, uint32_t len, uint64
 		daemon_check_broken(d);
 		pthread_mutex_unlock(&d->lock);
 		if (r == 0 && x.kind == QCOW2_EXTENT_DATA) {
+			__atomic_fetch_add(&d->slow_data, 1, __ATOMIC_RELAXED);
 			r = d->ops.data_pwrite(d->ops.opaque, buf, x.len, x.host);
 			pthread_mutex_lock(&d->lock);
 			qcow2_rw_data_written(d->rw);	/* written or not: flush it */
@@ -394,8 +398,12 @@ static void serve_link(struct daemon_server *s)
 				l->done = true;
 		}
 		pthread_mutex_unlock(&l->rx);
-		if (r == 1 && req.command != NBD_REQ_DISC)
+		if (r == 1 && req.command != NBD_REQ_DISC) {
+			__atomic_store_n(&s->busy, 1, __ATOMIC_RELAXED);
 			handle(s, &req, buf, gen);
+			__atomic_store_n(&s->busy, 0, __ATOMIC_RELAXED);
+			__atomic_fetch_add(&s->served, 1, __ATOMIC_RELAXED);
+		}
 		if (r == 1 && big)
 			pthread_mutex_unlock(&d->buf_lock);
 	}
@@ -489,4 +497,32 @@ void daemon_servers_stop(struct daemon *d)
 	d->quit = true;
 	daemon_links_shutdown(d, &err);
 	daemon_servers_join(d);
+}
+
+unsigned int daemon_servers_busy(struct daemon *d, uint64_t *served)
+{
+	unsigned int busy = 0;
+
+	*served = 0;
+	for (unsigned int i = 0; i < d->nservers; i++) {
+		busy += __atomic_load_n(&d->servers[i].busy, __ATOMIC_RELAXED);
+		*served += __atomic_load_n(&d->servers[i].served, __ATOMIC_RELAXED);
+	}
+	return busy;
+}
+
+uint32_t daemon_links_queued(struct daemon *d)
+{
+	uint32_t queued = 0;
+
+	for (unsigned int i = 0; i < d->nlinks; i++) {
+		struct daemon_link *l = &d->links[i];
+		int n = 0;
+
+		pthread_mutex_lock(&l->tx);	/* (reconnect replaces sock under it) */
+		if (l->sock >= 0 && ioctl(l->sock, FIONREAD, &n) == 0 && n > 0)
+			queued += (uint32_t)n;
+		pthread_mutex_unlock(&l->tx);
+	}
+	return queued;
 }

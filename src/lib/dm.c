@@ -286,10 +286,12 @@ static uint16_t udev_flags(bool hidden)
 }
 
 /* Run a task that causes a uevent, with a udev cookie: waits for udev when
- * it runs, else makes libdevmapper process its node operations. */
-static int run_with_cookie(struct dm_task *dmt, bool hidden, int fallback)
+ * it runs, else makes libdevmapper process its node operations. ran (may
+ * be NULL) is called once the kernel did the task, before that wait. */
+static int run_with_cookie_then(struct dm_task *dmt, bool hidden, int fallback, void (*ran)(void *), void *arg)
 {
 	uint32_t cookie = 0;
+	bool with_cookie;
 	int r = 0;
 
 	udev_init();
@@ -299,13 +301,23 @@ static int run_with_cookie(struct dm_task *dmt, bool hidden, int fallback)
 		dm_udev_set_sync_support(0);
 		use_udev = false;
 	}
-	if (!dm_task_set_cookie(dmt, &cookie, udev_flags(hidden)))
-		return -ENOMEM;
-	if (!task_run(dmt))
+	with_cookie = dm_task_set_cookie(dmt, &cookie, udev_flags(hidden));
+	if (!with_cookie)
+		r = -ENOMEM;
+	else if (!task_run(dmt))
 		r = task_errno(dmt, fallback);
+	if (ran)
+		ran(arg);
+	if (!with_cookie)
+		return r;
 	/* Always: releases the cookie, creates/removes nodes without udev. */
 	(void)dm_udev_wait(cookie);
 	return r;
+}
+
+static int run_with_cookie(struct dm_task *dmt, bool hidden, int fallback)
+{
+	return run_with_cookie_then(dmt, hidden, fallback, NULL, NULL);
 }
 
 static int table_check(const struct dm_table *table)
@@ -602,6 +614,11 @@ int dm_suspend(const char *name, unsigned int flags)
 
 int dm_resume(const char *name, bool hidden)
 {
+	return dm_resume_then(name, hidden, NULL, NULL);
+}
+
+int dm_resume_then(const char *name, bool hidden, void (*resumed)(void *), void *arg)
+{
 	struct dm_task *dmt;
 	int r = check_name(name);
 
@@ -610,7 +627,7 @@ int dm_resume(const char *name, bool hidden)
 	dmt = task_create(DM_DEVICE_RESUME, name, &r);
 	if (!dmt)
 		return r;
-	r = run_with_cookie(dmt, hidden, -EIO);
+	r = run_with_cookie_then(dmt, hidden, -EIO, resumed, arg);
 	if (r == -ENXIO)
 		r = -ENODEV;
 	if (r)

@@ -130,6 +130,10 @@ int dm_clear_table(const char *name);
  * the change event, see above). 0, -ENODEV or -errno. */
 int dm_suspend(const char *name, unsigned int flags);
 int dm_resume(const char *name, bool hidden);
+/* The same, calling resumed(arg) as soon as the kernel resumed the device
+ * (its I/O goes on), before waiting for udev's processing of the change
+ * event; called also when the resume failed. */
+int dm_resume_then(const char *name, bool hidden, void (*resumed)(void *), void *arg);
 
 /* Send message to the first target of a live table (dm-crypt's "key wipe"
  * and "key set :LEN:logon:DESC", which it takes only while suspended).

@@ -7,6 +7,7 @@
 # writes too, as qcowsetup-base. Prints one line per fio job:
 #   R ROUND first-write|first-write-plain|allocated DEVICE seq|rand KIB_S IOPS
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
+#   STATS ROUND seq|rand KIND DEVICE KEY=VALUE...  (its stats file)
 #   TARGETS N SLOW                         (the allocated image's top table)
 #   S ROUND before|after first|cow|backing-read KIB_S IOPS  (BENCH_BEFORE)
 # Environment: BENCH_RUNTIME (seconds per job, default 15), BENCH_ROUNDS
@@ -57,6 +58,7 @@ first_write_qcowsetup() {	# round test [binary label]
 	read -r bw iops <<< "$(fio_job /dev/mapper/bq "$rw" "$bs" "$qd")"
 	echo "R $1 $kind $label $2 $bw $iops"
 	echo "RELOAD $1 $2 $kind $label $($qs status bq | sed -n 's/^ *remapped: *//p')"
+	echo "STATS $1 $2 $kind $label $(grep -v '^\(remapped_bytes\|broken\)=' /run/qcowsetup/bq.stats 2>/dev/null | tr '\n' ' ')"
 	$qs close bq
 	qemu-img check $sec --image-opts "$(image_opts)" >/dev/null ||
 		echo "ERROR qemu-img check after the $label run"

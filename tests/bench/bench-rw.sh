@@ -71,7 +71,7 @@ fi
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
 	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
-tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
+tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|STATS|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
 [ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
 if grep -q '^S ' "$work/res"; then
 	echo
@@ -111,6 +111,7 @@ awk '
 	# R ROUND KIND DEV TEST KIB_S IOPS: MiB/s for seq, IOPS for rand
 	$1 == "R" { v[$2, $3, $4, $5] = ($5 == "seq") ? $6 / 1024 : $7; if ($2 > nr) nr = $2 }
 	$1 == "RELOAD" { rl[++nrl] = $0 }
+	$1 == "STATS" { st[++nst] = $0 }
 	$1 == "SIZE" { sz[$4, $5, $3] = $6 }
 	$1 == "TARGETS" { targets = $2; slow = $3 }
 	function val(kind, dev, test,   r, n, a) {
@@ -169,6 +170,12 @@ awk '
 		for (i = 1; i <= nrl; i++) {
 			$0 = rl[i]; printf "    round %s %-4s %-17s %-14s ", $2, $3, $4, $5
 			$1 = $2 = $3 = $4 = $5 = ""; sub(/^ +/, ""); print
+		}
+		print "  the daemon stats file (held: suspend to resume; suspend: the drain; at suspend: requests in service, KiB queued):"
+		for (i = 1; i <= nst; i++) {
+			$0 = st[i]; printf "    round %s %-4s %-17s %-14s\n     ", $2, $3, $4, $5
+			for (j = 6; j <= NF; j++) printf " %s", $j
+			print ""
 		}
 		print "  image file after the job of the last round (KiB used; each ran for the same time):"
 		for (k in sz) { split(k, p, SUBSEP); printf "    %-4s %-17s %-14s %8d\n", p[3], p[1], p[2], sz[k] }
