@@ -2,10 +2,14 @@
 # Guest side of tests/bench/bench-rw.sh (runs in the VM test bed; /dev/vda is
 # an ext4 disk with key, empty.qcow2 (LUKS, nothing allocated), full.qcow2
 # (LUKS, every cluster allocated), full.raw, and with BENCH_PLAIN=1
-# empty-plain.qcow2 (unencrypted, nothing allocated)). A second build of
+# empty-plain.qcow2 (unencrypted, nothing allocated), base.raw (random data)
+# with ov-raw.qcow2 over it and base.qcow2 (the same data) with ov-qcow2.qcow2
+# over it (unencrypted overlays, nothing allocated)). A second build of
 # qcowsetup in /usr/local/before/ (BENCH_BEFORE on the host) runs the first
 # writes too, as qcowsetup-base. Prints one line per fio job:
-#   R ROUND first-write|first-write-plain|allocated DEVICE seq|rand KIB_S IOPS
+#   R ROUND KIND DEVICE seq|rand KIB_S IOPS   KIND: first-write (LUKS),
+#     first-write-plain, cow-raw, cow-qcow2 (first writes into an overlay:
+#     copy-on-write), allocated (LUKS) or allocated-plain (the limits)
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
 #   STATS ROUND seq|rand KIND DEVICE KEY=VALUE...  (its stats file)
 #   TARGETS N SLOW                         (the allocated image's top table)
@@ -34,8 +38,16 @@ job_args() {	# seq|rand -> "rw bs qd"
 base=/usr/local/before/qcowsetup
 [ -x $base ] || base=
 kind=first-write	# or first-write-plain: the image and its options
+kind_image() {	# the empty image of $kind
+	case $kind in
+	first-write) echo empty.qcow2 ;;
+	first-write-plain) echo empty-plain.qcow2 ;;
+	cow-raw) echo ov-raw.qcow2 ;;
+	cow-qcow2) echo ov-qcow2.qcow2 ;;
+	esac
+}
 fresh() {
-	if [ $kind = first-write ]; then cp empty.qcow2 t.qcow2; else cp empty-plain.qcow2 t.qcow2; fi
+	cp "$(kind_image)" t.qcow2
 	sync; echo 3 >/proc/sys/vm/drop_caches
 }
 image_opts() {	# the image for qemu-img and qemu-nbd
@@ -125,6 +137,7 @@ slow_path
 # ---- first writes into an empty image: qcowsetup (and its base) vs qemu-nbd
 kinds=first-write
 [ -f empty-plain.qcow2 ] && kinds="$kinds first-write-plain"
+[ -f ov-raw.qcow2 ] && kinds="$kinds cow-raw cow-qcow2"
 for round in $(seq 1 "$rounds"); do
 	for kind in $kinds; do
 		for test in seq rand; do
@@ -152,4 +165,14 @@ for round in $(seq 1 "$rounds"); do
 done
 qcowsetup close bf
 dmsetup remove braw
+# the limit of unencrypted images: the plain loop device over the same file
+if [ -f empty-plain.qcow2 ]; then
+	for round in $(seq 1 "$rounds"); do
+		for test in seq rand; do
+			read -r rw bs qd <<< "$(job_args $test)"
+			read -r bw iops <<< "$(fio_job "$loop" "$rw" "$bs" "$qd")"
+			echo "R $round allocated-plain loop $test $bw $iops"
+		done
+	done
+fi
 losetup -d "$loop"

@@ -8,8 +8,12 @@
 #     aio=native); target >= 1x;
 #   - writes to allocated clusters: qcowsetup's fast path against raw
 #     dm-crypt over a loop device (the limit); target >= 0.95x;
+#   - the same on an unencrypted image, and copy-on-write (first writes into
+#     an overlay over a raw and over a qcow2 backing file of random data),
+#     against qemu-nbd; the plain loop device over a raw file is their limit;
 #   - the daemon's table swaps during the first writes: how long I/O was
-#     held (p99, max) and how long a reload took.
+#     held (p99, max) and how long a reload took;
+#   - the issue's targets, each with its ratio and MET / not met.
 # Ratios are medians of the per-round ratios (rounds alternate the order).
 #   tests/bench/bench-rw.sh
 # With BENCH_BEFORE=DIR (a build tree of another version, e.g. the main
@@ -21,7 +25,9 @@
 # build opens with --nbd-connections N); then its first writes beside this
 # build's, as qcowsetup-base.
 # Environment: BENCH_RUNTIME (seconds per fio job, default 15), BENCH_ROUNDS
-# (default 3), BENCH_PLAIN=1 (the first writes on an unencrypted image too),
+# (default 3), BENCH_PLAIN=0 (only the LUKS image: without the unencrypted
+# image, the copy-on-write into overlays over a raw and over a qcow2 backing
+# file, and the plain loop device as their limit),
 # QS_KEEP=1 (keep the work directory), QS_VM_* (run-vm.sh).
 # Exit: 0 (also when the VM cannot run: it says SKIP), 1 when the run failed.
 set -eu
@@ -51,11 +57,19 @@ luks() {	# name [options]: qemu-img's PBKDF timing fails now and then on a loade
 }
 luks empty.qcow2
 luks full.qcow2 preallocation=falloc
-[ "${BENCH_PLAIN:-0}" = 1 ] && qemu-img create -q -f qcow2 empty-plain.qcow2 512M
+if [ "${BENCH_PLAIN:-1}" = 1 ]; then
+	qemu-img create -q -f qcow2 empty-plain.qcow2 512M
+	# copy-on-write: overlays over a raw and a qcow2 backing file holding
+	# data (random, so that nothing is skipped as zeros)
+	head -c 512M /dev/urandom >base.raw
+	qemu-img convert -q -f raw -O qcow2 base.raw base.qcow2
+	qemu-img create -q -f qcow2 -b base.raw -F raw ov-raw.qcow2 512M
+	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 ov-qcow2.qcow2 512M
+fi
 BENCH_BEFORE=${BENCH_BEFORE:-${BENCH_BASE:-}}
 fallocate -l 512M full.raw
 cd "$work"
-mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 3G
+mkfs.ext4 -q -F -E root_owner=0:0 -d "$work/m" "$work/disk.img" 5G
 rm -rf "$work/m"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 rc=0
@@ -101,7 +115,7 @@ fi
 
 echo
 echo "== qcowsetup write benchmark: one VM run (TCG, 1 vCPU), $(sed -n 's/^KERNEL //p' "$work/res")"
-echo "   512 MiB LUKS (aes-xts-plain64) images on ext4 on virtio; fio libaio direct=1,"
+echo "   512 MiB images (LUKS aes-xts-plain64; unencrypted and overlays unless BENCH_PLAIN=0) on ext4 on virtio; fio libaio direct=1,"
 echo "   ${BENCH_RUNTIME:-15}s per job, ${BENCH_ROUNDS:-3} rounds; host load before: $load0"
 awk '
 	function median(n, a,   i, j, t) {
@@ -111,7 +125,11 @@ awk '
 	# R ROUND KIND DEV TEST KIB_S IOPS: MiB/s for seq, IOPS for rand
 	$1 == "R" { v[$2, $3, $4, $5] = ($5 == "seq") ? $6 / 1024 : $7; if ($2 > nr) nr = $2 }
 	$1 == "RELOAD" { rl[++nrl] = $0 }
-	$1 == "STATS" { st[++nst] = $0 }
+	$1 == "STATS" {
+		st[++nst] = $0
+		for (j = 6; j <= NF; j++)
+			if ($5 == "qcowsetup" && $j ~ /^held_ms_p99=/) { split($j, kv, "="); hp[++nhp] = kv[2] + 0 }
+	}
 	$1 == "SIZE" { sz[$4, $5, $3] = $6 }
 	$1 == "TARGETS" { targets = $2; slow = $3 }
 	function val(kind, dev, test,   r, n, a) {
@@ -125,6 +143,21 @@ awk '
 			if ((r, kind, d1, test) in v && (r, kind, d2, test) in v && v[r, kind, d2, test] > 0)
 				a[++n] = v[r, kind, d1, test] / v[r, kind, d2, test]
 		return n ? median(n, a) : -1
+	}
+	# per-round ratio of kind/dev/test over kind2/dev2/test2 times scale
+	# (v holds MiB/s for seq, IOPS for rand)
+	function xrat(kind, dev, test, kind2, dev2, test2, scale,   r, n, a, lim) {
+		n = 0
+		for (r = 1; r <= nr; r++) {
+			if (!((r, kind, dev, test) in v) || !((r, kind2, dev2, test2) in v)) continue
+			lim = v[r, kind2, dev2, test2] * scale
+			if (lim > 0) a[++n] = v[r, kind, dev, test] / lim
+		}
+		return n ? median(n, a) : -1
+	}
+	function goal(label, x, t) {
+		if (x < 0) printf("    %-46s %8s   >= %-5s %s\n", label, "-", t, "not run")
+		else printf("    %-46s %7.2fx   >= %-5s %s\n", label, x, t, (x >= t) ? "MET" : "not met")
 	}
 	function row(label, kind, dev) {
 		printf "  %-34s %12.1f MiB/s %10.0f IOPS\n", label, val(kind, dev, "seq"), val(kind, dev, "rand")
@@ -148,9 +181,19 @@ awk '
 				row("qcowsetup-base (before)", "first-write-plain", "qcowsetup-base")
 			row("qemu-nbd", "first-write-plain", "qemu-nbd")
 		}
+		split("cow-raw|cow-qcow2", ck, "|")
+		split("copy-on-write into an overlay over a raw file|copy-on-write into an overlay over a qcow2 file", cl, "|")
+		for (i = 1; i <= 2; i++)
+			if (val(ck[i], "qemu-nbd", "seq") >= 0) {
+				print "  " cl[i]
+				row("qcowsetup", ck[i], "qcowsetup")
+				if (val(ck[i], "qcowsetup-base", "seq") >= 0) row("qcowsetup-base (before)", ck[i], "qcowsetup-base")
+				row("qemu-nbd", ck[i], "qemu-nbd")
+			}
 		print "  writes to allocated clusters"
 		row("qcowsetup (fast path)", "allocated", "bf")
 		row("raw dm-crypt over loop (the limit)", "allocated", "braw")
+		if (val("allocated-plain", "loop", "seq") >= 0) row("plain loop (the unencrypted limit)", "allocated-plain", "loop")
 		printf "\n  %-34s %15s %15s\n", "ratio", "seq", "rand"
 		ratio("first writes: qcowsetup / qemu-nbd", "first-write", "qcowsetup", "qemu-nbd", 1)
 		if (val("first-write", "qcowsetup-base", "seq") >= 0) {
@@ -164,7 +207,33 @@ awk '
 				ratio("  qcowsetup / qcowsetup-base", "first-write-plain", "qcowsetup", "qcowsetup-base", 1)
 			}
 		}
+		for (i = 1; i <= 2; i++)
+			if (val(ck[i], "qemu-nbd", "seq") >= 0) {
+				ratio(ck[i] ": qcowsetup / qemu-nbd", ck[i], "qcowsetup", "qemu-nbd", 1)
+				if (val(ck[i], "qcowsetup-base", "seq") >= 0)
+					ratio("  qcowsetup / qcowsetup-base", ck[i], "qcowsetup", "qcowsetup-base", 1)
+			}
 		ratio("allocated: qcowsetup / dm-crypt", "allocated", "bf", "braw", 0.95)
+		# the targets: medians of the per-round ratios, against the limit
+		# (another kind of run) or another device (qemu-nbd)
+		print "\n  targets (ratio, target, verdict):"
+		goal("random first writes, unencrypted / plain loop", xrat("first-write-plain", "qcowsetup", "rand", "allocated-plain", "loop", "rand", 1), 0.5)
+		goal("random first writes, unencrypted / qemu-nbd", rat("first-write-plain", "qcowsetup", "qemu-nbd", "rand"), 4)
+		# every new 64 KiB cluster of a LUKS image goes whole through the
+		# cipher: the ceiling is the sequential KiB/s of the limit / 64 writes/s
+		goal("random first writes, LUKS / cipher ceiling", xrat("first-write", "qcowsetup", "rand", "allocated", "braw", "seq", 1024 / 64), 0.8)
+		goal("random first writes, LUKS / qemu-nbd", rat("first-write", "qcowsetup", "qemu-nbd", "rand"), 2)
+		goal("copy-on-write over raw / qemu-nbd (rand)", rat("cow-raw", "qcowsetup", "qemu-nbd", "rand"), 2)
+		goal("sequential first writes, LUKS / dm-crypt", xrat("first-write", "qcowsetup", "seq", "allocated", "braw", "seq", 1), 0.9)
+		goal("sequential first writes, unencrypted / loop", xrat("first-write-plain", "qcowsetup", "seq", "allocated-plain", "loop", "seq", 1), 0.9)
+		goal("allocated clusters, LUKS / dm-crypt (seq)", rat("allocated", "bf", "braw", "seq"), 0.95)
+		goal("allocated clusters, LUKS / dm-crypt (rand)", rat("allocated", "bf", "braw", "rand"), 0.95)
+		if (nhp) {
+			for (i = 1; i <= nhp; i++) { hs[i] = hp[i]; if (hp[i] > hmax) hmax = hp[i] }
+			hmed = median(nhp, hs)
+			printf("    %-46s %5.1f ms   <= 25 ms %s (median of %d jobs; worst %.1f ms)\n",
+				"I/O held by a table swap, p99", hmed, (hmed <= 25) ? "MET" : "not met", nhp, hmax)
+		}
 		printf "\n  allocated image: %d target(s) in the top table, %d on the slow path\n", targets, slow
 		print "  table swaps while the empty image filled (from `qcowsetup status`):"
 		for (i = 1; i <= nrl; i++) {
