@@ -90,6 +90,7 @@ struct daemon {
 
 	/* the stack (remap thread, after setup) */
 	struct dm_stack *stack;
+	uint32_t seg_gen;	/* the newest generation of segment names */
 	struct run_list runs;
 	char slow_ref[32];
 	unsigned int nrunning;	/* server threads still serving */

@@ -924,19 +924,126 @@ bool dm_mapping_name_valid(const char *name)
 	return true;
 }
 
-bool dm_is_segment_name(const char *dev, const char *name)
+bool dm_segment_generation(const char *dev, const char *name, uint32_t *gen)
 {
 	size_t n = strlen(name);
+	uint64_t g = 0;
 	const char *p;
 
 	if (strncmp(dev, name, n) || dev[n] != '_' || dev[n + 1] != 's')
 		return false;
 	for (p = dev + n + 1; *p == 's'; p++)
 		;
-	if (!*p)
+	if (*p < '0' || *p > '9')
 		return false;
-	for (; *p; p++)
-		if (*p < '0' || *p > '9')
+	while (*p >= '0' && *p <= '9')
+		p++;
+	if (*p) {
+		if (p[0] != '_' || p[1] != 'g' || p[2] < '0' || p[2] > '9')
 			return false;
+		for (p += 2; *p >= '0' && *p <= '9'; p++)
+			g = MIN(g * 10 + (uint64_t)(*p - '0'), (uint64_t)UINT32_MAX);
+		if (*p)
+			return false;
+	}
+	if (gen)
+		*gen = (uint32_t)g;
 	return true;
+}
+
+bool dm_is_segment_name(const char *dev, const char *name)
+{
+	return dm_segment_generation(dev, name, NULL);
+}
+
+/* The length of segment name dev without its generation ("_g<n>"). */
+static size_t segment_base_len(const char *dev)
+{
+	const char *u = strrchr(dev, '_');
+
+	return u && u[1] == 'g' ? (size_t)(u - dev) : strlen(dev);
+}
+
+/* Whether segment a of s and segment b of cur hold the same targets: the
+ * devices of the stack they name are compared by name (those of s already
+ * carry their final names), the rest by their params. */
+static bool same_segment(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
+			 const struct dm_device *b)
+{
+	char pa[DM_PARAMS_MAX], pb[DM_PARAMS_MAX];
+
+	if (a->count != b->count || a->sectors != b->sectors)
+		return false;
+	for (size_t i = 0; i < a->count; i++) {
+		const struct dm_target *x = &a->targets[i], *y = &b->targets[i];
+		bool in_x = x->dev < DM_DEV_SLOW && x->dev < s->count, in_y = y->dev < DM_DEV_SLOW && y->dev < cur->count;
+
+		if (x->start != y->start || x->len != y->len || x->type != y->type || x->offset != y->offset ||
+		    in_x != in_y)
+			return false;
+		if (in_x) {
+			if (strcmp(s->devices[x->dev].name, cur->devices[y->dev].name))
+				return false;
+		} else if (dm_target_params(s, a, x, pa, sizeof(pa)) < 0 ||
+			   dm_target_params(cur, b, y, pb, sizeof(pb)) < 0 || strcmp(pa, pb)) {
+			return false;
+		}
+	}
+	return true;
+}
+
+static int rename_segment(const struct dm_stack_params *p, struct dm_device *d, const char *name, uint32_t gen)
+{
+	char *n = gen ? str_printf("%s_g%" PRIu32, name, gen) : strdup(name);
+	char *uuid = n ? str_printf("%s%s-%s", DM_UUID_PREFIX_INTERNAL, p->id, n) : NULL;
+	char *ref = n ? str_printf("/dev/mapper/%s", n) : NULL;
+	int r = 0;
+
+	if (!n || !uuid || !ref) {
+		r = -ENOMEM;
+	} else if (strlen(n) > DM_NAME_MAX || strlen(uuid) > DM_UUID_MAX) {
+		log_err("Device name %s or its UUID is too long for device-mapper (at most %d and %d characters); choose a shorter name.",
+			n, DM_NAME_MAX, DM_UUID_MAX);
+		r = -ENAMETOOLONG;
+	}
+	if (r) {
+		free(n);
+		free(uuid);
+		free(ref);
+		return r;
+	}
+	free(d->name);
+	free(d->uuid);
+	free(d->ref);
+	d->name = n;
+	d->uuid = uuid;
+	d->ref = ref;
+	return 0;
+}
+
+int dm_stack_name_segments(const struct dm_stack_params *p, struct dm_stack *s, const struct dm_stack *cur,
+			   uint32_t gen)
+{
+	int r = 0;
+
+	/* creation order: a segment's children have their names before it */
+	for (size_t i = 0; i < s->count && !r; i++) {
+		struct dm_device *d = &s->devices[i];
+		const struct dm_device *old = NULL;
+
+		if (d->role != DM_ROLE_SEGMENT)
+			continue;
+		for (size_t j = 0; cur && j < cur->count && !old; j++) {
+			const struct dm_device *c = &cur->devices[j];
+
+			if (c->role == DM_ROLE_SEGMENT && segment_base_len(c->name) == strlen(d->name) &&
+			    !strncmp(c->name, d->name, strlen(d->name)) && same_segment(s, d, cur, c))
+				old = c;
+		}
+		if (old)
+			r = rename_segment(p, d, old->name, 0);
+		else if (gen)
+			r = rename_segment(p, d, d->name, gen);
+	}
+	return r;
 }

@@ -233,7 +233,21 @@ bool dm_uuid_is_internal_of(const char *uuid, const char *top_uuid);
 bool dm_mapping_name_valid(const char *name);
 
 /* Whether dev is the name of a segment device of mapping name (NAME_sK,
- * NAME_ssK, ...: dmtable's naming). */
+ * NAME_ssK, ...: dmtable's naming, with "_g<gen>" after it from
+ * dm_stack_name_segments), and its generation (0 without a suffix). */
 bool dm_is_segment_name(const char *dev, const char *name);
+bool dm_segment_generation(const char *dev, const char *name, uint32_t *gen);
+
+/* Segments across reloads. A live segment is never given another table:
+ * a segment of s (as dm_stack_build made it, "NAME_s<k>") takes the name
+ * (and UUID) of the segment of cur (the live stack, NULL: none) with the
+ * same place (the same name but its generation) and the same table, and
+ * otherwise its own name with "_g<gen>" (gen 0: as it is). A segment that
+ * names a renamed one differs from its live namesake, so the changes go
+ * up to the top, whose name never changes. Call it before setting the
+ * references; gen must be newer than every live segment's. 0,
+ * -ENAMETOOLONG (logged) or -ENOMEM. */
+int dm_stack_name_segments(const struct dm_stack_params *p, struct dm_stack *s, const struct dm_stack *cur,
+			   uint32_t gen);
 
 #endif
