@@ -76,6 +76,7 @@ static int build(struct daemon *d, const struct image *img, const struct run_lis
 	int r;
 
 	daemon_args_stack_params(&d->o, d->slow_ref, &p, lp);
+	p.prev = cur;
 	r = dm_stack_build(&p, img, runs, &s);
 	if (r)
 		return r;
@@ -360,16 +361,21 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 static void remove_stale(struct daemon *d, const struct dm_stack *next)
 {
 	struct stale_seg *segs = calloc(64, sizeof(*segs));
-	size_t n = 0;
+	size_t n = 0, removed = 1;
 
-	if (segs && list_stale(d, next, segs, 64, &n, NULL) == 0)
+	/* (64 at a time) */
+	while (segs && removed && list_stale(d, next, segs, 64, &n, NULL) == 0 && n) {
+		removed = 0;
 		for (size_t i = 0; i < n; i++) {
 			int r = dm_remove_device(segs[i].name, false, true);
 
 			/* (-ENODEV: removed meanwhile, by a close) */
 			if (r && r != -ENODEV)
 				log_std("Cannot remove the unused segment %s.", segs[i].name);
+			removed += r == 0;
 		}
+		removed = n == 64 ? removed : 0;
+	}
 	free(segs);
 }
 
