@@ -157,8 +157,7 @@ void daemon_resume_suspended(const char *name, const char *id);
 /* Reload the top device and its segments with the tables they have (so
  * that they take the limits of the devices under them): 0 or -errno. */
 int daemon_reload_top(struct daemon *d);
-/* The stack rebuilt from the image (its size too) and applied: 0 or -errno
- * (-ERANGE: segments would change). */
+/* The stack rebuilt from the image (its size too) and applied: 0 or -errno. */
 int daemon_reload_all(struct daemon *d);
 void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
 void daemon_kick(void *opaque);	/* qcow2_rw_ops.kick: a round now */
