@@ -103,25 +103,6 @@ fail:
 	return r;
 }
 
-static bool same_table(const struct dm_stack *sa, const struct dm_device *a, const struct dm_stack *sb,
-		       const struct dm_device *b)
-{
-	char pa[DM_PARAMS_MAX], pb[DM_PARAMS_MAX];
-
-	if (a->count != b->count || a->sectors != b->sectors)
-		return false;
-	for (size_t i = 0; i < a->count; i++) {
-		const struct dm_target *x = &a->targets[i], *y = &b->targets[i];
-
-		if (x->start != y->start || x->len != y->len || x->type != y->type || x->offset != y->offset)
-			return false;
-		if (dm_target_params(sa, a, x, pa, sizeof(pa)) < 0 || dm_target_params(sb, b, y, pb, sizeof(pb)) < 0 ||
-		    strcmp(pa, pb))
-			return false;
-	}
-	return true;
-}
-
 static const struct dm_device *find_device(const struct dm_stack *s, const char *name)
 {
 	for (size_t i = 0; s && i < s->count; i++)
@@ -325,7 +306,7 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			/* a live segment is never reloaded: next names it only
 			 * with the table it has */
 			old = find_device(cur, dev->name);
-			if (!old || !same_table(cur, old, next, dev)) {
+			if (!old || !dm_same_table(cur, old, next, dev)) {
 				log_err("Device %s already exists.", dev->name);
 				r = -EEXIST;
 			}
@@ -349,7 +330,7 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			break;
 		}
 		old = find_device(cur, dev->name);
-		if (cur && old && same_table(cur, old, next, dev))
+		if (cur && old && dm_same_table(cur, old, next, dev))
 			continue;
 		r = load(next, i);
 		changed[i] = r == 0;

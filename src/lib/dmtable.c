@@ -1082,11 +1082,8 @@ bool dm_is_segment_name(const char *dev, const char *name)
 	return dm_segment_generation(dev, name, NULL);
 }
 
-/* Whether segment a of s and segment b of cur hold the same targets: the
- * devices of the stack they name are compared by name (those of s already
- * carry their final names), the rest by their params. */
-static bool same_segment(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
-			 const struct dm_device *b)
+bool dm_same_table(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
+		   const struct dm_device *b)
 {
 	char pa[DM_PARAMS_MAX], pb[DM_PARAMS_MAX];
 
@@ -1155,7 +1152,7 @@ int dm_stack_name_segments(const struct dm_stack_params *p, struct dm_stack *s, 
 		for (size_t k = 0; k < j; k++) {
 			const struct dm_device *c = &cur->devices[k];
 
-			if (!taken[k] && c->role == DM_ROLE_SEGMENT && c->level == d->level && same_segment(s, d, cur, c))
+			if (!taken[k] && c->role == DM_ROLE_SEGMENT && c->level == d->level && dm_same_table(s, d, cur, c))
 				j = k;
 		}
 		if (cur && j < cur->count) {

@@ -256,6 +256,12 @@ bool dm_mapping_name_valid(const char *name);
 bool dm_is_segment_name(const char *dev, const char *name);
 bool dm_segment_generation(const char *dev, const char *name, uint32_t *gen);
 
+/* Whether device a of stack s and device b of stack cur have the same
+ * table: the devices of their stacks they name compared by name, other
+ * references (host and slow-path devices) as the params render them. */
+bool dm_same_table(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
+		   const struct dm_device *b);
+
 /* Segments across reloads. A live segment is never given another table:
  * a segment of s (as dm_stack_build made it, "NAME_s<k>") takes the name
  * (and UUID) of a segment of cur (the live stack, NULL: none) of its
