@@ -90,23 +90,24 @@ connections() {	# 3 NBD connections; fio from 2 jobs at QD16, verified: copy-on-
 }
 
 # sectors of mapping $1 on the slow path (NBD, major 43): its top device's
-# and its segments' targets
+# and its segments' targets (one dmsetup call: there may be a hundred)
 slow_sectors() {
-	for dev in $1 $(dmsetup ls | awk -v p="^$1_s" '$1 ~ p {print $1}'); do dmsetup table "$dev"; done |
-		awk '$3 == "linear" && $4 ~ /^43:/ {s += $2} END {print s + 0}'
+	dmsetup table | awk -v n="$1" '(index($1, n ":") == 1 || index($1, n "_s") == 1) &&
+		$4 == "linear" && $5 ~ /^43:/ {s += $3} END {print s + 0}'
 }
 reloads() { sed -n 's/^reloads=//p' "/run/qcowsetup/$1.stats" 2>/dev/null | grep . || echo 0; }
 
-# remapping goes on: within 10 s, fewer sectors of mapping $1 on the slow
+# remapping goes on: within 30 s, fewer sectors of mapping $1 on the slow
 # path than $2 and more reloads than $3
 remapped_since() {
 	t=0
-	while [ $t -lt 20 ]; do
+	while [ $t -lt 60 ]; do
 		[ "$(slow_sectors "$1")" -lt "$2" ] && [ "$(reloads "$1")" -gt "$3" ] && return 0
 		sleep 0.5
 		t=$((t + 1))
 	done
 	echo "no remapping: $(slow_sectors "$1") sectors on the slow path (were $2), $(reloads "$1") reloads (were $3)"
+	cat "/run/qcowsetup/$1.stats"
 	return 1
 }
 
