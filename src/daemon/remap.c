@@ -213,7 +213,8 @@ struct stale_ctx {
 		char name[128];
 		size_t level;
 	} *segs;
-	size_t n, max;
+	size_t n, alloc;
+	bool list;	/* the stale ones wanted, not only the newest generation */
 	uint32_t newest;
 	bool any;
 };
@@ -230,8 +231,17 @@ static int collect_stale(void *opaque, const char *name, const char *uuid, uint3
 		return 0;
 	c->newest = MAX(c->newest, gen);
 	c->any = true;
-	if (find_device(c->keep, name) || c->n == c->max)
+	if (!c->list || find_device(c->keep, name))
 		return 0;
+	if (c->n == c->alloc) {
+		size_t n = c->alloc ? 2 * c->alloc : 64;
+		struct stale_seg *v = realloc(c->segs, n * sizeof(*v));
+
+		if (!v)
+			return -ENOMEM;
+		c->segs = v;
+		c->alloc = n;
+	}
 	snprintf(c->segs[c->n].name, sizeof(c->segs[0].name), "%s", name);
 	c->segs[c->n++].level = strspn(name + strlen(c->name) + 1, "s");
 	return 0;
@@ -245,18 +255,24 @@ static int cmp_level_down(const void *a, const void *b)
 }
 
 /* The segments of the mapping that keep does not name, the highest level
- * first (a parent before the segments it names); *next_gen: a generation
- * newer than all its segments' (0 when it has none). 0 or -errno. */
-static int list_stale(struct daemon *d, const struct dm_stack *keep, struct stale_seg *segs, size_t max,
-		      size_t *n, uint32_t *next_gen)
+ * first (a parent before the segments it names; segs NULL: not wanted;
+ * free *segs); *next_gen: a generation newer than all its segments' (0
+ * when it has none). 0 or -errno. */
+static int list_stale(struct daemon *d, const struct dm_stack *keep, struct stale_seg **segs, size_t *n,
+		      uint32_t *next_gen)
 {
-	struct stale_ctx c = { .name = d->o.name, .keep = keep, .segs = segs, .max = max };
+	struct stale_ctx c = { .name = d->o.name, .keep = keep, .list = segs != NULL };
 	int r;
 
 	r = dm_list_devices(collect_stale, &c);
 	if (c.n)
-		qsort(segs, c.n, sizeof(*segs), cmp_level_down);
-	*n = c.n;
+		qsort(c.segs, c.n, sizeof(*c.segs), cmp_level_down);
+	if (segs) {
+		*segs = c.segs;
+		*n = c.n;
+	} else {
+		free(c.segs);
+	}
 	if (next_gen)
 		*next_gen = c.any ? c.newest + 1 : 0;
 	return r;
@@ -338,25 +354,30 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 	return r;
 }
 
-/* Remove the segments of the mapping that next no longer uses. */
+/* Remove the segments of the mapping that next no longer uses, parents
+ * first; a segment still open (udev's probe) is waited for once the rest
+ * is gone. */
 static void remove_stale(struct daemon *d, const struct dm_stack *next)
 {
-	struct stale_seg *segs = calloc(64, sizeof(*segs));
-	size_t n = 0, removed = 1;
+	struct stale_seg *segs = NULL;
+	size_t n = 0;
 
-	/* (64 at a time) */
-	while (segs && removed && list_stale(d, next, segs, 64, &n, NULL) == 0 && n) {
-		removed = 0;
-		for (size_t i = 0; i < n; i++) {
-			int r = dm_remove_device(segs[i].name, false, true);
+	if (list_stale(d, next, &segs, &n, NULL) == 0)
+		for (int pass = 0; pass < 2; pass++)
+			for (size_t i = 0; i < n; i++) {
+				struct dm_dev_info info;
+				int r;
 
-			/* (-ENODEV: removed meanwhile, by a close) */
-			if (r && r != -ENODEV)
-				log_std("Cannot remove the unused segment %s.", segs[i].name);
-			removed += r == 0;
-		}
-		removed = n == 64 ? removed : 0;
-	}
+				if (!segs[i].name[0] ||
+				    (!pass && !dm_device_info(segs[i].name, &info) && info.open_count))
+					continue;
+				r = dm_remove_device(segs[i].name, false, pass == 1);
+				/* (-ENODEV: removed meanwhile, by a close) */
+				if (!r || r == -ENODEV)
+					segs[i].name[0] = '\0';
+				else if (pass == 1)
+					log_std("Cannot remove the unused segment %s.", segs[i].name);
+			}
 	free(segs);
 }
 
@@ -422,8 +443,6 @@ int daemon_stack_setup(struct daemon *d)
 {
 	struct run_list all;
 	struct dm_stack *s = NULL;
-	struct stale_seg seg;
-	size_t n;
 	int r;
 
 	run_list_init(&all);
@@ -438,7 +457,7 @@ int daemon_stack_setup(struct daemon *d)
 	}
 	/* segments left by the daemon before (a reattach): the new ones in a
 	 * newer generation, beside them */
-	r = list_stale(d, NULL, &seg, 0, &n, &d->seg_gen);
+	r = list_stale(d, NULL, NULL, NULL, &d->seg_gen);
 	if (!r)
 		r = build(d, d->img, &d->runs, NULL, d->seg_gen, &s);
 	if (r)

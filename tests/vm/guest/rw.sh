@@ -92,7 +92,7 @@ connections() {	# 3 NBD connections; fio from 2 jobs at QD16, verified: copy-on-
 # sectors of mapping $1 on the slow path (NBD, major 43): its top device's
 # and its segments' targets (one dmsetup call: there may be a hundred)
 slow_sectors() {
-	dmsetup table | awk -v n="$1" '(index($1, n ":") == 1 || index($1, n "_s") == 1) &&
+	dmsetup table 2>/dev/null | awk -v n="$1" '(index($1, n ":") == 1 || index($1, n "_s") == 1) &&
 		$4 == "linear" && $5 ~ /^43:/ {s += $3} END {print s + 0}'
 }
 reloads() { sed -n 's/^reloads=//p' "/run/qcowsetup/$1.stats" 2>/dev/null | grep . || echo 0; }
@@ -127,7 +127,7 @@ segments() {	# a table split into segment devices at open, then written to
 	remapped_since seg "$slow0" "$reloads0" || { qcowsetup close seg; return 1; }
 	sleep 1
 	slow1=$(slow_sectors seg) reloads1=$(reloads seg)
-	rw-workload write --seed 32 --ops 80 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
+	rw-workload write --seed 32 --ops 40 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
 	remapped_since seg "$slow1" "$reloads1" || { qcowsetup close seg; return 1; }
 	sleep 1
 	# a new daemon takes the live mapping over (reattach): every segment
@@ -142,7 +142,7 @@ segments() {	# a table split into segment devices at open, then written to
 	[ -s /tmp/seg.after ] && [ -z "$kept" ] ||
 		{ echo "segments after reattach: $(cat /tmp/seg.after); kept: $kept"; qcowsetup close seg; return 1; }
 	slow2=$(slow_sectors seg)
-	rw-workload write --seed 33 --ops 40 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
+	rw-workload write --seed 33 --ops 20 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
 	# (the stats file may still hold the old daemon's count)
 	remapped_since seg "$slow2" -1 || { qcowsetup close seg; return 1; }
 	sleep 1
