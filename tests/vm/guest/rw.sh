@@ -138,7 +138,7 @@ segments() {	# a table split into segment devices at open, then written to
 	sleep 1
 	qcowsetup reattach seg
 	dmsetup ls | awk '/^seg_s/ {print $1}' | sort >/tmp/seg.after
-	kept=$(comm -12 /tmp/seg.before /tmp/seg.after)
+	kept=$(grep -Fxf /tmp/seg.before /tmp/seg.after || true)
 	[ -s /tmp/seg.after ] && [ -z "$kept" ] ||
 		{ echo "segments after reattach: $(cat /tmp/seg.after); kept: $kept"; qcowsetup close seg; return 1; }
 	slow2=$(slow_sectors seg)
