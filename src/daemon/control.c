@@ -133,8 +133,6 @@ static int verb_resize(struct daemon *d, const struct control_request *req, char
 		snprintf(text, size, "the mapping is read-only");
 	else if (r == -EINVAL)
 		snprintf(text, size, "a positive multiple of 512 bytes; smaller only with --shrink");
-	else if (r == -ERANGE)
-		snprintf(text, size, "the top table's segment devices would change (close and open it)");
 	return r;
 }
 

@@ -93,6 +93,7 @@ struct daemon {
 
 	/* the stack (remap thread, after setup) */
 	struct dm_stack *stack;
+	uint32_t seg_gen;	/* the newest generation of segment names */
 	struct run_list runs;
 	char slow_ref[32];
 	unsigned int nrunning;	/* server threads still serving */
@@ -175,8 +176,7 @@ void daemon_resume_suspended(const char *name, const char *id);
 /* Reload the top device and its segments with the tables they have (so
  * that they take the limits of the devices under them): 0 or -errno. */
 int daemon_reload_top(struct daemon *d);
-/* The stack rebuilt from the image (its size too) and applied: 0 or -errno
- * (-ERANGE: segments would change). */
+/* The stack rebuilt from the image (its size too) and applied: 0 or -errno. */
 int daemon_reload_all(struct daemon *d);
 void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host);	/* qcow2_rw_ops.mapped */
 void daemon_kick(void *opaque);	/* qcow2_rw_ops.kick: a round now */

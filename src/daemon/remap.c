@@ -19,12 +19,16 @@
  * (dm_stack_build, the same function as `open`), and when the top table
  * changed: loads it into the inactive slot (the live table keeps serving),
  * then suspends (noflush, no filesystem freeze) and resumes it. A table
- * split into segment devices (--max-targets) is remapped only while its
- * segments stay as they are: a segment keeps its name when the split moves,
- * and swapping one under its live parent would show the parent other data;
- * once a round would change a segment, new clusters stay on the slow path
- * (correct, slower) until the next open. A resize changes segments with
- * the top device held meanwhile (apply_held).
+ * split into segment devices (--max-targets) is never changed under a live
+ * parent: a segment whose table changes gets a new name (a generation,
+ * NAME_s<k>_g<n>, dm_stack_name_segments) and so does every segment above
+ * it, up to the top; the round creates those beside the live ones (the
+ * deepest level first; nothing uses them yet), loads the top's new table,
+ * swaps the top once, and removes the segments it no longer names. A
+ * failure removes the new devices and leaves the live stack as it was. A
+ * resize goes the same way (a new segment is made at its new size; none
+ * changes size under a parent), and so does a reattach (every segment
+ * made anew, in a generation newer than the live ones).
  *
  * Why a reload never deadlocks on the I/O the daemon serves:
  *   - a suspend, noflush or not, waits for the bios in flight on the device
@@ -40,7 +44,8 @@
  *     through the suspended device) and no pushback of I/O;
  *   - the daemon never does I/O to a device it suspends (it writes data
  *     through the crypt device or the file, never through the top device
- *     or its segments, which are the only devices reloaded);
+ *     or its segments; the top is the only device suspended, segments
+ *     are created, with no I/O yet, and removed once unused);
  *   - memory: the daemon is mlocked and PR_SET_IO_FLUSHER, so reclaim in
  *     either thread never waits for writeback to the device being
  *     suspended; libdevmapper's own buffers are allocated before the
@@ -49,8 +54,8 @@
  *     read the device: those reads reach the server threads, which are free.
  * Every intermediate state is correct: a cluster that has just become
  * writable reads the same through the NBD device (the daemon reads the
- * new cluster) as through the fast path, so devices may switch in any
- * order, and a failed reload only leaves clusters on the slow path. */
+ * new cluster) as through the fast path, so the top may switch at any
+ * round, and a failed reload only leaves clusters on the slow path. */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -70,8 +75,11 @@
 
 /* ---- the stack ---- */
 
-/* Build the stack for runs; devices that exist get their real references. */
-static int build(struct daemon *d, const struct image *img, const struct run_list *runs, struct dm_stack **out)
+/* Build the stack for runs, its changed segments named in generation gen
+ * (cur: the live stack, NULL: none); devices that exist get their real
+ * references. */
+static int build(struct daemon *d, const struct image *img, const struct run_list *runs, const struct dm_stack *cur,
+		 uint32_t gen, struct dm_stack **out)
 {
 	struct dm_layer_params lp[IMG_MAX_CHAIN_DEPTH] = { 0 };
 	struct dm_stack_params p;
@@ -80,9 +88,13 @@ static int build(struct daemon *d, const struct image *img, const struct run_lis
 	int r;
 
 	daemon_args_stack_params(&d->o, d->slow_ref, &p, lp);
+	p.prev = cur;
 	r = dm_stack_build(&p, img, runs, &s);
 	if (r)
 		return r;
+	r = dm_stack_name_segments(&p, s, cur, gen);
+	if (r)
+		goto fail;
 	for (size_t i = 0; i < s->count; i++) {
 		struct dm_dev_info info;
 
@@ -101,25 +113,6 @@ static int build(struct daemon *d, const struct image *img, const struct run_lis
 fail:
 	dm_stack_free(s);
 	return r;
-}
-
-static bool same_table(const struct dm_stack *sa, const struct dm_device *a, const struct dm_stack *sb,
-		       const struct dm_device *b)
-{
-	char pa[DM_PARAMS_MAX], pb[DM_PARAMS_MAX];
-
-	if (a->count != b->count || a->sectors != b->sectors)
-		return false;
-	for (size_t i = 0; i < a->count; i++) {
-		const struct dm_target *x = &a->targets[i], *y = &b->targets[i];
-
-		if (x->start != y->start || x->len != y->len || x->type != y->type || x->offset != y->offset)
-			return false;
-		if (dm_target_params(sa, a, x, pa, sizeof(pa)) < 0 || dm_target_params(sb, b, y, pb, sizeof(pb)) < 0 ||
-		    strcmp(pa, pb))
-			return false;
-	}
-	return true;
 }
 
 static const struct dm_device *find_device(const struct dm_stack *s, const char *name)
@@ -293,34 +286,84 @@ static int swap(struct daemon *d, const struct dm_device *dev)
 	return r ? r : r2;
 }
 
-/* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... */
+/* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... (with their
+ * generations), and their levels (the number of s); of any image
+ * identifier (a snapshot's daemon takes over the segments of the image
+ * before) */
 struct stale_ctx {
 	const char *name;
-	const char *uuid_prefix;
 	const struct dm_stack *keep;
-	char (*names)[128];
-	size_t n, max;
+	struct stale_seg {
+		char name[128];
+		size_t level;
+	} *segs;
+	size_t n, alloc;
+	bool list;	/* the stale ones wanted, not only the newest generation */
+	uint32_t newest;
+	bool any;
 };
 
 static int collect_stale(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
 {
 	struct stale_ctx *c = opaque;
+	uint32_t gen;
 
 	(void)major;
 	(void)minor;
-	if (!uuid || strncmp(uuid, c->uuid_prefix, strlen(c->uuid_prefix)) || !dm_is_segment_name(name, c->name) ||
-	    find_device(c->keep, name) || c->n == c->max)
+	if (!uuid || strncmp(uuid, DM_UUID_PREFIX_INTERNAL, strlen(DM_UUID_PREFIX_INTERNAL)) ||
+	    !dm_segment_generation(name, c->name, &gen))
 		return 0;
-	snprintf(c->names[c->n++], 128, "%s", name);
+	c->newest = MAX(c->newest, gen);
+	c->any = true;
+	if (!c->list || find_device(c->keep, name))
+		return 0;
+	if (c->n == c->alloc) {
+		size_t n = c->alloc ? 2 * c->alloc : 64;
+		struct stale_seg *v = realloc(c->segs, n * sizeof(*v));
+
+		if (!v)
+			return -ENOMEM;
+		c->segs = v;
+		c->alloc = n;
+	}
+	snprintf(c->segs[c->n].name, sizeof(c->segs[0].name), "%s", name);
+	c->segs[c->n++].level = strspn(name + strlen(c->name) + 1, "s");
 	return 0;
 }
 
-/* A round may go on: the top is still there, and only the top table
- * changes. Segments keep their names when the split moves, and a segment
- * swapped under a live parent would show that parent other data (or change
- * size under a parent table being loaded, which the kernel refuses): a
- * round that would change a segment is not made (-ERANGE). */
-static int round_allowed(struct daemon *d, const struct dm_stack *next, const struct dm_stack *cur)
+static int cmp_level_down(const void *a, const void *b)
+{
+	const struct stale_seg *x = a, *y = b;
+
+	return x->level > y->level ? -1 : x->level < y->level;
+}
+
+/* The segments of the mapping that keep does not name, the highest level
+ * first (a parent before the segments it names; segs NULL: not wanted;
+ * free *segs); *next_gen: a generation newer than all its segments' (0
+ * when it has none). 0 or -errno. */
+static int list_stale(struct daemon *d, const struct dm_stack *keep, struct stale_seg **segs, size_t *n,
+		      uint32_t *next_gen)
+{
+	struct stale_ctx c = { .name = d->o.name, .keep = keep, .list = segs != NULL };
+	int r;
+
+	r = dm_list_devices(collect_stale, &c);
+	if (c.n)
+		qsort(c.segs, c.n, sizeof(*c.segs), cmp_level_down);
+	if (segs) {
+		*segs = c.segs;
+		*n = c.n;
+	} else {
+		free(c.segs);
+	}
+	if (next_gen)
+		*next_gen = c.any ? c.newest + 1 : 0;
+	return r;
+}
+
+/* A round may go on: the top is still there. */
+static int round_allowed(struct daemon *d)
 {
 	struct dm_dev_info info;
 	int r;
@@ -328,24 +371,13 @@ static int round_allowed(struct daemon *d, const struct dm_stack *next, const st
 	r = dm_device_info(d->o.name, &info);
 	if (!r && !info.exists)
 		r = -ENODEV;
-	for (size_t i = 0; i < next->count && !r; i++) {
-		const struct dm_device *dev = &next->devices[i], *old;
-
-		if (dev->role != DM_ROLE_SEGMENT)
-			continue;
-		old = find_device(cur, dev->name);
-		if (!old || !same_table(cur, old, next, dev))
-			r = -ERANGE;
-	}
-	for (size_t i = 0; i < cur->count && !r; i++)
-		if (cur->devices[i].role == DM_ROLE_SEGMENT && !find_device(next, cur->devices[i].name))
-			r = -ERANGE;
 	return r;
 }
 
-/* Create the top devices next has that do not exist and load the inactive
- * tables of those that changed, marking them in created[] and changed[];
- * the devices below the top must exist. */
+/* Create the top devices next has that do not exist (new segments, in
+ * creation order: the deepest level first) and load the top's inactive
+ * table when it changed, marking them in created[] and changed[]; the
+ * devices below the top must exist. */
 static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur, bool *created, bool *changed)
 {
 	int r = 0;
@@ -370,6 +402,16 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			}
 			continue;
 		}
+		if (info.exists && dev->role == DM_ROLE_SEGMENT) {
+			/* a live segment is never reloaded: next names it only
+			 * with the table it has */
+			old = find_device(cur, dev->name);
+			if (!old || !dm_same_table(cur, old, next, dev)) {
+				log_err("Device %s already exists.", dev->name);
+				r = -EEXIST;
+			}
+			continue;
+		}
 		if (!info.exists && cur && dev->role == DM_ROLE_TOP) {
 			/* removed by `qcowsetup close` meanwhile: never bring it back */
 			r = -ENODEV;
@@ -388,7 +430,7 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			break;
 		}
 		old = find_device(cur, dev->name);
-		if (cur && old && same_table(cur, old, next, dev))
+		if (cur && old && dm_same_table(cur, old, next, dev))
 			continue;
 		r = load(next, i);
 		changed[i] = r == 0;
@@ -396,26 +438,38 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 	return r;
 }
 
-/* Remove the segments of the mapping that next no longer uses. */
+/* Remove the segments of the mapping that next no longer uses, parents
+ * first; a segment still open (udev's probe) is waited for once the rest
+ * is gone. */
 static void remove_stale(struct daemon *d, const struct dm_stack *next)
 {
-	char prefix[DM_UUID_MAX + 1], names[64][128];
-	struct stale_ctx c = { .name = d->o.name, .uuid_prefix = prefix, .keep = next, .names = names, .max = 64 };
+	struct stale_seg *segs = NULL;
+	size_t n = 0;
 
-	snprintf(prefix, sizeof(prefix), "%s%s-", DM_UUID_PREFIX_INTERNAL, d->o.id);
-	if (dm_list_devices(collect_stale, &c) == 0)
-		for (size_t i = 0; i < c.n; i++) {
-			int r = dm_remove_device(c.names[i], false, true);
+	if (list_stale(d, next, &segs, &n, NULL) == 0)
+		for (int pass = 0; pass < 2; pass++)
+			for (size_t i = 0; i < n; i++) {
+				struct dm_dev_info info;
+				int r;
 
-			/* (-ENODEV: removed meanwhile, by a close) */
-			if (r && r != -ENODEV)
-				log_std("Cannot remove the unused segment %s.", c.names[i]);
-		}
+				if (!segs[i].name[0] ||
+				    (!pass && !dm_device_info(segs[i].name, &info) && info.open_count))
+					continue;
+				r = dm_remove_device(segs[i].name, false, pass == 1);
+				/* (-ENODEV: removed meanwhile, by a close) */
+				if (!r || r == -ENODEV)
+					segs[i].name[0] = '\0';
+				else if (pass == 1)
+					log_std("Cannot remove the unused segment %s.", segs[i].name);
+			}
+	free(segs);
 }
 
 /* Make the live devices what `next` says: create the new ones, reload the
- * changed ones (all of them when `cur` is NULL), remove the ones it no
- * longer has. On success `next` is the current stack. */
+ * top when it changed (all the top devices when `cur` is NULL: their
+ * segments are new), remove the segments it no longer has. On success
+ * `next` is the current stack; on failure the devices made are removed
+ * and the live ones are as they were. */
 static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
 {
 	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
@@ -427,107 +481,27 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		goto out;
 	}
 	if (cur)
-		r = round_allowed(d, next, cur);
+		r = round_allowed(d);
 	if (!r)
 		r = stage(d, next, cur, created, changed);
+	for (size_t i = 0; i < next->count && !r; i++)
+		if (changed[i]) {
+			r = swap(d, &next->devices[i]);
+			d->reloads++;
+		}
 	if (r) {
+		/* (a device the top uses after all stays: busy) */
 		for (size_t i = next->count; i-- > 0;) {
 			if (changed[i])
 				dm_clear_table(next->devices[i].name);
 			if (created[i])
-				dm_remove_device(next->devices[i].name, false, true);
+				dm_remove_device(next->devices[i].name, false, false);
 		}
 		goto out;
 	}
-	for (size_t i = 0; i < next->count; i++)
-		if (changed[i]) {
-			int r2 = swap(d, &next->devices[i]);
-
-			if (r2 && !r)
-				r = r2;
-			d->reloads++;
-		}
 	remove_stale(d, next);
 out:
 	free(changed);
-	free(created);
-	return r;
-}
-
-/* Resize: the split into segments moves with the size, so segments change.
- * The top device is suspended first (noflush: its I/O waits, and nothing
- * else goes through the segments), then each segment in the stack's order
- * (the deepest level first: a table is loaded only once the devices it
- * names have their new sizes) is created, or loaded and swapped at once;
- * the top's new table last, whose resume lets the I/O go. A failure puts
- * the old tables back into the segments swapped so far, removes the ones
- * created, and resumes the top with its old table. */
-static int apply_held(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
-{
-	const struct dm_device *top = NULL;
-	bool *swapped = calloc(next->count ? next->count : 1, sizeof(*swapped));
-	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
-	size_t top_i = 0;
-	int r = 0;
-
-	for (size_t i = 0; i < next->count; i++)
-		if (next->devices[i].role == DM_ROLE_TOP) {
-			top = &next->devices[i];
-			top_i = i;
-		}
-	if (!swapped || !created || !top) {
-		r = swapped && created ? -EINVAL : -ENOMEM;
-		goto out;
-	}
-	r = dm_suspend(top->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS);
-	if (r) {
-		log_err("Cannot suspend %s: %s.", top->name, strerror(-r));
-		goto out;
-	}
-	for (size_t i = 0; i < next->count && !r; i++) {
-		const struct dm_device *dev = &next->devices[i], *old;
-		struct dm_dev_info info;
-
-		if (dev->role != DM_ROLE_SEGMENT)
-			continue;
-		r = dm_device_info(dev->name, &info);
-		if (!r && !info.exists) {
-			r = create(next, i);
-			created[i] = r == 0;
-			continue;
-		}
-		old = find_device(cur, dev->name);
-		if (r || (old && same_table(cur, old, next, dev)))
-			continue;
-		r = load(next, i);
-		if (!r) {
-			r = swap(d, dev);
-			swapped[i] = r == 0;
-		}
-	}
-	if (!r)
-		r = load(next, top_i);
-	if (r) {
-		for (size_t i = next->count; i-- > 0;) {
-			const struct dm_device *old = swapped[i] ? find_device(cur, next->devices[i].name) : NULL;
-
-			if (old && (load(cur, (size_t)(old - cur->devices)) || swap(d, old)))
-				log_err("%s keeps a table of the new size.", old->name);
-		}
-	}
-	/* the top resumes in any case: a suspended top would hold the guest */
-	if (dm_resume(top->name, false)) {
-		log_err("Cannot resume %s.", top->name);
-		r = r ? r : -EIO;
-	}
-	d->reloads++;
-	if (!r)
-		remove_stale(d, next);
-	for (size_t i = next->count; r && i-- > 0;)
-		if (created[i])
-			dm_remove_device(next->devices[i].name, false, true);
-out:
-	free(swapped);
 	free(created);
 	return r;
 }
@@ -565,10 +539,15 @@ int daemon_stack_setup(struct daemon *d)
 		d->runs = all;
 		run_list_init(&all);
 	}
-	r = build(d, d->img, &d->runs, &s);
+	/* segments left by the daemon before (a reattach): the new ones in a
+	 * newer generation, beside them */
+	r = list_stale(d, NULL, NULL, NULL, &d->seg_gen);
+	if (!r)
+		r = build(d, d->img, &d->runs, NULL, d->seg_gen, &s);
 	if (r)
 		goto out;
-	/* a new mapping: create the top devices; reattached: reload them all */
+	/* a new mapping: create the top devices; reattached: make new segments
+	 * and reload the top */
 	r = apply(d, s, NULL);
 	if (r) {
 		dm_stack_free(s);
@@ -661,9 +640,8 @@ void daemon_kick(void *opaque)
 	pthread_cond_signal(&d->cond);
 }
 
-/* One round: new runs, the stack rebuilt and applied (resize: segments
- * may change, with the top held meanwhile). */
-static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan, bool resize)
+/* One round: new runs, the stack rebuilt and applied. */
+static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan)
 {
 	uint64_t t0 = now_us();
 	struct run_list next;
@@ -695,12 +673,9 @@ static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan,
 		pthread_mutex_unlock(&d->lock);
 	}
 	if (!r)
-		r = build(d, &top, &next, &s);
-	if (!r) {
+		r = build(d, &top, &next, d->stack, ++d->seg_gen, &s);
+	if (!r)
 		r = apply(d, s, d->stack);
-		if (r == -ERANGE && resize)
-			r = apply_held(d, s, d->stack);
-	}
 	if (r) {
 		dm_stack_free(s);
 		run_list_free(&next);
@@ -717,7 +692,7 @@ static int remap_round(struct daemon *d, struct remap *q, size_t n, bool rescan,
 
 int daemon_reload_all(struct daemon *d)
 {
-	return remap_round(d, NULL, 0, true, true);
+	return remap_round(d, NULL, 0, true);
 }
 
 /* The top device gone without us (`close --deferred`: removed at its last
@@ -941,15 +916,9 @@ void daemon_remap_loop(struct daemon *d)
 		pthread_mutex_unlock(&d->lock);
 		if ((!n && !rescan) || drop)
 			continue;
-		r = remap_round(d, q, n, rescan, false);
+		r = remap_round(d, q, n, rescan);
 		if (r == -ENODEV || r == -ENXIO) {
 			log_verbose("%s: the mapping is going away: no more remapping", d->o.name);
-			gave_up = true;
-			continue;
-		}
-		if (r == -ERANGE) {
-			log_std("%s: the table is split into segment devices that would have to change: new clusters stay on the slow path until the next open.",
-				d->o.name);
 			gave_up = true;
 			continue;
 		}

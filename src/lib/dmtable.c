@@ -85,8 +85,15 @@ static int table_reserve(struct table *tb, size_t n)
 	return 0;
 }
 
-/* Append a target, merging it into the last one when both are zero, or map
+/* Whether a target may merge into last: both zero, or both map
  * contiguously onto the same device. */
+static bool joins(const struct dm_target *last, enum dm_target_type type, uint32_t dev, uint64_t offset)
+{
+	return last->type == type && type != DM_TARGET_CRYPT && last->dev == dev &&
+	       (type == DM_TARGET_ZERO || last->offset + last->len == offset);
+}
+
+/* Append a target, merging it into the last one when they join. */
 static int table_add(struct table *tb, enum dm_target_type type, uint32_t dev,
 		     uint64_t offset, uint64_t len)
 {
@@ -97,8 +104,7 @@ static int table_add(struct table *tb, enum dm_target_type type, uint32_t dev,
 		return 0;
 	if (tb->count) {
 		last = &tb->t[tb->count - 1];
-		if (last->type == type && type != DM_TARGET_CRYPT && last->dev == dev &&
-		    (type == DM_TARGET_ZERO || last->offset + last->len == offset)) {
+		if (joins(last, type, dev, offset)) {
 			last->len += len;
 			tb->sectors += len;
 			return 0;
@@ -220,21 +226,122 @@ out:
 	return r;
 }
 
+/* Cut the targets of *tb at the sectors of h that fall inside one. */
+static int cut_at(struct table *tb, const struct dm_split_level *h)
+{
+	struct table out = { 0 };
+	size_t k = 0;
+	int r;
+
+	r = table_reserve(&out, tb->count + h->n);
+	if (r)
+		return r;
+	for (size_t i = 0; i < tb->count; i++) {
+		struct dm_target t = tb->t[i];
+
+		while (k < h->n && h->start[k] <= t.start)
+			k++;
+		for (; k < h->n && h->start[k] < t.start + t.len; k++) {
+			uint64_t head = h->start[k] - t.start;
+
+			out.t[out.count] = t;
+			out.t[out.count++].len = head;
+			t.start += head;
+			t.len -= head;
+			if (t.type != DM_TARGET_ZERO)
+				t.offset += head;
+		}
+		out.t[out.count++] = t;
+	}
+	out.sectors = tb->sectors;
+	table_free(tb);
+	*tb = out;
+	return 0;
+}
+
+/* Where the pieces of tb begin: cut[0..*np) (target indices; cut[*np] is
+ * tb->count). Balanced sizes; or with h (the split of a table before),
+ * a piece begins where one of h began, a group larger than max is split
+ * in balanced sizes, and a group is joined to the piece before when both
+ * hold max/2 targets at most (so that pieces do not dwindle): the pieces
+ * that keep their targets keep their tables. */
+static int plan_pieces(const struct table *tb, size_t max, const struct dm_split_level *h, size_t **cut_out,
+		       size_t *np_out)
+{
+	size_t n = tb->count, np = 0, *cut = malloc((n + 1) * sizeof(*cut));
+
+	if (!cut)
+		return -ENOMEM;
+	for (size_t i = 1, k = 0, g0 = 0; h && max >= 4 && i <= n; i++) {
+		size_t cnt, m;
+
+		if (i < n) {
+			while (k < h->n && h->start[k] < tb->t[i].start)
+				k++;
+			if (k == h->n || h->start[k] != tb->t[i].start)
+				continue;
+		}
+		cnt = i - g0;
+		m = (cnt + max - 1) / max;
+		for (size_t j = 0; j < m; j++)
+			if (j || m > 1 || !np || g0 - cut[np - 1] + cnt > max / 2)
+				cut[np++] = g0 + j * cnt / m;
+		g0 = i;
+	}
+	if (!np || np >= n) {
+		/* (no split before, or one that would not make the table smaller) */
+		np = (n + max - 1) / max;
+		for (size_t k = 0; k < np; k++)
+			cut[k] = k * n / np;
+	}
+	cut[np] = n;
+	*cut_out = cut;
+	*np_out = np;
+	return 0;
+}
+
+/* Record where the pieces of the top table's split at level begin. */
+static int record_split(struct dm_stack *s, unsigned int level, const struct table *tb, const size_t *cut,
+			size_t np)
+{
+	struct dm_split_level *l;
+
+	if (level > s->nsplit) {
+		l = realloc(s->split, level * sizeof(*l));
+		if (!l)
+			return -ENOMEM;
+		memset(&l[s->nsplit], 0, (level - s->nsplit) * sizeof(*l));
+		s->split = l;
+		s->nsplit = level;
+	}
+	l = &s->split[level - 1];
+	free(l->start);
+	l->start = malloc((np ? np : 1) * sizeof(*l->start));
+	if (!l->start)
+		return -ENOMEM;
+	for (size_t k = 0; k < np; k++)
+		l->start[k] = tb->t[cut[k]].start;
+	l->n = np;
+	return 0;
+}
+
 /* While *tb has more targets than a table may hold, move them into segment
- * devices of balanced sizes and make *tb a linear table over those (a
- * segment of a single target stays in *tb as it is). base:
- * the suffix of the device *tb is for ("" for the top device). */
+ * devices (plan_pieces: where a split before had them, else of balanced
+ * sizes) and make *tb a linear table over those (a segment of a single
+ * target stays in *tb as it is). base: the suffix of the device *tb is
+ * for ("" for the top device, whose split is kept in the stack). */
 static int split_table(struct build *b, const char *base, enum dm_device_role role,
 		       int layer, struct table *tb)
 {
+	const struct dm_stack *prev = *base ? NULL : b->p->prev;
 	char suffix[DM_NAME_MAX + 64], sss[64];
 	unsigned int level = 0;
 	int r = 0;
 
 	while (tb->count > b->max_targets) {
+		const struct dm_split_level *h = prev && level < prev->nsplit ? &prev->split[level] : NULL;
 		struct table parent = { 0 };
-		uint64_t n = tb->count;
-		uint64_t nseg = (n + b->max_targets - 1) / b->max_targets;
+		size_t *cut = NULL, nseg = 0;
 
 		level++;
 		if (level >= sizeof(sss)) {
@@ -243,9 +350,17 @@ static int split_table(struct build *b, const char *base, enum dm_device_role ro
 		}
 		memset(sss, 's', level);
 		sss[level] = '\0';
-		r = table_reserve(&parent, (size_t)nseg);
-		for (uint64_t k = 0; !r && k < nseg; k++) {
-			size_t first = (size_t)(k * n / nseg), end = (size_t)((k + 1) * n / nseg);
+		/* (the first level: the targets cut where pieces began) */
+		if (h && level == 1 && b->max_targets >= 4)
+			r = cut_at(tb, h);
+		if (!r)
+			r = plan_pieces(tb, b->max_targets, h, &cut, &nseg);
+		if (!r && !*base)
+			r = record_split(b->s, level, tb, cut, nseg);
+		if (!r)
+			r = table_reserve(&parent, nseg);
+		for (size_t k = 0; !r && k < nseg; k++) {
+			size_t first = cut[k], end = cut[k + 1];
 			struct table seg = { 0 };
 			uint64_t base_sector = tb->t[first].start;
 			uint32_t index;
@@ -261,20 +376,28 @@ static int split_table(struct build *b, const char *base, enum dm_device_role ro
 			if (r)
 				break;
 			for (size_t i = first; i < end; i++) {
-				seg.t[seg.count] = tb->t[i];
-				seg.t[seg.count++].start -= base_sector;
-				seg.sectors += tb->t[i].len;
+				const struct dm_target *t = &tb->t[i];
+
+				/* (targets cut where a piece began, now in one piece) */
+				if (seg.count && joins(&seg.t[seg.count - 1], (enum dm_target_type)t->type, t->dev, t->offset)) {
+					seg.t[seg.count - 1].len += t->len;
+				} else {
+					seg.t[seg.count] = *t;
+					seg.t[seg.count++].start -= base_sector;
+				}
+				seg.sectors += t->len;
 			}
-			snprintf(suffix, sizeof(suffix), "%s%s%s%" PRIu64, base, *base ? "_" : "", sss, k);
+			snprintf(suffix, sizeof(suffix), "%s%s%s%zu", base, *base ? "_" : "", sss, k);
 			r = add_device(b, suffix, role, layer, level, &seg, &index);
 			if (!r)
 				r = table_add(&parent, DM_TARGET_LINEAR, index, 0, b->s->devices[index].sectors);
 		}
+		free(cut);
 		table_free(tb);
 		*tb = parent;
 		if (r)
 			break;
-		log_verbose("dm: table of %s%s%s split into %" PRIu64 " segments (level %u)",
+		log_verbose("dm: table of %s%s%s split into %zu segments (level %u)",
 			    b->p->name, *base ? "_" : "", base, nseg, level);
 	}
 	return r;
@@ -726,6 +849,9 @@ void dm_stack_free(struct dm_stack *s)
 		free(s->layers[d].key_desc);
 	}
 	free(s->layers);
+	for (unsigned int l = 0; l < s->nsplit; l++)
+		free(s->split[l].start);
+	free(s->split);
 	free(s->slow_ref);
 	free(s);
 }
@@ -924,19 +1050,118 @@ bool dm_mapping_name_valid(const char *name)
 	return true;
 }
 
-bool dm_is_segment_name(const char *dev, const char *name)
+bool dm_segment_generation(const char *dev, const char *name, uint32_t *gen)
 {
 	size_t n = strlen(name);
+	uint64_t g = 0;
 	const char *p;
 
 	if (strncmp(dev, name, n) || dev[n] != '_' || dev[n + 1] != 's')
 		return false;
 	for (p = dev + n + 1; *p == 's'; p++)
 		;
-	if (!*p)
+	if (*p < '0' || *p > '9')
 		return false;
-	for (; *p; p++)
-		if (*p < '0' || *p > '9')
+	while (*p >= '0' && *p <= '9')
+		p++;
+	if (*p) {
+		if (p[0] != '_' || p[1] != 'g' || p[2] < '0' || p[2] > '9')
 			return false;
+		for (p += 2; *p >= '0' && *p <= '9'; p++)
+			g = MIN(g * 10 + (uint64_t)(*p - '0'), (uint64_t)UINT32_MAX);
+		if (*p)
+			return false;
+	}
+	if (gen)
+		*gen = (uint32_t)g;
 	return true;
+}
+
+bool dm_is_segment_name(const char *dev, const char *name)
+{
+	return dm_segment_generation(dev, name, NULL);
+}
+
+bool dm_same_table(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
+		   const struct dm_device *b)
+{
+	char pa[DM_PARAMS_MAX], pb[DM_PARAMS_MAX];
+
+	if (a->count != b->count || a->sectors != b->sectors)
+		return false;
+	for (size_t i = 0; i < a->count; i++) {
+		const struct dm_target *x = &a->targets[i], *y = &b->targets[i];
+		bool in_x = x->dev < DM_DEV_SLOW && x->dev < s->count, in_y = y->dev < DM_DEV_SLOW && y->dev < cur->count;
+
+		if (x->start != y->start || x->len != y->len || x->type != y->type || x->offset != y->offset ||
+		    in_x != in_y)
+			return false;
+		if (in_x) {
+			if (strcmp(s->devices[x->dev].name, cur->devices[y->dev].name))
+				return false;
+		} else if (dm_target_params(s, a, x, pa, sizeof(pa)) < 0 ||
+			   dm_target_params(cur, b, y, pb, sizeof(pb)) < 0 || strcmp(pa, pb)) {
+			return false;
+		}
+	}
+	return true;
+}
+
+static int rename_segment(const struct dm_stack_params *p, struct dm_device *d, const char *name, uint32_t gen)
+{
+	char *n = gen ? str_printf("%s_g%" PRIu32, name, gen) : strdup(name);
+	char *uuid = n ? str_printf("%s%s-%s", DM_UUID_PREFIX_INTERNAL, p->id, n) : NULL;
+	char *ref = n ? str_printf("/dev/mapper/%s", n) : NULL;
+	int r = 0;
+
+	if (!n || !uuid || !ref) {
+		r = -ENOMEM;
+	} else if (strlen(n) > DM_NAME_MAX || strlen(uuid) > DM_UUID_MAX) {
+		log_err("Device name %s or its UUID is too long for device-mapper (at most %d and %d characters); choose a shorter name.",
+			n, DM_NAME_MAX, DM_UUID_MAX);
+		r = -ENAMETOOLONG;
+	}
+	if (r) {
+		free(n);
+		free(uuid);
+		free(ref);
+		return r;
+	}
+	free(d->name);
+	free(d->uuid);
+	free(d->ref);
+	d->name = n;
+	d->uuid = uuid;
+	d->ref = ref;
+	return 0;
+}
+
+int dm_stack_name_segments(const struct dm_stack_params *p, struct dm_stack *s, const struct dm_stack *cur,
+			   uint32_t gen)
+{
+	bool *taken = cur ? calloc(cur->count ? cur->count : 1, sizeof(*taken)) : NULL;
+	int r = cur && !taken ? -ENOMEM : 0;
+
+	/* creation order: a segment's children have their names before it */
+	for (size_t i = 0; i < s->count && !r; i++) {
+		struct dm_device *d = &s->devices[i];
+		size_t j = cur ? cur->count : 0;
+
+		if (d->role != DM_ROLE_SEGMENT)
+			continue;
+		for (size_t k = 0; k < j; k++) {
+			const struct dm_device *c = &cur->devices[k];
+
+			if (!taken[k] && c->role == DM_ROLE_SEGMENT && c->level == d->level && dm_same_table(s, d, cur, c))
+				j = k;
+		}
+		if (cur && j < cur->count) {
+			taken[j] = true;
+			r = rename_segment(p, d, cur->devices[j].name, 0);
+		} else if (gen) {
+			r = rename_segment(p, d, d->name, gen);
+		}
+	}
+	free(taken);
+	return r;
 }

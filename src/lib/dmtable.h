@@ -24,7 +24,9 @@
  *                         device, its target stays in the table above);
  *                         NAME_ss<k> segments of segments (NAME_sss<k>, ...
  *                         further up) only when there are more than
- *                         max_targets segments
+ *                         max_targets segments; a segment made while the
+ *                         mapping is live has its generation after it,
+ *                         NAME_s<k>_g<n> (dm_stack_name_segments)
  *   NAME                  the top device: guest space, linear onto the crypt
  *                         devices or host devices of every layer (the backing
  *                         chain is flattened into this one table), zero for
@@ -65,6 +67,8 @@
 /* Enough for the params of any target of a stack */
 #define DM_PARAMS_MAX		(DM_CIPHER_MAX + DM_KEY_DESC_MAX + DM_REF_MAX + 128)
 
+struct dm_stack;
+
 /* Per layer of the chain, indexed by depth (0 = the image itself). */
 struct dm_layer_params {
 	/* How tables refer to the device holding the layer's data (its data
@@ -97,6 +101,11 @@ struct dm_stack_params {
 	 * (clusters with refcount 1, see qcow2_rw.h): writes to those go
 	 * straight to the file, everything else to the daemon. */
 	const char *slow_dev;
+	/* A stack built before for the same mapping (the live one), or NULL:
+	 * the top table is split into segments where prev's was, so that a
+	 * change of a few targets changes a few segments (balanced sizes
+	 * where prev had no split; see dm_stack_name_segments). */
+	const struct dm_stack *prev;
 };
 
 enum dm_target_type {
@@ -148,6 +157,13 @@ struct dm_device {
 
 struct dm_stack_layer;
 
+/* Where the pieces of the top table's split at one level begin (segments
+ * or targets left inline), in sectors of the top device, ascending. */
+struct dm_split_level {
+	uint64_t *start;
+	size_t n;
+};
+
 /* Read-only for callers except through dm_stack_set_ref(). */
 struct dm_stack {
 	struct dm_device *devices;	/* creation order; the top device is last */
@@ -157,6 +173,8 @@ struct dm_stack {
 	unsigned int nlayers;
 	bool allow_discards;
 	char *slow_ref;			/* DM_DEV_SLOW targets refer to it; NULL: none */
+	struct dm_split_level *split;	/* private: the top table's split, level 1 first */
+	unsigned int nsplit;
 };
 
 /* Build the stack for the chain top and its merged runs (image_map_chain()).
@@ -233,7 +251,27 @@ bool dm_uuid_is_internal_of(const char *uuid, const char *top_uuid);
 bool dm_mapping_name_valid(const char *name);
 
 /* Whether dev is the name of a segment device of mapping name (NAME_sK,
- * NAME_ssK, ...: dmtable's naming). */
+ * NAME_ssK, ...: dmtable's naming, with "_g<gen>" after it from
+ * dm_stack_name_segments), and its generation (0 without a suffix). */
 bool dm_is_segment_name(const char *dev, const char *name);
+bool dm_segment_generation(const char *dev, const char *name, uint32_t *gen);
+
+/* Whether device a of stack s and device b of stack cur have the same
+ * table: the devices of their stacks they name compared by name, other
+ * references (host and slow-path devices) as the params render them. */
+bool dm_same_table(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
+		   const struct dm_device *b);
+
+/* Segments across reloads. A live segment is never given another table:
+ * a segment of s (as dm_stack_build made it, "NAME_s<k>") takes the name
+ * (and UUID) of a segment of cur (the live stack, NULL: none) of its
+ * level with the same table (each at most once), and otherwise its own
+ * name with "_g<gen>" (gen 0: as it is). A segment that
+ * names a renamed one differs from its live namesake, so the changes go
+ * up to the top, whose name never changes. Call it before setting the
+ * references; gen must be newer than every live segment's. 0,
+ * -ENAMETOOLONG (logged) or -ENOMEM. */
+int dm_stack_name_segments(const struct dm_stack_params *p, struct dm_stack *s, const struct dm_stack *cur,
+			   uint32_t gen);
 
 #endif

@@ -966,6 +966,156 @@ static void test_segment_names(void)
 	      "and nothing else (crypt devices, other mappings, bare prefixes)");
 }
 
+static void test_segment_generations(void)
+{
+	uint32_t gen = 99;
+
+	CHECK(dm_segment_generation("vm1_s3", "vm1", &gen) && gen == 0, "vm1_s3: generation 0");
+	CHECK(dm_segment_generation("vm1_ss12_g7", "vm1", &gen) && gen == 7 && dm_is_segment_name("vm1_ss12_g7", "vm1"),
+	      "vm1_ss12_g7: generation 7, a segment");
+	CHECK(dm_segment_generation("vm1_s0_g99999999999", "vm1", &gen) && gen == UINT32_MAX, "a huge generation saturates");
+	CHECK(!dm_is_segment_name("vm1_s3_g", "vm1") && !dm_is_segment_name("vm1_s3_x1", "vm1") &&
+	      !dm_is_segment_name("vm1_s3_g1x", "vm1") && !dm_is_segment_name("vm1_s_g1", "vm1") &&
+	      !dm_is_segment_name("vm1_s3_g1_crypt", "vm1"),
+	      "and no other suffix");
+}
+
+/* dev's targets as `dmsetup table` prints them (references by name) */
+static void device_text(const struct dm_stack *s, const struct dm_device *d, char *buf, size_t size)
+{
+	size_t n = 0;
+
+	buf[0] = '\0';
+	for (size_t k = 0; k < d->count && n < size; k++) {
+		char params[DM_PARAMS_MAX];
+
+		dm_target_params(s, d, &d->targets[k], params, sizeof(params));
+		n += (size_t)snprintf(buf + n, size - n, "%" PRIu64 " %" PRIu64 " %s %s\n", d->targets[k].start,
+				      d->targets[k].len, dm_target_type_name((enum dm_target_type)d->targets[k].type), params);
+	}
+}
+
+/* One round of the daemon's remapping: runs built (split where prev was,
+ * or balanced without it) and named against prev in generation gen.
+ * Counts the segments made anew; every other one must be prev's device of
+ * that name, with the same table. */
+static struct dm_stack *remap_build(struct dm_stack_params *p, const struct chain *c, const struct run_list *runs,
+				    const struct dm_stack *prev, bool stable, uint32_t gen, size_t *made)
+{
+	static char a[1 << 16], b[1 << 16];
+	struct dm_stack *s = NULL;
+	int r;
+
+	p->prev = stable ? prev : NULL;
+	r = dm_stack_build(p, &c->img[0], runs, &s);
+	if (!r)
+		r = dm_stack_name_segments(p, s, prev, gen);
+	CHECK(r == 0, "generation %" PRIu32 " built and named (%s)", gen, stable ? "split kept" : "balanced");
+	if (r) {
+		dm_stack_free(s);
+		return NULL;
+	}
+	for (size_t i = 0; i < s->count; i++) {
+		const struct dm_device *d = &s->devices[i];
+		uint32_t g;
+
+		if (d->role != DM_ROLE_SEGMENT)
+			continue;
+		if (!dm_segment_generation(d->name, "vm", &g) || g == gen) {
+			(*made)++;
+			continue;
+		}
+		for (size_t j = 0; prev && j < prev->count; j++)
+			if (!strcmp(prev->devices[j].name, d->name)) {
+				device_text(s, d, a, sizeof(a));
+				device_text(prev, &prev->devices[j], b, sizeof(b));
+				g = strcmp(a, b) ? UINT32_MAX : gen;
+			}
+		if (g != gen) {
+			CHECK(0, "generation %" PRIu32 ": %s kept its name but not its table (or came from nowhere)", gen,
+			      d->name);
+			break;
+		}
+	}
+	return s;
+}
+
+/* Clusters written one by one into a table split into segments: a round
+ * makes new segments only where its table changed, the rest keep their
+ * names; the names of a round never clash, the content is the runs'. */
+static void test_remap_generations(void)
+{
+	const uint64_t cl = 64 * KiB;
+	const size_t nclusters = 512, rounds = 40, max = 8;
+	struct layer_spec spec = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, nclusters * 64 * KiB, 2 * nclusters * 64 * KiB,
+				   "/img/w.qcow2" };
+	struct dm_stack_params p = { .name = "vm", .id = "ID", .max_targets = max };
+	struct dm_stack *cur[2] = { NULL, NULL };
+	size_t made[2] = { 0, 0 }, nseg = 0;
+	uint8_t kind[512];
+	struct chain c;
+	bool ok = true;
+
+	chain_init(&c, &spec, 1);
+	p.layers = c.lp;
+	p.nlayers = 1;
+	/* a cluster with data, two unallocated (zeros), and again: a write
+	 * makes a target more or none */
+	for (size_t i = 0; i < nclusters; i++)
+		kind[i] = i % 3 ? RUN_UNALLOC : RUN_DATA;
+	for (uint32_t gen = 0; gen <= rounds && ok; gen++) {
+		struct run_list runs;
+
+		if (gen) {
+			size_t i;
+
+			/* an unallocated cluster written (at a host cluster of its own) */
+			do
+				i = (size_t)(rng() % nclusters);
+			while (kind[i] != RUN_UNALLOC);
+			kind[i] = RUN_DATA;
+		}
+		run_list_init(&runs);
+		for (size_t i = 0; i < nclusters; i++) {
+			struct run run = { .guest = i * cl, .len = cl, .kind = kind[i], .host = (2 * nclusters - 1 - i) * cl };
+
+			run_list_add(&runs, &run);
+		}
+		for (int st = 0; st < 2 && ok; st++) {
+			size_t before = made[st];
+			struct dm_stack *s = remap_build(&p, &c, &runs, cur[st], st == 1, gen, &made[st]);
+			const char *bad;
+
+			ok = s != NULL;
+			if (!ok)
+				break;
+			bad = check_invariants(&c, s, max, "vm");
+			if (bad || check_every_sector(&c, &runs, s, NULL, "remapped")) {
+				CHECK(0, "generation %" PRIu32 ": invariants (%s) and content", gen, bad ? bad : "ok");
+				ok = false;
+			}
+			if (!gen) {
+				made[st] = 0;
+				nseg = before = 0;
+				for (size_t i = 0; i < s->count; i++)
+					nseg += s->devices[i].role == DM_ROLE_SEGMENT;
+			} else if (st == 1 && made[st] - before > 2 * s->nsplit) {
+				CHECK(0, "generation %" PRIu32 ": %zu segments made anew (%u levels)", gen, made[st] - before,
+				      s->nsplit);
+				ok = false;
+			}
+			dm_stack_free(cur[st]);
+			cur[st] = s;
+		}
+		run_list_free(&runs);
+	}
+	CHECK(ok, "%zu clusters written one by one, %zu segments at first: %zu segments made anew with the split kept, %zu balanced",
+	      rounds, nseg, made[1], made[0]);
+	CHECK(made[1] * 4 < made[0], "keeping the split makes far fewer segments");
+	dm_stack_free(cur[0]);
+	dm_stack_free(cur[1]);
+}
+
 int main(void)
 {
 	qs_log_set_callback(capture_log, NULL);
@@ -976,5 +1126,7 @@ int main(void)
 	test_large();
 	test_hold();
 	test_segment_names();
+	test_segment_generations();
+	test_remap_generations();
 	return tap_done();
 }

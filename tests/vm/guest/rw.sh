@@ -89,6 +89,28 @@ connections() {	# 3 NBD connections; fio from 2 jobs at QD16, verified: copy-on-
 	vm_assert_clean
 }
 
+# sectors of mapping $1 on the slow path (NBD, major 43): its top device's
+# and its segments' targets (one dmsetup call: there may be a hundred)
+slow_sectors() {
+	dmsetup table 2>/dev/null | awk -v n="$1" '(index($1, n ":") == 1 || index($1, n "_s") == 1) &&
+		$4 == "linear" && $5 ~ /^43:/ {s += $3} END {print s + 0}'
+}
+reloads() { sed -n 's/^reloads=//p' "/run/qcowsetup/$1.stats" 2>/dev/null | grep . || echo 0; }
+
+# remapping goes on: within 30 s, fewer sectors of mapping $1 on the slow
+# path than $2 and more reloads than $3
+remapped_since() {
+	t=0
+	while [ $t -lt 60 ]; do
+		[ "$(slow_sectors "$1")" -lt "$2" ] && [ "$(reloads "$1")" -gt "$3" ] && return 0
+		sleep 0.5
+		t=$((t + 1))
+	done
+	echo "no remapping: $(slow_sectors "$1") sectors on the slow path (were $2), $(reloads "$1") reloads (were $3)"
+	cat "/run/qcowsetup/$1.stats"
+	return 1
+}
+
 segments() {	# a table split into segment devices at open, then written to
 	# every other 64 KiB cluster of the first 4 MiB allocated: the fast path
 	# alternates with the slow path, 128 targets
@@ -99,12 +121,38 @@ segments() {	# a table split into segment devices at open, then written to
 	to_raw seg.qcow2 /mnt/m/seg.raw
 	qcowsetup open --max-targets 4 seg.qcow2 seg
 	n0=$(dmsetup ls | grep -c '^seg_s' || true)
+	slow0=$(slow_sectors seg) reloads0=$(reloads seg)
 	rw-workload write --seed 31 --ops 80 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
+	# the new clusters reach the fast path: segments change, and go on changing
+	remapped_since seg "$slow0" "$reloads0" || { qcowsetup close seg; return 1; }
+	sleep 1
+	slow1=$(slow_sectors seg) reloads1=$(reloads seg)
+	rw-workload write --seed 32 --ops 40 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
+	remapped_since seg "$slow1" "$reloads1" || { qcowsetup close seg; return 1; }
+	sleep 1
+	# a new daemon takes the live mapping over (reattach): every segment
+	# made anew beside the old ones, which go; then remapping goes on
+	dmsetup ls | awk '/^seg_s/ {print $1}' | sort >/tmp/seg.before
+	pid=$(qcowsetup status seg | sed -n 's/.*daemon pid \([0-9]*\).*/\1/p')
+	kill -9 "$pid"
+	sleep 1
+	qcowsetup reattach seg
+	dmsetup ls | awk '/^seg_s/ {print $1}' | sort >/tmp/seg.after
+	kept=$(grep -Fxf /tmp/seg.before /tmp/seg.after || true)
+	[ -s /tmp/seg.after ] && [ -z "$kept" ] ||
+		{ echo "segments after reattach: $(cat /tmp/seg.after); kept: $kept"; qcowsetup close seg; return 1; }
+	slow2=$(slow_sectors seg)
+	rw-workload write --seed 33 --ops 20 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
+	# (the stats file may still hold the old daemon's count)
+	remapped_since seg "$slow2" -1 || { qcowsetup close seg; return 1; }
 	sleep 1
 	n=$(dmsetup ls | grep -c '^seg_s' || true)
+	# the segments replaced are gone: every one left is in use
+	unused=$(dmsetup info -c --noheadings -o name,open | awk -F: '$1 ~ /^seg_s/ && $2 == 0 {print $1}')
 	cmp /dev/mapper/seg /mnt/m/seg.raw || { echo "content differs while mapped"; return 1; }
 	qcowsetup close seg
 	[ "$n0" -gt 0 ] && [ "$n" -gt 0 ] || { echo "segment devices: $n0 after open, $n after the writes"; return 1; }
+	[ -z "$unused" ] || { echo "segments left unused: $unused"; return 1; }
 	qcheck seg.qcow2
 	qemu-img compare -f qcow2 -F raw seg.qcow2 /mnt/m/seg.raw
 	rm -f seg.qcow2 /mnt/m/seg.raw
@@ -336,7 +384,7 @@ matrix)
 		vm_test "luks: a second seed" workload luks 2
 	fi
 	vm_test "chain: 3 NBD connections, fio from 2 jobs verified, the rest unchanged, check clean" connections
-	vm_test "segments (--max-targets 4): writes through a split table, then consistent" segments
+	vm_test "segments (--max-targets 4): writes through a split table remapped round after round, and after a reattach, then consistent" segments
 	vm_test "compressed clusters mapped read-only through the daemon" compressed_ro
 	vm_test "interop with QEMU both ways, locks both ways" interop
 	vm_test "corrupt bit: read-write refused (exit 4), read-only works" corrupt_bit
