@@ -44,7 +44,8 @@
  *       --layer HOST[,CIPHER,KEYSIZE]...  (one per layer, top first)
  *       [--hold MAJ:MIN]... [--readonly] [--allow-discards] [--max-targets N]
  *       [--trust-names] [--backing-file PATH] [--data-file PATH]
- *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX] [--take-over]
+ *       [--ready-fd FD] [--keep-size BYTES] [--used-end BYTES]
+ *       [--reattach NBDINDEX] [--take-over]
  *       [--nbd-timeout S] [--flush-interval MS] [--nbd-connections N] [--debug]
  */
 #include <errno.h>
@@ -290,7 +291,8 @@ static int open_files(struct daemon *d)
 static int open_engine(struct daemon *d)
 {
 	struct qcow2_rw_ops ops;
-	struct qcow2_rw_opts o = { .resume = d->o.reattach >= 0 };
+	/* what open found in use: no second pass over the refcount blocks */
+	struct qcow2_rw_opts o = { .resume = d->o.reattach >= 0, .used_end = d->o.used_end };
 	struct stat st;
 	int r;
 

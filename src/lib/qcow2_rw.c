@@ -2147,7 +2147,8 @@ static bool ahead_has_room(struct qcow2_rw *w)
 
 	if (!w->opts.ahead_max || !w->opts.file_limit)
 		return true;
-	if (qcow2_used_end(w->img, &used) == 0 && qcow2_file_reserve(w->img, used, &need) == 0 &&
+	used = w->opts.used_end;
+	if ((used || qcow2_used_end(w->img, &used) == 0) && qcow2_file_reserve(w->img, used, &need) == 0 &&
 	    w->opts.file_limit >= need)
 		return true;
 	log_dbg("%s: no allocation ahead: the file limit (%" PRIu64 " bytes) does not cover every cluster",

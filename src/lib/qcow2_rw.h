@@ -141,6 +141,10 @@ struct qcow2_rw_opts {
 	 * them back unreferenced, and with a file_limit short of every guest
 	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
 	uint64_t ahead_max;
+	/* qcow2_used_end() of the image when the caller has it (open computed
+	 * it to extend the file): the check above then reads no refcount
+	 * block. 0: computed when needed. */
+	uint64_t used_end;
 };
 
 struct qcow2_rw;
