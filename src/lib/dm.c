@@ -26,7 +26,6 @@
 #define UUID_SIZE		DM_INFO_UUID_SIZE
 
 #define UDEV_CONTROL		"/run/udev/control"
-#define UNIX_FLAG_LISTENING	0x10000	/* __SO_ACCEPTCON in /proc/net/unix */
 #define UDEV_HIDDEN_FLAGS	(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | \
 				 DM_UDEV_DISABLE_DISK_RULES_FLAG | \
 				 DM_UDEV_DISABLE_OTHER_RULES_FLAG)
@@ -80,26 +79,17 @@ static void dm_init(void)
 static bool control_present(void);
 
 /* Whether udevd listens on its control socket (a listening socket bound
- * there in /proc/net/unix; without /proc, whether the socket file is
- * there). The file alone is not enough: it outlives a udevd killed at
- * shutdown (in the initramfs systemd goes back to, where the shutdown hook
- * closes the mappings), and a udev cookie would then be waited for
- * forever. Nothing is sent to udevd. */
+ * there: the kernel's socket diagnostics, else /proc/net/unix; without
+ * either, whether the socket file is there). The file alone is not enough:
+ * it outlives a udevd killed at shutdown (in the initramfs systemd goes
+ * back to, where the shutdown hook closes the mappings), and a udev cookie
+ * would then be waited for forever. Nothing is sent to udevd (it warns of
+ * an empty message on its control socket). */
 static bool udev_listens(void)
 {
-	FILE *f = fopen("/proc/net/unix", "re");
-	char line[512], path[256];
-	unsigned long flags;
-	bool found = false;
+	int r = sys_unix_listening(UDEV_CONTROL);
 
-	if (!f)
-		return access(UDEV_CONTROL, F_OK) == 0;
-	/* Num RefCount Protocol Flags Type St Inode Path */
-	while (!found && fgets(line, sizeof(line), f))
-		found = sscanf(line, "%*s %*s %*s %lx %*s %*s %*s %255s", &flags, path) == 2 &&
-			(flags & UNIX_FLAG_LISTENING) && !strcmp(path, UDEV_CONTROL);
-	fclose(f);
-	return found;
+	return r < 0 ? access(UDEV_CONTROL, F_OK) == 0 : r;
 }
 
 /* Decided once, when device-mapper is known to work (libdevmapper asks the
