@@ -297,12 +297,13 @@ int sys_block_discard(unsigned int major, unsigned int minor, bool on)
 
 		if (!max)
 			return -EOPNOTSUPP;
-		/* the kernel takes a multiple of the granularity, in 32 bits of sectors */
+		/* the kernel takes a multiple of the granularity, in 32 bits of
+		 * bytes (queue_var_store: an NBD device's limit is larger) */
 		snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_granularity", major, minor);
 		if (sys_read_small(path, val, sizeof(val)) > 0 && strtoull(val, NULL, 10) >= 512)
 			gran = strtoull(val, NULL, 10);
-		if (max > (unsigned long long)UINT32_MAX << 9)
-			max = (unsigned long long)UINT32_MAX << 9;
+		if (max > UINT32_MAX)
+			max = UINT32_MAX;
 		max -= max % gran;
 		n = (size_t)snprintf(val, sizeof(val), "%llu", max);
 		r = 0;
