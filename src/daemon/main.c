@@ -421,10 +421,10 @@ static int connect_nbd(struct daemon *d)
 	}
 	snprintf(d->slow_ref, sizeof(d->slow_ref), "%u:%u", maj, min);
 	limit_requests(d);
-	/* before anything stacks on it (a reattach: as the state file says) */
-	r = daemon_nbd_discards(d, d->o.allow_discards);
-	if (r)
-		return r;
+	/* before anything stacks on it (a reattach: as the state file says);
+	 * a failure is logged: discards then reach the daemon, which leaves
+	 * the clusters as they are */
+	daemon_nbd_discards(d, d->o.allow_discards);
 	log_verbose("%s: slow path on nbd%d (%s), %u connection%s", d->o.name, d->nbd_index, d->slow_ref, d->nlinks,
 		    d->nlinks == 1 ? "" : "s");
 	return 0;
