@@ -94,9 +94,13 @@ static int verb_refresh(struct daemon *d, const struct control_request *req, cha
 	if (d->suspended)
 		return -EBUSY;
 	d->o.allow_discards = on;
-	r = daemon_reload_top(d);
+	/* the NBD device's limit first: the top's tables take it at the reload */
+	r = daemon_nbd_discards(d, on);
+	if (!r)
+		r = daemon_reload_top(d);
 	if (r) {
 		d->o.allow_discards = was;
+		daemon_nbd_discards(d, was);
 		daemon_reload_top(d);
 		return r;
 	}

@@ -131,6 +131,13 @@ struct daemon {
 
 /* main.c */
 void daemon_log_ready(void);
+/* The NBD device passes discards (on: its queue's discard_max_bytes back
+ * to the hardware limit) or none (0): the TRIM its export offers is fixed
+ * at connect (NBD_CMD_RECONFIGURE leaves the server flags alone), so a
+ * writable export offers it and this limit decides whether the block
+ * layer sends any. Tables loaded over the device afterwards take it. A
+ * read-only mapping: nothing to do. 0 or -errno (logged). */
+int daemon_nbd_discards(struct daemon *d, bool on);
 
 /* memlock.c: malloc's settings (before any allocation or thread); the lock
  * of what the I/O path needs, once the mapping is up (0 or -errno); a

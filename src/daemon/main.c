@@ -44,7 +44,8 @@
  *       --layer HOST[,CIPHER,KEYSIZE]...  (one per layer, top first)
  *       [--hold MAJ:MIN]... [--readonly] [--allow-discards] [--max-targets N]
  *       [--trust-names] [--backing-file PATH] [--data-file PATH]
- *       [--ready-fd FD] [--keep-size BYTES] [--reattach NBDINDEX] [--take-over]
+ *       [--ready-fd FD] [--keep-size BYTES] [--used-end BYTES]
+ *       [--reattach NBDINDEX] [--take-over]
  *       [--nbd-timeout S] [--flush-interval MS] [--nbd-connections N] [--debug]
  */
 #include <errno.h>
@@ -290,7 +291,8 @@ static int open_files(struct daemon *d)
 static int open_engine(struct daemon *d)
 {
 	struct qcow2_rw_ops ops;
-	struct qcow2_rw_opts o = { .resume = d->o.reattach >= 0 };
+	/* what open found in use: no second pass over the refcount blocks */
+	struct qcow2_rw_opts o = { .resume = d->o.reattach >= 0, .used_end = d->o.used_end };
 	struct stat st;
 	int r;
 
@@ -356,15 +358,33 @@ fail:
 		DAEMON_BUF_SIZE >> 10, strerror(errno));
 }
 
+int daemon_nbd_discards(struct daemon *d, bool on)
+{
+	unsigned int maj, min;
+	int r;
+
+	if (d->o.read_only)
+		return 0;
+	if (sscanf(d->slow_ref, "%u:%u", &maj, &min) != 2)
+		return -ENODEV;
+	r = sys_block_discard(maj, min, on);
+	if (r)
+		log_err("%s: cannot turn the discards of nbd%d %s: %s.", d->o.name, d->nbd_index, on ? "on" : "off",
+			strerror(-r));
+	return r;
+}
+
 static int connect_nbd(struct daemon *d)
 {
 	struct nbd_params p = {
 		.size = d->img->size & ~511ULL,
 		.block_size = 512,
 		.read_only = d->o.read_only,
-		/* the slow path does nothing with a discard (allowed): whether the
-		 * device offers them is up to the fast path's devices, the loop
-		 * devices and dm-crypt's allow_discards (open, refresh) */
+		/* the slow path does nothing with a discard (allowed); the flag
+		 * cannot change on the live device, so whether it passes any is
+		 * its queue limit's (daemon_nbd_discards: --allow-discards,
+		 * refresh), as for the fast path's loop devices and dm-crypt's
+		 * allow_discards */
 		.trim = !d->o.read_only,
 		.timeout = d->o.nbd_timeout,
 		.dead_conn_timeout = 0,
@@ -403,6 +423,10 @@ static int connect_nbd(struct daemon *d)
 	}
 	snprintf(d->slow_ref, sizeof(d->slow_ref), "%u:%u", maj, min);
 	limit_requests(d);
+	/* before anything stacks on it (a reattach: as the state file says);
+	 * a failure is logged: discards then reach the daemon, which leaves
+	 * the clusters as they are */
+	daemon_nbd_discards(d, d->o.allow_discards);
 	log_verbose("%s: slow path on nbd%d (%s), %u connection%s", d->o.name, d->nbd_index, d->slow_ref, d->nlinks,
 		    d->nlinks == 1 ? "" : "s");
 	return 0;

@@ -247,6 +247,10 @@ int daemon_resize(struct daemon *d, const char *size_arg, bool shrink, int fail_
 			r = step_at(&c, "the slow-path device's size");
 		if (!r)
 			r = grow_nbd(d, size);
+		/* (the kernel's new size gives the device its full discard
+		 * limit back) */
+		if (!r && !d->o.allow_discards)
+			r = daemon_nbd_discards(d, false);
 		if (r)
 			return r;
 	}

@@ -126,6 +126,7 @@ static const struct daemon_arg {
 	{ "--allow-discards", ARG_FLAG, FIELD(allow_discards), true },
 	{ "--max-targets", ARG_U64, FIELD(max_targets), true },
 	{ "--keep-size", ARG_U64, FIELD(keep_size), true },
+	{ "--used-end", ARG_U64, FIELD(used_end), false },
 	{ "--nbd-timeout", ARG_UINT, FIELD(nbd_timeout), true },
 	{ "--flush-interval", ARG_UINT, FIELD(flush_interval_ms), true },
 	{ "--nbd-connections", ARG_UINT, FIELD(nbd_connections), true },

@@ -69,6 +69,8 @@ struct daemon_args {
 	char holds[DAEMON_MAX_HOLDS][32];	/* loop devices to keep open, "7:3" */
 	unsigned int nholds;
 	uint64_t keep_size;		/* never truncate the image file below this */
+	uint64_t used_end;		/* the top image's qcow2_used_end as open found it
+					 * (this start only: reattach computes it); 0: unknown */
 	unsigned int nbd_timeout;	/* seconds */
 	unsigned int flush_interval_ms;	/* write back metadata (and remap) this often */
 	unsigned int nbd_connections;	/* of the NBD device (reattach: as many as it has) */

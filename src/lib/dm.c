@@ -8,8 +8,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/dm-ioctl.h>
 
 #include "dm.h"
 #include "dmtable.h"
@@ -26,7 +29,6 @@
 #define UUID_SIZE		DM_INFO_UUID_SIZE
 
 #define UDEV_CONTROL		"/run/udev/control"
-#define UNIX_FLAG_LISTENING	0x10000	/* __SO_ACCEPTCON in /proc/net/unix */
 #define UDEV_HIDDEN_FLAGS	(DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | \
 				 DM_UDEV_DISABLE_DISK_RULES_FLAG | \
 				 DM_UDEV_DISABLE_OTHER_RULES_FLAG)
@@ -80,26 +82,17 @@ static void dm_init(void)
 static bool control_present(void);
 
 /* Whether udevd listens on its control socket (a listening socket bound
- * there in /proc/net/unix; without /proc, whether the socket file is
- * there). The file alone is not enough: it outlives a udevd killed at
- * shutdown (in the initramfs systemd goes back to, where the shutdown hook
- * closes the mappings), and a udev cookie would then be waited for
- * forever. Nothing is sent to udevd. */
+ * there: the kernel's socket diagnostics, else /proc/net/unix; without
+ * either, whether the socket file is there). The file alone is not enough:
+ * it outlives a udevd killed at shutdown (in the initramfs systemd goes
+ * back to, where the shutdown hook closes the mappings), and a udev cookie
+ * would then be waited for forever. Nothing is sent to udevd (it warns of
+ * an empty message on its control socket). */
 static bool udev_listens(void)
 {
-	FILE *f = fopen("/proc/net/unix", "re");
-	char line[512], path[256];
-	unsigned long flags;
-	bool found = false;
+	int r = sys_unix_listening(UDEV_CONTROL);
 
-	if (!f)
-		return access(UDEV_CONTROL, F_OK) == 0;
-	/* Num RefCount Protocol Flags Type St Inode Path */
-	while (!found && fgets(line, sizeof(line), f))
-		found = sscanf(line, "%*s %*s %*s %lx %*s %*s %*s %255s", &flags, path) == 2 &&
-			(flags & UNIX_FLAG_LISTENING) && !strcmp(path, UDEV_CONTROL);
-	fclose(f);
-	return found;
+	return r < 0 ? access(UDEV_CONTROL, F_OK) == 0 : r;
 }
 
 /* Decided once, when device-mapper is known to work (libdevmapper asks the
@@ -850,15 +843,125 @@ int dm_get_status(const char *name, dm_target_line_fn fn, void *opaque)
 	return get_targets(DM_DEVICE_STATUS, name, fn, opaque);
 }
 
+#define LIST_BUF_MAX	(16U << 20)
+
+/* The UUID of the entry at off of the list (data: len bytes) into *uuid
+ * ("" for none) and the offset of the next entry into *next (0: the last):
+ * 0, -ENOTSUP when the kernel said nothing of UUIDs (before Linux 5.14),
+ * -EPROTO when the entry does not fit. */
+static int list_entry(const char *data, size_t len, size_t off, const char **uuid, size_t *next)
+{
+	const struct dm_name_list *nl = (const void *)(data + off);
+	const char *end;
+	uint32_t ev[2];
+	size_t at;
+
+	if (len - off < sizeof(*nl) + sizeof(ev) ||
+	    !(end = memchr(nl->name, '\0', len - off - offsetof(struct dm_name_list, name))))
+		return -EPROTO;
+	at = ((size_t)(end + 1 - data) + 7) & ~(size_t)7;	/* event_nr, flags */
+	if (at > len || len - at < sizeof(ev))
+		return -EPROTO;
+	memcpy(ev, data + at, sizeof(ev));
+	at += sizeof(ev);
+	if (ev[1] & DM_NAME_LIST_FLAG_HAS_UUID) {
+		*uuid = data + at;
+		if (at >= len || !memchr(*uuid, '\0', len - at))
+			return -EPROTO;
+	} else if (ev[1] & DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID) {
+		*uuid = "";
+	} else {
+		return -ENOTSUP;
+	}
+	*next = nl->next ? off + nl->next : 0;
+	return *next && (*next >= len || *next <= off) ? -EPROTO : 0;
+}
+
+/* The devices with their UUIDs from one DM_LIST_DEVICES ioctl
+ * (DM_UUID_FLAG), the list checked whole before fn sees any of it: *done
+ * and 0 or fn's error; else (not *done, nothing was called) -errno, to
+ * list them the other way. */
+static int list_with_uuids(dm_device_fn fn, void *opaque, bool *done)
+{
+	size_t size = 16384, off, next;
+	struct dm_ioctl *io = NULL;
+	const char *data, *uuid;
+	int fd, r;
+
+	*done = false;
+	fd = open("/dev/mapper/control", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	for (;;) {
+		free(io);
+		io = calloc(1, size);
+		if (!io) {
+			r = -ENOMEM;
+			goto out;
+		}
+		io->version[0] = DM_VERSION_MAJOR;	/* (minor 0: any kernel of version 4 takes it) */
+		io->data_size = (uint32_t)size;
+		io->data_start = sizeof(*io);
+		io->flags = DM_UUID_FLAG;
+		if (ioctl(fd, DM_LIST_DEVICES, io) < 0) {
+			r = -errno;
+			goto out;
+		}
+		if (!(io->flags & DM_BUFFER_FULL_FLAG))
+			break;
+		if (size >= LIST_BUF_MAX) {
+			r = -E2BIG;
+			goto out;
+		}
+		size *= 4;
+	}
+	if (io->data_size > size || io->data_size < io->data_start) {
+		r = -EPROTO;
+		goto out;
+	}
+	data = (const char *)io + io->data_start;
+	size = io->data_size - io->data_start;
+	if (size < sizeof(struct dm_name_list) || !((const struct dm_name_list *)(const void *)data)->dev) {
+		*done = true;	/* none */
+		r = 0;
+		goto out;
+	}
+	for (off = 0, r = 0; !r; off = next) {
+		r = list_entry(data, size, off, &uuid, &next);
+		if (!r && !next)
+			break;
+	}
+	*done = r == 0;
+	for (off = 0; !r; off = next) {
+		const struct dm_name_list *nl = (const void *)(data + off);
+
+		list_entry(data, size, off, &uuid, &next);
+		r = fn(opaque, nl->name, uuid, major((dev_t)nl->dev), minor((dev_t)nl->dev));
+		if (!next)
+			break;
+	}
+out:
+	free(io);
+	close(fd);
+	return r;
+}
+
 int dm_list_devices(dm_device_fn fn, void *opaque)
 {
 	struct dm_task *dmt;
 	struct dm_names *names;
 	unsigned int next = 0;
+	bool done;
 	int r = 0;
 
 	if (!fn)
 		return -EINVAL;
+	dm_init();
+	r = list_with_uuids(fn, opaque, &done);
+	if (done)
+		return r;
+	/* before Linux 5.14: the names, then a status ioctl for each UUID */
+	r = 0;
 	dmt = task_create(DM_DEVICE_LIST, NULL, &r);
 	if (!dmt)
 		return r;

@@ -82,6 +82,7 @@ struct open_ctx {
 	bool rw;		/* read-write mapping */
 	bool use_daemon;	/* the slow path: read-write qcow2, or compressed clusters */
 	uint64_t keep_size;	/* size of the top's data file before open extended it */
+	uint64_t used_end;	/* the top's qcow2_used_end (read-write qcow2), for the daemon */
 	char id[DM_IMAGE_ID_MAX];	/* image identifier of the UUIDs */
 	pid_t daemon_pid;	/* 0: none started */
 	bool daemon_ready;	/* it created the top device */
@@ -598,6 +599,7 @@ static int spawn_daemon(struct open_ctx *c)
 	if (c->p->max_targets)
 		a->max_targets = c->p->max_targets;
 	a->keep_size = c->keep_size;
+	a->used_end = c->used_end;
 	if (c->p->nbd_timeout)
 		a->nbd_timeout = c->p->nbd_timeout;
 	/* one by default: on Linux 6.1 each connection's receiver is a work
@@ -756,6 +758,7 @@ static int hold_files(struct open_ctx *c)
 				r = qcow2_file_reserve(l, used, &reserve);
 			if (r)
 				return r;
+			c->used_end = used;
 		}
 		r = hold_file(c, &l->data_io, &c->data[d], write, write, reserve, &old);
 		if (r)

@@ -2266,7 +2266,8 @@ static bool ahead_has_room(struct qcow2_rw *w)
 
 	if (!w->opts.ahead_max || !w->opts.file_limit)
 		return true;
-	if (qcow2_used_end(w->img, &used) == 0 && qcow2_file_reserve(w->img, used, &need) == 0 &&
+	used = w->opts.used_end;
+	if ((used || qcow2_used_end(w->img, &used) == 0) && qcow2_file_reserve(w->img, used, &need) == 0 &&
 	    w->opts.file_limit >= need)
 		return true;
 	log_dbg("%s: no allocation ahead: the file limit (%" PRIu64 " bytes) does not cover every cluster",
@@ -2275,14 +2276,16 @@ static bool ahead_has_room(struct qcow2_rw *w)
 }
 
 /* Where the image file was never written (fresh_from): from the end of
- * the clusters in use, when the file holds no data past it (a writer that
- * died may have left some). Unknown without data_extent. */
+ * the clusters in use (opts.used_end when the caller has it), when the
+ * file holds no data past it (a writer that died may have left some, and
+ * whatever header_duties wrote past it is data too). Unknown without
+ * data_extent. */
 static void find_fresh(struct qcow2_rw *w)
 {
-	uint64_t used, len;
+	uint64_t used = w->opts.used_end, len;
 	bool is_data;
 
-	if (!w->ops.data_extent || w->data_file || qcow2_used_end(w->img, &used) < 0)
+	if (!w->ops.data_extent || w->data_file || (!used && qcow2_used_end(w->img, &used) < 0))
 		return;
 	if (w->ops.data_extent(w->ops.opaque, used, &len, &is_data) == -ENXIO)
 		w->fresh_from = used;

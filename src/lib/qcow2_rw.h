@@ -161,6 +161,10 @@ struct qcow2_rw_opts {
 	 * like the sequential windows (every one of them is remembered, up to
 	 * a bound beyond which it stops). Needs ahead_max and data_extent. */
 	bool ahead_sparse;
+	/* qcow2_used_end() of the image when the caller has it (open computed
+	 * it to extend the file): the check above then reads no refcount
+	 * block. 0: computed when needed. */
+	uint64_t used_end;
 };
 
 struct qcow2_rw;

@@ -5,9 +5,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <linux/fs.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/unix_diag.h>
 #include <unistd.h>
 
 #include "sysutil.h"
@@ -180,6 +185,103 @@ int sys_read_small(const char *path, char *buf, size_t size)
 	return (int)n;
 }
 
+#define UNIX_STATE_LISTEN	10	/* TCP_LISTEN: the state of a listening Unix socket */
+#define UNIX_FLAG_LISTENING	0x10000	/* __SO_ACCEPTCON in /proc/net/unix */
+
+/* One datagram of the dump: *found when a socket in it is bound at path,
+ * *done at its end; 0, or -errno for an error message. */
+static int diag_match(const struct nlmsghdr *h, size_t len, const char *path, bool *found, bool *done)
+{
+	size_t plen = strlen(path);
+
+	for (; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+		const struct unix_diag_msg *m = NLMSG_DATA(h);
+		const struct rtattr *a;
+		size_t alen;
+
+		if (h->nlmsg_type == NLMSG_DONE) {
+			*done = true;
+			return 0;
+		}
+		if (h->nlmsg_type == NLMSG_ERROR) {
+			const struct nlmsgerr *e = NLMSG_DATA(h);
+
+			return h->nlmsg_len >= NLMSG_LENGTH(sizeof(*e)) && e->error ? e->error : -EPROTO;
+		}
+		if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY || h->nlmsg_len < NLMSG_LENGTH(sizeof(*m)))
+			continue;
+		a = (const struct rtattr *)(m + 1);
+		alen = h->nlmsg_len - NLMSG_LENGTH(sizeof(*m));
+		for (; RTA_OK(a, alen); a = RTA_NEXT(a, alen))
+			if (a->rta_type == UNIX_DIAG_NAME && RTA_PAYLOAD(a) >= plen && !memcmp(RTA_DATA(a), path, plen) &&
+			    (RTA_PAYLOAD(a) == plen || ((const char *)RTA_DATA(a))[plen] == '\0'))
+				*found = true;
+	}
+	return 0;
+}
+
+/* The listening Unix sockets with their names, from the kernel (the
+ * unix_diag module): 1, 0 or -errno. */
+static int unix_listening_diag(const char *path)
+{
+	struct {
+		struct nlmsghdr h;
+		struct unix_diag_req r;
+	} req = {
+		.h = { .nlmsg_len = sizeof(req), .nlmsg_type = SOCK_DIAG_BY_FAMILY,
+		       .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP },
+		.r = { .sdiag_family = AF_UNIX, .udiag_states = 1U << UNIX_STATE_LISTEN, .udiag_show = UDIAG_SHOW_NAME },
+	};
+	struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
+	long buf[8192 / sizeof(long)];
+	bool found = false, done = false;
+	int fd, r = 0;
+
+	fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+	if (fd < 0)
+		return -errno;
+	if (sendto(fd, &req, sizeof(req), 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0)
+		r = -errno;
+	while (!r && !done) {
+		ssize_t n = recv(fd, buf, sizeof(buf), 0);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			r = n < 0 ? -errno : -EPROTO;
+			break;
+		}
+		r = diag_match((const struct nlmsghdr *)buf, (size_t)n, path, &found, &done);
+	}
+	close(fd);
+	return r ? r : found;
+}
+
+/* The same from /proc/net/unix: 1, 0 or -errno. */
+static int unix_listening_proc(const char *path)
+{
+	FILE *f = fopen("/proc/net/unix", "re");
+	char line[512], name[256];
+	unsigned long flags;
+	bool found = false;
+
+	if (!f)
+		return -errno;
+	/* Num RefCount Protocol Flags Type St Inode Path */
+	while (!found && fgets(line, sizeof(line), f))
+		found = sscanf(line, "%*s %*s %*s %lx %*s %*s %*s %255s", &flags, name) == 2 &&
+			(flags & UNIX_FLAG_LISTENING) && !strcmp(name, path);
+	fclose(f);
+	return found;
+}
+
+int sys_unix_listening(const char *path)
+{
+	int r = unix_listening_diag(path);
+
+	return r < 0 ? unix_listening_proc(path) : r;
+}
+
 int sys_block_discard(unsigned int major, unsigned int minor, bool on)
 {
 	char path[96], val[32] = "0";
@@ -195,12 +297,13 @@ int sys_block_discard(unsigned int major, unsigned int minor, bool on)
 
 		if (!max)
 			return -EOPNOTSUPP;
-		/* the kernel takes a multiple of the granularity, in 32 bits of sectors */
+		/* the kernel takes a multiple of the granularity, in 32 bits of
+		 * bytes (queue_var_store: an NBD device's limit is larger) */
 		snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_granularity", major, minor);
 		if (sys_read_small(path, val, sizeof(val)) > 0 && strtoull(val, NULL, 10) >= 512)
 			gran = strtoull(val, NULL, 10);
-		if (max > (unsigned long long)UINT32_MAX << 9)
-			max = (unsigned long long)UINT32_MAX << 9;
+		if (max > UINT32_MAX)
+			max = UINT32_MAX;
 		max -= max % gran;
 		n = (size_t)snprintf(val, sizeof(val), "%llu", max);
 		r = 0;

@@ -31,6 +31,12 @@ int fd_real_path(int fd, char *buf, size_t size);
  * or -errno (-EIO: empty). */
 int sys_read_small(const char *path, char *buf, size_t size);
 
+/* Whether a Unix socket bound at path listens: 1 or 0, from the kernel's
+ * socket diagnostics (a netlink dump of the listening Unix sockets with
+ * their names), else from /proc/net/unix (a text line per socket of the
+ * host); -errno when neither can be read. Nothing connects to it. */
+int sys_unix_listening(const char *path);
+
 /* Discards through block device MAJ:MIN on (its queue's discard_max_bytes
  * back to discard_max_hw_bytes) or off (0); device-mapper tables loaded
  * over it afterwards take that. 0, -EOPNOTSUPP (turning on a device without

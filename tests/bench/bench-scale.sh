@@ -68,6 +68,7 @@ awk -v n="$n" '
 		printf "  targets: locked <= 4096 KiB per mapping: %s; RSS <= 8192 KiB per mapping: %s\n",
 			f[4] / f[2] <= 4096 ? "MET" : "not met", f[5] / f[2] <= 8192 ? "MET" : "not met"
 		print "\n  open and close time per mapping (ms): medians of groups of 10, then every mapping"
+		printf "  (mapping i opens with i - 1 others open, and closes with %d - i others still open)\n", n
 		printf "  %9s %12s %12s %12s\n", "mappings", "open LUKS", "open plain", "close"
 		for (lo = 1; lo <= n; lo += 10) {
 			hi = lo + 9 > n ? n : lo + 9

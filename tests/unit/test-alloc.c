@@ -2399,6 +2399,64 @@ static void sequential_fill(struct fill *f)
 	free(want);
 }
 
+/* The used end a caller supplies (the daemon: what open found) decides
+ * whether allocation ahead has room, in place of a pass over the refcount
+ * blocks: with the file limit at exactly what every cluster needs from the
+ * true used end, ahead stays on when the used end is computed (0) or given
+ * as it is, and goes off when a larger one is given (nothing recomputed). */
+static void test_ahead_given_used_end(void)
+{
+	static const struct {
+		uint64_t extra;		/* bytes given beyond the true used end; UINT64_MAX: none given */
+		bool ahead;
+	} cases[] = {
+		{ UINT64_MAX, true },
+		{ 0, true },
+		{ 64 << 16, false },
+	};
+	const uint64_t cs = 65536, vsize = 16 << 20;
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct qcow2_rw_opts o = { .ahead_max = 4 << 20 };
+		struct qcow2_rw *w = NULL;
+		struct qcow2_rw_stats st = { 0 };
+		struct tb b;
+		struct env e;
+		uint8_t *buf = calloc(1, cs);
+		uint64_t used = 0, need = 0;
+		int r;
+
+		tb_init(&b, 16, 4, false, vsize, 3, false, 0, 0);
+		env_init(&e, &b);
+		e.punch = true;
+		r = env_open_image(&e);
+		if (!r)
+			r = qcow2_used_end(e.img, &used);
+		if (!r)
+			r = qcow2_file_reserve(e.img, used, &need);
+		o.file_limit = need;
+		if (cases[i].extra != UINT64_MAX)
+			o.used_end = used + cases[i].extra;
+		if (!r)
+			r = env_writer(&e, &o, &w);
+		if (!r)
+			r = qcow2_rw_write(w, buf, cs, 0);
+		if (!r)
+			r = qcow2_rw_flush(w);
+		if (w)
+			qcow2_rw_get_stats(w, &st);
+		CHECK(r == 0 && (st.ahead_clusters > 0) == cases[i].ahead,
+		      "used end %s: %s ahead (%" PRIu64 " clusters, %d)",
+		      cases[i].extra == UINT64_MAX ? "computed" : cases[i].extra ? "given, larger" : "given",
+		      cases[i].ahead ? "allocation" : "no allocation", st.ahead_clusters, r);
+		if (w)
+			qcow2_rw_free(w);
+		env_free(&e);
+		tb_free(&b);
+		free(buf);
+	}
+}
+
 /* Allocation ahead and cheap zeros never cost a write: when zeroing fails
  * (a full file system) the writes succeed as without them (the partial
  * write too) and nothing is mapped ahead; ahead makes no L2 table,
@@ -2541,6 +2599,7 @@ int main(int argc, char **argv)
 		test_alloc_sparse(false);
 		test_alloc_sparse(true);
 		test_ahead_costs_nothing();
+		test_ahead_given_used_end();
 	}
 	if (!only || !strcmp(only, "targeted") || !strcmp(only, "resize"))
 		test_resize();

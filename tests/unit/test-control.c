@@ -1,9 +1,12 @@
 /* The control channel's lines (src/lib/control.h): requests and replies
- * parsed and formatted, table-driven. */
+ * parsed and formatted, table-driven; and the daemon's arguments
+ * (daemon_state.h) that pass one start only. */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "control.h"
+#include "daemon_state.h"
 #include "tap.h"
 
 struct request_case {
@@ -56,6 +59,38 @@ static const struct reply_case replies[] = {
 	{ "\n", -EPROTO, NULL },
 	{ "HELLO\n", -EPROTO, NULL },
 };
+
+/* The used end open found reaches the daemon's start, not its state file
+ * (a reattach computes it again: the image has changed since). */
+static void test_daemon_used_end(void)
+{
+	struct daemon_args *a = malloc(sizeof(*a)), *back = malloc(sizeof(*back));
+	struct daemon_argv *v = malloc(sizeof(*v));
+	bool in_state = false;
+	int r;
+
+	daemon_args_init(a);
+	snprintf(a->name, sizeof(a->name), "vm1");
+	snprintf(a->id, sizeof(a->id), "0123456789abcdef");
+	snprintf(a->image, sizeof(a->image), "/var/lib/vm1.qcow2");
+	snprintf(a->layers[0].host, sizeof(a->layers[0].host), "7:3");
+	a->nlayers = 1;
+	a->used_end = 5ULL << 30;
+	r = daemon_args_format(a, false, v);
+	if (!r)
+		r = daemon_args_parse(v->n, v->v, back);
+	CHECK(r == 0 && back->used_end == a->used_end, "--used-end passes to the daemon (%d)", r);
+	r = daemon_args_format(a, true, v);
+	for (int i = 0; !r && i < v->n; i++)
+		in_state |= !strcmp(v->v[i], "--used-end");
+	CHECK(r == 0 && !in_state, "--used-end is not kept for reattach");
+	if (!r)
+		r = daemon_args_parse(v->n, v->v, back);
+	CHECK(r == 0 && back->used_end == 0, "reattach: no used end, computed (%d)", r);
+	free(a);
+	free(back);
+	free(v);
+}
 
 int main(void)
 {
@@ -121,5 +156,6 @@ int main(void)
 	memset(long_line, 'n', 127);
 	long_line[127] = '\0';
 	CHECK(control_socket_path(buf, sizeof(buf), long_line) == -ENAMETOOLONG, "a name too long for sun_path");
+	test_daemon_used_end();
 	return tap_done();
 }

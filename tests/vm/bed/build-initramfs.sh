@@ -93,8 +93,9 @@ modules_required="dm-mod dm-crypt dm-zero loop nbd ecb cbc xts essiv aes_generic
 	serpent_generic twofish_generic sha256_generic 9p 9pnet 9pnet_virtio virtio
 	virtio_ring virtio_pci virtio_blk ext4 jbd2 mbcache crc16 crc32c_generic
 	af_alg algif_skcipher algif_hash"
-# (dm-log-writes, dm-snapshot, dm-flakey: the write log test, test-logwrites.sh)
-modules_optional="aesni_intel crc32c_intel virtio_rng dm_log_writes dm_snapshot dm_flakey
+# (dm-log-writes, dm-snapshot, dm-flakey: the write log test, test-logwrites.sh;
+# unix_diag: how dm.c asks whether udevd listens, else /proc/net/unix)
+modules_optional="aesni_intel crc32c_intel virtio_rng dm_log_writes dm_snapshot dm_flakey unix_diag
 	${QS_VM_EXTRA_MODULES:-}"
 
 # "name path deps..." for every module file of the kernel, name normalised.

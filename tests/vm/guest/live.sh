@@ -169,6 +169,9 @@ daemon_dies() {	# image
 discard_max() {
 	cat "/sys/block/dm-$(dmsetup info -c --noheadings -o minor lv | tr -d ' ')/queue/discard_max_bytes"
 }
+nbd_discard_max() {	# of the mapping's slow path (the NBD device)
+	cat "/sys/block/$(qcowsetup status lv | sed -n 's|.*slow path: /dev/\(nbd[0-9]*\).*|\1|p')/queue/discard_max_bytes"
+}
 loop_discard_max() {	# file: discard_max_bytes of the read-write loop device over it
 	for l in /sys/block/loop*; do
 		[ "$(cat "$l/loop/backing_file" 2>/dev/null)" = "$1" ] && [ "$(cat "$l/ro")" = 0 ] &&
@@ -184,7 +187,9 @@ refresh_empty() {
 	to_raw "$w" /tmp/ref.raw
 	qcowsetup open "$w" lv
 	[ "$(loop_discard_max "$w")" = 0 ] || { echo "the loop device passes discards after open"; return 1; }
+	[ "$(discard_max)" = 0 ] || { echo "the top device (all on the slow path) passes discards after open"; return 1; }
 	qcowsetup refresh --allow-discards lv
+	[ "$(discard_max)" != 0 ] || { echo "the top device passes no discards after refresh"; return 1; }
 	[ "$(loop_discard_max "$w")" != 0 ] || { echo "the loop device passes no discards after refresh"; return 1; }
 	rw-workload write --seed 32 --ops 10 --flush-every 3 /dev/mapper/lv /tmp/ref.raw >/dev/null
 	qcowsetup refresh --no-allow-discards lv
@@ -207,12 +212,14 @@ refresh() {	# image [ro]
 	# shellcheck disable=SC2046
 	qcowsetup open $ro $(key_opts "$img") "$w" lv
 	[ "$mode" = ro ] || [ "$(discard_max)" = 0 ] || { echo "discards without --allow-discards"; return 1; }
+	[ "$mode" = ro ] || [ "$(nbd_discard_max)" = 0 ] || { echo "the NBD device offers discards without --allow-discards"; return 1; }
 	case $img in *luks*) ! crypt_flag ;; esac
 	# shellcheck disable=SC2046
 	qcowsetup refresh --allow-discards $(key_opts "$img") lv
 	case $img in *luks*) crypt_flag || { echo "no allow_discards in the crypt table"; dmsetup table lv_crypt; return 1; } ;; esac
 	if [ "$mode" = rw ]; then
 		[ "$(discard_max)" != 0 ] || { echo "no discards after refresh --allow-discards"; return 1; }
+		[ "$(nbd_discard_max)" != 0 ] || { echo "the NBD device offers no discards after refresh"; return 1; }
 		blkdiscard -o 0 -l 1048576 /dev/mapper/lv
 		dd if=/dev/zero of=/tmp/ref.raw bs=1M count=1 conv=notrunc 2>/dev/null
 		# (a discarded range may read back as before or as zeros: compare the rest)
@@ -225,6 +232,7 @@ refresh() {	# image [ro]
 	qcowsetup refresh --no-allow-discards $(key_opts "$img") lv
 	case $img in *luks*) ! crypt_flag ;; esac
 	[ "$mode" = ro ] || [ "$(discard_max)" = 0 ] || { echo "discards after refresh --no-allow-discards"; return 1; }
+	[ "$mode" = ro ] || [ "$(nbd_discard_max)" = 0 ] || { echo "the NBD device offers discards still"; return 1; }
 	[ "$mode" = ro ] || [ "$(loop_discard_max "$w")" = 0 ] || { echo "the loop device passes discards still"; return 1; }
 	cmp /dev/mapper/lv /tmp/ref.raw 1048576 1048576
 	qcowsetup close lv
