@@ -1323,6 +1323,9 @@ static int fill_status(struct mapping_status *st, const char *name, struct dev_l
 	w->all = all;
 	w->name = name;
 	dm_get_table(name, walk_target, w);
+	/* (a mapping whose every cluster is on the fast path names no NBD
+	 * device: its daemon is in the state file) */
+	add_idle_daemon(name, w);
 	snprintf(st->name, sizeof(st->name), "%s", name);
 	snprintf(st->uuid, sizeof(st->uuid), "%s", info->uuid);
 	st->read_only = info->read_only;

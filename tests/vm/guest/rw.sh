@@ -113,8 +113,10 @@ remapped_since() {
 
 segments() {	# a table split into segment devices at open, then written to
 	# every other 64 KiB cluster of the first 4 MiB allocated: the fast path
-	# alternates with the slow path, 128 targets
-	qemu-img create -q -f qcow2 seg.qcow2 64M
+	# alternates with the slow path, 128 targets. 256 MiB: random writes
+	# get the 2 MiB around them mapped (holes), so each batch still finds
+	# windows of the slow path to move
+	qemu-img create -q -f qcow2 seg.qcow2 256M
 	i=0 cmds=''
 	while [ $i -lt 64 ]; do cmds="$cmds -c 'write -P 0x5$((i % 10)) $((i * 131072)) 64k'"; i=$((i + 1)); done
 	eval "qemu-io -f qcow2 $cmds seg.qcow2" >/dev/null
