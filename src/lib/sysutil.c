@@ -277,7 +277,15 @@ static int unix_listening_proc(const char *path)
 
 int sys_unix_listening(const char *path)
 {
-	int r = unix_listening_diag(path);
+	int r = -ENOENT;
+
+	/* Only with unix_diag loaded already: the kernel would load it on
+	 * demand (request_module), running modprobe, which reads the root
+	 * filesystem; when that root is a mapping whose top device the
+	 * caller holds suspended (a daemon's table swap waits for udev), the
+	 * read waits for the resume and the resume for the read. */
+	if (access("/sys/module/unix_diag", F_OK) == 0)
+		r = unix_listening_diag(path);
 
 	return r < 0 ? unix_listening_proc(path) : r;
 }
