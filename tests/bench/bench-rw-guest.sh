@@ -12,6 +12,9 @@
 #     copy-on-write), allocated (LUKS) or allocated-plain (the limits)
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
 #   STATS ROUND seq|rand KIND DEVICE KEY=VALUE...  (its stats file)
+#   PATHS ROUND seq|rand KIND DEVICE TOP SLOW CRYPT_KIB  (writes the top device
+#     completed, those of them the slow path served (its NBD device), KiB
+#     written through the crypt device of a LUKS image: the cipher's work)
 #   TARGETS N SLOW                         (the allocated image's top table)
 #   S ROUND before|after first|cow|backing-read KIB_S IOPS  (BENCH_BEFORE)
 # Environment: BENCH_RUNTIME (seconds per job, default 15), BENCH_ROUNDS
@@ -58,8 +61,19 @@ image_opts() {	# the image for qemu-img and qemu-nbd
 	fi
 }
 
+# "WRITES KIB" a block device (/dev/...) completed
+disk_writes() {
+	local b
+	b=/sys/block/$(basename "$(readlink -f "$1")")/stat
+	[ -f "$b" ] && awk '{ print $5, int($7 / 2) }' "$b" || echo "0 0"
+}
+# the top device, its slow path and its crypt device (none: /dev/null)
+path_devs() {	# binary
+	echo /dev/mapper/bq "$($1 status bq | sed -n 's/^ *slow path: *\(\/dev\/nbd[0-9]*\).*/\1/p')" \
+		"$([ -b /dev/mapper/bq_crypt ] && echo /dev/mapper/bq_crypt || echo /dev/null)"
+}
 first_write_qcowsetup() {	# round test [binary label]
-	local rw bs qd bw iops qs=${3:-qcowsetup} label=${4:-qcowsetup}
+	local rw bs qd bw iops qs=${3:-qcowsetup} label=${4:-qcowsetup} top slow crypt t0 s0 c0 t1 s1 c1 x
 	read -r rw bs qd <<< "$(job_args "$2")"
 	fresh
 	if [ $kind = first-write ]; then
@@ -67,8 +81,12 @@ first_write_qcowsetup() {	# round test [binary label]
 	else
 		$qs open t.qcow2 bq || { echo "ERROR open"; return 1; }
 	fi
+	read -r top slow crypt <<< "$(path_devs $qs)"
+	read -r t0 x <<< "$(disk_writes $top)"; read -r s0 x <<< "$(disk_writes "$slow")"; read -r x c0 <<< "$(disk_writes $crypt)"
 	read -r bw iops <<< "$(fio_job /dev/mapper/bq "$rw" "$bs" "$qd")"
+	read -r t1 x <<< "$(disk_writes $top)"; read -r s1 x <<< "$(disk_writes "$slow")"; read -r x c1 <<< "$(disk_writes $crypt)"
 	echo "R $1 $kind $label $2 $bw $iops"
+	echo "PATHS $1 $2 $kind $label $((t1 - t0)) $((s1 - s0)) $((c1 - c0))"
 	echo "RELOAD $1 $2 $kind $label $($qs status bq | sed -n 's/^ *remapped: *//p')"
 	echo "STATS $1 $2 $kind $label $(grep -v '^\(remapped_bytes\|broken\)=' /run/qcowsetup/bq.stats 2>/dev/null | tr '\n' ' ')"
 	$qs close bq

@@ -85,7 +85,7 @@ fi
 	--env "BENCH_RUNTIME=${BENCH_RUNTIME:-15}" --env "BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
 	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
-tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|STATS|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
+tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|STATS|PATHS|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
 [ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
 if grep -q '^S ' "$work/res"; then
 	echo
@@ -131,6 +131,7 @@ awk '
 			if ($5 == "qcowsetup" && $j ~ /^held_ms_p99=/) { split($j, kv, "="); hp[++nhp] = kv[2] + 0 }
 	}
 	$1 == "SIZE" { sz[$4, $5, $3] = $6 }
+	$1 == "PATHS" { pa[++npa] = $0 }
 	$1 == "TARGETS" { targets = $2; slow = $3 }
 	function val(kind, dev, test,   r, n, a) {
 		n = 0
@@ -245,6 +246,13 @@ awk '
 			$0 = st[i]; printf "    round %s %-4s %-17s %-14s\n     ", $2, $3, $4, $5
 			for (j = 6; j <= NF; j++) printf " %s", $j
 			print ""
+		}
+		print "  writes the top device completed, of them served by the slow path (the rest: the fast path), and the"
+		print "  KiB written through the crypt device (LUKS: the cipher'"'"'s work; 64 per new cluster of a random writer):"
+		for (i = 1; i <= npa; i++) {
+			$0 = pa[i]
+			printf "    round %s %-4s %-17s %-14s %8d writes %8d slow (%3.0f%%) %9d KiB crypt\n", $2, $3, $4, $5, $6, $7,
+				$6 ? 100 * $7 / $6 : 0, $8
 		}
 		print "  image file after the job of the last round (KiB used; each ran for the same time):"
 		for (k in sz) { split(k, p, SUBSEP); printf "    %-4s %-17s %-14s %8d\n", p[3], p[1], p[2], sz[k] }
