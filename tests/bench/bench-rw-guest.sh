@@ -61,10 +61,13 @@ image_opts() {	# the image for qemu-img and qemu-nbd
 	fi
 }
 
-# "WRITES KIB" a block device (/dev/...) completed
+# "WRITES KIB" a block device (/dev/nbdN, /dev/mapper/NAME) completed
 disk_writes() {
-	local b
-	b=/sys/block/$(basename "$(readlink -f "$1")")/stat
+	local b n
+	b=/sys/block/${1#/dev/}/stat
+	for n in /sys/block/dm-*/dm/name; do
+		[ "$(cat "$n" 2>/dev/null)" = "${1#/dev/mapper/}" ] && b=${n%/dm/name}/stat
+	done
 	[ -f "$b" ] && awk '{ print $5, int($7 / 2) }' "$b" || echo "0 0"
 }
 # the top device, its slow path and its crypt device (none: /dev/null)
