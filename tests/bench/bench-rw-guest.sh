@@ -125,7 +125,7 @@ first_write_all() {	# round test: every device, in reverse order on even rounds
 # /usr/local/before/) against this one: fio on unencrypted images
 #   S ROUND before|after first|cow|backing-read KIB_S IOPS
 slow_job() {	# round which test
-	local qs=qcowsetup rw=randwrite img=empty-plain.qcow2 bw iops conn=()
+	local qs=qcowsetup rw=randwrite img=slow-empty.qcow2 bw iops conn=()
 	[ "$2" = before ] && qs=/usr/local/before/qcowsetup
 	[ "$2" = before ] || [ -z "${BENCH_CONNECTIONS:-}" ] || conn=(--nbd-connections "$BENCH_CONNECTIONS")
 	case $3 in cow) img=ov.qcow2 ;; backing-read) img=ov.qcow2 rw=randread ;; esac
@@ -138,7 +138,7 @@ slow_job() {	# round which test
 slow_path() {
 	local round which test
 	[ -x /usr/local/before/qcowsetup ] || return 0
-	qemu-img create -q -f qcow2 empty-plain.qcow2 512M
+	qemu-img create -q -f qcow2 slow-empty.qcow2 512M
 	[ -f base.qcow2 ] || qemu-img create -q -f qcow2 -o preallocation=falloc base.qcow2 512M
 	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 ov.qcow2 512M
 	for round in $(seq 1 "$rounds"); do
@@ -149,7 +149,7 @@ slow_path() {
 			done
 		done
 	done
-	rm -f t-slow.qcow2
+	rm -f t-slow.qcow2 slow-empty.qcow2
 }
 
 echo "KERNEL $(uname -r) CPUS $(nproc)"
