@@ -189,6 +189,7 @@ static void write_stats(struct daemon *d)
 		{ "busy_at_suspend", offsetof(struct daemon, busy_at), 1000 },
 		{ "queued_kib_at_suspend", offsetof(struct daemon, queued_at), 1000.0 / 1024 },
 		{ "served_in_hold", offsetof(struct daemon, served_in), 1000 },
+		{ "route_ms", offsetof(struct daemon, route_us), 1 },
 	};
 	char path[256], tmp[280];
 	FILE *f;
@@ -203,7 +204,8 @@ static void write_stats(struct daemon *d)
 		const uint32_t *v = (const uint32_t *)((const char *)d + series[i].off);
 		double p50, p99, max;
 
-		percentiles(v, v == d->round_us ? d->nround : d->nswap, &p50, &p99, &max);
+		percentiles(v, v == d->round_us ? d->nround : v == d->route_us ? d->nroute : d->nswap, &p50, &p99,
+			    &max);
 		fprintf(f, "%s_p50=%.2f\n%s_p99=%.2f\n%s_max=%.2f\n", series[i].key, p50 * series[i].unit,
 			series[i].key, p99 * series[i].unit, series[i].key, max * series[i].unit);
 	}
@@ -256,14 +258,17 @@ static void resumed(void *arg)
 
 /* Swap the inactive table of dev in. I/O is held from the start of the
  * suspend to the end of the resume ioctl; udev's processing of the change
- * event, waited for after that, holds only this thread. */
+ * event, waited for after that, holds only this thread. The fast device's
+ * suspend waits for fast-path I/O only (the switch above it sends the
+ * slow regions to the slow-path device): no wait for a quiet slow path. */
 static int swap(struct daemon *d, const struct dm_device *dev)
 {
 	struct swap_clock c = { .d = d };
 	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
 	int r, r2;
 
-	slow_path_quiet(d, QUIET_WAIT_US);
+	if (dev->role != DM_ROLE_FAST || d->route_all)
+		slow_path_quiet(d, QUIET_WAIT_US);
 	d->queued_at[k] = daemon_links_queued(d);
 	d->busy_at[k] = daemon_servers_busy(d, &served0);
 	t0 = now_us();
@@ -284,6 +289,35 @@ static int swap(struct daemon *d, const struct dm_device *dev)
 	d->swap_end_us = c.resumed_us;
 	d->last_held_us = c.resumed_us - t0;
 	return r ? r : r2;
+}
+
+/* Route the regions of the top's switch (dm_switch_message): none to do
+ * without a switch. A failure leaves the routing to be made whole at the
+ * next round (every region is correct on either path, only slower). */
+static int route(struct daemon *d, const struct dm_stack *next, const struct dm_stack *cur, enum dm_route how)
+{
+	const struct dm_device *top = dm_stack_top(next);
+	uint64_t pos = 0, t0 = now_us();
+	char msg[8192];
+	int n, r = 0;
+
+	if (!next->region_sectors)
+		return 0;
+	if (d->route_all)
+		how = DM_ROUTE_ALL;
+	while (!r && (n = dm_switch_message(next, cur, how, &pos, msg, sizeof(msg))) > 0)
+		r = dm_target_message(top->name, msg);
+	if (n < 0 && !r)
+		r = n;
+	if (r) {
+		log_err("%s: cannot route the regions of %s: %s.", d->o.name, top->name, strerror(-r));
+		d->route_all = true;
+		return r;
+	}
+	if (how == DM_ROUTE_ALL)
+		d->route_all = false;
+	d->route_us[d->nroute++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	return 0;
 }
 
 /* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... (with their
@@ -412,7 +446,7 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			}
 			continue;
 		}
-		if (!info.exists && cur && dev->role == DM_ROLE_TOP) {
+		if (!info.exists && cur && (dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_FAST)) {
 			/* removed by `qcowsetup close` meanwhile: never bring it back */
 			r = -ENODEV;
 			break;
@@ -466,14 +500,18 @@ static void remove_stale(struct daemon *d, const struct dm_stack *next)
 }
 
 /* Make the live devices what `next` says: create the new ones, reload the
- * top when it changed (all the top devices when `cur` is NULL: their
- * segments are new), remove the segments it no longer has. On success
+ * fast device (the top without a switch) when it changed, and the top when
+ * its own table did (all the top devices when `cur` is NULL: their
+ * segments are new), route the switch's regions (those leaving the fast
+ * path before the swap, those joining it after; all of them after the
+ * top's own swap), remove the segments it no longer has. On success
  * `next` is the current stack; on failure the devices made are removed
  * and the live ones are as they were. */
 static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
 {
 	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
 	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
+	bool top_new;
 	int r = 0;
 
 	if (!changed || !created) {
@@ -484,12 +522,21 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = round_allowed(d);
 	if (!r)
 		r = stage(d, next, cur, created, changed);
+	top_new = !cur || changed[next->count - 1] || created[next->count - 1];
+	if (!r && !top_new && cur->region_sectors == next->region_sectors)
+		route(d, next, cur, DM_ROUTE_TO_SLOW);
 	for (size_t i = 0; i < next->count && !r; i++)
 		if (changed[i]) {
 			r = swap(d, &next->devices[i]);
 			d->reloads++;
 		}
+	if (!r)
+		route(d, next, cur, top_new || cur->region_sectors != next->region_sectors ? DM_ROUTE_ALL
+											  : DM_ROUTE_TO_FAST);
 	if (r) {
+		/* (regions routed to the slow path already: all of them at the
+		 * next round) */
+		d->route_all = next->region_sectors != 0;
 		/* (a device the top uses after all stays: busy) */
 		for (size_t i = next->count; i-- > 0;) {
 			if (changed[i])
@@ -520,6 +567,9 @@ int daemon_reload_top(struct daemon *d)
 			r = swap(d, dev);
 		d->reloads += r == 0;
 	}
+	/* (the top's table loaded again routes region i to path i % 2) */
+	if (!r && d->stack)
+		route(d, d->stack, NULL, DM_ROUTE_ALL);
 	return r;
 }
 
@@ -544,6 +594,10 @@ int daemon_stack_setup(struct daemon *d)
 	r = list_stale(d, NULL, NULL, NULL, &d->seg_gen);
 	if (!r)
 		r = build(d, d->img, &d->runs, NULL, d->seg_gen, &s);
+	/* dm-switch loaded now: never between a suspend and its resume (a
+	 * module load reads the root filesystem, which may be this mapping) */
+	if (!r && s->region_sectors)
+		r = dm_check_target("switch");
 	if (r)
 		goto out;
 	/* a new mapping: create the top devices; reattached: make new segments
@@ -756,16 +810,16 @@ void daemon_remove_leftovers(struct daemon *d)
 
 struct suspended_ctx {
 	const char *name;
-	char top_uuid[DM_UUID_MAX + 1], seg_prefix[DM_UUID_MAX + 1];
+	char top_uuid[DM_UUID_MAX + 1], seg_prefix[DM_UUID_MAX + 1], fast_uuid[DM_UUID_MAX + 1];
 	char names[64][128];
-	bool hidden[64];
+	int order[64];	/* 0 segments, 1 the fast device, 2 the top */
 	size_t n;
 };
 
 static int collect_suspended(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
 {
 	struct suspended_ctx *c = opaque;
-	bool top, seg;
+	bool top, seg, fast;
 
 	(void)major;
 	(void)minor;
@@ -773,8 +827,9 @@ static int collect_suspended(void *opaque, const char *name, const char *uuid, u
 		return 0;
 	top = !strcmp(uuid, c->top_uuid);
 	seg = !strncmp(uuid, c->seg_prefix, strlen(c->seg_prefix)) && dm_is_segment_name(name, c->name);
-	if (top || seg) {
-		c->hidden[c->n] = seg;
+	fast = !strcmp(uuid, c->fast_uuid);
+	if (top || seg || fast) {
+		c->order[c->n] = seg ? 0 : fast ? 1 : 2;
 		snprintf(c->names[c->n++], 128, "%s", name);
 	}
 	return 0;
@@ -798,16 +853,17 @@ void daemon_resume_suspended(const char *name, const char *id)
 	c->name = name;
 	snprintf(c->top_uuid, sizeof(c->top_uuid), "%s%s-%s", DM_UUID_PREFIX, id, name);
 	snprintf(c->seg_prefix, sizeof(c->seg_prefix), "%s%s-%s_s", DM_UUID_PREFIX_INTERNAL, id, name);
+	snprintf(c->fast_uuid, sizeof(c->fast_uuid), "%s%s-%s_fast", DM_UUID_PREFIX_INTERNAL, id, name);
 	if (dm_list_devices(collect_suspended, c) == 0)
 		/* segments first, the top last */
-		for (size_t k = 0; k < 2; k++)
+		for (int k = 0; k < 3; k++)
 			for (size_t i = 0; i < c->n; i++) {
 				struct dm_dev_info info;
 
-				if (c->hidden[i] != (k == 0) || dm_device_info(c->names[i], &info) || !info.exists ||
+				if (c->order[i] != k || dm_device_info(c->names[i], &info) || !info.exists ||
 				    !info.suspended)
 					continue;
-				if (dm_resume(c->names[i], c->hidden[i]) == 0)
+				if (dm_resume(c->names[i], c->order[i] < 2) == 0)
 					log_std("%s: resumed %s, left suspended by the dead daemon", name, c->names[i]);
 			}
 	free(c);

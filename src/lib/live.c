@@ -224,7 +224,8 @@ static int collect(void *opaque, const char *name, const char *uuid, uint32_t ma
 	(void)minor;
 	if (!uuid || !dm_uuid_is_internal_of(uuid, c->top.uuid))
 		return 0;
-	if (dm_is_segment_name(name, c->name)) {
+	/* (the fast device with the segments: between them and the top) */
+	if (dm_is_daemon_device_name(name, c->name)) {
 		if (c->nsegs == LIVE_MAX_SEGMENTS)
 			return -E2BIG;
 		snprintf(c->segs[c->nsegs++], sizeof(c->segs[0]), "%s", name);
