@@ -1,51 +1,72 @@
 /* The device stack of the mapping, and its reloads as clusters move to the
  * fast path.
  *
+ * Read-write, the top device NAME is a switch over two paths (dmtable.h):
+ * NAME_fast, whose table is the fast path of each cluster that has one and
+ * the NBD device for the rest, and the NBD device itself. Both are right
+ * for every region; the routing only decides the speed: a region all on
+ * the fast path goes to NAME_fast, the others straight to the NBD device
+ * (route: "set_region_mappings" messages to the top's live table). So a
+ * round reloads NAME_fast, whose suspend waits only for fast-path I/O
+ * (and the slow requests of regions routed to it while the routing is
+ * not whole yet: after the top's own load, which routes region i to path
+ * i % 2, or a failed message), never the top. The top is reloaded only
+ * when its paths change: at setup (new mapping, reattach), by a resize
+ * (its size) and by `refresh` (as it is); each time its regions are all
+ * routed again after its resume.
+ *
  * Every flush_interval the remap thread, holding the engine lock, writes the
  * cached metadata back (qcow2_rw_writeback: what a new cluster needs becomes
  * durable); the guest ranges that became writable in place wait in a queue
  * for a round. A swap holds the device's new I/O until every request in
- * flight completed, slow-path requests too, which the servers serve one
- * after the other: so a round is made (round_due) when the slow path is
- * idle (no request in service or waiting on the sockets, waited for a few
- * ms), or when it pays for its hold: the writer asks for one (clusters
+ * flight on it completed; a swap of the top (and of NAME_fast while the
+ * routing is not whole) waits for slow-path requests too, which the servers
+ * serve one after the other: so a round is made (round_due) when the slow
+ * path is idle (no request in service or waiting on the sockets, waited for
+ * a few ms), or when it pays for its hold: the writer asks for one (clusters
  * mapped ahead of a sequential writer), the slow path serves clusters it
  * would move to the fast path (at most every second, and at most 5% of the
  * time held), the queue fills up, or a range waited 30 s. Ranges written
- * once and never again (a guest filling an image) wait for an idle moment,
- * where a swap drains little. Each swap too waits a few ms for an idle slow
- * path before its suspend. A round, without the lock, takes the queue,
- * patches its copy of the runs, rebuilds the stack
- * (dm_stack_build, the same function as `open`), and when the top table
- * changed: loads it into the inactive slot (the live table keeps serving),
- * then suspends (noflush, no filesystem freeze) and resumes it. A table
- * split into segment devices (--max-targets) is never changed under a live
- * parent: a segment whose table changes gets a new name (a generation,
- * NAME_s<k>_g<n>, dm_stack_name_segments) and so does every segment above
- * it, up to the top; the round creates those beside the live ones (the
- * deepest level first; nothing uses them yet), loads the top's new table,
- * swaps the top once, and removes the segments it no longer names. A
- * failure removes the new devices and leaves the live stack as it was. A
- * resize goes the same way (a new segment is made at its new size; none
- * changes size under a parent), and so does a reattach (every segment
- * made anew, in a generation newer than the live ones).
+ * once and never again (a guest filling an image) wait for an idle moment.
+ * A round, without the lock, takes the queue, patches its copy of the runs,
+ * rebuilds the stack (dm_stack_build, the same function as `open`), and
+ * when NAME_fast's table changed: routes the regions that leave the fast
+ * path to the NBD device, loads the new table into the inactive slot (the
+ * live table keeps serving), suspends (noflush, no filesystem freeze) and
+ * resumes it, then routes the regions that joined the fast path to it. A
+ * table split into segment devices (--max-targets) is never changed under
+ * a live parent: a segment whose table changes gets a new name (a
+ * generation, NAME_s<k>_g<n>, dm_stack_name_segments) and so does every
+ * segment above it, up to NAME_fast; the round creates those beside the
+ * live ones (the deepest level first; nothing uses them yet), loads
+ * NAME_fast's new table, swaps it once, and removes the segments it no
+ * longer names. A failure removes the new devices and leaves the live
+ * stack as it was (the routing is made whole at the next round). A resize
+ * goes the same way (a new segment is made at its new size; none changes
+ * size under a parent), then swaps the top; and so does a reattach (every
+ * segment made anew, in a generation newer than the live ones).
  *
  * Why a reload never deadlocks on the I/O the daemon serves:
  *   - a suspend, noflush or not, waits for the bios in flight on the device
  *     to complete (dm __dm_suspend -> dm_wait_for_completion); some of them
- *     are NBD requests that only this daemon completes. The server threads
+ *     may be NBD requests that only this daemon completes. The server threads
  *     keep serving them during the suspend: they never wait for the remap
  *     thread except on the engine lock, which the remap thread never holds
  *     across a device-mapper call (among themselves, on the locks of a
  *     connection and of the large buffer, held only by servers that wait
  *     for nothing else but the engine lock). New I/O to the suspended device queues
- *     inside device-mapper and goes on after the resume;
+ *     inside device-mapper and goes on after the resume; a message to the
+ *     top's switch waits for no I/O;
  *   - noflush + skip lockfs: no filesystem freeze (whose writeback would go
  *     through the suspended device) and no pushback of I/O;
  *   - the daemon never does I/O to a device it suspends (it writes data
- *     through the crypt device or the file, never through the top device
- *     or its segments; the top is the only device suspended, segments
- *     are created, with no I/O yet, and removed once unused);
+ *     through the crypt device or the file, never through the top device,
+ *     NAME_fast or the segments; those two are the only devices suspended,
+ *     segments are created, with no I/O yet, and removed once unused);
+ *   - no module is loaded between a suspend and its resume (a module load
+ *     runs modprobe, which reads the root filesystem, maybe this mapping):
+ *     dm-switch is loaded by `open` and again at setup (daemon_stack_setup),
+ *     before any suspend;
  *   - memory: the daemon is mlocked and PR_SET_IO_FLUSHER, so reclaim in
  *     either thread never waits for writeback to the device being
  *     suspended; libdevmapper's own buffers are allocated before the
@@ -54,8 +75,9 @@
  *     read the device: those reads reach the server threads, which are free.
  * Every intermediate state is correct: a cluster that has just become
  * writable reads the same through the NBD device (the daemon reads the
- * new cluster) as through the fast path, so the top may switch at any
- * round, and a failed reload only leaves clusters on the slow path. */
+ * new cluster) as through the fast path, so NAME_fast may switch at any
+ * round and the top route a region either way at any moment, and a failed
+ * reload or message only leaves clusters on the slow path. */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>

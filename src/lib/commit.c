@@ -728,7 +728,8 @@ struct old_devices {
 };
 
 /* The internal devices of the old stack: all but the new crypt device and
- * (with a daemon, which removes what it no longer uses) the segments. */
+ * (with a daemon, which removes what it no longer uses) the segments and
+ * the fast device. */
 static int collect_old(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
 {
 	struct old_devices *o = opaque;

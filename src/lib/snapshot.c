@@ -278,7 +278,8 @@ out:
 	return r;
 }
 
-/* Step 3: the devices under the top, but its segments, renamed aside. */
+/* Step 3: the devices under the top, but its segments and fast device (the
+ * daemon's, taken over by the new one), renamed aside. */
 struct collect_ctx {
 	struct snap_ctx *c;
 	char names[SNAP_MAX_RENAMED][128];
