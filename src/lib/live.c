@@ -3,7 +3,8 @@
  *
  * The devices of a mapping NAME, found by their UUIDs (dmtable.h): the top
  * device, its segments (with them NAME_fast, under a read-write top's
- * switch), and one crypt device per encrypted layer, whose table names its key as a keyring reference ":LEN:logon:qcowsetup:NAME:Ld".
+ * switch), and one crypt device per encrypted layer, whose table names
+ * its key as a keyring reference ":LEN:logon:qcowsetup:NAME:Ld".
  * A mapping with a slow path has a daemon; its control socket (control.h)
  * tells it what happens, so that it makes no table swap meanwhile.
  *
