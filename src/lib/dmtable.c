@@ -726,20 +726,30 @@ static void slow_run(struct dm_stack *s, uint64_t guest, uint64_t len)
 		s->fast[i / 8] &= (uint8_t)~(1u << (i % 8));
 }
 
-/* The top device over the fast device (index fast): one switch target. */
+/* The top device over the fast device (index fast): a switch target over
+ * every region but the last, which maps linearly onto the fast device.
+ * dm-switch takes no flush (it asks for no flush bios: its device is write
+ * through, so a flush or FUA sent to it would be dropped); the linear
+ * target makes the top's table take flushes, and device-mapper sends each
+ * flush to every target that takes it: through the fast device, whose
+ * table names the crypt or loop devices and the slow path, to all of
+ * them. (An image of one region: that linear target alone.) */
 static int add_switch_top(struct build *b, uint32_t fast)
 {
 	struct table tb = { 0 };
+	uint64_t sectors = b->s->devices[fast].sectors, tail = (b->s->nregions - 1) * b->s->region_sectors;
 	uint32_t index;
 	int r;
 
-	r = table_reserve(&tb, 1);
+	r = table_reserve(&tb, 2);
 	if (r)
 		return r;
-	tb.t[tb.count++] = (struct dm_target){ .start = 0, .len = b->s->devices[fast].sectors,
-					       .offset = b->s->region_sectors, .dev = fast,
-					       .type = DM_TARGET_SWITCH };
-	tb.sectors = b->s->devices[fast].sectors;
+	if (tail)
+		tb.t[tb.count++] = (struct dm_target){ .start = 0, .len = tail, .offset = b->s->region_sectors,
+						       .dev = fast, .type = DM_TARGET_SWITCH };
+	tb.t[tb.count++] = (struct dm_target){ .start = tail, .len = sectors - tail, .offset = tail, .dev = fast,
+					       .type = DM_TARGET_LINEAR };
+	tb.sectors = sectors;
 	return add_device(b, NULL, DM_ROLE_TOP, -1, 0, &tb, &index);
 }
 
@@ -994,11 +1004,11 @@ int dm_target_params(const struct dm_stack *s, const struct dm_device *dev,
 int dm_switch_message(const struct dm_stack *s, const struct dm_stack *cur, enum dm_route route, uint64_t *pos,
 		      char *buf, size_t size)
 {
-	uint64_t n = s->nregions, last = 0, i = *pos;
+	uint64_t n = s->nregions - 1, last = 0, i = *pos;	/* (the last region is not the switch's) */
 	bool any = false;
 	size_t len;
 
-	if (!s->region_sectors || size < 128 ||
+	if (!s->region_sectors || !s->nregions || size < 128 ||
 	    (route != DM_ROUTE_ALL && (!cur || cur->region_sectors != s->region_sectors)))
 		return -EINVAL;
 	len = (size_t)snprintf(buf, size, "set_region_mappings");

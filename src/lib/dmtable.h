@@ -35,9 +35,12 @@
  *                         devices or host devices of every layer (the backing
  *                         chain is flattened into this one table), zero for
  *                         zero and unallocated clusters. Read-write with a
- *                         slow path: one switch target of two paths, 0 =
+ *                         slow path: a switch target of two paths, 0 =
  *                         NAME_fast, 1 = the slow-path device, both correct
- *                         for every region; the daemon routes the regions
+ *                         for every region, and the last region linear onto
+ *                         NAME_fast (dm-switch takes no flush: that target
+ *                         takes them, to every device under NAME_fast;
+ *                         add_switch_top); the daemon routes the regions
  *                         all on the fast path to path 0 by message
  *                         (dm_switch_message), the others to path 1, so that
  *                         a remap round reloads NAME_fast alone and its
@@ -275,7 +278,8 @@ enum dm_route {
 };
 
 /* The next "set_region_mappings" message of a route into buf (size at
- * least 128), from region *pos on; advances *pos. Returns its length, 0
+ * least 128), from region *pos on (the switch's: all but the last);
+ * advances *pos. Returns its length, 0
  * when no region is left to route, -EINVAL without a switch in s (or in
  * cur, for the partial routes). A message stays under size bytes:
  * "set_region_mappings 1a:0 R1,f :1", hex indexes, repeats as R<n>,<m>. */

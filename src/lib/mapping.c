@@ -953,7 +953,8 @@ static int walk_target(void *opaque, uint64_t start, uint64_t length, const char
 
 	(void)start;
 	(void)length;
-	if (w->depth == 0 || (w->depth == 1 && w->count_fast))
+	/* (a switch top: the fast device's targets, not the top's) */
+	if ((w->depth == 0 && !w->count_fast) || (w->depth == 1 && w->count_fast))
 		w->targets++;
 	if (!strcmp(type, "switch")) {
 		unsigned int npaths, nopt;
