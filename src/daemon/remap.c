@@ -3,9 +3,11 @@
  *
  * Read-write, the top device NAME is a switch over two paths (dmtable.h):
  * NAME_fast, whose table is the fast path of each cluster that has one and
- * the NBD device for the rest, and the NBD device itself. Both are right
- * for every region; the routing only decides the speed: a region all on
- * the fast path goes to NAME_fast, the others straight to the NBD device
+ * the NBD device for the rest, and the NBD device itself (its last region
+ * linear onto NAME_fast: dm-switch takes no flush, that target does, and
+ * sends it through NAME_fast to every device under it). Both paths are
+ * right for every region; the routing only decides the speed: a region all
+ * on the fast path goes to NAME_fast, the others straight to the NBD device
  * (route: "set_region_mappings" messages to the top's live table). So a
  * round reloads NAME_fast, whose suspend waits only for fast-path I/O
  * (and the slow requests of regions routed to it while the routing is
@@ -30,10 +32,12 @@
  * once and never again (a guest filling an image) wait for an idle moment.
  * A round, without the lock, takes the queue, patches its copy of the runs,
  * rebuilds the stack (dm_stack_build, the same function as `open`), and
- * when NAME_fast's table changed: routes the regions that leave the fast
- * path to the NBD device, loads the new table into the inactive slot (the
- * live table keeps serving), suspends (noflush, no filesystem freeze) and
- * resumes it, then routes the regions that joined the fast path to it. A
+ * when NAME_fast's table changed: loads the new table into the inactive
+ * slot (the live table keeps serving), suspends (noflush, no filesystem
+ * freeze) and resumes it, then routes the regions that joined the fast
+ * path to it and those that left it to the NBD device (after the swap: a
+ * region that leaves was all fast-path I/O until then, and a flush reaches
+ * the NBD device through NAME_fast once its table names it). A
  * table split into segment devices (--max-targets) is never changed under
  * a live parent: a segment whose table changes gets a new name (a
  * generation, NAME_s<k>_g<n>, dm_stack_name_segments) and so does every
@@ -524,9 +528,9 @@ static void remove_stale(struct daemon *d, const struct dm_stack *next)
 /* Make the live devices what `next` says: create the new ones, reload the
  * fast device (the top without a switch) when it changed, and the top when
  * its own table did (all the top devices when `cur` is NULL: their
- * segments are new), route the switch's regions (those leaving the fast
- * path before the swap, those joining it after; all of them after the
- * top's own swap), remove the segments it no longer has. On success
+ * segments are new), then route the switch's regions that changed (all
+ * of them after the top's own swap), remove the segments it no longer
+ * has. On success
  * `next` is the current stack; on failure the devices made are removed
  * and the live ones are as they were. */
 static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
@@ -544,17 +548,23 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = round_allowed(d);
 	if (!r)
 		r = stage(d, next, cur, created, changed);
-	top_new = !cur || changed[next->count - 1] || created[next->count - 1];
-	if (!r && !top_new && cur->region_sectors == next->region_sectors)
-		route(d, next, cur, DM_ROUTE_TO_SLOW);
+	top_new = !cur || changed[next->count - 1] || created[next->count - 1] ||
+		  cur->region_sectors != next->region_sectors;
 	for (size_t i = 0; i < next->count && !r; i++)
 		if (changed[i]) {
 			r = swap(d, &next->devices[i]);
 			d->reloads++;
 		}
-	if (!r)
-		route(d, next, cur, top_new || cur->region_sectors != next->region_sectors ? DM_ROUTE_ALL
-											  : DM_ROUTE_TO_FAST);
+	/* the regions routed once the fast device has its table: one that
+	 * leaves the fast path is all fast-path I/O until then (no slow
+	 * request in the drain), and NAME_fast names the slow path before a
+	 * region goes to it (a flush reaches the slow path through NAME_fast) */
+	if (!r && top_new) {
+		route(d, next, cur, DM_ROUTE_ALL);
+	} else if (!r) {
+		route(d, next, cur, DM_ROUTE_TO_SLOW);
+		route(d, next, cur, DM_ROUTE_TO_FAST);
+	}
 	if (r) {
 		/* (regions routed to the slow path already: all of them at the
 		 * next round) */
