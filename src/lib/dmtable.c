@@ -707,6 +707,10 @@ static int regions_init(struct build *b, const struct image *top)
 	uint64_t region = MAX(top->cluster_size, (uint64_t)DM_SWITCH_REGION_MIN) >> DM_SECTOR_SHIFT;
 	uint64_t sectors = layer_guest_size(top) >> DM_SECTOR_SHIFT;
 
+	/* (a huge image: larger regions, the tables stay at 2 MiB) */
+	while (sectors / region > DM_SWITCH_REGIONS_MAX)
+		region *= 2;
+
 	s->region_sectors = region;
 	s->nregions = (sectors + region - 1) / region;
 	s->fast = malloc((size_t)((s->nregions + 7) / 8));

@@ -79,8 +79,10 @@
 #define DM_KEY_DESC_MAX		256
 #define DM_IMAGE_ID_MAX		40	/* dm_image_id: a LUKS UUID (36) or 16 hex digits, and NUL */
 /* The switch's regions: the cluster size, at least this (the kernel's
- * region table has a bit per region with two paths) */
+ * region table has a bit per region with two paths, so has the stack's),
+ * and larger when there would be more than DM_SWITCH_REGIONS_MAX */
 #define DM_SWITCH_REGION_MIN	(64 * 1024)
+#define DM_SWITCH_REGIONS_MAX	(1ULL << 24)
 /* Enough for the params of any target of a stack */
 #define DM_PARAMS_MAX		(DM_CIPHER_MAX + DM_KEY_DESC_MAX + DM_REF_MAX + 128)
 

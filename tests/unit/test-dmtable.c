@@ -1040,6 +1040,22 @@ static void test_switch(void)
 		total += (size_t)n < 128 && !strncmp(msg, "set_region_mappings ", 20) && msg[20] != ':';
 	CHECK(!r && count > 1 && total == count && pos == 63,
 	      "alternating regions: %zu messages under 128 bytes, each with its first index", count);
+	/* 4 TiB: 256 KiB regions, 2^24 of them */
+	{
+		struct layer_spec big = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, 4 * MiB * MiB, 1 * MiB, "/img/big.qcow2" };
+		struct run run = { .guest = 0, .len = 4 * MiB * MiB, .kind = RUN_UNALLOC };
+
+		dm_stack_free(s2);
+		s2 = NULL;
+		chain_init(&c, &big, 1);
+		p.layers = c.lp;
+		run_list_init(&runs);
+		run_list_add(&runs, &run);
+		r = dm_stack_build(&p, &c.img[0], &runs, &s2);
+		run_list_free(&runs);
+		CHECK(!r && s2->region_sectors == 512 && s2->nregions == (1 << 24), "a 4 TiB image: %" PRIu64 " regions of %" PRIu64 " sectors",
+		      r ? 0 : s2->nregions, r ? 0 : s2->region_sectors);
+	}
 out:
 	dm_stack_free(s);
 	dm_stack_free(s2);
