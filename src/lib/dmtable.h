@@ -78,10 +78,13 @@
 #define DM_CIPHER_MAX		128
 #define DM_KEY_DESC_MAX		256
 #define DM_IMAGE_ID_MAX		40	/* dm_image_id: a LUKS UUID (36) or 16 hex digits, and NUL */
-/* The switch's regions: the cluster size, at least this (the kernel's
- * region table has a bit per region with two paths, so has the stack's),
- * and larger when there would be more than DM_SWITCH_REGIONS_MAX */
-#define DM_SWITCH_REGION_MIN	(64 * 1024)
+/* The switch's regions: the cluster size, at least this, and larger when
+ * there would be more than DM_SWITCH_REGIONS_MAX (the kernel's region
+ * table has a bit per region with two paths, so has the stack's).
+ * dm-switch splits every bio at region boundaries: with 64 KiB regions
+ * 1 MiB writes to allocated LUKS clusters ran at 0.68-0.82x of the same
+ * stack without the switch (TCG), with 1 MiB regions at 0.9-1.27x (noise) */
+#define DM_SWITCH_REGION_MIN	(1024 * 1024)
 #define DM_SWITCH_REGIONS_MAX	(1ULL << 24)
 /* Enough for the params of any target of a stack */
 #define DM_PARAMS_MAX		(DM_CIPHER_MAX + DM_KEY_DESC_MAX + DM_REF_MAX + 128)

@@ -956,16 +956,24 @@ static void test_hold(void)
 	run_list_free(&runs);
 }
 
-/* Runs of n 64 KiB clusters: w[i] 1 writable data, 2 data not writable,
- * 0 unallocated. */
+/* Runs of n pieces of a region (DM_SWITCH_REGION_MIN) each: w[i] 1
+ * writable data, 2 data not writable, 3 writable but for its last 64 KiB
+ * cluster (unallocated), 0 unallocated. */
 static void switch_runs(struct run_list *runs, const uint8_t *w, size_t n)
 {
+	const uint64_t rs = DM_SWITCH_REGION_MIN;
+
 	run_list_init(runs);
 	for (size_t i = 0; i < n; i++) {
-		struct run run = { .guest = i * 64 * KiB, .len = 64 * KiB, .kind = w[i] ? RUN_DATA : RUN_UNALLOC,
-				   .host = w[i] ? (i + 1) * 64 * KiB : 0, .flags = w[i] == 1 ? RUN_F_WRITABLE : 0 };
+		struct run run = { .guest = i * rs, .len = rs, .kind = w[i] ? RUN_DATA : RUN_UNALLOC,
+				   .host = w[i] ? (i + 1) * rs : 0, .flags = w[i] == 1 || w[i] == 3 ? RUN_F_WRITABLE : 0 };
+		struct run hole = { .guest = (i + 1) * rs - 64 * KiB, .len = 64 * KiB, .kind = RUN_UNALLOC };
 
+		if (w[i] == 3)
+			run.len -= 64 * KiB;
 		run_list_add(runs, &run);
+		if (w[i] == 3)
+			run_list_add(runs, &hole);
 	}
 }
 
@@ -975,9 +983,12 @@ static void switch_runs(struct run_list *runs, const uint8_t *w, size_t n)
  * every region, or those that changed, in hex with repeats. */
 static void test_switch(void)
 {
-	struct layer_spec spec = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, 4 * MiB, 8 * MiB, "/img/w.qcow2" };
+	const uint64_t rsec = DM_SWITCH_REGION_MIN / 512;
+	struct layer_spec spec = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, 64 * DM_SWITCH_REGION_MIN, 128 * DM_SWITCH_REGION_MIN,
+				   "/img/w.qcow2" };
 	struct dm_stack_params p = { .name = "vm", .id = "ID", .slow_dev = "43:0" };
-	uint8_t w[64] = { 1, 1, 1, 1, 0, 1 };
+	uint8_t w[64] = { 1, 1, 1, 1, 0, 1, 3 };
+	char want[128];
 	struct dm_stack *s = NULL, *s2 = NULL;
 	struct run_list runs;
 	struct chain c;
@@ -998,22 +1009,24 @@ static void test_switch(void)
 	if (r)
 		goto out;
 	dm_stack_set_ref(s, 1, "253:7");
-	CHECK(s->devices[2].count == 2 && s->devices[2].targets[0].len == 8064 &&
+	snprintf(want, sizeof(want), "2 %" PRIu64 " 0 253:7 0 43:0 0", rsec);
+	CHECK(s->devices[2].count == 2 && s->devices[2].targets[0].len == 63 * rsec &&
 	      dm_target_params(s, &s->devices[2], &s->devices[2].targets[0], params, sizeof(params)) > 0 &&
-	      !strcmp(params, "2 128 0 253:7 0 43:0 0") && s->devices[2].sectors == 8192,
-	      "the top: a switch target, 64 KiB regions, fast device and slow path (%s)", params);
-	CHECK(s->devices[2].targets[1].type == DM_TARGET_LINEAR && s->devices[2].targets[1].start == 8064 &&
+	      !strcmp(params, want) && s->devices[2].sectors == 64 * rsec,
+	      "the top: a switch target, regions of DM_SWITCH_REGION_MIN, fast device and slow path (%s)", params);
+	snprintf(want, sizeof(want), "253:7 %" PRIu64, 63 * rsec);
+	CHECK(s->devices[2].targets[1].type == DM_TARGET_LINEAR && s->devices[2].targets[1].start == 63 * rsec &&
 	      dm_target_params(s, &s->devices[2], &s->devices[2].targets[1], params, sizeof(params)) > 0 &&
-	      !strcmp(params, "253:7 8064"), "and the last region linear onto the fast device, for flushes (%s)",
-	      params);
+	      !strcmp(params, want), "and the last region linear onto the fast device, for flushes (%s)", params);
 	CHECK(s->nregions == 64 && dm_stack_region_fast(s, 0) && dm_stack_region_fast(s, 3) &&
-	      !dm_stack_region_fast(s, 4) && dm_stack_region_fast(s, 5) && !dm_stack_region_fast(s, 6),
-	      "regions all on the fast path are fast");
+	      !dm_stack_region_fast(s, 4) && dm_stack_region_fast(s, 5) && !dm_stack_region_fast(s, 6) &&
+	      !dm_stack_region_fast(s, 7),
+	      "regions all on the fast path are fast (not one with a cluster on the slow path)");
 	n = dm_switch_message(s, NULL, DM_ROUTE_ALL, &pos, msg, sizeof(msg));
 	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 0:0 R1,3 :1 :0 :1 R1,38") && pos == 63,
 	      "every region routed: %s", n > 0 ? msg : "none");
 	CHECK(dm_switch_message(s, NULL, DM_ROUTE_ALL, &pos, msg, sizeof(msg)) == 0, "and no more");
-	/* cluster 6 written: its region joins the fast path; 1 and 2 left it */
+	/* region 6 all written: it joins the fast path; 1 and 2 left it */
 	w[6] = 1;
 	w[1] = w[2] = 2;
 	switch_runs(&runs, w, 64);
@@ -1040,10 +1053,11 @@ static void test_switch(void)
 		total += (size_t)n < 128 && !strncmp(msg, "set_region_mappings ", 20) && msg[20] != ':';
 	CHECK(!r && count > 1 && total == count && pos == 63,
 	      "alternating regions: %zu messages under 128 bytes, each with its first index", count);
-	/* 4 TiB: 256 KiB regions, 2^24 of them */
+	/* 2^24 regions at most: 4 regions of DM_SWITCH_REGION_MIN in one */
 	{
-		struct layer_spec big = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, 4 * MiB * MiB, 1 * MiB, "/img/big.qcow2" };
-		struct run run = { .guest = 0, .len = 4 * MiB * MiB, .kind = RUN_UNALLOC };
+		uint64_t size = (1ULL << 26) * DM_SWITCH_REGION_MIN;
+		struct layer_spec big = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, size, 1 * MiB, "/img/big.qcow2" };
+		struct run run = { .guest = 0, .len = size, .kind = RUN_UNALLOC };
 
 		dm_stack_free(s2);
 		s2 = NULL;
@@ -1053,7 +1067,8 @@ static void test_switch(void)
 		run_list_add(&runs, &run);
 		r = dm_stack_build(&p, &c.img[0], &runs, &s2);
 		run_list_free(&runs);
-		CHECK(!r && s2->region_sectors == 512 && s2->nregions == (1 << 24), "a 4 TiB image: %" PRIu64 " regions of %" PRIu64 " sectors",
+		CHECK(!r && s2->region_sectors == 4 * rsec && s2->nregions == (1 << 24),
+		      "a huge image: %" PRIu64 " regions of %" PRIu64 " sectors",
 		      r ? 0 : s2->nregions, r ? 0 : s2->region_sectors);
 	}
 out:
