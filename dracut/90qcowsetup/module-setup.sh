@@ -172,7 +172,7 @@ depends() {
 installkernel() {
     local _name _rest _cipher
     # nbd: the slow path of read-write mappings (qcowsetup-daemon)
-    hostonly='' instmods dm_mod dm_crypt dm_zero loop nbd
+    hostonly='' instmods dm_mod dm_crypt dm_zero dm_switch loop nbd
     if [[ $hostonly ]]; then
         # the ciphers of the images mapped now, as 90crypt
         dmsetup table --target crypt 2> /dev/null | while read -r _name _ _ _ _cipher _rest; do

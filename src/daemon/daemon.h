@@ -105,10 +105,15 @@ struct daemon {
 	 * swap: the suspend alone (the drain of the I/O in flight), the wait
 	 * for udev after the resume (I/O goes on), the requests the servers
 	 * were serving and the bytes waiting on the sockets when it began, the
-	 * requests served while the device was suspended */
-	uint32_t swap_us[1024], round_us[1024];
+	 * requests served while the device was suspended; the messages that
+	 * route the switch's regions after a swap (route_us) */
+	uint32_t swap_us[1024], round_us[1024], route_us[1024];
 	uint32_t suspend_us[1024], udev_us[1024], busy_at[1024], queued_at[1024], served_in[1024];
-	uint64_t nswap, nround;
+	uint64_t nswap, nround, nroute;
+	/* the top's switch routes regions as the stack says only after a
+	 * whole route (remap.c, route): none since its table was loaded, or
+	 * a message failed */
+	bool route_all;
 	/* when rounds are made (remap.c, round_due): pieces of the layer's own
 	 * clusters the servers read or wrote in place (atomic: traffic the fast
 	 * path takes once those clusters are remapped), and of the remap

@@ -1,51 +1,76 @@
 /* The device stack of the mapping, and its reloads as clusters move to the
  * fast path.
  *
+ * Read-write, the top device NAME is a switch over two paths (dmtable.h):
+ * NAME_fast, whose table is the fast path of each cluster that has one and
+ * the NBD device for the rest, and the NBD device itself (its last region
+ * linear onto NAME_fast: dm-switch takes no flush, that target does, and
+ * sends it through NAME_fast to every device under it). Both paths are
+ * right for every region; the routing only decides the speed: a region all
+ * on the fast path goes to NAME_fast, the others straight to the NBD device
+ * (route: "set_region_mappings" messages to the top's live table). So a
+ * round reloads NAME_fast, whose suspend waits only for fast-path I/O
+ * (and the slow requests of regions routed to it while the routing is
+ * not whole yet: after the top's own load, which routes region i to path
+ * i % 2, or a failed message), never the top. The top is reloaded only
+ * when its paths change: at setup (new mapping, reattach), by a resize
+ * (its size) and by `refresh` (as it is); each time its regions are all
+ * routed again after its resume.
+ *
  * Every flush_interval the remap thread, holding the engine lock, writes the
  * cached metadata back (qcow2_rw_writeback: what a new cluster needs becomes
  * durable); the guest ranges that became writable in place wait in a queue
  * for a round. A swap holds the device's new I/O until every request in
- * flight completed, slow-path requests too, which the servers serve one
- * after the other: so a round is made (round_due) when the slow path is
- * idle (no request in service or waiting on the sockets, waited for a few
- * ms), or when it pays for its hold: the writer asks for one (clusters
+ * flight on it completed; a swap of the top (and of NAME_fast while the
+ * routing is not whole) waits for slow-path requests too, which the servers
+ * serve one after the other: so a round is made (round_due) when the slow
+ * path is idle (no request in service or waiting on the sockets, waited for
+ * a few ms), or when it pays for its hold: the writer asks for one (clusters
  * mapped ahead of a sequential writer), the slow path serves clusters it
  * would move to the fast path (at most every second, and at most 5% of the
  * time held), the queue fills up, or a range waited 30 s. Ranges written
- * once and never again (a guest filling an image) wait for an idle moment,
- * where a swap drains little. Each swap too waits a few ms for an idle slow
- * path before its suspend. A round, without the lock, takes the queue,
- * patches its copy of the runs, rebuilds the stack
- * (dm_stack_build, the same function as `open`), and when the top table
- * changed: loads it into the inactive slot (the live table keeps serving),
- * then suspends (noflush, no filesystem freeze) and resumes it. A table
- * split into segment devices (--max-targets) is never changed under a live
- * parent: a segment whose table changes gets a new name (a generation,
- * NAME_s<k>_g<n>, dm_stack_name_segments) and so does every segment above
- * it, up to the top; the round creates those beside the live ones (the
- * deepest level first; nothing uses them yet), loads the top's new table,
- * swaps the top once, and removes the segments it no longer names. A
- * failure removes the new devices and leaves the live stack as it was. A
- * resize goes the same way (a new segment is made at its new size; none
- * changes size under a parent), and so does a reattach (every segment
- * made anew, in a generation newer than the live ones).
+ * once and never again (a guest filling an image) wait for an idle moment.
+ * A round, without the lock, takes the queue, patches its copy of the runs,
+ * rebuilds the stack (dm_stack_build, the same function as `open`), and
+ * when NAME_fast's table changed: loads the new table into the inactive
+ * slot (the live table keeps serving), suspends (noflush, no filesystem
+ * freeze) and resumes it, then routes the regions that joined the fast
+ * path to it and those that left it to the NBD device (after the swap: a
+ * region that leaves was all fast-path I/O until then, and a flush reaches
+ * the NBD device through NAME_fast once its table names it). A
+ * table split into segment devices (--max-targets) is never changed under
+ * a live parent: a segment whose table changes gets a new name (a
+ * generation, NAME_s<k>_g<n>, dm_stack_name_segments) and so does every
+ * segment above it, up to NAME_fast; the round creates those beside the
+ * live ones (the deepest level first; nothing uses them yet), loads
+ * NAME_fast's new table, swaps it once, and removes the segments it no
+ * longer names. A failure removes the new devices and leaves the live
+ * stack as it was (the routing is made whole at the next round). A resize
+ * goes the same way (a new segment is made at its new size; none changes
+ * size under a parent), then swaps the top; and so does a reattach (every
+ * segment made anew, in a generation newer than the live ones).
  *
  * Why a reload never deadlocks on the I/O the daemon serves:
  *   - a suspend, noflush or not, waits for the bios in flight on the device
  *     to complete (dm __dm_suspend -> dm_wait_for_completion); some of them
- *     are NBD requests that only this daemon completes. The server threads
+ *     may be NBD requests that only this daemon completes. The server threads
  *     keep serving them during the suspend: they never wait for the remap
  *     thread except on the engine lock, which the remap thread never holds
  *     across a device-mapper call (among themselves, on the locks of a
  *     connection and of the large buffer, held only by servers that wait
  *     for nothing else but the engine lock). New I/O to the suspended device queues
- *     inside device-mapper and goes on after the resume;
+ *     inside device-mapper and goes on after the resume; a message to the
+ *     top's switch waits for no I/O;
  *   - noflush + skip lockfs: no filesystem freeze (whose writeback would go
  *     through the suspended device) and no pushback of I/O;
  *   - the daemon never does I/O to a device it suspends (it writes data
- *     through the crypt device or the file, never through the top device
- *     or its segments; the top is the only device suspended, segments
- *     are created, with no I/O yet, and removed once unused);
+ *     through the crypt device or the file, never through the top device,
+ *     NAME_fast or the segments; those two are the only devices suspended,
+ *     segments are created, with no I/O yet, and removed once unused);
+ *   - no module is loaded between a suspend and its resume (a module load
+ *     runs modprobe, which reads the root filesystem, maybe this mapping):
+ *     dm-switch is loaded by `open` and again at setup (daemon_stack_setup),
+ *     before any suspend;
  *   - memory: the daemon is mlocked and PR_SET_IO_FLUSHER, so reclaim in
  *     either thread never waits for writeback to the device being
  *     suspended; libdevmapper's own buffers are allocated before the
@@ -54,8 +79,9 @@
  *     read the device: those reads reach the server threads, which are free.
  * Every intermediate state is correct: a cluster that has just become
  * writable reads the same through the NBD device (the daemon reads the
- * new cluster) as through the fast path, so the top may switch at any
- * round, and a failed reload only leaves clusters on the slow path. */
+ * new cluster) as through the fast path, so NAME_fast may switch at any
+ * round and the top route a region either way at any moment, and a failed
+ * reload or message only leaves clusters on the slow path. */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -189,6 +215,7 @@ static void write_stats(struct daemon *d)
 		{ "busy_at_suspend", offsetof(struct daemon, busy_at), 1000 },
 		{ "queued_kib_at_suspend", offsetof(struct daemon, queued_at), 1000.0 / 1024 },
 		{ "served_in_hold", offsetof(struct daemon, served_in), 1000 },
+		{ "route_ms", offsetof(struct daemon, route_us), 1 },
 	};
 	char path[256], tmp[280];
 	FILE *f;
@@ -203,7 +230,8 @@ static void write_stats(struct daemon *d)
 		const uint32_t *v = (const uint32_t *)((const char *)d + series[i].off);
 		double p50, p99, max;
 
-		percentiles(v, v == d->round_us ? d->nround : d->nswap, &p50, &p99, &max);
+		percentiles(v, v == d->round_us ? d->nround : v == d->route_us ? d->nroute : d->nswap, &p50, &p99,
+			    &max);
 		fprintf(f, "%s_p50=%.2f\n%s_p99=%.2f\n%s_max=%.2f\n", series[i].key, p50 * series[i].unit,
 			series[i].key, p99 * series[i].unit, series[i].key, max * series[i].unit);
 	}
@@ -256,14 +284,17 @@ static void resumed(void *arg)
 
 /* Swap the inactive table of dev in. I/O is held from the start of the
  * suspend to the end of the resume ioctl; udev's processing of the change
- * event, waited for after that, holds only this thread. */
+ * event, waited for after that, holds only this thread. The fast device's
+ * suspend waits for fast-path I/O only (the switch above it sends the
+ * slow regions to the slow-path device): no wait for a quiet slow path. */
 static int swap(struct daemon *d, const struct dm_device *dev)
 {
 	struct swap_clock c = { .d = d };
 	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
 	int r, r2;
 
-	slow_path_quiet(d, QUIET_WAIT_US);
+	if (dev->role != DM_ROLE_FAST || d->route_all)
+		slow_path_quiet(d, QUIET_WAIT_US);
 	d->queued_at[k] = daemon_links_queued(d);
 	d->busy_at[k] = daemon_servers_busy(d, &served0);
 	t0 = now_us();
@@ -284,6 +315,35 @@ static int swap(struct daemon *d, const struct dm_device *dev)
 	d->swap_end_us = c.resumed_us;
 	d->last_held_us = c.resumed_us - t0;
 	return r ? r : r2;
+}
+
+/* Route the regions of the top's switch (dm_switch_message): none to do
+ * without a switch. A failure leaves the routing to be made whole at the
+ * next round (every region is correct on either path, only slower). */
+static int route(struct daemon *d, const struct dm_stack *next, const struct dm_stack *cur, enum dm_route how)
+{
+	const struct dm_device *top = dm_stack_top(next);
+	uint64_t pos = 0, t0 = now_us();
+	char msg[8192];
+	int n, r = 0;
+
+	if (!next->region_sectors)
+		return 0;
+	if (d->route_all)
+		how = DM_ROUTE_ALL;
+	while (!r && (n = dm_switch_message(next, cur, how, &pos, msg, sizeof(msg))) > 0)
+		r = dm_target_message(top->name, msg);
+	if (n < 0 && !r)
+		r = n;
+	if (r) {
+		log_err("%s: cannot route the regions of %s: %s.", d->o.name, top->name, strerror(-r));
+		d->route_all = true;
+		return r;
+	}
+	if (how == DM_ROUTE_ALL)
+		d->route_all = false;
+	d->route_us[d->nroute++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	return 0;
 }
 
 /* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... (with their
@@ -412,7 +472,7 @@ static int stage(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 			}
 			continue;
 		}
-		if (!info.exists && cur && dev->role == DM_ROLE_TOP) {
+		if (!info.exists && cur && (dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_FAST)) {
 			/* removed by `qcowsetup close` meanwhile: never bring it back */
 			r = -ENODEV;
 			break;
@@ -466,14 +526,18 @@ static void remove_stale(struct daemon *d, const struct dm_stack *next)
 }
 
 /* Make the live devices what `next` says: create the new ones, reload the
- * top when it changed (all the top devices when `cur` is NULL: their
- * segments are new), remove the segments it no longer has. On success
+ * fast device (the top without a switch) when it changed, and the top when
+ * its own table did (all the top devices when `cur` is NULL: their
+ * segments are new), then route the switch's regions that changed (all
+ * of them after the top's own swap), remove the segments it no longer
+ * has. On success
  * `next` is the current stack; on failure the devices made are removed
  * and the live ones are as they were. */
 static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack *cur)
 {
 	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
 	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
+	bool top_new;
 	int r = 0;
 
 	if (!changed || !created) {
@@ -484,12 +548,27 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		r = round_allowed(d);
 	if (!r)
 		r = stage(d, next, cur, created, changed);
+	top_new = !cur || changed[next->count - 1] || created[next->count - 1] ||
+		  cur->region_sectors != next->region_sectors;
 	for (size_t i = 0; i < next->count && !r; i++)
 		if (changed[i]) {
 			r = swap(d, &next->devices[i]);
 			d->reloads++;
 		}
+	/* the regions routed once the fast device has its table: one that
+	 * leaves the fast path is all fast-path I/O until then (no slow
+	 * request in the drain), and NAME_fast names the slow path before a
+	 * region goes to it (a flush reaches the slow path through NAME_fast) */
+	if (!r && top_new) {
+		route(d, next, cur, DM_ROUTE_ALL);
+	} else if (!r) {
+		route(d, next, cur, DM_ROUTE_TO_SLOW);
+		route(d, next, cur, DM_ROUTE_TO_FAST);
+	}
 	if (r) {
+		/* (regions routed to the slow path already: all of them at the
+		 * next round) */
+		d->route_all = next->region_sectors != 0;
 		/* (a device the top uses after all stays: busy) */
 		for (size_t i = next->count; i-- > 0;) {
 			if (changed[i])
@@ -520,6 +599,9 @@ int daemon_reload_top(struct daemon *d)
 			r = swap(d, dev);
 		d->reloads += r == 0;
 	}
+	/* (the top's table loaded again routes region i to path i % 2) */
+	if (!r && d->stack)
+		route(d, d->stack, NULL, DM_ROUTE_ALL);
 	return r;
 }
 
@@ -544,6 +626,10 @@ int daemon_stack_setup(struct daemon *d)
 	r = list_stale(d, NULL, NULL, NULL, &d->seg_gen);
 	if (!r)
 		r = build(d, d->img, &d->runs, NULL, d->seg_gen, &s);
+	/* dm-switch loaded now: never between a suspend and its resume (a
+	 * module load reads the root filesystem, which may be this mapping) */
+	if (!r && s->region_sectors)
+		r = dm_check_target("switch");
 	if (r)
 		goto out;
 	/* a new mapping: create the top devices; reattached: make new segments
@@ -756,16 +842,16 @@ void daemon_remove_leftovers(struct daemon *d)
 
 struct suspended_ctx {
 	const char *name;
-	char top_uuid[DM_UUID_MAX + 1], seg_prefix[DM_UUID_MAX + 1];
+	char top_uuid[DM_UUID_MAX + 1], seg_prefix[DM_UUID_MAX + 1], fast_uuid[DM_UUID_MAX + 1];
 	char names[64][128];
-	bool hidden[64];
+	int order[64];	/* 0 segments, 1 the fast device, 2 the top */
 	size_t n;
 };
 
 static int collect_suspended(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
 {
 	struct suspended_ctx *c = opaque;
-	bool top, seg;
+	bool top, seg, fast;
 
 	(void)major;
 	(void)minor;
@@ -773,8 +859,9 @@ static int collect_suspended(void *opaque, const char *name, const char *uuid, u
 		return 0;
 	top = !strcmp(uuid, c->top_uuid);
 	seg = !strncmp(uuid, c->seg_prefix, strlen(c->seg_prefix)) && dm_is_segment_name(name, c->name);
-	if (top || seg) {
-		c->hidden[c->n] = seg;
+	fast = !strcmp(uuid, c->fast_uuid);
+	if (top || seg || fast) {
+		c->order[c->n] = seg ? 0 : fast ? 1 : 2;
 		snprintf(c->names[c->n++], 128, "%s", name);
 	}
 	return 0;
@@ -798,16 +885,17 @@ void daemon_resume_suspended(const char *name, const char *id)
 	c->name = name;
 	snprintf(c->top_uuid, sizeof(c->top_uuid), "%s%s-%s", DM_UUID_PREFIX, id, name);
 	snprintf(c->seg_prefix, sizeof(c->seg_prefix), "%s%s-%s_s", DM_UUID_PREFIX_INTERNAL, id, name);
+	snprintf(c->fast_uuid, sizeof(c->fast_uuid), "%s%s-%s_fast", DM_UUID_PREFIX_INTERNAL, id, name);
 	if (dm_list_devices(collect_suspended, c) == 0)
 		/* segments first, the top last */
-		for (size_t k = 0; k < 2; k++)
+		for (int k = 0; k < 3; k++)
 			for (size_t i = 0; i < c->n; i++) {
 				struct dm_dev_info info;
 
-				if (c->hidden[i] != (k == 0) || dm_device_info(c->names[i], &info) || !info.exists ||
+				if (c->order[i] != k || dm_device_info(c->names[i], &info) || !info.exists ||
 				    !info.suspended)
 					continue;
-				if (dm_resume(c->names[i], c->hidden[i]) == 0)
+				if (dm_resume(c->names[i], c->order[i] < 2) == 0)
 					log_std("%s: resumed %s, left suspended by the dead daemon", name, c->names[i]);
 			}
 	free(c);

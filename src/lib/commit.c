@@ -728,7 +728,8 @@ struct old_devices {
 };
 
 /* The internal devices of the old stack: all but the new crypt device and
- * (with a daemon, which removes what it no longer uses) the segments. */
+ * (with a daemon, which removes what it no longer uses) the segments and
+ * the fast device. */
 static int collect_old(void *opaque, const char *name, const char *uuid, uint32_t major, uint32_t minor)
 {
 	struct old_devices *o = opaque;
@@ -740,7 +741,7 @@ static int collect_old(void *opaque, const char *name, const char *uuid, uint32_
 		return 0;
 	if (c->crypt_created && !strncmp(name, c->name, strlen(c->name)) && !strcmp(name + strlen(c->name), "_crypt"))
 		return 0;
-	if (c->base_qcow2 && dm_is_segment_name(name, c->name))
+	if (c->base_qcow2 && dm_is_daemon_device_name(name, c->name))
 		return 0;
 	snprintf(o->names[o->n++], sizeof(o->names[0]), "%s", name);
 	return 0;

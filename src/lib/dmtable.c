@@ -699,8 +699,67 @@ static int build_hold(struct build *b, unsigned int d)
 	return r;
 }
 
-/* The top table: guest space, every layer flattened into it. */
-static int build_top(struct build *b)
+/* Read-write with a slow path: the switch's regions, all fast until a
+ * run of the slow path clears theirs (slow_run). */
+static int regions_init(struct build *b, const struct image *top)
+{
+	struct dm_stack *s = b->s;
+	uint64_t region = MAX(top->cluster_size, (uint64_t)DM_SWITCH_REGION_MIN) >> DM_SECTOR_SHIFT;
+	uint64_t sectors = layer_guest_size(top) >> DM_SECTOR_SHIFT;
+
+	/* (a huge image: larger regions, the tables stay at 2 MiB) */
+	while (sectors / region > DM_SWITCH_REGIONS_MAX)
+		region *= 2;
+
+	s->region_sectors = region;
+	s->nregions = (sectors + region - 1) / region;
+	s->fast = malloc((size_t)((s->nregions + 7) / 8));
+	if (!s->fast)
+		return -ENOMEM;
+	memset(s->fast, 0xff, (size_t)((s->nregions + 7) / 8));
+	return 0;
+}
+
+/* Sectors [guest, guest + len) on the slow path: their regions are not
+ * all fast. */
+static void slow_run(struct dm_stack *s, uint64_t guest, uint64_t len)
+{
+	if (!s->fast || !len)
+		return;
+	for (uint64_t i = guest / s->region_sectors; i <= (guest + len - 1) / s->region_sectors && i < s->nregions; i++)
+		s->fast[i / 8] &= (uint8_t)~(1u << (i % 8));
+}
+
+/* The top device over the fast device (index fast): a switch target over
+ * every region but the last, which maps linearly onto the fast device.
+ * dm-switch takes no flush (it asks for no flush bios: its device is write
+ * through, so a flush or FUA sent to it would be dropped); the linear
+ * target makes the top's table take flushes, and device-mapper sends each
+ * flush to every target that takes it: through the fast device, whose
+ * table names the crypt or loop devices and the slow path, to all of
+ * them. (An image of one region: that linear target alone.) */
+static int add_switch_top(struct build *b, uint32_t fast)
+{
+	struct table tb = { 0 };
+	uint64_t sectors = b->s->devices[fast].sectors, tail = (b->s->nregions - 1) * b->s->region_sectors;
+	uint32_t index;
+	int r;
+
+	r = table_reserve(&tb, 2);
+	if (r)
+		return r;
+	if (tail)
+		tb.t[tb.count++] = (struct dm_target){ .start = 0, .len = tail, .offset = b->s->region_sectors,
+						       .dev = fast, .type = DM_TARGET_SWITCH };
+	tb.t[tb.count++] = (struct dm_target){ .start = tail, .len = sectors - tail, .offset = tail, .dev = fast,
+					       .type = DM_TARGET_LINEAR };
+	tb.sectors = sectors;
+	return add_device(b, NULL, DM_ROLE_TOP, -1, 0, &tb, &index);
+}
+
+/* The top table: guest space, every layer flattened into it (read-write
+ * with a slow path: the fast device's, the top a switch over it). */
+static int build_top(struct build *b, const struct image *top)
 {
 	const struct run_list *runs = b->runs;
 	struct table tb = { 0 };
@@ -710,6 +769,8 @@ static int build_top(struct build *b)
 	/* read-write: only the writable data of layer 0 bypasses the daemon */
 	bool slow_rest = b->p->slow_dev && !b->p->read_only;
 
+	if (slow_rest)
+		r = regions_init(b, top);
 	for (size_t i = 0; !r && i < runs->count; i++) {
 		const struct run *run = &runs->runs[i];
 		const struct dm_stack_layer *l = &b->s->layers[run->depth];
@@ -719,6 +780,7 @@ static int build_top(struct build *b)
 		if ((slow_rest && !(run->kind == RUN_DATA && run->depth == 0 && (run->flags & RUN_F_WRITABLE))) ||
 		    (run->kind == RUN_COMPRESSED && b->p->slow_dev)) {
 			r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_SLOW, guest, len);
+			slow_run(b->s, guest, len);
 			continue;
 		}
 		switch (run->kind) {
@@ -757,7 +819,10 @@ static int build_top(struct build *b)
 		table_free(&tb);
 		return r;
 	}
-	return add_device(b, NULL, DM_ROLE_TOP, -1, 0, &tb, &index);
+	if (!slow_rest)
+		return add_device(b, NULL, DM_ROLE_TOP, -1, 0, &tb, &index);
+	r = add_device(b, "fast", DM_ROLE_FAST, -1, 0, &tb, &index);
+	return r ? r : add_switch_top(b, index);
 }
 
 static int check_name(const char *what, const char *s, size_t max)
@@ -823,7 +888,7 @@ int dm_stack_build(const struct dm_stack_params *p, const struct image *top,
 			r = build_hold(&b, d);
 	}
 	if (!r)
-		r = build_top(&b);
+		r = build_top(&b, top);
 	if (r) {
 		dm_stack_free(b.s);
 		return r;
@@ -853,6 +918,7 @@ void dm_stack_free(struct dm_stack *s)
 		free(s->split[l].start);
 	free(s->split);
 	free(s->slow_ref);
+	free(s->fast);
 	free(s);
 }
 
@@ -884,6 +950,8 @@ const char *dm_target_type_name(enum dm_target_type type)
 		return "linear";
 	case DM_TARGET_CRYPT:
 		return "crypt";
+	case DM_TARGET_SWITCH:
+		return "switch";
 	}
 	return "?";
 }
@@ -923,12 +991,58 @@ int dm_target_params(const struct dm_stack *s, const struct dm_device *dev,
 			     l->cipher, l->key_size, l->key_desc, ref, t->offset,
 			     s->allow_discards ? " 1 allow_discards" : "");
 		break;
+	case DM_TARGET_SWITCH:
+		/* two paths, no optional arguments */
+		if (!ref || !s->slow_ref)
+			return -EINVAL;
+		n = snprintf(buf, size, "2 %" PRIu64 " 0 %s 0 %s 0", t->offset, ref, s->slow_ref);
+		break;
 	default:
 		return -EINVAL;
 	}
 	if (n < 0 || (size_t)n >= size)
 		return -ENOSPC;
 	return n;
+}
+
+int dm_switch_message(const struct dm_stack *s, const struct dm_stack *cur, enum dm_route route, uint64_t *pos,
+		      char *buf, size_t size)
+{
+	uint64_t n = s->nregions - 1, last = 0, i = *pos;	/* (the last region is not the switch's) */
+	bool any = false;
+	size_t len;
+
+	if (!s->region_sectors || !s->nregions || size < 128 ||
+	    (route != DM_ROUTE_ALL && (!cur || cur->region_sectors != s->region_sectors)))
+		return -EINVAL;
+	len = (size_t)snprintf(buf, size, "set_region_mappings");
+	while (i < n && len + 64 < size) {
+		uint64_t j;
+		bool fast = dm_stack_region_fast(s, i);
+
+		/* (a region routed: every one, or one that changed this way) */
+		if ((route == DM_ROUTE_TO_SLOW && (fast || !dm_stack_region_fast(cur, i))) ||
+		    (route == DM_ROUTE_TO_FAST && (!fast || (i < cur->nregions && dm_stack_region_fast(cur, i))))) {
+			i++;
+			continue;
+		}
+		for (j = i + 1; j < n && dm_stack_region_fast(s, j) == fast; j++)
+			if ((route == DM_ROUTE_TO_SLOW && !dm_stack_region_fast(cur, j)) ||
+			    (route == DM_ROUTE_TO_FAST && j < cur->nregions && dm_stack_region_fast(cur, j)))
+				break;
+		/* (":" alone: the region after the last one) */
+		if (any && i == last + 1)
+			len += (size_t)snprintf(buf + len, size - len, " :%d", fast ? 0 : 1);
+		else
+			len += (size_t)snprintf(buf + len, size - len, " %" PRIx64 ":%d", i, fast ? 0 : 1);
+		if (j - i > 1)
+			len += (size_t)snprintf(buf + len, size - len, " R1,%" PRIx64, j - i - 1);
+		last = j - 1;
+		any = true;
+		i = j;
+	}
+	*pos = i;
+	return any ? (int)len : 0;
 }
 
 int dm_stack_format(const struct dm_stack *s, FILE *f)
@@ -1082,6 +1196,13 @@ bool dm_is_segment_name(const char *dev, const char *name)
 	return dm_segment_generation(dev, name, NULL);
 }
 
+bool dm_is_daemon_device_name(const char *dev, const char *name)
+{
+	size_t n = strlen(name);
+
+	return dm_is_segment_name(dev, name) || (!strncmp(dev, name, n) && !strcmp(dev + n, "_fast"));
+}
+
 bool dm_same_table(const struct dm_stack *s, const struct dm_device *a, const struct dm_stack *cur,
 		   const struct dm_device *b)
 {
@@ -1098,6 +1219,10 @@ bool dm_same_table(const struct dm_stack *s, const struct dm_device *a, const st
 			return false;
 		if (in_x) {
 			if (strcmp(s->devices[x->dev].name, cur->devices[y->dev].name))
+				return false;
+			/* (a switch names the slow path too) */
+			if (x->type == DM_TARGET_SWITCH &&
+			    (!s->slow_ref || !cur->slow_ref || strcmp(s->slow_ref, cur->slow_ref)))
 				return false;
 		} else if (dm_target_params(s, a, x, pa, sizeof(pa)) < 0 ||
 			   dm_target_params(cur, b, y, pb, sizeof(pb)) < 0 || strcmp(pa, pb)) {

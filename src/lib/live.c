@@ -2,8 +2,9 @@
  * cryptsetup's luksSuspend, luksResume and refresh.
  *
  * The devices of a mapping NAME, found by their UUIDs (dmtable.h): the top
- * device, its segments, and one crypt device per encrypted layer, whose
- * table names its key as a keyring reference ":LEN:logon:qcowsetup:NAME:Ld".
+ * device, its segments (with them NAME_fast, under a read-write top's
+ * switch), and one crypt device per encrypted layer, whose table names
+ * its key as a keyring reference ":LEN:logon:qcowsetup:NAME:Ld".
  * A mapping with a slow path has a daemon; its control socket (control.h)
  * tells it what happens, so that it makes no table swap meanwhile.
  *
@@ -224,7 +225,8 @@ static int collect(void *opaque, const char *name, const char *uuid, uint32_t ma
 	(void)minor;
 	if (!uuid || !dm_uuid_is_internal_of(uuid, c->top.uuid))
 		return 0;
-	if (dm_is_segment_name(name, c->name)) {
+	/* (the fast device with the segments: between them and the top) */
+	if (dm_is_daemon_device_name(name, c->name)) {
 		if (c->nsegs == LIVE_MAX_SEGMENTS)
 			return -E2BIG;
 		snprintf(c->segs[c->nsegs++], sizeof(c->segs[0]), "%s", name);

@@ -736,6 +736,11 @@ static int unlock(struct open_ctx *c)
 			r = dm_check_target("crypt");
 	if (!r && c->use_daemon)
 		r = nbd_check();
+	/* read-write with a slow path: the top is a switch (dmtable.h); its
+	 * module loaded here, never by the daemon between a suspend and its
+	 * resume */
+	if (!r && c->use_daemon && c->rw)
+		r = dm_check_target("switch");
 	return r;
 }
 
@@ -919,6 +924,7 @@ struct walk_ctx {
 	char cipher[DM_CIPHER_MAX + 1];
 	struct dev_list *all;
 	const char *name;	/* the mapping */
+	bool count_fast;	/* the top is a switch: the fast device's targets counted */
 	int nbd[8];		/* slow-path devices under it */
 	unsigned int nnbd;
 	/* devices walked already: a big table names the same few devices
@@ -947,8 +953,38 @@ static int walk_target(void *opaque, uint64_t start, uint64_t length, const char
 
 	(void)start;
 	(void)length;
-	if (w->depth == 0)
+	/* (a switch top: the fast device's targets, not the top's) */
+	if ((w->depth == 0 && !w->count_fast) || (w->depth == 1 && w->count_fast))
 		w->targets++;
+	if (!strcmp(type, "switch")) {
+		unsigned int npaths, nopt;
+		int used = 0;
+
+		/* paths nregion_size nopt [opt...] (dev offset)... : path 0
+		 * (the fast device) counts as the table */
+		if (sscanf(params, "%u %*s %u%n", &npaths, &nopt, &used) != 2)
+			return 0;
+		if (w->depth == 0) {
+			w->targets--;
+			w->count_fast = true;
+		}
+		dev = params + used;
+		for (unsigned int skip = 0; dev && skip < nopt; skip++)
+			dev = strchr(dev + 1, ' ');
+		for (unsigned int i = 0; dev && i < npaths; i++) {
+			int r;
+
+			dev++;
+			if (sscanf(dev, "%u:%u", &maj, &min) == 2) {
+				r = walk_device(w, maj, min);
+				if (r)
+					return r;
+			}
+			dev = strchr(dev, ' ');		/* the offset */
+			dev = dev ? strchr(dev + 1, ' ') : NULL;
+		}
+		return 0;
+	}
 	if (!strcmp(type, "linear")) {
 		dev = params;
 	} else if (!strcmp(type, "crypt")) {
@@ -1210,14 +1246,18 @@ static int close_mapping(const char *name, bool deferred)
 		goto out;	/* internal devices stay until then; a later close cleans up */
 	}
 	if (w->nnbd) {
-		/* the segments go first: they hold the NBD device */
-		for (size_t i = 0; i < all.n; i++) {
-			struct dm_dev_info di;
+		/* the fast device and the segments go first: they hold the NBD
+		 * device (the fast device the segments) */
+		for (int pass = 0; pass < 2; pass++)
+			for (size_t i = 0; i < all.n; i++) {
+				struct dm_dev_info di;
 
-			if (dm_uuid_is_internal_of(all.v[i].uuid, info.uuid) && !dm_device_info(all.v[i].name, &di) &&
-			    di.exists && !di.open_count && dm_is_segment_name(all.v[i].name, name))
-				dm_remove_device(all.v[i].name, false, true);
-		}
+				if (dm_uuid_is_internal_of(all.v[i].uuid, info.uuid) &&
+				    dm_is_daemon_device_name(all.v[i].name, name) &&
+				    dm_is_segment_name(all.v[i].name, name) == (pass == 1) &&
+				    !dm_device_info(all.v[i].name, &di) && di.exists && !di.open_count)
+					dm_remove_device(all.v[i].name, false, true);
+			}
 		r = stop_daemons(name, w->nbd, w->nnbd, pids);
 		if (!r)
 			qs_state_remove(name);

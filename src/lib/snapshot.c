@@ -278,7 +278,8 @@ out:
 	return r;
 }
 
-/* Step 3: the devices under the top, but its segments, renamed aside. */
+/* Step 3: the devices under the top, but its segments and fast device (the
+ * daemon's, taken over by the new one), renamed aside. */
 struct collect_ctx {
 	struct snap_ctx *c;
 	char names[SNAP_MAX_RENAMED][128];
@@ -291,7 +292,7 @@ static int collect_internal(void *opaque, const char *name, const char *uuid, ui
 
 	(void)major;
 	(void)minor;
-	if (!uuid || !dm_uuid_is_internal_of(uuid, k->c->top.uuid) || dm_is_segment_name(name, k->c->name))
+	if (!uuid || !dm_uuid_is_internal_of(uuid, k->c->top.uuid) || dm_is_daemon_device_name(name, k->c->name))
 		return 0;
 	if (k->n == SNAP_MAX_RENAMED || strlen(name) + strlen(MAPPING_OLD_SUFFIX) > DM_NAME_MAX)
 		return -E2BIG;

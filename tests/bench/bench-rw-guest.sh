@@ -172,7 +172,7 @@ qcowsetup open --key-file key full.qcow2 bf || exit 1
 hexkey=$(od -An -tx1 -N 64 /dev/urandom | tr -d ' \n')
 loop=$(losetup --direct-io=on -f --show full.raw)
 dmsetup create braw --table "0 $(blockdev --getsz "$loop") crypt aes-xts-plain64 $hexkey 0 $loop 0"
-echo "TARGETS $(dmsetup table bf | wc -l) $(dmsetup table bf | grep -c ' 43:')"
+echo "TARGETS $(dmsetup table bf_fast | wc -l) $(dmsetup table bf_fast | grep -c ' 43:')"
 for round in $(seq 1 "$rounds"); do
 	devs="bf braw"
 	[ $((round % 2)) = 1 ] || devs="braw bf"

@@ -921,7 +921,7 @@ static void test_hold(void)
 		{ IMG_FMT_QCOW2, IMG_CRYPT_LUKS, 1 * MiB, 1 * MiB, "/img/mid.qcow2" },
 		{ IMG_FMT_RAW, IMG_CRYPT_NONE, 1 * MiB, 1 * MiB, "/img/base.raw" },
 	};
-	static const char *const want[] = { "vm_L2_hold", "vm_L1_crypt", "vm_hold", "vm" };
+	static const char *const want[] = { "vm_L2_hold", "vm_L1_crypt", "vm_hold", "vm_fast", "vm" };
 	struct run run = R(0, 1 * MiB, 0, RUN_UNALLOC, 0, 0);
 	struct dm_stack_params p = { .name = "vm", .id = "ID", .slow_dev = "{nbd}" };
 	struct dm_stack *s = NULL;
@@ -956,10 +956,133 @@ static void test_hold(void)
 	run_list_free(&runs);
 }
 
+/* Runs of n pieces of a region (DM_SWITCH_REGION_MIN) each: w[i] 1
+ * writable data, 2 data not writable, 3 writable but for its last 64 KiB
+ * cluster (unallocated), 0 unallocated. */
+static void switch_runs(struct run_list *runs, const uint8_t *w, size_t n)
+{
+	const uint64_t rs = DM_SWITCH_REGION_MIN;
+
+	run_list_init(runs);
+	for (size_t i = 0; i < n; i++) {
+		struct run run = { .guest = i * rs, .len = rs, .kind = w[i] ? RUN_DATA : RUN_UNALLOC,
+				   .host = w[i] ? (i + 1) * rs : 0, .flags = w[i] == 1 || w[i] == 3 ? RUN_F_WRITABLE : 0 };
+		struct run hole = { .guest = (i + 1) * rs - 64 * KiB, .len = 64 * KiB, .kind = RUN_UNALLOC };
+
+		if (w[i] == 3)
+			run.len -= 64 * KiB;
+		run_list_add(runs, &run);
+		if (w[i] == 3)
+			run_list_add(runs, &hole);
+	}
+}
+
+/* Read-write with a slow path: the top is a switch over the fast device
+ * (the table the top has otherwise) and the slow path; a region goes to
+ * path 0 only when all of it is on the fast path; the messages route
+ * every region, or those that changed, in hex with repeats. */
+static void test_switch(void)
+{
+	const uint64_t rsec = DM_SWITCH_REGION_MIN / 512;
+	struct layer_spec spec = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, 64 * DM_SWITCH_REGION_MIN, 128 * DM_SWITCH_REGION_MIN,
+				   "/img/w.qcow2" };
+	struct dm_stack_params p = { .name = "vm", .id = "ID", .slow_dev = "43:0" };
+	uint8_t w[64] = { 1, 1, 1, 1, 0, 1, 3 };
+	char want[128];
+	struct dm_stack *s = NULL, *s2 = NULL;
+	struct run_list runs;
+	struct chain c;
+	char params[DM_PARAMS_MAX], msg[256];
+	size_t total = 0, count = 0;
+	uint64_t pos = 0;
+	int r, n;
+
+	chain_init(&c, &spec, 1);
+	p.layers = c.lp;
+	p.nlayers = 1;
+	switch_runs(&runs, w, 64);
+	r = dm_stack_build(&p, &c.img[0], &runs, &s);
+	run_list_free(&runs);
+	CHECK(r == 0 && s->count == 3 && !strcmp(s->devices[1].name, "vm_fast") &&
+	      s->devices[1].role == DM_ROLE_FAST && s->devices[1].hidden && dm_is_top_device(&s->devices[1]),
+	      "read-write with a slow path: vm_fast under the top");
+	if (r)
+		goto out;
+	dm_stack_set_ref(s, 1, "253:7");
+	snprintf(want, sizeof(want), "2 %" PRIu64 " 0 253:7 0 43:0 0", rsec);
+	CHECK(s->devices[2].count == 2 && s->devices[2].targets[0].len == 63 * rsec &&
+	      dm_target_params(s, &s->devices[2], &s->devices[2].targets[0], params, sizeof(params)) > 0 &&
+	      !strcmp(params, want) && s->devices[2].sectors == 64 * rsec,
+	      "the top: a switch target, regions of DM_SWITCH_REGION_MIN, fast device and slow path (%s)", params);
+	snprintf(want, sizeof(want), "253:7 %" PRIu64, 63 * rsec);
+	CHECK(s->devices[2].targets[1].type == DM_TARGET_LINEAR && s->devices[2].targets[1].start == 63 * rsec &&
+	      dm_target_params(s, &s->devices[2], &s->devices[2].targets[1], params, sizeof(params)) > 0 &&
+	      !strcmp(params, want), "and the last region linear onto the fast device, for flushes (%s)", params);
+	CHECK(s->nregions == 64 && dm_stack_region_fast(s, 0) && dm_stack_region_fast(s, 3) &&
+	      !dm_stack_region_fast(s, 4) && dm_stack_region_fast(s, 5) && !dm_stack_region_fast(s, 6) &&
+	      !dm_stack_region_fast(s, 7),
+	      "regions all on the fast path are fast (not one with a cluster on the slow path)");
+	n = dm_switch_message(s, NULL, DM_ROUTE_ALL, &pos, msg, sizeof(msg));
+	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 0:0 R1,3 :1 :0 :1 R1,38") && pos == 63,
+	      "every region routed: %s", n > 0 ? msg : "none");
+	CHECK(dm_switch_message(s, NULL, DM_ROUTE_ALL, &pos, msg, sizeof(msg)) == 0, "and no more");
+	/* region 6 all written: it joins the fast path; 1 and 2 left it */
+	w[6] = 1;
+	w[1] = w[2] = 2;
+	switch_runs(&runs, w, 64);
+	r = dm_stack_build(&p, &c.img[0], &runs, &s2);
+	run_list_free(&runs);
+	CHECK(r == 0, "rebuilt");
+	if (r)
+		goto out;
+	pos = 0;
+	n = dm_switch_message(s2, s, DM_ROUTE_TO_SLOW, &pos, msg, sizeof(msg));
+	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 1:1 R1,1"), "leaving the fast path: %s", n > 0 ? msg : "none");
+	pos = 0;
+	n = dm_switch_message(s2, s, DM_ROUTE_TO_FAST, &pos, msg, sizeof(msg));
+	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 6:0"), "joining it: %s", n > 0 ? msg : "none");
+	/* 4 MiB of alternating regions: the messages split */
+	for (size_t i = 0; i < 64; i++)
+		w[i] = 1 + i % 2;
+	switch_runs(&runs, w, 64);
+	dm_stack_free(s2);
+	s2 = NULL;
+	r = dm_stack_build(&p, &c.img[0], &runs, &s2);
+	run_list_free(&runs);
+	for (pos = 0; !r && (n = dm_switch_message(s2, NULL, DM_ROUTE_ALL, &pos, msg, 128)) > 0; count++)
+		total += (size_t)n < 128 && !strncmp(msg, "set_region_mappings ", 20) && msg[20] != ':';
+	CHECK(!r && count > 1 && total == count && pos == 63,
+	      "alternating regions: %zu messages under 128 bytes, each with its first index", count);
+	/* 2^24 regions at most: 4 regions of DM_SWITCH_REGION_MIN in one */
+	{
+		uint64_t size = (1ULL << 26) * DM_SWITCH_REGION_MIN;
+		struct layer_spec big = { IMG_FMT_QCOW2, IMG_CRYPT_NONE, size, 1 * MiB, "/img/big.qcow2" };
+		struct run run = { .guest = 0, .len = size, .kind = RUN_UNALLOC };
+
+		dm_stack_free(s2);
+		s2 = NULL;
+		chain_init(&c, &big, 1);
+		p.layers = c.lp;
+		run_list_init(&runs);
+		run_list_add(&runs, &run);
+		r = dm_stack_build(&p, &c.img[0], &runs, &s2);
+		run_list_free(&runs);
+		CHECK(!r && s2->region_sectors == 4 * rsec && s2->nregions == (1 << 24),
+		      "a huge image: %" PRIu64 " regions of %" PRIu64 " sectors",
+		      r ? 0 : s2->nregions, r ? 0 : s2->region_sectors);
+	}
+out:
+	dm_stack_free(s);
+	dm_stack_free(s2);
+}
+
 static void test_segment_names(void)
 {
 	CHECK(dm_is_segment_name("vm1_s0", "vm1") && dm_is_segment_name("vm1_s12", "vm1") &&
 	      dm_is_segment_name("vm1_ss3", "vm1"), "segment names of vm1 are recognised");
+	CHECK(dm_is_daemon_device_name("vm1_fast", "vm1") && dm_is_daemon_device_name("vm1_s2_g3", "vm1") &&
+	      !dm_is_daemon_device_name("vm1_fast", "vm") && !dm_is_daemon_device_name("vm1_crypt", "vm1"),
+	      "the daemon's devices: segments and NAME_fast");
 	CHECK(!dm_is_segment_name("vm1_crypt", "vm1") && !dm_is_segment_name("vm1_s", "vm1") &&
 	      !dm_is_segment_name("vm1_sx1", "vm1") && !dm_is_segment_name("vm1_s1", "vm") &&
 	      !dm_is_segment_name("vm1", "vm1") && !dm_is_segment_name("vm1_L1_crypt", "vm1"),
@@ -1125,6 +1248,7 @@ int main(void)
 	test_segments();
 	test_large();
 	test_hold();
+	test_switch();
 	test_segment_names();
 	test_segment_generations();
 	test_remap_generations();

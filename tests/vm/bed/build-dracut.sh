@@ -104,7 +104,7 @@ QCOWSETUP_GENERATOR_BINARY=$generator \
 dracut --force --quiet --no-hostonly --no-hostonly-cmdline --no-early-microcode \
 	--kver "$kver" --tmpdir "$outdir/tmp" \
 	--modules "$modules$extra_mod" \
-	--drivers "virtio_pci virtio_blk virtio_rng ext4 dm_mod dm_crypt dm_zero loop nbd" \
+	--drivers "virtio_pci virtio_blk virtio_rng ext4 dm_mod dm_crypt dm_zero dm_switch loop nbd" \
 	--no-compress "${include[@]}" \
 	"$outdir/dracut.img.new" >"$outdir/dracut.log" 2>&1 || {
 	echo "$me: dracut failed:" >&2; tail -30 "$outdir/dracut.log" >&2; exit 1; }

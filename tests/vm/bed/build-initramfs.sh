@@ -89,7 +89,7 @@ fi
 
 # ---------------------------------------------------------------- resolution
 # Modules: names as modprobe knows them ('-' and '_' are the same).
-modules_required="dm-mod dm-crypt dm-zero loop nbd ecb cbc xts essiv aes_generic
+modules_required="dm-mod dm-crypt dm-zero dm-switch loop nbd ecb cbc xts essiv aes_generic
 	serpent_generic twofish_generic sha256_generic 9p 9pnet 9pnet_virtio virtio
 	virtio_ring virtio_pci virtio_blk ext4 jbd2 mbcache crc16 crc32c_generic
 	af_alg algif_skcipher algif_hash"

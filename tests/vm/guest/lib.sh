@@ -89,7 +89,7 @@ vm_images_disk() {
 	mkdir -p /mnt/m
 	mount -t ext4 /dev/vda /mnt/m || { echo "cannot mount the image disk"; exit 1; }
 	cd /mnt/m || exit 1
-	for vm_mod in dm-crypt dm-zero nbd; do modprobe -q $vm_mod 2>/dev/null; done
+	for vm_mod in dm-crypt dm-zero dm-switch nbd; do modprobe -q $vm_mod 2>/dev/null; done
 	syslogd -O /tmp/messages 2>/dev/null || :
 }
 

@@ -89,10 +89,11 @@ connections() {	# 3 NBD connections; fio from 2 jobs at QD16, verified: copy-on-
 	vm_assert_clean
 }
 
-# sectors of mapping $1 on the slow path (NBD, major 43): its top device's
-# and its segments' targets (one dmsetup call: there may be a hundred)
+# sectors of mapping $1 on the slow path (NBD, major 43): its fast device's
+# (the table under the top's switch) and its segments' targets (one dmsetup
+# call: there may be a hundred)
 slow_sectors() {
-	dmsetup table 2>/dev/null | awk -v n="$1" '(index($1, n ":") == 1 || index($1, n "_s") == 1) &&
+	dmsetup table 2>/dev/null | awk -v n="$1" '(index($1, n "_fast:") == 1 || index($1, n "_s") == 1) &&
 		$4 == "linear" && $5 ~ /^43:/ {s += $3} END {print s + 0}'
 }
 reloads() { sed -n 's/^reloads=//p' "/run/qcowsetup/$1.stats" 2>/dev/null | grep . || echo 0; }
