@@ -227,6 +227,20 @@ static void write_stats(struct daemon *d)
 	if (!f)
 		return;
 	fprintf(f, "reloads=%" PRIu64 "\nremapped_bytes=%" PRIu64 "\n", d->reloads, d->remapped_bytes);
+	if (d->rw) {
+		/* the writer's counters since the daemon started */
+		struct qcow2_rw_stats w;
+
+		pthread_mutex_lock(&d->lock);
+		qcow2_rw_get_stats(d->rw, &w);
+		pthread_mutex_unlock(&d->lock);
+		fprintf(f,
+			"clusters_allocated=%" PRIu64 "\ncow_clusters=%" PRIu64 "\nahead_clusters=%" PRIu64
+			"\nahead_windows=%" PRIu64 "\nzero_skipped=%" PRIu64 "\nahead_released=%" PRIu64
+			"\nwritebacks=%" PRIu64 "\nflushes=%" PRIu64 "\n",
+			w.clusters_allocated, w.cow_clusters, w.ahead_clusters, w.ahead_sparse_windows, w.zero_skipped,
+			w.ahead_released, w.writebacks, w.flushes);
+	}
 	for (size_t i = 0; i < ARRAY_SIZE(series); i++) {
 		const uint32_t *v = (const uint32_t *)((const char *)d + series[i].off);
 		double p50, p99, max;

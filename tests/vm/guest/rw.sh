@@ -130,8 +130,16 @@ segments() {	# a table split into segment devices at open, then written to
 	remapped_since seg "$slow0" "$reloads0" || { qcowsetup close seg; return 1; }
 	sleep 1
 	slow1=$(slow_sectors seg) reloads1=$(reloads seg)
+	# rounds load no kernel module: a load runs modprobe, which reads the
+	# root filesystem, maybe through the device a round has suspended
+	# (unix_diag: the kernel loads it on the first socket diagnostics
+	# request, which the check for a listening udevd may make)
+	rmmod unix_diag 2>/dev/null || true
+	cut -d' ' -f1 /proc/modules >/tmp/seg.mods
 	rw-workload write --seed 32 --ops 40 --max 65536 --flush-every 5 /dev/mapper/seg /mnt/m/seg.raw >/dev/null
 	remapped_since seg "$slow1" "$reloads1" || { qcowsetup close seg; return 1; }
+	loaded=$(cut -d' ' -f1 /proc/modules | grep -vxFf /tmp/seg.mods || true)
+	[ -z "$loaded" ] || { echo "modules loaded while remapping: $loaded"; qcowsetup close seg; return 1; }
 	sleep 1
 	# a new daemon takes the live mapping over (reattach): every segment
 	# made anew beside the old ones, which go; then remapping goes on
