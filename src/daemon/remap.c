@@ -27,9 +27,8 @@
  * path is idle (no request in service or waiting on the sockets, waited for
  * a few ms), or when it pays for its hold: the writer asks for one (clusters
  * mapped ahead of a sequential writer), the slow path serves clusters it
- * would move to the fast path (at most every second, every 250 ms once only
- * NAME_fast is suspended, and at most 5% of the time held), the queue fills
- * up, or a range waited 30 s. Ranges written
+ * would move to the fast path (at most every second, and at most 5% of the
+ * time held), the queue fills up, or a range waited 30 s. Ranges written
  * once and never again (a guest filling an image) wait for an idle moment.
  * A round, without the lock, takes the queue, patches its copy of the runs,
  * rebuilds the stack (dm_stack_build, the same function as `open`), and
@@ -264,7 +263,6 @@ static void write_stats(struct daemon *d)
  * under TCG, so a queue of 16 random writes held I/O 180 ms). */
 #define QUIET_WAIT_US	5000		/* for a slow path idle before a suspend */
 #define DEMAND_MIN_US	1000000		/* between rounds made for the traffic they move */
-#define DEMAND_MIN_US_SWITCH 250000	/* ... when only NAME_fast is suspended */
 #define DEMAND_HELD_X	20		/* ... and 20x the last hold: at most 5% of the time held */
 #define DEMAND_MIN	16		/* pieces of traffic a round would move ... */
 #define DEMAND_SHARE	8		/* ... at least 1/8 of the requests served */
@@ -946,10 +944,7 @@ static bool round_due(struct daemon *d, bool pending, bool kicked, bool nearly_f
 	daemon_servers_busy(d, &served);
 	data = __atomic_load_n(&d->slow_data, __ATOMIC_RELAXED) - d->data_mark;
 	served -= d->served_mark;
-	/* a switch on top: a round suspends NAME_fast only, which drains no
-	 * slow-path request once the routing is whole, so it may come sooner */
-	gap = d->stack && d->stack->region_sectors && !d->route_all ? DEMAND_MIN_US_SWITCH : DEMAND_MIN_US;
-	gap = MAX(gap, DEMAND_HELD_X * d->last_held_us);
+	gap = MAX((uint64_t)DEMAND_MIN_US, DEMAND_HELD_X * d->last_held_us);
 	if (kicked || nearly_full || now - d->queued_since_us >= MAX_AGE_US ||
 	    (data >= DEMAND_MIN && data * DEMAND_SHARE >= served && now - d->swap_end_us >= gap))
 		return true;
