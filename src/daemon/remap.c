@@ -6,13 +6,16 @@
  * the NBD device for the rest, and the NBD device itself (its last region
  * linear onto NAME_fast: dm-switch takes no flush, that target does, and
  * sends it through NAME_fast to every device under it). Both paths are
- * right for every region; the routing only decides the speed: a region all
- * on the fast path goes to NAME_fast, the others straight to the NBD device
- * (route: "set_region_mappings" messages to the top's live table). So a
- * round reloads NAME_fast, whose suspend waits only for fast-path I/O
- * (and the slow requests of regions routed to it while the routing is
- * not whole yet: after the top's own load, which routes region i to path
- * i % 2, or a failed message), never the top. The top is reloaded only
+ * right for every region; the routing only decides the speed: a region
+ * with any cluster on the fast path goes to NAME_fast (one all fast may
+ * never come: copy-on-write and LUKS allocate a cluster at a time), the
+ * others, all slow, straight to the NBD device (route: "set_region_mappings"
+ * messages to the top's live table). So a round reloads NAME_fast, whose
+ * suspend waits for fast-path I/O and the slow requests of regions part
+ * fast (and of regions routed to it while the routing is not whole yet:
+ * after the top's own load, which routes region i to path i % 2, or a
+ * failed message), never for those of the regions all slow, and never
+ * suspends the top. The top is reloaded only
  * when its paths change: at setup (new mapping, reattach), by a resize
  * (its size) and by `refresh` (as it is); each time its regions are all
  * routed again after its resume.
@@ -298,17 +301,17 @@ static void resumed(void *arg)
 
 /* Swap the inactive table of dev in. I/O is held from the start of the
  * suspend to the end of the resume ioctl; udev's processing of the change
- * event, waited for after that, holds only this thread. The fast device's
- * suspend waits for fast-path I/O only (the switch above it sends the
- * slow regions to the slow-path device): no wait for a quiet slow path. */
+ * event, waited for after that, holds only this thread. The suspend waits
+ * for the slow requests that pass the device too (of the top, or of the
+ * fast device's regions part fast), so a few ms for a quiet slow path
+ * first; those of the regions all slow go past the fast device. */
 static int swap(struct daemon *d, const struct dm_device *dev)
 {
 	struct swap_clock c = { .d = d };
 	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
 	int r, r2;
 
-	if (dev->role != DM_ROLE_FAST || d->route_all)
-		slow_path_quiet(d, QUIET_WAIT_US);
+	slow_path_quiet(d, QUIET_WAIT_US);
 	d->queued_at[k] = daemon_links_queued(d);
 	d->busy_at[k] = daemon_servers_busy(d, &served0);
 	t0 = now_us();

@@ -699,8 +699,8 @@ static int build_hold(struct build *b, unsigned int d)
 	return r;
 }
 
-/* Read-write with a slow path: the switch's regions, all fast until a
- * run of the slow path clears theirs (slow_run). */
+/* Read-write with a slow path: the switch's regions, none fast until a
+ * run of the fast path sets theirs (fast_run). */
 static int regions_init(struct build *b, const struct image *top)
 {
 	struct dm_stack *s = b->s;
@@ -716,18 +716,22 @@ static int regions_init(struct build *b, const struct image *top)
 	s->fast = malloc((size_t)((s->nregions + 7) / 8));
 	if (!s->fast)
 		return -ENOMEM;
-	memset(s->fast, 0xff, (size_t)((s->nregions + 7) / 8));
+	memset(s->fast, 0, (size_t)((s->nregions + 7) / 8));
 	return 0;
 }
 
-/* Sectors [guest, guest + len) on the slow path: their regions are not
- * all fast. */
-static void slow_run(struct dm_stack *s, uint64_t guest, uint64_t len)
+/* Sectors [guest, guest + len) on the fast path: their regions go to the
+ * fast device. A region part fast, part slow goes there too: its fast
+ * clusters stay on the fast path for as long as the mapping lives (a
+ * region all fast may never come: a copy-on-write or a LUKS allocation
+ * makes one cluster at a time), and its slow requests pass the fast
+ * device, whose swaps then wait for a quiet slow path. */
+static void fast_run(struct dm_stack *s, uint64_t guest, uint64_t len)
 {
 	if (!s->fast || !len)
 		return;
 	for (uint64_t i = guest / s->region_sectors; i <= (guest + len - 1) / s->region_sectors && i < s->nregions; i++)
-		s->fast[i / 8] &= (uint8_t)~(1u << (i % 8));
+		s->fast[i / 8] |= (uint8_t)(1u << (i % 8));
 }
 
 /* The top device over the fast device (index fast): a switch target over
@@ -780,9 +784,10 @@ static int build_top(struct build *b, const struct image *top)
 		if ((slow_rest && !(run->kind == RUN_DATA && run->depth == 0 && (run->flags & RUN_F_WRITABLE))) ||
 		    (run->kind == RUN_COMPRESSED && b->p->slow_dev)) {
 			r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_SLOW, guest, len);
-			slow_run(b->s, guest, len);
 			continue;
 		}
+		if (slow_rest)
+			fast_run(b->s, guest, len);
 		switch (run->kind) {
 		case RUN_DATA:
 			/* Read-write will send writes to clusters it cannot

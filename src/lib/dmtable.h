@@ -41,10 +41,11 @@
  *                         NAME_fast (dm-switch takes no flush: that target
  *                         takes them, to every device under NAME_fast;
  *                         add_switch_top); the daemon routes the regions
- *                         all on the fast path to path 0 by message
- *                         (dm_switch_message), the others to path 1, so that
- *                         a remap round reloads NAME_fast alone and its
- *                         suspend waits for fast-path I/O only
+ *                         with any of the fast path to path 0 by message
+ *                         (dm_switch_message), the others (all slow) to
+ *                         path 1, so that a remap round reloads NAME_fast
+ *                         alone and its suspend never waits for the slow
+ *                         requests of regions all slow
  *
  * where <L> is empty for the image itself (layer 0) and "_L<d>" for backing
  * layer d: vm_crypt, vm_L1_crypt, vm_L2_cipher, vm_s0, vm_L1_cipher_s3.
@@ -202,7 +203,7 @@ struct dm_stack {
 	unsigned int nsplit;
 	/* a top switch (read-write with a slow path): its region size in
 	 * sectors (0: no switch), the regions, and a bit per region set when
-	 * all of it is on the fast path (dm_stack_region_fast) */
+	 * any of it is on the fast path (dm_stack_region_fast) */
 	uint64_t region_sectors, nregions;
 	uint8_t *fast;
 };
@@ -265,7 +266,8 @@ static inline bool dm_is_top_device(const struct dm_device *dev)
 	return dev->role == DM_ROLE_TOP || dev->role == DM_ROLE_SEGMENT || dev->role == DM_ROLE_FAST;
 }
 
-/* Whether region i of the top switch is all on the fast path. */
+/* Whether region i of the top switch has any of the fast path (routed to
+ * the fast device). */
 static inline bool dm_stack_region_fast(const struct dm_stack *s, uint64_t i)
 {
 	return s->fast && i < s->nregions && (s->fast[i / 8] >> (i % 8) & 1);
