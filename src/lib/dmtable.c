@@ -713,11 +713,8 @@ static int regions_init(struct build *b, const struct image *top)
 
 	s->region_sectors = region;
 	s->nregions = (sectors + region - 1) / region;
-	s->fast = malloc((size_t)((s->nregions + 7) / 8));
-	if (!s->fast)
-		return -ENOMEM;
-	memset(s->fast, 0, (size_t)((s->nregions + 7) / 8));
-	return 0;
+	s->fast = calloc((size_t)((s->nregions + 7) / 8), 1);
+	return s->fast ? 0 : -ENOMEM;
 }
 
 /* Sectors [guest, guest + len) on the fast path: their regions go to the
