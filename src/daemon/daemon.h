@@ -55,6 +55,7 @@ struct daemon_server {
 	struct daemon_link *link;
 	uint8_t *buf;
 	size_t buf_size;
+	struct qcow2_rw_op *op;	/* its allocating write (read-write; may be NULL) */
 	pthread_t thread;
 	bool started;
 	unsigned int busy;	/* serving a request now (atomic) */
@@ -77,6 +78,8 @@ struct daemon {
 	 * the remap queue, nrunning */
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
+	pthread_cond_t op_cond;	/* an op ended, or writes_paused was cleared */
+	bool writes_paused;	/* no op may begin (daemon_writes_quiesce) */
 	struct remap *queue, *queue_spare;
 	size_t nqueue;
 	bool queue_overflow;
@@ -170,6 +173,10 @@ void daemon_servers_stop(struct daemon *d);
 unsigned int daemon_servers_busy(struct daemon *d, uint64_t *served);
 /* Bytes of requests waiting on the links' sockets, not read yet. */
 uint32_t daemon_links_queued(struct daemon *d);
+/* Under the engine lock: wait until no allocating write is in flight and
+ * let none begin (a resize), then let them go again. */
+void daemon_writes_quiesce(struct daemon *d);
+void daemon_writes_resume(struct daemon *d);
 void daemon_servers_join(struct daemon *d);
 /* With the engine lock held, after the writer worked: set broken (and log
  * it, once) when a metadata write or flush failed. */

@@ -675,8 +675,10 @@ static void cleanup(struct daemon *d)
 		pthread_mutex_destroy(&d->links[i].rx);
 		pthread_mutex_destroy(&d->links[i].tx);
 	}
-	for (unsigned int i = 0; i < d->nservers; i++)
+	for (unsigned int i = 0; i < d->nservers; i++) {
 		free(d->servers[i].buf);
+		qcow2_rw_op_free(d->servers[i].op);
+	}
 	free(d->queue);
 	free(d->queue_spare);
 	free(d->buf);
@@ -705,6 +707,7 @@ static void init_daemon(struct daemon *d)
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_mutex_init(&d->buf_lock, NULL);
 	pthread_cond_init(&d->cond, NULL);
+	pthread_cond_init(&d->op_cond, NULL);
 }
 
 /* The process itself: signals, buffers, memory lock, I/O flusher, the

@@ -257,7 +257,9 @@ int daemon_resize(struct daemon *d, const char *size_arg, bool shrink, int fail_
 	r = step_at(&c, "the image's size");
 	if (!r) {
 		pthread_mutex_lock(&d->lock);
+		daemon_writes_quiesce(d);
 		r = qcow2_rw_resize(d->rw, size, shrink);
+		daemon_writes_resume(d);
 		pthread_mutex_unlock(&d->lock);
 	}
 	if (r)
@@ -270,7 +272,9 @@ int daemon_resize(struct daemon *d, const char *size_arg, bool shrink, int fail_
 
 		/* the old table still serves: the old size again */
 		pthread_mutex_lock(&d->lock);
+		daemon_writes_quiesce(d);
 		r2 = qcow2_rw_resize(d->rw, old, true);
+		daemon_writes_resume(d);
 		pthread_mutex_unlock(&d->lock);
 		if (r2)
 			log_err("%s: the image keeps %" PRIu64 " bytes while the device shows %" PRIu64 ": %s.", d->o.name,

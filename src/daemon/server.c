@@ -6,12 +6,14 @@
  * replies under the link's tx lock.
  *
  * What runs in parallel and what does not: the writer (qcow2_rw) is one
- * caller at a time under the engine lock, and every allocation, copy-on-
- * write and metadata update stays inside it, whole: a write that allocates
- * a cluster is complete, metadata included in the cache, before another
- * request looks at that cluster (two writes to a new cluster never both
- * allocate), and QEMU's write order (qcow2_rw.h) is the writer's alone.
- * Outside the lock go the data of clusters the writer will never move
+ * caller at a time under the engine lock, and every allocation and
+ * metadata update stays inside it: a write that allocates is planned
+ * (clusters allocated) under the lock, moves its data (the copy-on-write
+ * read, the cluster write) outside it as an op, and links its clusters
+ * under it again; meanwhile the writer holds its clusters, so another
+ * write to them waits (op_cond) and two writes to a new cluster never both
+ * allocate, and QEMU's write order (qcow2_rw.h) is the writer's alone.
+ * Also outside the lock go the data of clusters the writer will never move
  * (qcow2_rw_extent): reads and in-place writes of the layer's own clusters,
  * reads of the backing chain (but compressed clusters), zeros. A flush
  * takes the lock and covers every write acknowledged before it, on any
@@ -226,22 +228,52 @@ static int read_data(struct daemon *d, uint8_t *buf, uint32_t len, uint64_t from
 	return r;
 }
 
-/* Write buf at from: in place outside the lock where the writer allows it,
- * the rest (allocation, copy-on-write) through the writer under it. */
-static int write_data(struct daemon *d, const uint8_t *buf, uint32_t len, uint64_t from, bool fua)
+/* Under the lock: begin the write of [from, from + len) through the writer
+ * (an op, or whole), waiting while a write in flight holds its clusters or
+ * a resize wants none in flight; or, *x DATA, nothing (in place). */
+static int write_begin(struct daemon *d, struct qcow2_rw_op *op, const uint8_t *buf, uint32_t len, uint64_t from,
+		       struct qcow2_rw_extent *x)
 {
+	for (;;) {
+		int r = 0;
+
+		if (!d->writes_paused) {
+			r = qcow2_rw_extent(d->rw, from, len, true, x);
+			if (r || x->kind == QCOW2_EXTENT_DATA)
+				return r;
+			r = qcow2_rw_write_begin(d->rw, op, buf, x->len, from);
+			if (r != -EBUSY)
+				return r;
+		}
+		pthread_cond_wait(&d->op_cond, &d->lock);
+	}
+}
+
+/* Write buf at from: in place outside the lock where the writer allows it,
+ * the rest (allocation, copy-on-write) planned by the writer under it, its
+ * data moved outside it where the writer allows (an op). */
+static int write_data(struct daemon_server *s, const uint8_t *buf, uint32_t len, uint64_t from, bool fua)
+{
+	struct daemon *d = s->d;
 	int r = 0;
 
 	while (len && !r) {
 		struct qcow2_rw_extent x;
 
 		pthread_mutex_lock(&d->lock);
-		r = qcow2_rw_extent(d->rw, from, len, true, &x);
-		if (r == 0 && x.kind != QCOW2_EXTENT_DATA)
-			r = qcow2_rw_write(d->rw, buf, x.len, from);
+		r = write_begin(d, s->op, buf, len, from, &x);
 		daemon_check_broken(d);
 		pthread_mutex_unlock(&d->lock);
-		if (r == 0 && x.kind == QCOW2_EXTENT_DATA) {
+		if (r == 1) {
+			r = qcow2_rw_op_io(s->op, false);
+			pthread_mutex_lock(&d->lock);
+			if (r == -EAGAIN)
+				r = qcow2_rw_op_io(s->op, true);
+			r = qcow2_rw_op_end(s->op, r);
+			daemon_check_broken(d);
+			pthread_cond_broadcast(&d->op_cond);
+			pthread_mutex_unlock(&d->lock);
+		} else if (r == 0 && x.kind == QCOW2_EXTENT_DATA) {
 			__atomic_fetch_add(&d->slow_data, 1, __ATOMIC_RELAXED);
 			r = d->ops.data_pwrite(d->ops.opaque, buf, x.len, x.host);
 			pthread_mutex_lock(&d->lock);
@@ -261,6 +293,19 @@ static int write_data(struct daemon *d, const uint8_t *buf, uint32_t len, uint64
 	return r;
 }
 
+void daemon_writes_quiesce(struct daemon *d)
+{
+	d->writes_paused = true;
+	while (d->rw && qcow2_rw_in_flight(d->rw))
+		pthread_cond_wait(&d->op_cond, &d->lock);
+}
+
+void daemon_writes_resume(struct daemon *d)
+{
+	d->writes_paused = false;
+	pthread_cond_broadcast(&d->op_cond);
+}
+
 /* Serve req (its payload, if any, in buf), reply on l (generation gen). */
 static void handle(struct daemon_server *s, const struct nbd_req *req, uint8_t *buf, unsigned int gen)
 {
@@ -277,7 +322,7 @@ static void handle(struct daemon_server *s, const struct nbd_req *req, uint8_t *
 		}
 		return reply(l, gen, req, 0, buf, req->len);
 	case NBD_REQ_WRITE:
-		r = write_data(d, buf, req->len, req->from, req->fua);
+		r = write_data(s, buf, req->len, req->from, req->fua);
 		if (r)
 			log_failure(d, req->fua ? "write (FUA)" : "write", req, r);
 		return reply(l, gen, req, -r, NULL, 0);
@@ -440,10 +485,14 @@ int daemon_servers_start(struct daemon *d)
 		s->d = d;
 		s->link = &d->links[i % d->nlinks];
 		s->buf_size = DAEMON_SERVER_BUF;
-		/* written now: present, so locked once the mapping is up */
+		/* written now: present, so locked once the mapping is up (the
+		 * op's buffer too) */
 		s->buf = aligned_alloc(4096, s->buf_size);
 		if (!stack || !s->buf)
 			return -ENOMEM;
+		/* no op: every allocating write whole under the lock */
+		if (d->rw && !s->op)
+			s->op = qcow2_rw_op_new(d->rw);
 		memset(s->buf, 0, s->buf_size);
 		pthread_attr_init(&attr);
 		r = pthread_attr_setstack(&attr, stack, DAEMON_STACK_SIZE);

@@ -221,6 +221,11 @@ static int rw_backing_pread(void *opaque, void *buf, size_t len, uint64_t guest)
 	return chain_read(((struct file_rw *)opaque)->chain, buf, len, guest);
 }
 
+static int rw_backing_pread_direct(void *opaque, void *buf, size_t len, uint64_t guest)
+{
+	return chain_read_direct(((struct file_rw *)opaque)->chain, buf, len, guest);
+}
+
 static bool rw_backing_zero(void *opaque, uint64_t guest, uint64_t len)
 {
 	return chain_is_zero(((struct file_rw *)opaque)->chain, guest, len);
@@ -242,6 +247,7 @@ void file_rw_ops(struct file_rw *f, struct qcow2_rw_ops *ops)
 		.data_pwrite = rw_data_pwrite,
 		.data_flush = f->data_separate ? rw_data_flush : NULL,
 		.backing_pread = f->chain ? rw_backing_pread : NULL,
+		.backing_pread_direct = f->chain ? rw_backing_pread_direct : NULL,
 		.backing_zero = f->chain ? rw_backing_zero : NULL,
 		.mapped = f->mapped ? rw_mapped : NULL,
 		/* the image itself: holes; the crypt device or a data file: zeros written */

@@ -11,7 +11,10 @@
  *      content first;
  *   4. update the L2 entries (cached), queue the decrements of the clusters
  *      no longer referenced and the mappings to announce.
- * writeback() then writes the caches in the safe order. */
+ * writeback() then writes the caches in the safe order. A write of a few
+ * clusters may run its step 3 outside the caller's lock (an op, see
+ * qcow2_rw_write_begin): its clusters are held meanwhile, so that no other
+ * write, nor allocation ahead, plans them. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -34,6 +37,8 @@
 #define AHEAD_SPARSE		(2ULL << 20)	/* window around a random write (ahead_sparse) */
 #define AHEAD_SPARSE_MAX	4096		/* such windows remembered; then no more */
 #define ZERO_BUF_MAX		(256U << 10)
+#define OP_PLAN_MAX		32	/* clusters of a write that runs as an op */
+#define OP_CLUSTER_MAX		(256U << 10)	/* no ops past this cluster size (its buffer) */
 
 
 struct slot {
@@ -75,6 +80,18 @@ struct plan {
 	bool fresh;		/* that cluster was never written: a hole, reads zeros */
 	bool update;		/* the L2 entry changes */
 	const uint8_t *src;	/* cluster-relative content (the written parts valid) */
+};
+
+/* A write whose data moves outside the caller's lock (qcow2_rw.h). */
+struct qcow2_rw_op {
+	struct qcow2_rw *w;
+	struct qcow2_rw_op *next;	/* in w->active */
+	const uint8_t *data;
+	uint64_t guest, len;
+	uint64_t c0, c1;	/* guest clusters held: [c0, c1) */
+	size_t n;
+	uint8_t *scratch;	/* one cluster: the one part not covered */
+	struct plan plan[OP_PLAN_MAX];
 };
 
 struct qcow2_rw {
@@ -124,6 +141,8 @@ struct qcow2_rw {
 	size_t n_sparse, sparse_cap;
 	uint8_t *zero_buf;	/* zeros to write (no data_zero) */
 	size_t zero_len;
+	struct qcow2_rw_op *active;	/* ops between begin and end */
+	unsigned int n_active;
 	struct qcow2_rw_stats st;
 };
 
@@ -905,12 +924,16 @@ static int zero_fill_past_size(struct qcow2_rw *w, uint8_t *buf, uint64_t guest,
 	return 0;
 }
 
-static int read_backing(struct qcow2_rw *w, uint8_t *buf, uint64_t guest, uint64_t len)
+/* unlocked: outside the caller's lock (an op's step 3): -EAGAIN where the
+ * chain needs it. */
+static int read_backing(struct qcow2_rw *w, uint8_t *buf, uint64_t guest, uint64_t len, bool unlocked)
 {
 	uint64_t n = guest < w->img->size ? MIN(len, w->img->size - guest) : 0;
 	int r = 0;
 
-	if (n && w->ops.backing_pread)
+	if (n && unlocked && w->ops.backing_pread)
+		r = w->ops.backing_pread_direct ? w->ops.backing_pread_direct(w->ops.opaque, buf, n, guest) : -EAGAIN;
+	else if (n && w->ops.backing_pread)
 		r = w->ops.backing_pread(w->ops.opaque, buf, n, guest);
 	else
 		n = 0;
@@ -944,9 +967,10 @@ static int decompress_entry(struct qcow2_rw *w, uint64_t e)
 }
 
 /* Bytes [from, to) of guest cluster gci (entry e, bm) into buf (cluster
- * relative), as the guest reads them now. */
+ * relative), as the guest reads them now; unlocked as read_backing (a
+ * compressed cluster needs the lock: -EAGAIN). */
 static int read_cluster_part(struct qcow2_rw *w, uint64_t gci, uint64_t e, uint64_t bm,
-			     uint8_t *buf, uint64_t from, uint64_t to)
+			     uint8_t *buf, uint64_t from, uint64_t to, bool unlocked)
 {
 	uint64_t guest = gci << w->cb, host;
 	uint32_t alloc, zero;
@@ -957,6 +981,8 @@ static int read_cluster_part(struct qcow2_rw *w, uint64_t gci, uint64_t e, uint6
 	/* whole sectors (O_DIRECT underneath); buf is a cluster buffer */
 	from &= ~511ULL;
 	to = MIN(round_up_pow2(to, 512), w->cs);
+	if (entry_compressed(e) && unlocked)
+		return -EAGAIN;
 	if (entry_compressed(e)) {
 		r = decompress_entry(w, e);
 		if (r == 0)
@@ -984,7 +1010,9 @@ static int read_cluster_part(struct qcow2_rw *w, uint64_t gci, uint64_t e, uint6
 		else if (kind == 2)
 			memset(buf + from, 0, end - from), r = 0;
 		else
-			r = read_backing(w, buf + from, guest + from, end - from);
+			r = read_backing(w, buf + from, guest + from, end - from, unlocked);
+		if (r == -EAGAIN)
+			return r;
 		if (r < 0) {
 			log_err("%s: cannot read guest offset 0x%" PRIx64 ": %s.", w->img->path, guest + from, strerror(-r));
 			return r;
@@ -1039,9 +1067,9 @@ int qcow2_rw_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t guest)
 			}
 			n = total;
 		} else if (off == 0 && n == w->cs && is_aligned((uintptr_t)p, BUF_ALIGN)) {
-			r = read_cluster_part(w, gci, e, bm, p, 0, w->cs);
+			r = read_cluster_part(w, gci, e, bm, p, 0, w->cs, false);
 		} else {
-			r = read_cluster_part(w, gci, e, bm, w->head_buf, off, off + n);
+			r = read_cluster_part(w, gci, e, bm, w->head_buf, off, off + n, false);
 			if (r == 0)
 				memcpy(p, w->head_buf + off, n);
 		}
@@ -1250,8 +1278,8 @@ static bool covered(const struct qcow2_rw *w, const struct plan *p)
 
 /* The content p writes: the user data where the write covers it, else the
  * cluster's current content around it (copy-on-write, or the partial
- * sectors of an overwrite). */
-static int prepare_source(struct qcow2_rw *w, struct plan *p, const uint8_t *data, uint8_t *scratch)
+ * sectors of an overwrite). Changes nothing but p (unlocked: an op). */
+static int prepare_source(struct qcow2_rw *w, struct plan *p, const uint8_t *data, uint8_t *scratch, bool unlocked)
 {
 	uint64_t gci = p->guest >> w->cb;
 	int r;
@@ -1273,19 +1301,18 @@ static int prepare_source(struct qcow2_rw *w, struct plan *p, const uint8_t *dat
 				return r;
 		}
 	} else {
-		w->st.cow_clusters++;
 		for (unsigned int i = 0; i < w->nsc; i++) {
 			uint64_t a = i * w->scs, b = a + w->scs;
 
 			if (!(p->to_write & (1U << i)))
 				continue;
 			if (a < p->ws) {
-				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, a, MIN(b, p->ws));
+				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, a, MIN(b, p->ws), unlocked);
 				if (r < 0)
 					return r;
 			}
 			if (b > p->we) {
-				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, MAX(a, p->we), b);
+				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, MAX(a, p->we), b, unlocked);
 				if (r < 0)
 					return r;
 			}
@@ -1297,7 +1324,8 @@ static int prepare_source(struct qcow2_rw *w, struct plan *p, const uint8_t *dat
 }
 
 /* Write what the chunk's plans write, merging host- and source-contiguous
- * pieces into one call. */
+ * pieces into one call. Changes nothing of the writer's (an op's step 3
+ * runs it unlocked): the caller marks the data unflushed. */
 static int write_chunk_data(struct qcow2_rw *w, struct plan *plan, size_t n)
 {
 	const uint8_t *src = NULL;
@@ -1322,7 +1350,6 @@ static int write_chunk_data(struct qcow2_rw *w, struct plan *plan, size_t n)
 				r = w->ops.data_pwrite(w->ops.opaque, src, len, host);
 				if (r < 0)
 					goto fail;
-				w->data_unflushed = true;
 			}
 			src = s;
 			host = h;
@@ -1333,7 +1360,6 @@ static int write_chunk_data(struct qcow2_rw *w, struct plan *plan, size_t n)
 		r = w->ops.data_pwrite(w->ops.opaque, src, len, host);
 		if (r < 0)
 			goto fail;
-		w->data_unflushed = true;
 	}
 	return 0;
 fail:
@@ -1406,15 +1432,27 @@ static int link_chunk(struct qcow2_rw *w, struct plan *plan, size_t n)
 	return 0;
 }
 
-static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, uint64_t len)
+/* Whether a write in flight (an op) holds one of guest clusters [c0, c1). */
+static bool held(const struct qcow2_rw *w, uint64_t c0, uint64_t c1)
+{
+	for (const struct qcow2_rw_op *op = w->active; op; op = op->next)
+		if (c0 < op->c1 && op->c0 < c1)
+			return true;
+	return false;
+}
+
+/* Steps 1 and 2 of the chunk [guest, guest + len) (one cluster at least,
+ * at most PLAN_MAX) into plan; *n: its clusters. Nothing to undo on a
+ * failure. */
+static int chunk_plan(struct qcow2_rw *w, struct plan *plan, uint64_t guest, uint64_t len, size_t *n)
 {
 	uint64_t g = guest, end = guest + len;
-	size_t n = 0;
+	size_t k = 0;
 	int r;
 
 	/* 1. the entries (and writable L2 tables) */
-	for (; g < end; n++) {
-		struct plan *p = &w->plan[n];
+	for (; g < end; k++) {
+		struct plan *p = &plan[k];
 		uint64_t gci = g >> w->cb, off = g & (w->cs - 1), cn = MIN(end - g, w->cs - off);
 		struct slot *s;
 
@@ -1430,41 +1468,74 @@ static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, 
 			p->old_bitmap = get_be64(s->buf + (gci & (w->l2_entries - 1)) * w->l2_esz + 8);
 		g += cn;
 	}
+	*n = k;
 	/* 2. allocations */
-	for (size_t k = 0; k < n; k++) {
-		r = plan_cluster(w, &w->plan[k]);
+	for (k = 0; k < *n; k++) {
+		r = plan_cluster(w, &plan[k]);
 		if (r < 0) {
-			undo_chunk(w, w->plan, k);
+			undo_chunk(w, plan, k);
 			return r;
 		}
 	}
-	/* 3. data. Only the first and the last cluster of a request can be
-	 * partly written: the first has ws > 0, the last ws == 0. */
+	return 0;
+}
+
+/* Step 3: the data of the chunk planned for the write of data at guest.
+ * Only the first and the last cluster of a request can be partly written:
+ * the first has ws > 0 (its copy in head), the last ws == 0 (tail).
+ * Changes nothing but the plans: an op runs it unlocked (-EAGAIN: a read
+ * needs the lock). */
+static int chunk_io(struct qcow2_rw *w, struct plan *plan, size_t n, const uint8_t *data, uint64_t guest,
+		    uint8_t *head, uint8_t *tail, bool unlocked)
+{
+	int r;
+
 	for (size_t k = 0; k < n; k++) {
-		struct plan *p = &w->plan[k];
+		struct plan *p = &plan[k];
 
 		/* no cheap zeros there: the whole cluster written, as without;
 		 * a hole never written reads zeros already */
-		if (p->zero_first && p->fresh)
-			w->st.zero_skipped++;
-		else if (p->zero_first && zero_data(w, p->host, w->cs, true) < 0)
+		if (p->zero_first && !p->fresh &&
+		    (!w->ops.data_zero || w->ops.data_zero(w->ops.opaque, w->cs, p->host) < 0))
 			p->zero_first = p->range = false;
-		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? w->head_buf : w->tail_buf);
-		if (r < 0) {
-			undo_chunk(w, w->plan, n);
+		r = prepare_source(w, p, data + (p->guest + p->ws - guest), p->ws ? head : tail, unlocked);
+		if (r < 0)
 			return r;
-		}
 	}
-	r = write_chunk_data(w, w->plan, n);
+	return write_chunk_data(w, plan, n);
+}
+
+/* Step 4 after chunk_io returned r (the data possibly written either way),
+ * or the allocations undone. */
+static int chunk_end(struct qcow2_rw *w, struct plan *plan, size_t n, int r)
+{
+	w->data_unflushed = true;
 	if (r < 0) {
-		undo_chunk(w, w->plan, n);
+		undo_chunk(w, plan, n);
 		return r;
 	}
-	/* 4. link */
-	r = link_chunk(w, w->plan, n);
+	for (size_t k = 0; k < n; k++) {
+		if (plan[k].zero_first && plan[k].fresh)
+			w->st.zero_skipped++;
+		if (!plan[k].range && !covered(w, &plan[k]))
+			w->st.cow_clusters++;
+	}
+	r = link_chunk(w, plan, n);
 	if (r < 0)
 		w->broken = true;
 	return r;
+}
+
+static int write_chunk(struct qcow2_rw *w, const uint8_t *data, uint64_t guest, uint64_t len)
+{
+	size_t n;
+	int r;
+
+	r = chunk_plan(w, w->plan, guest, len, &n);
+	if (r < 0)
+		return r;
+	r = chunk_io(w, w->plan, n, data, guest, w->head_buf, w->tail_buf, false);
+	return chunk_end(w, w->plan, n, r);
 }
 
 /* ---- allocation ahead ---- */
@@ -1557,7 +1628,7 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, bool spar
 	for (k = 0; k < n; k++) {
 		const uint8_t *e = s->buf + (j0 + k) * w->l2_esz;
 
-		if (get_be64(e) || (w->extended && get_be64(e + 8)))
+		if (get_be64(e) || (w->extended && get_be64(e + 8)) || held(w, gci + k, gci + k + 1))
 			break;
 	}
 	n = k;
@@ -1744,6 +1815,8 @@ int qcow2_rw_release_ahead(struct qcow2_rw *w)
 		return 0;
 	if (w->broken)
 		return -EIO;
+	if (w->n_active)
+		return -EBUSY;
 	for (size_t i = 0; i < w->n_ahead && r == 0; i++)
 		r = release_range(w, &w->ahead[i]);
 	for (size_t i = 0; i < w->n_sparse && r == 0; i++)
@@ -1755,18 +1828,35 @@ int qcow2_rw_release_ahead(struct qcow2_rw *w)
 	return r;
 }
 
-int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest)
+static int write_check(struct qcow2_rw *w, size_t len, uint64_t guest)
 {
-	const uint8_t *p = buf;
-	uint64_t end, start = guest, allocated = w->st.clusters_allocated;
-	int r = 0;
-
 	if (w->opts.read_only)
 		return -EROFS;
 	if (w->broken)
 		return -EIO;
 	if (guest > w->img->size || len > w->img->size - guest)
 		return -EINVAL;
+	if (len && held(w, guest >> w->cb, ((guest + len - 1) >> w->cb) + 1))
+		return -EBUSY;
+	return 0;
+}
+
+/* After a write of guest [start, end), allocating or not. */
+static int after_write(struct qcow2_rw *w, uint64_t start, uint64_t end, bool allocated)
+{
+	ahead_after_write(w, start, end, allocated);
+	return w->opts.write_through ? writeback(w) : 0;
+}
+
+int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest)
+{
+	const uint8_t *p = buf;
+	uint64_t end, start = guest, allocated = w->st.clusters_allocated;
+	int r;
+
+	r = write_check(w, len, guest);
+	if (r < 0)
+		return r;
 	end = guest + len;
 	ahead_sparse(w, guest);
 	while (guest < end) {
@@ -1779,10 +1869,105 @@ int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t gue
 		p += chunk_end - guest;
 		guest = chunk_end;
 	}
-	ahead_after_write(w, start, end, w->st.clusters_allocated != allocated);
-	if (w->opts.write_through)
-		r = writeback(w);
-	return r;
+	return after_write(w, start, end, w->st.clusters_allocated != allocated);
+}
+
+struct qcow2_rw_op *qcow2_rw_op_new(struct qcow2_rw *w)
+{
+	struct qcow2_rw_op *op;
+
+	if (w->opts.read_only || w->cs > OP_CLUSTER_MAX)
+		return NULL;
+	op = calloc(1, sizeof(*op));
+	if (op)
+		op->scratch = alloc_aligned(w->cs);
+	if (!op || !op->scratch) {
+		free(op);
+		return NULL;
+	}
+	/* written now: present (the daemon locks what is present) */
+	memset(op->scratch, 0, w->cs);
+	op->w = w;
+	return op;
+}
+
+void qcow2_rw_op_free(struct qcow2_rw_op *op)
+{
+	if (!op)
+		return;
+	free(op->scratch);
+	free(op);
+}
+
+/* Whether the planned op must do its step 3 under the lock: a compressed
+ * cluster to read (the writer's buffers), or more than one part to copy
+ * (one scratch buffer). */
+static bool op_needs_lock(struct qcow2_rw *w, const struct qcow2_rw_op *op)
+{
+	unsigned int copies = 0;
+
+	for (size_t k = 0; k < op->n; k++) {
+		if (entry_compressed(op->plan[k].old_entry))
+			return true;
+		copies += !covered(w, &op->plan[k]);
+	}
+	return copies > 1;
+}
+
+int qcow2_rw_write_begin(struct qcow2_rw *w, struct qcow2_rw_op *op, const void *buf, size_t len, uint64_t guest)
+{
+	uint64_t allocated = w->st.clusters_allocated;
+	int r;
+
+	r = write_check(w, len, guest);
+	if (r < 0 || !len)
+		return r;
+	if (!op || ((guest + len - 1) >> w->cb) - (guest >> w->cb) >= OP_PLAN_MAX)
+		return qcow2_rw_write(w, buf, len, guest);
+	ahead_sparse(w, guest);
+	op->data = buf;
+	op->guest = guest;
+	op->len = len;
+	r = chunk_plan(w, op->plan, guest, len, &op->n);
+	if (r < 0)
+		return r;
+	if (op_needs_lock(w, op)) {
+		r = chunk_io(w, op->plan, op->n, buf, guest, w->head_buf, w->tail_buf, false);
+		r = chunk_end(w, op->plan, op->n, r);
+		return r < 0 ? r : after_write(w, guest, guest + len, w->st.clusters_allocated != allocated);
+	}
+	op->c0 = guest >> w->cb;
+	op->c1 = op->c0 + op->n;
+	op->next = w->active;
+	w->active = op;
+	w->n_active++;
+	return 1;
+}
+
+int qcow2_rw_op_io(struct qcow2_rw_op *op, bool locked)
+{
+	return chunk_io(op->w, op->plan, op->n, op->data, op->guest, op->scratch, op->scratch, !locked);
+}
+
+int qcow2_rw_op_end(struct qcow2_rw_op *op, int r)
+{
+	struct qcow2_rw *w = op->w;
+	uint64_t allocated = w->st.clusters_allocated;
+
+	for (struct qcow2_rw_op **pp = &w->active; *pp; pp = &(*pp)->next)
+		if (*pp == op) {
+			*pp = op->next;
+			w->n_active--;
+			break;
+		}
+	op->next = NULL;
+	r = chunk_end(w, op->plan, op->n, r);
+	return r < 0 ? r : after_write(w, op->guest, op->guest + op->len, w->st.clusters_allocated != allocated);
+}
+
+unsigned int qcow2_rw_in_flight(const struct qcow2_rw *w)
+{
+	return w->n_active;
 }
 
 /* ---- writeback ---- */
@@ -2110,6 +2295,8 @@ int qcow2_rw_resize(struct qcow2_rw *w, uint64_t new_size, bool allow_shrink)
 		return -EROFS;
 	if (w->broken)
 		return -EIO;
+	if (w->n_active)
+		return -EBUSY;
 	if (!img->backing && w->ops.backing_pread)
 		backing_size = w->opts.backing_size ? w->opts.backing_size : UINT64_MAX;
 	if (new_size % 512 || !new_size) {

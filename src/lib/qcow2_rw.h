@@ -41,7 +41,7 @@
  * allocates them) and have no refcounts.
  *
  * Not thread-safe: one caller at a time (the daemon holds a mutex; its
- * threads move data outside it through qcow2_rw_extent). No
+ * threads move data outside it through qcow2_rw_extent and ops, below). No
  * memory is allocated on the I/O path after qcow2_rw_open(), except when
  * the refcount table grows.
  *
@@ -87,6 +87,10 @@ struct qcow2_rw_ops {
 	/* Guest content of the backing chain, only called inside the layer's
 	 * guest size; NULL: no backing file (zeros). */
 	int (*backing_pread)(void *opaque, void *buf, size_t len, uint64_t guest);
+	/* The same, called outside the caller's lock (an op's data, below),
+	 * concurrently with anything: -EAGAIN where the chain needs the lock
+	 * (compressed clusters). May be NULL (always the lock). */
+	int (*backing_pread_direct)(void *opaque, void *buf, size_t len, uint64_t guest);
 	/* Whether [guest, guest + len) of the backing chain is known to read
 	 * zeros, cheaply (chain_is_zero): a copy-on-write there needs no copy.
 	 * May be NULL (never known). */
@@ -187,6 +191,41 @@ int qcow2_rw_open(struct image *img, const struct qcow2_rw_ops *ops,
 int qcow2_rw_read(struct qcow2_rw *w, void *buf, size_t len, uint64_t guest);
 int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t guest);
 
+/* A write whose data moves outside the caller's lock, as QEMU overlaps
+ * allocating writes: qcow2_rw_write_begin() plans it under the lock (the
+ * L2 entries, the new clusters allocated: step 2 above) and holds its
+ * guest clusters; qcow2_rw_op_io() then reads what it copies (the backing
+ * chain through backing_pread_direct, the old cluster) and writes the data
+ * without the lock, while other requests run; qcow2_rw_op_end() under the
+ * lock again links the new clusters (or gives them back after a failure).
+ * The write order above holds: the entries change only after the data
+ * was written, in the cache, and writeback flushes the data first. While
+ * held, the clusters are planned by no other write (-EBUSY, below) nor
+ * mapped ahead; reads of them return the old content until the end, as
+ * for any request in flight together with a write. Resize and
+ * release_ahead refuse (-EBUSY) while ops are in flight.
+ *
+ * An op is one write at a time, made with qcow2_rw_op_new() (NULL past
+ * 256 KiB clusters or out of memory: qcow2_rw_write_begin() then writes
+ * whole), so nothing is allocated on the I/O path. */
+struct qcow2_rw_op;
+struct qcow2_rw_op *qcow2_rw_op_new(struct qcow2_rw *w);
+void qcow2_rw_op_free(struct qcow2_rw_op *op);
+/* Under the lock. 1: planned, go on with qcow2_rw_op_io; 0: written whole
+ * under the lock (more than 32 clusters, a compressed cluster to
+ * copy, two partial clusters, no op), as qcow2_rw_write; -EBUSY: a write
+ * in flight holds one of its clusters (also from qcow2_rw_write): wait
+ * for a qcow2_rw_op_end and look again (qcow2_rw_extent too); else
+ * -errno as qcow2_rw_write. */
+int qcow2_rw_write_begin(struct qcow2_rw *w, struct qcow2_rw_op *op, const void *buf, size_t len, uint64_t guest);
+/* Without the lock (locked: with it, after -EAGAIN: a read needed it). */
+int qcow2_rw_op_io(struct qcow2_rw_op *op, bool locked);
+/* Under the lock, with what qcow2_rw_op_io returned: 0 or -errno as
+ * qcow2_rw_write. The op is free for the next write. */
+int qcow2_rw_op_end(struct qcow2_rw_op *op, int r);
+/* Ops between begin and end. */
+unsigned int qcow2_rw_in_flight(const struct qcow2_rw *w);
+
 /* What the guest range [guest, guest + len) is from its start, so that a
  * caller may move the data itself, outside the lock it holds around the
  * writer (several threads serving requests): x->len bytes (whole clusters
@@ -200,8 +239,9 @@ int qcow2_rw_write(struct qcow2_rw *w, const void *buf, size_t len, uint64_t gue
  *   ZERO     (reads) zero clusters, or no backing file;
  *   ENGINE   anything else (compressed, a mix of subclusters, clusters to
  *            allocate or copy, a broken writer): qcow2_rw_read/write.
- * A write that allocates, or copies, runs whole under the caller's lock, so
- * two writes never allocate the same cluster; a read that looked up BACKING
+ * A write that allocates, or copies, is planned under the caller's lock and
+ * holds its clusters until its end (ops above), so two writes never
+ * allocate the same cluster; a read that looked up BACKING
  * and races a write of the same cluster returns the old or the new data, as
  * the block layer allows for requests in flight together. After data_pwrite
  * of a DATA extent completed (not before: a flush in between would miss

@@ -921,6 +921,15 @@ struct state {
 	int enospc;
 	uint64_t crash_checks;
 	uint64_t seq_end;	/* where the sequential writer goes on */
+	/* a write in flight as the daemon's second thread has it: planned
+	 * (qcow2_rw_write_begin), its data moved (op_io) and its end after
+	 * other operations */
+	struct qcow2_rw_op *op;
+	bool pending, pending_io;
+	int pending_r;
+	uint64_t p_off, p_len;
+	uint8_t *pbuf;
+	uint64_t ops_overlapped;	/* operations run while one was in flight */
 };
 
 static void fail(struct state *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -984,12 +993,14 @@ static void state_init(struct state *s, const struct scenario *sc, uint64_t seed
 	s->dirty = calloc(1, s->nsect);
 	s->poison = calloc(1, s->nsect);
 	s->buf = malloc(sc->max_write + 4096);
+	s->pbuf = malloc(sc->max_write + 4096);
 	s->rbuf = malloc(sc->vsize + 4096);
 	env_init(&s->e, &s->b);
 }
 
 static void state_free(struct state *s)
 {
+	qcow2_rw_op_free(s->op);
 	qcow2_rw_free(s->w);
 	env_free(&s->e);
 	tb_free(&s->b);
@@ -999,6 +1010,7 @@ static void state_free(struct state *s)
 	free(s->dirty);
 	free(s->poison);
 	free(s->buf);
+	free(s->pbuf);
 	free(s->rbuf);
 }
 
@@ -1257,6 +1269,54 @@ static void sequential_write_range(struct state *s, uint64_t *off, uint64_t *len
 	s->seq_end += *len;
 }
 
+/* Whether [off, off + len) touches a cluster of the write in flight. */
+static bool pending_overlaps(const struct state *s, uint64_t off, uint64_t len)
+{
+	uint64_t cs = s->b.cs;
+
+	return s->pending && off / cs <= (s->p_off + s->p_len - 1) / cs && s->p_off / cs <= (off + len - 1) / cs;
+}
+
+static void mark_dirty(struct state *s, uint64_t off, uint64_t len)
+{
+	for (uint64_t sec = off / SECTOR; sec <= (off + len - 1) / SECTOR; sec++)
+		s->dirty[sec] = 1;
+}
+
+/* The next stage of the write in flight: its data (unlocked, as the
+ * daemon's thread does it, then locked where a read needs the lock), or
+ * its end (finish: both); false once the writer failed. */
+static bool pending_go(struct state *s, bool finish)
+{
+	int r;
+
+	if (!s->pending)
+		return true;
+	if (!s->pending_io) {
+		r = qcow2_rw_op_io(s->op, false);
+		if (r == -EAGAIN)
+			r = qcow2_rw_op_io(s->op, true);
+		s->pending_r = r;
+		s->pending_io = true;
+		if (!finish)
+			return true;
+	}
+	r = qcow2_rw_op_end(s->op, s->pending_r);
+	s->pending = false;
+	if (r) {
+		if (!s->e.crashed)
+			fail(s, "write in flight %" PRIu64 "+%" PRIu64 ": %s (%s)", s->p_off, s->p_len, strerror(-r),
+			     last_msg);
+		return false;
+	}
+	if (qcow2_rw_in_flight(s->w))
+		fail(s, "%u writes in flight after the last one ended", qcow2_rw_in_flight(s->w));
+	memcpy(s->ref + s->p_off, s->pbuf, s->p_len);
+	for (uint64_t sec = (s->p_off + SECTOR - 1) / SECTOR; (sec + 1) * SECTOR <= s->p_off + s->p_len; sec++)
+		s->poison[sec] = 0;
+	return true;
+}
+
 /* A write that the fast path takes: into a mapping announced (durable, in
  * place), straight to the data file, unseen by the writer. */
 static void fast_path_write(struct state *s)
@@ -1275,6 +1335,10 @@ static void fast_path_write(struct state *s)
 	off = rnd_below(len / SECTOR) * SECTOR;
 	n = SECTOR * (1 + rnd_below(64));	/* not inside MIN: evaluated twice */
 	len = MIN(len - off, n);
+	/* (the kernel's write and the daemon's to one sector in flight
+	 * together: either may land; here, the daemon's first) */
+	if (pending_overlaps(s, g + off, len) && !pending_go(s, true))
+		return;
 	fill_pattern(s->buf, len, rnd());
 	mf_write(data_file(&s->e), s->buf, len, h + off);
 	memcpy(s->ref + g + off, s->buf, len);
@@ -1282,6 +1346,24 @@ static void fast_path_write(struct state *s)
 		s->dirty[sec] = 1;
 		s->poison[sec] = 0;
 	}
+}
+
+/* Begin the write of s->pbuf at [off, off + len) as an op left in flight
+ * when the writer plans it so (1); else it was written whole (0) or
+ * failed (-errno). */
+static int pending_begin(struct state *s, uint64_t off, uint64_t len)
+{
+	int r = qcow2_rw_write_begin(s->w, s->op, s->pbuf, len, off);
+
+	if (r == 1) {
+		s->pending = true;
+		s->pending_io = false;
+		s->p_off = off;
+		s->p_len = len;
+		if (qcow2_rw_in_flight(s->w) != 1)
+			fail(s, "%u writes in flight, 1 begun", qcow2_rw_in_flight(s->w));
+	}
+	return r;
 }
 
 /* One operation; returns false once the writer failed (crash injected). */
@@ -1293,6 +1375,11 @@ static bool step(struct state *s, bool crash_checks)
 
 	unsigned int op = (unsigned int)rnd_below(20);
 
+	if (s->pending) {
+		s->ops_overlapped++;
+		if (!rnd_below(4))
+			return pending_go(s, false);
+	}
 	if (s->sc->ahead && (op == 6 || op == 7)) {
 		fast_path_write(s);
 		return true;
@@ -1304,9 +1391,25 @@ static bool step(struct state *s, bool crash_checks)
 		else
 			random_write_range(s, &off, &len);
 		fill_pattern(s->buf, len, rnd());
-		for (uint64_t sec = off / SECTOR; sec <= (off + len - 1) / SECTOR; sec++)
-			s->dirty[sec] = 1;
-		r = split_io(off, len) ? split_write(s, s->buf, len, off) : qcow2_rw_write(s->w, s->buf, len, off);
+		if (pending_overlaps(s, off, len)) {
+			/* its clusters are held: refused whole, then the same
+			 * write once the one in flight ended */
+			if (!s->e.crashed && !qcow2_rw_is_broken(s->w) &&
+			    (r = qcow2_rw_write(s->w, s->buf, len, off)) != -EBUSY)
+				fail(s, "write %" PRIu64 "+%" PRIu64 " over a write in flight: %d, not -EBUSY", off, len, r);
+			if (!pending_go(s, true))
+				return false;
+		}
+		mark_dirty(s, off, len);
+		if (s->op && !s->pending && !rnd_below(3)) {
+			/* a write that will stay in flight while others run */
+			memcpy(s->pbuf, s->buf, len);
+			r = pending_begin(s, off, len);
+			if (r == 1)
+				return true;
+		} else {
+			r = split_io(off, len) ? split_write(s, s->buf, len, off) : qcow2_rw_write(s->w, s->buf, len, off);
+		}
 		if (r == -ENOSPC && s->sc->limit_extra) {
 			s->enospc++;
 			for (uint64_t sec = off / SECTOR; sec <= (off + len - 1) / SECTOR; sec++)
@@ -1326,6 +1429,10 @@ static bool step(struct state *s, bool crash_checks)
 	case 0:
 	case 1:
 		random_write_range(s, &off, &len);
+		/* planned only, nothing written: the old content; written, it
+		 * may be either until the end */
+		if (pending_overlaps(s, off, len) && s->pending_io && !pending_go(s, true))
+			return false;
 		r = split_io(off, len) ? split_read(s, s->rbuf, len, off) : qcow2_rw_read(s->w, s->rbuf, len, off);
 		if (r && s->e.crashed)
 			return false;	/* reads may write back a full cache */
@@ -1346,6 +1453,9 @@ static bool step(struct state *s, bool crash_checks)
 		mf_flush(data_file(&s->e));
 		memcpy(s->flushed, s->ref, s->sc->vsize);
 		memset(s->dirty, 0, s->nsect);
+		/* a write in flight is not covered by the flush */
+		if (s->pending)
+			mark_dirty(s, s->p_off, s->p_len);
 		return true;
 	case 4:
 		if (crash_checks)
@@ -1468,17 +1578,20 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 	}
 	if (sc->lazy && !(get_be64(s.e.meta.cur + 72) & QCOW2_INCOMPAT_DIRTY))
 		fail(&s, "lazy refcounts: the dirty bit is not set while open");
+	s.op = qcow2_rw_op_new(s.w);
 	for (int i = 0; i < sc->ops && !s.failures; i++)
 		step(&s, true);
+	pending_go(&s, true);
 	qcow2_rw_get_stats(s.w, &st);
 	total_ops = s.e.ops;
 	if (!s.failures)
 		final_checks(&s);
 	CHECK(!s.failures, "%s seed %" PRIu64 " (%s): %d ops, %" PRIu64 " crash images clean; %" PRIu64
 	      " clusters, %" PRIu64 " L2 tables, %" PRIu64 " refblocks, %" PRIu64 " reftable growths, %" PRIu64
-	      " COW, %" PRIu64 " ahead%s%s%s", sc->name, seed, o.write_through ? "write-through" : "write-back",
+	      " COW, %" PRIu64 " ahead, %" PRIu64 " beside a write in flight%s%s%s", sc->name, seed,
+	      o.write_through ? "write-through" : "write-back",
 	      sc->ops, s.crash_checks, st.clusters_allocated, st.l2_tables_allocated, st.refblocks_allocated,
-	      st.reftable_growths, st.cow_clusters, st.ahead_clusters, s.enospc ? ", ENOSPC seen" : "", s.failures ? ": " : "",
+	      st.reftable_growths, st.cow_clusters, st.ahead_clusters, s.ops_overlapped, s.enospc ? ", ENOSPC seen" : "", s.failures ? ": " : "",
 	      s.why);
 	if (sc->limit_extra)
 		CHECK(s.enospc > 0, "%s seed %" PRIu64 ": the file limit was reached (%d ENOSPC)", sc->name, seed,
@@ -1499,6 +1612,8 @@ static void run_scenario(const struct scenario *sc, uint64_t seed, unsigned int 
 		o.write_through = (rseed + index) & 1;
 		s.e.crash_at = 1 + (long)rnd_below((uint64_t)(total_ops > 0 ? total_ops : 1));
 		r = env_writer(&s.e, &o, &s.w);
+		if (!r)
+			s.op = qcow2_rw_op_new(s.w);
 		for (int i = 0; !r && i < sc->ops && alive && !s.failures; i++)
 			alive = step(&s, false);
 		if (r && !s.e.crashed)
