@@ -1306,6 +1306,15 @@ static int prepare_source(struct qcow2_rw *w, struct plan *p, const uint8_t *dat
 
 			if (!(p->to_write & (1U << i)))
 				continue;
+			if (a < p->ws && b > p->we) {
+				/* both sides: one read of all of it, as QEMU
+				 * does (one request, not two), the write copied
+				 * over its middle below */
+				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, a, b, unlocked);
+				if (r < 0)
+					return r;
+				continue;
+			}
 			if (a < p->ws) {
 				r = read_cluster_part(w, gci, p->old_entry, p->old_bitmap, scratch, a, MIN(b, p->ws), unlocked);
 				if (r < 0)
