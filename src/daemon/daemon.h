@@ -13,6 +13,7 @@
 #include "fileio.h"
 #include "image.h"
 #include "qcow2_rw.h"
+#include "sysutil.h"
 #include "runs.h"
 
 /* What one mapping's daemon keeps locked (see memlock.c): ~3 MiB at 64 KiB
@@ -68,7 +69,7 @@ struct daemon {
 	struct file_rw f;	/* the top image (read-write unless read-only), its data (the
 				 * image, its data file, or the crypt device), and (f.chain)
 				 * the backing chain or, read-only, the whole chain */
-	int layer_fd[IMG_MAX_CHAIN_DEPTH];	/* backing layers' plaintext readers */
+	struct dio_file layer[IMG_MAX_CHAIN_DEPTH];	/* backing layers' plaintext readers */
 	int hold_fd[DAEMON_MAX_HOLDS];
 	struct qcow2_rw *rw;	/* read-write: the top layer's metadata */
 	struct qcow2_rw_ops ops;	/* rw's: the data moved outside the lock */

@@ -100,7 +100,18 @@ void daemon_log_ready(void)
 
 static int layer_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
-	return fd_pread_padded((int)(intptr_t)opaque, buf, len, off);
+	return dio_pread_padded(opaque, buf, len, off);
+}
+
+/* The O_DIRECT twin of fd (sysutil.h): -1 when the file system refuses it
+ * (tmpfs), buffered reads and writes then. */
+static int direct_twin(int fd, const char *what)
+{
+	int dfd = dio_reopen(fd);
+
+	if (dfd < 0)
+		log_dbg("%s: no direct I/O (%s): buffered", what, strerror(-dfd));
+	return dfd < 0 ? -1 : dfd;
 }
 
 /* /dev/mapper name of the crypt device of layer d (dmtable.h's naming). */
@@ -247,6 +258,7 @@ static int open_files(struct daemon *d)
 			continue;
 		if (l->crypt_method != IMG_CRYPT_NONE) {
 			crypt_device(d, depth, path, sizeof(path));
+			/* direct already, aligned or not (a block device) */
 			fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
 			if (fd < 0) {
 				if (l->data_io.size < 512)
@@ -260,10 +272,12 @@ static int open_files(struct daemon *d)
 			fd = dup(file_io_fd(&l->data_io));
 			if (fd < 0)
 				return -errno;
+			/* read-only: nothing of it is written, through any fd */
+			d->layer[depth].dfd = direct_twin(fd, l->path);
 		}
-		d->layer_fd[depth] = fd;
+		d->layer[depth].fd = fd;
 		lio->data_pread = layer_pread;
-		lio->opaque = (void *)(intptr_t)fd;
+		lio->opaque = &d->layer[depth];
 	}
 	if (!rw)
 		return 0;
@@ -283,6 +297,12 @@ static int open_files(struct daemon *d)
 		log_err("Cannot open the data of %s for writing: %s.", d->o.image, strerror(-r));
 		return r;
 	}
+	/* data past the page cache where no page holds data and metadata
+	 * both (clusters of a page at least; a data file holds data only):
+	 * the kernel keeps requests coherent only where they do not share a
+	 * page at the same time */
+	if (d->img->crypt_method != IMG_CRYPT_LUKS && (d->img->has_data_file || d->img->cluster_size >= DIO_ALIGN))
+		d->f.data_dfd = direct_twin(d->f.data_fd, d->o.image);
 	if (fstat(d->f.data_fd, &st) < 0)
 		return -errno;
 	return 0;
@@ -641,19 +661,23 @@ static int finish(struct daemon *d)
 }
 
 
+static void close_dio(int *fd, int *dfd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	if (*dfd >= 0)
+		close(*dfd);
+	*fd = *dfd = -1;
+}
+
 /* Close what holds the crypt devices (not the loop devices). */
 static void close_io(struct daemon *d)
 {
 	chain_reader_free(d->f.chain);
 	d->f.chain = NULL;
-	if (d->f.data_fd >= 0)
-		close(d->f.data_fd);
-	d->f.data_fd = -1;
-	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++) {
-		if (d->layer_fd[i] >= 0)
-			close(d->layer_fd[i]);
-		d->layer_fd[i] = -1;
-	}
+	close_dio(&d->f.data_fd, &d->f.data_dfd);
+	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
+		close_dio(&d->layer[i].fd, &d->layer[i].dfd);
 }
 
 static void cleanup(struct daemon *d)
@@ -664,11 +688,9 @@ static void cleanup(struct daemon *d)
 		dm_stack_free(d->stack);
 	run_list_free(&d->runs);
 	image_free(d->img, &file_io_opener);
-	if (d->f.data_fd >= 0)
-		close(d->f.data_fd);
+	close_dio(&d->f.data_fd, &d->f.data_dfd);
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
-		if (d->layer_fd[i] >= 0)
-			close(d->layer_fd[i]);
+		close_dio(&d->layer[i].fd, &d->layer[i].dfd);
 	for (unsigned int i = 0; i < DAEMON_MAX_LINKS; i++) {
 		if (d->links[i].sock >= 0)
 			close(d->links[i].sock);
@@ -691,10 +713,10 @@ static void cleanup(struct daemon *d)
 
 static void init_daemon(struct daemon *d)
 {
-	d->f.meta_fd = d->f.data_fd = d->guard_pipe = d->ctl_fd = -1;
+	d->f.meta_fd = d->f.data_fd = d->f.data_dfd = d->guard_pipe = d->ctl_fd = -1;
 	d->nbd_index = -1;
 	for (unsigned int i = 0; i < IMG_MAX_CHAIN_DEPTH; i++)
-		d->layer_fd[i] = -1;
+		d->layer[i].fd = d->layer[i].dfd = -1;
 	for (unsigned int i = 0; i < DAEMON_MAX_HOLDS; i++)
 		d->hold_fd[i] = -1;
 	for (unsigned int i = 0; i < DAEMON_MAX_LINKS; i++) {

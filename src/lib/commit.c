@@ -615,7 +615,7 @@ static int copy_runs(struct copy *k)
 /* Copy, then close the writer (the image consistent either way). */
 static int copy_overlay(struct commit_ctx *c)
 {
-	struct copy k = { .c = c, .ov_fd = -1, .f = { .meta_fd = -1, .data_fd = -1 } };
+	struct copy k = { .c = c, .ov_fd = -1, .f = { .meta_fd = -1, .data_fd = -1, .data_dfd = -1 } };
 	int r, r2;
 
 	run_list_init(&k.runs);

@@ -163,12 +163,18 @@ static int rw_meta_flush(void *opaque)
 
 static int rw_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
-	return fd_pread_padded(((struct file_rw *)opaque)->data_fd, buf, len, off);
+	const struct file_rw *f = opaque;
+	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_dfd };
+
+	return dio_pread_padded(&df, buf, len, off);
 }
 
 static int rw_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
 {
-	return fd_pwrite_all(((struct file_rw *)opaque)->data_fd, buf, len, off);
+	const struct file_rw *f = opaque;
+	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_dfd };
+
+	return dio_pwrite_all(&df, buf, len, off);
 }
 
 static int rw_data_flush(void *opaque)

@@ -61,6 +61,8 @@ void file_opener_init(struct file_opener *fo, bool write, const struct trust_rul
 struct file_rw {
 	int meta_fd;
 	int data_fd;
+	int data_dfd;			/* data_fd opened with O_DIRECT (sysutil.h's
+					 * dio_file), or -1 */
 	bool data_separate;		/* data_fd needs a flush of its own */
 	struct chain_reader *chain;	/* NULL: no backing file */
 	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "sysutil.h"
+#include "util.h"
 
 extern char **environ;
 
@@ -88,6 +89,57 @@ int fd_write_all(int fd, const void *buf, size_t len)
 		len -= (size_t)n;
 	}
 	return 0;
+}
+
+static bool dio_aligned(const struct dio_file *f, const void *buf, size_t len, uint64_t off)
+{
+	return f->dfd >= 0 && len && !((off | len | (uintptr_t)buf) & (DIO_ALIGN - 1));
+}
+
+int dio_reopen(int fd)
+{
+	char path[64];
+	int flags = fcntl(fd, F_GETFL), dfd;
+
+	if (flags < 0)
+		return -errno;
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	dfd = open(path, (flags & O_ACCMODE) | O_DIRECT | O_CLOEXEC | O_NOCTTY);
+	return dfd < 0 ? -errno : dfd;
+}
+
+int dio_pread_padded(const struct dio_file *f, void *buf, size_t len, uint64_t off)
+{
+	ssize_t n = 0;
+
+	if (dio_aligned(f, buf, len, off)) {
+		do
+			n = pread(f->dfd, buf, len, (off_t)off);
+		while (n < 0 && errno == EINTR);
+		if (n == (ssize_t)len)
+			return 0;
+		if (n < 0 && errno != EINVAL)
+			return -errno;
+		n = MAX(n, (ssize_t)0);
+	}
+	return pread_loop(f->fd, (uint8_t *)buf + n, len - (size_t)n, off + (uint64_t)n, true);
+}
+
+int dio_pwrite_all(const struct dio_file *f, const void *buf, size_t len, uint64_t off)
+{
+	ssize_t n = 0;
+
+	if (dio_aligned(f, buf, len, off) && off <= INT64_MAX && len <= INT64_MAX - off) {
+		do
+			n = pwrite(f->dfd, buf, len, (off_t)off);
+		while (n < 0 && errno == EINTR);
+		if (n == (ssize_t)len)
+			return 0;
+		if (n < 0 && errno != EINVAL)
+			return -errno;
+		n = MAX(n, (ssize_t)0);
+	}
+	return fd_pwrite_all(f->fd, (const uint8_t *)buf + n, len - (size_t)n, off + (uint64_t)n);
 }
 
 int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)

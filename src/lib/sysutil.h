@@ -14,6 +14,21 @@ int fd_write_all(int fd, const void *buf, size_t len);
 int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off);
 /* 0, -ENOSPC when nothing more can be written, -EFBIG, or -errno */
 int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
+/* A file open twice: buffered (fd) and with O_DIRECT (dfd; -1: none).
+ * Whole aligned requests (offset, length and buffer multiples of
+ * DIO_ALIGN) go to dfd, past the page cache (no page to allocate, zero
+ * and copy); the rest, and what dfd refuses (EINVAL) or leaves short (the
+ * end of a file), to fd. The kernel keeps the two coherent for requests
+ * that do not overlap in time. */
+#define DIO_ALIGN	4096U
+struct dio_file {
+	int fd, dfd;
+};
+/* dfd for fd: the same file opened again with O_DIRECT (through
+ * /proc/self/fd, so the same inode whatever its name now), or -errno. */
+int dio_reopen(int fd);
+int dio_pread_padded(const struct dio_file *f, void *buf, size_t len, uint64_t off);
+int dio_pwrite_all(const struct dio_file *f, const void *buf, size_t len, uint64_t off);
 /* img_io's extent(): what SEEK_DATA/SEEK_HOLE say at off */
 int fd_extent(int fd, uint64_t off, uint64_t *len, bool *is_data);
 /* The size of the regular file or block device open on fd: 0 or -errno
