@@ -108,37 +108,38 @@ int dio_reopen(int fd)
 	return dfd < 0 ? -errno : dfd;
 }
 
+/* The direct part of a dio_file request: the bytes it moved (all of them,
+ * or what is left to the buffered descriptor: none tried, refused,
+ * short), or -errno. */
+static ssize_t dio_try(const struct dio_file *f, void *buf, size_t len, uint64_t off, bool write)
+{
+	ssize_t n;
+
+	if (!dio_aligned(f, buf, len, off) || off > INT64_MAX || len > INT64_MAX - off)
+		return 0;
+	do
+		n = write ? pwrite(f->dfd, buf, len, (off_t)off) : pread(f->dfd, buf, len, (off_t)off);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return errno == EINVAL ? 0 : -errno;
+	return n;
+}
+
 int dio_pread_padded(const struct dio_file *f, void *buf, size_t len, uint64_t off)
 {
-	ssize_t n = 0;
+	ssize_t n = dio_try(f, buf, len, off, false);
 
-	if (dio_aligned(f, buf, len, off)) {
-		do
-			n = pread(f->dfd, buf, len, (off_t)off);
-		while (n < 0 && errno == EINTR);
-		if (n == (ssize_t)len)
-			return 0;
-		if (n < 0 && errno != EINVAL)
-			return -errno;
-		n = MAX(n, (ssize_t)0);
-	}
+	if (n < 0)
+		return (int)n;
 	return pread_loop(f->fd, (uint8_t *)buf + n, len - (size_t)n, off + (uint64_t)n, true);
 }
 
 int dio_pwrite_all(const struct dio_file *f, const void *buf, size_t len, uint64_t off)
 {
-	ssize_t n = 0;
+	ssize_t n = dio_try(f, (void *)buf, len, off, true);
 
-	if (dio_aligned(f, buf, len, off) && off <= INT64_MAX && len <= INT64_MAX - off) {
-		do
-			n = pwrite(f->dfd, buf, len, (off_t)off);
-		while (n < 0 && errno == EINTR);
-		if (n == (ssize_t)len)
-			return 0;
-		if (n < 0 && errno != EINVAL)
-			return -errno;
-		n = MAX(n, (ssize_t)0);
-	}
+	if (n < 0)
+		return (int)n;
 	return fd_pwrite_all(f->fd, (const uint8_t *)buf + n, len - (size_t)n, off + (uint64_t)n);
 }
 
