@@ -86,7 +86,8 @@ fi
 	--env "BENCH_SLOW_ONLY=${BENCH_SLOW_ONLY:-0}" --env "BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}" \
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
 tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|STATS|PATHS|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
-[ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" || { tail -30 "$work/out"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
+[ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" ||
+	{ tail -30 "$work/out"; grep '^ERROR' "$work/res"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
 if grep -q '^S ' "$work/res"; then
 	echo
 	echo "== the slow path, $BENCH_BEFORE (before) against this build (after): $(sed -n 's/^KERNEL //p' "$work/res")"
