@@ -93,7 +93,7 @@ int fd_write_all(int fd, const void *buf, size_t len)
 
 static bool dio_aligned(const struct dio_file *f, const void *buf, size_t len, uint64_t off)
 {
-	return f->dfd >= 0 && len && !((off | len | (uintptr_t)buf) & (DIO_ALIGN - 1));
+	return f->dfd >= 0 && len >= DIO_MIN && !((off | len | (uintptr_t)buf) & (DIO_ALIGN - 1));
 }
 
 int dio_reopen(int fd)

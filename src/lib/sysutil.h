@@ -15,12 +15,15 @@ int fd_pread_padded(int fd, void *buf, size_t len, uint64_t off);
 /* 0, -ENOSPC when nothing more can be written, -EFBIG, or -errno */
 int fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /* A file open twice: buffered (fd) and with O_DIRECT (dfd; -1: none).
- * Whole aligned requests (offset, length and buffer multiples of
- * DIO_ALIGN) go to dfd, past the page cache (no page to allocate, zero
- * and copy); the rest, and what dfd refuses (EINVAL) or leaves short (the
- * end of a file), to fd. The kernel keeps the two coherent for requests
- * that do not overlap in time. */
+ * Large aligned requests (offset, length and buffer multiples of
+ * DIO_ALIGN, DIO_MIN bytes at least: a cluster to copy) go to dfd, past the
+ * page cache (no page to allocate, zero and copy); the rest, and what dfd
+ * refuses (EINVAL) or leaves short (the end of a file), to fd: a small
+ * request costs less as a copy into the page cache than as a device round
+ * trip, and the kernel's writeback batches them. The kernel keeps the two
+ * coherent for requests that do not overlap in time. */
 #define DIO_ALIGN	4096U
+#define DIO_MIN		(64U << 10)
 struct dio_file {
 	int fd, dfd;
 };
