@@ -1,7 +1,9 @@
 /* The daemon's end of the control channel (the socket and its protocol:
  * src/lib/control.h): a table of verbs, served from the main thread's remap
  * loop (daemon_control_poll between rounds), so that a verb may call
- * libdevmapper and never overlaps a table swap.
+ * libdevmapper and never overlaps a table swap. That loop sleeps for
+ * seconds when idle: a thread of its own (the waker) sleeps in poll on the
+ * socket and wakes the loop when a connection waits.
  *
  * A new verb is one entry of `verbs` and its handler: the handler gets the
  * parsed request (its argument count already checked) and fills the reply's
@@ -10,11 +12,13 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "control.h"
@@ -24,6 +28,8 @@
 
 #define CONTROL_READ_MS		1000	/* a client's time to send its line */
 #define CONTROL_PER_POLL	8	/* connections served per round at most */
+#define WAKER_STACK		(64U << 10)
+#define WAKER_AGAIN_MS		20	/* a connection not taken yet: wake again */
 
 struct verb {
 	const char *name;
@@ -177,6 +183,68 @@ static const struct verb verbs[] = {
 	{ "detach", 0, 0, verb_detach },
 };
 
+/* The waker (one daemon per process: a file's variables). */
+static pthread_t waker;
+static bool waker_running;
+
+static void wake_loop(struct daemon *d)
+{
+	pthread_mutex_lock(&d->lock);
+	pthread_cond_signal(&d->cond);
+	pthread_mutex_unlock(&d->lock);
+}
+
+/* Until cancelled (poll and nanosleep are its cancellation points, where it
+ * holds no lock): a connection waiting wakes the remap loop, again every
+ * WAKER_AGAIN_MS until the loop took it (a wakeup during a round is lost). */
+static void *waker_main(void *arg)
+{
+	struct daemon *d = arg;
+	const struct timespec again = { .tv_nsec = WAKER_AGAIN_MS * 1000000L };
+	struct pollfd pfd = { .fd = d->ctl_fd, .events = POLLIN };
+
+	for (;;) {
+		if (poll(&pfd, 1, -1) <= 0)
+			continue;
+		do {
+			wake_loop(d);
+			nanosleep(&again, NULL);
+		} while (poll(&pfd, 1, 0) > 0);
+	}
+	return NULL;
+}
+
+static void start_waker(struct daemon *d)
+{
+	void *stack = daemon_alloc_stack(WAKER_STACK);
+	pthread_attr_t attr;
+	int r;
+
+	if (!stack) {
+		log_std("%s: no control waker: %s (control requests wait for the remap loop's tick).", d->o.name,
+			strerror(ENOMEM));
+		return;
+	}
+	pthread_attr_init(&attr);
+	r = pthread_attr_setstack(&attr, stack, WAKER_STACK);
+	if (!r)
+		r = pthread_create(&waker, &attr, waker_main, d);
+	pthread_attr_destroy(&attr);
+	if (r)
+		log_std("%s: no control waker: %s (control requests wait for the remap loop's tick).", d->o.name,
+			strerror(r));
+	waker_running = r == 0;
+}
+
+static void stop_waker(void)
+{
+	if (!waker_running)
+		return;
+	pthread_cancel(waker);
+	pthread_join(waker, NULL);
+	waker_running = false;
+}
+
 int daemon_control_open(struct daemon *d)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -206,6 +274,7 @@ int daemon_control_open(struct daemon *d)
 	d->ctl_fd = fd;
 	if (stat(sa.sun_path, &st) == 0)
 		d->ctl_ino = st.st_ino;
+	start_waker(d);
 	return 0;
 }
 
@@ -216,6 +285,7 @@ void daemon_control_close(struct daemon *d)
 
 	if (d->ctl_fd < 0)
 		return;
+	stop_waker();
 	close(d->ctl_fd);
 	d->ctl_fd = -1;
 	if (control_socket_path(path, sizeof(path), d->o.name) == 0 && stat(path, &st) == 0 &&

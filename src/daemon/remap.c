@@ -84,7 +84,19 @@
  * writable reads the same through the NBD device (the daemon reads the
  * new cluster) as through the fast path, so NAME_fast may switch at any
  * round and the top route a region either way at any moment, and a failed
- * reload or message only leaves clusters on the slow path. */
+ * reload or message only leaves clusters on the slow path.
+ *
+ * Idle (nothing queued, nothing to write back, no round asked for, for
+ * IDLE_AFTER ticks) the remap thread sleeps IDLE_WAIT_MS between ticks: a
+ * host's hundred idle mappings would otherwise wake 500 times a second,
+ * and under emulation (TCG) take a third of a CPU, which every open and
+ * close then waits for. The writer's first write of a new cluster wakes it
+ * (daemon_remap_wake_on_write), and so do the ranges a guest's flush
+ * queued (daemon_mapped), a control connection (control.c's waker), a
+ * kick and the stop; metadata made dirty without a write (a cluster of
+ * zeros) is written back at the next tick, or by the guest's flush. A top
+ * device removed by a deferred close is seen at the next tick (watch_top:
+ * every second awake, every IDLE_WAIT_MS idle). */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -100,6 +112,7 @@
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
+#include "remap.h"
 #include "util.h"
 
 /* ---- the stack ---- */
@@ -270,6 +283,15 @@ static void write_stats(struct daemon *d)
 #define DEMAND_MIN	16		/* pieces of traffic a round would move ... */
 #define DEMAND_SHARE	8		/* ... at least 1/8 of the requests served */
 #define MAX_AGE_US	30000000	/* a range waits at most that long */
+#define WATCH_US	1000000		/* the top checked for (watch_top), awake */
+#define IDLE_AFTER	5		/* idle ticks before the long sleep */
+#define IDLE_WAIT_MS	5000		/* the long sleep (and the top checked) */
+
+/* The daemon whose remap thread sleeps long, NULL when it does not (under
+ * the engine lock), and the writer's own operations (wake_on_write). One
+ * daemon per process: a file's variables, not the daemon's fields. */
+static struct daemon *sleeper;
+static struct qcow2_rw_ops writer_ops;
 
 /* Whether no request is in service or waiting on the sockets, waiting for
  * that at most max_us: a suspend then drains only fast-path I/O. */
@@ -733,6 +755,37 @@ void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
 		return;
 	}
 	d->queue[d->nqueue++] = (struct remap){ .guest = guest, .len = len, .host = host };
+	if (sleeper)
+		pthread_cond_signal(&d->cond);	/* (a flush wrote it back) a round soon */
+}
+
+/* The writer writes under the engine lock: a new cluster (its metadata
+ * now to write back) ends the remap thread's long sleep. */
+static void wake_sleeper(void)
+{
+	if (sleeper)
+		pthread_cond_signal(&sleeper->cond);
+}
+
+static int pwrite_waking(void *opaque, const void *buf, size_t len, uint64_t host)
+{
+	wake_sleeper();
+	return writer_ops.data_pwrite(opaque, buf, len, host);
+}
+
+static int zero_waking(void *opaque, uint64_t len, uint64_t host)
+{
+	wake_sleeper();
+	return writer_ops.data_zero(opaque, len, host);
+}
+
+void daemon_remap_wake_on_write(struct qcow2_rw_ops *ops)
+{
+	writer_ops = *ops;
+	if (ops->data_pwrite)
+		ops->data_pwrite = pwrite_waking;
+	if (ops->data_zero)
+		ops->data_zero = zero_waking;
 }
 
 void daemon_kick(void *opaque)
@@ -954,25 +1007,37 @@ static bool round_due(struct daemon *d, bool pending, bool kicked, bool nearly_f
 	return slow_path_quiet(d, QUIET_WAIT_US);
 }
 
+/* Whether this tick finds nothing to do (engine lock held): no range
+ * queued, no metadata to write back, no round asked for. */
+static bool tick_idle(const struct daemon *d)
+{
+	return !d->nqueue && !d->queue_overflow && !d->kicked && (!d->rw || !qcow2_rw_has_pending(d->rw));
+}
+
 void daemon_remap_loop(struct daemon *d)
 {
 	bool gave_up = false;
-	unsigned int ticks = 0;
+	unsigned int idle_ticks = 0;
+	uint64_t watched = now_us();
 
 	for (;;) {
 		struct timespec ts;
 		struct remap *q;
 		size_t n;
 		bool rescan, broken, pending, nearly_full, kicked, drop;
+		long wait_ms;
 		int r;
 
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += (long)d->o.flush_interval_ms * 1000000L;
-		ts.tv_sec += ts.tv_nsec / 1000000000L;
-		ts.tv_nsec %= 1000000000L;
 		pthread_mutex_lock(&d->lock);
+		sleeper = idle_ticks >= IDLE_AFTER && tick_idle(d) ? d : NULL;
+		wait_ms = sleeper ? IDLE_WAIT_MS : (long)d->o.flush_interval_ms;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += wait_ms % 1000 * 1000000L;
+		ts.tv_sec += wait_ms / 1000 + ts.tv_nsec / 1000000000L;
+		ts.tv_nsec %= 1000000000L;
 		if (!d->stopping)
 			pthread_cond_timedwait(&d->cond, &d->lock, &ts);
+		sleeper = NULL;
 		if (d->stopping) {
 			pthread_mutex_unlock(&d->lock);
 			break;
@@ -986,6 +1051,7 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			continue;
 		}
+		idle_ticks = tick_idle(d) ? idle_ticks + 1 : 0;
 		writeback(d);
 		broken = d->broken;
 		pending = d->nqueue || d->queue_overflow;
@@ -997,8 +1063,8 @@ void daemon_remap_loop(struct daemon *d)
 			d->broken_shown = true;
 			write_stats(d);
 		}
-		if (++ticks * d->o.flush_interval_ms >= 1000) {
-			ticks = 0;
+		if (now_us() - watched >= WATCH_US) {
+			watched = now_us();
 			watch_top(d);
 		}
 		drop = gave_up || !d->rw || d->top_gone;
