@@ -183,10 +183,6 @@ static const struct verb verbs[] = {
 	{ "detach", 0, 0, verb_detach },
 };
 
-/* The waker (one daemon per process: a file's variables). */
-static pthread_t waker;
-static bool waker_running;
-
 static void wake_loop(struct daemon *d)
 {
 	pthread_mutex_lock(&d->lock);
@@ -228,21 +224,21 @@ static void start_waker(struct daemon *d)
 	pthread_attr_init(&attr);
 	r = pthread_attr_setstack(&attr, stack, WAKER_STACK);
 	if (!r)
-		r = pthread_create(&waker, &attr, waker_main, d);
+		r = pthread_create(&d->waker, &attr, waker_main, d);
 	pthread_attr_destroy(&attr);
 	if (r)
 		log_std("%s: no control waker: %s (control requests wait for the remap loop's tick).", d->o.name,
 			strerror(r));
-	waker_running = r == 0;
+	d->waker_running = r == 0;
 }
 
-static void stop_waker(void)
+static void stop_waker(struct daemon *d)
 {
-	if (!waker_running)
+	if (!d->waker_running)
 		return;
-	pthread_cancel(waker);
-	pthread_join(waker, NULL);
-	waker_running = false;
+	pthread_cancel(d->waker);
+	pthread_join(d->waker, NULL);
+	d->waker_running = false;
 }
 
 int daemon_control_open(struct daemon *d)
@@ -285,7 +281,7 @@ void daemon_control_close(struct daemon *d)
 
 	if (d->ctl_fd < 0)
 		return;
-	stop_waker();
+	stop_waker(d);
 	close(d->ctl_fd);
 	d->ctl_fd = -1;
 	if (control_socket_path(path, sizeof(path), d->o.name) == 0 && stat(path, &st) == 0 &&

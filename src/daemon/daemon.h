@@ -81,6 +81,9 @@ struct daemon {
 	pthread_cond_t cond;
 	pthread_cond_t op_cond;	/* an op ended, or writes_paused was cleared */
 	bool writes_paused;	/* no op may begin (daemon_writes_quiesce) */
+	bool remap_sleeping;	/* the remap thread sleeps long: idle (remap.c) */
+	pthread_t waker;	/* wakes the remap thread for a control connection (control.c) */
+	bool waker_running;
 	struct remap *queue, *queue_spare;
 	size_t nqueue;
 	bool queue_overflow;
@@ -177,6 +180,9 @@ uint32_t daemon_links_queued(struct daemon *d);
 /* Under the engine lock: wait until no allocating write is in flight and
  * let none begin (a resize), then let them go again. */
 void daemon_writes_quiesce(struct daemon *d);
+/* Under the engine lock: the writer has metadata to write back, so the
+ * remap thread's idle sleep ends (remap.c). */
+void daemon_remap_wake(struct daemon *d);
 void daemon_writes_resume(struct daemon *d);
 void daemon_servers_join(struct daemon *d);
 /* With the engine lock held, after the writer worked: set broken (and log

@@ -71,7 +71,6 @@
 #include "log.h"
 #include "loop.h"
 #include "nbd.h"
-#include "remap.h"
 #include "sysutil.h"
 #include "util.h"
 
@@ -331,7 +330,6 @@ static int open_engine(struct daemon *d)
 	d->f.mapped_opaque = d;
 	file_rw_ops(&d->f, &ops);
 	d->ops = ops;
-	daemon_remap_wake_on_write(&ops);	/* (the engine's, not the servers' in place) */
 	o.cache_bytes = DAEMON_CACHE_BYTES;
 	/* ahead only where zeros cost no write: through the cipher (LUKS) every
 	 * cluster would be encrypted twice, zeros then data (tests/bench

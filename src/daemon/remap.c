@@ -90,8 +90,8 @@
  * IDLE_AFTER ticks) the remap thread sleeps IDLE_WAIT_MS between ticks: a
  * host's hundred idle mappings would otherwise wake 500 times a second,
  * and under emulation (TCG) take a third of a CPU, which every open and
- * close then waits for. The writer's first write of a new cluster wakes it
- * (daemon_remap_wake_on_write), and so do the ranges a guest's flush
+ * close then waits for. A write through the writer wakes it (server.c
+ * calls daemon_remap_wake once the write's metadata is cached), and so do the ranges a guest's flush
  * queued (daemon_mapped), a control connection (control.c's waker), a
  * kick and the stop; metadata made dirty without a write (a cluster of
  * zeros) is written back at the next tick, or by the guest's flush. A top
@@ -112,7 +112,6 @@
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
-#include "remap.h"
 #include "util.h"
 
 /* ---- the stack ---- */
@@ -287,11 +286,6 @@ static void write_stats(struct daemon *d)
 #define IDLE_AFTER	5		/* idle ticks before the long sleep */
 #define IDLE_WAIT_MS	5000		/* the long sleep (and the top checked) */
 
-/* The daemon whose remap thread sleeps long, NULL when it does not (under
- * the engine lock), and the writer's own operations (wake_on_write). One
- * daemon per process: a file's variables, not the daemon's fields. */
-static struct daemon *sleeper;
-static struct qcow2_rw_ops writer_ops;
 
 /* Whether no request is in service or waiting on the sockets, waiting for
  * that at most max_us: a suspend then drains only fast-path I/O. */
@@ -755,37 +749,13 @@ void daemon_mapped(void *opaque, uint64_t guest, uint64_t len, uint64_t host)
 		return;
 	}
 	d->queue[d->nqueue++] = (struct remap){ .guest = guest, .len = len, .host = host };
-	if (sleeper)
-		pthread_cond_signal(&d->cond);	/* (a flush wrote it back) a round soon */
+	daemon_remap_wake(d);	/* (a flush wrote it back) a round soon */
 }
 
-/* The writer writes under the engine lock: a new cluster (its metadata
- * now to write back) ends the remap thread's long sleep. */
-static void wake_sleeper(void)
+void daemon_remap_wake(struct daemon *d)
 {
-	if (sleeper)
-		pthread_cond_signal(&sleeper->cond);
-}
-
-static int pwrite_waking(void *opaque, const void *buf, size_t len, uint64_t host)
-{
-	wake_sleeper();
-	return writer_ops.data_pwrite(opaque, buf, len, host);
-}
-
-static int zero_waking(void *opaque, uint64_t len, uint64_t host)
-{
-	wake_sleeper();
-	return writer_ops.data_zero(opaque, len, host);
-}
-
-void daemon_remap_wake_on_write(struct qcow2_rw_ops *ops)
-{
-	writer_ops = *ops;
-	if (ops->data_pwrite)
-		ops->data_pwrite = pwrite_waking;
-	if (ops->data_zero)
-		ops->data_zero = zero_waking;
+	if (d->remap_sleeping)
+		pthread_cond_signal(&d->cond);
 }
 
 void daemon_kick(void *opaque)
@@ -1029,15 +999,15 @@ void daemon_remap_loop(struct daemon *d)
 		int r;
 
 		pthread_mutex_lock(&d->lock);
-		sleeper = idle_ticks >= IDLE_AFTER && tick_idle(d) ? d : NULL;
-		wait_ms = sleeper ? IDLE_WAIT_MS : (long)d->o.flush_interval_ms;
+		d->remap_sleeping = idle_ticks >= IDLE_AFTER && tick_idle(d);
+		wait_ms = d->remap_sleeping ? IDLE_WAIT_MS : (long)d->o.flush_interval_ms;
 		clock_gettime(CLOCK_REALTIME, &ts);
 		ts.tv_nsec += wait_ms % 1000 * 1000000L;
 		ts.tv_sec += wait_ms / 1000 + ts.tv_nsec / 1000000000L;
 		ts.tv_nsec %= 1000000000L;
 		if (!d->stopping)
 			pthread_cond_timedwait(&d->cond, &d->lock, &ts);
-		sleeper = NULL;
+		d->remap_sleeping = false;
 		if (d->stopping) {
 			pthread_mutex_unlock(&d->lock);
 			break;

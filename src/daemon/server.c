@@ -262,6 +262,8 @@ static int write_data(struct daemon_server *s, const uint8_t *buf, uint32_t len,
 
 		pthread_mutex_lock(&d->lock);
 		r = write_begin(d, s->op, buf, len, from, &x);
+		if (r == 0 && x.kind != QCOW2_EXTENT_DATA)
+			daemon_remap_wake(d);
 		daemon_check_broken(d);
 		pthread_mutex_unlock(&d->lock);
 		if (r == 1) {
@@ -270,6 +272,7 @@ static int write_data(struct daemon_server *s, const uint8_t *buf, uint32_t len,
 			if (r == -EAGAIN)
 				r = qcow2_rw_op_io(s->op, true);
 			r = qcow2_rw_op_end(s->op, r);
+			daemon_remap_wake(d);
 			daemon_check_broken(d);
 			pthread_cond_broadcast(&d->op_cond);
 			pthread_mutex_unlock(&d->lock);
