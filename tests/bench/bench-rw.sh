@@ -10,7 +10,8 @@
 #     dm-crypt over a loop device (the limit); target >= 0.95x;
 #   - the same on an unencrypted image, and copy-on-write (first writes into
 #     an overlay over a raw and over a qcow2 backing file of random data),
-#     against qemu-nbd; the plain loop device over a raw file is their limit;
+#     against qemu-nbd; the plain loop device over a raw file is their limit
+#     (and, for comparison, its own first writes into a sparse file);
 #   - the daemon's table swaps during the first writes: how long I/O was
 #     held (p99, max) and how long a reload took;
 #   - the issue's targets, each with its ratio and MET / not met.
@@ -196,6 +197,7 @@ awk '
 		row("qcowsetup (fast path)", "allocated", "bf")
 		row("raw dm-crypt over loop (the limit)", "allocated", "braw")
 		if (val("allocated-plain", "loop", "seq") >= 0) row("plain loop (the unencrypted limit)", "allocated-plain", "loop")
+		if (val("sparse-plain", "loop", "seq") >= 0) row("plain loop, first writes (sparse)", "sparse-plain", "loop")
 		printf "\n  %-34s %15s %15s\n", "ratio", "seq", "rand"
 		ratio("first writes: qcowsetup / qemu-nbd", "first-write", "qcowsetup", "qemu-nbd", 1)
 		if (val("first-write", "qcowsetup-base", "seq") >= 0) {
@@ -220,6 +222,9 @@ awk '
 		# (another kind of run) or another device (qemu-nbd)
 		print "\n  targets (ratio, target, verdict):"
 		goal("random first writes, unencrypted / plain loop", xrat("first-write-plain", "qcowsetup", "rand", "allocated-plain", "loop", "rand", 1), 0.5)
+		if (val("sparse-plain", "loop", "rand") >= 0)
+			printf("    %-46s %7.2fx   (the limit writing into holes, for comparison)\n",
+				"  ... / plain loop over a sparse file", xrat("first-write-plain", "qcowsetup", "rand", "sparse-plain", "loop", "rand", 1))
 		goal("random first writes, unencrypted / qemu-nbd", rat("first-write-plain", "qcowsetup", "qemu-nbd", "rand"), 4)
 		# every new 64 KiB cluster of a LUKS image goes whole through the
 		# cipher: the ceiling is the sequential KiB/s of the limit / 64 writes/s
