@@ -303,6 +303,7 @@ static int open_files(struct daemon *d)
 	 * page at the same time */
 	if (d->img->crypt_method != IMG_CRYPT_LUKS && (d->img->has_data_file || d->img->cluster_size >= DIO_ALIGN))
 		d->f.data_dfd = direct_twin(d->f.data_fd, d->o.image);
+	d->f.data_direct = d->f.data_dfd >= 0;
 	if (fstat(d->f.data_fd, &st) < 0)
 		return -errno;
 	return 0;

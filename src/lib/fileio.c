@@ -164,7 +164,7 @@ static int rw_meta_flush(void *opaque)
 static int rw_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
 	const struct file_rw *f = opaque;
-	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_dfd };
+	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_direct ? f->data_dfd : -1 };
 
 	return dio_pread_padded(&df, buf, len, off);
 }
@@ -172,7 +172,7 @@ static int rw_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
 static int rw_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
 {
 	const struct file_rw *f = opaque;
-	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_dfd };
+	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_direct ? f->data_dfd : -1 };
 
 	return dio_pwrite_all(&df, buf, len, off);
 }

@@ -62,7 +62,9 @@ struct file_rw {
 	int meta_fd;
 	int data_fd;
 	int data_dfd;			/* data_fd opened with O_DIRECT (sysutil.h's
-					 * dio_file), or -1 */
+					 * dio_file), used when data_direct (a
+					 * zeroed struct has none) */
+	bool data_direct;
 	bool data_separate;		/* data_fd needs a flush of its own */
 	struct chain_reader *chain;	/* NULL: no backing file */
 	void (*mapped)(void *opaque, uint64_t guest, uint64_t len, uint64_t host);
