@@ -97,13 +97,21 @@ first_write_qcowsetup() {	# round test [binary label]
 		echo "ERROR qemu-img check after the $label run"
 	echo "SIZE $1 $2 $kind $label $(du -k t.qcow2 | cut -f1)"
 }
+nbd_connect() {	# qemu-nbd on /dev/nbd15; a device just let go can still be busy
+	local i
+	for i in 1 2 3 4 5; do
+		qemu-nbd $sec --image-opts "$(image_opts)" --cache=none --aio=native -c /dev/nbd15 && sleep 1 && return 0
+		echo "qemu-nbd: connect attempt $i failed" >&2
+		qemu-nbd -d /dev/nbd15 >/dev/null 2>&1
+		sleep 2
+	done
+	return 1
+}
 first_write_nbd() {	# round test
 	local rw bs qd bw iops
 	read -r rw bs qd <<< "$(job_args "$2")"
 	fresh
-	qemu-nbd $sec --image-opts "$(image_opts)" --cache=none --aio=native -c /dev/nbd15 ||
-		{ echo "ERROR qemu-nbd"; return 1; }
-	sleep 1
+	nbd_connect || { echo "ERROR qemu-nbd ($kind $2): cannot connect /dev/nbd15"; return 1; }
 	read -r bw iops <<< "$(fio_job /dev/nbd15 "$rw" "$bs" "$qd")"
 	echo "R $1 $kind qemu-nbd $2 $bw $iops"
 	qemu-nbd -d /dev/nbd15 >/dev/null

@@ -41,7 +41,7 @@ need_vm
 need qemu-img fio
 [ -x "$qs" ] && [ -x "$daemon" ] || { echo "$me: error: build first ($qs, $daemon)" >&2; exit 1; }
 
-make_work
+make_work --keep-on-failure	# the VM's whole output stays for a failed run
 mkdir "$work/m" "$work/share"
 cp "$here/bench-rw-guest.sh" "$work/share/"
 chmod +x "$work/share/bench-rw-guest.sh"
@@ -88,7 +88,7 @@ fi
 	-- bench-rw-guest.sh >"$work/out" 2>&1 || rc=$?
 tr -d '\r' <"$work/out" | grep -E '^(R|S|RELOAD|STATS|PATHS|SIZE|TARGETS|KERNEL|ERROR) ' >"$work/res" || :
 [ $rc = 0 ] && ! grep -q '^ERROR' "$work/res" ||
-	{ tail -30 "$work/out"; grep '^ERROR' "$work/res"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
+	{ failed=1; tail -30 "$work/out"; grep '^ERROR' "$work/res"; echo "$me: the VM run failed (exit $rc)"; exit 1; }
 if grep -q '^S ' "$work/res"; then
 	echo
 	echo "== the slow path, $BENCH_BEFORE (before) against this build (after): $(sed -n 's/^KERNEL //p' "$work/res")"
