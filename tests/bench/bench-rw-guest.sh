@@ -28,12 +28,28 @@ mkdir -p $mnt && mount -t ext4 /dev/vda $mnt || exit 1
 cd $mnt || exit 1
 export PATH=/usr/local/bin:$PATH
 modprobe -q nbd; modprobe -q dm-crypt
+echo 1 >/proc/sys/kernel/sysrq; echo 60 >/proc/sys/kernel/hung_task_timeout_secs
 sec="--object secret,id=s0,file=$mnt/key"
 
-fio_job() {	# dev rw bs iodepth -> "KiB/s IOPS"
+fio_job() {	# dev rw bs iodepth -> "KiB/s IOPS"; a job that hangs ends the run
+	local pid i
 	fio --name=j --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --direct=1 --ioengine=libaio \
 		--time_based --runtime="$rt" --size=400M --randrepeat=0 --norandommap \
-		--output-format=terse --terse-version=3 2>/dev/null | awk -F';' '{ print $7 + $48, $8 + $49 }'
+		--output-format=terse --terse-version=3 2>/dev/null | awk -F';' '{ print $7 + $48, $8 + $49 }' >/tmp/fio.out &
+	pid=$!
+	for ((i = 0; i < rt + 120; i++)); do
+		kill -0 $pid 2>/dev/null || { wait $pid; cat /tmp/fio.out; return 0; }
+		sleep 1
+	done
+	hang_dump "fio on $1 ($2 $3 QD$4) still running $((rt + 120)) s after its start"
+}
+hang_dump() {	# what: the blocked tasks' stacks on the console, then the run ends
+	echo "ERROR hang: $1" >&2
+	grep -l "^State:.*D" /proc/[0-9]*/status 2>/dev/null | while read -r f; do d=${f%/status}; echo "D: ${d#/proc/} $(tr "\\0" " " <$d/cmdline)"; cat $d/stack 2>/dev/null; done >&2
+	echo w >/proc/sysrq-trigger
+	sleep 2
+	dmesg | tail -n 600 >&2
+	echo b >/proc/sysrq-trigger	# called in $(...): only the VM's end stops the run
 }
 job_args() {	# seq|rand -> "rw bs qd"
 	case $1 in seq) echo "write 1M 4" ;; rand) echo "randwrite 4k 16" ;; esac
