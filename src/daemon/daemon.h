@@ -112,10 +112,12 @@ struct daemon {
 	 * swap: the suspend alone (the drain of the I/O in flight), the wait
 	 * for udev after the resume (I/O goes on), the requests the servers
 	 * were serving and the bytes waiting on the sockets when it began, the
-	 * requests served while the device was suspended; the messages that
-	 * route the switch's regions after a swap (route_us) */
+	 * requests served while the device was suspended, the drain before
+	 * it of the slow requests of regions part fast (remap.c, drain_part:
+	 * I/O goes on; 0 when none); the messages that route the switch's
+	 * regions after a swap (route_us) */
 	uint32_t swap_us[1024], round_us[1024], route_us[1024];
-	uint32_t suspend_us[1024], udev_us[1024], busy_at[1024], queued_at[1024], served_in[1024];
+	uint32_t suspend_us[1024], udev_us[1024], busy_at[1024], queued_at[1024], served_in[1024], drain_us[1024];
 	uint64_t nswap, nround, nroute;
 	/* the top's switch routes regions as the stack says only after a
 	 * whole route (remap.c, route): none since its table was loaded, or

@@ -11,9 +11,12 @@
  * never come: copy-on-write and LUKS allocate a cluster at a time), the
  * others, all slow, straight to the NBD device (route: "set_region_mappings"
  * messages to the top's live table). So a round reloads NAME_fast, whose
- * suspend waits for fast-path I/O and the slow requests of regions part
- * fast (and of regions routed to it while the routing is not whole yet:
- * after the top's own load, which routes region i to path i % 2, or a
+ * suspend waits for fast-path I/O alone: the regions part fast are routed
+ * straight to the NBD device first, and their slow requests in flight
+ * through NAME_fast complete while nothing is held (drain_part; up to
+ * 100 ms, then the suspend waits for the rest); they come back after the
+ * swap. It waits for slow requests only while the routing is not whole
+ * (after the top's own load, which routes region i to path i % 2, or a
  * failed message), never for those of the regions all slow, and never
  * suspends the top. The top is reloaded only
  * when its paths change: at setup (new mapping, reattach), by a resize
@@ -112,6 +115,7 @@
 #include "dm.h"
 #include "log.h"
 #include "nbd.h"
+#include "sysutil.h"
 #include "util.h"
 
 /* ---- the stack ---- */
@@ -231,6 +235,7 @@ static void write_stats(struct daemon *d)
 		{ "queued_kib_at_suspend", offsetof(struct daemon, queued_at), 1000.0 / 1024 },
 		{ "served_in_hold", offsetof(struct daemon, served_in), 1000 },
 		{ "route_ms", offsetof(struct daemon, route_us), 1 },
+		{ "drain_ms", offsetof(struct daemon, drain_us), 1 },
 	};
 	char path[256], tmp[280];
 	FILE *f;
@@ -277,6 +282,7 @@ static void write_stats(struct daemon *d)
  * served one after the other (allocations, copy-on-write: ~10 ms each
  * under TCG, so a queue of 16 random writes held I/O 180 ms). */
 #define QUIET_WAIT_US	5000		/* for a slow path idle before a suspend */
+#define DRAIN_WAIT_US	100000		/* for the slow requests of the regions part fast */
 #define DEMAND_MIN_US	1000000		/* between rounds made for the traffic they move */
 #define DEMAND_HELD_X	20		/* ... and 20x the last hold: at most 5% of the time held */
 #define DEMAND_MIN	16		/* pieces of traffic a round would move ... */
@@ -320,14 +326,18 @@ static void resumed(void *arg)
  * event, waited for after that, holds only this thread. The suspend waits
  * for the slow requests that pass the device too (of the top, or of the
  * fast device's regions part fast), so a few ms for a quiet slow path
- * first; those of the regions all slow go past the fast device. */
-static int swap(struct daemon *d, const struct dm_device *dev)
+ * first, unless they were drained (drain_part); those of the regions all
+ * slow go past the fast device. */
+static int swap(struct daemon *d, const struct dm_device *dev, bool drained)
 {
 	struct swap_clock c = { .d = d };
 	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
 	int r, r2;
 
-	slow_path_quiet(d, QUIET_WAIT_US);
+	if (!drained) {
+		d->drain_us[k] = 0;
+		slow_path_quiet(d, QUIET_WAIT_US);
+	}
 	d->queued_at[k] = daemon_links_queued(d);
 	d->busy_at[k] = daemon_servers_busy(d, &served0);
 	t0 = now_us();
@@ -377,6 +387,45 @@ static int route(struct daemon *d, const struct dm_stack *next, const struct dm_
 		d->route_all = false;
 	d->route_us[d->nroute++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
 	return 0;
+}
+
+/* Requests in flight on the device of a sysfs inflight file (reads and
+ * writes), -1 when unknown */
+static long dev_inflight(const char *path)
+{
+	char buf[64];
+	unsigned long rd, wr;
+
+	if (sys_read_small(path, buf, sizeof(buf)) < 0 || sscanf(buf, "%lu %lu", &rd, &wr) != 2)
+		return -1;
+	return (long)(rd + wr);
+}
+
+/* Before a swap of the fast device dev of the live stack cur: its regions
+ * part fast go straight to the NBD device, so that the slow requests they
+ * sent through dev complete while nothing is held (new ones pass it by,
+ * and its fast clusters are served by the daemon meanwhile, right on
+ * either path); the suspend then waits for fast-path I/O alone. The route
+ * after the swap brings them back (DM_ROUTE_BACK_TO_FAST). Whether any
+ * region was routed away. */
+static bool drain_part(struct daemon *d, const struct dm_stack *cur, const struct dm_device *dev)
+{
+	struct dm_dev_info info;
+	uint64_t i, t0 = now_us();
+	char path[64];
+
+	for (i = 0; i + 1 < cur->nregions && !dm_stack_region_part(cur, i); i++)
+		;
+	if (i + 1 >= cur->nregions || dm_device_info(dev->name, &info) || !info.exists)
+		return false;
+	snprintf(path, sizeof(path), "/sys/dev/block/%" PRIu32 ":%" PRIu32 "/inflight", info.major, info.minor);
+	if (route(d, cur, NULL, DM_ROUTE_PART_TO_SLOW))
+		return false;
+	while (dev_inflight(path) > 0 && now_us() < t0 + DRAIN_WAIT_US)
+		usleep(250);
+	/* (the slot of the swap that follows) */
+	d->drain_us[d->nswap % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
+	return true;
 }
 
 /* Segments of the top table named NAME_s<k>, NAME_ss<k>, ... (with their
@@ -570,7 +619,7 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 {
 	bool *changed = calloc(next->count ? next->count : 1, sizeof(*changed));
 	bool *created = calloc(next->count ? next->count : 1, sizeof(*created));
-	bool top_new;
+	bool top_new, part_drained = false;
 	int r = 0;
 
 	if (!changed || !created) {
@@ -585,8 +634,12 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		  cur->region_sectors != next->region_sectors;
 	for (size_t i = 0; i < next->count && !r; i++)
 		if (changed[i]) {
-			r = swap(d, &next->devices[i]);
+			bool drained = !top_new && !d->route_all && next->devices[i].role == DM_ROLE_FAST &&
+				       drain_part(d, cur, &next->devices[i]);
+
+			r = swap(d, &next->devices[i], drained);
 			d->reloads++;
+			part_drained |= drained;
 		}
 	/* the regions routed once the fast device has its table: one that
 	 * leaves the fast path is all fast-path I/O until then (no slow
@@ -596,7 +649,7 @@ static int apply(struct daemon *d, struct dm_stack *next, const struct dm_stack 
 		route(d, next, cur, DM_ROUTE_ALL);
 	} else if (!r) {
 		route(d, next, cur, DM_ROUTE_TO_SLOW);
-		route(d, next, cur, DM_ROUTE_TO_FAST);
+		route(d, next, cur, part_drained ? DM_ROUTE_BACK_TO_FAST : DM_ROUTE_TO_FAST);
 	}
 	if (r) {
 		/* (regions routed to the slow path already: all of them at the
@@ -629,7 +682,7 @@ int daemon_reload_top(struct daemon *d)
 			continue;
 		r = load(d->stack, i);
 		if (!r)
-			r = swap(d, dev);
+			r = swap(d, dev, false);
 		d->reloads += r == 0;
 	}
 	/* (the top's table loaded again routes region i to path i % 2) */

@@ -700,7 +700,7 @@ static int build_hold(struct build *b, unsigned int d)
 }
 
 /* Read-write with a slow path: the switch's regions, none fast until a
- * run of the fast path sets theirs (fast_run). */
+ * run of the fast path sets theirs (mark_regions). */
 static int regions_init(struct build *b, const struct image *top)
 {
 	struct dm_stack *s = b->s;
@@ -714,7 +714,8 @@ static int regions_init(struct build *b, const struct image *top)
 	s->region_sectors = region;
 	s->nregions = (sectors + region - 1) / region;
 	s->fast = calloc((size_t)((s->nregions + 7) / 8), 1);
-	return s->fast ? 0 : -ENOMEM;
+	s->slow = calloc((size_t)((s->nregions + 7) / 8), 1);
+	return s->fast && s->slow ? 0 : -ENOMEM;
 }
 
 /* Sectors [guest, guest + len) on the fast path: their regions go to the
@@ -723,12 +724,12 @@ static int regions_init(struct build *b, const struct image *top)
  * region all fast may never come: a copy-on-write or a LUKS allocation
  * makes one cluster at a time), and its slow requests pass the fast
  * device, whose swaps then wait for a quiet slow path. */
-static void fast_run(struct dm_stack *s, uint64_t guest, uint64_t len)
+static void mark_regions(const struct dm_stack *s, uint8_t *bits, uint64_t guest, uint64_t len)
 {
-	if (!s->fast || !len)
+	if (!bits || !len)
 		return;
 	for (uint64_t i = guest / s->region_sectors; i <= (guest + len - 1) / s->region_sectors && i < s->nregions; i++)
-		s->fast[i / 8] |= (uint8_t)(1u << (i % 8));
+		bits[i / 8] |= (uint8_t)(1u << (i % 8));
 }
 
 /* The top device over the fast device (index fast): a switch target over
@@ -781,10 +782,12 @@ static int build_top(struct build *b, const struct image *top)
 		if ((slow_rest && !(run->kind == RUN_DATA && run->depth == 0 && (run->flags & RUN_F_WRITABLE))) ||
 		    (run->kind == RUN_COMPRESSED && b->p->slow_dev)) {
 			r = table_add(&tb, DM_TARGET_LINEAR, DM_DEV_SLOW, guest, len);
+			if (slow_rest)
+				mark_regions(b->s, b->s->slow, guest, len);
 			continue;
 		}
 		if (slow_rest)
-			fast_run(b->s, guest, len);
+			mark_regions(b->s, b->s->fast, guest, len);
 		switch (run->kind) {
 		case RUN_DATA:
 			/* Read-write will send writes to clusters it cannot
@@ -921,6 +924,7 @@ void dm_stack_free(struct dm_stack *s)
 	free(s->split);
 	free(s->slow_ref);
 	free(s->fast);
+	free(s->slow);
 	free(s);
 }
 
@@ -1007,6 +1011,26 @@ int dm_target_params(const struct dm_stack *s, const struct dm_device *dev,
 	return n;
 }
 
+/* The path region i goes to in a route (0 fast, 1 slow), -1: not routed */
+static int region_route(const struct dm_stack *s, const struct dm_stack *cur, enum dm_route route, uint64_t i)
+{
+	bool fast = dm_stack_region_fast(s, i);
+
+	switch (route) {
+	case DM_ROUTE_ALL:
+		return fast ? 0 : 1;
+	case DM_ROUTE_TO_SLOW:
+		return !fast && dm_stack_region_fast(cur, i) ? 1 : -1;
+	case DM_ROUTE_TO_FAST:
+		return fast && !dm_stack_region_fast(cur, i) ? 0 : -1;
+	case DM_ROUTE_PART_TO_SLOW:
+		return dm_stack_region_part(s, i) ? 1 : -1;
+	case DM_ROUTE_BACK_TO_FAST:
+		return fast && (!dm_stack_region_fast(cur, i) || dm_stack_region_part(cur, i)) ? 0 : -1;
+	}
+	return -1;
+}
+
 int dm_switch_message(const struct dm_stack *s, const struct dm_stack *cur, enum dm_route route, uint64_t *pos,
 		      char *buf, size_t size)
 {
@@ -1015,28 +1039,25 @@ int dm_switch_message(const struct dm_stack *s, const struct dm_stack *cur, enum
 	size_t len;
 
 	if (!s->region_sectors || !s->nregions || size < 128 ||
-	    (route != DM_ROUTE_ALL && (!cur || cur->region_sectors != s->region_sectors)))
+	    (route != DM_ROUTE_ALL && route != DM_ROUTE_PART_TO_SLOW &&
+	     (!cur || cur->region_sectors != s->region_sectors)))
 		return -EINVAL;
 	len = (size_t)snprintf(buf, size, "set_region_mappings");
 	while (i < n && len + 64 < size) {
+		int path = region_route(s, cur, route, i);
 		uint64_t j;
-		bool fast = dm_stack_region_fast(s, i);
 
-		/* (a region routed: every one, or one that changed this way) */
-		if ((route == DM_ROUTE_TO_SLOW && (fast || !dm_stack_region_fast(cur, i))) ||
-		    (route == DM_ROUTE_TO_FAST && (!fast || (i < cur->nregions && dm_stack_region_fast(cur, i))))) {
+		if (path < 0) {
 			i++;
 			continue;
 		}
-		for (j = i + 1; j < n && dm_stack_region_fast(s, j) == fast; j++)
-			if ((route == DM_ROUTE_TO_SLOW && !dm_stack_region_fast(cur, j)) ||
-			    (route == DM_ROUTE_TO_FAST && j < cur->nregions && dm_stack_region_fast(cur, j)))
-				break;
+		for (j = i + 1; j < n && region_route(s, cur, route, j) == path; j++)
+			;
 		/* (":" alone: the region after the last one) */
 		if (any && i == last + 1)
-			len += (size_t)snprintf(buf + len, size - len, " :%d", fast ? 0 : 1);
+			len += (size_t)snprintf(buf + len, size - len, " :%d", path);
 		else
-			len += (size_t)snprintf(buf + len, size - len, " %" PRIx64 ":%d", i, fast ? 0 : 1);
+			len += (size_t)snprintf(buf + len, size - len, " %" PRIx64 ":%d", i, path);
 		if (j - i > 1)
 			len += (size_t)snprintf(buf + len, size - len, " R1,%" PRIx64, j - i - 1);
 		last = j - 1;

@@ -203,9 +203,10 @@ struct dm_stack {
 	unsigned int nsplit;
 	/* a top switch (read-write with a slow path): its region size in
 	 * sectors (0: no switch), the regions, and a bit per region set when
-	 * any of it is on the fast path (dm_stack_region_fast) */
+	 * any of it is on the fast path (dm_stack_region_fast), another when
+	 * any of it is on the slow path (dm_stack_region_part: both) */
 	uint64_t region_sectors, nregions;
-	uint8_t *fast;
+	uint8_t *fast, *slow;
 };
 
 /* Build the stack for the chain top and its merged runs (image_map_chain()).
@@ -273,15 +274,28 @@ static inline bool dm_stack_region_fast(const struct dm_stack *s, uint64_t i)
 	return s->fast && i < s->nregions && (s->fast[i / 8] >> (i % 8) & 1);
 }
 
+/* Whether region i is part fast, part slow: routed to the fast device,
+ * whose suspend then waits for its slow requests too. */
+static inline bool dm_stack_region_part(const struct dm_stack *s, uint64_t i)
+{
+	return dm_stack_region_fast(s, i) && s->slow && (s->slow[i / 8] >> (i % 8) & 1);
+}
+
 /* The switch's routing: every region (fast ones to path 0, the others to
  * path 1: after the top's table was loaded, which routes region i to path
  * i % 2), the regions fast in cur but not in s to path 1 (before s's fast
  * device is swapped in), or those fast in s but not in cur to path 0
- * (after). */
+ * (after). Around a swap of the fast device, the regions of s part fast
+ * to path 1 (DM_ROUTE_PART_TO_SLOW, s the live stack, cur unused: their
+ * slow requests then drain past the fast device before its suspend), and
+ * after it those fast in s that were not fast or were part fast in cur
+ * to path 0 (DM_ROUTE_BACK_TO_FAST). */
 enum dm_route {
 	DM_ROUTE_ALL = 0,
 	DM_ROUTE_TO_SLOW,
 	DM_ROUTE_TO_FAST,
+	DM_ROUTE_PART_TO_SLOW,
+	DM_ROUTE_BACK_TO_FAST,
 };
 
 /* The next "set_region_mappings" message of a route into buf (size at

@@ -1041,6 +1041,18 @@ static void test_switch(void)
 	pos = 0;
 	n = dm_switch_message(s2, s, DM_ROUTE_TO_FAST, &pos, msg, sizeof(msg));
 	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 7:0"), "joining it: %s", n > 0 ? msg : "none");
+	/* around a swap of the fast device: the regions part fast (6) leave
+	 * it first, and come back after it with those joining (7) */
+	CHECK(dm_stack_region_part(s, 6) && !dm_stack_region_part(s, 5) && !dm_stack_region_part(s, 4),
+	      "region 6 part fast, 5 all fast, 4 all slow");
+	pos = 0;
+	n = dm_switch_message(s, NULL, DM_ROUTE_PART_TO_SLOW, &pos, msg, sizeof(msg));
+	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 6:1") && pos == 63, "the part fast ones drained: %s",
+	      n > 0 ? msg : "none");
+	pos = 0;
+	n = dm_switch_message(s2, s, DM_ROUTE_BACK_TO_FAST, &pos, msg, sizeof(msg));
+	CHECK(n > 0 && !strcmp(msg, "set_region_mappings 6:0 R1,1"), "and back with the new ones: %s",
+	      n > 0 ? msg : "none");
 	/* 4 MiB of alternating regions: the messages split */
 	for (size_t i = 0; i < 64; i++)
 		w[i] = 1 + i % 2;
