@@ -283,6 +283,7 @@ static void write_stats(struct daemon *d)
  * under TCG, so a queue of 16 random writes held I/O 180 ms). */
 #define QUIET_WAIT_US	5000		/* for a slow path idle before a suspend */
 #define DRAIN_WAIT_US	100000		/* for the slow requests of the regions part fast */
+#define SWAP_NICE	-18		/* the remap thread's while it holds I/O (lvm2's) */
 #define DEMAND_MIN_US	1000000		/* between rounds made for the traffic they move */
 #define DEMAND_HELD_X	20		/* ... and 20x the last hold: at most 5% of the time held */
 #define DEMAND_MIN	16		/* pieces of traffic a round would move ... */
@@ -332,7 +333,7 @@ static int swap(struct daemon *d, const struct dm_device *dev, bool drained)
 {
 	struct swap_clock c = { .d = d };
 	uint64_t t0, t1, served0, k = d->nswap++ % 1024;
-	int r, r2;
+	int r, r2, nice;
 
 	if (!drained) {
 		d->drain_us[k] = 0;
@@ -340,6 +341,7 @@ static int swap(struct daemon *d, const struct dm_device *dev, bool drained)
 	}
 	d->queued_at[k] = daemon_links_queued(d);
 	d->busy_at[k] = daemon_servers_busy(d, &served0);
+	nice = sys_thread_nice(SWAP_NICE);
 	t0 = now_us();
 	r = dm_suspend(dev->name, DM_SUSPEND_NOFLUSH | DM_SUSPEND_SKIP_LOCKFS);
 	t1 = now_us();
@@ -347,10 +349,11 @@ static int swap(struct daemon *d, const struct dm_device *dev, bool drained)
 		log_err("Cannot suspend %s: %s.", dev->name, strerror(-r));
 	/* resume in any case: a suspended top device would hold the guest */
 	r2 = dm_resume_then(dev->name, dev->hidden, resumed, &c);
-	if (r2)
-		log_err("Cannot resume %s: %s.", dev->name, strerror(-r2));
 	if (!c.resumed_us)	/* (not asked) */
 		resumed(&c);
+	sys_thread_nice_restore(nice);
+	if (r2)
+		log_err("Cannot resume %s: %s.", dev->name, strerror(-r2));
 	d->swap_us[k] = (uint32_t)MIN(c.resumed_us - t0, (uint64_t)UINT32_MAX);
 	d->suspend_us[k] = (uint32_t)MIN(t1 - t0, (uint64_t)UINT32_MAX);
 	d->udev_us[k] = (uint32_t)MIN(now_us() - c.resumed_us, (uint64_t)UINT32_MAX);

@@ -1,12 +1,15 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <linux/fs.h>
 #include <linux/netlink.h>
@@ -219,6 +222,24 @@ int fd_real_path(int fd, char *buf, size_t size)
 		return -ENAMETOOLONG;
 	buf[n] = '\0';
 	return 0;
+}
+
+int sys_thread_nice(int nice)
+{
+	id_t tid = (id_t)syscall(SYS_gettid);
+	int old;
+
+	errno = 0;
+	old = getpriority(PRIO_PROCESS, tid);
+	if ((old == -1 && errno) || old <= nice || setpriority(PRIO_PROCESS, tid, nice))
+		return INT_MIN;
+	return old;
+}
+
+void sys_thread_nice_restore(int old)
+{
+	if (old != INT_MIN)
+		setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), old);
 }
 
 int sys_read_small(const char *path, char *buf, size_t size)

@@ -45,6 +45,15 @@ int sys_modprobe(const char *module);
  * opened, whatever its name is now). 0 or -errno. */
 int fd_real_path(int fd, char *buf, size_t size);
 
+/* Raise the calling thread's priority (its nice value, this thread only)
+ * for a section that holds other processes' I/O, as lvm2 does while its
+ * devices are suspended: on one busy CPU the ioctls that end the hold would
+ * otherwise wait their turn behind the very work being held. Returns what
+ * to give back to sys_thread_nice_restore (INT_MIN: left as it was, e.g.
+ * without CAP_SYS_NICE). */
+int sys_thread_nice(int nice);
+void sys_thread_nice_restore(int old);
+
 /* The start of a small file (sysfs) into buf, NUL-terminated: its length,
  * or -errno (-EIO: empty). */
 int sys_read_small(const char *path, char *buf, size_t size);
