@@ -7,7 +7,8 @@
 # over it (unencrypted overlays, nothing allocated)). A second build of
 # qcowsetup in /usr/local/before/ (BENCH_BEFORE on the host) runs the first
 # writes too, as qcowsetup-base. Prints one line per fio job:
-#   R ROUND KIND DEVICE seq|rand KIB_S IOPS   KIND: first-write (LUKS),
+#   R ROUND KIND DEVICE seq|rand KIB_S IOPS   KIND: first-write (LUKS;
+#     first-write-xl2: LUKS with extended L2 entries, empty-xl2.qcow2),
 #     first-write-plain, cow-raw, cow-qcow2 (first writes into an overlay:
 #     copy-on-write), allocated (LUKS) or allocated-plain (the limits)
 #   RELOAD ROUND seq|rand STATUS-LINE      (the daemon's table swaps)
@@ -60,17 +61,19 @@ kind=first-write	# or first-write-plain: the image and its options
 kind_image() {	# the empty image of $kind
 	case $kind in
 	first-write) echo empty.qcow2 ;;
+	first-write-xl2) echo empty-xl2.qcow2 ;;
 	first-write-plain) echo empty-plain.qcow2 ;;
 	cow-raw) echo ov-raw.qcow2 ;;
 	cow-qcow2) echo ov-qcow2.qcow2 ;;
 	esac
 }
+luks_kind() { [ $kind = first-write ] || [ $kind = first-write-xl2 ]; }
 fresh() {
 	cp "$(kind_image)" t.qcow2
 	sync; echo 3 >/proc/sys/vm/drop_caches
 }
 image_opts() {	# the image for qemu-img and qemu-nbd
-	if [ $kind = first-write ]; then
+	if luks_kind; then
 		echo "driver=qcow2,file.filename=$mnt/t.qcow2,encrypt.key-secret=s0"
 	else
 		echo "driver=qcow2,file.filename=$mnt/t.qcow2"
@@ -95,7 +98,7 @@ first_write_qcowsetup() {	# round test [binary label]
 	local rw bs qd bw iops qs=${3:-qcowsetup} label=${4:-qcowsetup} top slow crypt t0 s0 c0 t1 s1 c1 x
 	read -r rw bs qd <<< "$(job_args "$2")"
 	fresh
-	if [ $kind = first-write ]; then
+	if luks_kind; then
 		$qs open --key-file key t.qcow2 bq || { echo "ERROR open"; return 1; }
 	else
 		$qs open t.qcow2 bq || { echo "ERROR open"; return 1; }
@@ -181,6 +184,7 @@ slow_path
 [ "${BENCH_SLOW_ONLY:-0}" = 1 ] && exit 0
 # ---- first writes into an empty image: qcowsetup (and its base) vs qemu-nbd
 kinds=first-write
+[ -f empty-xl2.qcow2 ] && kinds="$kinds first-write-xl2"
 [ -f empty-plain.qcow2 ] && kinds="$kinds first-write-plain"
 [ -f ov-raw.qcow2 ] && kinds="$kinds cow-raw cow-qcow2"
 for round in $(seq 1 "$rounds"); do

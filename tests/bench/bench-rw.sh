@@ -1,8 +1,9 @@
 #!/bin/bash
 # Write benchmark of read-write mappings, in one VM run (TCG: the ratios
 # matter, not the absolute numbers), on 512 MiB LUKS images on ext4 on virtio:
-#   - first writes into an empty image, 1 MiB sequential (QD4) and 4 KiB
-#     random (QD16), fio direct I/O: qcowsetup (allocation by the daemon,
+#   - first writes into an empty image (LUKS, and LUKS with extended L2
+#     entries, where only the touched subclusters pass the cipher), 1 MiB
+#     sequential (QD4) and 4 KiB random (QD16), fio direct I/O: qcowsetup (allocation by the daemon,
 #     then the fast path once the clusters are remapped) against qemu-nbd
 #     (QEMU's qcow2 driver behind the kernel NBD client, cache=none,
 #     aio=native); target >= 1x;
@@ -58,6 +59,7 @@ luks() {	# name [options]: qemu-img's PBKDF timing fails now and then on a loade
 }
 luks empty.qcow2
 luks full.qcow2 preallocation=falloc
+luks empty-xl2.qcow2 extended_l2=on	# 2 KiB subclusters: only the touched ones pass the cipher
 if [ "${BENCH_PLAIN:-1}" = 1 ]; then
 	qemu-img create -q -f qcow2 empty-plain.qcow2 512M
 	# copy-on-write: overlays over a raw and a qcow2 backing file holding
@@ -177,6 +179,11 @@ awk '
 		row("qcowsetup", "first-write", "qcowsetup")
 		if (val("first-write", "qcowsetup-base", "seq") >= 0) row("qcowsetup-base (before)", "first-write", "qcowsetup-base")
 		row("qemu-nbd", "first-write", "qemu-nbd")
+		if (val("first-write-xl2", "qemu-nbd", "seq") >= 0) {
+			print "  the same, LUKS with extended L2 entries (subclusters)"
+			row("qcowsetup", "first-write-xl2", "qcowsetup")
+			row("qemu-nbd", "first-write-xl2", "qemu-nbd")
+		}
 		if (val("first-write-plain", "qemu-nbd", "seq") >= 0) {
 			print "  the same, unencrypted image"
 			row("qcowsetup", "first-write-plain", "qcowsetup")
@@ -230,6 +237,11 @@ awk '
 		# cipher: the ceiling is the sequential KiB/s of the limit / 64 writes/s
 		goal("random first writes, LUKS / cipher ceiling", xrat("first-write", "qcowsetup", "rand", "allocated", "braw", "seq", 1024 / 64), 0.8)
 		goal("random first writes, LUKS / qemu-nbd", rat("first-write", "qcowsetup", "qemu-nbd", "rand"), 2)
+		if (val("first-write-xl2", "qcowsetup", "rand") >= 0) {
+			# only the touched subclusters pass the cipher: against the limit itself
+			goal("random first writes, LUKS extended L2 / dm-crypt", xrat("first-write-xl2", "qcowsetup", "rand", "allocated", "braw", "rand", 1), 0.5)
+			printf("    %-46s %7.2fx\n", "  ... / qemu-nbd", rat("first-write-xl2", "qcowsetup", "qemu-nbd", "rand"))
+		}
 		goal("copy-on-write over raw / qemu-nbd (rand)", rat("cow-raw", "qcowsetup", "qemu-nbd", "rand"), 2)
 		goal("sequential first writes, LUKS / dm-crypt", xrat("first-write", "qcowsetup", "seq", "allocated", "braw", "seq", 1), 0.9)
 		goal("sequential first writes, unencrypted / loop", xrat("first-write-plain", "qcowsetup", "seq", "allocated-plain", "loop", "seq", 1), 0.9)
