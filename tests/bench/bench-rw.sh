@@ -3,8 +3,9 @@
 # matter, not the absolute numbers), on 512 MiB LUKS images on ext4 on virtio:
 #   - first writes into an empty image (LUKS, and LUKS with extended L2
 #     entries, where only the touched subclusters pass the cipher), 1 MiB
-#     sequential (QD4) and 4 KiB random (QD16), fio direct I/O: qcowsetup (allocation by the daemon,
-#     then the fast path once the clusters are remapped) against qemu-nbd
+#     sequential (QD4) and 4 KiB random (QD16), fio direct I/O: qcowsetup
+#     (allocation by the daemon, then the fast path once the clusters are
+#     remapped) against qemu-nbd
 #     (QEMU's qcow2 driver behind the kernel NBD client, cache=none,
 #     aio=native); target >= 1x;
 #   - writes to allocated clusters: qcowsetup's fast path against raw
