@@ -161,18 +161,22 @@ static int rw_meta_flush(void *opaque)
 	return fdatasync(((struct file_rw *)opaque)->meta_fd) ? -errno : 0;
 }
 
+/* The data descriptor and its direct twin (none unless data_direct) */
+static struct dio_file rw_data_file(const struct file_rw *f)
+{
+	return (struct dio_file){ .fd = f->data_fd, .dfd = f->data_direct ? f->data_dfd : -1 };
+}
+
 static int rw_data_pread(void *opaque, void *buf, size_t len, uint64_t off)
 {
-	const struct file_rw *f = opaque;
-	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_direct ? f->data_dfd : -1 };
+	struct dio_file df = rw_data_file(opaque);
 
 	return dio_pread_padded(&df, buf, len, off);
 }
 
 static int rw_data_pwrite(void *opaque, const void *buf, size_t len, uint64_t off)
 {
-	const struct file_rw *f = opaque;
-	struct dio_file df = { .fd = f->data_fd, .dfd = f->data_direct ? f->data_dfd : -1 };
+	struct dio_file df = rw_data_file(opaque);
 
 	return dio_pwrite_all(&df, buf, len, off);
 }
