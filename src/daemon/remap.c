@@ -365,20 +365,23 @@ static int swap(struct daemon *d, const struct dm_device *dev, bool drained)
 
 /* Route the regions of the top's switch (dm_switch_message): none to do
  * without a switch. A failure leaves the routing to be made whole at the
- * next round (every region is correct on either path, only slower). */
+ * next round (every region is correct on either path, only slower).
+ * Returns the messages sent (0: no region to route), or -errno. */
 static int route(struct daemon *d, const struct dm_stack *next, const struct dm_stack *cur, enum dm_route how)
 {
 	const struct dm_device *top = dm_stack_top(next);
 	uint64_t pos = 0, t0 = now_us();
 	char msg[8192];
-	int n, r = 0;
+	int n, r = 0, sent = 0;
 
 	if (!next->region_sectors)
 		return 0;
 	if (d->route_all)
 		how = DM_ROUTE_ALL;
-	while (!r && (n = dm_switch_message(next, cur, how, &pos, msg, sizeof(msg))) > 0)
+	while (!r && (n = dm_switch_message(next, cur, how, &pos, msg, sizeof(msg))) > 0) {
 		r = dm_target_message(top->name, msg);
+		sent += !r;
+	}
 	if (n < 0 && !r)
 		r = n;
 	if (r) {
@@ -389,7 +392,7 @@ static int route(struct daemon *d, const struct dm_stack *next, const struct dm_
 	if (how == DM_ROUTE_ALL)
 		d->route_all = false;
 	d->route_us[d->nroute++ % 1024] = (uint32_t)MIN(now_us() - t0, (uint64_t)UINT32_MAX);
-	return 0;
+	return sent;
 }
 
 /* Requests in flight on the device of a sysfs inflight file (reads and
@@ -414,15 +417,14 @@ static long dev_inflight(const char *path)
 static bool drain_part(struct daemon *d, const struct dm_stack *cur, const struct dm_device *dev)
 {
 	struct dm_dev_info info;
-	uint64_t i, t0 = now_us();
+	uint64_t t0 = now_us();
 	char path[64];
 
-	for (i = 0; i + 1 < cur->nregions && !dm_stack_region_part(cur, i); i++)
-		;
-	if (i + 1 >= cur->nregions || dm_device_info(dev->name, &info) || !info.exists)
+	if (dm_device_info(dev->name, &info) || !info.exists)
 		return false;
 	snprintf(path, sizeof(path), "/sys/dev/block/%" PRIu32 ":%" PRIu32 "/inflight", info.major, info.minor);
-	if (route(d, cur, NULL, DM_ROUTE_PART_TO_SLOW))
+	/* (no message: no region part fast, nothing to drain) */
+	if (route(d, cur, NULL, DM_ROUTE_PART_TO_SLOW) <= 0)
 		return false;
 	while (dev_inflight(path) > 0 && now_us() < t0 + DRAIN_WAIT_US)
 		usleep(250);
