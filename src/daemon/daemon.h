@@ -34,6 +34,9 @@
 /* Largest window of clusters mapped ahead of a sequential writer
  * (qcow2_rw_opts.ahead_max; unencrypted images in one file only) */
 #define DAEMON_AHEAD_MAX	(32ULL << 20)
+/* ... where its clusters are holes of the file: they cost no write and no
+ * room until written (qcow2_rw_opts.ahead_fresh_max) */
+#define DAEMON_AHEAD_FRESH_MAX	(256ULL << 20)
 
 struct remap {
 	uint64_t guest, len, host;

@@ -336,6 +336,7 @@ static int open_engine(struct daemon *d)
 	 * cluster would be encrypted twice, zeros then data (tests/bench
 	 * bench-rw.sh under TCG: 0.4x the sequential first writes) */
 	o.ahead_max = d->f.data_separate ? 0 : DAEMON_AHEAD_MAX;
+	o.ahead_fresh_max = o.ahead_max ? DAEMON_AHEAD_FRESH_MAX : 0;
 	/* and around random writes where new clusters are holes: metadata only */
 	o.ahead_sparse = !d->f.data_separate;
 	/* new clusters stay inside the file as extended at open, or inside

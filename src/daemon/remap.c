@@ -99,7 +99,16 @@
  * kick and the stop; metadata made dirty without a write (a cluster of
  * zeros) is written back at the next tick, or by the guest's flush. A top
  * device removed by a deferred close is seen at the next tick (watch_top:
- * every second awake, every IDLE_WAIT_MS idle). */
+ * every second awake, every IDLE_WAIT_MS idle).
+ *
+ * A sequential writer on the fast path is unseen here, and used to be seen
+ * only at the end of the window mapped ahead of it, where its writes went
+ * to the slow path until the next round. Where the window came from holes
+ * of the image file, its first write there makes data: while such a window
+ * waits (qcow2_rw_ahead_probe), the tick is PROBE_WAIT_MS and each tick asks
+ * the writer to look (qcow2_rw_ahead_poll), which maps the next window and
+ * kicks a round, so the writer stays on the fast path. A window not
+ * reached in PROBE_TICKS ticks is left to the slow path to announce. */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -255,10 +264,10 @@ static void write_stats(struct daemon *d)
 		pthread_mutex_unlock(&d->lock);
 		fprintf(f,
 			"clusters_allocated=%" PRIu64 "\ncow_clusters=%" PRIu64 "\nahead_clusters=%" PRIu64
-			"\nahead_windows=%" PRIu64 "\nzero_skipped=%" PRIu64 "\nahead_released=%" PRIu64
-			"\nwritebacks=%" PRIu64 "\nflushes=%" PRIu64 "\n",
-			w.clusters_allocated, w.cow_clusters, w.ahead_clusters, w.ahead_sparse_windows, w.zero_skipped,
-			w.ahead_released, w.writebacks, w.flushes);
+			"\nahead_windows=%" PRIu64 "\nahead_polled=%" PRIu64 "\nzero_skipped=%" PRIu64
+			"\nahead_released=%" PRIu64 "\nwritebacks=%" PRIu64 "\nflushes=%" PRIu64 "\n",
+			w.clusters_allocated, w.cow_clusters, w.ahead_clusters, w.ahead_sparse_windows, w.ahead_polled,
+			w.zero_skipped, w.ahead_released, w.writebacks, w.flushes);
 	}
 	for (size_t i = 0; i < ARRAY_SIZE(series); i++) {
 		const uint32_t *v = (const uint32_t *)((const char *)d + series[i].off);
@@ -292,6 +301,8 @@ static void write_stats(struct daemon *d)
 #define WATCH_US	1000000		/* the top checked for (watch_top), awake */
 #define IDLE_AFTER	5		/* idle ticks before the long sleep */
 #define IDLE_WAIT_MS	5000		/* the long sleep (and the top checked) */
+#define PROBE_WAIT_MS	10		/* the tick while a window ahead waits for its writer */
+#define PROBE_TICKS	100		/* ... at most that many ticks without it */
 
 
 /* Whether no request is in service or waiting on the sockets, waiting for
@@ -1044,8 +1055,9 @@ static bool tick_idle(const struct daemon *d)
 
 void daemon_remap_loop(struct daemon *d)
 {
-	bool gave_up = false;
-	unsigned int idle_ticks = 0;
+	bool gave_up = false, probing;
+	unsigned int idle_ticks = 0, probe_ticks = 0;
+	uint64_t last_probe = 0, probe;
 	uint64_t watched = now_us();
 
 	for (;;) {
@@ -1059,6 +1071,13 @@ void daemon_remap_loop(struct daemon *d)
 		pthread_mutex_lock(&d->lock);
 		d->remap_sleeping = idle_ticks >= IDLE_AFTER && tick_idle(d);
 		wait_ms = d->remap_sleeping ? IDLE_WAIT_MS : (long)d->o.flush_interval_ms;
+		probe = d->rw ? qcow2_rw_ahead_probe(d->rw) : 0;
+		if (probe != last_probe)
+			probe_ticks = 0;	/* a new window waits for its writer */
+		last_probe = probe;
+		probing = probe && probe_ticks < PROBE_TICKS;
+		if (probing)
+			wait_ms = MIN(wait_ms, PROBE_WAIT_MS);
 		clock_gettime(CLOCK_REALTIME, &ts);
 		ts.tv_nsec += wait_ms % 1000 * 1000000L;
 		ts.tv_sec += wait_ms / 1000 + ts.tv_nsec / 1000000000L;
@@ -1079,6 +1098,12 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			continue;
 		}
+		/* a sequential writer on the fast path, seen in the window
+		 * mapped ahead of it: the next one (a kick), before it gets
+		 * there; a writer that went quiet is left to the slow path to
+		 * be seen again, not polled for */
+		if (probing && !d->broken && qcow2_rw_ahead_poll(d->rw) <= 0)
+			probe_ticks++;
 		idle_ticks = tick_idle(d) ? idle_ticks + 1 : 0;
 		writeback(d);
 		broken = d->broken;

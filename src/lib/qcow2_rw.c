@@ -33,6 +33,7 @@
 #define DIRTY_L1_MAX		256
 #define BUF_ALIGN		4096
 #define AHEAD_FIRST		(1ULL << 20)	/* first window of allocation ahead */
+#define AHEAD_FRESH_FIRST	(32ULL << 20)	/* the same from holes (no zeroing) */
 #define AHEAD_TRACK		16		/* windows remembered for release_ahead */
 #define AHEAD_SPARSE		(2ULL << 20)	/* window around a random write (ahead_sparse) */
 #define AHEAD_SPARSE_MAX	4096		/* such windows remembered; then no more */
@@ -135,6 +136,9 @@ struct qcow2_rw {
 	uint64_t seq_next;	/* guest end of the last write */
 	uint64_t ahead_start, ahead_end;	/* the current window (guest) */
 	uint64_t ahead_window;	/* bytes of the next window */
+	uint64_t ahead_probe;	/* guest offset of the first cluster of the last
+				 * window, when it came from holes: data there
+				 * (qcow2_rw_ahead_poll) is the writer; 0: none */
 	struct extent ahead[AHEAD_TRACK];	/* guest ranges mapped ahead (ring) */
 	size_t n_ahead, ahead_pos;
 	struct extent *sparse;	/* windows mapped around random writes (ahead_sparse) */
@@ -1620,7 +1624,7 @@ static void track_sparse(struct qcow2_rw *w, uint64_t guest, uint64_t len)
  * writes make those, and only they may fail for them); a failed zeroing
  * gives the clusters back before anything refers to them. *done: clusters
  * mapped. */
-static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, bool sparse, uint64_t *done)
+static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, bool sparse, uint64_t *done, bool *holes)
 {
 	uint64_t l1i = gci >> w->l2_bits, j0 = gci & (w->l2_entries - 1), host, k;
 	struct slot *s;
@@ -1628,6 +1632,7 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, bool spar
 	int r;
 
 	*done = 0;
+	*holes = false;
 	n = MIN(n, w->l2_entries - j0);
 	if (l1i >= w->img->l1_size || !(w->img->l1[l1i] & QCOW2_OFLAG_COPIED))
 		return 0;
@@ -1680,27 +1685,55 @@ static int map_ahead_run(struct qcow2_rw *w, uint64_t gci, uint64_t n, bool spar
 	else
 		track_ahead(w, gci << w->cb, n << w->cb);
 	*done = n;
+	*holes = fresh;
 	return 0;
 }
 
+/* Whether the next new clusters come from where the file was never
+ * written (holes: no zeroing), len bytes of them at least. */
+static bool alloc_is_fresh(const struct qcow2_rw *w, uint64_t len)
+{
+	uint64_t next = w->free_hint << w->cb;
+
+	return w->fresh_from != UINT64_MAX && next >= w->fresh_from && next + len <= w->meta_size;
+}
+
+/* The largest window ahead of a sequential writer: larger where its
+ * clusters cost no zeroing (and no room in the file until written). */
+static uint64_t ahead_cap(const struct qcow2_rw *w)
+{
+	return alloc_is_fresh(w, w->opts.ahead_fresh_max) ? MAX(w->opts.ahead_fresh_max, w->opts.ahead_max)
+							   : w->opts.ahead_max;
+}
+
 /* Map the clusters of guest [from, to) ahead of the writer, up to the
- * first one that is allocated; the window ends there. */
+ * first one that is allocated; the window ends there. When they all came
+ * from holes, the first of them is the probe: the writer's first write
+ * there makes it data, which qcow2_rw_ahead_poll sees while the writer
+ * is still on the fast path. */
 static void map_ahead(struct qcow2_rw *w, uint64_t from, uint64_t to)
 {
 	uint64_t gci = from >> w->cb, end = round_up_pow2(MIN(to, w->img->size), w->cs) >> w->cb, done = 0;
+	bool holes = true, h;
 	int r = 0;
 
 	while (gci < end) {
-		r = map_ahead_run(w, gci, end - gci, false, &done);
+		r = map_ahead_run(w, gci, end - gci, false, &done, &h);
 		if (r < 0 || !done)
 			break;
+		holes &= h;
 		gci += done;
 	}
 	if (r < 0)
 		log_dbg("%s: no allocation ahead at guest offset 0x%" PRIx64 ": %s", w->img->path, gci << w->cb,
 			strerror(-r));
-	if ((gci << w->cb) > from && w->ops.kick)
-		w->ops.kick(w->ops.opaque);
+	w->ahead_probe = 0;
+	if ((gci << w->cb) > from) {
+		if (holes && w->ops.data_extent)
+			w->ahead_probe = round_up_pow2(from, w->cs);
+		if (w->ops.kick)
+			w->ops.kick(w->ops.opaque);
+	}
 	w->ahead_end = gci << w->cb;
 }
 
@@ -1714,18 +1747,19 @@ static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, 
 	bool frontier = w->ahead_end && guest == w->ahead_end;
 	bool seq = guest == w->seq_next || frontier;
 	bool inside = guest >= w->ahead_start && guest < w->ahead_end;
-	uint64_t next = round_up_pow2(end, w->cs), first = MAX(AHEAD_FIRST, w->cs);
+	uint64_t next = round_up_pow2(end, w->cs), cap = MAX(ahead_cap(w), w->cs);
+	uint64_t first = MAX(alloc_is_fresh(w, AHEAD_FRESH_FIRST) ? AHEAD_FRESH_FIRST : AHEAD_FIRST, w->cs);
 
 	w->seq_next = end;
 	if (!w->opts.ahead_max || w->data_file || w->ops.backing_pread || w->broken || !seq)
 		return;
 	if (frontier && allocated) {
-		w->ahead_window = MIN(w->ahead_window * 2, MAX(w->opts.ahead_max, first));
+		w->ahead_window = MIN(w->ahead_window * 2, MAX(cap, first));
 		w->ahead_start = guest;
 		w->ahead_end = next;
 	} else if (allocated && !inside) {
 		/* a new sequential writer */
-		w->ahead_window = MIN(first, MAX(w->opts.ahead_max, w->cs));
+		w->ahead_window = MIN(first, cap);
 		w->ahead_start = w->ahead_end = next;
 	} else if (!inside) {
 		return;
@@ -1734,6 +1768,33 @@ static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, 
 	if (w->ahead_end > next && w->ahead_end - next >= w->ahead_window / 2)
 		return;
 	map_ahead(w, MAX(w->ahead_end, next), next + w->ahead_window);
+}
+
+uint64_t qcow2_rw_ahead_probe(const struct qcow2_rw *w)
+{
+	return w->ahead_probe;
+}
+
+int qcow2_rw_ahead_poll(struct qcow2_rw *w)
+{
+	uint64_t gci = w->ahead_probe >> w->cb, e, bm, host, len, end = w->ahead_end;
+	bool is_data;
+
+	if (!w->ahead_probe || w->broken)
+		return 0;
+	/* still as mapped ahead (a release or a discard ends the probe) */
+	if (get_entry(w, gci, &e, &bm) < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) ||
+	    !entry_host(w, e, &host) || !host) {
+		w->ahead_probe = 0;
+		return 0;
+	}
+	if (w->ops.data_extent(w->ops.opaque, host, &len, &is_data) < 0 || !is_data)
+		return 0;
+	/* the writer is in the last window: the next one, twice as large */
+	w->st.ahead_polled++;
+	w->ahead_window = MIN(w->ahead_window * 2, MAX(ahead_cap(w), w->cs));
+	map_ahead(w, end, end + w->ahead_window);
+	return w->ahead_end > end;
 }
 
 /* Before a write of guest [guest, end) that does not go on where the last
@@ -1747,20 +1808,18 @@ static void ahead_sparse(struct qcow2_rw *w, uint64_t guest)
 {
 	uint64_t win = MAX(MIN(AHEAD_SPARSE, w->opts.ahead_max), w->cs), from = guest / win * win;
 	uint64_t end = round_up_pow2(MIN(from + win, w->img->size), w->cs) >> w->cb, gci, e, bm, done;
-	bool mapped = false;
+	bool mapped = false, holes;
 	int r = 0;
 
-	if (!w->opts.ahead_sparse || !w->opts.ahead_max || w->data_file || w->broken ||
-	    w->fresh_from == UINT64_MAX || (w->free_hint << w->cb) < w->fresh_from ||
-	    (w->free_hint << w->cb) + win > w->meta_size || guest == w->seq_next ||
-	    (w->ahead_end && guest == w->ahead_end))
+	if (!w->opts.ahead_sparse || !w->opts.ahead_max || w->data_file || w->broken || !alloc_is_fresh(w, win) ||
+	    guest == w->seq_next || (w->ahead_end && guest == w->ahead_end))
 		return;
 	/* enough remembered: no more */
 	if (w->n_sparse == AHEAD_SPARSE_MAX || get_entry(w, guest >> w->cb, &e, &bm) < 0 || e || bm ||
 	    !backing_is_zero(w, from, win))
 		return;
 	for (gci = from >> w->cb; gci < end && r == 0; gci += done ? done : 1) {
-		r = map_ahead_run(w, gci, end - gci, true, &done);
+		r = map_ahead_run(w, gci, end - gci, true, &done, &holes);
 		mapped |= done > 0;
 	}
 	if (r < 0)
@@ -1772,6 +1831,7 @@ static void ahead_sparse(struct qcow2_rw *w, uint64_t guest)
 	w->ahead_start = from;
 	w->ahead_end = end << w->cb;
 	w->ahead_window = win;
+	w->ahead_probe = 0;
 	if (w->ops.kick)
 		w->ops.kick(w->ops.opaque);
 }
@@ -1831,7 +1891,7 @@ int qcow2_rw_release_ahead(struct qcow2_rw *w)
 	for (size_t i = 0; i < w->n_sparse && r == 0; i++)
 		r = release_range(w, &w->sparse[i]);
 	w->n_ahead = w->ahead_pos = w->n_sparse = 0;
-	w->ahead_start = w->ahead_end = 0;
+	w->ahead_start = w->ahead_end = w->ahead_probe = 0;
 	if (r < 0)
 		log_err("%s: cannot release the clusters mapped ahead: %s.", w->img->path, strerror(-r));
 	return r;

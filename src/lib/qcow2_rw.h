@@ -155,6 +155,13 @@ struct qcow2_rw_opts {
 	 * them back unreferenced, and with a file_limit short of every guest
 	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
 	uint64_t ahead_max;
+	/* The same where the new clusters come from holes of the file (no
+	 * zeroing, no room taken until written): the first window is 8 MiB and
+	 * they grow up to ahead_fresh_max (when larger than ahead_max), and the
+	 * writer's first write into the last window, seen by
+	 * qcow2_rw_ahead_poll() while it goes to the fast path, maps the next
+	 * one before the writer gets there. */
+	uint64_t ahead_fresh_max;
 	/* Allocation ahead of random writers too, where it costs nothing but
 	 * metadata: a write into unallocated clusters (with no backing file,
 	 * or where the backing chain is known to read zeros) while
@@ -282,6 +289,16 @@ bool qcow2_rw_is_broken(const struct qcow2_rw *w);
  * leaks them). 0 or -errno (-EIO: a broken writer). */
 int qcow2_rw_release_ahead(struct qcow2_rw *w);
 
+/* The guest offset of the window mapped ahead from holes that waits for
+ * its first write (ahead_fresh_max), 0: none: the caller polls
+ * qcow2_rw_ahead_poll() while the writer may be writing it on the fast
+ * path. */
+uint64_t qcow2_rw_ahead_probe(const struct qcow2_rw *w);
+/* When the first cluster of the last window mapped ahead reads as data
+ * (the writer got there), map the next window, twice as large: 1 when
+ * it mapped clusters (announced through ops->kick), 0 when not. */
+int qcow2_rw_ahead_poll(struct qcow2_rw *w);
+
 /* Flush and end the read-write session: the dirty bit set for lazy
  * refcounts is cleared. *used_end (may be NULL): end of the last cluster
  * in use (for truncating the file). The writer is freed in any case. */
@@ -339,6 +356,7 @@ struct qcow2_rw_stats {
 	uint64_t cow_clusters;		/* copied from a shared, compressed or backing cluster */
 	uint64_t ahead_clusters;	/* allocated ahead of a writer */
 	uint64_t ahead_sparse_windows;	/* of those, windows around random writes */
+	uint64_t ahead_polled;		/* windows mapped on a writer seen by qcow2_rw_ahead_poll */
 	uint64_t zero_skipped;		/* new clusters not zeroed: holes never written */
 	uint64_t ahead_released;	/* of those, freed unwritten (release_ahead) */
 	uint64_t writebacks;

@@ -2393,7 +2393,8 @@ static void test_alloc_ahead(bool ext)
 	      "%s: the first write in order maps 1 MiB ahead (%" PRIu64 " clusters)", how, st.ahead_clusters);
 	if (!r)
 		r = qcow2_rw_read(w, rd, vsize, 0);
-	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: what is mapped ahead reads zeros", how);
+	CHECK(r == 0 && !memcmp(rd, want, vsize) && !qcow2_rw_ahead_probe(w),
+	      "%s: what is mapped ahead reads zeros (zeroed: no probe)", how);
 	/* the fast path fills the window, unseen; the writer sees the write
 	 * after it: the window doubles */
 	memset(buf, 0x22, cs);
@@ -2440,6 +2441,71 @@ static void test_alloc_ahead(bool ext)
 	qcow2_rw_get_stats(w, &st);
 	CHECK(r == 0 && st.ahead_released == 31, "%s: the 31 clusters mapped ahead that nobody wrote are freed (%" PRIu64
 	      ")", how, st.ahead_released);
+	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
+}
+
+/* Allocation ahead from holes (ahead_fresh_max): the window starts larger,
+ * its first cluster is the probe, and once the fast path wrote there
+ * qcow2_rw_ahead_poll maps the next window, before the writer reaches the
+ * end of this one; nothing before that, nothing again for the same window. */
+static void test_alloc_ahead_poll(void)
+{
+	const uint64_t cs = 65536, vsize = 64 << 20, win = 128;	/* 8 MiB windows */
+	struct qcow2_rw_opts o = { .ahead_max = 4 << 20, .ahead_fresh_max = 8 << 20 };
+	struct qcow2_rw *w = NULL;
+	struct qcow2_rw_stats st;
+	struct tb b;
+	struct env e;
+	uint8_t *buf = malloc(cs), *rd = malloc(vsize), *want = calloc(1, vsize);
+	const char *how = "holes, polled";
+	uint64_t h;
+	int r, p0 = -1, p1 = -1, p2 = -1;
+
+	tb_init(&b, 16, 4, false, vsize, 3, false, 0, 0);
+	env_init(&e, &b);
+	e.punch = e.extents = true;
+	mf_extend(&e.meta, e.meta.size + 2 * vsize);
+	r = env_writer(&e, &o, &w);
+	memset(buf, 0x11, cs);
+	if (!r)
+		r = qcow2_rw_write(w, buf, cs, 0);
+	memcpy(want, buf, cs);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_clusters == win && st.zero_skipped == win && qcow2_rw_ahead_probe(w) == cs &&
+	      announced_host(&e, win * cs) && !announced_host(&e, (win + 1) * cs),
+	      "%s: the first write in order maps 8 MiB of holes ahead, its first cluster the probe (%" PRIu64
+	      " clusters)", how, st.ahead_clusters);
+	if (!r)
+		p0 = qcow2_rw_ahead_poll(w);
+	/* the fast path writes the probe (and the next cluster) */
+	memset(buf, 0x22, cs);
+	for (uint64_t g = 1; g <= 2; g++) {
+		if ((h = announced_host(&e, g * cs)))
+			mf_write(&e.meta, buf, cs, h);
+		memcpy(want + g * cs, buf, cs);
+	}
+	if (!r)
+		p1 = qcow2_rw_ahead_poll(w);
+	if (!r)
+		p2 = qcow2_rw_ahead_poll(w);
+	if (!r)
+		r = qcow2_rw_flush(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && p0 == 0 && p1 == 1 && p2 == 0 && st.ahead_polled == 1 && st.ahead_clusters == 2 * win &&
+	      qcow2_rw_ahead_probe(w) == (win + 1) * cs && announced_host(&e, 2 * win * cs) &&
+	      !announced_host(&e, (2 * win + 1) * cs),
+	      "%s: nothing before the writer gets to the probe, then the next window, once (polls %d %d %d, %" PRIu64
+	      " clusters)", how, p0, p1, p2, st.ahead_clusters);
+	if (!r)
+		r = qcow2_rw_read(w, rd, vsize, 0);
+	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: the windows read zeros, the writes their data", how);
+	if (!r)
+		r = qcow2_rw_release_ahead(w);
+	qcow2_rw_get_stats(w, &st);
+	CHECK(r == 0 && st.ahead_released == 2 * win - 2 && !qcow2_rw_ahead_probe(w),
+	      "%s: released what nobody wrote (%" PRIu64 "), no probe left", how, st.ahead_released);
 	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
 }
 
@@ -2713,6 +2779,7 @@ int main(int argc, char **argv)
 		test_alloc_ahead(true);
 		test_alloc_sparse(false);
 		test_alloc_sparse(true);
+		test_alloc_ahead_poll();
 		test_ahead_costs_nothing();
 		test_ahead_given_used_end();
 	}
