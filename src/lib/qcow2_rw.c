@@ -33,7 +33,7 @@
 #define DIRTY_L1_MAX		256
 #define BUF_ALIGN		4096
 #define AHEAD_FIRST		(1ULL << 20)	/* first window of allocation ahead */
-#define AHEAD_FRESH_FIRST	(32ULL << 20)	/* the same from holes (no zeroing) */
+#define AHEAD_FRESH_FIRST	(64ULL << 20)	/* the same from holes (no zeroing) */
 #define AHEAD_TRACK		16		/* windows remembered for release_ahead */
 #define AHEAD_SPARSE		(2ULL << 20)	/* window around a random write (ahead_sparse) */
 #define AHEAD_SPARSE_MAX	4096		/* such windows remembered; then no more */

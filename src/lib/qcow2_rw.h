@@ -156,7 +156,7 @@ struct qcow2_rw_opts {
 	 * cluster (qcow2_file_reserve) it stays off. 0: off. */
 	uint64_t ahead_max;
 	/* The same where the new clusters come from holes of the file (no
-	 * zeroing, no room taken until written): the first window is 8 MiB and
+	 * zeroing, no room taken until written): the first window is 64 MiB and
 	 * they grow up to ahead_fresh_max (when larger than ahead_max), and the
 	 * writer's first write into the last window, seen by
 	 * qcow2_rw_ahead_poll() while it goes to the fast path, maps the next
