@@ -2294,6 +2294,46 @@ static void ahead_test_end(struct qcow2_rw *w, int r, struct env *e, struct tb *
 	free(want);
 }
 
+/* The start of a sequential allocation ahead test on a fresh image of
+ * 64 KiB clusters: holes punched (data_zero) or, on extended L2, zeros
+ * written; extents: the file's holes known too (data_extent), with room for
+ * every cluster (as the daemon extends the file at open); then the
+ * writer's first write, a cluster of 0x11 at 0, flushed. */
+static int ahead_test_start(struct env *e, struct tb *b, const struct qcow2_rw_opts *o, uint64_t vsize, bool ext,
+			    bool extents, struct qcow2_rw **w, uint8_t *buf, uint8_t *want)
+{
+	const uint64_t cs = 65536;
+	int r;
+
+	tb_init(b, 16, 4, ext, vsize, 3, false, 0, 0);
+	env_init(e, b);
+	e->punch = !ext;
+	if (extents) {
+		e->extents = true;
+		mf_extend(&e->meta, e->meta.size + 2 * vsize);
+	}
+	r = env_writer(e, o, w);
+	memset(buf, 0x11, cs);
+	if (!r)
+		r = qcow2_rw_write(*w, buf, cs, 0);
+	memcpy(want, buf, cs);
+	return r ? r : qcow2_rw_flush(*w);
+}
+
+/* The windows read zeros and the writes their data; then release_ahead
+ * (the fast path gone). */
+static int ahead_read_release(struct qcow2_rw *w, uint8_t *rd, const uint8_t *want, uint64_t vsize, const char *how,
+			      struct qcow2_rw_stats *st)
+{
+	int r = qcow2_rw_read(w, rd, vsize, 0);
+
+	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: the windows read zeros, the writes their data", how);
+	if (!r)
+		r = qcow2_rw_release_ahead(w);
+	qcow2_rw_get_stats(w, st);
+	return r;
+}
+
 /* Allocation ahead of random writers where new clusters are holes
  * (ahead_sparse): a write into unallocated clusters gets the aligned 2 MiB
  * around it mapped in one host run, without zeroing anything; not where the
@@ -2348,12 +2388,7 @@ static void test_alloc_sparse(bool backing)
 	if ((h = announced_host(&e, 97 * cs)))
 		mf_write(&e.meta, buf, cs, h);
 	memcpy(want + 97 * cs, buf, cs);
-	if (!r)
-		r = qcow2_rw_read(w, rd, vsize, 0);
-	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: the windows read zeros, the writes their data", how);
-	if (!r)
-		r = qcow2_rw_release_ahead(w);
-	qcow2_rw_get_stats(w, &st);
+	r = r ? r : ahead_read_release(w, rd, want, vsize, how, &st);
 	CHECK(r == 0 && st.ahead_released == st.ahead_clusters - (backing ? 4 : 5),
 	      "%s: what nobody wrote is freed (%" PRIu64 " of %" PRIu64 ")", how, st.ahead_released,
 	      st.ahead_clusters);
@@ -2378,16 +2413,7 @@ static void test_alloc_ahead(bool ext)
 	const char *how = ext ? "zeros written, extended L2" : "holes";
 	int r;
 
-	tb_init(&b, 16, 4, ext, vsize, 3, false, 0, 0);
-	env_init(&e, &b);
-	e.punch = !ext;
-	r = env_writer(&e, &o, &w);
-	memset(buf, 0x11, cs);
-	if (!r)
-		r = qcow2_rw_write(w, buf, cs, 0);
-	memcpy(want, buf, cs);
-	if (!r)
-		r = qcow2_rw_flush(w);
+	r = ahead_test_start(&e, &b, &o, vsize, ext, false, &w, buf, want);
 	qcow2_rw_get_stats(w, &st);
 	CHECK(r == 0 && st.ahead_clusters == 16 && announced_host(&e, 16 * cs) && !announced_host(&e, 17 * cs),
 	      "%s: the first write in order maps 1 MiB ahead (%" PRIu64 " clusters)", how, st.ahead_clusters);
@@ -2461,17 +2487,7 @@ static void test_alloc_ahead_poll(void)
 	uint64_t h;
 	int r, p0 = -1, p1 = -1, p2 = -1;
 
-	tb_init(&b, 16, 4, false, vsize, 3, false, 0, 0);
-	env_init(&e, &b);
-	e.punch = e.extents = true;
-	mf_extend(&e.meta, e.meta.size + 2 * vsize);
-	r = env_writer(&e, &o, &w);
-	memset(buf, 0x11, cs);
-	if (!r)
-		r = qcow2_rw_write(w, buf, cs, 0);
-	memcpy(want, buf, cs);
-	if (!r)
-		r = qcow2_rw_flush(w);
+	r = ahead_test_start(&e, &b, &o, vsize, false, true, &w, buf, want);
 	qcow2_rw_get_stats(w, &st);
 	CHECK(r == 0 && st.ahead_clusters == win && st.zero_skipped == win && qcow2_rw_ahead_probe(w) == cs &&
 	      announced_host(&e, win * cs) && !announced_host(&e, (win + 1) * cs),
@@ -2498,12 +2514,7 @@ static void test_alloc_ahead_poll(void)
 	      !announced_host(&e, (2 * win + 1) * cs),
 	      "%s: nothing before the writer gets to the probe, then the next window, once (polls %d %d %d, %" PRIu64
 	      " clusters)", how, p0, p1, p2, st.ahead_clusters);
-	if (!r)
-		r = qcow2_rw_read(w, rd, vsize, 0);
-	CHECK(r == 0 && !memcmp(rd, want, vsize), "%s: the windows read zeros, the writes their data", how);
-	if (!r)
-		r = qcow2_rw_release_ahead(w);
-	qcow2_rw_get_stats(w, &st);
+	r = r ? r : ahead_read_release(w, rd, want, vsize, how, &st);
 	CHECK(r == 0 && st.ahead_released == 2 * win - 2 && !qcow2_rw_ahead_probe(w),
 	      "%s: released what nobody wrote (%" PRIu64 "), no probe left", how, st.ahead_released);
 	ahead_test_end(w, r, &e, &b, vsize, buf, rd, want, how);
