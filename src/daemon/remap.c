@@ -108,7 +108,8 @@
  * waits (qcow2_rw_ahead_probe), the tick is PROBE_WAIT_MS and each tick asks
  * the writer to look (qcow2_rw_ahead_poll), which maps the next window and
  * kicks a round, so the writer stays on the fast path. A window not
- * reached in PROBE_TICKS ticks is left to the slow path to announce. */
+ * reached in PROBE_TICKS ticks (suspended ones too) is left to the slow
+ * path to announce. */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -1089,6 +1090,7 @@ void daemon_remap_loop(struct daemon *d)
 			pthread_mutex_unlock(&d->lock);
 			break;
 		}
+		probe_ticks += probing;
 		/* control requests between rounds, never during one */
 		pthread_mutex_unlock(&d->lock);
 		daemon_control_poll(d);
@@ -1102,8 +1104,8 @@ void daemon_remap_loop(struct daemon *d)
 		 * mapped ahead of it: the next one (a kick), before it gets
 		 * there; a writer that went quiet is left to the slow path to
 		 * be seen again, not polled for */
-		if (probing && !d->broken && qcow2_rw_ahead_poll(d->rw) <= 0)
-			probe_ticks++;
+		if (probing && !d->broken)
+			qcow2_rw_ahead_poll(d->rw);
 		idle_ticks = tick_idle(d) ? idle_ticks + 1 : 0;
 		writeback(d);
 		broken = d->broken;
