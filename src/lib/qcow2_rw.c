@@ -1702,8 +1702,10 @@ static bool alloc_is_fresh(const struct qcow2_rw *w, uint64_t len)
  * clusters cost no zeroing (and no room in the file until written). */
 static uint64_t ahead_cap(const struct qcow2_rw *w)
 {
-	return alloc_is_fresh(w, w->opts.ahead_fresh_max) ? MAX(w->opts.ahead_fresh_max, w->opts.ahead_max)
-							   : w->opts.ahead_max;
+	uint64_t cap = alloc_is_fresh(w, w->opts.ahead_fresh_max) ? MAX(w->opts.ahead_fresh_max, w->opts.ahead_max)
+								   : w->opts.ahead_max;
+
+	return MAX(cap, w->cs);
 }
 
 /* Map the clusters of guest [from, to) ahead of the writer, up to the
@@ -1747,7 +1749,7 @@ static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, 
 	bool frontier = w->ahead_end && guest == w->ahead_end;
 	bool seq = guest == w->seq_next || frontier;
 	bool inside = guest >= w->ahead_start && guest < w->ahead_end;
-	uint64_t next = round_up_pow2(end, w->cs), cap = MAX(ahead_cap(w), w->cs);
+	uint64_t next = round_up_pow2(end, w->cs), cap = ahead_cap(w);
 	uint64_t first = MAX(alloc_is_fresh(w, AHEAD_FRESH_FIRST) ? AHEAD_FRESH_FIRST : AHEAD_FIRST, w->cs);
 
 	w->seq_next = end;
@@ -1770,6 +1772,19 @@ static void ahead_after_write(struct qcow2_rw *w, uint64_t guest, uint64_t end, 
 	map_ahead(w, MAX(w->ahead_end, next), next + w->ahead_window);
 }
 
+/* Where guest cluster gci is while its entry is still as allocation ahead
+ * made it, whatever was written in it (a standard cluster this image owns
+ * alone): *host, or 0 when not; *bm its subcluster bitmap. */
+static int ahead_entry_host(struct qcow2_rw *w, uint64_t gci, uint64_t *host, uint64_t *bm)
+{
+	uint64_t e;
+	int r = get_entry(w, gci, &e, bm);
+
+	if (r < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) || !entry_host(w, e, host))
+		*host = 0;
+	return r;
+}
+
 uint64_t qcow2_rw_ahead_probe(const struct qcow2_rw *w)
 {
 	return w->ahead_probe;
@@ -1777,14 +1792,13 @@ uint64_t qcow2_rw_ahead_probe(const struct qcow2_rw *w)
 
 int qcow2_rw_ahead_poll(struct qcow2_rw *w)
 {
-	uint64_t gci = w->ahead_probe >> w->cb, e, bm, host, len, end = w->ahead_end;
+	uint64_t bm, host, len, end = w->ahead_end;
 	bool is_data;
 
 	if (!w->ahead_probe || w->broken)
 		return 0;
 	/* still as mapped ahead (a release or a discard ends the probe) */
-	if (get_entry(w, gci, &e, &bm) < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) ||
-	    !entry_host(w, e, &host) || !host) {
+	if (ahead_entry_host(w, w->ahead_probe >> w->cb, &host, &bm) < 0 || !host) {
 		w->ahead_probe = 0;
 		return 0;
 	}
@@ -1792,7 +1806,7 @@ int qcow2_rw_ahead_poll(struct qcow2_rw *w)
 		return 0;
 	/* the writer is in the last window: the next one, twice as large */
 	w->st.ahead_polled++;
-	w->ahead_window = MIN(w->ahead_window * 2, MAX(ahead_cap(w), w->cs));
+	w->ahead_window = MIN(w->ahead_window * 2, ahead_cap(w));
 	map_ahead(w, end, end + w->ahead_window);
 	return w->ahead_end > end;
 }
@@ -1855,13 +1869,11 @@ static int release_range(struct qcow2_rw *w, const struct extent *x)
 	int r = 0;
 
 	for (uint64_t g = x->off; g < x->off + x->len && r == 0; g += w->cs) {
-		uint64_t gci = g >> w->cb, e, bm, host, j = gci & (w->l2_entries - 1);
+		uint64_t gci = g >> w->cb, bm, host, j = gci & (w->l2_entries - 1);
 		struct slot *s;
 
-		r = get_entry(w, gci, &e, &bm);
-		/* still as mapped ahead (whatever was written in it) */
-		if (r < 0 || !(e & QCOW2_OFLAG_COPIED) || entry_compressed(e) || !entry_host(w, e, &host) || !host ||
-		    (w->extended && bm != L2_BITMAP_ALL_ALLOC) || !cluster_is_zero(w, host))
+		r = ahead_entry_host(w, gci, &host, &bm);
+		if (r < 0 || !host || (w->extended && bm != L2_BITMAP_ALL_ALLOC) || !cluster_is_zero(w, host))
 			continue;
 		r = l2_slot_for_update(w, gci >> w->l2_bits, 1, &s);
 		if (r < 0)

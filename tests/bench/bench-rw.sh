@@ -162,6 +162,12 @@ awk '
 		}
 		return n ? median(n, a) : -1
 	}
+	# unencrypted first writes against the loop device writing into holes
+	function vs_sparse(test) {
+		if (val("sparse-plain", "loop", test) >= 0)
+			printf("    %-46s %7.2fx   (the limit writing into holes, for comparison)\n",
+				"  ... / plain loop over a sparse file", xrat("first-write-plain", "qcowsetup", test, "sparse-plain", "loop", test, 1))
+	}
 	function goal(label, x, t) {
 		if (x < 0) printf("    %-46s %8s   >= %-5s %s\n", label, "-", t, "not run")
 		else printf("    %-46s %7.2fx   >= %-5s %s\n", label, x, t, (x >= t) ? "MET" : "not met")
@@ -231,9 +237,7 @@ awk '
 		# (another kind of run) or another device (qemu-nbd)
 		print "\n  targets (ratio, target, verdict):"
 		goal("random first writes, unencrypted / plain loop", xrat("first-write-plain", "qcowsetup", "rand", "allocated-plain", "loop", "rand", 1), 0.5)
-		if (val("sparse-plain", "loop", "rand") >= 0)
-			printf("    %-46s %7.2fx   (the limit writing into holes, for comparison)\n",
-				"  ... / plain loop over a sparse file", xrat("first-write-plain", "qcowsetup", "rand", "sparse-plain", "loop", "rand", 1))
+		vs_sparse("rand")
 		goal("random first writes, unencrypted / qemu-nbd", rat("first-write-plain", "qcowsetup", "qemu-nbd", "rand"), 4)
 		# every new 64 KiB cluster of a LUKS image goes whole through the
 		# cipher: the ceiling is the sequential KiB/s of the limit / 64 writes/s
@@ -247,9 +251,7 @@ awk '
 		goal("copy-on-write over raw / qemu-nbd (rand)", rat("cow-raw", "qcowsetup", "qemu-nbd", "rand"), 2)
 		goal("sequential first writes, LUKS / dm-crypt", xrat("first-write", "qcowsetup", "seq", "allocated", "braw", "seq", 1), 0.9)
 		goal("sequential first writes, unencrypted / loop", xrat("first-write-plain", "qcowsetup", "seq", "allocated-plain", "loop", "seq", 1), 0.9)
-		if (val("sparse-plain", "loop", "seq") >= 0)
-			printf("    %-46s %7.2fx   (the limit writing into holes, for comparison)\n",
-				"  ... / plain loop over a sparse file", xrat("first-write-plain", "qcowsetup", "seq", "sparse-plain", "loop", "seq", 1))
+		vs_sparse("seq")
 		goal("allocated clusters, LUKS / dm-crypt (seq)", rat("allocated", "bf", "braw", "seq"), 0.95)
 		goal("allocated clusters, LUKS / dm-crypt (rand)", rat("allocated", "bf", "braw", "rand"), 0.95)
 		if (nhp) {
